@@ -1,0 +1,167 @@
+import os
+import stat
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfkl
+from tfkl.keylock import KeyLock
+
+
+def _lock_model(normalization="batch", key_dim=8, channels=4, activation="relu"):
+    inputs = tf.keras.Input((5, 5, 3))
+    x = tf.keras.layers.Conv2D(channels, 3, name="conv")(inputs)
+    x = KeyLock(key_dim, activation, normalization, name="lock")(x)
+    x = tf.keras.layers.Flatten()(x)
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="out")(x))
+
+
+def test_keylock_computes_gamma_times_batch_normalized_plus_beta():
+    layer = KeyLock(key_dim=6, key=tfkl.generate_key(6, seed=1))
+    x = np.random.default_rng(0).normal(size=(4, 3, 3, 5)).astype(np.float32)
+    out = layer(x, training=True).numpy()
+    key = layer.key.numpy()
+    gamma = np.maximum(key @ layer.scale_kernel.numpy() + layer.scale_bias.numpy(), 0)
+    beta = np.maximum(key @ layer.shift_kernel.numpy() + layer.shift_bias.numpy(), 0)
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(out, gamma * (x - mean) / np.sqrt(var + 1e-5) + beta, rtol=1e-4, atol=1e-5)
+    # Moving statistics moved towards the batch statistics (PyTorch keeps the unbiased variance).
+    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.1 * mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), 0.9 + 0.1 * var * 36 / 35, rtol=1e-4)
+
+
+@pytest.mark.parametrize("normalization", ["group", "layer", "none"])
+def test_keylock_other_normalizations_have_no_shared_statistics(normalization):
+    layer = KeyLock(key_dim=4, normalization=normalization, activation="sigmoid")
+    x = np.random.default_rng(0).normal(size=(2, 3, 3, 6)).astype(np.float32)
+    out = layer(x, training=True).numpy()
+    assert out.shape == x.shape and np.all(np.isfinite(out))
+    assert {w.name.split("/")[-1].split(":")[0] for w in layer.weights} == set(tfkl.keylock.PRIVATE_WEIGHT_NAMES)
+
+
+def test_keylock_dense_features_and_bad_options():
+    out = KeyLock(key_dim=3)(np.ones((4, 7), np.float32), training=True)
+    assert out.shape == (4, 7)
+    with pytest.raises(ValueError, match="normalization"):
+        KeyLock(normalization="instance")
+    with pytest.raises(ValueError, match="activation"):
+        KeyLock(activation="tanh")
+    with pytest.raises(ValueError, match="groups=5"):
+        KeyLock(normalization="group", groups=5)(np.ones((1, 2, 2, 6), np.float32))
+
+
+def test_get_config_round_trips_without_the_key():
+    layer = KeyLock(key_dim=16, activation="sigmoid", normalization="group", groups=2, momentum=0.8, name="k")
+    layer.build((None, 4, 4, 6))
+    config = layer.get_config()
+    assert "key" not in config
+    clone = KeyLock.from_config(config)
+    assert clone.get_config() == config
+
+
+def test_partition_is_exact_and_key_is_not_trainable():
+    model = _lock_model()
+    private, shared = tfkl.private_variables(model), tfkl.shared_variables(model)
+    assert {id(v) for v in private} | {id(v) for v in shared} == {id(v) for v in model.variables}
+    assert not {id(v) for v in private} & {id(v) for v in shared}
+    assert len(private) == 5 and all("lock" in v.name for v in private)
+    assert [v.name for v in shared if "lock" in v.name] == ["lock/moving_mean:0", "lock/moving_variance:0"]
+    assert model.get_layer("lock").key not in model.trainable_variables
+
+
+def test_gradients_reach_lock_weights_and_training_keeps_the_key():
+    model = _lock_model(activation="sigmoid")  # ReLU may leave a tiny lock's channels all dead
+    key_before = tfkl.get_key(model).copy()
+    trainer = tfkl.training.Trainer(model, tfkl.optimizers.TorchSGD(0.1))
+    lock = model.get_layer("lock")
+    kernel_before = lock.scale_kernel.numpy().copy()
+    x = np.random.default_rng(0).random((8, 5, 5, 3), np.float32)
+    y = np.arange(8) % 3
+    with tf.GradientTape() as tape:
+        loss = trainer.loss(y, model(x, training=True))
+    gradients = tape.gradient(loss, [lock.scale_kernel, lock.shift_kernel, lock.scale_bias, lock.shift_bias])
+    assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in gradients)
+    trainer.train_step(x, y)
+    np.testing.assert_array_equal(tfkl.get_key(model), key_before)
+    assert not np.allclose(lock.scale_kernel.numpy(), kernel_before)
+
+
+def test_a_random_key_changes_the_output():
+    model = _lock_model(key_dim=32)
+    x = np.random.default_rng(1).random((4, 5, 5, 3), np.float32)
+    before = model(x).numpy()
+    tfkl.set_key(model, tfkl.generate_key(32))
+    assert np.abs(model(x).numpy() - before).max() > 1e-3
+
+
+def test_generate_key_is_uniform_and_seedable():
+    a, b = tfkl.generate_key(4096), tfkl.generate_key(4096)
+    assert a.dtype == np.float32 and a.min() >= 0 and a.max() < 1 and not np.array_equal(a, b)
+    assert abs(a.mean() - 0.5) < 0.05
+    np.testing.assert_array_equal(tfkl.generate_key(8, seed=3), tfkl.generate_key(8, seed=3))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros(7, np.float32), "length 7"),
+    (np.zeros((2, 8), np.float32), "vector"),
+    (np.array(["a"] * 8), "numeric"),
+    (np.full(8, np.nan, np.float32), "NaN"),
+])
+def test_bad_keys_are_one_clear_error(bad, message):
+    model = _lock_model(key_dim=8)
+    with pytest.raises(tfkl.KeyFormatError, match=message):
+        tfkl.set_key(model, bad)
+
+
+def test_key_file_is_owner_only_and_round_trips(tmp_path):
+    key = tfkl.generate_key(64)
+    path = str(tmp_path / "client.key")
+    tfkl.save_key(path, key)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    np.testing.assert_array_equal(tfkl.load_key(path, 64), key)
+    with pytest.raises(tfkl.KeyFormatError, match="length 64"):
+        tfkl.load_key(path, 32)
+
+
+def test_corrupt_key_files_are_one_clear_error(tmp_path):
+    path = tmp_path / "client.key"
+    tfkl.save_key(str(path), tfkl.generate_key(16))
+    data = bytearray(path.read_bytes())
+    data[20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(tfkl.KeyFormatError, match="corrupt"):
+        tfkl.load_key(str(path))
+    path.write_bytes(b"garbage-garbage-garbage-garbage-garbage-garbage")
+    with pytest.raises(tfkl.KeyFormatError, match="not a tfkl key file"):
+        tfkl.load_key(str(path))
+    path.write_bytes(b"x")
+    with pytest.raises(tfkl.KeyFormatError, match="truncated"):
+        tfkl.load_key(str(path))
+    with pytest.raises(tfkl.KeyFormatError, match="cannot read"):
+        tfkl.load_key(str(tmp_path / "missing.key"))
+
+
+def test_model_saves_and_loads_with_its_key(tmp_path):
+    model = _lock_model()
+    x = np.random.default_rng(2).random((3, 5, 5, 3), np.float32)
+    path = str(tmp_path / "client.keras")
+    model.save(path)
+    loaded = tf.keras.models.load_model(path)
+    np.testing.assert_array_equal(tfkl.get_key(loaded), tfkl.get_key(model))
+    np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_export_without_private_part(tmp_path):
+    model = _lock_model(key_dim=16)
+    key = tfkl.get_key(model)
+    tfkl.export_shared(model, str(tmp_path / "server"))
+    with np.load(tmp_path / "server" / "shared.npz") as arrays:
+        names = arrays.files
+        assert not any("key" in n or "kernel" in n and "lock" in n for n in names)
+        assert not any(np.array_equal(arrays[n], key) for n in names)
+    assert key.tobytes() not in (tmp_path / "server" / "model.json").read_bytes()
+    server = tfkl.load_shared(str(tmp_path / "server"))
+    for a, b in zip(tfkl.shared_variables(server), tfkl.shared_variables(model)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert all(not np.any(v.numpy()) for v in tfkl.private_variables(server))

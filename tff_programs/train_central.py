@@ -1,0 +1,65 @@
+"""Centralised baseline: train a zoo model with or without the lock, report test accuracy.
+
+  python -m tff_programs.train_central --model=lenet --dataset=fashion_mnist --lock=true --epochs=5
+
+With the lock it also reports the accuracy under a random key (same weights, a fresh key).
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+import numpy as np
+import tensorflow as tf
+
+import tfkl
+from tfkl import data, models, training
+from tff_programs import common
+
+_MODEL = flags.DEFINE_enum("model", "lenet", common.MODELS, "Zoo model.")
+_DATASET = flags.DEFINE_enum("dataset", "digits", common.DATASETS, "Data set.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set's files are.")
+_LOCK = flags.DEFINE_bool("lock", True, "Add the key-lock block after the first conv layer.")
+_EPOCHS = flags.DEFINE_integer("epochs", 5, "Training epochs.", lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1)
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate.", lower_bound=0.0)
+_INIT = flags.DEFINE_enum("init", "pytorch", common.INITS, "Weight initialisation scheme.")
+_KEY_DIM = flags.DEFINE_integer("key_dim", 1024, "Key length.", lower_bound=1)
+_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", common.NORMALIZATIONS, "Lock normalisation.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, data order and (this experiment's) keys.")
+_OUT = flags.DEFINE_string("out", None, "Optional JSON file for the results.")
+
+flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be positive")
+
+
+def main(argv):
+    common.check_no_positional_args(argv)
+    tf.keras.utils.set_random_seed(_SEED.value)
+    dataset = common.load_dataset(_DATASET.value, _DATA_DIR.value)
+    input_shape = common.input_shape(_MODEL.value, dataset)
+    model = models.build(_MODEL.value, input_shape, dataset.num_classes, lock=_LOCK.value, init=_INIT.value,
+                         seed=_SEED.value, key_dim=_KEY_DIM.value, normalization=_NORMALIZATION.value,
+                         key=tfkl.generate_key(_KEY_DIM.value, seed=_SEED.value) if _LOCK.value else None)
+    train = data.make_dataset(dataset.x_train, dataset.y_train, input_shape, _BATCH_SIZE.value,
+                              shuffle_seed=_SEED.value)
+    test = data.make_dataset(dataset.x_test, dataset.y_test, input_shape, 256)
+    trainer = training.Trainer(model, tfkl.optimizers.TorchSGD(_LEARNING_RATE.value))
+    steps = int(np.ceil(len(dataset.x_train) / _BATCH_SIZE.value))
+    for epoch in range(1, _EPOCHS.value + 1):
+        print(f"epoch {epoch}/{_EPOCHS.value}")
+        trainer.fit_epoch(train, tf.keras.utils.Progbar(steps))
+    results = {"model": _MODEL.value, "dataset": _DATASET.value, "lock": _LOCK.value, "epochs": _EPOCHS.value,
+               "seed": _SEED.value, "test_accuracy": training.accuracy(model, test)}
+    if _LOCK.value:
+        tfkl.set_key(model, tfkl.generate_key(_KEY_DIM.value))
+        results["test_accuracy_random_key"] = training.accuracy(model, test)
+    print(json.dumps(results, indent=2))
+    if _OUT.value:
+        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+        with open(_OUT.value, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)

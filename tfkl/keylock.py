@@ -1,0 +1,198 @@
+"""The KeyLock Keras layer: a normalisation whose affine parameters come from a private key."""
+
+import math
+
+import tensorflow as tf
+
+from tfkl import keys as keys_lib
+
+NORMALIZATIONS = ("batch", "group", "layer", "none")
+ACTIVATIONS = ("relu", "sigmoid")
+PRIVATE_WEIGHT_NAMES = ("key", "scale_kernel", "scale_bias", "shift_kernel", "shift_bias")
+
+
+@tf.keras.utils.register_keras_serializable(package="tfkl")
+class TorchLinearUniform(tf.keras.initializers.Initializer):
+    """PyTorch's default Linear/Conv initialiser: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    `fan_in` is given explicitly so that biases get the bound of their layer's kernel.
+    """
+
+    def __init__(self, fan_in, seed=None):
+        self.fan_in = int(fan_in)
+        self.seed = seed
+
+    def __call__(self, shape, dtype=None, **kwargs):
+        bound = 1.0 / math.sqrt(self.fan_in)
+        return tf.keras.initializers.RandomUniform(-bound, bound, seed=self.seed)(
+            shape, dtype=dtype or tf.float32
+        )
+
+    def get_config(self):
+        return {"fan_in": self.fan_in, "seed": self.seed}
+
+
+@tf.keras.utils.register_keras_serializable(package="tfkl")
+class KeyLock(tf.keras.layers.Layer):
+    """Key-lock block of FedKL: `gamma * normalize(x) + beta`.
+
+    `gamma = act(key @ scale_kernel + scale_bias)` and `beta = act(key @ shift_kernel + shift_bias)`,
+    with one secret `key` for both, broadcast over the batch and spatial axes of channels-last `x`.
+    The key (non-trainable) and the four lock weights are private to the client; the
+    normalisation's moving statistics (normalization='batch') are shared like any BatchNorm's.
+
+    Args:
+      key_dim: length of the secret key (the paper uses 1024).
+      activation: 'relu' (paper) or 'sigmoid', applied to gamma and beta.
+      normalization: 'batch' (no affine, paper), 'group', 'layer' or 'none'.
+      groups: number of groups for normalization='group'; default: the largest divisor of the
+        channel count that is at most 32.
+      momentum, epsilon: moving-statistics momentum (Keras convention; 0.9 == PyTorch's 0.1) and
+        variance epsilon.
+      lock_initializer: initialiser of the lock kernels and biases; default PyTorch's Linear default.
+      key: optional initial key (array-like of shape (key_dim,)); default a fresh CSPRNG key.
+    """
+
+    def __init__(
+        self,
+        key_dim=1024,
+        activation="relu",
+        normalization="batch",
+        groups=None,
+        momentum=0.9,
+        epsilon=1e-5,
+        lock_initializer=None,
+        key=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if int(key_dim) < 1:
+            raise ValueError(f"key_dim must be a positive integer, got {key_dim}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        self.key_dim = int(key_dim)
+        self.activation = activation
+        self.normalization = normalization
+        self.groups = groups
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.lock_initializer = tf.keras.initializers.get(lock_initializer) if lock_initializer else None
+        self._initial_key = None if key is None else keys_lib.validate_key(key, self.key_dim)
+
+    def build(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError("KeyLock needs a known channel (last) dimension")
+        self.channels = int(channels)
+        if self.normalization == "group":
+            self._num_groups = self._resolve_groups(self.channels)
+        initial_key = self._initial_key
+        if initial_key is None:
+            initial_key = keys_lib.generate_key(self.key_dim)
+        self.key = self.add_weight(
+            name="key",
+            shape=(self.key_dim,),
+            initializer=tf.constant_initializer(initial_key),
+            trainable=False,
+        )
+        for index, (name, shape) in enumerate((
+                ("scale_kernel", (self.key_dim, self.channels)), ("scale_bias", (self.channels,)),
+                ("shift_kernel", (self.key_dim, self.channels)), ("shift_bias", (self.channels,)))):
+            setattr(self, name, self.add_weight(name=name, shape=shape, initializer=self._lock_init(index)))
+        if self.normalization == "batch":
+            self.moving_mean = self.add_weight(
+                name="moving_mean", shape=(self.channels,), initializer="zeros", trainable=False)
+            self.moving_variance = self.add_weight(
+                name="moving_variance", shape=(self.channels,), initializer="ones", trainable=False)
+        super().build(input_shape)
+
+    def _lock_init(self, index):
+        """The lock weights' initialiser; a seeded one is re-seeded per weight so they differ."""
+        if self.lock_initializer is None:
+            return TorchLinearUniform(self.key_dim)
+        config = self.lock_initializer.get_config()
+        if config.get("seed") is not None:
+            config["seed"] += index
+        return self.lock_initializer.__class__.from_config(config)
+
+    def _resolve_groups(self, channels):
+        if self.groups is None:
+            return max(g for g in range(1, min(channels, 32) + 1) if channels % g == 0)
+        if channels % int(self.groups):
+            raise ValueError(f"groups={self.groups} does not divide the {channels} channels")
+        return int(self.groups)
+
+    @property
+    def private_weights(self):
+        """The client's secret: the key and the lock weights."""
+        return [self.key, self.scale_kernel, self.scale_bias, self.shift_kernel, self.shift_bias]
+
+    def lock_parameters(self, key=None):
+        """Returns (gamma, beta), each of shape (channels,), for `key` (default the layer's own)."""
+        key = self.key if key is None else tf.convert_to_tensor(key, self.compute_dtype)
+        act = tf.nn.relu if self.activation == "relu" else tf.sigmoid
+        key = key[tf.newaxis, :]
+        gamma = act(tf.matmul(key, self.scale_kernel) + self.scale_bias)[0]
+        beta = act(tf.matmul(key, self.shift_kernel) + self.shift_bias)[0]
+        return gamma, beta
+
+    def normalize(self, inputs, training=None):
+        """The normalisation without affine parameters."""
+        if self.normalization == "none":
+            return inputs
+        if self.normalization == "layer":
+            axes = list(range(1, inputs.shape.rank))
+            mean, variance = tf.nn.moments(inputs, axes, keepdims=True)
+            return (inputs - mean) * tf.math.rsqrt(variance + self.epsilon)
+        if self.normalization == "group":
+            shape = tf.shape(inputs)
+            grouped = tf.reshape(
+                inputs, tf.concat([shape[:-1], [self._num_groups, self.channels // self._num_groups]], 0))
+            axes = list(range(1, inputs.shape.rank - 1)) + [inputs.shape.rank]
+            mean, variance = tf.nn.moments(grouped, axes, keepdims=True)
+            grouped = (grouped - mean) * tf.math.rsqrt(variance + self.epsilon)
+            return tf.reshape(grouped, shape)
+        return self._batch_normalize(inputs, training)
+
+    def _batch_normalize(self, inputs, training):
+        if training is None:
+            training = tf.keras.backend.learning_phase()
+        axes = list(range(inputs.shape.rank - 1))
+
+        def train_branch():
+            mean, variance = tf.nn.moments(inputs, axes)
+            count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(inputs), axes)), inputs.dtype)
+            # PyTorch keeps the unbiased variance in its running statistics.
+            unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
+            decay = 1.0 - self.momentum
+            self.moving_mean.assign_sub((self.moving_mean - mean) * decay)
+            self.moving_variance.assign_sub((self.moving_variance - unbiased) * decay)
+            return mean, variance
+
+        def inference_branch():
+            return tf.identity(self.moving_mean), tf.identity(self.moving_variance)
+
+        mean, variance = tf.__internal__.smart_cond.smart_cond(training, train_branch, inference_branch)
+        return tf.nn.batch_normalization(inputs, mean, variance, None, None, self.epsilon)
+
+    def call(self, inputs, training=None):
+        gamma, beta = self.lock_parameters()
+        return gamma * self.normalize(inputs, training) + beta
+
+    def get_config(self):
+        # The key is a secret: it travels with the weights (client checkpoints), never in the config.
+        config = super().get_config()
+        config.update(
+            key_dim=self.key_dim,
+            activation=self.activation,
+            normalization=self.normalization,
+            groups=self.groups,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            lock_initializer=(
+                tf.keras.initializers.serialize(self.lock_initializer) if self.lock_initializer else None),
+        )
+        return config

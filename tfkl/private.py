@@ -1,0 +1,81 @@
+"""The private/shared split of a secured model's variables, keys, and server-safe export."""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tfkl import keys as keys_lib
+from tfkl.keylock import KeyLock
+
+
+def lock_layers(model):
+    """All KeyLock layers of `model`, nested models included, in a stable order."""
+    return [layer for layer in model.submodules if isinstance(layer, KeyLock)]
+
+
+def _require_locks(model):
+    locks = lock_layers(model)
+    if not locks:
+        raise ValueError(f"model {model.name!r} has no KeyLock layer; secure it first (tfkl.secure)")
+    if not all(lock.built for lock in locks):
+        raise ValueError(f"model {model.name!r} is not built; call it on an input first")
+    return locks
+
+
+def private_variables(model):
+    """The client's secret variables: every lock's key and lock weights."""
+    return [v for lock in lock_layers(model) if lock.built for v in lock.private_weights]
+
+
+def shared_variables(model):
+    """Every other variable of `model` (trainable and not), in `model.variables` order."""
+    private = {id(v) for v in private_variables(model)}
+    return [v for v in model.variables if id(v) not in private]
+
+
+def set_key(model, key):
+    """Sets the one client key used by every KeyLock of `model`."""
+    for lock in _require_locks(model):
+        lock.key.assign(keys_lib.validate_key(key, lock.key_dim))
+
+
+def get_key(model):
+    """Returns the model's key (a float32 vector); every lock of a model shares it."""
+    return _require_locks(model)[0].key.numpy()
+
+
+def export_shared(model, directory):
+    """Writes what a server may hold: the architecture and the shared weights, no key, no lock.
+
+    The directory gets `model.json` (Keras architecture; the key is never part of a config) and
+    `shared.npz` (the shared variables in `shared_variables` order, with their names).
+    """
+    os.makedirs(directory, exist_ok=True)
+    shared = shared_variables(model)
+    arrays = {f"v{i:05d}": v.numpy() for i, v in enumerate(shared)}
+    arrays["names"] = np.array([v.name for v in shared])
+    with open(os.path.join(directory, "model.json"), "w") as f:
+        f.write(model.to_json())
+    np.savez(os.path.join(directory, "shared.npz"), **arrays)
+
+
+def load_shared(directory):
+    """Loads an `export_shared` directory: shared weights set, every private variable zero.
+
+    Zero lock weights give gamma = beta = 0 under ReLU, as the paper's global model has; set a
+    key and lock weights (or fine-tune them) to use the model.
+    """
+    with open(os.path.join(directory, "model.json")) as f:
+        model = tf.keras.models.model_from_json(f.read())
+    with np.load(os.path.join(directory, "shared.npz")) as arrays:
+        shared = shared_variables(model)
+        stored = [arrays[f"v{i:05d}"] for i in range(len(arrays.files) - 1)]
+        if [a.shape for a in stored] != [tuple(v.shape) for v in shared]:
+            raise ValueError(f"{directory}: shared.npz does not match the architecture in model.json")
+        for value, variable in zip(stored, shared):
+            variable.assign(value)
+    for variable in private_variables(model):
+        variable.assign(tf.zeros_like(variable))
+    return model

@@ -1,0 +1,140 @@
+"""`secure()`: put KeyLock blocks into an existing Sequential or functional Keras model."""
+
+import tensorflow as tf
+
+from tfkl.keylock import KeyLock
+from tfkl.keys import generate_key, validate_key
+
+_LOCKABLE = (tf.keras.layers.Conv1D, tf.keras.layers.Conv2D, tf.keras.layers.Conv3D,
+             tf.keras.layers.DepthwiseConv2D, tf.keras.layers.SeparableConv2D, tf.keras.layers.Dense)
+
+
+def lockable_layers(model):
+    """Conv and dense layers of `model` in topological order, excluding those producing outputs."""
+    outputs = {id(t) for t in model.outputs}
+    return [
+        layer for layer in model.layers
+        if isinstance(layer, _LOCKABLE)
+        and not any(id(t) in outputs for node in layer.inbound_nodes for t in tf.nest.flatten(node.outputs))
+    ]
+
+
+def _graph_model(model):
+    if not isinstance(model, tf.keras.Model):
+        raise TypeError(f"secure() needs a Keras model, got {type(model).__name__}")
+    if not getattr(model, "_is_graph_network", False):
+        raise TypeError(
+            f"secure() supports Sequential and functional models; {type(model).__name__!r} is subclassed "
+            "(or a Sequential without an input shape): insert tfkl.KeyLock in its call() instead")
+    return model
+
+
+def _select(model, where):
+    candidates = lockable_layers(model)
+    if not candidates:
+        raise ValueError(f"model {model.name!r} has no conv or dense layer (other than its output) to lock")
+    if where == "first":
+        return [candidates[0]]
+    if where == "all":
+        return candidates
+    if isinstance(where, str):
+        raise ValueError(f"where must be 'first', 'all' or a list of layer names, got {where!r}")
+    by_name = {layer.name: layer for layer in candidates}
+    unknown = [name for name in where if name not in by_name]
+    if unknown or not where:
+        raise ValueError(f"cannot lock {unknown or 'nothing'}: lockable layers are {sorted(by_name)}")
+    return [by_name[name] for name in where]
+
+
+def _clone(layer, **overrides):
+    return layer.__class__.from_config({**layer.get_config(), **overrides})
+
+
+def _consumers(model):
+    """Maps a tensor id to the nodes of `model`'s graph that consume it."""
+    consumers = {}
+    for nodes in model._nodes_by_depth.values():
+        for node in nodes:
+            if not node.is_input:
+                for tensor_id in node.flat_input_ids:
+                    consumers.setdefault(tensor_id, []).append(node)
+    return consumers
+
+
+def _map_arguments(node, tensors):
+    if node._single_positional_tensor_passed:
+        return (tensors[node.flat_input_ids[0]],), {}
+    flat = list(node._flat_arguments)
+    for tensor_id, index in node._keras_inputs_ids_and_indices:
+        flat[index] = tensors[tensor_id]
+    return tf.nest.pack_sequence_as((node.call_args, node.call_kwargs), flat)
+
+
+def secure(model, where="first", key_dim=1024, activation="relu", normalization="batch",
+           key=None, lock_initializer=None, name=None):
+    """Returns a copy of `model` with a KeyLock block after each chosen conv/dense layer.
+
+    A BatchNormalization that directly (and only) follows a chosen layer is replaced by the lock,
+    as in the paper's block; a fused activation of the chosen layer moves after the lock. Every
+    other layer is a fresh copy with the original's weights, so `model` itself is left untouched.
+
+    Args:
+      model: a built Sequential or functional Keras model.
+      where: 'first', 'all' (every conv/dense layer but the outputs), or a list of layer names.
+      key_dim, activation, normalization, lock_initializer: passed to each `tfkl.KeyLock`.
+      key: the client key (shape (key_dim,)); default a fresh CSPRNG key, shared by all locks.
+      name: name of the new model (default: the original's name + '_locked').
+    """
+    model = _graph_model(model)
+    targets = {id(layer) for layer in _select(model, where)}
+    consumers = _consumers(model)
+    key = generate_key(key_dim) if key is None else validate_key(key, key_dim)
+
+    def replaces_batch_norm(node):
+        """True for a BatchNormalization node that directly and only follows a chosen layer."""
+        if not isinstance(node.layer, tf.keras.layers.BatchNormalization) or len(node.parent_nodes) != 1:
+            return False
+        producer = node.parent_nodes[0].layer
+        return (id(producer) in targets
+                and len(consumers.get(node.flat_input_ids[0], [])) == 1
+                and producer.get_config().get("activation", "linear") == "linear")
+
+    new_inputs = [tf.keras.Input(type_spec=t.type_spec, name=t.name.split(":")[0]) for t in model.inputs]
+    tensors = {str(id(old)): new for old, new in zip(model.inputs, new_inputs)}
+    clones = {}
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            layer = node.layer
+            if node.is_input:
+                continue
+            args, kwargs = _map_arguments(node, tensors)
+            if replaces_batch_norm(node):
+                lock = KeyLock(key_dim, activation, normalization, momentum=layer.momentum,
+                               epsilon=layer.epsilon, lock_initializer=lock_initializer, key=key,
+                               name=f"{layer.name}_keylock")
+                outputs = lock(*args)
+            elif id(layer) in targets:
+                fused = layer.get_config().get("activation", "linear")
+                if id(layer) not in clones:
+                    clones[id(layer)] = _clone(layer, activation="linear") if fused != "linear" else _clone(layer)
+                outputs = clones[id(layer)](*args, **kwargs)
+                followers = consumers.get(node.flat_output_ids[0], [])
+                if not (len(followers) == 1 and replaces_batch_norm(followers[0])):
+                    lock = KeyLock(key_dim, activation, normalization, lock_initializer=lock_initializer,
+                                   key=key, name=f"{layer.name}_keylock")
+                    outputs = lock(outputs)
+                    if fused != "linear":
+                        outputs = tf.keras.layers.Activation(fused, name=f"{layer.name}_activation")(outputs)
+            else:
+                if id(layer) not in clones:
+                    clones[id(layer)] = _clone(layer)
+                outputs = clones[id(layer)](*args, **kwargs)
+            for tensor_id, tensor in zip(node.flat_output_ids, tf.nest.flatten(outputs)):
+                tensors[tensor_id] = tensor
+
+    new_outputs = tf.nest.pack_sequence_as(model._nested_outputs, [tensors[str(id(t))] for t in model.outputs])
+    secured = tf.keras.Model(new_inputs, new_outputs, name=name or f"{model.name}_locked")
+    for layer in model.layers:
+        if id(layer) in clones:
+            clones[id(layer)].set_weights(layer.get_weights())
+    return secured
