@@ -9,8 +9,8 @@ import psutil
 WORKER_BINARY = "worker_binary"
 
 
-def install_local_context(max_concurrent_computation_calls=-1):
-    """Makes TFF's local C++ execution context the default one."""
+def install_context(max_concurrent_computation_calls=-1):
+    """Installs the default TFF execution context for a run: TFF's local C++ context."""
     import tensorflow_federated as tff
     tff.backends.native.set_sync_local_cpp_execution_context(
         max_concurrent_computation_calls=max_concurrent_computation_calls)
