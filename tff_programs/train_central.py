@@ -23,6 +23,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set's files ar
 _LOCK = flags.DEFINE_bool("lock", True, "Add the key-lock block after the first conv layer.")
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "Training epochs.", lower_bound=1)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1)
+_MAX_TRAIN = flags.DEFINE_integer("max_train_examples", None, "Train on the first N examples only.",
+                                  lower_bound=1)
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate.", lower_bound=0.0)
 _INIT = flags.DEFINE_enum("init", "pytorch", common.INITS, "Weight initialisation scheme.")
 _KEY_DIM = flags.DEFINE_integer("key_dim", 1024, "Key length.", lower_bound=1)
@@ -41,16 +43,16 @@ def main(argv):
     model = models.build(_MODEL.value, input_shape, dataset.num_classes, lock=_LOCK.value, init=_INIT.value,
                          seed=_SEED.value, key_dim=_KEY_DIM.value, normalization=_NORMALIZATION.value,
                          key=tfkl.generate_key(_KEY_DIM.value, seed=_SEED.value) if _LOCK.value else None)
-    train = data.make_dataset(dataset.x_train, dataset.y_train, input_shape, _BATCH_SIZE.value,
-                              shuffle_seed=_SEED.value)
+    x_train, y_train = dataset.x_train[:_MAX_TRAIN.value], dataset.y_train[:_MAX_TRAIN.value]
+    train = data.make_dataset(x_train, y_train, input_shape, _BATCH_SIZE.value, shuffle_seed=_SEED.value)
     test = data.make_dataset(dataset.x_test, dataset.y_test, input_shape, 256)
     trainer = training.Trainer(model, tfkl.optimizers.TorchSGD(_LEARNING_RATE.value))
-    steps = int(np.ceil(len(dataset.x_train) / _BATCH_SIZE.value))
+    steps = int(np.ceil(len(x_train) / _BATCH_SIZE.value))
     for epoch in range(1, _EPOCHS.value + 1):
         print(f"epoch {epoch}/{_EPOCHS.value}")
         trainer.fit_epoch(train, tf.keras.utils.Progbar(steps))
     results = {"model": _MODEL.value, "dataset": _DATASET.value, "lock": _LOCK.value, "epochs": _EPOCHS.value,
-               "seed": _SEED.value, "test_accuracy": training.accuracy(model, test)}
+               "train_examples": len(x_train), "seed": _SEED.value, "test_accuracy": training.accuracy(model, test)}
     if _LOCK.value:
         tfkl.set_key(model, tfkl.generate_key(_KEY_DIM.value))
         results["test_accuracy_random_key"] = training.accuracy(model, test)

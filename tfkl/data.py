@@ -113,9 +113,10 @@ def _load_tfds(name, data_dir):
     import tensorflow_datasets as tfds
     arrays = []
     for split in ("train", "test"):
-        images, labels = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, batch_size=-1,
-                                                 as_supervised=True))
-        arrays += [_images(np.asarray(images, np.uint8)), np.asarray(labels, np.int64)]
+        batches = list(tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, as_supervised=True)
+                                     .batch(10_000)))
+        images = np.concatenate([b[0] for b in batches]).astype(np.uint8)
+        arrays += [_images(images), np.concatenate([b[1] for b in batches]).astype(np.int64)]
     return tuple(arrays)
 
 

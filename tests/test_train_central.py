@@ -1,0 +1,31 @@
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "tff_programs.train_central", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_trains_and_reports_own_and_random_key_accuracy(tmp_path):
+    out = tmp_path / "result.json"
+    result = _run("--dataset=digits", "--epochs=1", "--key_dim=16", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert 0.0 <= report["test_accuracy"] <= 1.0 and 0.0 <= report["test_accuracy_random_key"] <= 1.0
+    assert report["lock"] is True and report["epochs"] == 1
+
+
+def test_bad_flags_are_one_clear_line():
+    for args, message in [(["--epochs=0"], "epochs"), (["--model=alexnet"], "model"),
+                          (["--no_such_flag"], "no_such_flag"), (["--learning_rate=-1"], "learning_rate"),
+                          (["stray"], "unexpected arguments")]:
+        result = _run(*args)
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        assert message in result.stderr
