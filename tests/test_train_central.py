@@ -14,10 +14,11 @@ def _run(*args):
 
 def test_trains_and_reports_own_and_random_key_accuracy(tmp_path):
     out = tmp_path / "result.json"
-    result = _run("--dataset=digits", "--epochs=1", "--key_dim=16", f"--out={out}")
+    result = _run("--dataset=digits", "--epochs=1", "--key_dim=16", "--random_keys=2", f"--out={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert 0.0 <= report["test_accuracy"] <= 1.0 and 0.0 <= report["test_accuracy_random_key"] <= 1.0
+    assert 0.0 <= report["test_accuracy"] <= 1.0 and len(report["test_accuracy_random_keys"]) == 2
+    assert report["test_accuracy_random_key_mean"] == sum(report["test_accuracy_random_keys"]) / 2
     assert report["lock"] is True and report["epochs"] == 1
 
 
