@@ -99,7 +99,9 @@ def secure(model, where="first", key_dim=1024, activation="relu", normalization=
                 and len(consumers.get(node.flat_input_ids[0], [])) == 1
                 and producer.get_config().get("activation", "linear") == "linear")
 
-    new_inputs = [tf.keras.Input(type_spec=t.type_spec, name=t.name.split(":")[0]) for t in model.inputs]
+    # Shape and dtype rather than `type_spec`: graph-mode Keras tensors (inside TFF computations) lack it.
+    new_inputs = [tf.keras.Input(batch_size=t.shape[0], shape=t.shape[1:], dtype=t.dtype, name=t.name.split(":")[0])
+                  for t in model.inputs]
     tensors = {str(id(old)): new for old, new in zip(model.inputs, new_inputs)}
     clones = {}
     for depth in sorted(model._nodes_by_depth, reverse=True):

@@ -1,0 +1,149 @@
+"""Federated training, FedKL or the FedAvg baseline, resumable (tff.program state managers).
+
+  python -m tff_programs.train --algorithm=fedkl --model=lenet --dataset=fashion_mnist \
+      --num_clients=3 --clients_per_round=3 --rounds=20 --root_dir=runs/fedkl
+
+Run the same command again after an interruption: training resumes from the last complete round.
+Per-client private state (key, lock, optimizer buffers) is kept under root_dir/clients, apart from
+the server state (root_dir/server); metrics go to root_dir/metrics.csv and root_dir/tensorboard.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from tff_programs import common
+from tff_programs import contexts
+from tfkl.federated import program
+
+ALGORITHMS = ("fedkl", "fedavg")
+SPLITS = ("iid", "dirichlet", "shards")
+
+_ROOT_DIR = flags.DEFINE_string("root_dir", None, "Directory of the run (state, metrics, captures).")
+_ALGORITHM = flags.DEFINE_enum("algorithm", "fedkl", ALGORITHMS, "FedKL or the FedAvg baseline (no lock).")
+_MODEL = flags.DEFINE_enum("model", "lenet", common.MODELS, "Zoo model.")
+_DATASET = flags.DEFINE_enum("dataset", "digits", common.DATASETS, "Data set.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set's files are.")
+_NUM_CLIENTS = flags.DEFINE_integer("num_clients", 3, "Number of clients.", lower_bound=1)
+_CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", None, "Clients sampled per round "
+                                          "(default: all).", lower_bound=1)
+_ROUNDS = flags.DEFINE_integer("rounds", 20, "Total rounds (a resumed run continues to this).", lower_bound=1)
+_LOCAL_EPOCHS = flags.DEFINE_integer("local_epochs", 1, "Local epochs per round.", lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Client batch size.", lower_bound=1)
+_SPLIT = flags.DEFINE_enum("split", "iid", SPLITS, "How the training set is split among clients.")
+_ALPHA = flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration for --split=dirichlet.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.01, "Client SGD learning rate.")
+_MOMENTUM = flags.DEFINE_float("momentum", 0.9, "Client SGD momentum.", lower_bound=0.0)
+_NESTEROV = flags.DEFINE_bool("nesterov", True, "Nesterov momentum.")
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 5e-4, "Coupled weight decay.", lower_bound=0.0)
+_LR_MILESTONES = flags.DEFINE_list("lr_milestones", ["60", "120", "160"], "Rounds after which the client LR "
+                                   "is multiplied by --lr_gamma.")
+_LR_GAMMA = flags.DEFINE_float("lr_gamma", 0.2, "LR factor at each milestone.")
+_SERVER_LR = flags.DEFINE_float("server_learning_rate", 1.0, "Server SGD learning rate (1.0: plain FedAvg).")
+_PERSIST = flags.DEFINE_bool("persist_optimizer_state", True, "Keep each client's momentum buffers across rounds.")
+_STATISTICS = flags.DEFINE_enum("statistics", "average", ("average", "local"),
+                                "Shared moving statistics: averaged by the server, or kept by each client.")
+_WEIGHTING = flags.DEFINE_enum("client_weighting", "num_examples", ("num_examples", "uniform"),
+                               "Weight of each client's update in the mean.")
+_KEY_DIM = flags.DEFINE_integer("key_dim", 1024, "Key length (FedKL).", lower_bound=1)
+_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", common.NORMALIZATIONS, "Lock normalisation.")
+_INIT = flags.DEFINE_enum("init", "pytorch", common.INITS, "Weight initialisation scheme.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of weights, split, sampling and data order.")
+_SEEDED_KEYS = flags.DEFINE_bool("seeded_keys", False, "Derive client keys from --seed (experiments only; "
+                                 "default: CSPRNG keys).")
+_CAPTURE = flags.DEFINE_list("capture_rounds", [], "Rounds whose client updates are captured as a curious "
+                             "server sees them ('all' for every round).")
+_KEEP = flags.DEFINE_integer("keep_rounds", 5, "Complete rounds of state kept on disk.", lower_bound=1)
+_INJECT_NAN = flags.DEFINE_list("inject_nan", [], "Fault injection: ROUND:CLIENT pairs whose data become NaN.")
+_INJECT_FAILURE = flags.DEFINE_list("inject_failure", [], "Fault injection: ROUND:CLIENT pairs that drop out.")
+
+flags.mark_flag_as_required("root_dir")
+
+
+def _parse_int_list(values):
+    return all(v.strip().lstrip("-").isdigit() for v in values)
+
+
+def _parse_pairs(values):
+    pairs = []
+    for value in values:
+        round_num, _, client = value.partition(":")
+        if not (round_num.isdigit() and client.isdigit()):
+            raise ValueError(value)
+        pairs.append((int(round_num), str(int(client))))
+    return tuple(pairs)
+
+
+def _valid_pairs(values):
+    try:
+        _parse_pairs(values)
+        return True
+    except ValueError:
+        return False
+
+
+flags.register_validator("root_dir", lambda v: bool(v), "--root_dir must not be empty")
+flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be positive")
+flags.register_validator("server_learning_rate", lambda v: v > 0, "--server_learning_rate must be positive")
+flags.register_validator("alpha", lambda v: v > 0, "--alpha must be positive")
+flags.register_validator("lr_gamma", lambda v: v > 0, "--lr_gamma must be positive")
+flags.register_validator("lr_milestones", _parse_int_list, "--lr_milestones must be a list of round numbers")
+flags.register_validator("capture_rounds", lambda v: v == ["all"] or _parse_int_list(v),
+                         "--capture_rounds must be 'all' or a list of round numbers")
+flags.register_validator("inject_nan", _valid_pairs, "--inject_nan takes ROUND:CLIENT pairs, e.g. 2:0,3:1")
+flags.register_validator("inject_failure", _valid_pairs, "--inject_failure takes ROUND:CLIENT pairs, e.g. 2:0")
+flags.register_multi_flags_validator(
+    ["num_clients", "clients_per_round"], lambda f: f["clients_per_round"] is None or
+    f["clients_per_round"] <= f["num_clients"], "--clients_per_round cannot exceed --num_clients")
+flags.register_multi_flags_validator(
+    ["nesterov", "momentum"], lambda f: not f["nesterov"] or f["momentum"] > 0,
+    "--nesterov needs --momentum > 0")
+
+
+def config_from_flags(dataset):
+    """The run's Config from the flags (and the data set's shape)."""
+    return program.Config(
+        algorithm=_ALGORITHM.value, model=_MODEL.value, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
+        input_shape=common.input_shape(_MODEL.value, dataset), num_classes=dataset.num_classes,
+        num_clients=_NUM_CLIENTS.value, clients_per_round=_CLIENTS_PER_ROUND.value or _NUM_CLIENTS.value,
+        local_epochs=_LOCAL_EPOCHS.value, batch_size=_BATCH_SIZE.value, split=_SPLIT.value, alpha=_ALPHA.value,
+        learning_rate=_LEARNING_RATE.value, momentum=_MOMENTUM.value, nesterov=_NESTEROV.value,
+        weight_decay=_WEIGHT_DECAY.value, lr_milestones=tuple(int(m) for m in _LR_MILESTONES.value),
+        lr_gamma=_LR_GAMMA.value, server_learning_rate=_SERVER_LR.value, persist_optimizer_state=_PERSIST.value,
+        statistics=_STATISTICS.value, client_weighting=_WEIGHTING.value, key_dim=_KEY_DIM.value,
+        normalization=_NORMALIZATION.value, init=_INIT.value, seed=_SEED.value, seeded_keys=_SEEDED_KEYS.value)
+
+
+def run_options():
+    capture = ("all",) if _CAPTURE.value == ["all"] else tuple(int(r) for r in _CAPTURE.value)
+    return program.RunOptions(rounds=_ROUNDS.value, capture_rounds=capture, keep_rounds=_KEEP.value,
+                              inject_nan=_parse_pairs(_INJECT_NAN.value),
+                              inject_failure=_parse_pairs(_INJECT_FAILURE.value))
+
+
+def quiet_logs():
+    """Warnings and errors only (TF and TFF log every checkpoint at INFO), unless --verbosity is given."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+def main(argv):
+    common.check_no_positional_args(argv)
+    quiet_logs()
+    dataset = common.load_dataset(_DATASET.value, _DATA_DIR.value)
+    if _NUM_CLIENTS.value > len(dataset.y_train):
+        common.fail(f"--num_clients={_NUM_CLIENTS.value} exceeds the {len(dataset.y_train)} training examples")
+    contexts.install_context()
+    try:
+        metrics = program.train(_ROOT_DIR.value, config_from_flags(dataset), run_options(), dataset=dataset)
+    except program.ProgramError as e:
+        common.fail(str(e))
+    finally:
+        contexts.shutdown()
+    if metrics is not None:
+        logging.info("final round metrics: %s", metrics)
+    print(f"done: {_ROOT_DIR.value} at round {_ROUNDS.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,132 @@
+"""Per-client private state on disk, apart from the server's state.
+
+Layout under `directory` (the run's root_dir/clients):
+  <client_id>/key                   the client's key (tfkl.save_key: owner-only, checksummed)
+  <client_id>/state_RRRRR.npz       its lock weights, optimizer buffers, local statistics after round R
+  manifest_RRRRR.json               written last for round R: every client's current state file and
+                                    its SHA-256; a round's client states are complete iff it exists
+Every file is written atomically (temporary file + rename) with owner-only permissions.
+"""
+
+import collections
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+
+from tfkl import keys as keys_lib
+
+_FIELDS = ("lock", "optimizer", "statistics")
+_MANIFEST = re.compile(r"^manifest_(\d{5})\.json$")
+
+
+class ClientStateError(ValueError):
+    """A client state file that is missing, corrupt or does not match the run."""
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _write_private(path, write):
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ClientStore:
+    """Saves and restores every client's private state, round by round."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    def _client_dir(self, client_id):
+        path = os.path.join(self.directory, str(client_id))
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
+    def _manifest_path(self, round_num):
+        return os.path.join(self.directory, f"manifest_{int(round_num):05d}.json")
+
+    def rounds(self):
+        """Rounds whose client states are complete, ascending."""
+        return sorted(int(m.group(1)) for m in map(_MANIFEST.match, os.listdir(self.directory)) if m)
+
+    def save(self, round_num, states, changed):
+        """Writes the states of the `changed` client ids, then the round's manifest for all `states`.
+
+        `states` maps client id -> state structure (key, lock, optimizer, statistics lists).
+        """
+        previous = self._read_manifest(self.rounds()[-1]) if self.rounds() else {}
+        entries = {}
+        for client_id, state in states.items():
+            cid = str(client_id)
+            if cid in previous and client_id not in changed:
+                entries[cid] = previous[cid]
+                continue
+            client_dir = self._client_dir(cid)
+            if state["key"]:
+                key_path = os.path.join(client_dir, "key")
+                if not os.path.exists(key_path):
+                    keys_lib.save_key(key_path, state["key"][0])
+            name = f"state_{int(round_num):05d}.npz"
+            arrays = {f"{field}/{i:05d}": np.asarray(a) for field in _FIELDS for i, a in enumerate(state[field])}
+            _write_private(os.path.join(client_dir, name), lambda f: np.savez(f, **arrays))
+            entries[cid] = {"file": f"{cid}/{name}", "sha256": _sha256(os.path.join(client_dir, name)),
+                            "counts": {field: len(state[field]) for field in _FIELDS},
+                            "has_key": bool(state["key"])}
+        text = json.dumps({"round": int(round_num), "clients": entries}, indent=1, sort_keys=True).encode()
+        _write_private(self._manifest_path(round_num), lambda f: f.write(text))
+
+    def _read_manifest(self, round_num):
+        path = self._manifest_path(round_num)
+        try:
+            with open(path) as f:
+                return json.load(f)["clients"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ClientStateError(f"client manifest {path} is unreadable: {e}") from None
+
+    def load(self, round_num, key_dim=None):
+        """All clients' states after `round_num`, checksums verified; raises ClientStateError."""
+        states = {}
+        for cid, entry in self._read_manifest(round_num).items():
+            path = os.path.join(self.directory, entry["file"])
+            if not os.path.exists(path):
+                raise ClientStateError(f"client state file {path} is missing")
+            if _sha256(path) != entry["sha256"]:
+                raise ClientStateError(f"client state file {path} is corrupt (checksum mismatch)")
+            with np.load(path, allow_pickle=False) as f:
+                state = collections.OrderedDict(key=[])
+                for field in _FIELDS:
+                    state[field] = [f[f"{field}/{i:05d}"] for i in range(entry["counts"][field])]
+            if entry["has_key"]:
+                try:
+                    state["key"] = [keys_lib.load_key(os.path.join(self.directory, cid, "key"), key_dim)]
+                except keys_lib.KeyFormatError as e:
+                    raise ClientStateError(str(e)) from None
+            states[cid] = collections.OrderedDict((k, state[k]) for k in ("key",) + _FIELDS)
+        return states
+
+    def prune(self, keep_rounds):
+        """Deletes manifests not in `keep_rounds` and state files no kept manifest refers to."""
+        kept_files = set()
+        for round_num in self.rounds():
+            if round_num in keep_rounds:
+                kept_files.update(e["file"] for e in self._read_manifest(round_num).values())
+            else:
+                os.remove(self._manifest_path(round_num))
+        for cid in os.listdir(self.directory):
+            client_dir = os.path.join(self.directory, cid)
+            if not os.path.isdir(client_dir):
+                continue
+            for name in os.listdir(client_dir):
+                if name.startswith("state_") and f"{cid}/{name}" not in kept_files:
+                    os.remove(os.path.join(client_dir, name))

@@ -1,0 +1,289 @@
+"""A resumable federated training program (tff.program): server state, client states, metrics.
+
+Under `root_dir`:
+  config.json          the run's configuration; another run's root dir is refused
+  server/              tff.program.FileProgramStateManager: server state per saved round
+  clients/             tfkl.federated.client_store.ClientStore: private client states per round
+  metrics.csv, tensorboard/   per-round metrics (CSV and TensorBoard release managers)
+  captures/            optional: what a curious server received (tfkl.capture format)
+Client states are saved before the server state, so a round is complete when both exist; a resumed
+run starts from the last complete round and gives the same result as an uninterrupted one.
+"""
+
+import asyncio
+import collections
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tfkl import data as data_lib
+from tfkl import keys as keys_lib
+from tfkl import models, optimizers
+from tfkl.federated import algorithms, simulation
+from tfkl.federated.client_store import ClientStateError, ClientStore
+
+logger = logging.getLogger(__name__)
+CONFIG_FILE = "config.json"
+
+
+class ProgramError(RuntimeError):
+    """A run that cannot start or resume (bad root dir, corrupt state); one-line message."""
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything that defines a training run (the parts that must match to resume it)."""
+    algorithm: str = "fedkl"
+    model: str = "lenet"
+    dataset: str = "digits"
+    data_dir: str = None
+    input_shape: tuple = (32, 32, 1)
+    num_classes: int = 10
+    num_clients: int = 3
+    clients_per_round: int = 3
+    local_epochs: int = 1
+    batch_size: int = 64
+    split: str = "iid"
+    alpha: float = 0.5
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_milestones: tuple = (60, 120, 160)
+    lr_gamma: float = 0.2
+    server_learning_rate: float = 1.0
+    persist_optimizer_state: bool = True
+    statistics: str = "average"
+    client_weighting: str = "num_examples"
+    key_dim: int = 1024
+    normalization: str = "batch"
+    init: str = "pytorch"
+    seed: int = 0
+    seeded_keys: bool = False
+
+    def to_json(self):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def locked(self):
+        return self.algorithm == "fedkl"
+
+    def model_fn(self):
+        shape, classes, seed = tuple(self.input_shape), self.num_classes, self.seed
+        options = dict(init=self.init, seed=seed)
+        if self.locked:
+            options.update(key_dim=self.key_dim, normalization=self.normalization)
+        return lambda: models.build(self.model, shape, classes, lock=self.locked, **options)
+
+    def client_optimizer(self):
+        return optimizers.TorchSGD(self.learning_rate, self.momentum, self.nesterov, self.weight_decay)
+
+    def round_learning_rate(self, round_num):
+        """The client LR of (1-based) `round_num`: x lr_gamma at each milestone round passed."""
+        return optimizers.multistep_learning_rate(self.learning_rate, self.lr_milestones, self.lr_gamma,
+                                                  round_num - 1)
+
+    def client_key(self, client_id):
+        """A fresh CSPRNG key; with `seeded_keys` (experiments only) derived from the seed."""
+        seed = [self.seed, int(client_id), 0x6B6579] if self.seeded_keys else None
+        return keys_lib.generate_key(self.key_dim, seed=seed)
+
+
+def build_process(config, return_client_updates=False):
+    builder = algorithms.build_fedkl_process if config.locked else algorithms.build_fedavg_process
+    return builder(config.model_fn(), config.client_optimizer(),
+                   tff.learning.optimizers.build_sgdm(learning_rate=config.server_learning_rate),
+                   client_weighting=config.client_weighting, statistics=config.statistics,
+                   persist_optimizer_state=config.persist_optimizer_state,
+                   return_client_updates=return_client_updates)
+
+
+def client_partition(config, dataset):
+    """Each client's training example indices (deterministic per seed)."""
+    return data_lib.split(dataset.y_train, config.num_clients, config.split, seed=config.seed, alpha=config.alpha)
+
+
+def check_config(root_dir, config):
+    """Writes config.json in a new root dir; refuses a root dir holding another run's config."""
+    path = os.path.join(root_dir, CONFIG_FILE)
+    wanted = config.to_json()
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ProgramError(f"{path} is unreadable ({e}); not touching this root dir") from None
+        differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        if differing:
+            k = differing[0]
+            raise ProgramError(f"{root_dir} holds another run ({k}: {stored.get(k)!r} there, {wanted.get(k)!r} "
+                               f"here); use a new --root_dir")
+        return
+    os.makedirs(root_dir, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(wanted, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_config(root_dir):
+    path = os.path.join(root_dir, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+        fields = {f.name for f in dataclasses.fields(Config)}
+        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields})
+    except (OSError, ValueError, TypeError) as e:
+        raise ProgramError(f"{root_dir} is not a training run's root dir ({CONFIG_FILE}: {e})") from None
+
+
+def _flat(structure):
+    return [np.asarray(x) for x in tf.nest.flatten(structure)]
+
+
+async def _latest_complete_round(server_manager, store):
+    versions = await server_manager.get_versions() or []
+    complete = sorted(set(versions) & set(store.rounds()))
+    return complete[-1] if complete else None
+
+
+def restore(root_dir, config, process, round_num=None):
+    """(server_state, client_states, round) of the last complete round (or `round_num`); None if none."""
+    server_manager = tff.program.FileProgramStateManager(os.path.join(root_dir, "server"), keep_total=0)
+    store = ClientStore(os.path.join(root_dir, "clients"))
+    template = process.initialize()
+    if round_num is None:
+        round_num = asyncio.run(_latest_complete_round(server_manager, store))
+        if round_num is None:
+            return None
+    try:
+        loaded = asyncio.run(server_manager.load(int(round_num), template))
+        server_state = tf.nest.pack_sequence_as(template, _flat(loaded))
+    except tff.program.ProgramStateNotFoundError:
+        raise ProgramError(f"no server state for round {round_num} in {root_dir}/server") from None
+    except Exception as e:  # a corrupt SavedModel raises many kinds of errors
+        raise ProgramError(f"server state of round {round_num} in {root_dir}/server is unreadable: "
+                           f"{type(e).__name__}") from None
+    if [np.shape(x) for x in _flat(server_state)] != [np.shape(x) for x in _flat(template)]:
+        raise ProgramError(f"server state of round {round_num} does not fit the model in {CONFIG_FILE}")
+    try:
+        client_states = store.load(round_num, config.key_dim if config.locked else None)
+    except ClientStateError as e:
+        raise ProgramError(str(e)) from None
+    if sorted(client_states, key=int) != [str(i) for i in range(config.num_clients)]:
+        raise ProgramError(f"client states of round {round_num} do not match --num_clients={config.num_clients}")
+    template_client = process.client_state_type
+    for cid, state in client_states.items():
+        client_states[cid] = collections.OrderedDict(
+            (k, [np.asarray(a) for a in state[k]]) for k in ("key", "lock", "optimizer", "statistics"))
+        if [len(v) for v in client_states[cid].values()] != [len(template_client[k]) for k in client_states[cid]]:
+            raise ProgramError(f"client {cid}'s state of round {round_num} does not fit the run's options")
+    return server_state, client_states, int(round_num)
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """Per-invocation options that do not define the run (may differ when resuming)."""
+    rounds: int = 10
+    capture_rounds: tuple = ()   # round numbers to capture; ("all",) for every round
+    keep_rounds: int = 5         # complete rounds kept on disk (the latest always)
+    inject_nan: tuple = ()       # ((round, client_id), ...): the client's data become NaN
+    inject_failure: tuple = ()   # ((round, client_id), ...): the client drops out before reporting
+    progress: bool = True
+
+
+def _captures_round(options, round_num):
+    return "all" in options.capture_rounds or round_num in options.capture_rounds
+
+
+def capture_meta_fn(config, dataset_name, learning_rate, data_seeds):
+    """The capture meta for one client: attacker-usable fields, and a separate ground-truth section."""
+    def meta(client_id):
+        return dict(
+            algorithm=config.algorithm, model=config.model, input_shape=list(config.input_shape),
+            num_classes=config.num_classes, lock=config.locked, key_dim=config.key_dim, activation="relu",
+            normalization=config.normalization, init=config.init, batch_size=config.batch_size,
+            local_epochs=config.local_epochs, learning_rate=float(learning_rate), momentum=config.momentum,
+            nesterov=config.nesterov, weight_decay=config.weight_decay,
+            loss="sparse_categorical_crossentropy_from_logits_mean",
+            optimizer_state="persistent" if config.persist_optimizer_state else "fresh",
+            statistics=config.statistics, client_weighting=config.client_weighting,
+            ground_truth=dict(
+                note="for scoring an attack only; not attacker knowledge", dataset=dataset_name,
+                data_dir=config.data_dir, split=config.split, alpha=config.alpha, split_seed=config.seed,
+                num_clients=config.num_clients, client_index=int(client_id),
+                shuffle_seed=data_seeds[client_id], input_pipeline="tfkl.data.make_dataset"))
+    return meta
+
+
+def train(root_dir, config, options, dataset=None):
+    """Runs (or resumes) training to `options.rounds`; returns the final round's metrics."""
+    check_config(root_dir, config)
+    dataset = dataset or data_lib.load(config.dataset, config.data_dir)
+    partition = client_partition(config, dataset)
+    capture = bool(options.capture_rounds)
+    process = build_process(config, return_client_updates=capture)
+    server_manager = tff.program.FileProgramStateManager(os.path.join(root_dir, "server"),
+                                                         keep_total=options.keep_rounds + 1, keep_first=True)
+    store = ClientStore(os.path.join(root_dir, "clients"))
+    csv_manager = tff.program.CSVFileReleaseManager(os.path.join(root_dir, "metrics.csv"), key_fieldname="round")
+    tensorboard = tff.program.TensorBoardReleaseManager(os.path.join(root_dir, "tensorboard"))
+
+    restored = restore(root_dir, config, process)
+    if restored is None:
+        server_state = process.initialize()
+        client_states = {str(c): process.initial_client_state(config.client_key(c) if config.locked else None)
+                         for c in range(config.num_clients)}
+        start = 0
+        store.save(0, client_states, changed=set(client_states))
+        asyncio.run(server_manager.save(server_state, 0))
+    else:
+        server_state, client_states, start = restored
+        logger.info("resuming %s after round %d", root_dir, start)
+    layout = simulation.SharedLayout(config.model_fn()(), process.parts)
+    nan_at, fail_at = set(options.inject_nan), set(options.inject_failure)
+    progress = tf.keras.utils.Progbar(options.rounds, stateful_metrics=["loss", "accuracy", "rejected",
+                                                                       "dropped", "s/round"],
+                                      verbose=1 if options.progress else 0)
+    progress.update(min(start, options.rounds))
+    metrics = None
+    for round_num in range(start + 1, options.rounds + 1):
+        started = time.time()
+        sampled = simulation.sample_clients(config.num_clients, config.clients_per_round, config.seed, round_num)
+        seeds = {c: simulation.data_seed(config.seed, round_num, c) for c in sampled}
+
+        def client_data(client_id, round_num=round_num, seeds=seeds):
+            if (round_num, client_id) in fail_at:
+                raise simulation.ClientFailure("injected failure")
+            indices = partition[int(client_id)]
+            images = dataset.x_train[indices]
+            if (round_num, client_id) in nan_at:
+                images = np.full_like(images, np.nan)
+            return data_lib.make_dataset(images, dataset.y_train[indices], config.input_shape, config.batch_size,
+                                         shuffle_seed=seeds[client_id], repeat=config.local_epochs)
+
+        learning_rate = config.round_learning_rate(round_num)
+        global_t, global_n = process.global_weights(server_state)
+        server_state, metrics, reports = simulation.run_round(
+            process, server_state, client_states, sampled, client_data, learning_rate)
+        if capture and _captures_round(options, round_num):
+            simulation.save_captures(root_dir, round_num, layout, global_t, global_n, reports,
+                                     capture_meta_fn(config, dataset.name, learning_rate, seeds))
+        store.save(round_num, client_states, changed=set(reports))
+        asyncio.run(server_manager.save(server_state, round_num))
+        rounds = store.rounds()
+        store.prune(set(rounds[-options.keep_rounds:]) | {0})  # the rounds the server manager keeps
+        metrics = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in metrics.items()}
+        metrics.update(learning_rate=float(learning_rate), seconds=time.time() - started)
+        asyncio.run(csv_manager.release(metrics, round_num))
+        asyncio.run(tensorboard.release(metrics, round_num))
+        progress.update(round_num, [("loss", metrics["loss"]), ("accuracy", metrics["accuracy"]),
+                                    ("rejected", metrics["clients_rejected"]),
+                                    ("dropped", metrics["clients_dropped"]), ("s/round", metrics["seconds"])])
+    return metrics
