@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv data demo test test-all clean
+.PHONY: venv data demo test test-all clean torch-venv bench report
 
 $(STAMP): requirements.txt requirements-tff.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,23 @@ test: venv data
 
 test-all: venv data
 	$(PY) -m pytest -q -m "" tests
+
+# PyTorch for the comparison benchmarks only, in its own venv (never in $(VENV)).
+TORCH_VENV ?= .venv-torch
+TORCH_STAMP := $(TORCH_VENV)/.installed
+$(TORCH_STAMP):
+	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install -q torch==2.13.0 numpy
+	touch $@
+
+torch-venv: $(TORCH_STAMP)
+
+# All benchmarks -> benchmarks/results/*.json + README.md; BENCH_FLAGS="--quick" or "--only=a,b".
+bench: venv data torch-venv
+	$(PY) -m benchmarks.run $(BENCH_FLAGS)
+
+report: venv
+	$(PY) -m benchmarks.report
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Benchmarks: measured speed, scale and privacy figures written as JSON (see README.md here)."""

@@ -1,0 +1,104 @@
+"""Cost of the key-lock block: training step and forward pass with vs without it, same backbone.
+
+The plain and the locked model are the same zoo backbone (`tfkl.models.build(lock=False/True)`):
+for LeNet the lock adds a normalisation + key-driven affine after conv1; for ResNet-20 it takes the
+place of the stem's BatchNormalization. Both variants are timed in one process, interleaved in
+random order, and each repeat gives a paired ratio locked/plain; we report the ratios' median and
+quartiles (the machine is shared, so absolute times drift; paired ratios cancel most of it).
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from benchmarks import common
+from tfkl import models, training
+
+ARCHITECTURES = ("lenet", "resnet20")
+INPUT_SHAPE = (32, 32, 3)
+BATCH_SIZE = 64
+NUM_CLASSES = 10
+TARGET_OVERHEAD = 0.05
+
+
+def _settings(quick):
+    return {"architectures": list(ARCHITECTURES), "input_shape": list(INPUT_SHAPE), "batch_size": BATCH_SIZE,
+            "num_classes": NUM_CLASSES, "optimizer": "tfkl TorchSGD (lr 0.01, momentum 0.9, Nesterov, wd 5e-4)",
+            "steps_per_block": 2 if quick else 10, "repeats": 3 if quick else 15, "warmup_steps": 2 if quick else 5,
+            "key_dim": 1024, "init": "pytorch"}
+
+
+def _timed_block(step, steps):
+    """Seconds per call of `step` over `steps` calls (the result is fetched, so the work is done)."""
+    start = tf.timestamp()
+    for _ in range(steps):
+        out = step()
+    out.numpy()
+    return float(tf.timestamp() - start) / steps
+
+
+def _interleaved(steps_by_variant, settings, rng):
+    """Per-variant lists of seconds/call, the variants alternating in random order each repeat."""
+    for step in steps_by_variant.values():
+        for _ in range(settings["warmup_steps"]):
+            step().numpy()
+    times = {name: [] for name in steps_by_variant}
+    for _ in range(settings["repeats"]):
+        for name in rng.permutation(list(steps_by_variant)):
+            times[name].append(_timed_block(steps_by_variant[name], settings["steps_per_block"]))
+    return times
+
+
+def measure(architecture, settings, seed=0):
+    """Train-step and forward timings of the plain and locked `architecture`."""
+    rng = np.random.default_rng(seed)
+    images = tf.constant(rng.random((BATCH_SIZE,) + INPUT_SHAPE, dtype=np.float32))
+    labels = tf.constant(rng.integers(0, NUM_CLASSES, BATCH_SIZE))
+    train_steps, forward_steps, params = {}, {}, {}
+    for lock in (False, True):
+        name = "locked" if lock else "plain"
+        model = models.build(architecture, INPUT_SHAPE, NUM_CLASSES, lock=lock, init=settings["init"], seed=seed,
+                             key_dim=settings["key_dim"])
+        trainer = training.Trainer(model)
+        forward = tf.function(lambda x, m=model: m(x, training=False))
+        train_steps[name] = lambda t=trainer: t.train_step(images, labels)
+        forward_steps[name] = lambda f=forward: f(images)
+        params[name] = int(sum(np.prod(v.shape) for v in model.trainable_variables))
+    result = {"trainable_parameters": params}
+    for phase, steps in (("train_step", train_steps), ("forward", forward_steps)):
+        times = _interleaved(steps, settings, rng)
+        ratios = np.asarray(times["locked"]) / np.asarray(times["plain"])
+        result[phase] = {"seconds_plain": common.summarize(times["plain"]),
+                         "seconds_locked": common.summarize(times["locked"]),
+                         "ratio_locked_over_plain": common.summarize(ratios)}
+    return result
+
+
+def run(quick):
+    settings = _settings(quick)
+    tf.keras.utils.set_random_seed(0)
+    results = {arch: measure(arch, settings) for arch in ARCHITECTURES}
+    rows, headline = [], []
+    for arch, r in results.items():
+        for phase in ("train_step", "forward"):
+            ratio = r[phase]["ratio_locked_over_plain"]
+            rows.append([arch, phase, 1e3 * r[phase]["seconds_plain"]["median"],
+                         1e3 * r[phase]["seconds_locked"]["median"], ratio["median"],
+                         f"{ratio['q1']:.3f}-{ratio['q3']:.3f}", 100 * (ratio["median"] - 1), ratio["n"]])
+            if phase == "train_step":
+                overhead = ratio["median"] - 1
+                headline.append({"metric": f"{arch} train-step overhead of the lock", "value": 100 * overhead,
+                                 "unit": "%", "target": f"<= {100 * TARGET_OVERHEAD:.0f} %",
+                                 "met": bool(overhead <= TARGET_OVERHEAD)})
+    table = {"title": f"Key-lock overhead, batch {BATCH_SIZE}, {INPUT_SHAPE[0]}x{INPUT_SHAPE[1]}x{INPUT_SHAPE[2]}",
+             "columns": ["model", "phase", "plain ms (median)", "locked ms (median)", "ratio (median)",
+                         "ratio IQR", "overhead %", "repeats"],
+             "rows": rows}
+    params = [[arch, r["trainable_parameters"]["plain"], r["trainable_parameters"]["locked"]]
+              for arch, r in results.items()]
+    notes = [common.SHARED_MACHINE_NOTE,
+             "Ratio = paired locked/plain time per repeat (the two timed back to back in random order).",
+             "LeNet's plain backbone has no normalisation, so its lock adds a batch normalisation as well as the "
+             "key's two 1024 x 12 matrix-vector products; ResNet-20's lock replaces the stem's BatchNormalization."]
+    return {"settings": settings, "results": results, "headline": headline, "notes": notes,
+            "tables": [table, {"title": "Trainable parameters", "columns": ["model", "plain", "locked"],
+                               "rows": params}]}

@@ -1,0 +1,154 @@
+"""The benchmark runner's conventions and the summary/report generation, on synthetic JSONs."""
+
+import json
+import os
+import subprocess
+import types
+
+from absl import flags
+import pytest
+
+from benchmarks import common, report, run, tables
+from benchmarks import torch_dlg_reference
+
+
+def _payload(value=1.5):
+    return {"settings": {"repeats": 3}, "results": {"ratio": value},
+            "tables": [{"title": "T", "columns": ["a", "b"], "rows": [["x", value]]}],
+            "headline": [{"metric": "speed ratio", "value": value, "unit": "x", "target": ">= 1.0x",
+                          "met": value >= 1}],
+            "notes": ["a note"]}
+
+
+def _write(directory, name, doc):
+    with open(os.path.join(directory, f"{name}.json"), "w") as f:
+        json.dump(doc, f)
+
+
+def test_validate_payload_fills_defaults_and_rejects_bad_payloads():
+    filled = common.validate_payload("b", {"results": {"x": 1}})
+    assert filled == {"settings": {}, "results": {"x": 1}, "tables": [], "headline": [], "notes": []}
+    with pytest.raises(ValueError, match="unknown payload keys"):
+        common.validate_payload("b", {"results": {}, "figures": []})
+    with pytest.raises(ValueError, match="no 'results'"):
+        common.validate_payload("b", {"settings": {}})
+    with pytest.raises(ValueError, match="row of 1 cells"):
+        common.validate_payload("b", {"results": {}, "tables": [{"title": "t", "columns": ["a", "b"], "rows": [[1]]}]})
+    with pytest.raises(TypeError):
+        common.validate_payload("b", [1, 2])
+
+
+def test_write_result_writes_the_envelope(tmp_path):
+    path = common.write_result("demo", _payload(), quick=True, results_dir=str(tmp_path), command="cmd --x",
+                               duration_s=2.04)
+    assert path == os.path.join(str(tmp_path), "demo.json")
+    doc = common.load_results(str(tmp_path))["demo"]
+    assert doc["benchmark"] == "demo" and doc["command"] == "cmd --x" and doc["quick"] is True
+    assert doc["duration_s"] == 2.0 and doc["results"] == {"ratio": 1.5}
+    assert {"cpu", "logical_cpus", "python", "shared_machine"} <= set(doc["machine"])
+    assert doc["git_commit"] and doc["date"].endswith("Z")
+
+
+def test_summarize():
+    stats = common.summarize([4.0, 1.0, 3.0, 2.0])
+    assert stats == {"median": 2.5, "q1": 1.75, "q3": 3.25, "min": 1.0, "max": 4.0, "n": 4}
+
+
+def test_run_in_process_uses_run_and_writes_json(tmp_path, monkeypatch):
+    module = types.SimpleNamespace(run=lambda quick: _payload(2.0 if quick else 3.0))
+    monkeypatch.setattr(run.importlib, "import_module", lambda name: module)
+    path = run.run_in_process("fake", True, str(tmp_path), "python -m benchmarks.run --only=fake --quick")
+    doc = json.load(open(path))
+    assert doc["results"] == {"ratio": 2.0} and doc["command"].endswith("--quick") and doc["duration_s"] is not None
+
+
+def test_run_in_process_rejects_a_module_without_entry_point(tmp_path, monkeypatch):
+    monkeypatch.setattr(run.importlib, "import_module", lambda name: types.SimpleNamespace())
+    with pytest.raises(AttributeError, match="neither run"):
+        run.run_in_process("fake", False, str(tmp_path), "cmd")
+
+
+def test_main_style_module_must_write_its_json(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_subprocess_run(argv, **kwargs):
+        calls.append(argv)
+        if "--quick" not in argv:  # this fake 'module' writes its JSON only in full runs
+            _write(str(tmp_path), "selfwriting", {"benchmark": "selfwriting", "results": {}})
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(run.subprocess, "run", fake_subprocess_run)
+    monkeypatch.setattr(run.importlib, "import_module", lambda name: types.SimpleNamespace(main=lambda: None))
+    assert run.run_in_process("selfwriting", False, str(tmp_path), "cmd").endswith("selfwriting.json")
+    with pytest.raises(RuntimeError, match="did not write"):
+        run.run_in_process("selfwriting", True, str(tmp_path), "cmd")
+    assert calls[0][1:] == ["-m", "benchmarks.selfwriting"]
+    assert calls[1][1:] == ["-m", "benchmarks.selfwriting", "--quick"]
+
+
+def test_runner_skips_absent_modules_and_writes_the_summary(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run, "module_present", lambda name: False)
+    try:
+        flags.FLAGS(["run", "--only=workers,scale", f"--results_dir={tmp_path}"])
+        run.main(["run"])
+    finally:
+        flags.FLAGS.unparse_flags()
+    out = capsys.readouterr().out
+    assert "| workers | skipped | benchmarks/workers.py is not in the tree yet |" in out
+    summary = open(os.path.join(str(tmp_path), tables.SUMMARY_FILE)).read()
+    assert "No benchmark has written a result yet." in summary and "`workers`" in summary
+
+
+def test_summary_lists_headlines_loose_files_and_missing_benchmarks(tmp_path):
+    common.write_result("torch_compare", _payload(0.8), quick=False, results_dir=str(tmp_path), command="c1")
+    _write(str(tmp_path), "central_lenet", {"model": "lenet", "test_accuracy": 0.9})
+    with open(os.path.join(str(tmp_path), "broken.json"), "w") as f:
+        f.write("{not json")
+    path = tables.write_summary(str(tmp_path))
+    text = open(path).read()
+    assert "| torch_compare | speed ratio | 0.8 | x | >= 1.0x (not met) | full, " in text
+    assert "`central_lenet.json`" in text and "Unreadable result files: `broken.json`" in text
+    assert "No result yet: `keylock_overhead`" in text and "Command: `c1`" in text
+
+
+def test_fmt():
+    assert tables.fmt(None) == "–" and tables.fmt(True) == "yes" and tables.fmt(0.000123) == "0.000123"
+    assert tables.fmt(1234.567) == "1234.6" and tables.fmt(1.23456) == "1.235" and tables.fmt("a|b") == "a\\|b"
+    assert tables.fmt({"a": 1, "b": [1, 2]}) == "{a: 1, b: 1, 2}"
+
+
+def test_report_sections_follow_the_files_present(tmp_path):
+    common.write_result("keylock_overhead", _payload(1.02), quick=False, results_dir=str(tmp_path), command="ko")
+    _write(str(tmp_path), "central_lenet_lock_true", {"model": "lenet", "lock": True, "test_accuracy": 0.9})
+    _write(str(tmp_path), "central_lenet_lock_false", {"model": "lenet", "lock": False, "test_accuracy": 0.91})
+    _write(str(tmp_path), "mystery", {"value": 7})
+    out = report.write_report(str(tmp_path), os.path.join(str(tmp_path), "REPORT.md"))
+    text = open(out).read()
+    assert text.index("## Headline figures") < text.index("## Cost of the key-lock block") < text.index("## Other")
+    assert "Command: `ko`" in text and "**T**" in text and "- a note" in text and "Settings: repeats=3." in text
+    assert "Command: `bash scripts/central_baselines.sh`" in text
+    assert "| central_lenet_lock_false | lenet | no | 0.91 |" in text
+    assert "No results yet (`federated_round.json`" in text and "| mystery | 7 |" in text
+
+
+def test_report_assign_claims_each_file_once():
+    docs = {"central_a": {}, "keylock_overhead": {}, "zzz": {}}
+    assigned = report.assign(docs)
+    flat = [name for names in assigned.values() for name in names]
+    assert sorted(flat) == sorted(docs)
+    assert list(assigned)[-1].title == "Other results" and assigned[list(assigned)[-1]] == ["zzz"]
+
+
+def test_compare_with_reference():
+    reference = {"per_image": [{"index": 0, "seconds_to_target": 1.0, "evaluations_to_target": 100, "final_psnr": 75.0},
+                               {"index": 1, "seconds_to_target": None, "evaluations_to_target": None,
+                                "final_psnr": 12.0}],
+                 "success_rate": 0.5}
+    ours = [{"index": 0, "seconds_to_target": 3.0, "evaluations_to_target": 150, "final_psnr": 40.0},
+            {"index": 1, "seconds_to_target": 2.0, "evaluations_to_target": 90, "final_psnr": 31.0}]
+    comparison = torch_dlg_reference.compare_with_reference(reference, ours)
+    assert comparison["median_seconds_ratio"] == 3.0 and comparison["median_evaluations_ratio"] == 1.5
+    assert comparison["per_image"][1]["seconds_to_target_ratio"] is None
+    assert comparison["success_rate_ours"] == 1.0 and comparison["success_rate_reference"] == 0.5
+    with pytest.raises(ValueError, match="not in the reference"):
+        torch_dlg_reference.compare_with_reference(reference, [dict(ours[0], index=9)])
