@@ -13,6 +13,7 @@ run starts from the last complete round and gives the same result as an uninterr
 import asyncio
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ class ProgramError(RuntimeError):
     """A run that cannot start or resume (bad root dir, corrupt state); one-line message."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that defines a training run (the parts that must match to resume it)."""
     algorithm: str = "fedkl"
@@ -95,7 +96,18 @@ class Config:
         return keys_lib.generate_key(self.key_dim, seed=seed)
 
 
+# Fields that change the data or the schedule but not the process's computations.
+_DRIVER_FIELDS = dict(dataset="", data_dir=None, num_clients=1, clients_per_round=1, local_epochs=1, batch_size=1,
+                      split="iid", alpha=1.0, learning_rate=1.0, lr_milestones=(), lr_gamma=1.0, seeded_keys=False)
+
+
 def build_process(config, return_client_updates=False):
+    """The run's process (cached: building traces the model and takes seconds)."""
+    return _build_process(dataclasses.replace(config, **_DRIVER_FIELDS), bool(return_client_updates))
+
+
+@functools.lru_cache(maxsize=4)
+def _build_process(config, return_client_updates):
     builder = algorithms.build_fedkl_process if config.locked else algorithms.build_fedavg_process
     return builder(config.model_fn(), config.client_optimizer(),
                    tff.learning.optimizers.build_sgdm(learning_rate=config.server_learning_rate),
@@ -229,13 +241,12 @@ def train(root_dir, config, options, dataset=None):
     partition = client_partition(config, dataset)
     capture = bool(options.capture_rounds)
     process = build_process(config, return_client_updates=capture)
+    restored = restore(root_dir, config, process)
     server_manager = tff.program.FileProgramStateManager(os.path.join(root_dir, "server"),
                                                          keep_total=options.keep_rounds + 1, keep_first=True)
     store = ClientStore(os.path.join(root_dir, "clients"))
     csv_manager = tff.program.CSVFileReleaseManager(os.path.join(root_dir, "metrics.csv"), key_fieldname="round")
     tensorboard = tff.program.TensorBoardReleaseManager(os.path.join(root_dir, "tensorboard"))
-
-    restored = restore(root_dir, config, process)
     if restored is None:
         server_state = process.initialize()
         client_states = {str(c): process.initial_client_state(config.client_key(c) if config.locked else None)

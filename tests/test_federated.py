@@ -1,0 +1,249 @@
+"""FedKL/FedAvg in TFF: nothing private leaves a client (types and values), faults, resume."""
+
+import collections
+import glob
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+import tfkl
+from tff_programs import contexts
+from tfkl import capture as capture_lib
+from tfkl import data, models, optimizers, training
+from tfkl.federated import algorithms, program, simulation
+from tfkl.federated.client_store import ClientStore
+
+SHAPE = (16, 16, 1)
+KEY_DIM = 16  # a key length no shared variable has, so private shapes are recognisable
+
+
+@pytest.fixture(scope="module", autouse=True)
+def context():
+    contexts.install_context()
+    yield
+    contexts.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    full = data.load("digits")
+    rng = np.random.default_rng(0)
+    train, test = rng.permutation(len(full.y_train))[:120], rng.permutation(len(full.y_test))[:60]
+    return data.Dataset("digits", full.x_train[train], full.y_train[train], full.x_test[test], full.y_test[test], 10)
+
+
+def make_config(**overrides):
+    options = dict(input_shape=SHAPE, num_clients=3, clients_per_round=3, batch_size=16, learning_rate=0.05,
+                   key_dim=KEY_DIM, seeded_keys=True, seed=1)
+    options.update(overrides)
+    return program.Config(**options)
+
+
+def aggregated_types(computation):
+    """The types of every CLIENTS-placed value an intrinsic turns into a SERVER-placed one."""
+    found = []
+
+    def clients_members(type_spec):
+        if isinstance(type_spec, tff.FederatedType):
+            return [type_spec.member] if type_spec.placement is tff.CLIENTS else []
+        if isinstance(type_spec, tff.StructType):
+            return [m for _, t in tff.structure.iter_elements(type_spec) for m in clients_members(t)]
+        return []
+
+    def visit(block):
+        if isinstance(block, tff.framework.Intrinsic):
+            signature = block.type_signature
+            result = signature.result
+            if isinstance(result, tff.FederatedType) and result.placement is tff.SERVER and signature.parameter:
+                found.extend((block.uri, m) for m in clients_members(signature.parameter))
+        for child in block.children():
+            visit(child)
+
+    visit(computation.to_building_block())
+    return found
+
+
+def tensor_shapes(type_spec):
+    if isinstance(type_spec, tff.TensorType):
+        return [tuple(type_spec.shape)]
+    if isinstance(type_spec, tff.FederatedType):
+        return tensor_shapes(type_spec.member)
+    return [s for _, t in tff.structure.iter_elements(type_spec) for s in tensor_shapes(t)]
+
+
+def test_type_signature_only_shared_update_reaches_server():
+    config = make_config()
+    process = program.build_process(config, return_client_updates=True)
+    model = config.model_fn()()
+    private_shapes = [tuple(v.shape) for v in tfkl.private_variables(model)]
+    shared_shapes = [tuple(v.shape) for v in tfkl.shared_variables(model)]
+    assert (KEY_DIM,) in private_shapes and (KEY_DIM, 12) in private_shapes
+
+    crossing = aggregated_types(process.next)
+    assert crossing and {uri for uri, _ in crossing} == {"federated_sum"}
+    crossing_shapes = [s for _, member in crossing for s in tensor_shapes(member)]
+    # Exactly the shared variables (update) plus scalars (weight, metrics): the lock's biases,
+    # shaped like the conv biases, are not among them either.
+    assert sorted(s for s in crossing_shapes if s) == sorted(shared_shapes)
+    server_state, _, metrics, _ = process.next.type_signature.result
+    assert metrics.placement is tff.SERVER and not [s for s in tensor_shapes(metrics) if s]
+    for state in (server_state, process.initialize.type_signature.result):
+        assert state.placement is tff.SERVER
+        assert sorted(s for s in tensor_shapes(state) if s) == sorted(shared_shapes)
+
+
+def _contains(secret, arrays):
+    secret = np.asarray(secret).ravel()
+    return any(np.isin(secret, np.asarray(a).ravel()).any() for a in arrays)
+
+
+def test_values_server_state_aggregate_and_captures_hold_no_secret(digits, tmp_path):
+    config = make_config()
+    metrics = program.train(str(tmp_path), config, program.RunOptions(rounds=2, capture_rounds=("all",),
+                                                                     progress=False), dataset=digits)
+    assert metrics["clients_accepted"] == 3
+    process = program.build_process(config)
+    server_state, client_states, round_num = program.restore(str(tmp_path), config, process)
+    assert round_num == 2
+    secrets = [a for s in client_states.values() for a in s["key"] + s["lock"]]
+    assert len(secrets) == 3 * 5
+    server_arrays = [np.asarray(a) for a in tf.nest.flatten(server_state)]
+    captures = [capture_lib.load_capture(p) for p in sorted(glob.glob(str(tmp_path / "captures" / "*.npz")))]
+    assert len(captures) == 6
+    captured = [a for c in captures for a in c.global_weights + c.update]
+    # The aggregate the server applied in round 2: the new global weights minus the ones it sent.
+    layout = simulation.SharedLayout(config.model_fn()(), process.parts)
+    new_global = layout.flatten(server_state["trainable"], server_state["non_trainable"])
+    aggregate = [n - g for n, g in zip(new_global, captures[-1].global_weights)]
+    assert any(np.abs(a).sum() > 0 for a in aggregate)
+    for secret in secrets:
+        assert not _contains(secret, server_arrays)
+        assert not _contains(secret, captured)
+        assert not _contains(secret, aggregate)
+    for path in glob.glob(str(tmp_path / "server" / "**" / "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                blob = f.read()
+            for state in client_states.values():
+                assert state["key"][0].astype("<f4").tobytes()[:32] not in blob
+    meta = captures[0].meta
+    assert meta["lock"] is True and meta["ground_truth"]["client_index"] == int(meta["client_id"])
+    assert meta["num_steps"] == int(np.ceil(meta["num_examples"] / config.batch_size))
+
+
+def test_one_client_round_equals_central_training(digits):
+    """The TFF round's client work is the central Trainer's epoch (same key, data order, optimizer)."""
+    model_fn = lambda: models.build("lenet", SHAPE, 10, lock=True, seed=3, key_dim=KEY_DIM)  # noqa: E731
+    optimizer = optimizers.TorchSGD(0.05)
+    process = algorithms.build_fedkl_process(model_fn, optimizer)
+    key = tfkl.generate_key(KEY_DIM, seed=5)
+    dataset = data.make_dataset(digits.x_train[:50], digits.y_train[:50], SHAPE, 16)
+    server_state = process.initialize()
+    server_state, states, metrics, _ = process.next(server_state, np.float32(0.05), [dataset],
+                                                    [process.initial_client_state(key)])
+    model = model_fn()
+    tfkl.set_key(model, key)
+    trainer = training.Trainer(model, optimizer)
+    trainer.fit_epoch(dataset)
+    shared_t, shared_n, _, lock = process.parts.split(model)
+    for got, want in zip(list(server_state["trainable"]) + list(server_state["non_trainable"]) + states[0]["lock"],
+                         shared_t + shared_n + lock):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-6)
+    for got, want in zip(states[0]["optimizer"], trainer.buffers):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-6)
+    assert metrics["num_examples"] == 50
+
+
+def test_fedavg_baseline_has_no_private_state_but_momentum(digits, tmp_path):
+    config = make_config(algorithm="fedavg")
+    metrics = program.train(str(tmp_path), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
+    assert metrics["clients_accepted"] == 3 and np.isfinite(metrics["loss"])
+    _, client_states, _ = program.restore(str(tmp_path), config, program.build_process(config))
+    state = client_states["0"]
+    assert not state["key"] and not state["lock"] and len(state["optimizer"]) == 8
+    assert any(np.abs(b).sum() > 0 for b in state["optimizer"])
+
+
+def test_sampling_and_private_state_with_many_clients(digits, tmp_path):
+    config = make_config(num_clients=20, clients_per_round=4, split="dirichlet")
+    program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
+    initial = ClientStore(str(tmp_path / "clients")).load(0, KEY_DIM)
+    final = ClientStore(str(tmp_path / "clients")).load(2, KEY_DIM)
+    changed = {c for c in final if any(not np.array_equal(a, b) for a, b in zip(final[c]["lock"], initial[c]["lock"]))}
+    sampled = set(simulation.sample_clients(20, 4, config.seed, 1)) | set(simulation.sample_clients(20, 4, config.seed, 2))
+    assert changed == sampled and 4 <= len(changed) <= 8
+    assert len({final[c]["key"][0].tobytes() for c in final}) == 20
+    for cid in final:
+        assert os.stat(tmp_path / "clients" / cid / "key").st_mode & 0o777 == 0o600
+
+
+def test_nan_update_rejected_and_dropout_tolerated(digits, tmp_path):
+    config = make_config()
+    options = program.RunOptions(rounds=2, inject_nan=((1, "1"),), inject_failure=((2, "2"),), progress=False)
+    program.train(str(tmp_path), config, options, dataset=digits)
+    rows = list(np.genfromtxt(tmp_path / "metrics.csv", delimiter=",", names=True))
+    assert (rows[0]["clients_rejected"], rows[0]["clients_accepted"]) == (1, 2)
+    assert (rows[1]["clients_dropped"], rows[1]["clients_accepted"]) == (1, 2)
+    process = program.build_process(config)
+    server_state, states, _ = program.restore(str(tmp_path), config, process)
+    assert all(np.isfinite(a).all() for a in tf.nest.flatten(server_state))
+    initial = ClientStore(str(tmp_path / "clients")).load(0, KEY_DIM)
+    after_round_1 = ClientStore(str(tmp_path / "clients")).load(1, KEY_DIM)
+    # The rejected client keeps its previous state; the others moved on.
+    assert all(np.array_equal(a, b) for a, b in zip(after_round_1["1"]["lock"], initial["1"]["lock"]))
+    assert not all(np.array_equal(a, b) for a, b in zip(after_round_1["0"]["lock"], initial["0"]["lock"]))
+
+
+def test_resume_equals_uninterrupted_run(digits, tmp_path):
+    config = make_config()
+    program.train(str(tmp_path / "full"), config, program.RunOptions(rounds=3, progress=False), dataset=digits)
+    program.train(str(tmp_path / "resumed"), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
+    program.train(str(tmp_path / "resumed"), config, program.RunOptions(rounds=3, progress=False), dataset=digits)
+    process = program.build_process(config)
+    full = program.restore(str(tmp_path / "full"), config, process)
+    resumed = program.restore(str(tmp_path / "resumed"), config, process)
+    assert full[2] == resumed[2] == 3
+    for a, b in zip(tf.nest.flatten(full[0]), tf.nest.flatten(resumed[0])):
+        np.testing.assert_array_equal(a, b)
+    for cid in full[1]:
+        for a, b in zip(tf.nest.flatten(full[1][cid]), tf.nest.flatten(resumed[1][cid])):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_other_runs_root_dir_and_corrupt_state_refused(digits, tmp_path):
+    config = make_config()
+    program.train(str(tmp_path), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
+    snapshot = {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "**"), recursive=True) if os.path.isfile(p)}
+    with pytest.raises(program.ProgramError, match="another run"):
+        program.train(str(tmp_path), make_config(batch_size=8), program.RunOptions(rounds=2, progress=False),
+                      dataset=digits)
+    state_file = tmp_path / "clients" / "1" / "state_00001.npz"
+    state_file.write_bytes(state_file.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(program.ProgramError, match="corrupt"):
+        program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
+    (tmp_path / "clients" / "1" / "key").write_bytes(b"garbage")
+    state_file.write_bytes(snapshot[str(state_file)])
+    with pytest.raises(program.ProgramError, match="key file"):
+        program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
+    (tmp_path / "clients" / "1" / "key").write_bytes(snapshot[str(tmp_path / "clients" / "1" / "key")])
+    os.remove(state_file)
+    with pytest.raises(program.ProgramError, match="missing"):
+        program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
+    state_file.write_bytes(snapshot[str(state_file)])
+    after = {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "**"), recursive=True) if os.path.isfile(p)}
+    assert after == snapshot  # nothing was overwritten by the refused runs
+
+
+def test_client_state_round_trip_keeps_structure(tmp_path):
+    store = ClientStore(str(tmp_path))
+    state = collections.OrderedDict(key=[tfkl.generate_key(4, seed=0)], lock=[np.ones((4, 2), np.float32)],
+                                    optimizer=[], statistics=[np.zeros(2, np.float32)])
+    store.save(3, {"0": state}, changed={"0"})
+    loaded = store.load(3, 4)["0"]
+    assert list(loaded) == ["key", "lock", "optimizer", "statistics"]
+    for a, b in zip(tf.nest.flatten(loaded), tf.nest.flatten(state)):
+        np.testing.assert_array_equal(a, b)
+    assert store.rounds() == [3]

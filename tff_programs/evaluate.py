@@ -1,0 +1,76 @@
+"""The accuracy matrix of a federated run (FedKL: who can use the model with which secret).
+
+  python -m tff_programs.evaluate --root_dir=runs/fedkl
+
+Prints the matrix and writes it as JSON (default root_dir/evaluation.json). For a FedAvg run it
+reports the global model's accuracy. Accuracies are measured on the test split minus the part
+held out as the lock-recovery attacker's public data.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from tff_programs import common
+from tff_programs import contexts
+from tfkl.federated import evaluation, program
+
+_ROOT_DIR = flags.DEFINE_string("root_dir", None, "Root dir of a training run.")
+_ROUND = flags.DEFINE_integer("round", None, "Round to evaluate (default: the last complete one).", lower_bound=0)
+_PUBLIC_SIZES = flags.DEFINE_list("public_sizes", ["100", "1000"], "Public labelled examples of the "
+                                  "lock-recovery attacker.")
+_MAX_CLIENTS = flags.DEFINE_integer("max_clients", 10, "Clients evaluated (the first ones by id).", lower_bound=1)
+_RECOVERY_STEPS = flags.DEFINE_integer("recovery_steps", 300, "Fine-tuning steps of the lock-recovery attacker.",
+                                       lower_bound=1)
+_SEED = flags.DEFINE_integer("eval_seed", 0, "Seed of the public/evaluation cut, random keys and fine-tuning.")
+_OUT = flags.DEFINE_string("out", None, "JSON output (default root_dir/evaluation.json).")
+
+flags.mark_flag_as_required("root_dir")
+flags.register_validator("public_sizes", lambda v: all(s.isdigit() and int(s) > 0 for s in v),
+                         "--public_sizes must be positive integers")
+
+
+def format_matrix(result):
+    """A readable table of an evaluation result."""
+    lines = [f"{result['algorithm']} {result['model']} {result['dataset']}, round {result['round']}, "
+             f"{result['evaluation_examples']} evaluation examples"]
+    if "global" in result:
+        return "\n".join(lines + [f"  global model: {result['global']:.4f}"])
+    for name in ("a_own_key_and_lock", "b_own_lock_random_key", "c_own_lock_other_key", "c_other_key_and_lock"):
+        per_client = " ".join(f"{v:.3f}" for v in result[name]["per_client"].values())
+        lines.append(f"  {name:32s} mean {result[name]['mean']:.4f}  [{per_client}]")
+    for name in ("d_global_zero_lock", "d_global_fresh_lock_random_key"):
+        lines.append(f"  {name:32s} {result[name]:.4f}")
+    for size, entry in result["e_lock_recovery"].items():
+        lines.append(f"  {'e_lock_recovery_' + size:32s} {entry['accuracy']:.4f}  ({entry['examples']} examples, "
+                     f"{entry['steps']} steps)")
+    return "\n".join(lines)
+
+
+def main(argv):
+    common.check_no_positional_args(argv)
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if not os.path.isdir(_ROOT_DIR.value):
+        common.fail(f"--root_dir {_ROOT_DIR.value} does not exist")
+    contexts.install_context()
+    try:
+        result = evaluation.evaluate(_ROOT_DIR.value, _ROUND.value, tuple(int(s) for s in _PUBLIC_SIZES.value),
+                                     _MAX_CLIENTS.value, _RECOVERY_STEPS.value, _SEED.value)
+    except program.ProgramError as e:
+        common.fail(str(e))
+    finally:
+        contexts.shutdown()
+    print(format_matrix(result))
+    out = _OUT.value or os.path.join(_ROOT_DIR.value, "evaluation.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

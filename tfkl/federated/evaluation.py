@@ -1,0 +1,140 @@
+"""The honest evaluation of a FedKL run: who can use the trained model, with which secret.
+
+The test split is cut once (seeded) into a public part an attacker may hold (for lock recovery)
+and the evaluation part every accuracy is measured on, so the two never overlap.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tfkl import data as data_lib
+from tfkl import keys as keys_lib
+from tfkl.federated import program
+from tfkl.training import accuracy, classification_loss
+
+ENTRIES = {
+    "a_own_key_and_lock": "each client: global shared weights + its own key and lock weights (the paper's FedKL accuracy)",
+    "b_own_lock_random_key": "each client's own lock weights under a fresh random key",
+    "c_own_lock_other_key": "each client's own lock weights under the next client's key",
+    "c_other_key_and_lock": "the next client's key and lock weights in this client's model (same as that client's "
+                            "model unless statistics are kept local)",
+    "d_global_zero_lock": "the global model alone as the server holds it: lock weights zero (gamma = beta = 0), "
+                          "any key",
+    "d_global_fresh_lock_random_key": "the global model alone with freshly initialised lock weights and a random key",
+    "e_lock_recovery": "an attacker holding the global model fine-tunes the lock layers (fresh init, random key) "
+                       "on N public labelled test examples (held out from the evaluation examples)",
+}
+
+
+def split_test(dataset, public_size, seed):
+    """(public indices, evaluation indices) of the test split; the public part is at most half of it."""
+    order = np.random.default_rng([int(seed), 0x7E57]).permutation(len(dataset.y_test))
+    public_size = min(int(public_size), len(order) // 2)
+    return order[:public_size], order[public_size:]
+
+
+class _Evaluator:
+    def __init__(self, config, process, server_state):
+        self.config = config
+        self.model = config.model_fn()()
+        self.parts = process.parts
+        shared_t, shared_n, self.key_vars, self.lock_vars = self.parts.split(self.model)
+        for variable, value in zip(shared_t, server_state["trainable"]):
+            variable.assign(value)
+        self.statistics_vars = shared_n
+        self.global_statistics = [np.asarray(v) for v in server_state["non_trainable"]]
+        self.set_statistics(self.global_statistics)
+
+    def set_statistics(self, values):
+        for variable, value in zip(self.statistics_vars, values):
+            variable.assign(value)
+
+    def set_secret(self, key, lock):
+        for variable, value in zip(self.key_vars + self.lock_vars, [key] + list(lock)):
+            variable.assign(value)
+
+    def use_client(self, state):
+        self.set_statistics(state["statistics"] or self.global_statistics)
+
+    def accuracy(self, dataset):
+        return float(accuracy(self.model, dataset))
+
+
+def _recover_lock(evaluator, images, labels, input_shape, steps, seed, learning_rate=0.01, batch_size=32):
+    """Fine-tunes the lock layers (inference-mode statistics) on a small labelled set; returns them."""
+    model = evaluator.model
+    optimizer = tf.keras.optimizers.Adam(learning_rate)
+    loss_fn = classification_loss()
+    dataset = data_lib.make_dataset(images, labels, input_shape, min(batch_size, len(labels)), shuffle_seed=seed,
+                                    repeat=None)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=False))
+        gradients = tape.gradient(loss, evaluator.lock_vars)
+        optimizer.apply_gradients(zip(gradients, evaluator.lock_vars))
+        return loss
+
+    for x, y in dataset.take(steps):
+        step(x, y)
+
+
+def evaluate(root_dir, round_num=None, public_sizes=(100, 1000), max_clients=10, recovery_steps=300, seed=0,
+             dataset=None):
+    """The accuracy matrix of a run's (last complete, or given) round, as a JSON-ready dict."""
+    config = program.load_config(root_dir)
+    dataset = dataset or data_lib.load(config.dataset, config.data_dir)
+    process = program.build_process(config)
+    restored = program.restore(root_dir, config, process, round_num)
+    if restored is None:
+        raise program.ProgramError(f"{root_dir} has no complete round to evaluate")
+    server_state, client_states, round_num = restored
+    public, held_out = split_test(dataset, max(public_sizes), seed)
+    shape = tuple(config.input_shape)
+    eval_ds = data_lib.make_dataset(dataset.x_test[held_out], dataset.y_test[held_out], shape, 256)
+    result = dict(root_dir=root_dir, round=round_num, algorithm=config.algorithm, model=config.model,
+                  dataset=config.dataset, num_clients=config.num_clients, evaluation_examples=int(len(held_out)),
+                  public_examples=int(len(public)))
+    tf.keras.utils.set_random_seed(seed)
+    evaluator = _Evaluator(config, process, server_state)
+    if not config.locked:
+        result["global"] = evaluator.accuracy(eval_ds)
+        return result
+
+    client_ids = sorted(client_states, key=int)[:max_clients]
+    result.update(evaluated_clients=client_ids, descriptions=ENTRIES)
+    rows = {name: {} for name in ("a_own_key_and_lock", "b_own_lock_random_key", "c_own_lock_other_key",
+                                  "c_other_key_and_lock")}
+    for index, cid in enumerate(client_ids):
+        state = client_states[cid]
+        other = client_states[client_ids[(index + 1) % len(client_ids)]]
+        random_key = keys_lib.generate_key(config.key_dim, seed=[seed, 1, int(cid)])
+        evaluator.use_client(state)
+        for name, key, lock in (("a_own_key_and_lock", state["key"][0], state["lock"]),
+                                ("b_own_lock_random_key", random_key, state["lock"]),
+                                ("c_own_lock_other_key", other["key"][0], state["lock"]),
+                                ("c_other_key_and_lock", other["key"][0], other["lock"])):
+            evaluator.set_secret(key, lock)
+            rows[name][cid] = evaluator.accuracy(eval_ds)
+    for name, values in rows.items():
+        result[name] = dict(mean=float(np.mean(list(values.values()))), per_client=values)
+
+    evaluator.set_statistics(evaluator.global_statistics)
+    random_key = keys_lib.generate_key(config.key_dim, seed=[seed, 2])
+    evaluator.set_secret(random_key, [np.zeros(v.shape, np.float32) for v in evaluator.lock_vars])
+    result["d_global_zero_lock"] = evaluator.accuracy(eval_ds)
+    fresh_lock = [v.numpy() for v in process.parts.split(config.model_fn()())[3]]
+    evaluator.set_secret(random_key, fresh_lock)
+    result["d_global_fresh_lock_random_key"] = evaluator.accuracy(eval_ds)
+
+    recovery = {}
+    for size in public_sizes:
+        usable = public[:min(int(size), len(public))]
+        evaluator.set_secret(random_key, fresh_lock)
+        _recover_lock(evaluator, dataset.x_test[usable], dataset.y_test[usable], shape, recovery_steps, seed)
+        recovery[str(int(size))] = dict(examples=int(len(usable)), steps=int(recovery_steps),
+                                        accuracy=evaluator.accuracy(eval_ds))
+    result["e_lock_recovery"] = recovery
+    return result
+
