@@ -29,6 +29,7 @@ _SEED = flags.DEFINE_integer("eval_seed", 0, "Seed of the public/evaluation cut,
 _OUT = flags.DEFINE_string("out", None, "JSON output (default root_dir/evaluation.json).")
 
 flags.mark_flag_as_required("root_dir")
+program.ignore_tff_exit_noise()
 flags.register_validator("public_sizes", lambda v: all(s.isdigit() and int(s) > 0 for s in v),
                          "--public_sizes must be positive integers")
 

@@ -58,6 +58,7 @@ _INJECT_NAN = flags.DEFINE_list("inject_nan", [], "Fault injection: ROUND:CLIENT
 _INJECT_FAILURE = flags.DEFINE_list("inject_failure", [], "Fault injection: ROUND:CLIENT pairs that drop out.")
 
 flags.mark_flag_as_required("root_dir")
+program.ignore_tff_exit_noise()
 
 
 def _parse_int_list(values):

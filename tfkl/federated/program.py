@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import time
 
 import numpy as np
@@ -31,6 +32,21 @@ from tfkl.federated.client_store import ClientStateError, ClientStore
 
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
+
+
+def ignore_tff_exit_noise():
+    """Hides TFF 0.87's `ServiceManager.__del__` AttributeError printed at interpreter exit.
+
+    It is harmless (the binaries stop their TFF workers with contexts.shutdown()) but would turn a
+    one-line error into a traceback. Other unraisable exceptions are reported as before.
+    """
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if "ServiceManager.__del__" not in getattr(unraisable.object, "__qualname__", ""):
+            default_hook(unraisable)
+
+    sys.unraisablehook = hook
 
 
 class ProgramError(RuntimeError):

@@ -1,0 +1,120 @@
+"""The train/evaluate binaries as a user runs them: bad input gives one error line; kill -9 and resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tff_programs import contexts
+from tfkl.federated import program
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = ["--dataset=digits", "--num_clients=3", "--batch_size=32", "--learning_rate=0.05", "--seeded_keys",
+         "--seed=2"]
+
+
+def run(module, *args, log=None, **kwargs):
+    """Starts a binary in its own process group, output to a file (TFF workers may hold pipes open)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    out = open(log, "w")
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+
+
+def finish(process, timeout=300):
+    try:
+        return process.wait(timeout)
+    finally:
+        kill_group(process)
+
+
+def kill_group(process):
+    """SIGKILLs the binary and the TFF worker it started (same process group), by that group's id."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def error_lines(log):
+    with open(log) as f:
+        return [line for line in f.read().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_clients=0"], "num_clients"),
+    pytest.param(["--clients_per_round=5", "--num_clients=3"], "cannot exceed", marks=pytest.mark.slow),
+    pytest.param(["--inject_nan=x"], "ROUND:CLIENT", marks=pytest.mark.slow),
+    pytest.param(["--learning_rate=-1"], "positive", marks=pytest.mark.slow),
+])
+def test_bad_flags_give_one_error_line(tmp_path, args, message):
+    log = str(tmp_path / "log")
+    assert finish(run("tff_programs.train", f"--root_dir={tmp_path / 'run'}", *args, log=log)) != 0
+    lines = error_lines(log)
+    assert any(message in line for line in lines) and not any("Traceback" in line for line in lines)
+    assert len([line for line in lines if "rror" in line]) == 1
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_binaries_refuse_other_runs_root_dir_and_corrupt_state(tmp_path):
+    root = str(tmp_path / "run")
+    assert finish(run("tff_programs.train", f"--root_dir={root}", "--rounds=1", *TRAIN, log=str(tmp_path / "a"))) == 0
+    before = sorted(os.listdir(root))
+    log = str(tmp_path / "b")
+    assert finish(run("tff_programs.train", f"--root_dir={root}", "--rounds=2", "--model=resnet20", *TRAIN,
+                      log=log)) == 1
+    assert error_lines(log) == [f"error: {root} holds another run (model: 'lenet' there, 'resnet20' here); "
+                                "use a new --root_dir"]
+    assert sorted(os.listdir(root)) == before
+    with open(os.path.join(root, "clients", "0", "key"), "r+b") as f:
+        f.seek(20)
+        f.write(b"\x00\x01")
+    log = str(tmp_path / "c")
+    assert finish(run("tff_programs.evaluate", f"--root_dir={root}", log=log)) == 1
+    assert len(error_lines(log)) == 1 and "corrupt" in error_lines(log)[0]
+
+
+@pytest.fixture
+def tff_context():
+    contexts.install_context()
+    yield
+    contexts.shutdown()
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path, tff_context):
+    rounds = 6
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    assert finish(run("tff_programs.train", f"--root_dir={full}", f"--rounds={rounds}", *TRAIN,
+                      log=str(tmp_path / "full.log"))) == 0
+    for attempt, wait_rows in enumerate((2, 4)):
+        process = run("tff_programs.train", f"--root_dir={killed}", f"--rounds={rounds}", *TRAIN,
+                      log=str(tmp_path / f"killed{attempt}.log"))
+        metrics = os.path.join(killed, "metrics.csv")
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            if os.path.exists(metrics) and sum(1 for _ in open(metrics)) > wait_rows:
+                break
+            time.sleep(0.05)
+        time.sleep(0.1 * attempt)  # at a different point of the round each time
+        assert process.poll() is None, "the run ended before it could be killed"
+        kill_group(process)
+    assert finish(run("tff_programs.train", f"--root_dir={killed}", f"--rounds={rounds}", *TRAIN,
+                      log=str(tmp_path / "resumed.log"))) == 0
+    config = program.load_config(full)
+    assert program.load_config(killed) == config
+    process = program.build_process(config)
+    a, b = program.restore(full, config, process), program.restore(killed, config, process)
+    assert a[2] == b[2] == rounds
+    for x, y in zip(tf.nest.flatten(a[0]), tf.nest.flatten(b[0])):
+        np.testing.assert_array_equal(x, y)
+    for cid in a[1]:
+        for x, y in zip(tf.nest.flatten(a[1][cid]), tf.nest.flatten(b[1][cid])):
+            np.testing.assert_array_equal(x, y)
