@@ -247,3 +247,21 @@ def test_client_state_round_trip_keeps_structure(tmp_path):
     for a, b in zip(tf.nest.flatten(loaded), tf.nest.flatten(state)):
         np.testing.assert_array_equal(a, b)
     assert store.rounds() == [3]
+
+
+def test_evaluation_matrix(digits, tmp_path):
+    from tfkl.federated import evaluation
+    config = make_config()
+    program.train(str(tmp_path), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
+    result = evaluation.evaluate(str(tmp_path), public_sizes=(10, 20), recovery_steps=3, dataset=digits)
+    assert result["round"] == 1 and result["public_examples"] == 20 and result["evaluation_examples"] == 40
+    for name in ("a_own_key_and_lock", "b_own_lock_random_key", "c_own_lock_other_key", "c_other_key_and_lock"):
+        assert set(result[name]["per_client"]) == {"0", "1", "2"}
+        assert 0 <= result[name]["mean"] <= 1
+    # Zero lock weights make gamma = beta = 0: a constant prediction, at most the top class's share.
+    _, held_out = evaluation.split_test(digits, 20, 0)
+    top_share = np.bincount(digits.y_test[held_out]).max() / len(held_out)
+    assert result["d_global_zero_lock"] <= top_share + 1e-9
+    assert set(result["e_lock_recovery"]) == {"10", "20"}
+    assert result["e_lock_recovery"]["20"]["examples"] == 20
+    assert "a_own_key_and_lock" in evaluation.format_matrix(result)

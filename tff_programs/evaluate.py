@@ -34,23 +34,6 @@ flags.register_validator("public_sizes", lambda v: all(s.isdigit() and int(s) > 
                          "--public_sizes must be positive integers")
 
 
-def format_matrix(result):
-    """A readable table of an evaluation result."""
-    lines = [f"{result['algorithm']} {result['model']} {result['dataset']}, round {result['round']}, "
-             f"{result['evaluation_examples']} evaluation examples"]
-    if "global" in result:
-        return "\n".join(lines + [f"  global model: {result['global']:.4f}"])
-    for name in ("a_own_key_and_lock", "b_own_lock_random_key", "c_own_lock_other_key", "c_other_key_and_lock"):
-        per_client = " ".join(f"{v:.3f}" for v in result[name]["per_client"].values())
-        lines.append(f"  {name:32s} mean {result[name]['mean']:.4f}  [{per_client}]")
-    for name in ("d_global_zero_lock", "d_global_fresh_lock_random_key"):
-        lines.append(f"  {name:32s} {result[name]:.4f}")
-    for size, entry in result["e_lock_recovery"].items():
-        lines.append(f"  {'e_lock_recovery_' + size:32s} {entry['accuracy']:.4f}  ({entry['examples']} examples, "
-                     f"{entry['steps']} steps)")
-    return "\n".join(lines)
-
-
 def main(argv):
     common.check_no_positional_args(argv)
     if not flags.FLAGS["verbosity"].present:
@@ -65,7 +48,7 @@ def main(argv):
         common.fail(str(e))
     finally:
         contexts.shutdown()
-    print(format_matrix(result))
+    print(evaluation.format_matrix(result))
     out = _OUT.value or os.path.join(_ROOT_DIR.value, "evaluation.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

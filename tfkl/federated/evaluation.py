@@ -138,3 +138,19 @@ def evaluate(root_dir, round_num=None, public_sizes=(100, 1000), max_clients=10,
     result["e_lock_recovery"] = recovery
     return result
 
+
+def format_matrix(result):
+    """A readable table of an evaluation result."""
+    lines = [f"{result['algorithm']} {result['model']} {result['dataset']}, round {result['round']}, "
+             f"{result['evaluation_examples']} evaluation examples"]
+    if "global" in result:
+        return "\n".join(lines + [f"  global model: {result['global']:.4f}"])
+    for name in ("a_own_key_and_lock", "b_own_lock_random_key", "c_own_lock_other_key", "c_other_key_and_lock"):
+        per_client = " ".join(f"{v:.3f}" for v in result[name]["per_client"].values())
+        lines.append(f"  {name:32s} mean {result[name]['mean']:.4f}  [{per_client}]")
+    for name in ("d_global_zero_lock", "d_global_fresh_lock_random_key"):
+        lines.append(f"  {name:32s} {result[name]:.4f}")
+    for size, entry in result["e_lock_recovery"].items():
+        lines.append(f"  {'e_lock_recovery_' + size:32s} {entry['accuracy']:.4f}  ({entry['examples']} examples, "
+                     f"{entry['steps']} steps)")
+    return "\n".join(lines)
