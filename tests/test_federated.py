@@ -265,3 +265,32 @@ def test_evaluation_matrix(digits, tmp_path):
     assert set(result["e_lock_recovery"]) == {"10", "20"}
     assert result["e_lock_recovery"]["20"]["examples"] == 20
     assert "a_own_key_and_lock" in evaluation.format_matrix(result)
+
+
+def test_local_statistics_and_fresh_optimizer_options(digits, tmp_path):
+    config = make_config(statistics="local", persist_optimizer_state=False, client_weighting="uniform")
+    program.train(str(tmp_path), config, program.RunOptions(rounds=1, capture_rounds=(1,), progress=False),
+                  dataset=digits)
+    process = program.build_process(config)
+    server_state, states, _ = program.restore(str(tmp_path), config, process)
+    initial_server = process.initialize()
+    # Kept-local statistics never reach the server: its copy stays at the initial values.
+    for now, before in zip(server_state["non_trainable"], initial_server["non_trainable"]):
+        np.testing.assert_array_equal(now, before)
+    assert not states["0"]["optimizer"] and len(states["0"]["statistics"]) == 2
+    assert not np.array_equal(states["0"]["statistics"][0], states["1"]["statistics"][0])
+    capture = capture_lib.load_capture(glob.glob(str(tmp_path / "captures" / "*.npz"))[0])
+    assert capture.meta["optimizer_state"] == "fresh" and capture.meta["statistics"] == "local"
+    assert all(not np.any(u) for u, t in zip(capture.update, capture.meta["trainable"]) if not t)
+
+
+def test_learning_rate_schedule_reaches_the_clients(digits, tmp_path):
+    config = make_config(lr_milestones=(1,), lr_gamma=0.2)
+    assert [config.round_learning_rate(r) for r in (1, 2, 3)] == pytest.approx([0.05, 0.01, 0.01])
+    program.train(str(tmp_path), config, program.RunOptions(rounds=2, capture_rounds=("all",), progress=False),
+                  dataset=digits)
+    rates = {capture_lib.load_capture(p).meta["round"]: capture_lib.load_capture(p).meta["learning_rate"]
+             for p in glob.glob(str(tmp_path / "captures" / "*.npz"))}
+    assert rates == pytest.approx({1: 0.05, 2: 0.01})
+    rows = np.genfromtxt(tmp_path / "metrics.csv", delimiter=",", names=True)
+    assert list(rows["learning_rate"]) == pytest.approx([0.05, 0.01])
