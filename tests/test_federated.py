@@ -294,3 +294,16 @@ def test_learning_rate_schedule_reaches_the_clients(digits, tmp_path):
     assert rates == pytest.approx({1: 0.05, 2: 0.01})
     rows = np.genfromtxt(tmp_path / "metrics.csv", delimiter=",", names=True)
     assert list(rows["learning_rate"]) == pytest.approx([0.05, 0.01])
+
+
+def test_bad_split_and_foreign_directory_refused(digits, tmp_path):
+    with pytest.raises(program.ProgramError, match="cannot split"):
+        program.train(str(tmp_path / "a"), make_config(num_clients=100, split="shards"),
+                      program.RunOptions(rounds=1, progress=False), dataset=digits)
+    assert not os.path.exists(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    with pytest.raises(program.ProgramError, match="not empty"):
+        program.train(str(tmp_path / "b"), make_config(), program.RunOptions(rounds=1, progress=False),
+                      dataset=digits)
+    assert os.listdir(tmp_path / "b") == ["notes.txt"]

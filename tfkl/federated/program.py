@@ -138,7 +138,7 @@ def client_partition(config, dataset):
 
 
 def check_config(root_dir, config):
-    """Writes config.json in a new root dir; refuses a root dir holding another run's config."""
+    """Writes config.json in a new (or empty) root dir; refuses one holding another run or other files."""
     path = os.path.join(root_dir, CONFIG_FILE)
     wanted = config.to_json()
     if os.path.exists(path):
@@ -153,6 +153,8 @@ def check_config(root_dir, config):
             raise ProgramError(f"{root_dir} holds another run ({k}: {stored.get(k)!r} there, {wanted.get(k)!r} "
                                f"here); use a new --root_dir")
         return
+    if os.path.isdir(root_dir) and os.listdir(root_dir):
+        raise ProgramError(f"{root_dir} is not empty and holds no {CONFIG_FILE}; use a new --root_dir")
     os.makedirs(root_dir, exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -252,9 +254,12 @@ def capture_meta_fn(config, dataset_name, learning_rate, data_seeds):
 
 def train(root_dir, config, options, dataset=None):
     """Runs (or resumes) training to `options.rounds`; returns the final round's metrics."""
-    check_config(root_dir, config)
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
-    partition = client_partition(config, dataset)
+    try:
+        partition = client_partition(config, dataset)
+    except ValueError as e:
+        raise ProgramError(f"cannot split the data among the clients: {e}") from None
+    check_config(root_dir, config)
     capture = bool(options.capture_rounds)
     process = build_process(config, return_client_updates=capture)
     restored = restore(root_dir, config, process)
