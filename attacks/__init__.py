@@ -1,0 +1,19 @@
+"""Gradient-inversion attacks on captured FedAvg/FedKL updates: DLG, iDLG, Inverting Gradients, GRNN.
+
+Every attack is built from the attacker's view (`AttackerModel(ServerView, threat)`) and its
+hyperparameters; `reconstruct(target)` takes what a curious server holds (the global weights in the
+view, one captured gradient or update as a `Target`) and returns images, labels and a history.
+"""
+
+from attacks.base import Reconstruction
+from attacks.dlg import DLG, IDLG
+from attacks.experiment import ATTACKS, attack_captures, build_attack, run_threats
+from attacks.grnn import GRNN
+from attacks.ig import InvertingGradients
+from attacks.labels import infer_labels
+from attacks.model import THREATS, AttackerModel, ServerView, extract_secret
+from attacks.targets import Target, client_gradient, client_update_capture, from_capture
+
+__all__ = ["ATTACKS", "THREATS", "AttackerModel", "DLG", "GRNN", "IDLG", "InvertingGradients", "Reconstruction",
+           "ServerView", "Target", "attack_captures", "build_attack", "client_gradient", "client_update_capture",
+           "extract_secret", "from_capture", "infer_labels", "run_threats"]

@@ -1,0 +1,205 @@
+"""The common attack machinery: parameter layout, objectives, batched problems, results.
+
+Every attack optimises, per problem, one flat vector [images | label logits | lock latents]. Several
+problems (images to attack x restarts) run at once: `tf.vectorized_map` evaluates each problem's
+objective and gradient independently (each with its own batch statistics), so one compiled call
+serves them all, on CPU or GPU.
+"""
+
+import dataclasses
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from attacks import labels as labels_lib
+from attacks import targets as targets_lib
+
+DISTANCES = ("l2", "cosine", "grnn")
+
+
+@dataclasses.dataclass
+class Reconstruction:
+    """One attacked target: images in [0, 1] (and unclipped), labels, and how the search went."""
+    images: np.ndarray
+    raw_images: np.ndarray
+    labels: np.ndarray
+    loss: float
+    history: list
+    info: dict
+
+
+def total_variation(images):
+    """Mean absolute difference of neighbouring pixels (IG's TV), summed over both axes."""
+    dy = tf.reduce_mean(tf.abs(images[:, 1:] - images[:, :-1]))
+    dx = tf.reduce_mean(tf.abs(images[:, :, 1:] - images[:, :, :-1]))
+    return dx + dy
+
+
+def gradient_distance(predicted, target, distance):
+    """'l2': sum of squared differences; 'cosine': 1 - cosine similarity of the concatenations;
+    'grnn': squared L2 plus L2 (GRNN's loss without its TV term)."""
+    squared = tf.add_n([tf.reduce_sum(tf.square(p - t)) for p, t in zip(predicted, target)])
+    if distance == "l2":
+        return squared
+    if distance == "grnn":
+        return squared + tf.sqrt(squared + 1e-12)
+    dot = tf.add_n([tf.reduce_sum(p * t) for p, t in zip(predicted, target)])
+    norm_p = tf.add_n([tf.reduce_sum(tf.square(p)) for p in predicted])
+    norm_t = tf.add_n([tf.reduce_sum(tf.square(t)) for t in target])
+    return 1.0 - dot * tf.math.rsqrt(norm_p * norm_t + 1e-20)
+
+
+def _scale(target):
+    """Updates are matched in gradient units (divided by the learning rate) to keep L2 well scaled."""
+    return 1.0 / target.learning_rate if target.kind == "update" else 1.0
+
+
+class Attack:
+    """Base of the optimisation attacks.
+
+    Args:
+      attacker: an `attacks.AttackerModel` (the server's view under one threat model).
+      label_mode: 'infer' (iDLG rule from the last layer's gradient/update), 'joint' (label logits
+        optimised with the image, DLG) or 'given' (labels passed to `reconstruct`).
+      restarts: independent starts per target; the one with the lowest objective is kept.
+      seed: seeds the starting points.
+    """
+    name = "attack"
+
+    def __init__(self, attacker, label_mode="infer", restarts=1, seed=0):
+        if label_mode not in ("infer", "joint", "given"):
+            raise ValueError(f"label_mode must be 'infer', 'joint' or 'given', got {label_mode!r}")
+        if restarts < 1:
+            raise ValueError("restarts must be at least 1")
+        self.attacker, self.label_mode, self.restarts, self.seed = attacker, label_mode, int(restarts), seed
+
+    # -- layout ----------------------------------------------------------------------------
+    def _layout(self, target):
+        n = target.num_examples
+        image_size = n * int(np.prod(self.attacker.input_shape))
+        label_size = n * self.attacker.num_classes if self.label_mode == "joint" else 0
+        return image_size, label_size, self.attacker.lock_latent_size()
+
+    def _split(self, position, target):
+        image_size, label_size, _ = self._layout(target)
+        images = tf.reshape(position[:image_size], (target.num_examples,) + self.attacker.input_shape)
+        label_logits = tf.reshape(position[image_size:image_size + label_size], (target.num_examples, -1))
+        return images, label_logits, position[image_size + label_size:]
+
+    def _initial(self, target, problems, seed):
+        image_size, label_size, _ = self._layout(target)
+        rng = np.random.default_rng(seed)
+        parts = [self._initial_images(rng, problems, image_size)]
+        if label_size:
+            parts.append(rng.standard_normal((problems, label_size)))
+        parts.append(self.attacker.initial_lock_latent(problems, seed).numpy())
+        return tf.constant(np.concatenate(parts, axis=1), tf.float32)
+
+    def _initial_images(self, rng, problems, size):
+        return rng.standard_normal((problems, size))
+
+    # -- objective -------------------------------------------------------------------------
+    def objective(self, position, target_values, fixed_labels, target):
+        """The scalar loss of one problem; subclasses set the distance and priors."""
+        raise NotImplementedError
+
+    def _candidate(self, position, target_values, fixed_labels, target, transform=None):
+        images, label_logits, latent = self._split(position, target)
+        if transform is not None:
+            images = transform(images)
+        labels = label_logits if self.label_mode == "joint" else fixed_labels
+        predicted = targets_lib.simulate(self.attacker, target, images, labels, latent)
+        return images, [p * _scale(target) for p in predicted]
+
+    def _batched_value_and_gradients(self, target):
+        """f(positions [P, n], target values [P, ...], labels [P, N]) -> (values [P], grads [P, n])."""
+
+        def one(args):
+            position, target_values, fixed_labels = args
+            with tf.GradientTape() as tape:
+                tape.watch(position)
+                value = self.objective(position, target_values, fixed_labels, target)
+            return value, tape.gradient(value, position)
+
+        def batched(positions, target_values, fixed_labels):
+            if target.kind == "gradient":
+                return tf.vectorized_map(one, (positions, target_values, fixed_labels))
+            # Simulated local steps give each problem its own weights, which pfor cannot batch.
+            return tf.map_fn(one, (positions, target_values, fixed_labels), parallel_iterations=4,
+                             fn_output_signature=(tf.float32, tf.float32))
+
+        return batched
+
+    # -- driver ----------------------------------------------------------------------------
+    def reconstruct(self, targets, labels=None, progress=None):
+        """Attacks each target (a `Target` or a list of them, all of one kind and size).
+
+        Returns one `Reconstruction` per target. `labels` ([targets, N] ints) only with
+        label_mode='given'; `progress(done, total, best_losses)` is called between chunks."""
+        single = isinstance(targets, targets_lib.Target)
+        targets = [targets] if single else list(targets)
+        template = targets[0]
+        if any((t.kind, t.num_examples) != (template.kind, template.num_examples) for t in targets):
+            raise ValueError("all targets of one reconstruct call need the same kind and number of examples")
+        if (labels is not None) != (self.label_mode == "given"):
+            raise ValueError("labels are passed exactly when label_mode='given'")
+        if self.label_mode == "infer":
+            labels = np.stack([labels_lib.infer_labels(self.attacker, t) for t in targets])
+        elif self.label_mode == "joint":
+            labels = np.zeros((len(targets), template.num_examples), np.int64)
+        labels = np.asarray(labels, np.int64).reshape(len(targets), template.num_examples)
+        problems = len(targets) * self.restarts
+        repeat = lambda a: np.repeat(np.asarray(a)[None], self.restarts, 0)  # noqa: E731
+        target_values = [tf.constant(np.concatenate([repeat(t.values[i]) for t in targets]) * _scale(template))
+                         for i in range(len(template.values))]
+        fixed_labels = np.repeat(labels, self.restarts, 0)
+        if template.kind == "update" and template.num_examples > 1:
+            # Local steps see the examples in an unknown order: restarts try different label orders.
+            rng = np.random.default_rng(self.seed)
+            for t in range(len(targets)):
+                orders = [labels[t]]
+                for r in range(1, self.restarts):
+                    order = rng.permutation(labels[t])
+                    for _ in range(20):  # prefer an order not tried yet
+                        if not any(np.array_equal(order, o) for o in orders):
+                            break
+                        order = rng.permutation(labels[t])
+                    orders.append(order)
+                    fixed_labels[t * self.restarts + r] = order
+        fixed_labels = tf.constant(fixed_labels)
+        start = time.perf_counter()
+        positions, losses, history, stats = self._optimize(
+            template, self._initial(template, problems, self.seed), target_values, fixed_labels, progress)
+        seconds = time.perf_counter() - start
+        losses = np.asarray(losses).reshape(len(targets), self.restarts)
+        positions = np.asarray(positions).reshape(len(targets), self.restarts, -1)
+        results = []
+        for t, target in enumerate(targets):
+            best = int(np.nanargmin(np.where(np.isfinite(losses[t]), losses[t], np.inf)))
+            results.append(self._result(target, positions[t, best], fixed_labels[t * self.restarts + best].numpy(),
+                                        losses[t], best, history,
+                                        dict(stats, seconds=seconds, problems=problems)))
+        return results[0] if single else results
+
+    def _result(self, target, position, fixed_labels, losses, best, history, stats):
+        images, label_logits, latent = self._split(tf.constant(position), target)
+        images = self._output_images(images, position, target)
+        if self.label_mode == "joint":
+            labels = np.argmax(label_logits.numpy(), axis=-1)
+        else:
+            labels = fixed_labels
+        info = dict(stats, attack=self.name, threat=self.attacker.threat, restart_losses=[float(v) for v in losses],
+                    best_restart=best, label_mode=self.label_mode)
+        if self.attacker.threat == "adaptive":
+            locks = self.attacker.lock_values(latent)
+            info["lock_estimate"] = {k: [g.numpy().tolist(), b.numpy().tolist()] for k, (g, b) in locks.items()}
+        raw = images.numpy()
+        return Reconstruction(np.clip(raw, 0.0, 1.0), raw, np.asarray(labels), float(losses[best]), history, info)
+
+    def _output_images(self, images, position, target):
+        return images
+
+    def _optimize(self, target, initial, target_values, fixed_labels, progress):
+        """Returns (final positions [P, n], final losses [P], history, stats)."""
+        raise NotImplementedError

@@ -1,0 +1,104 @@
+"""GRNN (Ren et al. 2022): a generator network, not the pixels, is trained so that the gradient of
+its fake image and fake label matches the captured one (loss: squared L2 + L2 + TV).
+
+Per problem the generator maps a fixed random code to the N fake images (nearest-neighbour
+upsampling blocks, sigmoid output) and, through a second dense branch, to N label logits. Its
+weights are the flat optimisation vector, so restarts and images run batched like the other attacks.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from attacks import base
+from attacks.ig import adam_chunk
+
+
+class GRNN(base.Attack):
+    """GRNN with the gradient distance 'grnn' (or 'l2'/'cosine'), Adam on the generator weights.
+
+    Args (beyond `base.Attack`):
+      iterations, learning_rate: Adam steps and step size (the paper: RMSprop 1e-4, 20k steps).
+      tv: weight of the TV prior (the paper: 1e-6).
+      code_dim, width: the generator's random code length and base width.
+      label_mode: 'joint' (the generator's label branch, GRNN) or 'infer' (iDLG labels).
+    """
+    name = "grnn"
+
+    def __init__(self, attacker, iterations=2000, learning_rate=1e-3, tv=1e-6, distance="grnn", code_dim=64,
+                 width=32, chunk=250, label_mode="joint", restarts=1, seed=0):
+        super().__init__(attacker, label_mode, restarts, seed)
+        height, width_px, _ = attacker.input_shape
+        if height != width_px or height % 4 or (height // 4) & (height // 4 - 1):
+            raise ValueError(f"GRNN's generator needs square inputs of 4 * 2^k pixels, got {attacker.input_shape}")
+        self.iterations, self.learning_rate, self.tv = int(iterations), float(learning_rate), float(tv)
+        self.distance, self.code_dim, self.width, self.chunk = distance, int(code_dim), int(width), int(chunk)
+        self.blocks = int(math.log2(height // 4))
+
+    def _shapes(self):
+        channels = self.attacker.input_shape[-1]
+        widths = [self.width] + [max(self.width // 2 ** (i + 1), 8) for i in range(self.blocks - 1)]
+        shapes = [(self.code_dim, 16 * self.width), (16 * self.width,)]
+        previous = self.width
+        for w in widths:
+            shapes += [(3, 3, previous, w), (w,)]
+            previous = w
+        shapes += [(3, 3, previous, channels), (channels,), (self.code_dim, self.attacker.num_classes),
+                   (self.attacker.num_classes,)]
+        return shapes
+
+    def _layout(self, target):
+        generator = sum(int(np.prod(s)) for s in self._shapes())
+        return generator, 0, self.attacker.lock_latent_size()
+
+    def _initial(self, target, problems, seed):
+        rng = np.random.default_rng(seed)
+        parts = []
+        for shape in self._shapes():
+            fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
+            bound = math.sqrt(6.0 / fan_in) if len(shape) > 1 else 0.0
+            parts.append(rng.uniform(-bound, bound, (problems, int(np.prod(shape)))))
+        parts.append(self.attacker.initial_lock_latent(problems, seed).numpy())
+        self._codes = tf.constant(np.random.default_rng(seed + 1).standard_normal(
+            (target.num_examples, self.code_dim)), tf.float32)
+        return tf.constant(np.concatenate(parts, axis=1), tf.float32)
+
+    def _split(self, position, target):
+        weights, offset = [], 0
+        for shape in self._shapes():
+            size = int(np.prod(shape))
+            weights.append(tf.reshape(position[offset:offset + size], shape))
+            offset += size
+        x = tf.reshape(tf.nn.leaky_relu(tf.matmul(self._codes, weights[0]) + weights[1], 0.2),
+                       (-1, 4, 4, self.width))
+        for i in range(self.blocks):
+            x = tf.image.resize(x, (x.shape[1] * 2, x.shape[2] * 2), method="nearest")
+            x = tf.nn.leaky_relu(tf.nn.conv2d(x, weights[2 + 2 * i], 1, "SAME") + weights[3 + 2 * i], 0.2)
+        images = tf.sigmoid(tf.nn.conv2d(x, weights[-4], 1, "SAME") + weights[-3])
+        label_logits = tf.matmul(self._codes, weights[-2]) + weights[-1]
+        return images, label_logits, position[offset:]
+
+    def objective(self, position, target_values, fixed_labels, target):
+        images, predicted = self._candidate(position, target_values, fixed_labels, target)
+        return base.gradient_distance(predicted, target_values, self.distance) + self.tv * base.total_variation(images)
+
+    def _optimize(self, target, initial, target_values, fixed_labels, progress):
+        value_and_gradients = self._batched_value_and_gradients(target)
+
+        @tf.function
+        def run(position, m, v, step, iterations):
+            return adam_chunk(lambda p: value_and_gradients(p, target_values, fixed_labels), position, m, v, step,
+                              iterations, lambda s: self.learning_rate, False, lambda p: p)
+
+        position, m, v, step = initial, tf.zeros_like(initial), tf.zeros_like(initial), tf.constant(0.0)
+        history, done = [], 0
+        while done < self.iterations:
+            count = min(self.chunk, self.iterations - done)
+            position, m, v, step = run(position, m, v, step, tf.constant(count))
+            done += count
+            losses = value_and_gradients(position, target_values, fixed_labels)[0].numpy()
+            history.append({"iteration": done, "evaluations": done, "loss": np.nan_to_num(losses, nan=np.inf).tolist()})
+            if progress:
+                progress(done, self.iterations, losses)
+        return position.numpy(), history[-1]["loss"], history, {"iterations": done, "evaluations": done}

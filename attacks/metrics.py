@@ -1,0 +1,93 @@
+"""Image metrics for reconstructions: standard, affine-aligned, and the FedKL paper's variants.
+
+Images are float in [0, 1], shape [N, H, W, C]. Standard: MSE, PSNR = 10 log10(1 / MSE), SSIM
+(tf.image.ssim, 11x11 Gaussian window, max value 1). Affine-aligned: the reconstruction is first
+mapped by the least-squares a * x' + b against the truth (per image; train-mode normalisation at
+batch 1 makes the gradient blind to brightness and contrast), then clipped to [0, 1].
+Paper variants (FedKL's evaluation_metrics.py, on 0-255 pixels): `paper_rmse` is the RMSE they call
+"MSE"; `paper_psnr` = 10 log10(255^2 / RMSE).
+"""
+
+import numpy as np
+import tensorflow as tf
+
+NAMES = ("mse", "psnr", "ssim", "aligned_psnr", "aligned_ssim", "paper_rmse", "paper_psnr", "label_accuracy")
+
+
+def affine_align(reconstructed, truth):
+    """Per image, a * reconstructed + b with (a, b) the least-squares fit to `truth`, in [0, 1]."""
+    x = tf.reshape(tf.cast(reconstructed, tf.float64), (tf.shape(reconstructed)[0], -1))
+    y = tf.reshape(tf.cast(truth, tf.float64), (tf.shape(truth)[0], -1))
+    x_mean, y_mean = tf.reduce_mean(x, 1, keepdims=True), tf.reduce_mean(y, 1, keepdims=True)
+    covariance = tf.reduce_mean((x - x_mean) * (y - y_mean), 1, keepdims=True)
+    variance = tf.reduce_mean(tf.square(x - x_mean), 1, keepdims=True)
+    a = tf.math.divide_no_nan(covariance, variance)
+    aligned = tf.clip_by_value(a * (x - x_mean) + y_mean, 0.0, 1.0)
+    return tf.cast(tf.reshape(aligned, tf.shape(truth)), tf.float32)
+
+
+def psnr(reconstructed, truth):
+    """Standard PSNR in dB per image (max value 1); identical images give +inf."""
+    mse = tf.reduce_mean(tf.square(tf.cast(reconstructed, tf.float64) - tf.cast(truth, tf.float64)), [1, 2, 3])
+    return (10.0 * tf.math.log(1.0 / mse) / tf.math.log(tf.constant(10.0, tf.float64))).numpy()
+
+
+def image_metrics(reconstructed, truth, raw=None):
+    """Per-image metrics (dict of name -> [N] arrays). `raw` is the unclipped reconstruction used
+    for the affine fit (default `reconstructed`)."""
+    reconstructed = tf.clip_by_value(tf.convert_to_tensor(reconstructed, tf.float32), 0.0, 1.0)
+    truth = tf.convert_to_tensor(truth, tf.float32)
+    aligned = affine_align(reconstructed if raw is None else tf.convert_to_tensor(raw, tf.float32), truth)
+    mse = tf.reduce_mean(tf.square(reconstructed - truth), [1, 2, 3]).numpy()
+    pixels_hat = tf.round(reconstructed * 255.0)
+    pixels = tf.round(truth * 255.0)
+    rmse = tf.sqrt(tf.reduce_mean(tf.square(pixels_hat - pixels), [1, 2, 3])).numpy()
+    with np.errstate(divide="ignore"):
+        paper_psnr = 10.0 * np.log10(255.0 ** 2 / rmse)
+    return {
+        "mse": mse.astype(float),
+        "psnr": psnr(reconstructed, truth).astype(float),
+        "ssim": tf.image.ssim(reconstructed, truth, 1.0).numpy().astype(float),
+        "aligned_psnr": psnr(aligned, truth).astype(float),
+        "aligned_ssim": tf.image.ssim(aligned, truth, 1.0).numpy().astype(float),
+        "paper_rmse": rmse.astype(float),
+        "paper_psnr": paper_psnr.astype(float),
+    }
+
+
+def label_accuracy(predicted, truth):
+    """Fraction of labels recovered, as multisets (the order within a batch is not identifiable)."""
+    predicted, truth = list(np.ravel(predicted)), list(np.ravel(truth))
+    hits = 0
+    for label in truth:
+        if label in predicted:
+            predicted.remove(label)
+            hits += 1
+    return hits / max(len(truth), 1)
+
+
+def match_order(reconstructed, truth):
+    """Reorders a batch of reconstructions to best match `truth` (minimum total MSE assignment)."""
+    from scipy.optimize import linear_sum_assignment
+    r = np.reshape(reconstructed, (len(reconstructed), -1))
+    t = np.reshape(truth, (len(truth), -1))
+    cost = ((r[:, None, :] - t[None, :, :]) ** 2).mean(-1)
+    rows, cols = linear_sum_assignment(cost)
+    order = np.empty(len(truth), int)
+    order[cols] = rows
+    return order
+
+
+def summarize(values):
+    """{name: {'mean', 'std', 'median', 'min', 'max'}} over finite per-image values."""
+    summary = {}
+    for name, array in values.items():
+        array = np.asarray(array, float)
+        finite = array[np.isfinite(array)]
+        if len(finite) == 0:
+            finite = np.array([np.nan])
+        summary[name] = {"mean": float(np.mean(finite)), "std": float(np.std(finite)),
+                         "median": float(np.median(finite)), "min": float(np.min(finite)),
+                         "max": float(np.max(finite)), "count": int(len(array)),
+                         "infinite": int(np.sum(~np.isfinite(array)))}
+    return summary

@@ -1,0 +1,246 @@
+"""The attacker's view of a model: the server's knowledge, threat models and a functional forward pass.
+
+A curious server holds the architecture and the shared weights (`ServerView`), never the key or
+the lock weights. `AttackerModel` rebuilds the architecture from that view and evaluates it as a
+pure function of (shared weights, lock parameters, images), so attacks can differentiate through
+gradients, unrolled local steps and unknown lock parameters without touching any Keras variable.
+Only `extract_secret` reads a victim's private variables; only the `oracle` threat accepts it.
+"""
+
+import dataclasses
+import json
+
+import numpy as np
+import tensorflow as tf
+
+from tfkl import keys as keys_lib
+from tfkl import models as models_lib
+from tfkl import private
+from tfkl.keylock import KeyLock
+from tfkl.secure import _map_arguments
+
+THREATS = ("none", "fixed-key", "adaptive", "oracle")
+_WEIGHTLESS = (tf.keras.layers.InputLayer, tf.keras.layers.ZeroPadding2D, tf.keras.layers.Activation,
+               tf.keras.layers.ReLU, tf.keras.layers.Flatten, tf.keras.layers.Add,
+               tf.keras.layers.GlobalAveragePooling2D, tf.keras.layers.MaxPooling2D,
+               tf.keras.layers.AveragePooling2D, tf.keras.layers.Reshape)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerView:
+    """What a curious server holds: the architecture (Keras JSON, which carries no key) and the
+    shared weights in `tfkl.shared_variables` order. There is no field for anything private."""
+    model_json: str
+    weights: tuple
+    names: tuple
+    trainable: tuple
+
+    @classmethod
+    def from_model(cls, model):
+        """The server's view of `model`: its architecture and shared variables only."""
+        shared = private.shared_variables(model)
+        return cls(model.to_json(), tuple(v.numpy() for v in shared), tuple(v.name for v in shared),
+                   tuple(bool(v.trainable) for v in shared))
+
+    @classmethod
+    def from_capture(cls, capture, **build_overrides):
+        """The view from a capture file: the architecture rebuilt from its meta, the global weights."""
+        meta = capture.meta
+        options = dict(lock=bool(meta["lock"]))
+        for name in ("key_dim", "activation", "normalization"):
+            if name in meta:
+                options[name] = meta[name]
+        options.update(build_overrides)
+        model = models_lib.build(meta["model"], tuple(meta["input_shape"]), int(meta["num_classes"]), **options)
+        shapes = [tuple(v.shape) for v in private.shared_variables(model)]
+        if shapes != [tuple(np.shape(w)) for w in capture.global_weights]:
+            raise ValueError("the capture's weights do not fit the architecture named in its meta")
+        return cls(model.to_json(), tuple(np.asarray(w) for w in capture.global_weights),
+                   tuple(meta["variable_names"]), tuple(bool(t) for t in meta["trainable"]))
+
+
+def extract_secret(model):
+    """The victim's secret per lock layer (key and lock weights): for the `oracle` threat only."""
+    return {lock.name: tuple(v.numpy() for v in lock.private_weights) for lock in private.lock_layers(model)}
+
+
+def _inverse_softplus(y):
+    return float(np.log(np.expm1(y)))
+
+
+class AttackerModel:
+    """The model as an attacker evaluates it under one threat model.
+
+    Args:
+      view: the `ServerView`.
+      threat: one of THREATS. 'none' needs a view without locks; the others a locked view.
+        'fixed-key': the attacker's own random key and lock weights (seed `seed`), never optimised;
+        'adaptive': per lock, gamma = f(g) and beta = f(b) with free latents optimised with the image
+        (f = softplus for ReLU locks, sigmoid for sigmoid locks);
+        'oracle': the victim's key and lock weights, given as `secret` (see `extract_secret`).
+      secret: only for 'oracle'.
+      seed: the attacker's seed for its fixed key and lock weights.
+    """
+
+    def __init__(self, view, threat, secret=None, seed=0):
+        if threat not in THREATS:
+            raise ValueError(f"threat must be one of {THREATS}, got {threat!r}")
+        if (secret is not None) != (threat == "oracle"):
+            raise ValueError("a secret is given to the 'oracle' threat, and only to it")
+        self.view, self.threat = view, threat
+        self.model = tf.keras.models.model_from_json(view.model_json)
+        shared = private.shared_variables(self.model)
+        if [tuple(v.shape) for v in shared] != [tuple(np.shape(w)) for w in view.weights]:
+            raise ValueError("the view's weights do not fit its architecture")
+        self.locks = private.lock_layers(self.model)
+        if threat == "none" and self.locks:
+            raise ValueError("threat 'none' attacks the backbone without the lock; the view has locks")
+        if threat != "none" and not self.locks:
+            raise ValueError(f"threat {threat!r} needs a locked model; the view has no KeyLock")
+        # The rebuilt model's private variables are never read: zero them to make that visible.
+        for variable in private.private_variables(self.model):
+            variable.assign(tf.zeros_like(variable))
+        self._index = {id(v): i for i, v in enumerate(shared)}
+        self.weights = [tf.constant(w) for w in view.weights]
+        self.trainable = list(view.trainable)
+        self.input_shape = tuple(self.model.input_shape[1:])
+        self.num_classes = int(self.model.output_shape[-1])
+        self.lock_weights = self._lock_weights(secret, seed)
+
+    def _lock_weights(self, secret, seed):
+        """Per lock: (key, scale_kernel, scale_bias, shift_kernel, shift_bias) for 'fixed-key' and
+        'oracle'; None otherwise."""
+        if self.threat == "oracle":
+            if set(secret) != {lock.name for lock in self.locks}:
+                raise ValueError(f"the secret names locks {sorted(secret)}, the model has "
+                                 f"{[lock.name for lock in self.locks]}")
+            return {name: tuple(tf.constant(v, tf.float32) for v in values) for name, values in secret.items()}
+        if self.threat != "fixed-key":
+            return None
+        rng = np.random.default_rng(seed)
+        weights = {}
+        for lock in self.locks:
+            bound = 1.0 / np.sqrt(lock.key_dim)  # PyTorch's Linear default, the paper's lock init
+            draw = lambda *shape: tf.constant(rng.uniform(-bound, bound, shape), tf.float32)  # noqa: E731
+            key = tf.constant(keys_lib.generate_key(lock.key_dim, seed=int(rng.integers(2**31))), tf.float32)
+            weights[lock.name] = (key, draw(lock.key_dim, lock.channels), draw(lock.channels),
+                                  draw(lock.key_dim, lock.channels), draw(lock.channels))
+        return weights
+
+    # -- lock parameters -------------------------------------------------------------------
+    def lock_latent_size(self):
+        """Length of the adaptive attacker's free lock parameters (2 * channels per lock)."""
+        return sum(2 * lock.channels for lock in self.locks) if self.threat == "adaptive" else 0
+
+    def initial_lock_latent(self, problems, seed=0):
+        """[problems, lock_latent_size] start values: gamma ~ U(0.5, 1.5), beta ~ U(0, 0.5) (ReLU locks)."""
+        size = self.lock_latent_size()
+        if not size:
+            return tf.zeros([problems, 0])
+        rng = np.random.default_rng(seed)
+        parts = []
+        for lock in self.locks:
+            gamma = rng.uniform(0.5, 1.5, (problems, lock.channels))
+            beta = rng.uniform(0.0, 0.5, (problems, lock.channels))
+            if lock.activation == "relu":
+                to_latent = np.vectorize(_inverse_softplus)
+            else:
+                gamma, beta = np.clip(gamma, 0.05, 0.95), np.clip(beta, 0.05, 0.95)
+                to_latent = lambda p: np.log(p / (1 - p))  # noqa: E731
+            parts += [to_latent(gamma), to_latent(beta)]
+        return tf.constant(np.concatenate(parts, axis=1), tf.float32)
+
+    def lock_values(self, latent=None, lock_weights=None):
+        """{lock name: (gamma, beta)} under this threat; `latent` for 'adaptive', `lock_weights`
+        overrides the known lock weights (e.g. during simulated local steps)."""
+        values, offset = {}, 0
+        for lock in self.locks:
+            act = tf.nn.relu if lock.activation == "relu" else tf.sigmoid
+            if self.threat == "adaptive":
+                squash = tf.nn.softplus if lock.activation == "relu" else tf.sigmoid
+                c = lock.channels
+                values[lock.name] = (squash(latent[offset:offset + c]), squash(latent[offset + c:offset + 2 * c]))
+                offset += 2 * c
+            else:
+                key, sk, sb, hk, hb = (lock_weights or self.lock_weights)[lock.name]
+                values[lock.name] = (act(tf.linalg.matvec(sk, key, transpose_a=True) + sb),
+                                     act(tf.linalg.matvec(hk, key, transpose_a=True) + hb))
+        return values
+
+    def trainable_lock_weights(self):
+        """The known lock weights that a client trains (kernels, biases; not the key), flattened."""
+        if self.lock_weights is None:
+            return []
+        return [w for lock in self.locks for w in self.lock_weights[lock.name][1:]]
+
+    def pack_lock_weights(self, flat):
+        """Inverse of `trainable_lock_weights`: rebuilds the per-lock tuples around the known keys."""
+        packed = {}
+        for i, lock in enumerate(self.locks):
+            packed[lock.name] = (self.lock_weights[lock.name][0],) + tuple(flat[4 * i:4 * i + 4])
+        return packed
+
+    # -- forward ---------------------------------------------------------------------------
+    def __call__(self, weights, images, locks, training=True):
+        """Logits of `images` (one batch, one problem) for shared `weights` (list of tensors in view
+        order) and `locks` ({name: (gamma, beta)}); train-mode normalisation uses batch statistics
+        and never updates any moving statistic."""
+        model = self.model
+        tensors = {str(id(model.inputs[0])): images}
+        for depth in sorted(model._nodes_by_depth, reverse=True):
+            for node in model._nodes_by_depth[depth]:
+                if node.is_input:
+                    continue
+                args, kwargs = _map_arguments(node, tensors)
+                outputs = self._apply(node.layer, args, weights, locks, training)
+                for tensor_id, tensor in zip(node.flat_output_ids, tf.nest.flatten(outputs)):
+                    tensors[tensor_id] = tensor
+        return tensors[str(id(model.outputs[0]))]
+
+    def _w(self, weights, variable):
+        return weights[self._index[id(variable)]]
+
+    def _apply(self, layer, args, weights, locks, training):
+        x = args[0]
+        if isinstance(layer, tf.keras.layers.Conv2D) and type(layer) is tf.keras.layers.Conv2D:
+            y = tf.nn.conv2d(x, self._w(weights, layer.kernel), layer.strides, layer.padding.upper(),
+                             dilations=layer.dilation_rate)
+            if layer.use_bias:
+                y = y + self._w(weights, layer.bias)
+            return layer.activation(y)
+        if isinstance(layer, tf.keras.layers.Dense):
+            y = tf.matmul(x, self._w(weights, layer.kernel))
+            if layer.use_bias:
+                y = y + self._w(weights, layer.bias)
+            return layer.activation(y)
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            if training:
+                mean, variance = tf.nn.moments(x, list(range(x.shape.rank - 1)))
+            else:
+                mean, variance = self._w(weights, layer.moving_mean), self._w(weights, layer.moving_variance)
+            gamma = self._w(weights, layer.gamma) if layer.scale else None
+            beta = self._w(weights, layer.beta) if layer.center else None
+            return tf.nn.batch_normalization(x, mean, variance, beta, gamma, layer.epsilon)
+        if isinstance(layer, KeyLock):
+            gamma, beta = locks[layer.name]
+            if layer.normalization == "batch":
+                if training:
+                    mean, variance = tf.nn.moments(x, list(range(x.shape.rank - 1)))
+                else:
+                    mean, variance = self._w(weights, layer.moving_mean), self._w(weights, layer.moving_variance)
+                normalized = tf.nn.batch_normalization(x, mean, variance, None, None, layer.epsilon)
+            else:
+                normalized = layer.normalize(x)  # per-sample normalisations hold no state
+            return gamma * normalized + beta
+        if isinstance(layer, tf.keras.layers.Dropout):
+            return x  # the client's dropout mask is unknowable; the attacker runs without it
+        if isinstance(layer, _WEIGHTLESS):
+            return layer(x)
+        raise ValueError(f"the attack model does not support layer {layer.name!r} ({type(layer).__name__})")
+
+
+def view_info(view):
+    """A short JSON-able description of a view (for reports)."""
+    config = json.loads(view.model_json)
+    return {"model": config["config"]["name"], "num_shared": len(view.weights),
+            "num_trainable": int(sum(view.trainable))}
