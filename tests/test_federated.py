@@ -101,7 +101,7 @@ def _contains(secret, arrays):
 
 
 def test_values_server_state_aggregate_and_captures_hold_no_secret(digits, tmp_path):
-    config = make_config()
+    config = make_config(local_epochs=2, batch_size=12)
     metrics = program.train(str(tmp_path), config, program.RunOptions(rounds=2, capture_rounds=("all",),
                                                                      progress=False), dataset=digits)
     assert metrics["clients_accepted"] == 3
@@ -131,7 +131,7 @@ def test_values_server_state_aggregate_and_captures_hold_no_secret(digits, tmp_p
                 assert state["key"][0].astype("<f4").tobytes()[:32] not in blob
     meta = captures[0].meta
     assert meta["lock"] is True and meta["ground_truth"]["client_index"] == int(meta["client_id"])
-    assert meta["num_steps"] == int(np.ceil(meta["num_examples"] / config.batch_size))
+    assert meta["num_steps"] == meta["local_epochs"] * int(np.ceil(meta["num_examples"] / config.batch_size))
 
 
 def test_one_client_round_equals_central_training(digits):

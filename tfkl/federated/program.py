@@ -297,8 +297,9 @@ def train(root_dir, config, options, dataset=None):
             images = dataset.x_train[indices]
             if (round_num, client_id) in nan_at:
                 images = np.full_like(images, np.nan)
+            # Batched per epoch, then repeated (reshuffled): each epoch ends with its own partial batch.
             return data_lib.make_dataset(images, dataset.y_train[indices], config.input_shape, config.batch_size,
-                                         shuffle_seed=seeds[client_id], repeat=config.local_epochs)
+                                         shuffle_seed=seeds[client_id]).repeat(config.local_epochs)
 
         learning_rate = config.round_learning_rate(round_num)
         global_t, global_n = process.global_weights(server_state)
