@@ -232,10 +232,11 @@ def _captures_round(options, round_num):
     return "all" in options.capture_rounds or round_num in options.capture_rounds
 
 
-def capture_meta_fn(config, dataset_name, learning_rate, data_seeds):
+def capture_meta_fn(config, dataset_name, learning_rate, data_seeds, partition):
     """The capture meta for one client: attacker-usable fields, and a separate ground-truth section."""
     def meta(client_id):
         return dict(
+            num_examples=int(len(partition[int(client_id)])),
             algorithm=config.algorithm, model=config.model, input_shape=list(config.input_shape),
             num_classes=config.num_classes, lock=config.locked, key_dim=config.key_dim, activation="relu",
             normalization=config.normalization, init=config.init, batch_size=config.batch_size,
@@ -307,7 +308,7 @@ def train(root_dir, config, options, dataset=None):
             process, server_state, client_states, sampled, client_data, learning_rate)
         if capture and _captures_round(options, round_num):
             simulation.save_captures(root_dir, round_num, layout, global_t, global_n, reports,
-                                     capture_meta_fn(config, dataset.name, learning_rate, seeds))
+                                     capture_meta_fn(config, dataset.name, learning_rate, seeds, partition))
         store.save(round_num, client_states, changed=set(reports))
         asyncio.run(server_manager.save(server_state, round_num))
         rounds = store.rounds()

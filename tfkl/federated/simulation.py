@@ -78,7 +78,10 @@ def run_round(process, server_state, client_states, client_ids, client_data_fn, 
 
 
 def save_captures(root_dir, round_num, layout, global_trainable, global_non_trainable, reports, meta_fn):
-    """Writes what a curious server received from each accepted client this round (tfkl.capture)."""
+    """Writes what a curious server received from each accepted client this round (tfkl.capture).
+
+    `meta_fn(client_id)` gives the run's fields and the client's `num_examples` (its data set size).
+    """
     global_weights = layout.flatten(global_trainable, global_non_trainable)
     paths = []
     for client_id, report in reports.items():
@@ -87,7 +90,7 @@ def save_captures(root_dir, round_num, layout, global_trainable, global_non_trai
         update = report["update"]
         non_trainable = update["non_trainable"] or [np.zeros_like(w) for w in global_non_trainable]
         meta = dict(meta_fn(client_id), round=int(round_num), client_id=str(client_id),
-                    num_examples=int(report["num_examples"]), num_steps=int(report["num_steps"]),
+                    num_steps=int(report["num_steps"]), examples_processed=int(report["num_examples"]),
                     variable_names=layout.names, trainable=layout.trainable)
         path = capture_lib.capture_path(root_dir, round_num, client_id)
         capture_lib.save_capture(path, meta, global_weights, layout.flatten(update["trainable"], non_trainable))
