@@ -175,6 +175,9 @@ def test_sampling_and_private_state_with_many_clients(digits, tmp_path):
     changed = {c for c in final if any(not np.array_equal(a, b) for a, b in zip(final[c]["lock"], initial[c]["lock"]))}
     sampled = set(simulation.sample_clients(20, 4, config.seed, 1)) | set(simulation.sample_clients(20, 4, config.seed, 2))
     assert changed == sampled and 4 <= len(changed) <= 8
+    last = ClientStore(str(tmp_path / "clients")).last_update_rounds(2)
+    assert {c for c, r in last.items() if r == 2} == set(simulation.sample_clients(20, 4, config.seed, 2))
+    assert {c for c, r in last.items() if r > 0} == sampled
     assert len({final[c]["key"][0].tobytes() for c in final}) == 20
     for cid in final:
         assert os.stat(tmp_path / "clients" / cid / "key").st_mode & 0o777 == 0o600

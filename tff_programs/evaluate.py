@@ -22,7 +22,8 @@ _ROOT_DIR = flags.DEFINE_string("root_dir", None, "Root dir of a training run.")
 _ROUND = flags.DEFINE_integer("round", None, "Round to evaluate (default: the last complete one).", lower_bound=0)
 _PUBLIC_SIZES = flags.DEFINE_list("public_sizes", ["100", "1000"], "Public labelled examples of the "
                                   "lock-recovery attacker.")
-_MAX_CLIENTS = flags.DEFINE_integer("max_clients", 10, "Clients evaluated (the first ones by id).", lower_bound=1)
+_MAX_CLIENTS = flags.DEFINE_integer("max_clients", 10, "Clients evaluated (those that took part most "
+                                   "recently).", lower_bound=1)
 _RECOVERY_STEPS = flags.DEFINE_integer("recovery_steps", 300, "Fine-tuning steps of the lock-recovery attacker.",
                                        lower_bound=1)
 _SEED = flags.DEFINE_integer("eval_seed", 0, "Seed of the public/evaluation cut, random keys and fine-tuning.")

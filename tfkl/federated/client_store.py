@@ -115,6 +115,11 @@ class ClientStore:
             states[cid] = collections.OrderedDict((k, state[k]) for k in ("key",) + _FIELDS)
         return states
 
+    def last_update_rounds(self, round_num):
+        """Client id -> the last round (<= round_num) its state changed (0: never took part)."""
+        return {cid: int(entry["file"].rsplit("_", 1)[1].split(".")[0])
+                for cid, entry in self._read_manifest(round_num).items()}
+
     def prune(self, keep_rounds):
         """Deletes manifests not in `keep_rounds` and state files no kept manifest refers to."""
         kept_files = set()

@@ -4,12 +4,15 @@ The test split is cut once (seeded) into a public part an attacker may hold (for
 and the evaluation part every accuracy is measured on, so the two never overlap.
 """
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
 from tfkl import data as data_lib
 from tfkl import keys as keys_lib
 from tfkl.federated import program
+from tfkl.federated.client_store import ClientStore
 from tfkl.training import accuracy, classification_loss
 
 ENTRIES = {
@@ -102,8 +105,11 @@ def evaluate(root_dir, round_num=None, public_sizes=(100, 1000), max_clients=10,
         result["global"] = evaluator.accuracy(eval_ds)
         return result
 
-    client_ids = sorted(client_states, key=int)[:max_clients]
-    result.update(evaluated_clients=client_ids, descriptions=ENTRIES)
+    # The clients that took part most recently (by id among equals): the others still hold initial locks.
+    last_round = ClientStore(os.path.join(root_dir, "clients")).last_update_rounds(round_num)
+    client_ids = sorted(sorted(client_states, key=int), key=lambda c: -last_round[c])[:max_clients]
+    result.update(evaluated_clients=client_ids, last_update_round={c: last_round[c] for c in client_ids},
+                  descriptions=ENTRIES)
     rows = {name: {} for name in ("a_own_key_and_lock", "b_own_lock_random_key", "c_own_lock_other_key",
                                   "c_other_key_and_lock")}
     for index, cid in enumerate(client_ids):
