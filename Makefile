@@ -49,3 +49,55 @@ report: venv
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Remote TFF workers (docs/workers.md): start them, then pass the printed --workers=... to
+# tff_programs.train / evaluate; stop them by PID with SIGTERM. PIDs and logs go to $(WORKER_DIR).
+WORKER_PORTS ?= 18501 18502
+WORKER_DIR ?= runs/workers
+
+.PHONY: workers stop-workers bench-workers bazel-install bazel-test
+
+workers: venv
+	@mkdir -p $(WORKER_DIR)
+	@for port in $(WORKER_PORTS); do \
+	  pidfile=$(WORKER_DIR)/$$port.pid; \
+	  if [ -f $$pidfile ] && grep -qs worker_binary /proc/$$(cat $$pidfile)/cmdline; then \
+	    echo "TFF worker on port $$port already running (pid $$(cat $$pidfile))"; continue; fi; \
+	  nohup $(PY) -m tff_programs.worker --port=$$port > $(WORKER_DIR)/$$port.log 2>&1 & echo $$! > $$pidfile; \
+	done; \
+	sleep 2; \
+	for port in $(WORKER_PORTS); do \
+	  pid=$$(cat $(WORKER_DIR)/$$port.pid); \
+	  if kill -0 $$pid 2>/dev/null; then echo "TFF worker on port $$port: pid $$pid, log $(WORKER_DIR)/$$port.log"; \
+	  else echo "error: TFF worker on port $$port did not start:"; cat $(WORKER_DIR)/$$port.log; rm -f $(WORKER_DIR)/$$port.pid; exit 1; fi; \
+	done; \
+	echo "--workers=$$(for port in $(WORKER_PORTS); do printf '127.0.0.1:%s,' $$port; done | sed 's/,$$//')"
+
+stop-workers:
+	@for pidfile in $(WORKER_DIR)/*.pid; do \
+	  [ -f $$pidfile ] || continue; pid=$$(cat $$pidfile); \
+	  if grep -qs worker_binary /proc/$$pid/cmdline && kill -TERM $$pid; then \
+	    for i in $$(seq 20); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
+	    if kill -0 $$pid 2>/dev/null; then kill -KILL $$pid; fi; \
+	    echo "stopped TFF worker pid $$pid"; fi; \
+	  rm -f $$pidfile; \
+	done
+
+# Round time on the local context vs 1 and 2 workers -> benchmarks/results/workers.json.
+bench-workers: venv data
+	$(PY) -m benchmarks.run --only=workers $(BENCH_FLAGS)
+
+# Bazel 4.2.3 from Debian's bazel-bootstrap, offline (WORKSPACE, third_party/README.md).
+BAZEL ?= bazel
+
+bazel-install:
+	@if ! command -v $(BAZEL) >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing bazel-bootstrap (Debian) ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bazel-bootstrap; \
+	  else echo "error: bazel is not installed (Debian: apt-get install bazel-bootstrap, as root)"; exit 1; fi; \
+	fi
+
+# The fast suite (tests marked slow stay out): one py_test per tests/test_*.py.
+bazel-test: venv data bazel-install
+	$(BAZEL) test //...
