@@ -198,6 +198,8 @@ def test_nan_update_rejected_and_dropout_tolerated(digits, tmp_path):
     # The rejected client keeps its previous state; the others moved on.
     assert all(np.array_equal(a, b) for a, b in zip(after_round_1["1"]["lock"], initial["1"]["lock"]))
     assert not all(np.array_equal(a, b) for a, b in zip(after_round_1["0"]["lock"], initial["0"]["lock"]))
+    # The client that failed mid-round keeps its round-1 state; the round went on without it.
+    assert ClientStore(str(tmp_path / "clients")).last_update_rounds(2) == {"0": 2, "1": 2, "2": 1}
 
 
 def test_resume_equals_uninterrupted_run(digits, tmp_path):

@@ -55,7 +55,8 @@ _CAPTURE = flags.DEFINE_list("capture_rounds", [], "Rounds whose client updates 
                              "server sees them ('all' for every round).")
 _KEEP = flags.DEFINE_integer("keep_rounds", 5, "Complete rounds of state kept on disk.", lower_bound=1)
 _INJECT_NAN = flags.DEFINE_list("inject_nan", [], "Fault injection: ROUND:CLIENT pairs whose data become NaN.")
-_INJECT_FAILURE = flags.DEFINE_list("inject_failure", [], "Fault injection: ROUND:CLIENT pairs that drop out.")
+_INJECT_FAILURE = flags.DEFINE_list("inject_failure", [], "Fault injection: ROUND:CLIENT pairs whose local "
+                                    "training fails mid-epoch.")
 
 flags.mark_flag_as_required("root_dir")
 program.ignore_tff_exit_noise()

@@ -224,8 +224,17 @@ class RunOptions:
     capture_rounds: tuple = ()   # round numbers to capture; ("all",) for every round
     keep_rounds: int = 5         # complete rounds kept on disk (the latest always)
     inject_nan: tuple = ()       # ((round, client_id), ...): the client's data become NaN
-    inject_failure: tuple = ()   # ((round, client_id), ...): the client drops out before reporting
+    inject_failure: tuple = ()   # ((round, client_id), ...): the client's computation fails mid-epoch
     progress: bool = True
+
+
+def _fail_after(dataset, steps):
+    """Fault injection: the client's local training raises after `steps` batches (inside the round)."""
+    def check(index, batch):
+        with tf.control_dependencies([tf.debugging.assert_less(index, tf.constant(steps, tf.int64),
+                                                               message="injected client failure")]):
+            return tf.nest.map_structure(tf.identity, batch)
+    return dataset.enumerate().map(check)
 
 
 def _captures_round(options, round_num):
@@ -292,20 +301,26 @@ def train(root_dir, config, options, dataset=None):
         seeds = {c: simulation.data_seed(config.seed, round_num, c) for c in sampled}
 
         def client_data(client_id, round_num=round_num, seeds=seeds):
-            if (round_num, client_id) in fail_at:
-                raise simulation.ClientFailure("injected failure")
             indices = partition[int(client_id)]
             images = dataset.x_train[indices]
             if (round_num, client_id) in nan_at:
                 images = np.full_like(images, np.nan)
             # Batched per epoch, then repeated (reshuffled): each epoch ends with its own partial batch.
-            return data_lib.make_dataset(images, dataset.y_train[indices], config.input_shape, config.batch_size,
-                                         shuffle_seed=seeds[client_id]).repeat(config.local_epochs)
+            client_dataset = data_lib.make_dataset(images, dataset.y_train[indices], config.input_shape,
+                                                   config.batch_size, shuffle_seed=seeds[client_id])
+            client_dataset = client_dataset.repeat(config.local_epochs)
+            if (round_num, client_id) in fail_at:
+                steps = config.local_epochs * -(-len(indices) // config.batch_size)
+                client_dataset = _fail_after(client_dataset, steps // 2)
+            return client_dataset
 
         learning_rate = config.round_learning_rate(round_num)
         global_t, global_n = process.global_weights(server_state)
-        server_state, metrics, reports = simulation.run_round(
-            process, server_state, client_states, sampled, client_data, learning_rate)
+        try:
+            server_state, metrics, reports = simulation.run_round(
+                process, server_state, client_states, sampled, client_data, learning_rate)
+        except simulation.RoundFailed as e:
+            raise ProgramError(f"round {round_num}: {e}; fix the cause and run the same command again") from None
         if capture and _captures_round(options, round_num):
             simulation.save_captures(root_dir, round_num, layout, global_t, global_n, reports,
                                      capture_meta_fn(config, dataset.name, learning_rate, seeds, partition))

@@ -1,12 +1,13 @@
 """The simulation driver: client sampling, per-client private state, dropouts and captures.
 
 `run_round` executes one round of a `StatefulClientsProcess` for the sampled clients and keeps the
-returned private states per client id; clients that fail before reporting are dropped from the
-round (the rest go on), and clients whose update is not finite are rejected by the round itself.
+returned private states per client id; clients whose computation fails mid-round are dropped from
+the round (the rest go on), and clients whose update is not finite are rejected by the round itself.
 """
 
 import logging
 
+import grpc
 import numpy as np
 
 from tfkl import capture as capture_lib
@@ -15,8 +16,8 @@ from tfkl import private
 logger = logging.getLogger(__name__)
 
 
-class ClientFailure(RuntimeError):
-    """A client that dropped out of a round before reporting."""
+class RoundFailed(RuntimeError):
+    """A round in which no sampled client could report."""
 
 
 def sample_clients(num_clients, clients_per_round, seed, round_num):
@@ -52,29 +53,48 @@ def run_round(process, server_state, client_states, client_ids, client_data_fn, 
     """Runs one round on `client_ids`; returns (server_state, metrics, reports by client id).
 
     `client_states` (client id -> private state) is updated in place for the clients that took part.
-    `client_data_fn(client_id)` returns the client's tf.data.Dataset or raises (a dropout).
+    `client_data_fn(client_id)` returns the client's tf.data.Dataset. A client whose computation
+    fails inside the round (TFF reports it as a failed RPC) is found by running the clients one by
+    one, logged and dropped; the round is then run again with the others.
     """
-    taking_part, datasets = [], []
-    for client_id in client_ids:
-        try:
-            datasets.append(client_data_fn(client_id))
-            taking_part.append(client_id)
-        except ClientFailure as e:
-            logger.warning("client %s dropped out of the round: %s", client_id, e)
-    if not taking_part:
-        raise ClientFailure("every sampled client dropped out")
-    states = [client_states[c] for c in taking_part]
-    server_state, new_states, metrics, reports = process.next(server_state, np.float32(learning_rate), datasets,
-                                                              states)
+    learning_rate = np.float32(learning_rate)
+    datasets = {c: client_data_fn(c) for c in client_ids}
+
+    def next_round(ids):
+        return process.next(server_state, learning_rate, [datasets[c] for c in ids], [client_states[c] for c in ids])
+
+    taking_part = list(client_ids)
+    try:
+        outputs = next_round(taking_part)
+    except grpc.RpcError as error:
+        logger.warning("a client failed inside the round (%s); finding it", _first_line(error))
+        taking_part = [c for c in client_ids if _completes(next_round, c)]
+        if not taking_part:
+            raise RoundFailed(f"every sampled client failed: {_first_line(error)}") from None
+        outputs = next_round(taking_part)
+    server_state, new_states, metrics, reports = outputs
     by_client = {}
     for client_id, state, report in zip(taking_part, new_states, reports):
         client_states[client_id] = state
         by_client[client_id] = report
         if not report["accepted"]:
             logger.warning("client %s sent a non-finite update: rejected", client_id)
-    dropped = [c for c in client_ids if c not in by_client]
-    metrics = dict(metrics, clients_dropped=len(dropped))
+    metrics = dict(metrics, clients_dropped=len(client_ids) - len(taking_part))
     return server_state, metrics, by_client
+
+
+def _first_line(error):
+    details = error.details() if hasattr(error, "details") else str(error)
+    return (details or str(error)).strip().splitlines()[0][:200]
+
+
+def _completes(next_round, client_id):
+    try:
+        next_round([client_id])
+        return True
+    except grpc.RpcError as error:
+        logger.warning("client %s failed mid-round and is dropped: %s", client_id, _first_line(error))
+        return False
 
 
 def save_captures(root_dir, round_num, layout, global_trainable, global_non_trainable, reports, meta_fn):
