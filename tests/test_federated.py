@@ -312,3 +312,18 @@ def test_bad_split_and_foreign_directory_refused(digits, tmp_path):
         program.train(str(tmp_path / "b"), make_config(), program.RunOptions(rounds=1, progress=False),
                       dataset=digits)
     assert os.listdir(tmp_path / "b") == ["notes.txt"]
+
+
+def test_cached_client_data_equals_in_memory(digits, tmp_path):
+    config = make_config(local_epochs=2, batch_size=16)
+    indices = np.arange(10, 50)
+    cached = program.client_dataset(config, digits, indices, 7, str(tmp_path), "3")
+    again = program.client_dataset(config, digits, indices, 7, str(tmp_path), "3")  # reads the snapshot
+    inline = program.client_dataset(config, digits, indices, 7)
+    batches = [list(d.as_numpy_iterator()) for d in (cached, again, inline)]
+    assert len(batches[0]) == 2 * 3 and [len(b[1]) for b in batches[0]] == [16, 16, 8] * 2
+    for other in batches[1:]:
+        for (x, y), (x2, y2) in zip(batches[0], other):
+            np.testing.assert_array_equal(x, x2)
+            np.testing.assert_array_equal(y, y2)
+    assert not np.array_equal(batches[0][0][1], batches[0][3][1])  # reshuffled each epoch

@@ -6,6 +6,7 @@ Under `root_dir`:
   clients/             tfkl.federated.client_store.ClientStore: private client states per round
   metrics.csv, tensorboard/   per-round metrics (CSV and TensorBoard release managers)
   captures/            optional: what a curious server received (tfkl.capture format)
+  client_data/         each client's examples as a tf.data snapshot (the round ships their path)
 Client states are saved before the server state, so a round is complete when both exist; a resumed
 run starts from the last complete round and gives the same result as an uninterrupted one.
 """
@@ -226,6 +227,38 @@ class RunOptions:
     inject_nan: tuple = ()       # ((round, client_id), ...): the client's data become NaN
     inject_failure: tuple = ()   # ((round, client_id), ...): the client's computation fails mid-epoch
     progress: bool = True
+    cache_client_data: bool = True  # each client's examples as a tf.data snapshot under root_dir/client_data
+
+
+def client_dataset(config, dataset, indices, shuffle_seed, cache_dir=None, client_id=None, poison=False,
+                   fail=False):
+    """One client's local data for one round: shuffled, batched per epoch, repeated `local_epochs`.
+
+    With `cache_dir` the client's examples are read from a tf.data snapshot there (written once):
+    the round then ships a file path to the TFF worker instead of the examples. `poison` turns the
+    images into NaN and `fail` makes the local training raise mid-epoch (fault injection).
+    """
+    if cache_dir is None:
+        examples = tf.data.Dataset.from_tensor_slices((dataset.x_train[indices], dataset.y_train[indices]))
+    else:
+        path = os.path.join(cache_dir, f"client_{client_id}")
+        if not os.path.isdir(path):
+            tmp = f"{path}.tmp"
+            if os.path.isdir(tmp):
+                tf.io.gfile.rmtree(tmp)
+            tf.data.Dataset.from_tensor_slices((dataset.x_train[indices], dataset.y_train[indices])).save(tmp)
+            os.replace(tmp, path)
+        examples = tf.data.Dataset.load(path)
+    shape = tuple(config.input_shape)
+    examples = examples.shuffle(len(indices), seed=shuffle_seed, reshuffle_each_iteration=True)
+    batches = examples.batch(config.batch_size).map(lambda x, y: (data_lib.preprocess(x, shape), y))
+    if poison:
+        batches = batches.map(lambda x, y: (x * np.float32(np.nan), y))
+    # Batched per epoch, then repeated (reshuffled): each epoch ends with its own partial batch.
+    batches = batches.repeat(config.local_epochs)
+    if fail:
+        batches = _fail_after(batches, config.local_epochs * -(-len(indices) // config.batch_size) // 2)
+    return batches
 
 
 def _fail_after(dataset, steps):
@@ -258,7 +291,7 @@ def capture_meta_fn(config, dataset_name, learning_rate, data_seeds, partition):
                 note="for scoring an attack only; not attacker knowledge", dataset=dataset_name,
                 data_dir=config.data_dir, split=config.split, alpha=config.alpha, split_seed=config.seed,
                 num_clients=config.num_clients, client_index=int(client_id),
-                shuffle_seed=data_seeds[client_id], input_pipeline="tfkl.data.make_dataset"))
+                shuffle_seed=data_seeds[client_id], input_pipeline="tfkl.federated.program.client_dataset"))
     return meta
 
 
@@ -289,6 +322,7 @@ def train(root_dir, config, options, dataset=None):
         server_state, client_states, start = restored
         logger.info("resuming %s after round %d", root_dir, start)
     layout = simulation.SharedLayout(config.model_fn()(), process.parts)
+    cache_dir = os.path.join(os.path.abspath(root_dir), "client_data") if options.cache_client_data else None
     nan_at, fail_at = set(options.inject_nan), set(options.inject_failure)
     progress = tf.keras.utils.Progbar(options.rounds, stateful_metrics=["loss", "accuracy", "rejected",
                                                                        "dropped", "s/round"],
@@ -301,18 +335,9 @@ def train(root_dir, config, options, dataset=None):
         seeds = {c: simulation.data_seed(config.seed, round_num, c) for c in sampled}
 
         def client_data(client_id, round_num=round_num, seeds=seeds):
-            indices = partition[int(client_id)]
-            images = dataset.x_train[indices]
-            if (round_num, client_id) in nan_at:
-                images = np.full_like(images, np.nan)
-            # Batched per epoch, then repeated (reshuffled): each epoch ends with its own partial batch.
-            client_dataset = data_lib.make_dataset(images, dataset.y_train[indices], config.input_shape,
-                                                   config.batch_size, shuffle_seed=seeds[client_id])
-            client_dataset = client_dataset.repeat(config.local_epochs)
-            if (round_num, client_id) in fail_at:
-                steps = config.local_epochs * -(-len(indices) // config.batch_size)
-                client_dataset = _fail_after(client_dataset, steps // 2)
-            return client_dataset
+            return client_dataset(config, dataset, partition[int(client_id)], seeds[client_id], cache_dir,
+                                  client_id, poison=(round_num, client_id) in nan_at,
+                                  fail=(round_num, client_id) in fail_at)
 
         learning_rate = config.round_learning_rate(round_num)
         global_t, global_n = process.global_weights(server_state)
