@@ -173,7 +173,7 @@ def test_sampling_and_private_state_with_many_clients(digits, tmp_path):
     initial = ClientStore(str(tmp_path / "clients")).load(0, KEY_DIM)
     final = ClientStore(str(tmp_path / "clients")).load(2, KEY_DIM)
     changed = {c for c in final if any(not np.array_equal(a, b) for a, b in zip(final[c]["lock"], initial[c]["lock"]))}
-    sampled = set(simulation.sample_clients(20, 4, config.seed, 1)) | set(simulation.sample_clients(20, 4, config.seed, 2))
+    sampled = {c for r in (1, 2) for c in simulation.sample_clients(20, 4, config.seed, r)}
     assert changed == sampled and 4 <= len(changed) <= 8
     last = ClientStore(str(tmp_path / "clients")).last_update_rounds(2)
     assert {c for c, r in last.items() if r == 2} == set(simulation.sample_clients(20, 4, config.seed, 2))

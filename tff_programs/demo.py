@@ -55,7 +55,7 @@ def run_federated(root_dir, algorithm="fedkl", rounds=20, dataset=None, progress
     with open(os.path.join(run_dir, "evaluation.json"), "w") as f:
         json.dump(result, f, indent=1)
     captures_dir = os.path.join(run_dir, "captures")
-    paths = sorted(os.path.join(captures_dir, p) for p in os.listdir(captures_dir)) if os.path.isdir(captures_dir) else []
+    paths = sorted(os.path.join(captures_dir, p) for p in os.listdir(captures_dir))
     return DemoRun(run_dir, config, result, paths)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tfkl import private
+from tfkl import keys, private
 from tfkl.optimizers import LEARNING_RATE, MOMENTUM_BUFFERS
 from tfkl.training import classification_loss
 
@@ -78,7 +78,8 @@ class StatefulClientsProcess(tff.templates.IterativeProcess):
 
     @staticmethod
     def global_weights(server_state):
-        return [np.asarray(w) for w in server_state["trainable"]], [np.asarray(w) for w in server_state["non_trainable"]]
+        return ([np.asarray(w) for w in server_state["trainable"]],
+                [np.asarray(w) for w in server_state["non_trainable"]])
 
 
 def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, client_weighting,
@@ -98,32 +99,29 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
     shared_t, shared_n, key_vars, lock_vars = parts.split(probe)
     trainable_all = probe.trainable_variables
     keep_stats = statistics == "local"
-    input_spec = tf.TensorSpec((None,) + tuple(probe.input_shape[1:]), tf.float32)
-    data_type = tff.SequenceType((tff.TensorType(np.float32, input_spec.shape), tff.TensorType(np.int64, [None])))
+    data_type = tff.SequenceType((tff.TensorType(np.float32, (None,) + tuple(probe.input_shape[1:])),
+                                  tff.TensorType(np.int64, [None])))
 
     shared_type = tff.to_type(collections.OrderedDict(trainable=_types(shared_t), non_trainable=_types(shared_n)))
     client_state_type = tff.to_type(collections.OrderedDict(
         key=_types(key_vars), lock=_types(lock_vars),
         optimizer=_types(trainable_all) if persist_optimizer_state else [],
         statistics=_types(shared_n) if keep_stats else []))
-    update_type = tff.to_type(collections.OrderedDict(
-        trainable=_types(shared_t), non_trainable=[] if keep_stats else _types(shared_n)))
     learning_rate_type = tff.TensorType(np.float32)
 
+    # Every client starts from the model_fn's lock weights and statistics (as in the paper), with its own key.
+    initial_lock = [v.numpy() for v in lock_vars]
+    initial_statistics = [v.numpy() for v in shared_n]
+
     def initial_client_state(key=None):
-        model = model_fn()
-        _, shared_n_vars, key_v, lock_v = parts.split(model)
-        if locked:
-            if key is None:
-                raise ValueError("a FedKL client needs a key")
-            private.set_key(model, key)
-        elif key is not None:
-            raise ValueError("a FedAvg client has no key")
+        if locked == (key is None):
+            raise ValueError("a FedKL client needs a key" if locked else "a FedAvg client has no key")
         return collections.OrderedDict(
-            key=[v.numpy() for v in key_v], lock=[v.numpy() for v in lock_v],
-            optimizer=[np.zeros(v.shape, v.dtype.as_numpy_dtype) for v in model.trainable_variables]
+            key=[keys.validate_key(key, key_vars[0].shape[0])] if locked else [],
+            lock=[np.copy(a) for a in initial_lock],
+            optimizer=[np.zeros(v.shape, v.dtype.as_numpy_dtype) for v in trainable_all]
             if persist_optimizer_state else [],
-            statistics=[v.numpy() for v in shared_n_vars] if keep_stats else [])
+            statistics=[np.copy(a) for a in initial_statistics] if keep_stats else [])
 
     @tff.tensorflow.computation
     def server_init():
@@ -189,7 +187,8 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
                  tf.constant(0, tf.int64)), step)
             update = collections.OrderedDict(
                 trainable=[v - w for v, w in zip(trainable, global_weights["trainable"])],
-                non_trainable=[] if keep_stats else [v - w for v, w in zip(non_trainable, global_weights["non_trainable"])])
+                non_trainable=[] if keep_stats else
+                [v - w for v, w in zip(non_trainable, global_weights["non_trainable"])])
             new_state = collections.OrderedDict(
                 key=list(state["key"]), lock=[v.read_value() for v in lock_v],
                 optimizer=list(buffers) if persist_optimizer_state else [],

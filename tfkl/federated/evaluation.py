@@ -16,7 +16,8 @@ from tfkl.federated.client_store import ClientStore
 from tfkl.training import accuracy, classification_loss
 
 ENTRIES = {
-    "a_own_key_and_lock": "each client: global shared weights + its own key and lock weights (the paper's FedKL accuracy)",
+    "a_own_key_and_lock": "each client: global shared weights + its own key and lock weights (the paper's FedKL "
+                          "accuracy)",
     "b_own_lock_random_key": "each client's own lock weights under a fresh random key",
     "c_own_lock_other_key": "each client's own lock weights under the next client's key",
     "c_other_key_and_lock": "the next client's key and lock weights in this client's model (same as that client's "
