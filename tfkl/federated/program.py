@@ -321,6 +321,8 @@ def train(root_dir, config, options, dataset=None):
     else:
         server_state, client_states, start = restored
         logger.info("resuming %s after round %d", root_dir, start)
+        if options.progress:
+            print(f"resuming {root_dir} after round {start} (the last complete one)")
     layout = simulation.SharedLayout(config.model_fn()(), process.parts)
     cache_dir = os.path.join(os.path.abspath(root_dir), "client_data") if options.cache_client_data else None
     nan_at, fail_at = set(options.inject_nan), set(options.inject_failure)
