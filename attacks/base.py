@@ -37,17 +37,18 @@ def total_variation(images):
 
 
 def gradient_distance(predicted, target, distance):
-    """'l2': sum of squared differences; 'cosine': 1 - cosine similarity of the concatenations;
-    'grnn': squared L2 plus L2 (GRNN's loss without its TV term)."""
-    squared = tf.add_n([tf.reduce_sum(tf.square(p - t)) for p, t in zip(predicted, target)])
+    """'l2': sum of squared differences (DLG's); 'cosine': 1 - cosine similarity of the
+    concatenations (IG's); 'grnn': squared L2 plus L2 (GRNN's, without its TV term). The L2 forms
+    are divided by the target's squared norm: the same minimiser, at a scale L-BFGS handles well."""
+    norm_t = tf.add_n([tf.reduce_sum(tf.square(t)) for t in target]) + 1e-30
+    squared = tf.add_n([tf.reduce_sum(tf.square(p - t)) for p, t in zip(predicted, target)]) / norm_t
     if distance == "l2":
         return squared
     if distance == "grnn":
         return squared + tf.sqrt(squared + 1e-12)
     dot = tf.add_n([tf.reduce_sum(p * t) for p, t in zip(predicted, target)])
     norm_p = tf.add_n([tf.reduce_sum(tf.square(p)) for p in predicted])
-    norm_t = tf.add_n([tf.reduce_sum(tf.square(t)) for t in target])
-    return 1.0 - dot * tf.math.rsqrt(norm_p * norm_t + 1e-20)
+    return 1.0 - dot * tf.math.rsqrt(norm_p * norm_t + 1e-30)
 
 
 def _scale(target):

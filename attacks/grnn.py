@@ -22,12 +22,13 @@ class GRNN(base.Attack):
       iterations, learning_rate: Adam steps and step size (the paper: RMSprop 1e-4, 20k steps).
       tv: weight of the TV prior (the paper: 1e-6).
       code_dim, width: the generator's random code length and base width.
-      label_mode: 'joint' (the generator's label branch, GRNN) or 'infer' (iDLG labels).
+      label_mode: 'infer' (iDLG labels; default: the joint branch got stuck on a wrong label in
+        our runs) or 'joint' (the generator's label branch, as GRNN).
     """
     name = "grnn"
 
     def __init__(self, attacker, iterations=2000, learning_rate=1e-3, tv=1e-6, distance="grnn", code_dim=64,
-                 width=32, chunk=250, label_mode="joint", restarts=1, seed=0):
+                 width=32, chunk=250, label_mode="infer", restarts=1, seed=0):
         super().__init__(attacker, label_mode, restarts, seed)
         height, width_px, _ = attacker.input_shape
         if height != width_px or height % 4 or (height // 4) & (height // 4 - 1):

@@ -23,7 +23,9 @@ def last_layer_signal(attacker, target):
         signal = np.asarray(target.values[trainable_position[attacker._index[id(layer.bias)]]])
     else:
         signal = np.asarray(target.values[trainable_position[attacker._index[id(layer.kernel)]]]).sum(axis=0)
-    return -signal if target.kind == "update" else signal
+    if target.kind == "update":  # in gradient units: minus the update per learning rate and step
+        return -signal / (target.learning_rate * target.num_steps)
+    return signal
 
 
 def infer_labels(attacker, target):

@@ -1,7 +1,7 @@
 """Image metrics for reconstructions: standard, affine-aligned, and the FedKL paper's variants.
 
 Images are float in [0, 1], shape [N, H, W, C]. Standard: MSE, PSNR = 10 log10(1 / MSE), SSIM
-(tf.image.ssim, 11x11 Gaussian window, max value 1). Affine-aligned: the reconstruction is first
+(tf.image.ssim, 11x11 Gaussian window or the image size if smaller, max value 1). Affine-aligned: the reconstruction is first
 mapped by the least-squares a * x' + b against the truth (per image; train-mode normalisation at
 batch 1 makes the gradient blind to brightness and contrast), then clipped to [0, 1].
 Paper variants (FedKL's evaluation_metrics.py, on 0-255 pixels): `paper_rmse` is the RMSE they call
@@ -26,6 +26,11 @@ def affine_align(reconstructed, truth):
     return tf.cast(tf.reshape(aligned, tf.shape(truth)), tf.float32)
 
 
+def _window(images):
+    """SSIM's Gaussian window: 11 pixels, or the image size if smaller."""
+    return int(min(11, images.shape[1], images.shape[2]))
+
+
 def psnr(reconstructed, truth):
     """Standard PSNR in dB per image (max value 1); identical images give +inf."""
     mse = tf.reduce_mean(tf.square(tf.cast(reconstructed, tf.float64) - tf.cast(truth, tf.float64)), [1, 2, 3])
@@ -47,9 +52,9 @@ def image_metrics(reconstructed, truth, raw=None):
     return {
         "mse": mse.astype(float),
         "psnr": psnr(reconstructed, truth).astype(float),
-        "ssim": tf.image.ssim(reconstructed, truth, 1.0).numpy().astype(float),
+        "ssim": tf.image.ssim(reconstructed, truth, 1.0, filter_size=_window(truth)).numpy().astype(float),
         "aligned_psnr": psnr(aligned, truth).astype(float),
-        "aligned_ssim": tf.image.ssim(aligned, truth, 1.0).numpy().astype(float),
+        "aligned_ssim": tf.image.ssim(aligned, truth, 1.0, filter_size=_window(truth)).numpy().astype(float),
         "paper_rmse": rmse.astype(float),
         "paper_psnr": paper_psnr.astype(float),
     }

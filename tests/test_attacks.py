@@ -1,0 +1,219 @@
+"""Attack module: attacker model fidelity, threat-model isolation, labels, metrics, real recovery."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import attacks
+from attacks import base, experiment, labels, metrics, model as model_lib, targets
+from tfkl import models, private
+
+SHAPE = (8, 8, 1)
+
+
+def _victim(lock, seed=3, normalization="batch", init="pytorch"):
+    return models.build("lenet", SHAPE, 4, lock=lock, init=init, seed=seed, normalization=normalization)
+
+
+def _images(count, seed=0):
+    rng = np.random.default_rng(seed)
+    smooth = rng.uniform(0, 1, (count, 4, 4, 1)).astype(np.float32)
+    return tf.image.resize(smooth, SHAPE[:2]).numpy(), rng.integers(0, 4, count)
+
+
+@pytest.mark.parametrize("lock,normalization", [(False, "batch"), (True, "batch"), (True, "group")])
+def test_attacker_model_reproduces_the_client_gradient_without_touching_the_victim(lock, normalization):
+    victim = _victim(lock, normalization=normalization)
+    x, y = _images(2)
+    before = [v.numpy() for v in victim.variables]
+    target = targets.client_gradient(victim, x, y)
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, victim.variables))
+    threat = "oracle" if lock else "none"
+    attacker = model_lib.AttackerModel(model_lib.ServerView.from_model(victim), threat,
+                                       secret=model_lib.extract_secret(victim) if lock else None)
+    predicted = targets.simulate(attacker, target, tf.constant(x), tf.constant(y), tf.zeros([0]))
+    assert len(predicted) == len(target.values)
+    for p, t in zip(predicted, target.values):
+        np.testing.assert_allclose(p.numpy(), t, atol=1e-5)
+
+
+def test_simulated_local_steps_reproduce_a_captured_update(tmp_path):
+    victim = _victim(True)
+    x, y = _images(4)
+    capture = targets.client_update_capture(victim, x, y, str(tmp_path / "c.npz"), batch_size=2, local_epochs=2)
+    target = targets.from_capture(capture)
+    assert (target.kind, target.num_steps) == ("update", 4)
+    view = model_lib.ServerView.from_capture(capture)
+    attacker = model_lib.AttackerModel(view, "oracle", secret=model_lib.extract_secret(victim))
+    predicted = targets.simulate(attacker, target, tf.constant(x), tf.constant(y), tf.zeros([0]))
+    for p, t in zip(predicted, target.values):
+        np.testing.assert_allclose(p.numpy(), t, atol=1e-6)
+
+
+def test_server_view_holds_nothing_private():
+    victim = _victim(True)
+    view = model_lib.ServerView.from_model(victim)
+    secret_names = {v.name for v in private.private_variables(victim)}
+    assert secret_names and not secret_names & set(view.names)
+    secret_values = [v.numpy() for v in private.private_variables(victim)]
+    for value in secret_values:
+        assert not any(w.shape == value.shape and np.array_equal(w, value) for w in view.weights)
+    assert "key\"" not in view.model_json.replace("key_dim", "")  # the config carries no key
+
+
+def test_only_the_oracle_gets_a_secret_and_others_never_read_the_victim():
+    victim = _victim(True)
+    view = model_lib.ServerView.from_model(victim)
+    secret = model_lib.extract_secret(victim)
+    with pytest.raises(ValueError):
+        model_lib.AttackerModel(view, "adaptive", secret=secret)
+    with pytest.raises(ValueError):
+        model_lib.AttackerModel(view, "oracle")
+    with pytest.raises(ValueError):
+        model_lib.AttackerModel(view, "none")
+    x, y = _images(1)
+    target = targets.client_gradient(victim, x, y)
+    for variable in private.private_variables(victim):  # poison the victim's secret after capture
+        variable.assign(tf.fill(variable.shape, np.nan))
+    for threat in ("fixed-key", "adaptive"):
+        attacker = model_lib.AttackerModel(view, threat)
+        assert all(not np.any(v.numpy()) for v in private.private_variables(attacker.model))
+        latent = attacker.initial_lock_latent(1)[0]
+        predicted = targets.simulate(attacker, target, tf.constant(x), tf.constant(y), latent)
+        assert all(np.all(np.isfinite(p.numpy())) for p in predicted)
+        assert labels.infer_labels(attacker, target).tolist() == y.tolist()
+
+
+@pytest.mark.slow
+def test_a_full_attack_never_reads_the_victims_secret():
+    victim = _victim(True)
+    view = model_lib.ServerView.from_model(victim)
+    x, y = _images(1)
+    target = targets.client_gradient(victim, x, y)
+    for variable in private.private_variables(victim):
+        variable.assign(tf.fill(variable.shape, np.nan))
+    for threat in ("fixed-key", "adaptive"):
+        result = attacks.IDLG(model_lib.AttackerModel(view, threat), iterations=5, chunk=5).reconstruct(target)
+        assert np.all(np.isfinite(result.raw_images)) and np.isfinite(result.loss)
+
+
+def test_idlg_label_rule_at_batch_one_and_for_batches():
+    victim = _victim(False)
+    attacker = model_lib.AttackerModel(model_lib.ServerView.from_model(victim), "none")
+    x, _ = _images(8, seed=1)
+    for i in range(8):
+        label = np.array([i % 4])
+        target = targets.client_gradient(victim, x[i:i + 1], label)
+        assert labels.infer_labels(attacker, target).tolist() == label.tolist()
+    batch_labels = np.array([0, 2, 2, 3])
+    target = targets.client_gradient(victim, x[:4], batch_labels)
+    assert metrics.label_accuracy(labels.infer_labels(attacker, target), batch_labels) >= 0.75
+    update = targets.Target("update", tuple(-0.01 * v for v in target.values), 4, 4)
+    assert sorted(labels.infer_labels(attacker, update)) == sorted(labels.infer_labels(attacker, target))
+
+
+def test_metrics_against_known_values():
+    truth = np.zeros((2, 8, 8, 1), np.float32)
+    recon = np.full_like(truth, 0.2)
+    values = metrics.image_metrics(recon, truth)
+    np.testing.assert_allclose(values["mse"], 0.04, rtol=1e-5)
+    np.testing.assert_allclose(values["psnr"], 10 * np.log10(1 / 0.04), rtol=1e-5)
+    np.testing.assert_allclose(values["paper_rmse"], 51.0)
+    np.testing.assert_allclose(values["paper_psnr"], 10 * np.log10(255.0 ** 2 / 51.0), rtol=1e-6)
+    truth = np.random.default_rng(0).uniform(0, 1, (2, 16, 16, 1)).astype(np.float32)
+    same = metrics.image_metrics(truth, truth)
+    np.testing.assert_allclose(same["ssim"], 1.0, atol=1e-6)
+    assert np.all(np.isinf(same["psnr"]))
+    affine = metrics.image_metrics(np.clip(0.5 * truth + 0.2, 0, 1), truth, raw=0.5 * truth + 0.2)
+    assert np.all(affine["psnr"] < 20) and np.all(affine["aligned_psnr"] > 60)
+    assert metrics.label_accuracy([1, 1, 2], [1, 2, 2]) == pytest.approx(2 / 3)
+    assert metrics.match_order(truth[::-1], truth).tolist() == [1, 0]
+
+
+def _start_psnr(attack, target, truth):
+    start = attack._split(attack._initial(target, 1, attack.seed)[0], target)[0].numpy()
+    return float(metrics.image_metrics(np.clip(start, 0, 1), truth)["aligned_psnr"][0])
+
+
+@pytest.mark.parametrize("name,options", [
+    pytest.param("idlg", dict(iterations=150, chunk=150), marks=pytest.mark.slow),
+    ("ig", dict(iterations=300, chunk=300, restarts=1, tv=1e-4, signed=False, learning_rate=0.05)),
+])
+def test_attacks_recover_images_from_a_gradient(name, options):
+    victim = _victim(False, init="dlg")
+    x, y = _images(1)
+    target = targets.client_gradient(victim, x, y)
+    attacker = model_lib.AttackerModel(model_lib.ServerView.from_model(victim), "none")
+    attack = experiment.build_attack(name, attacker, **options)
+    result = attack.reconstruct(target)
+    final = metrics.image_metrics(result.images, x, result.raw_images)["aligned_psnr"][0]
+    assert final > _start_psnr(attack, target, x) + 6.0
+    assert result.history[-1]["loss"][0] < 1e-3
+
+
+def test_grnn_trains_its_generator_towards_the_image():
+    victim = _victim(False, init="dlg")
+    x, y = _images(1)
+    target = targets.client_gradient(victim, x, y)
+    attacker = model_lib.AttackerModel(model_lib.ServerView.from_model(victim), "none")
+    attack = attacks.GRNN(attacker, iterations=300, chunk=150, learning_rate=1e-2, width=16, code_dim=16)
+    result = attack.reconstruct(target)
+    losses = [h["loss"][0] for h in result.history]
+    assert losses[-1] < losses[0]
+    final = metrics.image_metrics(result.images, x, result.raw_images)["aligned_psnr"][0]
+    assert final > _start_psnr(attack, target, x) + 6.0
+
+
+@pytest.mark.slow
+def test_adaptive_attack_recovers_from_an_update_and_returns_lock_estimates(tmp_path):
+    victim = _victim(True)
+    x, y = _images(2, seed=4)
+    capture = targets.client_update_capture(victim, x, y, str(tmp_path / "c.npz"), batch_size=1)
+    target = targets.from_capture(capture)
+    attacker = model_lib.AttackerModel(model_lib.ServerView.from_capture(capture), "adaptive")
+    assert attacker.lock_latent_size() == 2 * 12
+    attack = attacks.IDLG(attacker, iterations=100, chunk=50, restarts=2)
+    result = attack.reconstruct(target)
+    assert sorted(result.labels.tolist()) == sorted(y.tolist())
+    gamma, beta = next(iter(result.info["lock_estimate"].values()))
+    assert len(gamma) == len(beta) == 12 and min(gamma) >= 0
+    losses = [min(h["loss"]) for h in result.history]
+    assert losses[-1] <= losses[0]
+
+
+def test_grid_png_and_table(tmp_path):
+    x, _ = _images(3)
+    experiment.save_grid(str(tmp_path / "g.png"), [("truth", x), ("rec", x[::-1])])
+    image = tf.io.decode_png(tf.io.read_file(str(tmp_path / "g.png"))).numpy()
+    assert image.shape == (2 * (8 + 2) + 2, 3 * (8 + 2) + 2, 3)
+    summary = metrics.summarize(metrics.image_metrics(x, x[::-1]))
+    assert "psnr" in experiment.format_table([("a", {**summary, "label_accuracy": summary["mse"]}, 1.0)])
+
+
+def test_gradient_distances_and_tv():
+    a = [tf.constant([1.0, 0.0]), tf.constant([[2.0]])]
+    assert float(base.gradient_distance(a, a, "l2")) == 0.0
+    assert float(base.gradient_distance(a, a, "cosine")) == pytest.approx(0.0, abs=1e-6)
+    b = [-t for t in a]
+    assert float(base.gradient_distance(a, b, "cosine")) == pytest.approx(2.0)
+    assert float(base.gradient_distance(a, b, "l2")) == pytest.approx(4.0)
+    flat = tf.ones((1, 4, 4, 1))
+    assert float(base.total_variation(flat)) == 0.0
+
+
+@pytest.mark.slow
+def test_attack_captures_writes_grid_and_table(tmp_path):
+    x, y = _images(1)
+    paths = {}
+    for name, lock in (("fedavg", False), ("fedkl", True)):
+        path = str(tmp_path / f"{name}.npz")
+        targets.client_update_capture(_victim(lock), x, y, path, batch_size=1)
+        paths[name] = path
+    results = experiment.attack_captures(paths, str(tmp_path / "out"), attack="idlg",
+                                         attack_options=dict(iterations=20, chunk=20), truth_images=x,
+                                         truth_labels=y, verbose=False)
+    assert set(results) == {"fedavg/none", "fedkl/fixed-key", "fedkl/adaptive"}
+    assert (tmp_path / "out" / "captures_grid.png").stat().st_size > 100
+    assert "aligned_psnr" in (tmp_path / "out" / "captures_table.txt").read_text()
+    with pytest.raises(ValueError):
+        experiment.attack_captures(paths, str(tmp_path / "out"), locked_threats=("oracle",))
