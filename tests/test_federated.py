@@ -3,6 +3,7 @@
 import collections
 import glob
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from tff_programs import contexts
 from tfkl import capture as capture_lib
 from tfkl import data, models, optimizers, training
 from tfkl.federated import algorithms, program, simulation
-from tfkl.federated.client_store import ClientStore
+from tfkl.federated.client_store import ClientStateError, ClientStore
 
 SHAPE = (16, 16, 1)
 KEY_DIM = 16  # a key length no shared variable has, so private shapes are recognisable
@@ -327,3 +328,18 @@ def test_cached_client_data_equals_in_memory(digits, tmp_path):
             np.testing.assert_array_equal(x, x2)
             np.testing.assert_array_equal(y, y2)
     assert not np.array_equal(batches[0][0][1], batches[0][3][1])  # reshuffled each epoch
+
+
+def test_interrupted_initialisation_keeps_the_saved_keys(digits, tmp_path):
+    config = make_config(seeded_keys=False)  # CSPRNG keys: a restart would draw new ones
+    program.train(str(tmp_path), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
+    store = ClientStore(str(tmp_path / "clients"))
+    keys_before = {c: store.saved_key(c, KEY_DIM) for c in "012"}
+    shutil.rmtree(tmp_path / "server")  # as if killed before the first server state was written
+    program.train(str(tmp_path), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
+    _, states, _ = program.restore(str(tmp_path), config, program.build_process(config))
+    for c in "012":
+        np.testing.assert_array_equal(store.saved_key(c, KEY_DIM), keys_before[c])
+        np.testing.assert_array_equal(states[c]["key"][0], keys_before[c])
+    with pytest.raises(ClientStateError, match="differs from its key file"):
+        store.save(2, {"0": dict(states["0"], key=[tfkl.generate_key(KEY_DIM)])}, changed={"0"})

@@ -74,9 +74,11 @@ class ClientStore:
                 continue
             client_dir = self._client_dir(cid)
             if state["key"]:
-                key_path = os.path.join(client_dir, "key")
-                if not os.path.exists(key_path):
-                    keys_lib.save_key(key_path, state["key"][0])
+                saved = self.saved_key(cid)
+                if saved is None:
+                    keys_lib.save_key(os.path.join(client_dir, "key"), state["key"][0])
+                elif not np.array_equal(saved, state["key"][0]):
+                    raise ClientStateError(f"client {cid}'s key differs from its key file; refusing to mix them")
             name = f"state_{int(round_num):05d}.npz"
             arrays = {f"{field}/{i:05d}": np.asarray(a) for field in _FIELDS for i, a in enumerate(state[field])}
             _write_private(os.path.join(client_dir, name), lambda f: np.savez(f, **arrays))
@@ -85,6 +87,16 @@ class ClientStore:
                             "has_key": bool(state["key"])}
         text = json.dumps({"round": int(round_num), "clients": entries}, indent=1, sort_keys=True).encode()
         _write_private(self._manifest_path(round_num), lambda f: f.write(text))
+
+    def saved_key(self, client_id, key_dim=None):
+        """The client's key file's key, or None if it has none yet."""
+        path = os.path.join(self.directory, str(client_id), "key")
+        if not os.path.exists(path):
+            return None
+        try:
+            return keys_lib.load_key(path, key_dim)
+        except keys_lib.KeyFormatError as e:
+            raise ClientStateError(str(e)) from None
 
     def _read_manifest(self, round_num):
         path = self._manifest_path(round_num)

@@ -261,6 +261,18 @@ def client_dataset(config, dataset, indices, shuffle_seed, cache_dir=None, clien
     return batches
 
 
+def _initial_key(config, store, client_id):
+    """A new client's key; one already on disk comes from an initialisation interrupted before the
+    server state was saved, and is kept."""
+    if not config.locked:
+        return None
+    try:
+        saved = store.saved_key(client_id, config.key_dim)
+    except ClientStateError as e:
+        raise ProgramError(str(e)) from None
+    return config.client_key(client_id) if saved is None else saved
+
+
 def _fail_after(dataset, steps):
     """Fault injection: the client's local training raises after `steps` batches (inside the round)."""
     def check(index, batch):
@@ -313,7 +325,7 @@ def train(root_dir, config, options, dataset=None):
     tensorboard = tff.program.TensorBoardReleaseManager(os.path.join(root_dir, "tensorboard"))
     if restored is None:
         server_state = process.initialize()
-        client_states = {str(c): process.initial_client_state(config.client_key(c) if config.locked else None)
+        client_states = {str(c): process.initial_client_state(_initial_key(config, store, c))
                          for c in range(config.num_clients)}
         start = 0
         store.save(0, client_states, changed=set(client_states))
@@ -351,14 +363,15 @@ def train(root_dir, config, options, dataset=None):
         if capture and _captures_round(options, round_num):
             simulation.save_captures(root_dir, round_num, layout, global_t, global_n, reports,
                                      capture_meta_fn(config, dataset.name, learning_rate, seeds, partition))
+        metrics = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in metrics.items()}
+        metrics.update(learning_rate=float(learning_rate), seconds=time.time() - started)
+        # Released before the state is saved: a resumed round releases again, replacing its rows.
+        asyncio.run(csv_manager.release(metrics, round_num))
+        asyncio.run(tensorboard.release(metrics, round_num))
         store.save(round_num, client_states, changed=set(reports))
         asyncio.run(server_manager.save(server_state, round_num))
         rounds = store.rounds()
         store.prune(set(rounds[-options.keep_rounds:]) | {0})  # the rounds the server manager keeps
-        metrics = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in metrics.items()}
-        metrics.update(learning_rate=float(learning_rate), seconds=time.time() - started)
-        asyncio.run(csv_manager.release(metrics, round_num))
-        asyncio.run(tensorboard.release(metrics, round_num))
         progress.update(round_num, [("loss", metrics["loss"]), ("accuracy", metrics["accuracy"]),
                                     ("rejected", metrics["clients_rejected"]),
                                     ("dropped", metrics["clients_dropped"]), ("s/round", metrics["seconds"])])
