@@ -1,8 +1,8 @@
 """Attack quality: DLG, iDLG, IG and GRNN under the four threat models, on the same images.
 
   python -m benchmarks.attack_quality                 # default set (~15-20 min on 2 CPU cores)
-  python -m benchmarks.attack_quality --set=full      # + IG/GRNN on all images, ResNet-20, updates
-  python -m benchmarks.attack_quality --only=idlg_fashion_mnist --num_images=3
+  python -m benchmarks.attack_quality --attack_set=full    # + IG/GRNN on all images, ResNet-20, batch 4
+  python -m benchmarks.attack_quality --attack_only=idlg_fashion_mnist --attack_num_images=3
 
 Victims: untrained LeNet (PyTorch init, seed 0) without the lock ('none') and the identical
 backbone with the lock (other threats), batch 1 single-step gradients unless stated. Each
@@ -61,10 +61,10 @@ def _experiments(num_images):
     return {"default": default, "full": full}
 
 
-_SET = flags.DEFINE_enum("set", "default", ("default", "full"), "Which experiments to run.")
-_ONLY = flags.DEFINE_list("only", [], "Run only these experiments (names as in the JSON files).")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 10, "Images per data set for the main experiments.", lower_bound=1)
-_OUT_DIR = flags.DEFINE_string("out_dir", "runs/attack_quality", "Where the PNG grids go.")
+_SET = flags.DEFINE_enum("attack_set", "default", ("default", "full"), "Which experiments to run.")
+_ONLY = flags.DEFINE_list("attack_only", [], "Run only these experiments (names as in the JSON files).")
+_NUM_IMAGES = flags.DEFINE_integer("attack_num_images", 10, "Images per data set for the main experiments.", lower_bound=1)
+_OUT_DIR = flags.DEFINE_string("attack_out_dir", "runs/attack_quality", "Where the PNG grids go.")
 
 
 def _row(name, threat, result):
@@ -78,7 +78,7 @@ def _row(name, threat, result):
 
 def run_experiments(names=None, set_name="default", num_images=10, out_dir="runs/attack_quality", log=print):
     """Runs the chosen experiments; returns {name: report} and writes attacks_<name>.json each."""
-    from tff_programs import attack as attack_binary
+    from attacks import study
     chosen = _experiments(num_images)[set_name]
     if names:
         known = {n for group in _experiments(num_images).values() for n, _ in group}
@@ -91,7 +91,7 @@ def run_experiments(names=None, set_name="default", num_images=10, out_dir="runs
     for name, kwargs in chosen:
         log(f"== {name}")
         start = time.perf_counter()
-        report = attack_binary.run(out_dir=os.path.join(out_dir, name), log=log, **kwargs)
+        report = study.run(out_dir=os.path.join(out_dir, name), log=log, **kwargs)
         payload = dict(settings=report["settings"], results=report["results"],
                        tables=[_table(name, report)], notes=[f"grid: {os.path.join(out_dir, name, 'grid.png')}"])
         common.write_result(f"attacks_{name}", payload, quick=False, duration_s=time.perf_counter() - start)

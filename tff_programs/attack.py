@@ -14,19 +14,17 @@ Writes grid.png (truth above one row of reconstructions per threat), metrics.jso
 summary mean/std, timing, settings) and table.txt, and prints progress and the table.
 """
 
-import json
 import os
-import time
 
 from absl import app
 from absl import flags
-import numpy as np
 import tensorflow as tf  # imported before flag parsing, as Keras layers misbehave otherwise
 
+from attacks import study
 from tff_programs import common
 
-THREATS = ("none", "fixed-key", "adaptive", "oracle")
-ATTACKS = ("dlg", "idlg", "ig", "grnn")
+THREATS = study.THREATS
+ATTACKS = study.ATTACK_NAMES
 
 _ATTACK = flags.DEFINE_enum("attack", "idlg", ATTACKS, "Attack.")
 _THREAT = flags.DEFINE_list("threat", ["none", "oracle", "fixed-key", "adaptive"],
@@ -65,96 +63,10 @@ flags.register_validator("learning_rate", lambda v: v is None or v > 0, "--learn
 flags.register_validator("tv", lambda v: v is None or v >= 0, "--tv must be non-negative")
 
 
-def attack_options(attack, iterations=None, restarts=None, learning_rate=None, tv=None, distance=None,
-                   labels=None):
-    """The attack's keyword options from the optional flag values."""
-    options = {}
-    if iterations:
-        options["iterations"] = iterations
-    if restarts:
-        options["restarts"] = restarts
-    if learning_rate is not None:
-        if attack in ("dlg", "idlg"):
-            raise ValueError("--learning_rate applies to ig and grnn (L-BFGS has none)")
-        options["learning_rate"] = learning_rate
-    if tv is not None:
-        options["tv"] = tv
-    if distance:
-        options["distance"] = distance
-    if labels:
-        options["label_mode"] = labels
-    return options
-
-
-def load_images(dataset_name, model_name, num_images, offset=0, data_dir=None):
-    """(dataset, input_shape, images [N, H, W, C] in [0, 1], labels [N]) from the training split."""
-    from tfkl import data
-    dataset = common.load_dataset(dataset_name, data_dir)
-    input_shape = tuple(int(s) for s in common.input_shape(model_name, dataset))
-    if offset + num_images > len(dataset.x_train):
-        common.fail(f"--offset + --num_images exceeds the {len(dataset.x_train)} training images")
-    images = data.preprocess(dataset.x_train[offset:offset + num_images], input_shape).numpy()
-    return dataset, input_shape, images, dataset.y_train[offset:offset + num_images]
-
-
-def train_victims(victims, dataset, input_shape, epochs, examples, seed, log=print):
-    """Trains each victim (its own copy) centrally for `epochs` on the first `examples` images."""
-    from tfkl import data, optimizers, training
-    for name, model in victims.items():
-        train = data.make_dataset(dataset.x_train[:examples], dataset.y_train[:examples], input_shape, 64,
-                                  shuffle_seed=seed)
-        trainer = training.Trainer(model, optimizers.TorchSGD(0.01))
-        for epoch in range(epochs):
-            loss = trainer.fit_epoch(train)
-            log(f"trained victim {name}: epoch {epoch + 1}/{epochs} loss {loss:.4f}")
-
-
-def run(attack, threats, model, dataset, num_images, batch_size=1, offset=0, target="gradient", init="pytorch",
-        normalization="batch", train_epochs=0, train_examples=5000, options=None, update_options=None, seed=0,
-        out_dir=None, data_dir=None, log=print):
-    """Attacks `num_images` images under each threat; returns the JSON-ready results (and writes
-    grid.png, metrics.json, table.txt into `out_dir` if given)."""
-    from attacks import experiment
-    data_set, input_shape, images, labels = load_images(dataset, model, num_images, offset, data_dir)
-    victims = experiment.build_victims(model, input_shape, data_set.num_classes, init, seed, normalization,
-                                       threats=threats)
-    if train_epochs:
-        train_victims(victims, data_set, input_shape, train_epochs, train_examples, seed, log)
-
-    def progress(threat, done, total, losses):
-        log(f"[{attack}/{threat}] {done}/{total} iterations, best losses "
-            f"median {np.median(losses):.3g} min {np.min(losses):.3g}")
-
-    start = time.perf_counter()
-    results = experiment.run_threats(
-        attack, victims, images, labels, threats, batch_size, options, target,
-        capture_dir=out_dir and os.path.join(out_dir, "captures"), update_options=update_options, seed=seed,
-        progress=progress)
-    settings = dict(attack=attack, threats=list(threats), model=model, dataset=dataset, num_images=num_images,
-                    batch_size=batch_size, offset=offset, target=target, init=init, normalization=normalization,
-                    train_epochs=train_epochs, options=options or {}, update_options=update_options or {}, seed=seed,
-                    true_labels=labels.tolist(), total_seconds=time.perf_counter() - start)
-    table = experiment.format_table([(f"{attack}/{t}", r["summary"], r["seconds"]) for t, r in results.items()])
-    log(table)
-    report = dict(settings=settings, results=experiment.json_ready(results), table=table)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        rows = [("truth", images)] + [(t, np.concatenate(
-            [rec.images[experiment.metrics.match_order(rec.images, images[i * batch_size:(i + 1) * batch_size])]
-             if batch_size > 1 else rec.images for i, rec in enumerate(r["reconstructions"])]))
-            for t, r in results.items()]
-        experiment.save_grid(os.path.join(out_dir, "grid.png"), rows)
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        with open(os.path.join(out_dir, "table.txt"), "w") as f:
-            f.write(table + "\n")
-    return report
-
-
 def main(argv):
     common.check_no_positional_args(argv)
     try:
-        options = attack_options(_ATTACK.value, _ITERATIONS.value, _RESTARTS.value, _LEARNING_RATE.value, _TV.value,
+        options = study.attack_options(_ATTACK.value, _ITERATIONS.value, _RESTARTS.value, _LEARNING_RATE.value, _TV.value,
                                  _DISTANCE.value, _LABELS.value)
     except ValueError as e:
         common.fail(str(e))
@@ -183,7 +95,13 @@ def main(argv):
     if _TARGET.value == "update":
         update_options = dict(batch_size=_LOCAL_BATCH_SIZE.value, local_epochs=_LOCAL_EPOCHS.value,
                               learning_rate=_CLIENT_LR.value)
-    run(_ATTACK.value, _THREAT.value, _MODEL.value, _DATASET.value, _NUM_IMAGES.value, _BATCH_SIZE.value,
+    try:
+        dataset = study.load_data(_DATASET.value, _DATA_DIR.value)
+    except (ValueError, OSError, RuntimeError) as e:
+        common.fail(str(e))
+    if _OFFSET.value + _NUM_IMAGES.value > len(dataset.x_train):
+        common.fail(f"--offset + --num_images exceeds the {len(dataset.x_train)} training images")
+    study.run(_ATTACK.value, _THREAT.value, _MODEL.value, _DATASET.value, _NUM_IMAGES.value, _BATCH_SIZE.value,
         _OFFSET.value, _TARGET.value, _INIT.value, _NORMALIZATION.value, _TRAIN_EPOCHS.value, _TRAIN_EXAMPLES.value,
         options, update_options, _SEED.value, _OUT_DIR.value, _DATA_DIR.value)
     print(f"wrote {_OUT_DIR.value}/grid.png, metrics.json and table.txt")

@@ -1,0 +1,109 @@
+"""Attack studies: load images, build (and optionally train) victims, attack them under several
+threat models, and write the grid, per-image metrics and the table. Used by tff_programs.attack and
+benchmarks.attack_quality (no flags here)."""
+
+import json
+import os
+import time
+
+import numpy as np
+
+from attacks import experiment
+from attacks.model import THREATS
+from tfkl import data, optimizers, training
+
+ATTACK_NAMES = tuple(experiment.ATTACKS)
+
+
+def attack_options(attack, iterations=None, restarts=None, learning_rate=None, tv=None, distance=None,
+                   labels=None):
+    """The attack's keyword options from the optional flag values."""
+    options = {}
+    if iterations:
+        options["iterations"] = iterations
+    if restarts:
+        options["restarts"] = restarts
+    if learning_rate is not None:
+        if attack in ("dlg", "idlg"):
+            raise ValueError("--learning_rate applies to ig and grnn (L-BFGS has none)")
+        options["learning_rate"] = learning_rate
+    if tv is not None:
+        options["tv"] = tv
+    if distance:
+        options["distance"] = distance
+    if labels:
+        options["label_mode"] = labels
+    return options
+
+
+def load_data(dataset_name, data_dir=None):
+    """The data set (raises tfkl.data.DataUnavailableError when it is not on disk)."""
+    return data.load(dataset_name, data_dir)
+
+
+def input_shape_for(model_name, dataset):
+    """32x32 for LeNet/ResNet-20/32, 224 for the larger models; channels follow the data."""
+    size = 32 if model_name in ("lenet", "resnet20", "resnet32") else 224
+    return (size, size, int(dataset.x_train.shape[-1]))
+
+
+def load_images(dataset_name, model_name, num_images, offset=0, data_dir=None):
+    """(dataset, input_shape, images [N, H, W, C] in [0, 1], labels [N]) from the training split."""
+    dataset = load_data(dataset_name, data_dir)
+    input_shape = input_shape_for(model_name, dataset)
+    if offset + num_images > len(dataset.x_train):
+        raise ValueError(f"offset + num_images exceeds the {len(dataset.x_train)} training images")
+    images = data.preprocess(dataset.x_train[offset:offset + num_images], input_shape).numpy()
+    return dataset, input_shape, images, dataset.y_train[offset:offset + num_images]
+
+
+def train_victims(victims, dataset, input_shape, epochs, examples, seed, log=print):
+    """Trains each victim (its own copy) centrally for `epochs` on the first `examples` images."""
+    for name, model in victims.items():
+        train = data.make_dataset(dataset.x_train[:examples], dataset.y_train[:examples], input_shape, 64,
+                                  shuffle_seed=seed)
+        trainer = training.Trainer(model, optimizers.TorchSGD(0.01))
+        for epoch in range(epochs):
+            loss = trainer.fit_epoch(train)
+            log(f"trained victim {name}: epoch {epoch + 1}/{epochs} loss {loss:.4f}")
+
+
+def run(attack, threats, model, dataset, num_images, batch_size=1, offset=0, target="gradient", init="pytorch",
+        normalization="batch", train_epochs=0, train_examples=5000, options=None, update_options=None, seed=0,
+        out_dir=None, data_dir=None, log=print):
+    """Attacks `num_images` images under each threat; returns the JSON-ready results (and writes
+    grid.png, metrics.json, table.txt into `out_dir` if given)."""
+    data_set, input_shape, images, labels = load_images(dataset, model, num_images, offset, data_dir)
+    victims = experiment.build_victims(model, input_shape, data_set.num_classes, init, seed, normalization,
+                                       threats=threats)
+    if train_epochs:
+        train_victims(victims, data_set, input_shape, train_epochs, train_examples, seed, log)
+
+    def progress(threat, done, total, losses):
+        log(f"[{attack}/{threat}] {done}/{total} iterations, best losses "
+            f"median {np.median(losses):.3g} min {np.min(losses):.3g}")
+
+    start = time.perf_counter()
+    results = experiment.run_threats(
+        attack, victims, images, labels, threats, batch_size, options, target,
+        capture_dir=out_dir and os.path.join(out_dir, "captures"), update_options=update_options, seed=seed,
+        progress=progress)
+    settings = dict(attack=attack, threats=list(threats), model=model, dataset=dataset, num_images=num_images,
+                    batch_size=batch_size, offset=offset, target=target, init=init, normalization=normalization,
+                    train_epochs=train_epochs, options=options or {}, update_options=update_options or {}, seed=seed,
+                    true_labels=labels.tolist(), total_seconds=time.perf_counter() - start)
+    table = experiment.format_table([(f"{attack}/{t}", r["summary"], r["seconds"]) for t, r in results.items()])
+    log(table)
+    report = dict(settings=settings, results=experiment.json_ready(results), table=table)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        rows = [("truth", images)] + [(t, np.concatenate(
+            [rec.images[experiment.metrics.match_order(rec.images, images[i * batch_size:(i + 1) * batch_size])]
+             if batch_size > 1 else rec.images for i, rec in enumerate(r["reconstructions"])]))
+            for t, r in results.items()]
+        experiment.save_grid(os.path.join(out_dir, "grid.png"), rows)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        with open(os.path.join(out_dir, "table.txt"), "w") as f:
+            f.write(table + "\n")
+    return report
