@@ -239,6 +239,15 @@ def test_other_runs_root_dir_and_corrupt_state_refused(digits, tmp_path):
     with pytest.raises(program.ProgramError, match="missing"):
         program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
     state_file.write_bytes(snapshot[str(state_file)])
+    server_data = glob.glob(str(tmp_path / "server" / "program_state_1" / "variables" / "variables.data-*"))[0]
+    blob = bytearray(snapshot[server_data])
+    blob[len(blob) // 2] ^= 0xFF
+    with open(server_data, "wb") as f:
+        f.write(blob)
+    with pytest.raises(program.ProgramError, match="server state of round 1"):
+        program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
+    with open(server_data, "wb") as f:
+        f.write(snapshot[server_data])
     after = {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "**"), recursive=True) if os.path.isfile(p)}
     assert after == snapshot  # nothing was overwritten by the refused runs
 
