@@ -133,6 +133,11 @@ def test_values_server_state_aggregate_and_captures_hold_no_secret(digits, tmp_p
     meta = captures[0].meta
     assert meta["lock"] is True and meta["ground_truth"]["client_index"] == int(meta["client_id"])
     assert meta["num_steps"] == meta["local_epochs"] * int(np.ceil(meta["num_examples"] / config.batch_size))
+    # The scorer's view: the very batches the client trained on, rebuilt from the meta alone.
+    batches = program.ground_truth_batches(meta, digits)
+    assert len(batches) == meta["num_steps"] and sum(len(y) for _, y in batches) == meta["examples_processed"]
+    client = program.client_partition(config, digits)[int(meta["client_id"])]
+    assert sorted(np.concatenate([y for _, y in batches[:len(batches) // 2]])) == sorted(digits.y_train[client])
 
 
 def test_one_client_round_equals_central_training(digits):

@@ -261,6 +261,22 @@ def client_dataset(config, dataset, indices, shuffle_seed, cache_dir=None, clien
     return batches
 
 
+def ground_truth_batches(meta, dataset=None):
+    """The batches a captured client trained on in its round, from the capture's `ground_truth`.
+
+    For scoring an attack only (the attacker never reads `ground_truth`). Returns a list of
+    (images, labels) numpy batches in training order, all local epochs included.
+    """
+    truth = meta["ground_truth"]
+    config = Config(dataset=truth["dataset"], data_dir=truth["data_dir"], input_shape=tuple(meta["input_shape"]),
+                    num_classes=int(meta["num_classes"]), num_clients=int(truth["num_clients"]),
+                    split=truth["split"], alpha=float(truth["alpha"]), seed=int(truth["split_seed"]),
+                    batch_size=int(meta["batch_size"]), local_epochs=int(meta["local_epochs"]))
+    dataset = dataset or data_lib.load(config.dataset, config.data_dir)
+    indices = client_partition(config, dataset)[int(truth["client_index"])]
+    return list(client_dataset(config, dataset, indices, int(truth["shuffle_seed"])).as_numpy_iterator())
+
+
 def _initial_key(config, store, client_id):
     """A new client's key; one already on disk comes from an initialisation interrupted before the
     server state was saved, and is kept."""
