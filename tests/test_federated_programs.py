@@ -118,3 +118,18 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path, tff_context):
     for cid in a[1]:
         for x, y in zip(tf.nest.flatten(a[1][cid]), tf.nest.flatten(b[1][cid])):
             np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_demo_trains_evaluates_and_captures(tmp_path):
+    log = str(tmp_path / "demo.log")
+    root = tmp_path / "demo"
+    assert finish(run("tff_programs.demo", f"--root_dir={root}", "--rounds=2", "--nobaseline", log=log)) == 0
+    result = program.load_config(str(root / "fedkl"))
+    assert result.algorithm == "fedkl"
+    assert sorted(os.listdir(root / "fedkl" / "captures")) == [
+        f"round_0000{r}_client_{c}.npz" for r in (1, 2) for c in range(3)]
+    with open(log) as f:
+        text = f.read()
+    assert "a_own_key_and_lock" in text and "e_lock_recovery_100" in text and "Traceback" not in text
+    assert (root / "fedkl" / "evaluation.json").exists()
