@@ -168,7 +168,8 @@ def _ordered_mergeable_context(async_contexts):
         """`MergeableCompExecutionContext` whose CLIENTS-placed results keep client order."""
 
         def invoke(self, comp, arg=None):
-            comp = self._compiler_pipeline.compile(comp)  # pylint: disable=protected-access
+            if not isinstance(comp, mergeable.MergeableCompForm):
+                comp = self._compiler_pipeline.compile(comp)  # pylint: disable=protected-access
             if arg is not None:
                 arg = mergeable.MergeableCompExecutionContextValue(
                     arg, comp.up_to_merge.type_signature.parameter, len(async_contexts))
