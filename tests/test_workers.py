@@ -247,3 +247,15 @@ def test_fedkl_rounds_on_two_workers_match_local(two_workers):
         for got_lock, want_lock in zip(got["lock"], want["lock"]):
             np.testing.assert_allclose(got_lock, want_lock, rtol=1e-4, atol=1e-5, err_msg=f"client {client}")
     assert not np.allclose(local_clients[0]["lock"][0], local_clients[1]["lock"][0])  # locks are per client
+
+
+@pytest.mark.slow
+def test_workers_benchmark_runs_and_agrees_with_local(tmp_path):
+    from benchmarks import common, workers
+
+    payload = common.validate_payload("workers", workers.run(quick=True, log_dir=str(tmp_path)))
+    results = payload["results"]
+    assert set(results["median_seconds_per_round"]) == {"local", "1 worker", "2 workers"}
+    assert all(len(t) == payload["settings"]["repeats"] for t in results["seconds_per_round"].values())
+    assert max(results["max_abs_diff_shared_weights_vs_local"].values()) < 1e-5
+    assert not contexts.worker_processes()
