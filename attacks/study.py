@@ -73,6 +73,8 @@ def run(attack, threats, model, dataset, num_images, batch_size=1, offset=0, tar
         out_dir=None, data_dir=None, log=print):
     """Attacks `num_images` images under each threat; returns the JSON-ready results (and writes
     grid.png, metrics.json, table.txt into `out_dir` if given)."""
+    import tensorflow as tf
+    tf.get_logger().setLevel("ERROR")  # pfor's per-op fallback warnings would flood the progress
     data_set, input_shape, images, labels = load_images(dataset, model, num_images, offset, data_dir)
     victims = experiment.build_victims(model, input_shape, data_set.num_classes, init, seed, normalization,
                                        threats=threats)
@@ -107,3 +109,18 @@ def run(attack, threats, model, dataset, num_images, batch_size=1, offset=0, tar
         with open(os.path.join(out_dir, "table.txt"), "w") as f:
             f.write(table + "\n")
     return report
+
+
+def capture_ground_truth(capture, data_dir=None):
+    """(images, labels) of a capture's client, from the meta's `ground_truth` section (written by the
+    federated trainer for scoring only: the attack never sees it). Their order within the client's
+    data is the partition's; scoring matches the reconstructions' order. None if the meta has none."""
+    truth = capture.meta.get("ground_truth")
+    if not truth:
+        return None
+    dataset = data.load(truth["dataset"], data_dir or truth.get("data_dir"))
+    partition = data.split(dataset.y_train, truth["num_clients"], truth["split"], seed=truth["split_seed"],
+                           alpha=truth.get("alpha", 0.5))
+    indices = partition[int(truth["client_index"])]
+    images = data.preprocess(dataset.x_train[indices], tuple(capture.meta["input_shape"])).numpy()
+    return images, dataset.y_train[indices]

@@ -146,4 +146,5 @@ def client_loss(labels, logits):
     against softmax(labels), which equals it for one-hot labels."""
     if labels.dtype.is_integer:
         return training.classification_loss()(labels, logits)
-    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(tf.nn.softmax(labels), logits))
+    # Written out: tf.nn.softmax_cross_entropy_with_logits passes no second-order gradient to labels.
+    return tf.reduce_mean(-tf.reduce_sum(tf.nn.softmax(labels) * tf.nn.log_softmax(logits), axis=-1))

@@ -16,6 +16,7 @@ import time
 
 from absl import app
 from absl import flags
+import tensorflow  # noqa: F401  (before absl's main: Keras' Flatten breaks if TF is first imported inside it)
 
 from benchmarks import common
 

@@ -217,3 +217,18 @@ def test_attack_captures_writes_grid_and_table(tmp_path):
     assert "aligned_psnr" in (tmp_path / "out" / "captures_table.txt").read_text()
     with pytest.raises(ValueError):
         experiment.attack_captures(paths, str(tmp_path / "out"), locked_threats=("oracle",))
+
+
+def test_soft_label_loss_matches_the_client_loss_and_passes_second_order_gradients():
+    logits = tf.constant([[0.3, -1.0, 2.0, 0.1]])
+    one_hot_logits = tf.constant([[-40.0, -40.0, 40.0, -40.0]])
+    hard = targets.client_loss(tf.constant([2]), logits)
+    np.testing.assert_allclose(float(targets.client_loss(one_hot_logits, logits)), float(hard), rtol=1e-5)
+    label_logits = tf.zeros((1, 4))
+    with tf.GradientTape() as outer:
+        outer.watch(label_logits)
+        with tf.GradientTape() as inner:
+            inner.watch(logits)
+            loss = targets.client_loss(label_logits, logits)
+        distance = tf.reduce_sum(tf.square(inner.gradient(loss, logits)))
+    assert float(tf.reduce_max(tf.abs(outer.gradient(distance, label_logits)))) > 0

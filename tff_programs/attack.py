@@ -42,6 +42,8 @@ _LOCAL_BATCH_SIZE = flags.DEFINE_integer("local_batch_size", 1, "Client batch si
 _LOCAL_EPOCHS = flags.DEFINE_integer("local_epochs", 1, "Client epochs (--target=update).", lower_bound=1)
 _CLIENT_LR = flags.DEFINE_float("client_learning_rate", 0.01, "Client SGD learning rate (--target=update).")
 _CAPTURE = flags.DEFINE_string("capture", None, "Attack this capture file (tfkl.capture format) instead.")
+_SCORE = flags.DEFINE_bool("score", True, "With --capture: score against the client's data named in the "
+                           "capture's ground_truth meta (for evaluation only; the attack never reads it).")
 _INIT = flags.DEFINE_enum("init", "pytorch", common.INITS, "Victim weight initialisation.")
 _NORMALIZATION = flags.DEFINE_enum("normalization", "batch", common.NORMALIZATIONS, "Victim lock normalisation.")
 _TRAIN_EPOCHS = flags.DEFINE_integer("train_epochs", 0, "Train each victim centrally for this many epochs first.",
@@ -75,20 +77,22 @@ def main(argv):
     if _CAPTURE.value:
         if not os.path.exists(_CAPTURE.value):
             common.fail(f"--capture {_CAPTURE.value} does not exist")
-        if "oracle" in _THREAT.value:
-            common.fail("--capture: a capture holds no secret, so threat 'oracle' cannot attack it")
         from tfkl import capture as capture_lib
         try:
-            locked = capture_lib.load_capture(_CAPTURE.value).meta["lock"]
+            capture = capture_lib.load_capture(_CAPTURE.value)
         except capture_lib.CaptureFormatError as e:
             common.fail(str(e))
-        threats = [t for t in _THREAT.value if (t == "none") != bool(locked)]
+        locked = bool(capture.meta["lock"])
+        # A capture holds no secret ('oracle' is impossible); 'none' fits plain captures only.
+        threats = [t for t in _THREAT.value if t != "oracle" and (t == "none") != locked]
         if not threats:
             common.fail(f"none of --threat={','.join(_THREAT.value)} applies to a "
-                        f"{'locked' if locked else 'plain'} capture")
+                        f"{'locked' if locked else 'plain'} capture (use none, or fixed-key/adaptive)")
+        truth_images, truth_labels = (study.capture_ground_truth(capture, _DATA_DIR.value) if _SCORE.value
+                                      else None) or (None, None)
         experiment.attack_captures({os.path.basename(_CAPTURE.value): _CAPTURE.value}, _OUT_DIR.value,
-                                   _ATTACK.value, options, locked_threats=threats if locked else ("fixed-key",),
-                                   seed=_SEED.value)
+                                   _ATTACK.value, options, truth_images=truth_images, truth_labels=truth_labels,
+                                   locked_threats=threats if locked else ("fixed-key",), seed=_SEED.value)
         print(f"wrote {_OUT_DIR.value}/captures_grid.png and captures_metrics.json")
         return
     update_options = None
