@@ -1,6 +1,6 @@
 """Regenerates REPORT.md from benchmarks/results/*.json (`make report`).
 
-  python -m benchmarks.report [--results_dir=benchmarks/results] [--out=REPORT.md]
+  python -m benchmarks.report [--results_dir=benchmarks/results] [--report_path=REPORT.md]
 
 The report has one section per topic in SECTIONS, each listing the result files present for it
 (a benchmark's JSON with its tables, or the plain JSONs a script writes); topics without results
@@ -18,7 +18,8 @@ from absl import flags
 from benchmarks import common
 from benchmarks import tables
 
-_OUT = flags.DEFINE_string("out", os.path.join(common.REPO_ROOT, "REPORT.md"), "The report to write.")
+_OUT = flags.DEFINE_string("report_path", os.path.join(common.REPO_ROOT, "REPORT.md"),
+                           "The report to write.")
 
 Topic = collections.namedtuple("Topic", "title patterns intro command")
 

@@ -1,7 +1,7 @@
 """Runs the benchmarks, writes benchmarks/results/<name>.json each, regenerates the summary table.
 
   python -m benchmarks.run                       # everything present (what `make bench` runs)
-  python -m benchmarks.run --only=keylock_overhead,torch_compare --quick
+  python -m benchmarks.run --only=keylock_overhead,torch_compare --quick   # -> runs/bench_quick/
 
 Each benchmark runs in a fresh Python process (its log goes to runs/bench_logs/<name>.log), so a
 crash or a framework's global state cannot affect the next one. Benchmarks whose module is not in
@@ -20,6 +20,7 @@ from absl import flags
 from benchmarks import common
 from benchmarks import tables
 
+QUICK_RESULTS_DIR = os.path.join(common.REPO_ROOT, "runs", "bench_quick")
 _ONLY = flags.DEFINE_list("only", [], "Benchmarks to run (default: all of benchmarks.common.BENCHMARKS).")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke-size settings: checks that everything runs, figures are rough.")
 _ISOLATE = flags.DEFINE_bool("isolate", True, "Run each benchmark in its own subprocess (--noisolate: in this one).")
@@ -98,6 +99,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     names = _ONLY.value or list(common.BENCHMARKS)
     results_dir = common.RESULTS_DIR_FLAG.value
+    if _QUICK.value and not common.RESULTS_DIR_FLAG.present:
+        results_dir = QUICK_RESULTS_DIR  # smoke figures never overwrite the committed ones
     statuses = []
     for name in names:
         if not module_present(name):

@@ -1,9 +1,9 @@
 """Scale: FedKL round time and peak memory for client populations of 10, 100 and 1,000.
 
-Each population runs in a fresh process (`python -m benchmarks.scale --population=N --out=...`)
-through the public API: `tfkl.federated.build_fedkl_process` (locked LeNet 32x32x1, TorchSGD,
-persistent client optimizer state as in the paper), one private state per client created up front
-(`process.initial_client_state(key)`, as the training program does), and
+Each population runs in a fresh process (`python -m benchmarks.scale --scale_population=N
+--scale_out=...`) through the public API: `tfkl.federated.build_fedkl_process` (locked LeNet
+32x32x1, TorchSGD, persistent client optimizer state as in the paper), one private state per
+client created up front (`process.initial_client_state(key)`, as the training program does), and
 `tfkl.federated.simulation.sample_clients` / `run_round` with 10 clients per round on TFF's local
 C++ context. Client data is synthetic (64 examples, one batch, per sampled client, made on demand),
 so the figures isolate the cost of the population itself. Peak RSS of the driver process comes
@@ -24,11 +24,11 @@ from absl import flags
 
 from benchmarks import common
 
-_POPULATION = flags.DEFINE_integer("population", 10, "Number of clients.", lower_bound=1)
-_CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", 10, "Clients sampled per round.", lower_bound=1)
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds to run (the first includes TFF's tracing).", lower_bound=1)
-_OUT = flags.DEFINE_string("out", None, "JSON file for this population's measurements.")
-flags.register_validator("out", lambda path: path is not None, "--out is required")
+_POPULATION = flags.DEFINE_integer("scale_population", 10, "Number of clients.", lower_bound=1)
+_CLIENTS_PER_ROUND = flags.DEFINE_integer("scale_clients_per_round", 10, "Clients sampled per round.", lower_bound=1)
+_ROUNDS = flags.DEFINE_integer("scale_rounds", 3, "Rounds to run (the first includes TFF's tracing).", lower_bound=1)
+_OUT = flags.DEFINE_string("scale_out", None, "JSON file for this population's measurements.")
+flags.register_validator("scale_out", lambda path: path is not None, "--scale_out is required")
 
 POPULATIONS = (10, 100, 1000)
 CLIENTS_PER_ROUND = 10
@@ -102,9 +102,10 @@ def run_child(population, settings, timeout_s=3600):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "population.json")
         env = dict(os.environ, PYTHONPATH=common.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-        child = subprocess.Popen([sys.executable, "-m", "benchmarks.scale", f"--population={population}",
-                                  f"--clients_per_round={settings['clients_per_round']}",
-                                  f"--rounds={settings['rounds']}", f"--out={out}"], cwd=common.REPO_ROOT, env=env)
+        child = subprocess.Popen([sys.executable, "-m", "benchmarks.scale", f"--scale_population={population}",
+                                  f"--scale_clients_per_round={settings['clients_per_round']}",
+                                  f"--scale_rounds={settings['rounds']}", f"--scale_out={out}"],
+                                 cwd=common.REPO_ROOT, env=env)
         deadline = time.monotonic() + timeout_s
         while True:
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)

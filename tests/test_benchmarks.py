@@ -99,6 +99,17 @@ def test_runner_skips_absent_modules_and_writes_the_summary(tmp_path, monkeypatc
     assert "No benchmark has written a result yet." in summary and "`workers`" in summary
 
 
+def test_quick_runs_default_to_their_own_results_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "module_present", lambda name: False)
+    monkeypatch.setattr(run, "QUICK_RESULTS_DIR", str(tmp_path / "quick"))
+    try:
+        flags.FLAGS(["run", "--only=workers", "--quick"])
+        run.main(["run"])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert os.path.exists(os.path.join(str(tmp_path), "quick", tables.SUMMARY_FILE))
+
+
 def test_summary_lists_headlines_loose_files_and_missing_benchmarks(tmp_path):
     common.write_result("torch_compare", _payload(0.8), quick=False, results_dir=str(tmp_path), command="c1")
     _write(str(tmp_path), "central_lenet", {"model": "lenet", "test_accuracy": 0.9})
