@@ -163,3 +163,35 @@ def test_compare_with_reference():
     assert comparison["success_rate_ours"] == 1.0 and comparison["success_rate_reference"] == 0.5
     with pytest.raises(ValueError, match="not in the reference"):
         torch_dlg_reference.compare_with_reference(reference, [dict(ours[0], index=9)])
+
+
+_TORCH_MISSING = not os.path.exists(torch_dlg_reference.TORCH_PYTHON)
+
+
+@pytest.mark.skipif(_TORCH_MISSING, reason="needs .venv-torch (make torch-venv)")
+def test_torch_port_has_the_same_parameters_as_ours():
+    import numpy as np
+    from benchmarks import torch_compare
+    from tfkl import models
+    worker = torch_compare.torch_worker(1, 1)
+    try:
+        for name in ("lenet", "resnet20"):
+            torch_count = worker.ask(cmd="setup", model=name)["parameters"]
+            model = models.build(name, (32, 32, 3), 10, lock=True, seed=0)
+            assert torch_count == sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+            assert worker.ask(cmd="time", model=name, steps=1)["seconds_per_step"] > 0
+    finally:
+        worker.close()
+
+
+@pytest.mark.skipif(_TORCH_MISSING, reason="needs .venv-torch (make torch-venv)")
+def test_torch_dlg_script_writes_per_image_records():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    images, labels = rng.random((2, 28, 28, 1), dtype=np.float32), np.array([3, 7])
+    settings = dict(torch_dlg_reference._settings(quick=True), lbfgs_steps=2)
+    doc = torch_dlg_reference.run_torch_dlg(images, labels, settings)
+    assert [r["position"] for r in doc["records"]] == [0, 1] and doc["image_shape"] == [1, 28, 28]
+    for record in doc["records"]:
+        assert record["evaluations"] >= 1 and isinstance(record["success"], bool)
+        assert (record["seconds_to_target"] is None) == (record["evaluations_to_target"] is None)
