@@ -55,12 +55,17 @@ VARIANTS = {"plain": dict(lock=False), "locked": dict(lock=True),
             "locked_no_norm": dict(lock=True, normalization="none")}
 
 
+def _op_count(function, *args):
+    """Operations in the traced graph of a tf.function (per-op dispatch dominates small models)."""
+    return len(function.get_concrete_function(*args).graph.get_operations())
+
+
 def measure(architecture, settings, seed=0):
     """Train-step and forward timings of each variant of `architecture`; ratios to the plain one."""
     rng = np.random.default_rng(seed)
     images = tf.constant(rng.random((BATCH_SIZE,) + INPUT_SHAPE, dtype=np.float32))
     labels = tf.constant(rng.integers(0, NUM_CLASSES, BATCH_SIZE))
-    train_steps, forward_steps, params = {}, {}, {}
+    train_steps, forward_steps, params, graph_ops = {}, {}, {}, {}
     for name, options in VARIANTS.items():
         model = models.build(architecture, INPUT_SHAPE, NUM_CLASSES, init=settings["init"], seed=seed,
                              key_dim=settings["key_dim"], **options)
@@ -69,7 +74,9 @@ def measure(architecture, settings, seed=0):
         train_steps[name] = lambda t=trainer: t.train_step(images, labels)
         forward_steps[name] = lambda f=forward: f(images)
         params[name] = int(sum(np.prod(v.shape) for v in model.trainable_variables))
-    result = {"trainable_parameters": params}
+        graph_ops[name] = {"train_step": _op_count(trainer.train_step, images, labels),
+                           "forward": _op_count(forward, images)}
+    result = {"trainable_parameters": params, "graph_ops": graph_ops}
     for phase, steps in (("train_step", train_steps), ("forward", forward_steps)):
         times = _interleaved(steps, settings["repeats"][architecture], settings["steps_per_block"][architecture],
                              settings["warmup_steps"], rng)
@@ -102,7 +109,11 @@ def run(quick):
              "columns": ["model", "phase", "variant", "plain ms (median)", "variant ms (median)",
                          "ratio to plain (median)", "ratio IQR", "overhead %", "ratio of fastest blocks", "repeats"],
              "rows": rows}
-    params = [[arch] + [r["trainable_parameters"][name] for name in VARIANTS] for arch, r in results.items()]
+    params = [[arch, quantity] + [r[key][name] if phase is None else r[key][name][phase] for name in VARIANTS]
+              for arch, r in results.items()
+              for quantity, key, phase in (("trainable parameters", "trainable_parameters", None),
+                                           ("graph ops, train step", "graph_ops", "train_step"),
+                                           ("graph ops, forward", "graph_ops", "forward"))]
     notes = [common.SHARED_MACHINE_NOTE,
              "Ratio = paired variant/plain time per repeat (all variants timed back to back in random order); "
              "'ratio of fastest blocks' = the variant's fastest block over the plain model's fastest block, the "
@@ -112,5 +123,5 @@ def run(quick):
              "LeNet's plain backbone has no normalisation, so its lock adds a batch normalisation as well as the "
              "key's two 1024 x 12 matrix-vector products; ResNet-20's lock replaces the stem's BatchNormalization."]
     return {"settings": settings, "results": results, "headline": headline, "notes": notes,
-            "tables": [table, {"title": "Trainable parameters", "columns": ["model"] + list(VARIANTS),
+            "tables": [table, {"title": "Size of each variant", "columns": ["model", "quantity"] + list(VARIANTS),
                                "rows": params}]}
