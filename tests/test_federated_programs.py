@@ -1,5 +1,6 @@
 """The train/evaluate binaries as a user runs them: bad input gives one error line; kill -9 and resume."""
 
+import json
 import os
 import signal
 import subprocess
@@ -124,7 +125,8 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path, tff_context):
 def test_demo_trains_evaluates_and_captures(tmp_path):
     log = str(tmp_path / "demo.log")
     root = tmp_path / "demo"
-    assert finish(run("tff_programs.demo", f"--root_dir={root}", "--rounds=2", "--nobaseline", log=log)) == 0
+    assert finish(run("tff_programs.demo", f"--root_dir={root}", "--rounds=2", "--nobaseline",
+                      "--attack_iterations=20", log=log)) == 0
     result = program.load_config(str(root / "fedkl"))
     assert result.algorithm == "fedkl"
     assert sorted(os.listdir(root / "fedkl" / "captures")) == [
@@ -133,3 +135,9 @@ def test_demo_trains_evaluates_and_captures(tmp_path):
         text = f.read()
     assert "a_own_key_and_lock" in text and "e_lock_recovery_100" in text and "Traceback" not in text
     assert (root / "fedkl" / "evaluation.json").exists()
+    # The attack step: both captured updates come from the same client; each setting is scored.
+    assert (root / "attack" / "captures_grid.png").exists()
+    with open(root / "attack" / "captures_metrics.json") as f:
+        settings = json.load(f)
+    assert {"fedavg/none", "fedkl/fixed-key", "fedkl/adaptive"} <= set(settings)
+    assert all("psnr" in entry["summary"] for entry in settings.values())
