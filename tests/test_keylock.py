@@ -60,6 +60,17 @@ def test_get_config_round_trips_without_the_key():
     assert clone.get_config() == config
 
 
+def test_config_holds_no_seed_of_the_lock_initializer():
+    seeded = tfkl.keylock.TorchLinearUniform(8, seed=123)
+    layer = KeyLock(key_dim=8, lock_initializer=seeded)
+    layer.build((None, 3))
+    config = layer.get_config()
+    assert "seed" not in config["lock_initializer"]["config"]
+    assert KeyLock.from_config(config).get_config() == config
+    model = tfkl.models.build("lenet", (32, 32, 1), 10, lock=True, seed=5, key_dim=8)
+    assert "seed" not in model.get_layer("conv1_keylock").get_config()["lock_initializer"]["config"]
+
+
 def test_partition_is_exact_and_key_is_not_trainable():
     model = _lock_model()
     private, shared = tfkl.private_variables(model), tfkl.shared_variables(model)

@@ -192,7 +192,15 @@ class KeyLock(tf.keras.layers.Layer):
             groups=self.groups,
             momentum=self.momentum,
             epsilon=self.epsilon,
-            lock_initializer=(
-                tf.keras.initializers.serialize(self.lock_initializer) if self.lock_initializer else None),
+            lock_initializer=self._serialized_lock_initializer(),
         )
         return config
+
+    def _serialized_lock_initializer(self):
+        """The lock initialiser without its seed: a seed in a config that servers may hold would let
+        them rebuild the initial lock weights."""
+        if self.lock_initializer is None:
+            return None
+        serialized = tf.keras.initializers.serialize(self.lock_initializer)
+        serialized["config"] = {k: v for k, v in serialized["config"].items() if k != "seed"}
+        return serialized
