@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from attacks import base
-from attacks.ig import adam_chunk
+from attacks.ig import run_adam
 
 
 class GRNN(base.Attack):
@@ -87,19 +87,5 @@ class GRNN(base.Attack):
     def _optimize(self, target, initial, target_values, fixed_labels, progress):
         value_and_gradients = self._batched_value_and_gradients(target)
 
-        @tf.function
-        def run(position, m, v, step, iterations):
-            return adam_chunk(lambda p: value_and_gradients(p, target_values, fixed_labels), position, m, v, step,
-                              iterations, lambda s: self.learning_rate, False, lambda p: p)
-
-        position, m, v, step = initial, tf.zeros_like(initial), tf.zeros_like(initial), tf.constant(0.0)
-        history, done = [], 0
-        while done < self.iterations:
-            count = min(self.chunk, self.iterations - done)
-            position, m, v, step = run(position, m, v, step, tf.constant(count))
-            done += count
-            losses = value_and_gradients(position, target_values, fixed_labels)[0].numpy()
-            history.append({"iteration": done, "evaluations": done, "loss": np.nan_to_num(losses, nan=np.inf).tolist()})
-            if progress:
-                progress(done, self.iterations, losses)
-        return position.numpy(), history[-1]["loss"], history, {"iterations": done, "evaluations": done}
+        return run_adam(self, value_and_gradients, initial, target_values, fixed_labels,
+                        lambda step: self.learning_rate, False, lambda p: p, progress)

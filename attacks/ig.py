@@ -22,6 +22,29 @@ def adam_chunk(value_and_gradients, position, m, v, step, iterations, learning_r
     return position, m, v, step
 
 
+def run_adam(attack, value_and_gradients, initial, target_values, fixed_labels, learning_rate, signed, project,
+             progress):
+    """Adam from `initial` for `attack.iterations` steps, compiled in chunks of `attack.chunk` with a
+    progress report and a history entry after each; returns what `base.Attack._optimize` returns."""
+
+    @tf.function
+    def run(position, m, v, step, iterations):
+        return adam_chunk(lambda p: value_and_gradients(p, target_values, fixed_labels), position, m, v, step,
+                          iterations, learning_rate, signed, project)
+
+    position, m, v, step = initial, tf.zeros_like(initial), tf.zeros_like(initial), tf.constant(0.0)
+    history, done = [], 0
+    while done < attack.iterations:
+        count = min(attack.chunk, attack.iterations - done)
+        position, m, v, step = run(position, m, v, step, tf.constant(count))
+        done += count
+        losses = value_and_gradients(position, target_values, fixed_labels)[0].numpy()
+        history.append({"iteration": done, "evaluations": done, "loss": np.nan_to_num(losses, nan=np.inf).tolist()})
+        if progress:
+            progress(done, attack.iterations, losses)
+    return position.numpy(), history[-1]["loss"], history, {"iterations": done, "evaluations": done}
+
+
 class InvertingGradients(base.Attack):
     """IG: 1 - cos(grad', grad) + tv * TV(x'), Adam with learning-rate steps x0.1 at 3/8, 5/8, 7/8.
 
@@ -64,19 +87,5 @@ class InvertingGradients(base.Attack):
                 return position
             return tf.concat([tf.clip_by_value(position[:, :image_size], 0.0, 1.0), position[:, image_size:]], 1)
 
-        @tf.function
-        def run(position, m, v, step, iterations):
-            return adam_chunk(lambda p: value_and_gradients(p, target_values, fixed_labels), position, m, v, step,
-                              iterations, learning_rate, self.signed, project)
-
-        position, m, v, step = initial, tf.zeros_like(initial), tf.zeros_like(initial), tf.constant(0.0)
-        history, done = [], 0
-        while done < self.iterations:
-            count = min(self.chunk, self.iterations - done)
-            position, m, v, step = run(position, m, v, step, tf.constant(count))
-            done += count
-            losses = value_and_gradients(position, target_values, fixed_labels)[0].numpy()
-            history.append({"iteration": done, "evaluations": done, "loss": np.nan_to_num(losses, nan=np.inf).tolist()})
-            if progress:
-                progress(done, self.iterations, losses)
-        return position.numpy(), history[-1]["loss"], history, {"iterations": done, "evaluations": done}
+        return run_adam(self, value_and_gradients, initial, target_values, fixed_labels, learning_rate,
+                        self.signed, project, progress)
