@@ -21,6 +21,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 
 from absl import flags
 
@@ -154,6 +155,15 @@ def write_result(name, payload, quick, results_dir=None, command=None, duration_
     path = result_path(name, results_dir)
     write_json(path, envelope(name, payload, quick, command, duration_s))
     return path
+
+
+def run_as_script(name, run):
+    """Entry point of a benchmark module run directly: `python -m benchmarks.<name> [--quick]` times
+    `run(quick)` and writes its result (what benchmarks.run does for it otherwise)."""
+    quick = "--quick" in sys.argv[1:]
+    start = time.time()
+    payload = run(quick)
+    write_result(name, payload, quick, duration_s=time.time() - start)
 
 
 def load_results(results_dir=None):

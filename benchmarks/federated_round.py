@@ -129,13 +129,5 @@ def run(quick):
     }
 
 
-def main():
-    import sys
-    quick = "--quick" in sys.argv[1:]
-    start = time.time()
-    payload = run(quick)
-    common.write_result("federated_round", payload, quick, duration_s=time.time() - start)
-
-
 if __name__ == "__main__":
-    main()
+    common.run_as_script("federated_round", run)

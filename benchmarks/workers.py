@@ -125,12 +125,5 @@ def run(quick, log_dir=None):
     }
 
 
-def main():
-    quick = "--quick" in sys.argv[1:]
-    start = time.time()
-    payload = run(quick)
-    common.write_result("workers", payload, quick, duration_s=time.time() - start)
-
-
 if __name__ == "__main__":
-    main()
+    common.run_as_script("workers", run)
