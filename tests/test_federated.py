@@ -279,12 +279,23 @@ def test_evaluation_matrix(digits, tmp_path):
         assert set(result[name]["per_client"]) == {"0", "1", "2"}
         assert 0 <= result[name]["mean"] <= 1
     # Zero lock weights make gamma = beta = 0: a constant prediction, at most the top class's share.
-    _, held_out = evaluation.split_test(digits, 20, 0)
+    _, held_out = data.split_test(digits, 20, 0)
     top_share = np.bincount(digits.y_test[held_out]).max() / len(held_out)
     assert result["d_global_zero_lock"] <= top_share + 1e-9
     assert set(result["e_lock_recovery"]) == {"10", "20"}
     assert result["e_lock_recovery"]["20"]["examples"] == 20
     assert "a_own_key_and_lock" in evaluation.format_matrix(result)
+
+
+def test_accuracy_by_round_covers_every_kept_round(digits, tmp_path):
+    from tfkl.federated import evaluation
+    config = make_config()
+    program.train(str(tmp_path), config, program.RunOptions(rounds=2, keep_rounds=5, progress=False),
+                  dataset=digits)
+    curve = evaluation.accuracy_by_round(str(tmp_path), public_size=20, dataset=digits)
+    assert sorted(curve) == [0, 1, 2] == program.complete_rounds(str(tmp_path))
+    last = evaluation.evaluate(str(tmp_path), public_sizes=(20,), recovery_steps=1, dataset=digits)
+    assert curve[2] == last["a_own_key_and_lock"]["mean"]
 
 
 def test_local_statistics_and_fresh_optimizer_options(digits, tmp_path):

@@ -22,9 +22,21 @@ def test_trains_and_reports_own_and_random_key_accuracy(tmp_path):
     assert report["lock"] is True and report["epochs"] == 1
 
 
+def test_public_cut_and_accuracy_by_epoch(tmp_path):
+    out = tmp_path / "result.json"
+    result = _run("--dataset=digits", "--epochs=2", "--key_dim=16", "--random_keys=1", "--public_size=100",
+                  f"--out={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["evaluation_examples"] == 360 - 100  # digits' test split minus evaluate's public cut
+    assert sorted(report["accuracy_by_epoch"]) == ["1", "2"]
+    assert report["test_accuracy"] == report["accuracy_by_epoch"]["2"]
+
+
 def test_bad_flags_are_one_clear_line():
     for args, message in [(["--epochs=0"], "epochs"), (["--model=alexnet"], "model"),
                           (["--no_such_flag"], "no_such_flag"), (["--learning_rate=-1"], "learning_rate"),
+                          (["--public_size=-1"], "public_size"),
                           (["stray"], "unexpected arguments")]:
         result = _run(*args)
         assert result.returncode != 0

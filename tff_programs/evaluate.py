@@ -27,6 +27,8 @@ _MAX_CLIENTS = flags.DEFINE_integer("max_clients", 10, "Clients evaluated (those
 _RECOVERY_STEPS = flags.DEFINE_integer("recovery_steps", 300, "Fine-tuning steps of the lock-recovery attacker.",
                                        lower_bound=1)
 _SEED = flags.DEFINE_integer("eval_seed", 0, "Seed of the public/evaluation cut, random keys and fine-tuning.")
+_BY_ROUND = flags.DEFINE_bool("accuracy_by_round", False, "Also measure entry (a) (FedAvg: the global model) for "
+                               "every complete round on disk (train with --keep_rounds >= --rounds).")
 _OUT = flags.DEFINE_string("out", None, "JSON output (default root_dir/evaluation.json).")
 
 flags.mark_flag_as_required("root_dir")
@@ -45,6 +47,9 @@ def main(argv):
     try:
         result = evaluation.evaluate(_ROOT_DIR.value, _ROUND.value, tuple(int(s) for s in _PUBLIC_SIZES.value),
                                      _MAX_CLIENTS.value, _RECOVERY_STEPS.value, _SEED.value)
+        if _BY_ROUND.value:
+            result["accuracy_by_round"] = evaluation.accuracy_by_round(
+                _ROOT_DIR.value, max(int(s) for s in _PUBLIC_SIZES.value), _MAX_CLIENTS.value, _SEED.value)
     except program.ProgramError as e:
         common.fail(str(e))
     finally:

@@ -32,6 +32,10 @@ _NORMALIZATION = flags.DEFINE_enum("normalization", "batch", common.NORMALIZATIO
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, data order and (this experiment's) keys.")
 _RANDOM_KEYS = flags.DEFINE_integer("random_keys", 5, "Random keys to evaluate the trained lock with.",
                                     lower_bound=1)
+_PUBLIC_SIZE = flags.DEFINE_integer("public_size", 0, "Measure accuracy on the test split minus the public cut of "
+                                    "this size that tff_programs.evaluate holds out (same --eval_seed), so the "
+                                    "figures compare with federated runs; 0: the whole test split.", lower_bound=0)
+_EVAL_SEED = flags.DEFINE_integer("eval_seed", 0, "Seed of the public/evaluation cut (as tff_programs.evaluate).")
 _OUT = flags.DEFINE_string("out", None, "Optional JSON file for the results.")
 
 flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be positive")
@@ -47,14 +51,20 @@ def main(argv):
                          key=tfkl.generate_key(_KEY_DIM.value, seed=_SEED.value) if _LOCK.value else None)
     x_train, y_train = dataset.x_train[:_MAX_TRAIN.value], dataset.y_train[:_MAX_TRAIN.value]
     train = data.make_dataset(x_train, y_train, input_shape, _BATCH_SIZE.value, shuffle_seed=_SEED.value)
-    test = data.make_dataset(dataset.x_test, dataset.y_test, input_shape, 256)
+    _, evaluation = data.split_test(dataset, _PUBLIC_SIZE.value, _EVAL_SEED.value)
+    test = data.make_dataset(dataset.x_test[evaluation], dataset.y_test[evaluation], input_shape, 256)
     trainer = training.Trainer(model, tfkl.optimizers.TorchSGD(_LEARNING_RATE.value))
     steps = int(np.ceil(len(x_train) / _BATCH_SIZE.value))
+    by_epoch = {}
     for epoch in range(1, _EPOCHS.value + 1):
         print(f"epoch {epoch}/{_EPOCHS.value}")
         trainer.fit_epoch(train, tf.keras.utils.Progbar(steps))
+        by_epoch[epoch] = training.accuracy(model, test)
+        print(f"test accuracy {by_epoch[epoch]:.4f}")
     results = {"model": _MODEL.value, "dataset": _DATASET.value, "lock": _LOCK.value, "epochs": _EPOCHS.value,
-               "train_examples": len(x_train), "seed": _SEED.value, "test_accuracy": training.accuracy(model, test)}
+               "train_examples": len(x_train), "seed": _SEED.value, "evaluation_examples": len(evaluation),
+               "public_size": _PUBLIC_SIZE.value, "eval_seed": _EVAL_SEED.value, "test_accuracy": by_epoch[_EPOCHS.value],
+               "accuracy_by_epoch": by_epoch}
     if _LOCK.value:
         random_key_accuracies = []
         for _ in range(_RANDOM_KEYS.value):

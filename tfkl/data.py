@@ -208,6 +208,14 @@ def split(labels, num_clients, method="iid", seed=0, alpha=0.5, shards_per_clien
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
+def split_test(dataset, public_size, seed):
+    """(public indices, evaluation indices) of the test split, cut once per seed: the public part
+    (at most half) is what an attacker may hold, the rest is where every accuracy is measured."""
+    order = np.random.default_rng([int(seed), 0x7E57]).permutation(len(dataset.y_test))
+    public_size = min(int(public_size), len(order) // 2)
+    return order[:public_size], order[public_size:]
+
+
 def make_dataset(images, labels, input_shape, batch_size, shuffle_seed=None, repeat=1):
     """A tf.data pipeline of (images, labels) batches fitted to `input_shape`."""
     if len(images) == 0:

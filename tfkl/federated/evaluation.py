@@ -30,13 +30,6 @@ ENTRIES = {
 }
 
 
-def split_test(dataset, public_size, seed):
-    """(public indices, evaluation indices) of the test split; the public part is at most half of it."""
-    order = np.random.default_rng([int(seed), 0x7E57]).permutation(len(dataset.y_test))
-    public_size = min(int(public_size), len(order) // 2)
-    return order[:public_size], order[public_size:]
-
-
 class _Evaluator:
     def __init__(self, config, process, server_state):
         self.config = config
@@ -84,19 +77,65 @@ def _recover_lock(evaluator, images, labels, input_shape, steps, seed, learning_
         step(x, y)
 
 
-def evaluate(root_dir, round_num=None, public_sizes=(100, 1000), max_clients=10, recovery_steps=300, seed=0,
-             dataset=None):
-    """The accuracy matrix of a run's (last complete, or given) round, as a JSON-ready dict."""
+def _evaluation_setup(root_dir, public_size, seed, dataset):
+    """(config, dataset, process, public indices, evaluation data set) of a run."""
     config = program.load_config(root_dir)
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
     process = program.build_process(config)
+    public, held_out = data_lib.split_test(dataset, public_size, seed)
+    eval_ds = data_lib.make_dataset(dataset.x_test[held_out], dataset.y_test[held_out], tuple(config.input_shape),
+                                    256)
+    return config, dataset, process, public, held_out, eval_ds
+
+
+def _restore(root_dir, config, process, round_num):
     restored = program.restore(root_dir, config, process, round_num)
     if restored is None:
         raise program.ProgramError(f"{root_dir} has no complete round to evaluate")
-    server_state, client_states, round_num = restored
-    public, held_out = split_test(dataset, max(public_sizes), seed)
+    return restored
+
+
+def _recent_clients(root_dir, client_states, round_num, max_clients):
+    """The clients that took part most recently (by id among equals): the others still hold initial locks."""
+    last_round = ClientStore(os.path.join(root_dir, "clients")).last_update_rounds(round_num)
+    client_ids = sorted(sorted(client_states, key=int), key=lambda c: -last_round[c])[:max_clients]
+    return client_ids, {c: last_round[c] for c in client_ids}
+
+
+def _own_secret_accuracy(evaluator, client_states, client_ids, eval_ds):
+    """{client: accuracy with the global weights and its own key and lock} (entry (a))."""
+    result = {}
+    for cid in client_ids:
+        evaluator.use_client(client_states[cid])
+        evaluator.set_secret(client_states[cid]["key"][0], client_states[cid]["lock"])
+        result[cid] = evaluator.accuracy(eval_ds)
+    return result
+
+
+def accuracy_by_round(root_dir, public_size=1000, max_clients=10, seed=0, dataset=None):
+    """{round: accuracy} for every complete round on disk (`--keep_rounds` decides which are kept):
+    the global model (FedAvg) or the clients' mean of entry (a) (FedKL), on `evaluate`'s examples."""
+    config, dataset, process, _, _, eval_ds = _evaluation_setup(root_dir, public_size, seed, dataset)
+    curve = {}
+    for round_num in program.complete_rounds(root_dir):
+        server_state, client_states, _ = _restore(root_dir, config, process, round_num)
+        evaluator = _Evaluator(config, process, server_state)
+        if config.locked:
+            client_ids, _ = _recent_clients(root_dir, client_states, round_num, max_clients)
+            curve[round_num] = float(np.mean(list(
+                _own_secret_accuracy(evaluator, client_states, client_ids, eval_ds).values())))
+        else:
+            curve[round_num] = evaluator.accuracy(eval_ds)
+    return curve
+
+
+def evaluate(root_dir, round_num=None, public_sizes=(100, 1000), max_clients=10, recovery_steps=300, seed=0,
+             dataset=None):
+    """The accuracy matrix of a run's (last complete, or given) round, as a JSON-ready dict."""
+    config, dataset, process, public, held_out, eval_ds = _evaluation_setup(root_dir, max(public_sizes), seed,
+                                                                            dataset)
+    server_state, client_states, round_num = _restore(root_dir, config, process, round_num)
     shape = tuple(config.input_shape)
-    eval_ds = data_lib.make_dataset(dataset.x_test[held_out], dataset.y_test[held_out], shape, 256)
     result = dict(root_dir=root_dir, round=round_num, algorithm=config.algorithm, model=config.model,
                   dataset=config.dataset, num_clients=config.num_clients, evaluation_examples=int(len(held_out)),
                   public_examples=int(len(public)))
@@ -106,20 +145,16 @@ def evaluate(root_dir, round_num=None, public_sizes=(100, 1000), max_clients=10,
         result["global"] = evaluator.accuracy(eval_ds)
         return result
 
-    # The clients that took part most recently (by id among equals): the others still hold initial locks.
-    last_round = ClientStore(os.path.join(root_dir, "clients")).last_update_rounds(round_num)
-    client_ids = sorted(sorted(client_states, key=int), key=lambda c: -last_round[c])[:max_clients]
-    result.update(evaluated_clients=client_ids, last_update_round={c: last_round[c] for c in client_ids},
-                  descriptions=ENTRIES)
-    rows = {name: {} for name in ("a_own_key_and_lock", "b_own_lock_random_key", "c_own_lock_other_key",
-                                  "c_other_key_and_lock")}
+    client_ids, last_update = _recent_clients(root_dir, client_states, round_num, max_clients)
+    result.update(evaluated_clients=client_ids, last_update_round=last_update, descriptions=ENTRIES)
+    rows = {"a_own_key_and_lock": _own_secret_accuracy(evaluator, client_states, client_ids, eval_ds)}
+    rows.update({name: {} for name in ("b_own_lock_random_key", "c_own_lock_other_key", "c_other_key_and_lock")})
     for index, cid in enumerate(client_ids):
         state = client_states[cid]
         other = client_states[client_ids[(index + 1) % len(client_ids)]]
         random_key = keys_lib.generate_key(config.key_dim, seed=[seed, 1, int(cid)])
         evaluator.use_client(state)
-        for name, key, lock in (("a_own_key_and_lock", state["key"][0], state["lock"]),
-                                ("b_own_lock_random_key", random_key, state["lock"]),
+        for name, key, lock in (("b_own_lock_random_key", random_key, state["lock"]),
                                 ("c_own_lock_other_key", other["key"][0], state["lock"]),
                                 ("c_other_key_and_lock", other["key"][0], other["lock"])):
             evaluator.set_secret(key, lock)

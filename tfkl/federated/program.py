@@ -178,10 +178,11 @@ def _flat(structure):
     return [np.asarray(x) for x in tf.nest.flatten(structure)]
 
 
-async def _latest_complete_round(server_manager, store):
-    versions = await server_manager.get_versions() or []
-    complete = sorted(set(versions) & set(store.rounds()))
-    return complete[-1] if complete else None
+def complete_rounds(root_dir):
+    """The rounds whose server and client states are both on disk, in order."""
+    server_manager = tff.program.FileProgramStateManager(os.path.join(root_dir, "server"), keep_total=0)
+    versions = asyncio.run(server_manager.get_versions()) or []
+    return sorted(set(versions) & set(ClientStore(os.path.join(root_dir, "clients")).rounds()))
 
 
 def restore(root_dir, config, process, round_num=None):
@@ -190,9 +191,10 @@ def restore(root_dir, config, process, round_num=None):
     store = ClientStore(os.path.join(root_dir, "clients"))
     template = process.initialize()
     if round_num is None:
-        round_num = asyncio.run(_latest_complete_round(server_manager, store))
-        if round_num is None:
+        rounds = complete_rounds(root_dir)
+        if not rounds:
             return None
+        round_num = rounds[-1]
     try:
         loaded = asyncio.run(server_manager.load(int(round_num), template))
         server_state = tf.nest.pack_sequence_as(template, _flat(loaded))
