@@ -195,3 +195,53 @@ def test_torch_dlg_script_writes_per_image_records():
     for record in doc["records"]:
         assert record["evaluations"] >= 1 and isinstance(record["success"], bool)
         assert (record["seconds_to_target"] is None) == (record["evaluations_to_target"] is None)
+
+
+def test_table1_runs_each_command_once_and_reruns_when_it_changes(tmp_path):
+    import sys
+    from benchmarks import table1
+    out, counter = str(tmp_path / "out.json"), tmp_path / "count"
+    code = f"import json, pathlib; p = pathlib.Path({str(counter)!r}); n = int(p.read_text()) + 1 if p.exists() else 1; " \
+           f"p.write_text(str(n)); json.dump({{'n': n}}, open({out!r}, 'w'))"
+    argvs = [[sys.executable, "-c", code]]
+    assert table1._run_cached(argvs, out, log=lambda _: None) == {"n": 1}
+    assert table1._run_cached(argvs, out, log=lambda _: None) == {"n": 1}  # cached
+    changed = [[sys.executable, "-c", code + "  # other flags"]]
+    assert table1._run_cached(changed, out, log=lambda _: None, cached_only=True) is None
+    assert table1._run_cached(changed, out, log=lambda _: None) == {"n": 2}
+
+
+def test_table1_payload_aggregates_seeds():
+    from benchmarks import table1
+    keys = {entry: 0.5 for entry in table1.KEY_ENTRIES}
+    keys["e_lock_recovery_100"] = 0.4
+    per_seed = {s: {c: {"accuracy": acc, "curve": {1: acc}} for c, acc in zip(table1.COLUMNS, accs)}
+                for s, accs in ((0, (0.8, 0.9, 0.85, 0.86)), (1, (0.8, 0.9, 0.85, 0.84)))}
+    payload = common.validate_payload("table1", table1._payload(
+        {"x": {"epochs": 3}}, {"x": {"per_seed": per_seed, "key_matrix": {0: keys, 1: keys}}}, quick=True))
+    row = payload["tables"][0]["rows"][0]
+    assert row[:3] == ["x", 3, 2] and row[3] == "80.00 ± 0.00" and row[6] == "85.00 ± 1.00"
+    assert row[7] == "0.00 ± 1.00"
+    assert payload["headline"][0]["met"] is True
+    assert payload["tables"][1]["rows"][0][-1] == "40.00 ± 0.00"
+
+
+def test_figures_are_drawn_from_the_results_only(tmp_path):
+    from benchmarks import figures
+    results, grids = tmp_path / "results", tmp_path / "grids"
+    results.mkdir()
+    curve = {"1": 0.5, "2": 0.6}
+    per_seed = {"0": {c: {"accuracy": 0.6, "curve": curve} for c in figures.CURVE_LABELS}}
+    _write(str(results), "table1", {"results": {"lenet_digits": {"per_seed": per_seed}}})
+    _write(str(results), "attacks_dlg_digits", {"results": {}})
+    (grids / "dlg_digits").mkdir(parents=True)
+    (grids / "dlg_digits" / "grid.png").write_bytes(b"png")
+    (grids / "ig_digits").mkdir()
+    (grids / "ig_digits" / "grid.png").write_bytes(b"png")  # no result file: not copied
+    notes = []
+    written = figures.draw_all(str(results), str(results / "figures"), str(grids), log=notes.append)
+    assert sorted(os.path.basename(p) for p in written) == ["accuracy_curves.png", "grid_dlg_digits.png"]
+    assert (results / "figures" / "accuracy_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert notes == ["skipped privacy_utility.png: no privacy_utility.json"]
+    lines = report.figures_markdown(str(results / "figures"), str(tmp_path))
+    assert "![accuracy_curves](results/figures/accuracy_curves.png)" in lines
