@@ -77,7 +77,7 @@ def run(attack, threats, model, dataset, num_images, batch_size=1, offset=0, tar
     tf.get_logger().setLevel("ERROR")  # pfor's per-op fallback warnings would flood the progress
     data_set, input_shape, images, labels = load_images(dataset, model, num_images, offset, data_dir)
     victims = experiment.build_victims(model, input_shape, data_set.num_classes, init, seed, normalization,
-                                       threats=threats)
+                                       key_seed=seed + 1, threats=threats)
     if train_epochs:
         train_victims(victims, data_set, input_shape, train_epochs, train_examples, seed, log)
 

@@ -3,6 +3,7 @@
   python -m benchmarks.attack_quality                 # default set (~15-20 min on 2 CPU cores)
   python -m benchmarks.attack_quality --attack_set=full    # + IG/GRNN on all images, ResNet-20, batch 4
   python -m benchmarks.attack_quality --attack_only=idlg_fashion_mnist --attack_num_images=3
+  python -m benchmarks.attack_quality --attack_set=table6 --attack_seeds=0,1,2   # the Table 6 analogue
 
 Victims: untrained LeNet (PyTorch init, seed 0) without the lock ('none') and the identical
 backbone with the lock (other threats), batch 1 single-step gradients unless stated. Each
@@ -11,11 +12,13 @@ summaries, time, iterations/s) and its PNG grid under runs/attack_quality/<name>
 also writes benchmarks/results/attack_quality.json (tables + headline) in the benchmarks' format.
 """
 
+import json
 import os
 import time
 
 from absl import app
 from absl import flags
+import numpy as np
 import tensorflow  # noqa: F401  (before absl's main: Keras' Flatten breaks if TF is first imported inside it)
 
 from benchmarks import common
@@ -29,7 +32,7 @@ def _experiments(num_images):
     default = []
     for dataset in ("fashion_mnist", "digits"):
         default += [
-            (f"dlg_{dataset}", dict(LENET, attack="dlg", threats=["none"], dataset=dataset, num_images=num_images,
+            (f"dlg_{dataset}", dict(LENET, attack="dlg", threats=ALL_THREATS, dataset=dataset, num_images=num_images,
                                     options=dict(iterations=1000, restarts=1))),
             (f"idlg_{dataset}", dict(LENET, attack="idlg", threats=ALL_THREATS, dataset=dataset,
                                      num_images=num_images, options=dict(iterations=1500, restarts=2))),
@@ -59,10 +62,17 @@ def _experiments(num_images):
         ("idlg_batch4_fashion_mnist", dict(LENET, attack="idlg", threats=["none", "oracle"], dataset="fashion_mnist",
                                            num_images=8, batch_size=4, options=dict(iterations=1500, restarts=2))),
     ]
-    return {"default": default, "full": full}
+    # Table 6: every attack under every threat on Fashion-MNIST single gradients and captured updates.
+    table6 = [(n, k) for n, k in full if n in ("dlg_fashion_mnist", "idlg_fashion_mnist", "ig_fashion_mnist",
+                                               "grnn_fashion_mnist")]
+    table6.append(("idlg_update10_fashion_mnist", dict(dict(default)["idlg_update_fashion_mnist"],
+                                                      num_images=num_images)))
+    return {"default": default, "full": full, "table6": table6}
 
 
-_SET = flags.DEFINE_enum("attack_set", "default", ("default", "full"), "Which experiments to run.")
+_SET = flags.DEFINE_enum("attack_set", "default", ("default", "full", "table6"), "Which experiments to run.")
+_SEEDS = flags.DEFINE_list("attack_seeds", ["0"], "Seeds to run each experiment with (victim, key, attack starts).")
+_RERUN = flags.DEFINE_bool("attack_rerun", False, "Rerun experiments whose result files already hold them.")
 _ONLY = flags.DEFINE_list("attack_only", [], "Run only these experiments (names as in the JSON files).")
 _NUM_IMAGES = flags.DEFINE_integer("attack_num_images", 10, "Images per data set for the main experiments.", lower_bound=1)
 _OUT_DIR = flags.DEFINE_string("attack_out_dir", "runs/attack_quality", "Where the PNG grids go.")
@@ -77,26 +87,66 @@ def _row(name, threat, result):
             round(result["iterations_per_second"], 2)]
 
 
-def run_experiments(names=None, set_name="default", num_images=10, out_dir="runs/attack_quality", log=print):
-    """Runs the chosen experiments; returns {name: report} and writes attacks_<name>.json each."""
+def result_name(name, seed):
+    """The result file of an experiment at a seed (seed 0 keeps the plain name)."""
+    return f"attacks_{name}" if int(seed) == 0 else f"attacks_{name}_seed{int(seed)}"
+
+
+# The settings that define an experiment's result (others, e.g. timings, vary between reruns).
+_DEFINING = ("attack", "threats", "model", "dataset", "num_images", "batch_size", "offset", "target", "init",
+             "normalization", "train_epochs", "options", "update_options", "seed")
+
+
+def _cached_report(name, kwargs, seed):
+    """The stored report of this experiment at this seed, if its result file holds exactly it."""
+    path = common.result_path(result_name(name, seed))
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        doc = json.load(f)
+    wanted = dict(dict(offset=0, target="gradient", init="pytorch", normalization="batch", train_epochs=0,
+                       batch_size=1, options={}, update_options={}), **kwargs, seed=int(seed))
+    settings = doc.get("settings", {})
+    if any(json.dumps(settings.get(k), sort_keys=True) != json.dumps(wanted.get(k), sort_keys=True)
+           for k in _DEFINING):
+        return None
+    return dict(settings=settings, results=doc["results"])
+
+
+def choose(names=None, set_name="default", num_images=10):
+    """[(name, run() keyword arguments)] of a set, or of the named experiments from any set."""
+    sets = _experiments(num_images)
+    if not names:
+        return sets[set_name]
+    known = {n for group in sets.values() for n, _ in group}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"unknown experiments {unknown}; known: {sorted(known)}")
+    return list(dict((n, k) for group in sets.values() for n, k in group if n in names).items())
+
+
+def run_experiments(names=None, set_name="default", num_images=10, out_dir="runs/attack_quality", seeds=(0,),
+                    rerun=True, log=print):
+    """Runs the chosen experiments at each seed; returns {(name, seed): report} and writes each
+    report to its result file (see `result_name`). Without `rerun`, stored results are reused."""
     from attacks import study
-    chosen = _experiments(num_images)[set_name]
-    if names:
-        known = {n for group in _experiments(num_images).values() for n, _ in group}
-        unknown = sorted(set(names) - known)
-        if unknown:
-            raise ValueError(f"unknown experiments {unknown}; known: {sorted(known)}")
-        chosen = [(n, k) for group in _experiments(num_images).values() for n, k in group if n in names]
-        chosen = list(dict(chosen).items())
     reports = {}
-    for name, kwargs in chosen:
-        log(f"== {name}")
-        start = time.perf_counter()
-        report = study.run(out_dir=os.path.join(out_dir, name), log=log, **kwargs)
-        payload = dict(settings=report["settings"], results=report["results"],
-                       tables=[_table(name, report)], notes=[f"grid: {os.path.join(out_dir, name, 'grid.png')}"])
-        common.write_result(f"attacks_{name}", payload, quick=False, duration_s=time.perf_counter() - start)
-        reports[name] = report
+    for name, kwargs in choose(names, set_name, num_images):
+        for seed in seeds:
+            cached = None if rerun else _cached_report(name, kwargs, seed)
+            if cached is not None:
+                log(f"== {name} seed {seed}: stored")
+                reports[(name, int(seed))] = cached
+                continue
+            log(f"== {name} seed {seed}")
+            start = time.perf_counter()
+            grid_dir = os.path.join(out_dir, name if int(seed) == 0 else f"{name}_seed{int(seed)}")
+            report = study.run(out_dir=grid_dir, log=log, seed=int(seed), **kwargs)
+            payload = dict(settings=report["settings"], results=report["results"],
+                           tables=[_table(name, report)], notes=[f"grid: {os.path.join(grid_dir, 'grid.png')}"])
+            common.write_result(result_name(name, seed), payload, quick=False,
+                                duration_s=time.perf_counter() - start)
+            reports[(name, int(seed))] = report
     return reports
 
 
@@ -122,7 +172,16 @@ def _headline(reports):
 def run(quick):
     """The benchmark runner's entry point: quick = 3 images, default set otherwise."""
     reports = run_experiments(num_images=3 if quick else 10)
-    return _payload(reports)
+    return _payload({name: report for (name, _), report in reports.items()})
+
+
+NOTES = [
+    "Standard PSNR/SSIM on [0, 1] images; aligned PSNR after the least-squares affine fit per image "
+    "(train-mode normalisation at batch 1 makes the gradient blind to brightness/contrast).",
+    "fixed-key: the attacker's own random key and lock weights; adaptive: gamma/beta per locked channel "
+    "optimised with the image; oracle: the victim's key and lock weights.",
+    common.SHARED_MACHINE_NOTE,
+]
 
 
 def _payload(reports):
@@ -133,13 +192,45 @@ def _payload(reports):
         "tables": [{"title": "attack quality (batch 1 unless stated; aligned = after the best a*x+b fit)",
                     "columns": COLUMNS, "rows": rows}],
         "headline": _headline(reports),
-        "notes": [
-            "Standard PSNR/SSIM on [0, 1] images; aligned PSNR after the least-squares affine fit per image "
-            "(train-mode normalisation at batch 1 makes the gradient blind to brightness/contrast).",
-            "fixed-key: the attacker's own random key and lock weights; adaptive: gamma/beta per locked channel "
-            "optimised with the image; oracle: the victim's key and lock weights.",
-            common.SHARED_MACHINE_NOTE,
-        ],
+        "notes": NOTES,
+    }
+
+
+TABLE6_METRICS = ("psnr", "ssim", "aligned_psnr", "label_accuracy", "paper_rmse", "paper_psnr")
+
+
+def table6_payload(reports):
+    """Per experiment and threat, over every image of every seed: mean ± std of each metric, and the
+    spread of the per-seed means (the seed-to-seed variation)."""
+    grouped = {}
+    for (name, seed), report in sorted(reports.items()):
+        for threat, result in report["results"].items():
+            grouped.setdefault((name, threat), {})[seed] = result["per_image"]
+    rows, results = [], {}
+    for (name, threat), by_seed in grouped.items():
+        pooled = {m: [v for per_image in by_seed.values() for v in per_image[m]] for m in TABLE6_METRICS}
+        seed_means = {m: [float(np.mean(per_image[m])) for per_image in by_seed.values()] for m in TABLE6_METRICS}
+        results.setdefault(name, {})[threat] = dict(
+            seeds=sorted(by_seed), images=len(pooled["psnr"]),
+            **{m: dict(mean=float(np.mean(v)), std=float(np.std(v)), median=float(np.median(v)),
+                       seed_means=seed_means[m], seed_std=float(np.std(seed_means[m]))) for m, v in pooled.items()})
+        r = results[name][threat]
+        cell = lambda m, f="{:.2f}": f"{f.format(r[m]['mean'])} ± {f.format(r[m]['std'])}"  # noqa: E731
+        rows.append([name, threat, len(by_seed), r["images"], cell("psnr"), cell("ssim", "{:.3f}"),
+                     cell("aligned_psnr"), f"{r['aligned_psnr']['seed_std']:.2f}",
+                     f"{100 * r['label_accuracy']['mean']:.1f}", cell("paper_rmse", "{:.1f}"), cell("paper_psnr")])
+    return {
+        "settings": {f"{name} seed {seed}": report["settings"] for (name, seed), report in sorted(reports.items())},
+        "results": results,
+        "tables": [{"title": "Table 6 analogue: attack x threat, mean ± std over all images of all seeds (batch 1 "
+                             "single gradients; *update*: captured multi-example FedAvg updates)",
+                    "columns": ["experiment", "threat", "seeds", "images", "PSNR (dB)", "SSIM", "aligned PSNR (dB)",
+                                "aligned PSNR std of seed means", "label acc (%)", "paper RMSE (0-255)",
+                                "paper PSNR (dB)"], "rows": rows}],
+        "headline": [{"metric": f"{name} {threat}: mean aligned PSNR over seeds", "value": round(
+            results[name][threat]["aligned_psnr"]["mean"], 2), "unit": "dB"} for (name, threat) in grouped],
+        "notes": NOTES + ["A seed sets the victim's weights and key and the attacker's starting points; paper RMSE "
+                          "and PSNR are the paper's variants (RMSE on 0-255 pixels, 10*log10(255^2/RMSE))."],
     }
 
 
@@ -147,13 +238,19 @@ def main(argv):
     del argv
     start = time.perf_counter()
     try:
-        reports = run_experiments(_ONLY.value, _SET.value, _NUM_IMAGES.value, _OUT_DIR.value)
+        seeds = [int(s) for s in _SEEDS.value]
+        reports = run_experiments(_ONLY.value, _SET.value, _NUM_IMAGES.value, _OUT_DIR.value, seeds, _RERUN.value)
     except ValueError as e:
         raise app.UsageError(str(e))
-    if not _ONLY.value:
-        path = common.write_result("attack_quality", _payload(reports), quick=False,
+    if _SET.value == "table6" and not _ONLY.value:
+        path = common.write_result("table6", table6_payload(reports), quick=False,
                                    duration_s=time.perf_counter() - start)
-        print(f"wrote {path}")
+    elif not _ONLY.value and seeds == [0]:
+        path = common.write_result("attack_quality", _payload({n: r for (n, _), r in reports.items()}), quick=False,
+                                   duration_s=time.perf_counter() - start)
+    else:
+        return
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
