@@ -45,6 +45,7 @@ bench: venv data torch-venv
 	$(PY) -m benchmarks.run $(BENCH_FLAGS)
 
 report: venv
+	$(PY) -m benchmarks.figures
 	$(PY) -m benchmarks.report
 
 clean:

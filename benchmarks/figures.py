@@ -1,0 +1,96 @@
+"""The report's figures, drawn from benchmarks/results/*.json (`make report` runs it first).
+
+  python -m benchmarks.figures     # -> benchmarks/results/figures/*.png
+
+- accuracy_curves.png: test accuracy per epoch (central) and per round (FedAvg, FedKL) of table1.json;
+- privacy_utility.png: accuracy against the strongest attack's SSIM and aligned PSNR per defence
+  (privacy_utility.json);
+- grid_<experiment>.png: reconstruction grids (truth, then one row per threat) of the attack
+  experiments whose runs are on this machine (runs/attack_quality/<experiment>/grid.png).
+A figure whose results are missing is skipped with a note; nothing is drawn from typed-in numbers.
+"""
+
+import os
+import shutil
+
+from absl import app
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+
+FIGURES_DIR = os.path.join(common.RESULTS_DIR, "figures")
+GRID_SOURCES = os.path.join(common.REPO_ROOT, "runs", "attack_quality")
+CURVE_LABELS = {"central": "central", "central_lock": "central + lock", "fedavg": "FedAvg", "fedkl": "FedKL (a)"}
+
+
+def accuracy_curves(table1, path):
+    """One panel per setting: the mean curve over seeds of each column."""
+    results = table1["results"]
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
+    for ax, (name, result) in zip(axes[0], results.items()):
+        seeds = list(result["per_seed"].values())
+        for column, label in CURVE_LABELS.items():
+            rounds = sorted(int(r) for r in seeds[0][column]["curve"])
+            mean = [sum(s[column]["curve"][str(r)] for s in seeds) / len(seeds) * 100 for r in rounds]
+            ax.plot(rounds, mean, label=label, linestyle="--" if column.startswith("central") else "-")
+        ax.set_title(f"{name} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+        ax.set_xlabel("epoch (central) / round (federated)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def privacy_utility(doc, path):
+    """Accuracy against the strongest attack's SSIM and aligned PSNR, one point per defence."""
+    points = doc["results"]["points"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((axes[0], "ssim", "SSIM"), (axes[1], "aligned_psnr", "aligned PSNR (dB)")):
+        for point in points:
+            ax.scatter(point[metric], point["accuracy"] * 100)
+            ax.annotate(point["defence"], (point[metric], point["accuracy"] * 100), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(f"strongest attack: {label} (lower = more private)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_all(results_dir=None, figures_dir=FIGURES_DIR, grid_sources=GRID_SOURCES, log=print):
+    """Draws every figure whose results exist; returns the paths written."""
+    docs = common.load_results(results_dir)
+    os.makedirs(figures_dir, exist_ok=True)
+    written = []
+    for name, draw in (("table1", accuracy_curves), ("privacy_utility", privacy_utility)):
+        target = os.path.join(figures_dir, {"table1": "accuracy_curves.png"}.get(name, f"{name}.png"))
+        if name not in docs:
+            log(f"skipped {os.path.basename(target)}: no {name}.json")
+            continue
+        draw(docs[name], target)
+        written.append(target)
+    if os.path.isdir(grid_sources):
+        for experiment in sorted(os.listdir(grid_sources)):
+            source = os.path.join(grid_sources, experiment, "grid.png")
+            if f"attacks_{experiment}" in docs and os.path.exists(source):
+                target = os.path.join(figures_dir, f"grid_{experiment}.png")
+                shutil.copyfile(source, target)
+                written.append(target)
+    return written
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    for path in draw_all(common.RESULTS_DIR_FLAG.value):
+        print(f"wrote {os.path.relpath(path, common.REPO_ROOT)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
