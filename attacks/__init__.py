@@ -11,9 +11,9 @@ from attacks.experiment import ATTACKS, attack_captures, build_attack, run_threa
 from attacks.grnn import GRNN
 from attacks.ig import InvertingGradients
 from attacks.labels import infer_labels
-from attacks.model import THREATS, AttackerModel, ServerView, extract_secret
+from attacks.model import THREATS, AttackerModel, ServerView, extract_lock_weights, extract_secret
 from attacks.targets import Target, client_gradient, client_update_capture, from_capture
 
 __all__ = ["ATTACKS", "THREATS", "AttackerModel", "DLG", "GRNN", "IDLG", "InvertingGradients", "Reconstruction",
            "ServerView", "Target", "attack_captures", "build_attack", "client_gradient", "client_update_capture",
-           "extract_secret", "from_capture", "infer_labels", "run_threats"]
+           "extract_lock_weights", "extract_secret", "from_capture", "infer_labels", "run_threats"]

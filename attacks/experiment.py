@@ -83,7 +83,8 @@ def run_threats(attack_name, victims, images, labels, threats, batch_size=1, att
         client_targets = make_targets(victim, images, labels, batch_size, kind,
                                       capture_dir and os.path.join(capture_dir, threat), **(update_options or {}))
         view = model_lib.ServerView.from_model(victim)
-        secret = model_lib.extract_secret(victim) if threat == "oracle" else None
+        secret = {"oracle": model_lib.extract_secret, "adaptive-key": model_lib.extract_lock_weights}.get(
+            threat, lambda _: None)(victim)
         attacker = model_lib.AttackerModel(view, threat, secret=secret, seed=seed + 7)
         attack = build_attack(attack_name, attacker, seed=seed, **(attack_options or {}))
         start = time.perf_counter()
@@ -149,15 +150,15 @@ def attack_captures(captures, out_dir, attack="ig", attack_options=None, truth_i
     Args:
       captures: {name: capture file} (e.g. {'fedavg': ..., 'fedkl': ...}). A capture without the
         lock is attacked under threat 'none'; one with the lock under each of `locked_threats`
-        ('oracle' is impossible from a capture: the server has no secret).
+        ('oracle' and 'adaptive-key' are impossible from a capture: the server holds no lock weights).
       out_dir: gets `captures_grid.png` (truth on top if given, then one row per setting),
         `captures_metrics.json` and `captures_table.txt`.
       attack, attack_options: see `build_attack`.
       truth_images, truth_labels: the client's data, to score the reconstructions (optional).
     Returns {setting: {'labels', 'loss', 'seconds', and per-image metrics if the truth is given}}.
     """
-    if "oracle" in locked_threats:
-        raise ValueError("a capture holds no secret: 'oracle' cannot attack it")
+    if {"oracle", "adaptive-key"} & set(locked_threats):
+        raise ValueError("a capture holds no secret: 'oracle' and 'adaptive-key' cannot attack it")
     results, grid_rows, table_rows = {}, [], []
     if truth_images is not None:
         grid_rows.append(("truth", np.asarray(truth_images)))

@@ -19,7 +19,7 @@ from tfkl import private
 from tfkl.keylock import KeyLock
 from tfkl.secure import _map_arguments
 
-THREATS = ("none", "fixed-key", "adaptive", "oracle")
+THREATS = ("none", "fixed-key", "adaptive", "adaptive-key", "oracle")
 _WEIGHTLESS = (tf.keras.layers.InputLayer, tf.keras.layers.ZeroPadding2D, tf.keras.layers.Activation,
                tf.keras.layers.ReLU, tf.keras.layers.Flatten, tf.keras.layers.Add,
                tf.keras.layers.GlobalAveragePooling2D, tf.keras.layers.MaxPooling2D,
@@ -64,6 +64,12 @@ def extract_secret(model):
     return {lock.name: tuple(v.numpy() for v in lock.private_weights) for lock in private.lock_layers(model)}
 
 
+def extract_lock_weights(model):
+    """The victim's lock weights without the key, per lock layer: for the `adaptive-key` threat, whose
+    attacker knows them (in round 1 every client trains from the server's initial lock weights)."""
+    return {lock.name: tuple(v.numpy() for v in lock.private_weights[1:]) for lock in private.lock_layers(model)}
+
+
 def _inverse_softplus(y):
     return float(np.log(np.expm1(y)))
 
@@ -77,16 +83,19 @@ class AttackerModel:
         'fixed-key': the attacker's own random key and lock weights (seed `seed`), never optimised;
         'adaptive': per lock, gamma = f(g) and beta = f(b) with free latents optimised with the image
         (f = softplus for ReLU locks, sigmoid for sigmoid locks);
+        'adaptive-key': the victim's lock weights are known (`secret` = `extract_lock_weights`), the
+        key = sigmoid(latent) in (0, 1)^key_dim is optimised with the image;
         'oracle': the victim's key and lock weights, given as `secret` (see `extract_secret`).
-      secret: only for 'oracle'.
+      secret: what the attacker knows of the secret: only for 'oracle' and 'adaptive-key'.
       seed: the attacker's seed for its fixed key and lock weights.
     """
 
     def __init__(self, view, threat, secret=None, seed=0):
         if threat not in THREATS:
             raise ValueError(f"threat must be one of {THREATS}, got {threat!r}")
-        if (secret is not None) != (threat == "oracle"):
-            raise ValueError("a secret is given to the 'oracle' threat, and only to it")
+        if (secret is not None) != (threat in ("oracle", "adaptive-key")):
+            raise ValueError("the 'oracle' (key and lock weights) and 'adaptive-key' (lock weights) threats, and "
+                             "only they, take a secret")
         self.view, self.threat = view, threat
         self.model = tf.keras.models.model_from_json(view.model_json)
         shared = private.shared_variables(self.model)
@@ -108,12 +117,14 @@ class AttackerModel:
         self.lock_weights = self._lock_weights(secret, seed)
 
     def _lock_weights(self, secret, seed):
-        """Per lock: (key, scale_kernel, scale_bias, shift_kernel, shift_bias) for 'fixed-key' and
-        'oracle'; None otherwise."""
-        if self.threat == "oracle":
+        """Per lock: (key, scale_kernel, scale_bias, shift_kernel, shift_bias) for 'fixed-key',
+        'adaptive-key' (whose key comes from the latent: a zero placeholder here) and 'oracle'; None otherwise."""
+        if self.threat in ("oracle", "adaptive-key"):
             if set(secret) != {lock.name for lock in self.locks}:
                 raise ValueError(f"the secret names locks {sorted(secret)}, the model has "
                                  f"{[lock.name for lock in self.locks]}")
+            if self.threat == "adaptive-key":
+                secret = {lock.name: (np.zeros(lock.key_dim),) + tuple(secret[lock.name]) for lock in self.locks}
             return {name: tuple(tf.constant(v, tf.float32) for v in values) for name, values in secret.items()}
         if self.threat != "fixed-key":
             return None
@@ -129,15 +140,22 @@ class AttackerModel:
 
     # -- lock parameters -------------------------------------------------------------------
     def lock_latent_size(self):
-        """Length of the adaptive attacker's free lock parameters (2 * channels per lock)."""
+        """Length of the adaptive attackers' free lock parameters: 2 * channels ('adaptive') or the
+        key ('adaptive-key') per lock."""
+        if self.threat == "adaptive-key":
+            return sum(lock.key_dim for lock in self.locks)
         return sum(2 * lock.channels for lock in self.locks) if self.threat == "adaptive" else 0
 
     def initial_lock_latent(self, problems, seed=0):
-        """[problems, lock_latent_size] start values: gamma ~ U(0.5, 1.5), beta ~ U(0, 0.5) (ReLU locks)."""
+        """[problems, lock_latent_size] start values: gamma ~ U(0.5, 1.5), beta ~ U(0, 0.5) (ReLU locks);
+        for 'adaptive-key' a key ~ U(0.05, 0.95)."""
         size = self.lock_latent_size()
         if not size:
             return tf.zeros([problems, 0])
         rng = np.random.default_rng(seed)
+        if self.threat == "adaptive-key":
+            key = rng.uniform(0.05, 0.95, (problems, size))
+            return tf.constant(np.log(key / (1 - key)), tf.float32)
         parts = []
         for lock in self.locks:
             gamma = rng.uniform(0.5, 1.5, (problems, lock.channels))
@@ -163,6 +181,9 @@ class AttackerModel:
                 offset += 2 * c
             else:
                 key, sk, sb, hk, hb = (lock_weights or self.lock_weights)[lock.name]
+                if self.threat == "adaptive-key":
+                    key = tf.sigmoid(latent[offset:offset + lock.key_dim])
+                    offset += lock.key_dim
                 values[lock.name] = (act(tf.linalg.matvec(sk, key, transpose_a=True) + sb),
                                      act(tf.linalg.matvec(hk, key, transpose_a=True) + hb))
         return values

@@ -65,6 +65,8 @@ def _experiments(num_images):
     # Table 6: every attack under every threat on Fashion-MNIST single gradients and captured updates.
     table6 = [(n, k) for n, k in full if n in ("dlg_fashion_mnist", "idlg_fashion_mnist", "ig_fashion_mnist",
                                                "grnn_fashion_mnist")]
+    # The adaptive attacker that knows the lock weights (round 1: the server's initial lock) and optimises the key.
+    table6 += [(f"{n}_adaptive_key", dict(k, threats=["adaptive-key"])) for n, k in table6 if n != "dlg_fashion_mnist"]
     table6.append(("idlg_update10_fashion_mnist", dict(dict(default)["idlg_update_fashion_mnist"],
                                                       num_images=num_images)))
     return {"default": default, "full": full, "table6": table6}

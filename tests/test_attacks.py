@@ -84,6 +84,31 @@ def test_only_the_oracle_gets_a_secret_and_others_never_read_the_victim():
         assert labels.infer_labels(attacker, target).tolist() == y.tolist()
 
 
+def test_adaptive_key_attacker_knows_the_lock_weights_but_never_the_key():
+    victim = _victim(True)
+    view = model_lib.ServerView.from_model(victim)
+    x, y = _images(1)
+    target = targets.client_gradient(victim, x, y)
+    lock = private.lock_layers(victim)[0]
+    true_key = lock.key.numpy()
+    with pytest.raises(ValueError):
+        model_lib.AttackerModel(view, "adaptive-key")
+    lock.key.assign(tf.fill(lock.key.shape, np.nan))  # the key is never read
+    attacker = model_lib.AttackerModel(view, "adaptive-key", secret=model_lib.extract_lock_weights(victim))
+    assert attacker.lock_latent_size() == lock.key_dim
+    start = attacker.initial_lock_latent(2, seed=1).numpy()
+    assert start.shape == (2, lock.key_dim) and np.all(np.abs(start) < 3)
+    clipped = np.clip(true_key, 1e-6, 1 - 1e-6)
+    latent = tf.constant(np.log(clipped / (1 - clipped)), tf.float32)  # sigmoid(latent) = the true key
+    def relative_error(latent):
+        predicted = targets.simulate(attacker, target, tf.constant(x), tf.constant(y), latent)
+        return np.sqrt(sum(np.sum((p.numpy() - t) ** 2) for p, t in zip(predicted, target.values)) /
+                       sum(np.sum(t ** 2) for t in target.values))
+
+    assert relative_error(latent) < 1e-6
+    assert relative_error(tf.fill(latent.shape, -5.0)) > 1e-3  # a key near 0
+
+
 @pytest.mark.slow
 def test_a_full_attack_never_reads_the_victims_secret():
     victim = _victim(True)

@@ -83,8 +83,8 @@ def main(argv):
         except capture_lib.CaptureFormatError as e:
             common.fail(str(e))
         locked = bool(capture.meta["lock"])
-        # A capture holds no secret ('oracle' is impossible); 'none' fits plain captures only.
-        threats = [t for t in _THREAT.value if t != "oracle" and (t == "none") != locked]
+        # A capture holds no secret ('oracle', 'adaptive-key' are impossible); 'none' fits plain captures only.
+        threats = [t for t in _THREAT.value if t not in ("oracle", "adaptive-key") and (t == "none") != locked]
         if not threats:
             common.fail(f"none of --threat={','.join(_THREAT.value)} applies to a "
                         f"{'locked' if locked else 'plain'} capture (use none, or fixed-key/adaptive)")
