@@ -67,27 +67,39 @@ def _commands(setting, seed, run_dir):
 
 def _run_cached(argvs, out, log, cached_only=False):
     """Runs `argvs` in order unless `out` exists and was made by the same commands; returns its JSON
-    (None when `cached_only` and it has not been made yet)."""
+    (None when `cached_only` and it has not been made yet) and the wall time the commands took (None
+    if unknown), which is kept next to it."""
     stamp = out + ".commands"
     recorded = json.dumps([argv[2:] for argv in argvs])  # without the interpreter path
     if os.path.exists(out) and os.path.exists(stamp):
         with open(stamp) as f:
             if f.read() == recorded:
-                with open(out) as g:
-                    return json.load(g)
+                return _load(out)
     if cached_only:
-        return None
+        return None, None
     os.makedirs(os.path.dirname(out), exist_ok=True)
     env = dict(os.environ, PYTHONPATH=common.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    start = time.perf_counter()
     with open(out + ".log", "a") as logfile:  # never a pipe: TFF's worker can keep one open
         for argv in argvs:
             log(" ".join(argv[2:]))
             subprocess.run(argv, cwd=common.REPO_ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT,
                            check=True)
+    with open(out + ".seconds", "w") as f:
+        f.write(f"{time.perf_counter() - start:.1f}")
     with open(stamp, "w") as f:
         f.write(recorded)
+    return _load(out)
+
+
+def _load(out):
     with open(out) as f:
-        return json.load(f)
+        doc = json.load(f)
+    seconds = None
+    if os.path.exists(out + ".seconds"):
+        with open(out + ".seconds") as f:
+            seconds = float(f.read())
+    return doc, seconds
 
 
 def _accuracy_and_curve(column, doc):
@@ -106,13 +118,12 @@ def run_setting(name, setting, run_dir, cached_only=False, log=print):
         seed_dir = os.path.join(run_dir, name, f"seed_{seed}")
         per_seed[seed] = {}
         for column, (argvs, out) in _commands(setting, seed, seed_dir).items():
-            start = time.perf_counter()
-            doc = _run_cached(argvs, out, log, cached_only)
+            doc, seconds = _run_cached(argvs, out, log, cached_only)
             if doc is None:
                 return None
             accuracy, curve = _accuracy_and_curve(column, doc)
             per_seed[seed][column] = dict(accuracy=accuracy, curve=curve, evaluation_examples=doc["evaluation_examples"],
-                                          seconds_this_call=round(time.perf_counter() - start, 1))
+                                          seconds=seconds)
             if column == "fedkl":
                 key_rows[seed] = {entry: (doc[entry]["mean"] if isinstance(doc[entry], dict) else doc[entry])
                                   for entry in KEY_ENTRIES}
@@ -132,8 +143,10 @@ def _payload(settings, results, quick):
         seeds = list(result["per_seed"])
         accuracies = {c: [result["per_seed"][s][c]["accuracy"] for s in seeds] for c in COLUMNS}
         gap = np.asarray(accuracies["fedkl"]) - np.asarray(accuracies["fedavg"])
+        seconds = [result["per_seed"][s][c]["seconds"] for s in seeds for c in COLUMNS]
+        minutes = round(sum(seconds) / 60 / len(seeds), 1) if None not in seconds else "n/a"
         rows.append([name, settings[name]["epochs"], len(seeds)] + [_mean_std(accuracies[c]) for c in COLUMNS]
-                    + [_mean_std(gap)])
+                    + [_mean_std(gap), minutes])
         entries = list(next(iter(result["key_matrix"].values())))
         key_rows.append([name] + [_mean_std([result["key_matrix"][s][e] for s in seeds]) for e in entries])
         headline.append({"metric": f"{name}: FedKL - FedAvg accuracy", "value": round(float(gap.mean() * 100), 2),
@@ -150,7 +163,7 @@ def _payload(settings, results, quick):
             {"title": "Table 1 analogue: test accuracy (%), mean ± std over seeds; E epochs central = E rounds "
                       f"x 1 local epoch, {NUM_CLIENTS} IID clients",
              "columns": ["setting", "epochs/rounds", "seeds", "central", "central + lock", "FedAvg", "FedKL (a)",
-                         "FedKL - FedAvg (pp)"], "rows": rows},
+                         "FedKL - FedAvg (pp)", "minutes per seed (4 runs)"], "rows": rows},
             {"title": "Key table: the FedKL run's evaluation matrix (%, tff_programs.evaluate)",
              "columns": key_columns, "rows": key_rows},
         ],

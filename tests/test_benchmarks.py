@@ -204,24 +204,25 @@ def test_table1_runs_each_command_once_and_reruns_when_it_changes(tmp_path):
     code = f"import json, pathlib; p = pathlib.Path({str(counter)!r}); n = int(p.read_text()) + 1 if p.exists() else 1; " \
            f"p.write_text(str(n)); json.dump({{'n': n}}, open({out!r}, 'w'))"
     argvs = [[sys.executable, "-c", code]]
-    assert table1._run_cached(argvs, out, log=lambda _: None) == {"n": 1}
-    assert table1._run_cached(argvs, out, log=lambda _: None) == {"n": 1}  # cached
+    doc, seconds = table1._run_cached(argvs, out, log=lambda _: None)
+    assert doc == {"n": 1} and seconds > 0
+    assert table1._run_cached(argvs, out, log=lambda _: None) == (doc, seconds)  # cached
     changed = [[sys.executable, "-c", code + "  # other flags"]]
-    assert table1._run_cached(changed, out, log=lambda _: None, cached_only=True) is None
-    assert table1._run_cached(changed, out, log=lambda _: None) == {"n": 2}
+    assert table1._run_cached(changed, out, log=lambda _: None, cached_only=True) == (None, None)
+    assert table1._run_cached(changed, out, log=lambda _: None)[0] == {"n": 2}
 
 
 def test_table1_payload_aggregates_seeds():
     from benchmarks import table1
     keys = {entry: 0.5 for entry in table1.KEY_ENTRIES}
     keys["e_lock_recovery_100"] = 0.4
-    per_seed = {s: {c: {"accuracy": acc, "curve": {1: acc}} for c, acc in zip(table1.COLUMNS, accs)}
+    per_seed = {s: {c: {"accuracy": acc, "curve": {1: acc}, "seconds": 30.0} for c, acc in zip(table1.COLUMNS, accs)}
                 for s, accs in ((0, (0.8, 0.9, 0.85, 0.86)), (1, (0.8, 0.9, 0.85, 0.84)))}
     payload = common.validate_payload("table1", table1._payload(
         {"x": {"epochs": 3}}, {"x": {"per_seed": per_seed, "key_matrix": {0: keys, 1: keys}}}, quick=True))
     row = payload["tables"][0]["rows"][0]
     assert row[:3] == ["x", 3, 2] and row[3] == "80.00 ± 0.00" and row[6] == "85.00 ± 1.00"
-    assert row[7] == "0.00 ± 1.00"
+    assert row[7] == "0.00 ± 1.00" and row[8] == 2.0
     assert payload["headline"][0]["met"] is True
     assert payload["tables"][1]["rows"][0][-1] == "40.00 ± 0.00"
 
