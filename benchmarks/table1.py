@@ -28,7 +28,7 @@ from benchmarks import common
 SETTINGS = {
     "lenet_digits": dict(model="lenet", dataset="digits", epochs=50, seeds=(0, 1, 2)),
     "resnet20_digits": dict(model="resnet20", dataset="digits", epochs=20, seeds=(0,)),
-    "lenet_fashion_mnist": dict(model="lenet", dataset="fashion_mnist", epochs=20, seeds=(0,)),
+    "lenet_fashion_mnist": dict(model="lenet", dataset="fashion_mnist", epochs=10, seeds=(0,)),
 }
 QUICK = {"lenet_digits": dict(model="lenet", dataset="digits", epochs=2, seeds=(0,))}
 NUM_CLIENTS = 3
