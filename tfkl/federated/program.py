@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import time
@@ -240,10 +241,8 @@ def client_dataset(config, dataset, indices, shuffle_seed, cache_dir=None, clien
     the round then ships a file path to the TFF worker instead of the examples. `poison` turns the
     images into NaN and `fail` makes the local training raise mid-epoch (fault injection).
     """
-    layout = (config.batch_size, config.local_epochs, tuple(config.input_shape))
     if cache_dir is None:
         examples = tf.data.Dataset.from_tensor_slices((dataset.x_train[indices], dataset.y_train[indices]))
-        batches = _batched(examples, len(indices), shuffle_seed, *layout)
     else:
         path = os.path.join(cache_dir, f"client_{client_id}")
         if not os.path.isdir(path):
@@ -252,9 +251,9 @@ def client_dataset(config, dataset, indices, shuffle_seed, cache_dir=None, clien
                 tf.io.gfile.rmtree(tmp)
             tf.data.Dataset.from_tensor_slices((dataset.x_train[indices], dataset.y_train[indices])).save(tmp)
             os.replace(tmp, path)
-        element_spec = (tf.TensorSpec(dataset.x_train.shape[1:], tf.as_dtype(dataset.x_train.dtype)),
-                        tf.TensorSpec((), tf.as_dtype(dataset.y_train.dtype)))
-        batches = _snapshot_pipeline(element_spec, *layout)(path, np.int64(len(indices)), np.int64(shuffle_seed))
+        examples = tf.data.Dataset.load(path, reader_func=_snapshot_reader)
+    examples = examples.shuffle(len(indices), seed=shuffle_seed, reshuffle_each_iteration=True)
+    batches = _batcher(config.batch_size, config.local_epochs, tuple(config.input_shape))(examples)
     if poison:
         batches = batches.map(lambda x, y: (x * np.float32(np.nan), y))
     if fail:
@@ -262,21 +261,22 @@ def client_dataset(config, dataset, indices, shuffle_seed, cache_dir=None, clien
     return batches.with_options(_CLIENT_DATA_OPTIONS)
 
 
-def _batched(examples, num_examples, shuffle_seed, batch_size, local_epochs, input_shape):
-    """Batched per epoch, then repeated (reshuffled): each epoch ends with its own partial batch."""
-    examples = examples.shuffle(num_examples, seed=shuffle_seed, reshuffle_each_iteration=True)
-    batches = examples.batch(batch_size).map(lambda x, y: (data_lib.preprocess(x, input_shape), y))
-    return batches.repeat(local_epochs)
+# Dataset.load's default reader, traced once: tf.data would trace a new one for every client.
+_snapshot_reader = tf.function(lambda shards: shards.interleave(
+    lambda shard: shard, cycle_length=multiprocessing.cpu_count(), num_parallel_calls=tf.data.AUTOTUNE))
 
 
 @functools.lru_cache(maxsize=8)
-def _snapshot_pipeline(element_spec, batch_size, local_epochs, input_shape):
-    """`_batched` on a snapshot, traced once: a client's data set then costs a few ops, not a trace."""
+def _batcher(batch_size, local_epochs, input_shape):
+    """Batched per epoch, then repeated (reshuffled): each epoch ends with its own partial batch.
+
+    Traced once per layout: a client's data set then costs a few ops, not a trace of the preprocessing.
+    """
     @tf.function
-    def pipeline(path, num_examples, shuffle_seed):
-        return _batched(tf.data.Dataset.load(path, element_spec), num_examples, shuffle_seed, batch_size,
-                        local_epochs, input_shape)
-    return pipeline
+    def batch(examples):
+        batches = examples.batch(batch_size).map(lambda x, y: (data_lib.preprocess(x, input_shape), y))
+        return batches.repeat(local_epochs)
+    return batch
 
 
 # A client's pipeline is small and read once per round: tf.data's graph rewrites and autotuning
