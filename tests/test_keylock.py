@@ -40,6 +40,90 @@ def test_keylock_other_normalizations_have_no_shared_statistics(normalization):
     assert {w.name.split("/")[-1].split(":")[0] for w in layer.weights} == set(tfkl.keylock.PRIVATE_WEIGHT_NAMES)
 
 
+def _randomized_lock(shape, activation, key_dim=16):
+    """A built KeyLock with random lock weights and moving statistics away from their defaults."""
+    layer = KeyLock(key_dim, activation, key=tfkl.generate_key(key_dim, seed=2))
+    layer.build(shape)
+    rng = np.random.default_rng(3)
+    for variable in layer.weights[1:]:
+        value = rng.normal(size=variable.shape).astype(np.float32) * (0.3 if "kernel" in variable.name else 1.0)
+        variable.assign(np.abs(value) + 0.5 if "variance" in variable.name else value)
+    return layer
+
+
+def _reference_lock(layer, x, training):
+    """The paper's block op by op (the layer fuses it): gamma * batch_normalize(x) + beta."""
+    act = tf.nn.relu if layer.activation == "relu" else tf.sigmoid
+    gamma = act(tf.linalg.matvec(layer.scale_kernel, layer.key, transpose_a=True) + layer.scale_bias)
+    beta = act(tf.linalg.matvec(layer.shift_kernel, layer.key, transpose_a=True) + layer.shift_bias)
+    axes = list(range(x.shape.rank - 1))
+    mean, variance = tf.nn.moments(x, axes) if training else (layer.moving_mean, layer.moving_variance)
+    return gamma * tf.nn.batch_normalization(x, mean, variance, None, None, layer.epsilon) + beta
+
+
+def _gradients_to_second_order(forward, x, variables):
+    """(output, gradients of a loss, gradients of the gradients' squared norm) w.r.t. [x] + variables."""
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = forward(x)
+            loss = tf.reduce_sum(tf.sin(y) * tf.range(1.0, 1.0 + y.shape[-1]))
+        gradients = tape.gradient(loss, [x] + variables)
+        norm = tf.add_n([tf.reduce_sum(g * g) for g in gradients])
+    return y, gradients, outer.gradient(norm, [x] + variables)
+
+
+def _assert_close(actual, expected, tolerance):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert np.linalg.norm(actual - expected) <= tolerance * np.linalg.norm(expected) + 1e-6
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 5, 6), (1, 4, 4, 6), (7, 6), (3, 4, 6)])
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_batch_lock_matches_the_op_by_op_block(shape, activation, training):
+    layer = _randomized_lock(shape, activation)
+    x = tf.constant(np.random.default_rng(4).normal(size=shape).astype(np.float32) * 2 + 0.5)
+    statistics = [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
+    expected = _gradients_to_second_order(lambda t: _reference_lock(layer, t, training), x, layer.trainable_weights)
+    actual = _gradients_to_second_order(lambda t: layer(t, training=training), x, layer.trainable_weights)
+    for order, tolerance in ((0, 1e-5), (1, 1e-5), (2, 1e-4)):
+        for got, want in zip(tf.nest.flatten(actual[order]), tf.nest.flatten(expected[order])):
+            _assert_close(got, want, tolerance)
+    if training:  # moved towards the batch statistics, with PyTorch's unbiased variance
+        values = x.numpy().reshape(-1, shape[-1])
+        count = values.shape[0]
+        statistics = [0.9 * statistics[0] + 0.1 * values.mean(0),
+                      0.9 * statistics[1] + 0.1 * values.var(0) * count / (count - 1)]
+    _assert_close(layer.moving_mean.numpy(), statistics[0], 1e-6)
+    _assert_close(layer.moving_variance.numpy(), statistics[1], 1e-6)
+
+
+def test_batch_lock_on_a_single_value_per_channel_keeps_finite_statistics():
+    layer = KeyLock(key_dim=4)
+    out = layer(np.ones((1, 1, 1, 3), np.float32), training=True)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(layer.moving_variance.numpy()))
+
+
+@pytest.mark.parametrize("normalization", ["batch", "group", "layer", "none"])
+def test_second_order_gradients_through_every_normalization(normalization):
+    layer = KeyLock(key_dim=8, activation="sigmoid", normalization=normalization)
+    x = tf.constant(np.random.default_rng(5).normal(size=(2, 3, 3, 4)).astype(np.float32))
+    _, gradients, second = _gradients_to_second_order(lambda t: layer(t, training=True), x,
+                                                      layer.trainable_weights)
+    for g in gradients + second:
+        assert g is not None and np.all(np.isfinite(g)) and np.any(g.numpy() != 0)
+
+
+def test_weights_keep_their_names_and_order():
+    """Checkpoints of the layer (by position or by name) stay loadable."""
+    layer = _lock_model().get_layer("lock")
+    assert [w.name for w in layer.weights] == [
+        "lock/scale_kernel:0", "lock/scale_bias:0", "lock/shift_kernel:0", "lock/shift_bias:0", "lock/key:0",
+        "lock/moving_mean:0", "lock/moving_variance:0"]
+
+
 def test_keylock_dense_features_and_bad_options():
     out = KeyLock(key_dim=3)(np.ones((4, 7), np.float32), training=True)
     assert out.shape == (4, 7)

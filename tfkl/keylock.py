@@ -131,12 +131,16 @@ class KeyLock(tf.keras.layers.Layer):
         return [self.key, self.scale_kernel, self.scale_bias, self.shift_kernel, self.shift_bias]
 
     def lock_parameters(self, key=None):
-        """Returns (gamma, beta), each of shape (channels,), for `key` (default the layer's own)."""
+        """Returns (gamma, beta), each of shape (channels,), for `key` (default the layer's own).
+
+        Both come from one projection of the key onto the two kernels side by side.
+        """
         key = self.key if key is None else tf.convert_to_tensor(key, self.compute_dtype)
         act = tf.nn.relu if self.activation == "relu" else tf.sigmoid
-        key = key[tf.newaxis, :]
-        gamma = act(tf.matmul(key, self.scale_kernel) + self.scale_bias)[0]
-        beta = act(tf.matmul(key, self.shift_kernel) + self.shift_bias)[0]
+        kernel = tf.concat([self.scale_kernel, self.shift_kernel], axis=1)
+        bias = tf.concat([self.scale_bias, self.shift_bias], axis=0)
+        projection = act(tf.nn.bias_add(tf.matmul(key[tf.newaxis, :], kernel), bias))
+        gamma, beta = tf.split(tf.reshape(projection, [-1]), 2)
         return gamma, beta
 
     def normalize(self, inputs, training=None):
@@ -155,31 +159,37 @@ class KeyLock(tf.keras.layers.Layer):
             mean, variance = tf.nn.moments(grouped, axes, keepdims=True)
             grouped = (grouped - mean) * tf.math.rsqrt(variance + self.epsilon)
             return tf.reshape(grouped, shape)
-        return self._batch_normalize(inputs, training)
+        ones = tf.ones([self.channels])
+        return self._batch_normalize(inputs, ones, tf.zeros_like(ones), training)
 
-    def _batch_normalize(self, inputs, training):
+    def _batch_normalize(self, inputs, scale, offset, training):
+        """`scale * batch_normalized(inputs) + offset`, one fused kernel per pass.
+
+        In training the kernel also returns the moved statistics; like PyTorch, they take the
+        unbiased batch variance.
+        """
         if training is None:
             training = tf.keras.backend.learning_phase()
-        axes = list(range(inputs.shape.rank - 1))
+        features = inputs if inputs.shape.rank == 4 else tf.reshape(inputs, [-1, 1, 1, self.channels])
+
+        def fused(is_training):
+            return tf.compat.v1.nn.fused_batch_norm(
+                features, scale, offset, self.moving_mean, self.moving_variance, self.epsilon,
+                is_training=is_training, exponential_avg_factor=1.0 - self.momentum if is_training else 1.0)
 
         def train_branch():
-            mean, variance = tf.nn.moments(inputs, axes)
-            count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(inputs), axes)), inputs.dtype)
-            # PyTorch keeps the unbiased variance in its running statistics.
-            unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
-            decay = 1.0 - self.momentum
-            self.moving_mean.assign_sub((self.moving_mean - mean) * decay)
-            self.moving_variance.assign_sub((self.moving_variance - unbiased) * decay)
-            return mean, variance
+            outputs, moving_mean, moving_variance = fused(True)
+            self.moving_mean.assign(moving_mean)
+            self.moving_variance.assign(moving_variance)
+            return outputs
 
-        def inference_branch():
-            return tf.identity(self.moving_mean), tf.identity(self.moving_variance)
-
-        mean, variance = tf.__internal__.smart_cond.smart_cond(training, train_branch, inference_branch)
-        return tf.nn.batch_normalization(inputs, mean, variance, None, None, self.epsilon)
+        outputs = tf.__internal__.smart_cond.smart_cond(training, train_branch, lambda: fused(False)[0])
+        return outputs if inputs.shape.rank == 4 else tf.reshape(outputs, tf.shape(inputs))
 
     def call(self, inputs, training=None):
         gamma, beta = self.lock_parameters()
+        if self.normalization == "batch":
+            return self._batch_normalize(inputs, gamma, beta, training)
         return gamma * self.normalize(inputs, training) + beta
 
     def get_config(self):
