@@ -75,6 +75,8 @@ def _experiments(num_images):
 _SET = flags.DEFINE_enum("attack_set", "default", ("default", "full", "table6"), "Which experiments to run.")
 _SEEDS = flags.DEFINE_list("attack_seeds", ["0"], "Seeds to run each experiment with (victim, key, attack starts).")
 _RERUN = flags.DEFINE_bool("attack_rerun", False, "Rerun experiments whose result files already hold them.")
+_STORED_ONLY = flags.DEFINE_bool("attack_stored_only", False, "Run nothing: tabulate the stored results of the chosen "
+                                 "experiments and seeds (e.g. table6.json while parts still run elsewhere).")
 _ONLY = flags.DEFINE_list("attack_only", [], "Run only these experiments (names as in the JSON files).")
 _NUM_IMAGES = flags.DEFINE_integer("attack_num_images", 10, "Images per data set for the main experiments.", lower_bound=1)
 _OUT_DIR = flags.DEFINE_string("attack_out_dir", "runs/attack_quality", "Where the PNG grids go.")
@@ -128,17 +130,21 @@ def choose(names=None, set_name="default", num_images=10):
 
 
 def run_experiments(names=None, set_name="default", num_images=10, out_dir="runs/attack_quality", seeds=(0,),
-                    rerun=True, log=print):
+                    rerun=True, stored_only=False, log=print):
     """Runs the chosen experiments at each seed; returns {(name, seed): report} and writes each
-    report to its result file (see `result_name`). Without `rerun`, stored results are reused."""
+    report to its result file (see `result_name`). Without `rerun`, stored results are reused; with
+    `stored_only`, nothing runs and only the stored ones are returned."""
     from attacks import study
     reports = {}
     for name, kwargs in choose(names, set_name, num_images):
         for seed in seeds:
-            cached = None if rerun else _cached_report(name, kwargs, seed)
+            cached = None if rerun and not stored_only else _cached_report(name, kwargs, seed)
             if cached is not None:
                 log(f"== {name} seed {seed}: stored")
                 reports[(name, int(seed))] = cached
+                continue
+            if stored_only:
+                log(f"== {name} seed {seed}: not stored yet")
                 continue
             log(f"== {name} seed {seed}")
             start = time.perf_counter()
@@ -241,7 +247,8 @@ def main(argv):
     start = time.perf_counter()
     try:
         seeds = [int(s) for s in _SEEDS.value]
-        reports = run_experiments(_ONLY.value, _SET.value, _NUM_IMAGES.value, _OUT_DIR.value, seeds, _RERUN.value)
+        reports = run_experiments(_ONLY.value, _SET.value, _NUM_IMAGES.value, _OUT_DIR.value, seeds, _RERUN.value,
+                                  _STORED_ONLY.value)
     except ValueError as e:
         raise app.UsageError(str(e))
     if _SET.value == "table6" and not _ONLY.value:
