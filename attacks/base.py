@@ -15,7 +15,7 @@ import tensorflow as tf
 from attacks import labels as labels_lib
 from attacks import targets as targets_lib
 
-DISTANCES = ("l2", "cosine", "grnn")
+DISTANCES = ("l2", "l2_sum", "cosine", "grnn")
 
 
 @dataclasses.dataclass
@@ -29,6 +29,18 @@ class Reconstruction:
     info: dict
 
 
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The search between two chunks, as a `monitor` sees it: iterations done, batched objective
+    evaluations so far, optimisation wall time so far (progress and monitor calls excluded), the
+    current images [problems, N, H, W, C] (unclipped) and losses [problems]."""
+    done: int
+    evaluations: int
+    seconds: float
+    images: np.ndarray
+    losses: np.ndarray
+
+
 def total_variation(images):
     """Mean absolute difference of neighbouring pixels (IG's TV), summed over both axes."""
     dy = tf.reduce_mean(tf.abs(images[:, 1:] - images[:, :-1]))
@@ -37,18 +49,20 @@ def total_variation(images):
 
 
 def gradient_distance(predicted, target, distance):
-    """'l2': sum of squared differences (DLG's); 'cosine': 1 - cosine similarity of the
-    concatenations (IG's); 'grnn': squared L2 plus L2 (GRNN's, without its TV term). The L2 forms
-    are divided by the target's squared norm: the same minimiser, at a scale L-BFGS handles well."""
+    """'l2_sum': sum of squared differences (the original DLG's); 'l2': the same divided by the
+    target's squared norm (the same minimiser, at a scale tfp's L-BFGS handles well); 'cosine':
+    1 - cosine similarity of the concatenations (IG's); 'grnn': squared L2 plus L2, divided as 'l2'
+    (GRNN's, without its TV term)."""
     norm_t = tf.add_n([tf.reduce_sum(tf.square(t)) for t in target]) + 1e-30
-    squared = tf.add_n([tf.reduce_sum(tf.square(p - t)) for p, t in zip(predicted, target)]) / norm_t
-    if distance == "l2":
-        return squared
-    if distance == "grnn":
-        return squared + tf.sqrt(squared + 1e-12)
-    dot = tf.add_n([tf.reduce_sum(p * t) for p, t in zip(predicted, target)])
-    norm_p = tf.add_n([tf.reduce_sum(tf.square(p)) for p in predicted])
-    return 1.0 - dot * tf.math.rsqrt(norm_p * norm_t + 1e-30)
+    if distance == "cosine":
+        dot = tf.add_n([tf.reduce_sum(p * t) for p, t in zip(predicted, target)])
+        norm_p = tf.add_n([tf.reduce_sum(tf.square(p)) for p in predicted])
+        return 1.0 - dot * tf.math.rsqrt(norm_p * norm_t + 1e-30)
+    squared_sum = tf.add_n([tf.reduce_sum(tf.square(p - t)) for p, t in zip(predicted, target)])
+    if distance == "l2_sum":
+        return squared_sum
+    squared = squared_sum / norm_t
+    return squared if distance == "l2" else squared + tf.sqrt(squared + 1e-12)
 
 
 def _scale(target):
@@ -133,11 +147,13 @@ class Attack:
         return batched
 
     # -- driver ----------------------------------------------------------------------------
-    def reconstruct(self, targets, labels=None, progress=None):
+    def reconstruct(self, targets, labels=None, progress=None, monitor=None):
         """Attacks each target (a `Target` or a list of them, all of one kind and size).
 
         Returns one `Reconstruction` per target. `labels` ([targets, N] ints) only with
-        label_mode='given'; `progress(done, total, best_losses)` is called between chunks."""
+        label_mode='given'; `progress(done, total, best_losses)` is called between chunks, then
+        `monitor(Snapshot)`, which stops the search by returning True (e.g. a benchmark that holds
+        the truth and stops at a target PSNR; the attack never sees what it compares with)."""
         single = isinstance(targets, targets_lib.Target)
         targets = [targets] if single else list(targets)
         template = targets[0]
@@ -171,7 +187,7 @@ class Attack:
         fixed_labels = tf.constant(fixed_labels)
         start = time.perf_counter()
         positions, losses, history, stats = self._optimize(
-            template, self._initial(template, problems, self.seed), target_values, fixed_labels, progress)
+            template, self._initial(template, problems, self.seed), target_values, fixed_labels, progress, monitor)
         seconds = time.perf_counter() - start
         losses = np.asarray(losses).reshape(len(targets), self.restarts)
         positions = np.asarray(positions).reshape(len(targets), self.restarts, -1)
@@ -201,6 +217,29 @@ class Attack:
     def _output_images(self, images, position, target):
         return images
 
-    def _optimize(self, target, initial, target_values, fixed_labels, progress):
-        """Returns (final positions [P, n], final losses [P], history, stats)."""
+    def _run_chunks(self, target, advance, progress, monitor):
+        """Calls `advance()` -> (done, positions, losses, evaluations, finished) until `self.iterations`
+        are done, it reports `finished` or the monitor stops it; keeps the history, reports between
+        chunks and times the search without the reports. Returns what `_optimize` returns."""
+        history, seconds, done, finished = [], 0.0, 0, False
+        while done < self.iterations and not finished:
+            start = time.perf_counter()
+            done, positions, losses, evaluations, finished = advance()
+            losses = np.nan_to_num(np.asarray(losses, np.float64), nan=np.inf)
+            history.append({"iteration": int(done), "evaluations": int(evaluations), "loss": losses.tolist()})
+            seconds += time.perf_counter() - start
+            if progress:
+                progress(done, self.iterations, losses)
+            if monitor and monitor(Snapshot(int(done), int(evaluations), seconds,
+                                            self._snapshot_images(positions, target), losses)):
+                break
+        stats = {"iterations": int(done), "evaluations": int(evaluations), "optimizer_seconds": seconds}
+        return np.asarray(positions), history[-1]["loss"], history, stats
+
+    def _snapshot_images(self, positions, target):
+        return np.stack([self._output_images(self._split(p, target)[0], p, target).numpy() for p in positions])
+
+    def _optimize(self, target, initial, target_values, fixed_labels, progress, monitor):
+        """Returns (final positions [P, n], final losses [P], history, stats), usually those of
+        `_run_chunks` with an `advance` that runs one compiled chunk."""
         raise NotImplementedError

@@ -1,36 +1,47 @@
 """DLG (Zhu et al. 2019) and iDLG (Zhao et al. 2020): L2 gradient matching with L-BFGS.
 
 DLG optimises the image and soft label logits jointly; iDLG fixes the label analytically first.
-L-BFGS is tfp's `lbfgs_minimize` on the batch of independent problems (one per image and restart);
-it needs DLG-like evaluation counts (thousands), so `iterations` is large by default.
+L-BFGS runs on the batch of independent problems (one per image and restart), either tfp's
+`lbfgs_minimize` (Hager-Zhang line search; it needs DLG-like evaluation counts, thousands, so
+`iterations` is large by default) or `attacks.lbfgs.TorchLBFGS` (torch.optim.LBFGS with lr 1 and no
+line search, the original DLG's optimiser). Either resumes from its full state after each chunk, so
+chunking changes only where progress is reported, not the path.
 """
 
-import numpy as np
+import functools
+
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from attacks import base
+from attacks import base, lbfgs
+
+OPTIMIZERS = ("tfp", "torch")
 
 
 class DLG(base.Attack):
     """DLG: `distance` between the candidate's and the captured gradient/update, L-BFGS.
 
     Args (beyond `base.Attack`):
-      iterations: L-BFGS iterations (each several objective evaluations) in total.
-      chunk: iterations per compiled call, between progress reports.
-      distance: 'l2' (DLG) or 'cosine'.
+      iterations: in total, L-BFGS iterations (optimizer 'tfp', each several objective evaluations)
+        or torch L-BFGS steps (optimizer 'torch', up to 20 evaluations each; the original DLG runs 300).
+      chunk: per compiled call, between progress reports: iterations ('tfp') or objective
+        evaluations ('torch').
+      distance: 'l2' (DLG's, normalised), 'l2_sum' (DLG's as written) or 'cosine'.
       tv: weight of a total-variation prior (0 in DLG).
       history_size: L-BFGS correction pairs (PyTorch's default 100).
+      optimizer: 'tfp' or 'torch' (see the module docstring).
     """
     name = "dlg"
 
     def __init__(self, attacker, iterations=1000, chunk=250, distance="l2", tv=0.0, history_size=100,
-                 label_mode="joint", restarts=1, seed=0):
+                 optimizer="tfp", label_mode="joint", restarts=1, seed=0):
         super().__init__(attacker, label_mode, restarts, seed)
         if distance not in base.DISTANCES:
             raise ValueError(f"distance must be one of {base.DISTANCES}, got {distance!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.iterations, self.chunk, self.distance = int(iterations), int(chunk), distance
-        self.tv, self.history_size = float(tv), int(history_size)
+        self.tv, self.history_size, self.optimizer = float(tv), int(history_size), optimizer
 
     def objective(self, position, target_values, fixed_labels, target):
         images, predicted = self._candidate(position, target_values, fixed_labels, target)
@@ -39,31 +50,53 @@ class DLG(base.Attack):
             loss += self.tv * base.total_variation(images)
         return loss
 
-    def _optimize(self, target, initial, target_values, fixed_labels, progress):
-        value_and_gradients = self._batched_value_and_gradients(target)
+    def _optimize(self, target, initial, target_values, fixed_labels, progress, monitor):
+        batched = self._batched_value_and_gradients(target)
+        objective = lambda positions: batched(positions, target_values, fixed_labels)  # noqa: E731
+        if self.optimizer == "tfp":
+            return self._run_chunks(target, self._tfp_chunks(objective, initial), progress, monitor)
+        positions, _, history, stats = self._run_chunks(target, self._torch_chunks(objective, initial), progress,
+                                                        monitor)
+        # The state's losses are those of the last evaluated points, one step behind the positions.
+        return positions, objective(tf.constant(positions))[0].numpy().tolist(), history, stats
 
-        @tf.function
-        def run(position, iterations):
-            result = tfp.optimizer.lbfgs_minimize(
-                lambda p: value_and_gradients(p, target_values, fixed_labels), initial_position=position,
-                num_correction_pairs=self.history_size, tolerance=0.0, x_tolerance=0.0,
-                f_relative_tolerance=0.0, max_iterations=iterations, max_line_search_iterations=25)
-            return result.position, result.objective_value, result.num_objective_evaluations
+    def _tfp_chunks(self, objective, initial):
+        """`advance` for `_run_chunks`: tfp's lbfgs_minimize continued from its previous results."""
+        minimize = functools.partial(
+            tfp.optimizer.lbfgs_minimize, objective, num_correction_pairs=self.history_size, tolerance=0.0,
+            x_tolerance=0.0, f_relative_tolerance=0.0, max_line_search_iterations=25)
+        state = tf.function(lambda start: minimize(initial_position=start, max_iterations=0))(initial)
+        resume = tf.function(lambda state, until: minimize(
+            initial_position=None, previous_optimizer_results=state, max_iterations=until))
+        resume(state, tf.constant(0))  # compiles before the timed chunks
+        position = initial
 
-        position, history, evaluations, done = initial, [], 0, 0
-        while done < self.iterations:
-            step = min(self.chunk, self.iterations - done)
-            candidate, values, count = run(position, tf.constant(step))
-            # A problem whose line search failed keeps its last finite position.
-            finite = tf.reduce_all(tf.math.is_finite(candidate), axis=1) & tf.math.is_finite(values)
-            position = tf.where(finite[:, None], candidate, position)
-            done += step
-            evaluations += int(count)
-            losses = value_and_gradients(position, target_values, fixed_labels)[0].numpy()
-            history.append({"iteration": done, "evaluations": evaluations, "loss": np.nan_to_num(losses, nan=np.inf).tolist()})
-            if progress:
-                progress(done, self.iterations, losses)
-        return position.numpy(), history[-1]["loss"], history, {"iterations": done, "evaluations": evaluations}
+        def advance():
+            nonlocal state, position
+            state = resume(state, tf.constant(min(int(state.num_iterations) + self.chunk, self.iterations)))
+            # A problem whose line search failed reports its last finite position.
+            finite = tf.reduce_all(tf.math.is_finite(state.position), axis=1) & tf.math.is_finite(state.objective_value)
+            position = tf.where(finite[:, None], state.position, position)
+            return (int(state.num_iterations), position, state.objective_value, int(state.num_objective_evaluations),
+                    bool(tf.reduce_all(state.converged | state.failed)))
+
+        return advance
+
+    def _torch_chunks(self, objective, initial):
+        """`advance` for `_run_chunks`: `chunk` evaluations of `lbfgs.TorchLBFGS` per call."""
+        optimizer = lbfgs.TorchLBFGS(history_size=self.history_size)
+        run = tf.function(lambda state, evaluations: optimizer.advance(objective, state, evaluations, self.iterations))
+        state = optimizer.initial_state(initial)
+        run(state, tf.constant(0))  # compiles before the timed chunks
+        chunk = tf.constant(self.chunk)
+
+        def advance():
+            nonlocal state
+            state = run(state, chunk)
+            return (int(tf.reduce_min(state.steps)), state.position, state.loss,
+                    int(tf.reduce_max(state.evaluations)), False)
+
+        return advance
 
 
 class IDLG(DLG):

@@ -84,8 +84,8 @@ class GRNN(base.Attack):
         images, predicted = self._candidate(position, target_values, fixed_labels, target)
         return base.gradient_distance(predicted, target_values, self.distance) + self.tv * base.total_variation(images)
 
-    def _optimize(self, target, initial, target_values, fixed_labels, progress):
+    def _optimize(self, target, initial, target_values, fixed_labels, progress, monitor):
         value_and_gradients = self._batched_value_and_gradients(target)
 
-        return run_adam(self, value_and_gradients, initial, target_values, fixed_labels,
-                        lambda step: self.learning_rate, False, lambda p: p, progress)
+        return run_adam(self, target, value_and_gradients, initial, target_values, fixed_labels,
+                        lambda step: self.learning_rate, False, lambda p: p, progress, monitor)

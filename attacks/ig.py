@@ -1,7 +1,6 @@
 """Inverting Gradients (Geiping et al. 2020): cosine gradient distance + total variation, Adam,
 step decay, optional signed gradients, images boxed to [0, 1], several restarts."""
 
-import numpy as np
 import tensorflow as tf
 
 from attacks import base
@@ -22,27 +21,26 @@ def adam_chunk(value_and_gradients, position, m, v, step, iterations, learning_r
     return position, m, v, step
 
 
-def run_adam(attack, value_and_gradients, initial, target_values, fixed_labels, learning_rate, signed, project,
-             progress):
-    """Adam from `initial` for `attack.iterations` steps, compiled in chunks of `attack.chunk` with a
-    progress report and a history entry after each; returns what `base.Attack._optimize` returns."""
+def run_adam(attack, target, value_and_gradients, initial, target_values, fixed_labels, learning_rate, signed,
+             project, progress, monitor):
+    """Adam from `initial` for `attack.iterations` steps, compiled in chunks of `attack.chunk`
+    (`base.Attack._run_chunks`); returns what `base.Attack._optimize` returns."""
 
     @tf.function
     def run(position, m, v, step, iterations):
         return adam_chunk(lambda p: value_and_gradients(p, target_values, fixed_labels), position, m, v, step,
                           iterations, learning_rate, signed, project)
 
-    position, m, v, step = initial, tf.zeros_like(initial), tf.zeros_like(initial), tf.constant(0.0)
-    history, done = [], 0
-    while done < attack.iterations:
+    position, m, v, step, done = initial, tf.zeros_like(initial), tf.zeros_like(initial), tf.constant(0.0), 0
+
+    def advance():
+        nonlocal position, m, v, step, done
         count = min(attack.chunk, attack.iterations - done)
         position, m, v, step = run(position, m, v, step, tf.constant(count))
         done += count
-        losses = value_and_gradients(position, target_values, fixed_labels)[0].numpy()
-        history.append({"iteration": done, "evaluations": done, "loss": np.nan_to_num(losses, nan=np.inf).tolist()})
-        if progress:
-            progress(done, attack.iterations, losses)
-    return position.numpy(), history[-1]["loss"], history, {"iterations": done, "evaluations": done}
+        return done, position, value_and_gradients(position, target_values, fixed_labels)[0], done, False
+
+    return attack._run_chunks(target, advance, progress, monitor)
 
 
 class InvertingGradients(base.Attack):
@@ -73,7 +71,7 @@ class InvertingGradients(base.Attack):
         images, predicted = self._candidate(position, target_values, fixed_labels, target)
         return base.gradient_distance(predicted, target_values, self.distance) + self.tv * base.total_variation(images)
 
-    def _optimize(self, target, initial, target_values, fixed_labels, progress):
+    def _optimize(self, target, initial, target_values, fixed_labels, progress, monitor):
         value_and_gradients = self._batched_value_and_gradients(target)
         image_size = self._layout(target)[0]
         total = float(self.iterations)
@@ -87,5 +85,5 @@ class InvertingGradients(base.Attack):
                 return position
             return tf.concat([tf.clip_by_value(position[:, :image_size], 0.0, 1.0), position[:, image_size:]], 1)
 
-        return run_adam(self, value_and_gradients, initial, target_values, fixed_labels, learning_rate,
-                        self.signed, project, progress)
+        return run_adam(self, target, value_and_gradients, initial, target_values, fixed_labels, learning_rate,
+                        self.signed, project, progress, monitor)

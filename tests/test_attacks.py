@@ -1,5 +1,7 @@
 """Attack module: attacker model fidelity, threat-model isolation, labels, metrics, real recovery."""
 
+import time
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -257,3 +259,58 @@ def test_soft_label_loss_matches_the_client_loss_and_passes_second_order_gradien
             loss = targets.client_loss(label_logits, logits)
         distance = tf.reduce_sum(tf.square(inner.gradient(loss, logits)))
     assert float(tf.reduce_max(tf.abs(outer.gradient(distance, label_logits)))) > 0
+
+
+def _dlg_problem():
+    victim = _victim(False, init="dlg")
+    x, y = _images(1)
+    attacker = model_lib.AttackerModel(model_lib.ServerView.from_model(victim), "none")
+    return attacker, targets.client_gradient(victim, x, y), x, y
+
+
+@pytest.mark.parametrize("optimizer,iterations,chunks", [
+    pytest.param("tfp", 12, (12, 5), marks=pytest.mark.slow), ("torch", 4, (200, 7))])
+def test_dlg_chunks_do_not_change_the_path(optimizer, iterations, chunks):
+    attacker, target, _, y = _dlg_problem()
+    results = [attacks.DLG(attacker, iterations=iterations, chunk=chunk, optimizer=optimizer, label_mode="given",
+                           distance="l2_sum").reconstruct(target, labels=y[None]) for chunk in chunks]
+    np.testing.assert_array_equal(results[0].raw_images, results[1].raw_images)
+    assert results[0].info["evaluations"] == results[1].info["evaluations"]
+    assert len(results[1].history) > len(results[0].history)
+
+
+def test_tfp_lbfgs_resumes_on_the_same_path():
+    def rosenbrock(positions):
+        with tf.GradientTape() as tape:
+            tape.watch(positions)
+            x, y = positions[:, 0], positions[:, 1]
+            values = tf.square(1.0 - x) + 100.0 * tf.square(y - tf.square(x))
+        return values, tape.gradient(values, positions)
+
+    finals = []
+    for chunk in (40, 3):
+        attack = attacks.DLG(_dlg_problem()[0], iterations=40, chunk=chunk)
+        advance, done, finished = attack._tfp_chunks(rosenbrock, tf.constant([[-1.2, 1.0], [0.5, -0.5]])), 0, False
+        while done < 40 and not finished:
+            done, positions, _, evaluations, finished = advance()
+        finals.append((positions.numpy(), evaluations))
+    np.testing.assert_array_equal(finals[0][0], finals[1][0])
+    assert finals[0][1] == finals[1][1]
+    np.testing.assert_allclose(finals[0][0], 1.0, atol=1e-3)
+
+
+def test_dlg_monitor_sees_each_chunk_and_stops_the_search():
+    attacker, target, x, y = _dlg_problem()
+    seen, pause = [], 0.05
+
+    def monitor(snapshot):
+        time.sleep(pause)  # the monitor's time is not the search's
+        seen.append((snapshot.evaluations, snapshot.seconds, snapshot.images[0].copy()))
+        return len(seen) == 3
+
+    attack = attacks.DLG(attacker, iterations=50, chunk=10, optimizer="torch", label_mode="given", distance="l2_sum")
+    result = attack.reconstruct(target, labels=y[None], monitor=monitor)
+    assert [s[0] for s in seen] == [10, 20, 30] and result.info["evaluations"] == 30
+    np.testing.assert_array_equal(seen[-1][2], result.raw_images)
+    assert 0 < seen[0][1] < seen[1][1] < seen[2][1] == result.info["optimizer_seconds"]
+    assert result.info["optimizer_seconds"] + 3 * pause <= result.info["seconds"]
