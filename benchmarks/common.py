@@ -29,7 +29,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 PAYLOAD_KEYS = ("settings", "results", "tables", "headline", "notes")
 # Every benchmark `make bench` runs, in order; a module not (yet) in the tree is skipped with a note.
-BENCHMARKS = ("keylock_overhead", "torch_compare", "torch_dlg_reference", "federated_round", "scale",
+BENCHMARKS = ("keylock_overhead", "torch_compare", "torch_dlg_reference", "dlg_speed", "federated_round", "scale",
               "attack_quality", "workers")
 # Defined here, once, for both binaries that read the results (benchmarks.run and benchmarks.report).
 RESULTS_DIR_FLAG = flags.DEFINE_string("results_dir", RESULTS_DIR, "Where the result JSONs are.")

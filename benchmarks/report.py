@@ -36,7 +36,7 @@ SECTIONS = (
           "bash scripts/central_baselines.sh"),
     Topic("Federated round", ("federated_round",), "One FedKL round in TFF against plain Keras training.", None),
     Topic("Scale", ("scale",), "Round time and peak memory as the client population grows.", None),
-    Topic("Attacks", ("table6", "torch_dlg_reference", "attack_quality", "attacks_*"),
+    Topic("Attacks", ("table6", "torch_dlg_reference", "dlg_speed", "attack_quality", "attacks_*"),
           "Gradient inversion against plain and locked models, and the PyTorch DLG reference.", None),
     Topic("TFF workers", ("workers",), "The simulation on remote TFF workers.", None),
 )

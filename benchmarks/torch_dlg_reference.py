@@ -29,8 +29,9 @@ def _settings(quick):
             "seed": 1234, "psnr": "standard, data range 1, reconstruction clipped to [0, 1]"}
 
 
-def run_torch_dlg(images, labels, settings):
-    """Runs the PyTorch DLG on `images` (N, H, W, C) in [0, 1]; returns its JSON document."""
+def run_torch_dlg(images, labels, settings, init_out=None):
+    """Runs the PyTorch DLG on `images` (N, H, W, C) in [0, 1]; returns its JSON document.
+    `init_out`: an .npz path for the starting points (see torch_side/dlg.py --init_out)."""
     if not os.path.exists(TORCH_PYTHON):
         raise FileNotFoundError(f"{TORCH_PYTHON} not found: create the PyTorch venv with `make torch-venv`")
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,7 +41,8 @@ def run_torch_dlg(images, labels, settings):
         out = os.path.join(tmp, "dlg.json")
         subprocess.run([TORCH_PYTHON, SCRIPT, f"--images={paths['images']}", f"--labels={paths['labels']}",
                         f"--out={out}", f"--steps={settings['lbfgs_steps']}", f"--target_psnr={TARGET_PSNR}",
-                        f"--seed={settings['seed']}", f"--threads={settings['torch_threads']}"],
+                        f"--seed={settings['seed']}", f"--threads={settings['torch_threads']}"]
+                       + ([f"--init_out={init_out}"] if init_out else []),
                        check=True, cwd=common.REPO_ROOT)
         with open(out) as f:
             return json.load(f)

@@ -5,7 +5,9 @@ bias U(-0.5, 0.5)), batch 1, the victim's gradient of soft-label cross-entropy w
 one-hot label, dummy image ~ N(0, 1), L-BFGS (lr 1, PyTorch defaults: up to 20 evaluations per
 step) minimising the summed squared gradient difference. For each image it records the wall time
 and number of gradient evaluations until the dummy image first reaches the target PSNR, the final
-PSNR and whether it is a success (final PSNR >= target).
+PSNR and whether it is a success (final PSNR >= target). `--init_out` saves each image's starting
+point (model parameters, the victim's gradient and the dummy, torch layouts) so that another
+implementation can start from it and check that it sees the same gradient.
 
   .venv-torch/bin/python benchmarks/torch_side/dlg.py --images=x.npy --labels=y.npy --out=dlg.json
 """
@@ -36,13 +38,17 @@ def soft_cross_entropy(logits, target_distribution):
 
 
 def attack(image, label, num_classes, steps, target_psnr, seed):
-    """DLG on one (1, C, H, W) image; returns its per-image record."""
+    """DLG on one (1, C, H, W) image; returns its per-image record and its starting point."""
     torch.manual_seed(seed)
     model = fedkl_models.DLGLeNet(image.shape[1], num_classes, image.shape[-1])
     onehot = F.one_hot(torch.tensor([label]), num_classes).float()
     parameters = list(model.parameters())
     true_gradient = [g.detach() for g in torch.autograd.grad(soft_cross_entropy(model(image), onehot), parameters)]
     dummy = torch.randn(image.shape).requires_grad_(True)
+    names = [name for name, _ in model.named_parameters()]
+    start_point = {name: p.detach().numpy().copy() for name, p in zip(names, parameters)}
+    start_point.update({f"gradient/{name}": g.numpy().copy() for name, g in zip(names, true_gradient)})
+    start_point["dummy"] = dummy.detach().numpy().copy()
     optimizer = torch.optim.LBFGS([dummy], lr=1)
     record = {"evaluations": 0, "seconds_to_target": None, "evaluations_to_target": None}
     start = time.perf_counter()
@@ -66,7 +72,7 @@ def attack(image, label, num_classes, steps, target_psnr, seed):
     final = psnr(dummy.detach(), image) if torch.isfinite(dummy).all() else -math.inf
     record.update(seconds_total=time.perf_counter() - start, final_psnr=final, final_gradient_distance=loss,
                   success=bool(final >= target_psnr), seed=seed)
-    return record
+    return record, start_point
 
 
 def main():
@@ -79,6 +85,8 @@ def main():
     parser.add_argument("--target_psnr", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=1234, help="DLG's code seeds torch with 1234")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init_out", help="optional .npz for the starting points, keys '<position>/<parameter>', "
+                                           "'<position>/gradient/<parameter>' and '<position>/dummy'")
     args = parser.parse_args()
     if args.steps < 1 or args.threads < 1 or args.num_classes < 2:
         parser.error("--steps and --threads must be positive, --num_classes at least 2")
@@ -87,11 +95,15 @@ def main():
     labels = np.load(args.labels).astype(np.int64)
     if len(images) != len(labels):
         parser.error("--images and --labels hold different numbers of examples")
-    records = []
+    records, start_points = [], {}
     for i in range(len(images)):
-        record = attack(images[i:i + 1], int(labels[i]), args.num_classes, args.steps, args.target_psnr, args.seed)
+        record, start_point = attack(images[i:i + 1], int(labels[i]), args.num_classes, args.steps,
+                                     args.target_psnr, args.seed)
         records.append(dict(record, position=i))
+        start_points.update({f"{i}/{name}": value for name, value in start_point.items()})
         print(json.dumps(records[-1]), flush=True)
+    if args.init_out:
+        np.savez(args.init_out, **start_points)
     with open(args.out, "w") as f:
         json.dump({"torch": torch.__version__, "threads": args.threads, "steps": args.steps,
                    "target_psnr": args.target_psnr, "seed": args.seed, "image_shape": list(images.shape[1:]),
