@@ -86,7 +86,7 @@ def _run_cached(argvs, out, log, cached_only=False):
             subprocess.run(argv, cwd=common.REPO_ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT,
                            check=True)
     with open(out + ".seconds", "w") as f:
-        f.write(f"{time.perf_counter() - start:.1f}")
+        f.write(f"{time.perf_counter() - start:.3f}")
     with open(stamp, "w") as f:
         f.write(recorded)
     return _load(out)
