@@ -355,7 +355,8 @@ def capture_meta_fn(config, dataset_name, learning_rate, data_seeds, partition):
         return dict(
             num_examples=int(len(partition[int(client_id)])),
             algorithm=config.algorithm, model=config.model, input_shape=list(config.input_shape),
-            num_classes=config.num_classes, lock=config.locked, key_dim=config.key_dim, activation="relu",
+            num_classes=config.num_classes, lock=config.locked, key_dim=config.key_dim, where=config.lock_where,
+            activation="relu",
             normalization=config.normalization, init=config.init, batch_size=config.batch_size,
             local_epochs=config.local_epochs, learning_rate=float(learning_rate), momentum=config.momentum,
             nesterov=config.nesterov, weight_decay=config.weight_decay,
