@@ -14,7 +14,7 @@ Privacy: in round 1 (the initial global model) a client trains one step on one i
 and sends its update through the defence's process (the real TFF round, `return_client_updates`);
 ten images, the same for every defence. iDLG (L-BFGS), Inverting Gradients and GRNN attack the
 update under each threat the defence allows; the strongest (highest mean aligned PSNR) is reported.
-FedKL: threats fixed-key and adaptive (oracle, which holds the secret, as a reference row).
+FedKL: threats fixed-key, adaptive and adaptive-key (oracle, which holds the secret, as a reference row).
 DP-FedAvg (TFF's `DifferentiallyPrivateFactory.gaussian_fixed`): without secure aggregation the server
 sees each client's clipped update before the noise is added to the sum ('clipped'); 'clipped + noise'
 adds the noise the aggregate carries (stddev noise_multiplier * clip) to the one client's update, as
@@ -41,7 +41,9 @@ FULL = dict(train_examples=6000, num_clients=10, rounds=30, test_examples=2000, 
 QUICK = dict(train_examples=300, num_clients=3, rounds=2, test_examples=200, num_images=2,
              attacks={"idlg": dict(iterations=5, restarts=1)},
              dp_clip=0.5, dp_noise_multipliers=(0.1,), prune_fractions=(0.9,))
-LOCKED_THREATS = ("fixed-key", "adaptive")  # the threats that do not hold the client's secret
+# The threats that do not hold the client's key; 'adaptive-key' knows the lock weights, as a server does
+# in round 1 (every client starts from its initial lock).
+LOCKED_THREATS = ("fixed-key", "adaptive", "adaptive-key")
 BASE = dict(model="lenet", dataset="fashion_mnist", input_shape=(32, 32, 1), batch_size=32, local_epochs=1,
             learning_rate=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4, client_weighting="uniform",
             init="dlg", seed=0, seeded_keys=True)
@@ -89,7 +91,6 @@ def _write_json(path, value):
 # -- utility ------------------------------------------------------------------------------------
 def train_and_evaluate(setting, defence, data, cache_dir, log):
     """Trains (or resumes) the defence's run; returns per-round test accuracy and training metrics."""
-    from tfkl import data as data_lib
     from tfkl.federated import evaluation, program
     config = _config(setting, defence)
     root = os.path.join(cache_dir, "train", defence.name)
@@ -97,14 +98,12 @@ def train_and_evaluate(setting, defence, data, cache_dir, log):
     program.train(root, config, program.RunOptions(rounds=rounds, keep_rounds=rounds, progress=False),
                   dataset=data)
     curve_path = os.path.join(root, "test_accuracy.json")
-    curve = _read_json(curve_path) or {}
-    process = program.build_process(config)
-    test = data_lib.make_dataset(data.x_test, data.y_test, config.input_shape, 256)
-    for round_num in range(1, rounds + 1):
-        if str(round_num) not in curve:
-            server_state, client_states, _ = program.restore(root, config, process, round_num)
-            curve[str(round_num)] = evaluation.model_accuracy(config, process, server_state, client_states, test)
-            _write_json(curve_path, curve)
+    curve = _read_json(curve_path)
+    if curve is None or str(rounds) not in curve:
+        # Every test example (no public part): the global model, or FedKL clients' own models (entry (a)).
+        curve = {str(r): a for r, a in evaluation.accuracy_by_round(
+            root, public_size=0, max_clients=config.num_clients, dataset=data).items()}
+        _write_json(curve_path, curve)
     log(f"{defence.name}: test accuracy {curve[str(rounds)]:.4f} after {rounds} rounds")
     rows = np.atleast_1d(np.genfromtxt(os.path.join(root, "metrics.csv"), delimiter=",", names=True))
     return dict(test_accuracy=[curve[str(r)] for r in range(1, rounds + 1)],
@@ -116,9 +115,9 @@ def train_and_evaluate(setting, defence, data, cache_dir, log):
 def captured_updates(config, data, indices):
     """What the server receives in round 1 when a client trains one step on each image alone.
 
-    Returns (ServerView, [full shared update per image, `tfkl.shared_variables` order], secret): the
-    update is the process's own client output (defence transforms included); the secret (the client's
-    key and lock weights) is for the oracle reference only."""
+    Returns (ServerView, [full shared update per image, `tfkl.shared_variables` order], victim): the
+    update is the process's own client output (defence transforms included); the victim (the client's
+    model with its key and round-1 lock) only serves the threats that know part of its secret."""
     import tfkl
     from attacks import model as model_lib
     from tfkl.federated import program, simulation
@@ -137,11 +136,9 @@ def captured_updates(config, data, indices):
     _, _, _, reports = process.next(server_state, np.float32(config.round_learning_rate(1)), datasets, states)
     updates = [layout.flatten(r["update"]["trainable"], r["update"]["non_trainable"] or
                               [np.zeros_like(w) for w in global_n]) for r in reports]
-    secret = None
     if config.locked:
         tfkl.set_key(model, key)
-        secret = model_lib.extract_secret(model)
-    return view, updates, secret
+    return view, updates, model
 
 
 def server_view(update, view_name, config, seed):
@@ -191,12 +188,12 @@ def attack_defence(setting, defence, data, images, labels, cache_dir, log):
                 if entry is None or entry["options"] != options:
                     if captured is None:
                         captured = captured_updates(config, data, indices)
-                    view, updates, secret = captured
+                    view, updates, victim = captured
                     targets = [_target(server_view(u, view_name, config, seed=i), view, config)
                                for i, u in enumerate(updates)]
                     log(f"attack {target_id}: {attack}/{threat}")
                     outcome = experiment.attack_targets(attack, view, threat, targets, images, labels,
-                                                        secret=secret if threat == "oracle" else None,
+                                                        secret=experiment.threat_secret(threat, victim),
                                                         attack_options=options)
                     entry = dict(options=options, summary=outcome["summary"], per_image=outcome["per_image"],
                                  seconds=outcome["seconds"], recovered_labels=outcome["recovered_labels"])
@@ -236,6 +233,18 @@ def _rows(defence, utility, privacy):
             rows.append([defence.label + " (reference: attacker holds the secret)", view_name, accuracy,
                          view["strongest_oracle"]] + _figures(view["attacks"][view["strongest_oracle"]]))
     return rows
+
+
+def _points(results):
+    """One point per defence and server view: accuracy and the strongest attack's means (benchmarks.figures)."""
+    points = []
+    for result in results.values():
+        for view_name, view in result["privacy"].items():
+            summary = view["attacks"][view["strongest"]]["summary"]
+            points.append(dict({k: summary[k]["mean"] for k in ("ssim", "psnr", "aligned_psnr", "label_accuracy")},
+                               defence=f"{result['label']} [{view_name}]", attack=view["strongest"],
+                               accuracy=result["utility"]["test_accuracy"][-1]))
+    return points
 
 
 def save_grid(path, images, results, all_defences, cache_dir):
@@ -283,14 +292,14 @@ def run(quick):
                                 for name, entry in view["attacks"].items()]
     grid = os.path.join(cache_dir, "grid.png")
     save_grid(grid, images, results, all_defences, cache_dir)
-    return _payload(setting, results, rows, attack_rows, grid)
+    return _payload(setting, dict(defences=results, points=_points(results)), rows, attack_rows, grid)
 
 
 def _payload(setting, results, rows, attack_rows, grid):
     headline = []
-    for name, result in results.items():
-        headline.append({"metric": f"{name}: test accuracy", "value": round(100 * result["utility"]["test_accuracy"][-1], 2),
-                         "unit": "%"})
+    for name, result in results["defences"].items():
+        headline.append({"metric": f"{name}: test accuracy", "unit": "%",
+                         "value": round(100 * result["utility"]["test_accuracy"][-1], 2)})
         for view_name, view in result["privacy"].items():
             entry = view["attacks"][view["strongest"]]
             headline.append({"metric": f"{name} ({view_name}): strongest attack's aligned PSNR ({view['strongest']})",
@@ -316,14 +325,17 @@ def _payload(setting, results, rows, attack_rows, grid):
             "Attack budgets are smaller than benchmarks.attack_quality's (iDLG L-BFGS 1,500 its x 2 restarts, IG 1,500 "
             f"x 2, GRNN 1,500): here {json.dumps(setting['attacks'])}, the same for every defence.",
             "Strongest attack = highest mean aligned PSNR among the attacks and the threats that do not hold the "
-            "client's secret (FedKL: fixed-key, adaptive; others: none). FedKL's oracle rows are a reference.",
-            "DP-FedAvg = tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(noise_multiplier, clients_per_round="
-            f"{setting['num_clients']}, clip={setting['dp_clip']:g}); its noise is not seeded by TFF, so DP accuracies "
-            "vary between runs. 'clipped' is what a server without secure aggregation receives; 'clipped + noise' adds "
-            "N(0, (z*clip)^2) per entry, the noise of the whole sum, to the one client's update (local DP).",
+            "client's key (FedKL: fixed-key, adaptive, adaptive-key; others: none). FedKL's oracle rows (key and "
+            "lock known) are a reference.",
+            "DP-FedAvg = tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(noise_multiplier, "
+            f"clients_per_round={setting['num_clients']}, clip={setting['dp_clip']:g}); TFF does not seed its noise, "
+            "so DP accuracies vary between runs. 'clipped' is what a server without secure aggregation receives; "
+            "'clipped + noise' adds N(0, (z*clip)^2) per entry, the noise of the whole sum, to the one client's "
+            "update (local DP).",
             "Pruning zeroes round(p * size) smallest-magnitude entries of each tensor of the client's update.",
             "The attacked update is round 1's: an untrained network, the attacker's most favourable round.",
-            f"Reconstructions (strongest attack per row, under the true images): {os.path.relpath(grid, common.REPO_ROOT)}",
+            "Reconstructions (strongest attack per row, affine-aligned, under the true images): "
+            f"{os.path.relpath(grid, common.REPO_ROOT)}",
             common.SHARED_MACHINE_NOTE,
         ],
     }
