@@ -184,10 +184,6 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
                                                        aggregation.initialize()))
 
     server_state_type = initialize_fn.type_signature.result.member
-    if aggregation is not None:
-        @tff.tensorflow.computation(server_state_type, aggregation.state_type.member)
-        def replace_aggregator(state, aggregator_state):
-            return collections.OrderedDict(state, aggregator=aggregator_state)
 
     @tff.tensorflow.computation(server_state_type)
     def server_to_client(server_state):
@@ -206,9 +202,9 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
             for variable, value in zip(trainable, global_weights["trainable"]):
                 variable.assign(value)
             own_stats = state["statistics"] if keep_stats else global_weights["non_trainable"]
-            # One client key serves every lock of the model.
-            for variable, value in zip(non_trainable + key_v + lock_v, list(own_stats) + list(state["key"]) * len(key_v)
-                                       + list(state["lock"])):
+            own_keys = list(state["key"]) * len(key_v)  # one client key serves every lock of the model
+            for variable, value in zip(non_trainable + key_v + lock_v,
+                                       list(own_stats) + own_keys + list(state["lock"])):
                 variable.assign(value)
             if persist_optimizer_state:
                 buffers = list(state["optimizer"])
@@ -292,9 +288,7 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
             non_trainable = [w + u for w, u in zip(server_state["non_trainable"], mean["non_trainable"])]
         new_state = collections.OrderedDict(
             trainable=list(new_weights), non_trainable=non_trainable, optimizer=opt_state,
-            round_num=server_state["round_num"] + 1)
-        if aggregation is not None:
-            new_state["aggregator"] = server_state["aggregator"]
+            round_num=server_state["round_num"] + 1)  # the aggregator's new state is added by next_fn
         examples = tf.maximum(metrics["num_examples"], 1)
         round_metrics = collections.OrderedDict(
             loss=metrics["loss_sum"] / tf.cast(examples, tf.float32),
@@ -316,10 +310,11 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
             mean = tff.federated_map(weighted_mean, tff.federated_sum(sent))
         else:
             aggregated = aggregation.next(server_state.aggregator, sent.update, sent.weight)
-            server_state = tff.federated_map(replace_aggregator, (server_state, aggregated.state))
             mean = aggregated.result
         new_server_state, round_metrics = tff.federated_map(
             server_update, (server_state, mean, tff.federated_sum(metrics)))
+        if aggregation is not None:
+            new_server_state = tff.federated_map(with_aggregator, (new_server_state, aggregated.state))
         return new_server_state, new_client_states, round_metrics, reports
 
     options = dict(client_weighting=client_weighting, statistics=statistics,
