@@ -296,6 +296,8 @@ def run(quick):
 
 
 def _payload(setting, results, rows, attack_rows, grid):
+    train_seconds = sum(r["utility"]["train_seconds"] for r in results["defences"].values())
+    attack_seconds = sum(row[-1] for row in attack_rows)
     headline = []
     for name, result in results["defences"].items():
         headline.append({"metric": f"{name}: test accuracy", "unit": "%",
@@ -336,6 +338,8 @@ def _payload(setting, results, rows, attack_rows, grid):
             "The attacked update is round 1's: an untrained network, the attacker's most favourable round.",
             "Reconstructions (strongest attack per row, affine-aligned, under the true images): "
             f"{os.path.relpath(grid, common.REPO_ROOT)}",
+            f"Compute behind the figures: training {train_seconds:.0f} s (sum of the round times), attacks "
+            f"{attack_seconds:.0f} s; duration_s is this invocation's only (cached parts are read, not rerun).",
             common.SHARED_MACHINE_NOTE,
         ],
     }
