@@ -82,26 +82,39 @@ def run_threats(attack_name, victims, images, labels, threats, batch_size=1, att
         victim = victims["plain" if threat == "none" else "locked"]
         client_targets = make_targets(victim, images, labels, batch_size, kind,
                                       capture_dir and os.path.join(capture_dir, threat), **(update_options or {}))
-        view = model_lib.ServerView.from_model(victim)
-        secret = {"oracle": model_lib.extract_secret, "adaptive-key": model_lib.extract_lock_weights}.get(
-            threat, lambda _: None)(victim)
-        attacker = model_lib.AttackerModel(view, threat, secret=secret, seed=seed + 7)
-        attack = build_attack(attack_name, attacker, seed=seed, **(attack_options or {}))
-        start = time.perf_counter()
-        reconstructions = attack.reconstruct(
-            client_targets, progress=progress and (lambda d, t, l, th=threat: progress(th, d, t, l)))
-        seconds = time.perf_counter() - start
-        per_image = evaluate(reconstructions, images, labels, batch_size)
-        info = reconstructions[0].info
-        results[threat] = {
-            "reconstructions": reconstructions, "per_image": per_image, "summary": metrics.summarize(per_image),
-            "seconds": seconds, "iterations": info["iterations"], "evaluations": info["evaluations"],
-            "problems": info["problems"], "iterations_per_second": info["iterations"] / seconds,
-            "problem_evaluations_per_second": info["evaluations"] * info["problems"] / seconds,
-            "recovered_labels": [r.labels.tolist() for r in reconstructions],
-            "lock_estimates": [r.info.get("lock_estimate") for r in reconstructions] if threat == "adaptive" else None,
-        }
+        results[threat] = attack_targets(
+            attack_name, model_lib.ServerView.from_model(victim), threat, client_targets, images, labels, batch_size,
+            secret=threat_secret(threat, victim), attack_options=attack_options,
+            seed=seed, progress=progress and (lambda d, t, l, th=threat: progress(th, d, t, l)))
     return results
+
+
+def threat_secret(threat, victim):
+    """What an attacker under `threat` knows of the victim's secret: key and lock weights ('oracle'),
+    the lock weights ('adaptive-key'), nothing otherwise."""
+    extract = {"oracle": model_lib.extract_secret, "adaptive-key": model_lib.extract_lock_weights}.get(threat)
+    return extract(victim) if extract else None
+
+
+def attack_targets(attack_name, view, threat, client_targets, images, labels, batch_size=1, secret=None,
+                   attack_options=None, seed=0, progress=None):
+    """Attacks given client targets (one per batch of `batch_size` images) from `view` under one
+    threat (`secret`: see `threat_secret`); returns the result dict `run_threats` gives per threat."""
+    attacker = model_lib.AttackerModel(view, threat, secret=secret, seed=seed + 7)
+    attack = build_attack(attack_name, attacker, seed=seed, **(attack_options or {}))
+    start = time.perf_counter()
+    reconstructions = attack.reconstruct(client_targets, progress=progress)
+    seconds = time.perf_counter() - start
+    per_image = evaluate(reconstructions, images, labels, batch_size)
+    info = reconstructions[0].info
+    return {
+        "reconstructions": reconstructions, "per_image": per_image, "summary": metrics.summarize(per_image),
+        "seconds": seconds, "iterations": info["iterations"], "evaluations": info["evaluations"],
+        "problems": info["problems"], "iterations_per_second": info["iterations"] / seconds,
+        "problem_evaluations_per_second": info["evaluations"] * info["problems"] / seconds,
+        "recovered_labels": [r.labels.tolist() for r in reconstructions],
+        "lock_estimates": [r.info.get("lock_estimate") for r in reconstructions] if threat == "adaptive" else None,
+    }
 
 
 def to_uint8(images):

@@ -47,7 +47,7 @@ class ServerView:
         """The view from a capture file: the architecture rebuilt from its meta, the global weights."""
         meta = capture.meta
         options = dict(lock=bool(meta["lock"]))
-        for name in ("key_dim", "activation", "normalization"):
+        for name in ("key_dim", "activation", "normalization", "where"):
             if name in meta:
                 options[name] = meta[name]
         options.update(build_overrides)

@@ -30,7 +30,7 @@ RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 PAYLOAD_KEYS = ("settings", "results", "tables", "headline", "notes")
 # Every benchmark `make bench` runs, in order; a module not (yet) in the tree is skipped with a note.
 BENCHMARKS = ("keylock_overhead", "torch_compare", "torch_dlg_reference", "dlg_speed", "federated_round", "scale",
-              "attack_quality", "workers")
+              "attack_quality", "privacy_utility", "workers")
 # Defined here, once, for both binaries that read the results (benchmarks.run and benchmarks.report).
 RESULTS_DIR_FLAG = flags.DEFINE_string("results_dir", RESULTS_DIR, "Where the result JSONs are.")
 SHARED_MACHINE_NOTE = ("Measured on a shared machine (other jobs were running on the same cores): "

@@ -38,6 +38,9 @@ SECTIONS = (
     Topic("Scale", ("scale",), "Round time and peak memory as the client population grows.", None),
     Topic("Attacks", ("table6", "torch_dlg_reference", "dlg_speed", "attack_quality", "attacks_*"),
           "Gradient inversion against plain and locked models, and the PyTorch DLG reference.", None),
+    Topic("Privacy vs utility", ("privacy_utility",),
+          "Each defence's accuracy after federated training against the strongest attack on a client's update.",
+          None),
     Topic("TFF workers", ("workers",), "The simulation on remote TFF workers.", None),
 )
 

@@ -53,6 +53,7 @@ def error_lines(log):
     pytest.param(["--clients_per_round=5", "--num_clients=3"], "cannot exceed", marks=pytest.mark.slow),
     pytest.param(["--inject_nan=x"], "ROUND:CLIENT", marks=pytest.mark.slow),
     pytest.param(["--learning_rate=-1"], "positive", marks=pytest.mark.slow),
+    (["--dp_clip=1.0", "--algorithm=fedavg"], "client_weighting=uniform"),
 ])
 def test_bad_flags_give_one_error_line(tmp_path, args, message):
     log = str(tmp_path / "log")

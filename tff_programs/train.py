@@ -48,6 +48,14 @@ _WEIGHTING = flags.DEFINE_enum("client_weighting", "num_examples", ("num_example
 _KEY_DIM = flags.DEFINE_integer("key_dim", 1024, "Key length (FedKL).", lower_bound=1)
 _NORMALIZATION = flags.DEFINE_enum("normalization", "batch", common.NORMALIZATIONS, "Lock normalisation.")
 _INIT = flags.DEFINE_enum("init", "pytorch", common.INITS, "Weight initialisation scheme.")
+_LOCK_WHERE = flags.DEFINE_enum("lock_where", "first", ("first", "all"), "FedKL: lock the first conv layer (the "
+                                "paper's) or every conv layer, all with the client's one key.")
+_DP_CLIP = flags.DEFINE_float("dp_clip", None, "DP-FedAvg: clip each client's update to this L2 norm (TFF's "
+                              "DifferentiallyPrivateFactory.gaussian_fixed; needs --client_weighting=uniform).")
+_DP_NOISE = flags.DEFINE_float("dp_noise_multiplier", 0.0, "DP-FedAvg: noise stddev on the sum, in units of "
+                               "--dp_clip.", lower_bound=0.0)
+_PRUNE = flags.DEFINE_float("prune_fraction", None, "Each client zeroes this fraction of the smallest-magnitude "
+                            "entries of each tensor of its update (gradient pruning).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights, split, sampling and data order.")
 _SEEDED_KEYS = flags.DEFINE_bool("seeded_keys", False, "Derive client keys from --seed (experiments only; "
                                  "default: CSPRNG keys).")
@@ -99,6 +107,11 @@ flags.register_validator("inject_failure", _valid_pairs, "--inject_failure takes
 flags.register_multi_flags_validator(
     ["num_clients", "clients_per_round"], lambda f: f["clients_per_round"] is None or
     f["clients_per_round"] <= f["num_clients"], "--clients_per_round cannot exceed --num_clients")
+flags.register_validator("dp_clip", lambda v: v is None or v > 0, "--dp_clip must be positive")
+flags.register_validator("prune_fraction", lambda v: v is None or 0 <= v < 1, "--prune_fraction must be in [0, 1)")
+flags.register_multi_flags_validator(
+    ["dp_clip", "client_weighting"], lambda f: f["dp_clip"] is None or f["client_weighting"] == "uniform",
+    "--dp_clip (DP-FedAvg) needs --client_weighting=uniform")
 flags.register_multi_flags_validator(
     ["nesterov", "momentum"], lambda f: not f["nesterov"] or f["momentum"] > 0,
     "--nesterov needs --momentum > 0")
@@ -115,7 +128,9 @@ def config_from_flags(dataset):
         weight_decay=_WEIGHT_DECAY.value, lr_milestones=tuple(int(m) for m in _LR_MILESTONES.value),
         lr_gamma=_LR_GAMMA.value, server_learning_rate=_SERVER_LR.value, persist_optimizer_state=_PERSIST.value,
         statistics=_STATISTICS.value, client_weighting=_WEIGHTING.value, key_dim=_KEY_DIM.value,
-        normalization=_NORMALIZATION.value, init=_INIT.value, seed=_SEED.value, seeded_keys=_SEEDED_KEYS.value)
+        normalization=_NORMALIZATION.value, init=_INIT.value, seed=_SEED.value, seeded_keys=_SEEDED_KEYS.value,
+        lock_where=_LOCK_WHERE.value, dp_clip=_DP_CLIP.value, dp_noise_multiplier=_DP_NOISE.value,
+        prune_fraction=_PRUNE.value)
 
 
 def run_options():

@@ -131,8 +131,8 @@ NAMES = tuple(_ARCHITECTURES)
 
 
 def build(name, input_shape=(32, 32, 3), num_classes=10, lock=True, init="pytorch", seed=None,
-          key_dim=1024, activation="relu", normalization="batch", key=None):
-    """Builds a zoo model; with `lock=True` its first conv layer carries a KeyLock block.
+          key_dim=1024, activation="relu", normalization="batch", key=None, where="first"):
+    """Builds a zoo model; with `lock=True` its first conv layer (or those `where` names) carries a KeyLock block.
 
     Args:
       name: one of NAMES.
@@ -143,6 +143,7 @@ def build(name, input_shape=(32, 32, 3), num_classes=10, lock=True, init="pytorc
         weight and bias, as DLG attacks use) or 'keras' (Keras defaults).
       seed: seeds every initialiser (distinct per layer) for reproducible experiments.
       key_dim, activation, normalization, key: the KeyLock's options (see `tfkl.KeyLock`).
+      where: the layers to lock, as `tfkl.secure` takes it: 'first' (the paper's), 'all' or names.
     """
     if name not in _ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose from {NAMES}")
@@ -156,5 +157,5 @@ def build(name, input_shape=(32, 32, 3), num_classes=10, lock=True, init="pytorc
         lock_initializer = tf.keras.initializers.RandomUniform(-0.5, 0.5, seed=builder._seed())
     elif init == "pytorch" and seed is not None:
         lock_initializer = TorchLinearUniform(key_dim, builder._seed())
-    return secure(model, "first", key_dim=key_dim, activation=activation, normalization=normalization,
+    return secure(model, where, key_dim=key_dim, activation=activation, normalization=normalization,
                   key=key, lock_initializer=lock_initializer, name=f"{name}_locked")

@@ -46,6 +46,16 @@ def _select(model, where):
     return [by_name[name] for name in where]
 
 
+def _per_lock(initializer, index):
+    """A seeded initialiser re-seeded for the `index`-th lock (the first keeps it), so that several
+    locks do not start from identical weights."""
+    config = initializer.get_config() if index and initializer is not None else {}
+    if config.get("seed") is None:
+        return initializer
+    config["seed"] += 100 * index  # KeyLock itself offsets the seed by 0..3 across a lock's weights
+    return initializer.__class__.from_config(config)
+
+
 def _clone(layer, **overrides):
     return layer.__class__.from_config({**layer.get_config(), **overrides})
 
@@ -103,7 +113,14 @@ def secure(model, where="first", key_dim=1024, activation="relu", normalization=
     new_inputs = [tf.keras.Input(batch_size=t.shape[0], shape=t.shape[1:], dtype=t.dtype, name=t.name.split(":")[0])
                   for t in model.inputs]
     tensors = {str(id(old)): new for old, new in zip(model.inputs, new_inputs)}
-    clones = {}
+    clones, locks = {}, []
+
+    def new_lock(name, **options):
+        lock = KeyLock(key_dim, activation, normalization, lock_initializer=_per_lock(lock_initializer, len(locks)),
+                       key=key, name=name, **options)
+        locks.append(lock)
+        return lock
+
     for depth in sorted(model._nodes_by_depth, reverse=True):
         for node in model._nodes_by_depth[depth]:
             layer = node.layer
@@ -111,10 +128,7 @@ def secure(model, where="first", key_dim=1024, activation="relu", normalization=
                 continue
             args, kwargs = _map_arguments(node, tensors)
             if replaces_batch_norm(node):
-                lock = KeyLock(key_dim, activation, normalization, momentum=layer.momentum,
-                               epsilon=layer.epsilon, lock_initializer=lock_initializer, key=key,
-                               name=f"{layer.name}_keylock")
-                outputs = lock(*args)
+                outputs = new_lock(f"{layer.name}_keylock", momentum=layer.momentum, epsilon=layer.epsilon)(*args)
             elif id(layer) in targets:
                 fused = layer.get_config().get("activation", "linear")
                 if id(layer) not in clones:
@@ -122,9 +136,7 @@ def secure(model, where="first", key_dim=1024, activation="relu", normalization=
                 outputs = clones[id(layer)](*args, **kwargs)
                 followers = consumers.get(node.flat_output_ids[0], [])
                 if not (len(followers) == 1 and replaces_batch_norm(followers[0])):
-                    lock = KeyLock(key_dim, activation, normalization, lock_initializer=lock_initializer,
-                                   key=key, name=f"{layer.name}_keylock")
-                    outputs = lock(outputs)
+                    outputs = new_lock(f"{layer.name}_keylock")(outputs)
                     if fused != "linear":
                         outputs = tf.keras.layers.Activation(fused, name=f"{layer.name}_activation")(outputs)
             else:

@@ -5,7 +5,10 @@ pattern: `next(server_state@SERVER, learning_rate@SERVER, data@CLIENTS, client_s
 returns `<server_state@SERVER, client_state@CLIENTS, metrics@SERVER, reports@CLIENTS>`. The client
 state holds the key and the lock weights (FedKL), the client optimizer's momentum buffers (when
 they persist, as in the paper) and the client's own moving statistics (when they are kept local).
-Only the shared update (an example-weighted sum and its weight) is summed at SERVER.
+Only the shared update crosses to SERVER: by default an example-weighted sum and its weight
+(`tff.federated_sum`), or through a `model_aggregator` (a TFF aggregation factory, e.g. DP-FedAvg's
+`tff.aggregators.DifferentiallyPrivateFactory`) whose state lives in the server state. An optional
+`client_update_transform` (e.g. `prune_smallest`) changes each client's update before it is sent.
 """
 
 import collections
@@ -32,15 +35,35 @@ class ModelParts:
         self.locked = bool(priv)
 
     def split(self, model):
-        """(shared trainable, shared non-trainable, key, lock weights) variables of `model`."""
+        """(shared trainable, shared non-trainable, keys, lock weights) variables of `model`.
+
+        Keys: every lock's key variable (a client sets the same key in all of them); lock weights:
+        (scale kernel, scale bias, shift kernel, shift bias) of each lock in turn."""
         trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
         shared_t = [trainable[i] for i in self.trainable]
         shared_n = [non_trainable[i] for i in self.non_trainable]
-        if not self.locked:
-            return shared_t, shared_n, [], []
-        lock = private.lock_layers(model)[0]
-        return shared_t, shared_n, [lock.key], [lock.scale_kernel, lock.scale_bias, lock.shift_kernel,
-                                               lock.shift_bias]
+        locks = private.lock_layers(model)
+        return (shared_t, shared_n, [lock.key for lock in locks],
+                [w for lock in locks for w in (lock.scale_kernel, lock.scale_bias, lock.shift_kernel, lock.shift_bias)])
+
+
+def prune_smallest(fraction):
+    """A client update transform: zeroes the `fraction` smallest-magnitude entries of each tensor
+    (DLG's gradient pruning defence): exactly round(fraction * size) entries of each tensor."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the pruned fraction must be in [0, 1), got {fraction}")
+
+    def prune(tensor):
+        flat = tf.reshape(tensor, [-1])
+        size = flat.shape[0]
+        keep = size - int(round(fraction * size))
+        if keep == size:
+            return tensor
+        _, kept = tf.math.top_k(tf.abs(flat), k=keep)
+        mask = tf.scatter_nd(kept[:, tf.newaxis], tf.ones([keep], flat.dtype), [size])
+        return tf.reshape(flat * mask, tensor.shape)
+
+    return lambda update: tf.nest.map_structure(prune, update)
 
 
 def _tensor_type(variable):
@@ -83,13 +106,20 @@ class StatefulClientsProcess(tff.templates.IterativeProcess):
 
 
 def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, client_weighting,
-                   statistics, persist_optimizer_state, return_client_updates):
+                   statistics, persist_optimizer_state, return_client_updates, model_aggregator,
+                   client_update_transform):
     if client_weighting not in CLIENT_WEIGHTINGS:
         raise ValueError(f"client_weighting must be one of {CLIENT_WEIGHTINGS}, got {client_weighting!r}")
     if statistics not in STATISTICS:
         raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}")
     if server_optimizer is None:
         server_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=1.0)
+    if isinstance(model_aggregator, tff.aggregators.UnweightedAggregationFactory):
+        if client_weighting != "uniform":
+            raise ValueError("an unweighted model_aggregator (e.g. DP) needs client_weighting='uniform'")
+        model_aggregator = tff.aggregators.as_weighted_aggregator(model_aggregator)
+    elif model_aggregator is not None and not isinstance(model_aggregator, tff.aggregators.WeightedAggregationFactory):
+        raise TypeError(f"model_aggregator must be a TFF aggregation factory, got {type(model_aggregator).__name__}")
 
     probe = model_fn()
     parts = ModelParts(probe)
@@ -104,7 +134,7 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
 
     shared_type = tff.to_type(collections.OrderedDict(trainable=_types(shared_t), non_trainable=_types(shared_n)))
     client_state_type = tff.to_type(collections.OrderedDict(
-        key=_types(key_vars), lock=_types(lock_vars),
+        key=_types(key_vars[:1]), lock=_types(lock_vars),
         optimizer=_types(trainable_all) if persist_optimizer_state else [],
         statistics=_types(shared_n) if keep_stats else []))
     learning_rate_type = tff.TensorType(np.float32)
@@ -133,11 +163,27 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
             optimizer=server_optimizer.initialize([tf.TensorSpec(v.shape, v.dtype) for v in trainable]),
             round_num=tf.constant(0, tf.int32))
 
-    server_state_type = server_init.type_signature.result
+    update_type = tff.to_type(collections.OrderedDict(
+        trainable=_types(shared_t), non_trainable=[] if keep_stats else _types(shared_n)))
+    if model_aggregator is None:
+        aggregation = None
 
-    @tff.federated_computation
-    def initialize_fn():
-        return tff.federated_eval(server_init, tff.SERVER)
+        @tff.federated_computation
+        def initialize_fn():
+            return tff.federated_eval(server_init, tff.SERVER)
+    else:
+        aggregation = model_aggregator.create(update_type, tff.TensorType(np.float32))
+
+        @tff.tensorflow.computation(server_init.type_signature.result, aggregation.state_type.member)
+        def with_aggregator(state, aggregator_state):
+            return collections.OrderedDict(**state, aggregator=aggregator_state)
+
+        @tff.federated_computation
+        def initialize_fn():
+            return tff.federated_map(with_aggregator, (tff.federated_eval(server_init, tff.SERVER),
+                                                       aggregation.initialize()))
+
+    server_state_type = initialize_fn.type_signature.result.member
 
     @tff.tensorflow.computation(server_state_type)
     def server_to_client(server_state):
@@ -156,8 +202,9 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
             for variable, value in zip(trainable, global_weights["trainable"]):
                 variable.assign(value)
             own_stats = state["statistics"] if keep_stats else global_weights["non_trainable"]
-            for variable, value in zip(non_trainable + key_v + lock_v, list(own_stats) + list(state["key"]) +
-                                       list(state["lock"])):
+            own_keys = list(state["key"]) * len(key_v)  # one client key serves every lock of the model
+            for variable, value in zip(non_trainable + key_v + lock_v,
+                                       list(own_stats) + own_keys + list(state["lock"])):
                 variable.assign(value)
             if persist_optimizer_state:
                 buffers = list(state["optimizer"])
@@ -189,6 +236,8 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
                 trainable=[v - w for v, w in zip(trainable, global_weights["trainable"])],
                 non_trainable=[] if keep_stats else
                 [v - w for v, w in zip(non_trainable, global_weights["non_trainable"])])
+            if client_update_transform is not None:
+                update = client_update_transform(update)
             new_state = collections.OrderedDict(
                 key=list(state["key"]), lock=[v.read_value() for v in lock_v],
                 optimizer=list(buffers) if persist_optimizer_state else [],
@@ -201,8 +250,11 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
             base_weight = tf.cast(count, tf.float32) if client_weighting == "num_examples" else tf.constant(1.0)
             weight = tf.where(finite & (count > 0), base_weight, 0.0)
             accepted = tf.cast(weight > 0, tf.int64)
-            weighted = collections.OrderedDict(update=tf.nest.map_structure(lambda u: u * weight, update),
+            if aggregation is None:
+                sent = collections.OrderedDict(update=tf.nest.map_structure(lambda u: u * weight, update),
                                                weight=weight)
+            else:
+                sent = collections.OrderedDict(update=update, weight=weight)
             metrics = collections.OrderedDict(
                 loss_sum=tf.where(finite, loss_sum, 0.0) * tf.cast(accepted, tf.float32),
                 correct=correct * accepted, num_examples=count * accepted, clients_accepted=accepted,
@@ -210,19 +262,22 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
             report = collections.OrderedDict(num_examples=count, num_steps=steps, accepted=accepted > 0,
                                              update=update if return_client_updates else collections.OrderedDict(
                                                  trainable=[], non_trainable=[]))
-            return weighted, new_state, metrics, report
+            return sent, new_state, metrics, report
 
         return work(global_weights, learning_rate, dataset, state)
 
-    weighted_type = client_update.type_signature.result[0]
+    sent_type = client_update.type_signature.result[0]
     metrics_type = client_update.type_signature.result[2]
 
-    @tff.tensorflow.computation(server_state_type, weighted_type, metrics_type)
-    def server_update(server_state, weighted_sum, metrics):
+    @tff.tensorflow.computation(sent_type)
+    def weighted_mean(weighted_sum):
         total = weighted_sum["weight"]
         safe_total = tf.maximum(total, 1e-12)
-        mean = tf.nest.map_structure(lambda s: tf.where(total > 0, s / safe_total, tf.zeros_like(s)),
+        return tf.nest.map_structure(lambda s: tf.where(total > 0, s / safe_total, tf.zeros_like(s)),
                                      weighted_sum["update"])
+
+    @tff.tensorflow.computation(server_state_type, update_type, metrics_type)
+    def server_update(server_state, mean, metrics):
         weights = list(server_state["trainable"])
         # The server optimizer takes the negated mean update as its gradient: SGD(1.0) is FedAvg.
         opt_state, new_weights = server_optimizer.next(server_state["optimizer"], weights,
@@ -233,7 +288,7 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
             non_trainable = [w + u for w, u in zip(server_state["non_trainable"], mean["non_trainable"])]
         new_state = collections.OrderedDict(
             trainable=list(new_weights), non_trainable=non_trainable, optimizer=opt_state,
-            round_num=server_state["round_num"] + 1)
+            round_num=server_state["round_num"] + 1)  # the aggregator's new state is added by next_fn
         examples = tf.maximum(metrics["num_examples"], 1)
         round_metrics = collections.OrderedDict(
             loss=metrics["loss_sum"] / tf.cast(examples, tf.float32),
@@ -249,10 +304,17 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
     def next_fn(server_state, learning_rate, client_data, client_states):
         global_weights = tff.federated_broadcast(tff.federated_map(server_to_client, server_state))
         client_lr = tff.federated_broadcast(learning_rate)
-        weighted, new_client_states, metrics, reports = tff.federated_map(
+        sent, new_client_states, metrics, reports = tff.federated_map(
             client_update, (global_weights, client_lr, client_data, client_states))
+        if aggregation is None:
+            mean = tff.federated_map(weighted_mean, tff.federated_sum(sent))
+        else:
+            aggregated = aggregation.next(server_state.aggregator, sent.update, sent.weight)
+            mean = aggregated.result
         new_server_state, round_metrics = tff.federated_map(
-            server_update, (server_state, tff.federated_sum(weighted), tff.federated_sum(metrics)))
+            server_update, (server_state, mean, tff.federated_sum(metrics)))
+        if aggregation is not None:
+            new_server_state = tff.federated_map(with_aggregator, (new_server_state, aggregated.state))
         return new_server_state, new_client_states, round_metrics, reports
 
     options = dict(client_weighting=client_weighting, statistics=statistics,
@@ -263,7 +325,8 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
 
 
 def build_fedkl_process(model_fn, client_optimizer, server_optimizer=None, *, client_weighting="num_examples",
-                        statistics="average", persist_optimizer_state=True, return_client_updates=False):
+                        statistics="average", persist_optimizer_state=True, return_client_updates=False,
+                        model_aggregator=None, client_update_transform=None):
     """Builds FedKL: each client trains with its own key and lock; only shared updates are summed.
 
     Args:
@@ -278,15 +341,23 @@ def build_fedkl_process(model_fn, client_optimizer, server_optimizer=None, *, cl
       persist_optimizer_state: keep each client's momentum buffers (all its trainable variables,
         lock included) across the rounds it takes part in, as the paper does.
       return_client_updates: also return each client's shared update at CLIENTS (for capture).
+      model_aggregator: a `tff.aggregators` factory for the shared updates (state kept in the server
+        state under 'aggregator'); an unweighted one (e.g. `DifferentiallyPrivateFactory.gaussian_fixed`)
+        needs client_weighting='uniform'. Default: the example- (or uniformly) weighted mean by
+        `tff.federated_sum`.
+      client_update_transform: a TF function applied to each client's shared update (a structure of
+        tensors) before it is sent, e.g. `prune_smallest(0.9)`.
     """
     return _build_process(model_fn, client_optimizer, server_optimizer, locked=True,
                           client_weighting=client_weighting, statistics=statistics,
                           persist_optimizer_state=persist_optimizer_state,
-                          return_client_updates=return_client_updates)
+                          return_client_updates=return_client_updates, model_aggregator=model_aggregator,
+                          client_update_transform=client_update_transform)
 
 
 def build_fedavg_process(model_fn, client_optimizer, server_optimizer=None, *, client_weighting="num_examples",
-                         statistics="average", persist_optimizer_state=True, return_client_updates=False):
+                         statistics="average", persist_optimizer_state=True, return_client_updates=False,
+                         model_aggregator=None, client_update_transform=None):
     """Builds the FedAvg baseline on the same model without the lock and the same training details.
 
     Arguments as `build_fedkl_process`; `model_fn` returns the plain (unlocked) model.
@@ -294,4 +365,5 @@ def build_fedavg_process(model_fn, client_optimizer, server_optimizer=None, *, c
     return _build_process(model_fn, client_optimizer, server_optimizer, locked=False,
                           client_weighting=client_weighting, statistics=statistics,
                           persist_optimizer_state=persist_optimizer_state,
-                          return_client_updates=return_client_updates)
+                          return_client_updates=return_client_updates, model_aggregator=model_aggregator,
+                          client_update_transform=client_update_transform)

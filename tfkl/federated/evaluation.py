@@ -47,7 +47,7 @@ class _Evaluator:
             variable.assign(value)
 
     def set_secret(self, key, lock):
-        for variable, value in zip(self.key_vars + self.lock_vars, [key] + list(lock)):
+        for variable, value in zip(self.key_vars + self.lock_vars, [key] * len(self.key_vars) + list(lock)):
             variable.assign(value)
 
     def use_client(self, state):

@@ -85,6 +85,10 @@ class Config:
     init: str = "pytorch"
     seed: int = 0
     seeded_keys: bool = False
+    lock_where: str = "first"            # FedKL: the layers to lock ('first', 'all'; see tfkl.secure)
+    dp_clip: float = None                # DP-FedAvg (TFF's gaussian_fixed): clip of each client's update
+    dp_noise_multiplier: float = 0.0     # ... and the noise stddev on the sum, in units of dp_clip
+    prune_fraction: float = None         # each client zeroes this fraction of its smallest update entries
 
     def to_json(self):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -97,7 +101,7 @@ class Config:
         shape, classes, seed = tuple(self.input_shape), self.num_classes, self.seed
         options = dict(init=self.init, seed=seed)
         if self.locked:
-            options.update(key_dim=self.key_dim, normalization=self.normalization)
+            options.update(key_dim=self.key_dim, normalization=self.normalization, where=self.lock_where)
         return lambda: models.build(self.model, shape, classes, lock=self.locked, **options)
 
     def client_optimizer(self):
@@ -121,7 +125,10 @@ _DRIVER_FIELDS = dict(dataset="", data_dir=None, num_clients=1, clients_per_roun
 
 def build_process(config, return_client_updates=False):
     """The run's process (cached: building traces the model and takes seconds)."""
-    return _build_process(dataclasses.replace(config, **_DRIVER_FIELDS), bool(return_client_updates))
+    driver_fields = dict(_DRIVER_FIELDS)
+    if config.dp_clip is not None:
+        del driver_fields["clients_per_round"]  # DP's mean divides by it
+    return _build_process(dataclasses.replace(config, **driver_fields), bool(return_client_updates))
 
 
 @functools.lru_cache(maxsize=4)
@@ -131,7 +138,20 @@ def _build_process(config, return_client_updates):
                    tff.learning.optimizers.build_sgdm(learning_rate=config.server_learning_rate),
                    client_weighting=config.client_weighting, statistics=config.statistics,
                    persist_optimizer_state=config.persist_optimizer_state,
-                   return_client_updates=return_client_updates)
+                   return_client_updates=return_client_updates, model_aggregator=model_aggregator(config),
+                   client_update_transform=None if config.prune_fraction is None else
+                   algorithms.prune_smallest(config.prune_fraction))
+
+
+def model_aggregator(config):
+    """DP-FedAvg's aggregator when `dp_clip` is set (TFF's fixed-clip Gaussian mean), else None."""
+    if config.dp_clip is None:
+        return None
+    if config.client_weighting != "uniform":
+        raise ProgramError("DP-FedAvg weights clients uniformly: set client_weighting='uniform'")
+    return tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
+        noise_multiplier=float(config.dp_noise_multiplier), clients_per_round=float(config.clients_per_round),
+        clip=float(config.dp_clip))
 
 
 def client_partition(config, dataset):
@@ -149,6 +169,8 @@ def check_config(root_dir, config):
                 stored = json.load(f)
         except (OSError, ValueError) as e:
             raise ProgramError(f"{path} is unreadable ({e}); not touching this root dir") from None
+        # A field added since the run started counts as its default there.
+        stored = {**Config().to_json(), **stored}
         differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         if differing:
             k = differing[0]
@@ -333,7 +355,8 @@ def capture_meta_fn(config, dataset_name, learning_rate, data_seeds, partition):
         return dict(
             num_examples=int(len(partition[int(client_id)])),
             algorithm=config.algorithm, model=config.model, input_shape=list(config.input_shape),
-            num_classes=config.num_classes, lock=config.locked, key_dim=config.key_dim, activation="relu",
+            num_classes=config.num_classes, lock=config.locked, key_dim=config.key_dim, where=config.lock_where,
+            activation="relu",
             normalization=config.normalization, init=config.init, batch_size=config.batch_size,
             local_epochs=config.local_epochs, learning_rate=float(learning_rate), momentum=config.momentum,
             nesterov=config.nesterov, weight_decay=config.weight_decay,
