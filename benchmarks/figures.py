@@ -6,7 +6,7 @@
 - privacy_utility.png: accuracy against the strongest attack's SSIM and aligned PSNR per defence
   (privacy_utility.json);
 - grid_<experiment>.png: reconstruction grids (truth, then one row per threat) of the attack
-  experiments whose runs are on this machine (runs/attack_quality/<experiment>/grid.png).
+  experiments whose runs are on this machine (runs/attack_quality/<experiment>/grid.png), seed 0.
 A figure whose results are missing is skipped with a note; nothing is drawn from typed-in numbers.
 """
 
@@ -47,18 +47,21 @@ def accuracy_curves(table1, path):
 
 
 def privacy_utility(doc, path):
-    """Accuracy against the strongest attack's SSIM and aligned PSNR, one point per defence."""
+    """Accuracy against the strongest attack's SSIM and aligned PSNR, one point per defence and
+    server view (labels in a shared legend: the points crowd where attacks fail)."""
     points = doc["results"]["points"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
+    markers = "osD^v<>pP*Xhd8H"
     for ax, metric, label in ((axes[0], "ssim", "SSIM"), (axes[1], "aligned_psnr", "aligned PSNR (dB)")):
-        for point in points:
-            ax.scatter(point[metric], point["accuracy"] * 100)
-            ax.annotate(point["defence"], (point[metric], point["accuracy"] * 100), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+        for index, point in enumerate(points):
+            ax.scatter(point[metric], point["accuracy"] * 100, marker=markers[index % len(markers)], s=45,
+                       label=point["defence"])
         ax.set_xlabel(f"strongest attack: {label} (lower = more private)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.72, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -77,6 +80,8 @@ def draw_all(results_dir=None, figures_dir=FIGURES_DIR, grid_sources=GRID_SOURCE
         written.append(target)
     if os.path.isdir(grid_sources):
         for experiment in sorted(os.listdir(grid_sources)):
+            if "_seed" in experiment:  # one grid per experiment: seed 0's
+                continue
             source = os.path.join(grid_sources, experiment, "grid.png")
             if f"attacks_{experiment}" in docs and os.path.exists(source):
                 target = os.path.join(figures_dir, f"grid_{experiment}.png")
