@@ -5,26 +5,15 @@ import pytest
 import tensorflow as tf
 
 import tfkl
-from tff_programs import contexts
-from tfkl import data
 from tfkl.federated import algorithms, program
 
-from tests.test_federated import KEY_DIM, _contains, make_config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def context():
-    contexts.install_context()
-    yield
-    contexts.shutdown()
+# `context` is test_federated's autouse fixture (TFF's execution context), imported to apply here too.
+from tests.test_federated import KEY_DIM, _contains, context, digits_subset, make_config  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def digits():
-    full = data.load("digits")
-    rng = np.random.default_rng(1)
-    train, test = rng.permutation(len(full.y_train))[:60], rng.permutation(len(full.y_test))[:20]
-    return data.Dataset("digits", full.x_train[train], full.y_train[train], full.x_test[test], full.y_test[test], 10)
+    return digits_subset(60, 20, seed=1)
 
 
 def _train(root_dir, config, digits, rounds=1):

@@ -28,12 +28,17 @@ def context():
     contexts.shutdown()
 
 
+def digits_subset(train_size, test_size, seed):
+    """A small random subset of the digits data set (train and test)."""
+    full = data.load("digits")
+    rng = np.random.default_rng(seed)
+    train, test = rng.permutation(len(full.y_train))[:train_size], rng.permutation(len(full.y_test))[:test_size]
+    return data.Dataset("digits", full.x_train[train], full.y_train[train], full.x_test[test], full.y_test[test], 10)
+
+
 @pytest.fixture(scope="module")
 def digits():
-    full = data.load("digits")
-    rng = np.random.default_rng(0)
-    train, test = rng.permutation(len(full.y_train))[:120], rng.permutation(len(full.y_test))[:60]
-    return data.Dataset("digits", full.x_train[train], full.y_train[train], full.x_test[test], full.y_test[test], 10)
+    return digits_subset(120, 60, seed=0)
 
 
 def make_config(**overrides):
