@@ -12,6 +12,7 @@ summaries, time, iterations/s) and its PNG grid under runs/attack_quality/<name>
 also writes benchmarks/results/attack_quality.json (tables + headline) in the benchmarks' format.
 """
 
+import inspect
 import json
 import os
 import time
@@ -108,8 +109,12 @@ def _cached_report(name, kwargs, seed):
         return None
     with open(path) as f:
         doc = json.load(f)
-    wanted = dict(dict(offset=0, target="gradient", init="pytorch", normalization="batch", train_epochs=0,
-                       batch_size=1, options={}, update_options={}), **kwargs, seed=int(seed))
+    from attacks import study
+    defaults = {k: p.default for k, p in inspect.signature(study.run).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    wanted = dict(defaults, **kwargs, seed=int(seed))
+    for key in ("options", "update_options"):  # study.run records None as {}
+        wanted[key] = wanted[key] or {}
     settings = doc.get("settings", {})
     if any(json.dumps(settings.get(k), sort_keys=True) != json.dumps(wanted.get(k), sort_keys=True)
            for k in _DEFINING):
