@@ -23,7 +23,8 @@ from benchmarks import common  # noqa: E402
 
 FIGURES_DIR = os.path.join(common.RESULTS_DIR, "figures")
 GRID_SOURCES = os.path.join(common.REPO_ROOT, "runs", "attack_quality")
-CURVE_LABELS = {"central": "central", "central_lock": "central + lock", "fedavg": "FedAvg", "fedkl": "FedKL (a)"}
+CURVE_LABELS = {"central": "central", "central_lock": "central + lock", "fedavg": "FedAvg", "fedkl": "FedKL (a)",
+                "fedkl_local_statistics": "FedKL, local statistics"}
 
 
 def accuracy_curves(table1, path):
@@ -33,6 +34,8 @@ def accuracy_curves(table1, path):
     for ax, (name, result) in zip(axes[0], results.items()):
         seeds = list(result["per_seed"].values())
         for column, label in CURVE_LABELS.items():
+            if column not in seeds[0]:
+                continue
             rounds = sorted(int(r) for r in seeds[0][column]["curve"])
             mean = [sum(s[column]["curve"][str(r)] for s in seeds) / len(seeds) * 100 for r in rounds]
             ax.plot(rounds, mean, label=label, linestyle="--" if column.startswith("central") else "-")

@@ -212,19 +212,33 @@ def test_table1_runs_each_command_once_and_reruns_when_it_changes(tmp_path):
     assert table1._run_cached(changed, out, log=lambda _: None)[0] == {"n": 2}
 
 
-def test_table1_payload_aggregates_seeds():
+def test_table1_payload_aggregates_seeds_and_variants():
     from benchmarks import table1
     keys = {entry: 0.5 for entry in table1.KEY_ENTRIES}
     keys["e_lock_recovery_100"] = 0.4
-    per_seed = {s: {c: {"accuracy": acc, "curve": {1: acc}, "seconds": 30.0} for c, acc in zip(table1.COLUMNS, accs)}
-                for s, accs in ((0, (0.8, 0.9, 0.85, 0.86)), (1, (0.8, 0.9, 0.85, 0.84)))}
-    payload = common.validate_payload("table1", table1._payload(
-        {"x": {"epochs": 3}}, {"x": {"per_seed": per_seed, "key_matrix": {0: keys, 1: keys}}}, quick=True))
-    row = payload["tables"][0]["rows"][0]
-    assert row[:3] == ["x", 3, 2] and row[3] == "80.00 ± 0.00" and row[6] == "85.00 ± 1.00"
-    assert row[7] == "0.00 ± 1.00" and row[8] == 2.0
+    columns = table1.COLUMNS + ("fedkl_local_statistics",)
+    per_seed = {s: {c: {"accuracy": acc, "curve": {1: acc}, "seconds": 30.0} for c, acc in zip(columns, accs)}
+                for s, accs in ((0, (0.8, 0.9, 0.85, 0.86, 0.95)), (1, (0.8, 0.9, 0.85, 0.84, 0.97)))}
+    plain = {s: {c: runs[c] for c in table1.COLUMNS} for s, runs in per_seed.items()}
+    settings = {"x": {"epochs": 3, "variants": ("fedkl_local_statistics",)}, "y": {"epochs": 3}}
+    results = {"x": {"per_seed": per_seed, "key_matrix": {0: keys, 1: keys}},
+               "y": {"per_seed": plain, "key_matrix": {0: keys, 1: keys}}}
+    payload = common.validate_payload("table1", table1._payload(settings, results, quick=True))
+    with_variant, without = payload["tables"][0]["rows"]
+    assert with_variant[:3] == ["x", 3, 2] and with_variant[3] == "80.00 ± 0.00" and with_variant[6] == "85.00 ± 1.00"
+    assert with_variant[7] == "0.00 ± 1.00" and with_variant[8] == "96.00 ± 1.00" and with_variant[9] == 2.5
+    assert without[8] == "not run" and without[9] == 2.0
     assert payload["headline"][0]["met"] is True
     assert payload["tables"][1]["rows"][0][-1] == "40.00 ± 0.00"
+
+
+def test_table1_variant_is_fedkl_with_its_own_flags_and_directory():
+    from benchmarks import table1
+    setting = dict(model="resnet20", dataset="digits", epochs=2, seeds=(0,), variants=("fedkl_local_statistics",))
+    commands = table1._commands(setting, 0, "d")
+    train = commands["fedkl_local_statistics"][0][0]
+    assert "--algorithm=fedkl" in train and "--root_dir=d/fedkl_local_statistics" in train
+    assert train[-1] == "--statistics=local" and "--statistics=local" not in commands["fedkl"][0][0]
 
 
 def test_figures_are_drawn_from_the_results_only(tmp_path):
