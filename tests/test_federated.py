@@ -11,9 +11,10 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import tfkl
+from attacks import model as attack_model, targets
 from tff_programs import contexts
 from tfkl import capture as capture_lib
-from tfkl import data, models, optimizers, training
+from tfkl import data, models, optimizers, private, training
 from tfkl.federated import algorithms, program, simulation
 from tfkl.federated.client_store import ClientStateError, ClientStore
 
@@ -143,6 +144,32 @@ def test_values_server_state_aggregate_and_captures_hold_no_secret(digits, tmp_p
     assert len(batches) == meta["num_steps"] and sum(len(y) for _, y in batches) == meta["examples_processed"]
     client = program.client_partition(config, digits)[int(meta["client_id"])]
     assert sorted(np.concatenate([y for _, y in batches[:len(batches) // 2]])) == sorted(digits.y_train[client])
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedkl"])
+def test_attacker_replay_reproduces_a_tff_captured_update(algorithm, digits, tmp_path):
+    """What the attacks invert is what TFF's clients upload: replaying the captured client's local
+    steps on its true batches (with its secret, for FedKL) gives the captured update."""
+    config = make_config(algorithm=algorithm, local_epochs=1, batch_size=12)
+    program.train(str(tmp_path), config, program.RunOptions(rounds=1, capture_rounds=(1,), progress=False),
+                  dataset=digits)
+    capture = capture_lib.load_capture(sorted(glob.glob(str(tmp_path / "captures" / "*.npz")))[0])
+    batches = program.ground_truth_batches(capture.meta, digits)
+    images = tf.constant(np.concatenate([x for x, _ in batches]))
+    labels = tf.constant(np.concatenate([y for _, y in batches]))
+    secret = None
+    if algorithm == "fedkl":
+        _, client_states, _ = program.restore(str(tmp_path), config, program.build_process(config))
+        (lock,) = private.lock_layers(config.model_fn()())  # round 1 starts from model_fn's lock weights
+        secret = {lock.name: (client_states[capture.meta["client_id"]]["key"][0],)
+                  + tuple(v.numpy() for v in lock.private_weights[1:])}
+    view = attack_model.ServerView.from_capture(capture)
+    attacker = attack_model.AttackerModel(view, "oracle" if secret else "none", secret=secret)
+    target = targets.from_capture(capture)
+    replayed = targets.simulate(attacker, target, images, labels, tf.zeros([0]))
+    assert target.num_steps == len(batches) > 1 and max(np.abs(v).max() for v in target.values) > 1e-3
+    for predicted, captured in zip(replayed, target.values):
+        np.testing.assert_allclose(predicted.numpy(), captured, atol=1e-5)
 
 
 def test_one_client_round_equals_central_training(digits):
