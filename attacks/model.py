@@ -16,7 +16,7 @@ import tensorflow as tf
 from tfkl import keys as keys_lib
 from tfkl import models as models_lib
 from tfkl import private
-from tfkl.keylock import KeyLock
+from tfkl.keylock import KeyLock, lock_affine
 from tfkl.secure import _map_arguments
 
 THREATS = ("none", "fixed-key", "adaptive", "adaptive-key", "oracle")
@@ -173,7 +173,6 @@ class AttackerModel:
         overrides the known lock weights (e.g. during simulated local steps)."""
         values, offset = {}, 0
         for lock in self.locks:
-            act = tf.nn.relu if lock.activation == "relu" else tf.sigmoid
             if self.threat == "adaptive":
                 squash = tf.nn.softplus if lock.activation == "relu" else tf.sigmoid
                 c = lock.channels
@@ -184,8 +183,7 @@ class AttackerModel:
                 if self.threat == "adaptive-key":
                     key = tf.sigmoid(latent[offset:offset + lock.key_dim])
                     offset += lock.key_dim
-                values[lock.name] = (act(tf.linalg.matvec(sk, key, transpose_a=True) + sb),
-                                     act(tf.linalg.matvec(hk, key, transpose_a=True) + hb))
+                values[lock.name] = lock_affine(tf.cast(key, tf.float32), sk, sb, hk, hb, lock.activation)
         return values
 
     def trainable_lock_weights(self):

@@ -32,6 +32,20 @@ class TorchLinearUniform(tf.keras.initializers.Initializer):
         return {"fan_in": self.fan_in, "seed": self.seed}
 
 
+def lock_affine(key, scale_kernel, scale_bias, shift_kernel, shift_bias, activation="relu"):
+    """The lock's (gamma, beta) for `key`: `act(key @ kernel + bias)` for the scale and the shift.
+
+    Both come from one projection of the key onto the two kernels side by side. Differentiable in
+    every argument (the attacks optimise the key or the lock weights through it).
+    """
+    act = tf.nn.relu if activation == "relu" else tf.sigmoid
+    kernel = tf.concat([scale_kernel, shift_kernel], axis=1)
+    bias = tf.concat([scale_bias, shift_bias], axis=0)
+    projection = act(tf.nn.bias_add(tf.matmul(tf.reshape(key, [1, -1]), kernel), bias))
+    gamma, beta = tf.split(tf.reshape(projection, [-1]), 2)
+    return gamma, beta
+
+
 @tf.keras.utils.register_keras_serializable(package="tfkl")
 class KeyLock(tf.keras.layers.Layer):
     """Key-lock block of FedKL: `gamma * normalize(x) + beta`.
@@ -131,17 +145,10 @@ class KeyLock(tf.keras.layers.Layer):
         return [self.key, self.scale_kernel, self.scale_bias, self.shift_kernel, self.shift_bias]
 
     def lock_parameters(self, key=None):
-        """Returns (gamma, beta), each of shape (channels,), for `key` (default the layer's own).
-
-        Both come from one projection of the key onto the two kernels side by side.
-        """
+        """Returns (gamma, beta), each of shape (channels,), for `key` (default the layer's own)."""
         key = self.key if key is None else tf.convert_to_tensor(key, self.compute_dtype)
-        act = tf.nn.relu if self.activation == "relu" else tf.sigmoid
-        kernel = tf.concat([self.scale_kernel, self.shift_kernel], axis=1)
-        bias = tf.concat([self.scale_bias, self.shift_bias], axis=0)
-        projection = act(tf.nn.bias_add(tf.matmul(key[tf.newaxis, :], kernel), bias))
-        gamma, beta = tf.split(tf.reshape(projection, [-1]), 2)
-        return gamma, beta
+        return lock_affine(key, self.scale_kernel, self.scale_bias, self.shift_kernel, self.shift_bias,
+                           self.activation)
 
     def normalize(self, inputs, training=None):
         """The normalisation without affine parameters."""
