@@ -315,8 +315,20 @@ def test_evaluation_matrix(digits, tmp_path):
     top_share = np.bincount(digits.y_test[held_out]).max() / len(held_out)
     assert result["d_global_zero_lock"] <= top_share + 1e-9
     assert set(result["e_lock_recovery"]) == {"10", "20"}
-    assert result["e_lock_recovery"]["20"]["examples"] == 20
+    recovery = result["e_lock_recovery"]["20"]
+    assert recovery["examples"] == 20 and set(recovery["by_statistics"]) == set(evaluation.RECOVERY_STATISTICS)
+    assert recovery["accuracy"] == max(recovery["by_statistics"].values())
     assert "a_own_key_and_lock" in evaluation.format_matrix(result)
+    # Only the 'public' recovery re-estimates the moving statistics (on the public examples).
+    process = program.build_process(config)
+    server_state, _, _ = program.restore(str(tmp_path), config, process)
+    evaluator = evaluation._Evaluator(config, process, server_state)
+    for statistics, moves in (("server", False), ("public", True)):
+        evaluator.set_statistics(evaluator.global_statistics)
+        evaluation._recover_lock(evaluator, digits.x_test[:20], digits.y_test[:20], SHAPE, 3, 0, statistics)
+        after = [v.numpy() for v in evaluator.statistics_vars]
+        changed = any(not np.array_equal(a, b) for a, b in zip(after, evaluator.global_statistics))
+        assert changed == moves, statistics
 
 
 def test_accuracy_by_round_covers_every_kept_round(digits, tmp_path):
