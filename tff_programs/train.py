@@ -42,7 +42,9 @@ _LR_GAMMA = flags.DEFINE_float("lr_gamma", 0.2, "LR factor at each milestone.")
 _SERVER_LR = flags.DEFINE_float("server_learning_rate", 1.0, "Server SGD learning rate (1.0: plain FedAvg).")
 _PERSIST = flags.DEFINE_bool("persist_optimizer_state", True, "Keep each client's momentum buffers across rounds.")
 _STATISTICS = flags.DEFINE_enum("statistics", "average", ("average", "local"),
-                                "Shared moving statistics: averaged by the server, or kept by each client.")
+                                "Moving statistics of the normalisations: averaged by the server (the paper), or "
+                                "kept by each client (FedBN-like; backbones that normalise after the lock, such as "
+                                "ResNet-20, need it: each client's lock shifts the statistics).")
 _WEIGHTING = flags.DEFINE_enum("client_weighting", "num_examples", ("num_examples", "uniform"),
                                "Weight of each client's update in the mean.")
 _KEY_DIM = flags.DEFINE_integer("key_dim", 1024, "Key length (FedKL).", lower_bound=1)
