@@ -43,7 +43,7 @@ def accuracy_curves(table1, path):
         ax.set_xlabel("epoch (central) / round (federated)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
+        ax.legend(fontsize=8)  # per panel: settings may add variant curves
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -41,7 +41,7 @@ COLUMNS = ("central", "central_lock", "fedavg", "fedkl")
 VARIANTS = {"fedkl_local_statistics": ("fedkl", ["--statistics=local"])}
 # Evaluation-matrix entries of the FedKL run shown in the key table (see tfkl.federated.evaluation).
 KEY_ENTRIES = ("a_own_key_and_lock", "b_own_lock_random_key", "c_own_lock_other_key", "c_other_key_and_lock",
-               "d_global_zero_lock", "d_global_fresh_lock_random_key")
+               "d_global_zero_lock", "d_global_fresh_lock_random_key", "f_own_secret_own_statistics")
 
 _ONLY = flags.DEFINE_list("table1_only", [], f"Run only these settings: {sorted(SETTINGS)}.")
 _RUN_DIR = flags.DEFINE_string("table1_dir", "runs/table1", "Where the runs and their caches go.")
@@ -117,10 +117,21 @@ def _accuracy_and_curve(column, doc):
     return final, curve
 
 
+def _key_entries(evaluation):
+    """The key-table entries of a FedKL run's evaluation matrix."""
+    entries = {entry: (evaluation[entry]["mean"] if isinstance(evaluation[entry], dict) else evaluation[entry])
+               for entry in KEY_ENTRIES}
+    entries.update({f"e_lock_recovery_{size}": entry["accuracy"]
+                    for size, entry in evaluation["e_lock_recovery"].items()})
+    return entries
+
+
 def run_setting(name, setting, run_dir, cached_only=False, log=print):
-    """The four columns of one setting for each of its seeds and the FedKL run's key matrix; with
-    `cached_only`, None unless every run has finished before."""
+    """The columns of one setting for each of its seeds and the key matrix of each FedKL run (the
+    paper's in `key_matrix`, the variants' in `variant_key_matrix`); with `cached_only`, None unless
+    every run has finished before."""
     per_seed, key_rows = {}, {}
+    variant_key_rows = {variant: {} for variant in setting.get("variants", ())}
     for seed in setting["seeds"]:
         seed_dir = os.path.join(run_dir, name, f"seed_{seed}")
         per_seed[seed] = {}
@@ -132,11 +143,10 @@ def run_setting(name, setting, run_dir, cached_only=False, log=print):
             per_seed[seed][column] = dict(accuracy=accuracy, curve=curve, evaluation_examples=doc["evaluation_examples"],
                                           seconds=seconds)
             if column == "fedkl":
-                key_rows[seed] = {entry: (doc[entry]["mean"] if isinstance(doc[entry], dict) else doc[entry])
-                                  for entry in KEY_ENTRIES}
-                key_rows[seed].update({f"e_lock_recovery_{size}": entry["accuracy"]
-                                       for size, entry in doc["e_lock_recovery"].items()})
-    return {"per_seed": per_seed, "key_matrix": key_rows}
+                key_rows[seed] = _key_entries(doc)
+            elif column in variant_key_rows:
+                variant_key_rows[column][seed] = _key_entries(doc)
+    return {"per_seed": per_seed, "key_matrix": key_rows, "variant_key_matrix": variant_key_rows}
 
 
 def _mean_std(values):
@@ -157,7 +167,11 @@ def _payload(settings, results, quick):
         rows.append([name, settings[name]["epochs"], len(seeds)] + [_mean_std(accuracies[c]) for c in COLUMNS]
                     + [_mean_std(gap)] + variants + [minutes])
         entries = list(next(iter(result["key_matrix"].values())))
-        key_rows.append([name] + [_mean_std([result["key_matrix"][s][e] for s in seeds]) for e in entries])
+        matrices = {name: result["key_matrix"]}
+        matrices.update({f"{name}, {variant}": matrix
+                         for variant, matrix in result.get("variant_key_matrix", {}).items()})
+        key_rows += [[label] + [_mean_std([matrix[s][e] for s in seeds]) for e in entries]
+                     for label, matrix in matrices.items()]
         headline.append({"metric": f"{name}: FedKL - FedAvg accuracy", "value": round(float(gap.mean() * 100), 2),
                          "unit": "pp", "target": "within 1 pp", "met": bool(abs(gap.mean()) <= 0.01)})
     key_columns = ["setting"] + list(next(iter(results.values()))["key_matrix"][

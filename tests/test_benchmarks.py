@@ -221,7 +221,9 @@ def test_table1_payload_aggregates_seeds_and_variants():
                 for s, accs in ((0, (0.8, 0.9, 0.85, 0.86, 0.95)), (1, (0.8, 0.9, 0.85, 0.84, 0.97)))}
     plain = {s: {c: runs[c] for c in table1.COLUMNS} for s, runs in per_seed.items()}
     settings = {"x": {"epochs": 3, "variants": ("fedkl_local_statistics",)}, "y": {"epochs": 3}}
-    results = {"x": {"per_seed": per_seed, "key_matrix": {0: keys, 1: keys}},
+    variant_keys = dict(keys, e_lock_recovery_100=0.9)
+    results = {"x": {"per_seed": per_seed, "key_matrix": {0: keys, 1: keys},
+                     "variant_key_matrix": {"fedkl_local_statistics": {0: variant_keys, 1: variant_keys}}},
                "y": {"per_seed": plain, "key_matrix": {0: keys, 1: keys}}}
     payload = common.validate_payload("table1", table1._payload(settings, results, quick=True))
     with_variant, without = payload["tables"][0]["rows"]
@@ -229,7 +231,9 @@ def test_table1_payload_aggregates_seeds_and_variants():
     assert with_variant[7] == "0.00 ± 1.00" and with_variant[8] == "96.00 ± 1.00" and with_variant[9] == 2.5
     assert without[8] == "not run" and without[9] == 2.0
     assert payload["headline"][0]["met"] is True
-    assert payload["tables"][1]["rows"][0][-1] == "40.00 ± 0.00"
+    key_rows = payload["tables"][1]["rows"]
+    assert [r[0] for r in key_rows] == ["x", "x, fedkl_local_statistics", "y"]
+    assert key_rows[0][-1] == "40.00 ± 0.00" and key_rows[1][-1] == "90.00 ± 0.00"
 
 
 def test_table1_variant_is_fedkl_with_its_own_flags_and_directory():

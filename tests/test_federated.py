@@ -307,7 +307,8 @@ def test_evaluation_matrix(digits, tmp_path):
     program.train(str(tmp_path), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
     result = evaluation.evaluate(str(tmp_path), public_sizes=(10, 20), recovery_steps=3, dataset=digits)
     assert result["round"] == 1 and result["public_examples"] == 20 and result["evaluation_examples"] == 40
-    for name in ("a_own_key_and_lock", "b_own_lock_random_key", "c_own_lock_other_key", "c_other_key_and_lock"):
+    for name in ("a_own_key_and_lock", "b_own_lock_random_key", "c_own_lock_other_key", "c_other_key_and_lock",
+                 "f_own_secret_own_statistics"):
         assert set(result[name]["per_client"]) == {"0", "1", "2"}
         assert 0 <= result[name]["mean"] <= 1
     # Zero lock weights make gamma = beta = 0: a constant prediction, at most the top class's share.
