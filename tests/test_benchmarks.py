@@ -264,3 +264,23 @@ def test_figures_are_drawn_from_the_results_only(tmp_path):
     assert notes == ["skipped privacy_utility.png: no privacy_utility.json"]
     lines = report.figures_markdown(str(results / "figures"), str(tmp_path))
     assert "![accuracy_curves](results/figures/accuracy_curves.png)" in lines
+
+
+def test_table6_payload_pools_seeds_and_merges_the_adaptive_key_experiment():
+    from benchmarks import attack_quality
+
+    def report(psnr, aligned, threats):
+        per_image = {m: [0.5, 0.5] for m in attack_quality.TABLE6_METRICS}
+        per_image.update(psnr=psnr, aligned_psnr=aligned, label_accuracy=[1.0, 1.0])
+        return {"settings": {}, "results": {t: {"per_image": dict(per_image)} for t in threats}}
+
+    reports = {("dlg_x", 0): report([60.0, 70.0], [60.0, 70.0], ["none", "fixed-key"]),
+               ("dlg_x", 1): report([80.0, 90.0], [10.0, 12.0], ["none", "fixed-key"]),
+               ("dlg_x_adaptive_key", 0): report([5.0, 5.0], [13.0, 13.0], ["adaptive-key"])}
+    payload = common.validate_payload("table6", attack_quality.table6_payload(reports))
+    (row,) = payload["tables"][0]["rows"]
+    cells = dict(zip(payload["tables"][0]["columns"], row))
+    assert cells["experiment"] == "dlg_x" and cells["none"] == "75.0 ± 11.2 (0.50) [2]"
+    assert cells["fixed-key"] == "38.0 ± 27.2 (0.50) [2]"  # aligned PSNR pooled over both seeds' images
+    assert cells["adaptive-key"] == "13.0 ± 0.0 (0.50) [1]" and cells["oracle"] == "–"
+    assert payload["results"]["dlg_x"]["none"]["psnr"]["seed_means"] == [65.0, 85.0]
