@@ -197,7 +197,8 @@ def _payload(settings, results, quick):
             "the plain backbone, FedKL the locked one; keys from --seeded_keys so reruns reproduce.",
             "FedKL (a): each client's accuracy with the global weights and its own key and lock, mean over "
             "clients. b: own lock, random key; c: another client's key (and lock); d: the global model alone; "
-            "e: lock recovery by fine-tuning on N public examples.",
+            "f: (a) after each client re-estimates the moving statistics on its own data; e: lock recovery by "
+            "fine-tuning on N public examples (the better of: on the server's statistics, re-estimating them).",
             "FedKL, local statistics: FedKL with `tff_programs.train --statistics=local` (each client keeps the "
             "moving statistics of the batch normalisations; the paper averages them); run only where the "
             "backbone normalises after the lock (ResNet-20).",
