@@ -17,7 +17,7 @@ from attacks import model as model_lib
 from attacks import targets as targets_lib
 from tfkl import capture as capture_lib
 from tfkl import keys as keys_lib
-from tfkl import models
+from tfkl import models, private
 
 ATTACKS = {"dlg": dlg.DLG, "idlg": dlg.IDLG, "ig": ig.InvertingGradients, "grnn": grnn.GRNN}
 TARGET_KINDS = ("gradient", "update")
@@ -40,6 +40,16 @@ def build_victims(model_name, input_shape, num_classes, init="pytorch", seed=0, 
         victims["locked"] = models.build(model_name, input_shape, num_classes, lock=True, init=init, seed=seed,
                                          normalization=normalization, key=keys_lib.generate_key(1024, seed=key_seed))
     return victims
+
+
+def privatize_lock(victim, seed):
+    """Replaces the victim's lock weights by privately drawn ones (a client with lock_init='private');
+    returns the ones it had, model_fn's, which are all a server knows of them."""
+    server_known = model_lib.extract_lock_weights(victim)
+    for index, lock in enumerate(private.lock_layers(victim)):
+        for variable, value in zip(lock.private_weights[1:], lock.draw_lock_weights(seed=[seed, index])):
+            variable.assign(value)
+    return server_known
 
 
 def make_targets(victim, images, labels, per_client, kind="gradient", capture_dir=None, **update_options):
@@ -73,10 +83,12 @@ def evaluate(reconstructions, images, labels, batch_size):
 
 
 def run_threats(attack_name, victims, images, labels, threats, batch_size=1, attack_options=None,
-                kind="gradient", capture_dir=None, update_options=None, seed=0, progress=None):
+                kind="gradient", capture_dir=None, update_options=None, seed=0, progress=None,
+                server_lock_weights=None):
     """Attacks `images` (in client batches) under each threat; returns {threat: result dict}.
 
-    A result dict holds the reconstructions, per-image metrics, their summary, and timing."""
+    A result dict holds the reconstructions, per-image metrics, their summary, and timing.
+    `server_lock_weights`: see `threat_secret`."""
     results = {}
     for threat in threats:
         victim = victims["plain" if threat == "none" else "locked"]
@@ -84,14 +96,17 @@ def run_threats(attack_name, victims, images, labels, threats, batch_size=1, att
                                       capture_dir and os.path.join(capture_dir, threat), **(update_options or {}))
         results[threat] = attack_targets(
             attack_name, model_lib.ServerView.from_model(victim), threat, client_targets, images, labels, batch_size,
-            secret=threat_secret(threat, victim), attack_options=attack_options,
+            secret=threat_secret(threat, victim, server_lock_weights), attack_options=attack_options,
             seed=seed, progress=progress and (lambda d, t, l, th=threat: progress(th, d, t, l)))
     return results
 
 
-def threat_secret(threat, victim):
+def threat_secret(threat, victim, server_lock_weights=None):
     """What an attacker under `threat` knows of the victim's secret: key and lock weights ('oracle'),
-    the lock weights ('adaptive-key'), nothing otherwise."""
+    the lock weights a server knows ('adaptive-key': the victim's own when clients start from
+    model_fn's lock, else `server_lock_weights`, model_fn's), nothing otherwise."""
+    if threat == "adaptive-key" and server_lock_weights is not None:
+        return server_lock_weights
     extract = {"oracle": model_lib.extract_secret, "adaptive-key": model_lib.extract_lock_weights}.get(threat)
     return extract(victim) if extract else None
 

@@ -70,14 +70,18 @@ def train_victims(victims, dataset, input_shape, epochs, examples, seed, log=pri
 
 def run(attack, threats, model, dataset, num_images, batch_size=1, offset=0, target="gradient", init="pytorch",
         normalization="batch", train_epochs=0, train_examples=5000, options=None, update_options=None, seed=0,
-        out_dir=None, data_dir=None, log=print):
+        out_dir=None, data_dir=None, lock_init="shared", log=print):
     """Attacks `num_images` images under each threat; returns the JSON-ready results (and writes
-    grid.png, metrics.json, table.txt into `out_dir` if given)."""
+    grid.png, metrics.json, table.txt into `out_dir` if given). `lock_init='private'`: the locked
+    victim draws its own lock weights, so 'adaptive-key' knows only model_fn's."""
     import tensorflow as tf
     tf.get_logger().setLevel("ERROR")  # pfor's per-op fallback warnings would flood the progress
     data_set, input_shape, images, labels = load_images(dataset, model, num_images, offset, data_dir)
     victims = experiment.build_victims(model, input_shape, data_set.num_classes, init, seed, normalization,
                                        key_seed=seed + 1, threats=threats)
+    server_lock_weights = None
+    if lock_init == "private" and "locked" in victims:
+        server_lock_weights = experiment.privatize_lock(victims["locked"], seed=seed + 2)
     if train_epochs:
         train_victims(victims, data_set, input_shape, train_epochs, train_examples, seed, log)
 
@@ -89,9 +93,10 @@ def run(attack, threats, model, dataset, num_images, batch_size=1, offset=0, tar
     results = experiment.run_threats(
         attack, victims, images, labels, threats, batch_size, options, target,
         capture_dir=out_dir and os.path.join(out_dir, "captures"), update_options=update_options, seed=seed,
-        progress=progress)
+        progress=progress, server_lock_weights=server_lock_weights)
     settings = dict(attack=attack, threats=list(threats), model=model, dataset=dataset, num_images=num_images,
                     batch_size=batch_size, offset=offset, target=target, init=init, normalization=normalization,
+                    lock_init=lock_init,
                     train_epochs=train_epochs, options=options or {}, update_options=update_options or {}, seed=seed,
                     true_labels=labels.tolist(), total_seconds=time.perf_counter() - start)
     table = experiment.format_table([(f"{attack}/{t}", r["summary"], r["seconds"]) for t, r in results.items()])

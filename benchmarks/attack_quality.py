@@ -67,7 +67,11 @@ def _experiments(num_images):
     table6 = [(n, k) for n, k in full if n in ("dlg_fashion_mnist", "idlg_fashion_mnist", "ig_fashion_mnist",
                                                "grnn_fashion_mnist")]
     # The adaptive attacker that knows the lock weights (round 1: the server's initial lock) and optimises the key.
-    table6 += [(f"{n}_adaptive_key", dict(k, threats=["adaptive-key"])) for n, k in table6 if n != "dlg_fashion_mnist"]
+    single = [(n, k) for n, k in table6 if n != "dlg_fashion_mnist"]
+    table6 += [(f"{n}_adaptive_key", dict(k, threats=["adaptive-key"])) for n, k in single]
+    # The same attacker against clients that draw their lock weights privately (lock_init='private'):
+    # it knows only model_fn's lock weights.
+    table6 += [(f"{n}_private_lock", dict(k, threats=["adaptive-key"], lock_init="private")) for n, k in single]
     table6.append(("idlg_update10_fashion_mnist", dict(dict(default)["idlg_update_fashion_mnist"],
                                                       num_images=num_images)))
     return {"default": default, "full": full, "table6": table6}
@@ -99,7 +103,7 @@ def result_name(name, seed):
 
 # The settings that define an experiment's result (others, e.g. timings, vary between reruns).
 _DEFINING = ("attack", "threats", "model", "dataset", "num_images", "batch_size", "offset", "target", "init",
-             "normalization", "train_epochs", "options", "update_options", "seed")
+             "normalization", "train_epochs", "options", "update_options", "seed", "lock_init")
 
 
 def _cached_report(name, kwargs, seed):
@@ -116,7 +120,8 @@ def _cached_report(name, kwargs, seed):
     for key in ("options", "update_options"):  # study.run records None as {}
         wanted[key] = wanted[key] or {}
     settings = doc.get("settings", {})
-    if any(json.dumps(settings.get(k), sort_keys=True) != json.dumps(wanted.get(k), sort_keys=True)
+    # A setting added since a result was stored counts as its default there.
+    if any(json.dumps(settings.get(k, defaults.get(k)), sort_keys=True) != json.dumps(wanted.get(k), sort_keys=True)
            for k in _DEFINING):
         return None
     return dict(settings=settings, results=doc["results"])
@@ -212,15 +217,17 @@ def _payload(reports):
 TABLE6_METRICS = ("psnr", "ssim", "aligned_psnr", "label_accuracy", "paper_rmse", "paper_psnr")
 
 
-TABLE6_THREATS = ("none", "oracle", "fixed-key", "adaptive", "adaptive-key")
+TABLE6_THREATS = ("none", "oracle", "fixed-key", "adaptive", "adaptive-key", "adaptive-key (private lock)")
 
 
 def _compact_rows(results):
-    """One row per attack (its `_adaptive_key` experiment merged in), one cell per threat: aligned
-    PSNR mean ± std (standard PSNR for 'none') and the mean SSIM, with the seeds each cell pools."""
+    """One row per attack (its `_adaptive_key` and `_private_lock` experiments merged in), one cell per
+    threat: aligned PSNR mean ± std (standard PSNR for 'none'), the mean SSIM, the seeds it pools."""
     merged = {}
     for name, by_threat in results.items():
-        merged.setdefault(name.removesuffix("_adaptive_key"), {}).update(by_threat)
+        if name.endswith("_private_lock"):
+            by_threat = {f"{t} (private lock)": r for t, r in by_threat.items()}
+        merged.setdefault(name.removesuffix("_adaptive_key").removesuffix("_private_lock"), {}).update(by_threat)
     rows = []
     for name, by_threat in merged.items():
         cells = []

@@ -63,6 +63,21 @@ def test_server_view_holds_nothing_private():
     assert "key\"" not in view.model_json.replace("key_dim", "")  # the config carries no key
 
 
+def test_with_a_private_lock_adaptive_key_knows_only_model_fns_lock_weights():
+    victim = _victim(True)
+    server_known = experiment.privatize_lock(victim, seed=5)
+    (model_fns,) = model_lib.extract_lock_weights(_victim(True)).values()
+    (known,) = server_known.values()
+    (own,) = model_lib.extract_lock_weights(victim).values()
+    for k, m, o in zip(known, model_fns, own):
+        np.testing.assert_array_equal(k, m)  # what the server knows: model_fn's lock weights
+        assert not np.array_equal(o, m)  # not the client's
+    assert experiment.threat_secret("adaptive-key", victim, server_known) is server_known
+    (oracle,) = experiment.threat_secret("oracle", victim, server_known).values()
+    for a, b in zip(oracle[1:], own):
+        np.testing.assert_array_equal(a, b)  # the oracle holds the client's own secret
+
+
 def test_only_the_oracle_gets_a_secret_and_others_never_read_the_victim():
     victim = _victim(True)
     view = model_lib.ServerView.from_model(victim)

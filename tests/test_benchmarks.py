@@ -266,7 +266,7 @@ def test_figures_are_drawn_from_the_results_only(tmp_path):
     assert "![accuracy_curves](results/figures/accuracy_curves.png)" in lines
 
 
-def test_table6_payload_pools_seeds_and_merges_the_adaptive_key_experiment():
+def test_table6_payload_pools_seeds_and_merges_the_threat_experiments():
     from benchmarks import attack_quality
 
     def report(psnr, aligned, threats):
@@ -276,11 +276,13 @@ def test_table6_payload_pools_seeds_and_merges_the_adaptive_key_experiment():
 
     reports = {("dlg_x", 0): report([60.0, 70.0], [60.0, 70.0], ["none", "fixed-key"]),
                ("dlg_x", 1): report([80.0, 90.0], [10.0, 12.0], ["none", "fixed-key"]),
-               ("dlg_x_adaptive_key", 0): report([5.0, 5.0], [13.0, 13.0], ["adaptive-key"])}
+               ("dlg_x_adaptive_key", 0): report([5.0, 5.0], [13.0, 13.0], ["adaptive-key"]),
+               ("dlg_x_private_lock", 0): report([5.0, 5.0], [11.0, 11.0], ["adaptive-key"])}
     payload = common.validate_payload("table6", attack_quality.table6_payload(reports))
     (row,) = payload["tables"][0]["rows"]
     cells = dict(zip(payload["tables"][0]["columns"], row))
     assert cells["experiment"] == "dlg_x" and cells["none"] == "75.0 ± 11.2 (0.50) [2]"
     assert cells["fixed-key"] == "38.0 ± 27.2 (0.50) [2]"  # aligned PSNR pooled over both seeds' images
     assert cells["adaptive-key"] == "13.0 ± 0.0 (0.50) [1]" and cells["oracle"] == "–"
+    assert cells["adaptive-key (private lock)"] == "11.0 ± 0.0 (0.50) [1]"
     assert payload["results"]["dlg_x"]["none"]["psnr"]["seed_means"] == [65.0, 85.0]

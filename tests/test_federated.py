@@ -172,6 +172,28 @@ def test_attacker_replay_reproduces_a_tff_captured_update(algorithm, digits, tmp
         np.testing.assert_allclose(predicted.numpy(), captured, atol=1e-5)
 
 
+def test_private_lock_init_gives_each_client_a_lock_the_server_never_sees(digits, tmp_path):
+    config = make_config(lock_init="private")
+    program.train(str(tmp_path), config, program.RunOptions(rounds=1, capture_rounds=(1,), progress=False),
+                  dataset=digits)
+    initial = ClientStore(str(tmp_path / "clients")).load(0, KEY_DIM)
+    model_fns_lock = program.build_process(config).parts.split(config.model_fn()())[3]
+    client_lock = config.client_lock_fn()
+    for cid, state in initial.items():
+        for drawn, expected, model_fns in zip(state["lock"], client_lock(cid), model_fns_lock):
+            np.testing.assert_array_equal(drawn, expected)  # seeded_keys: reproducible per client
+            assert drawn.shape == tuple(model_fns.shape) and not np.array_equal(drawn, model_fns.numpy())
+    assert not np.array_equal(initial["0"]["lock"][0], initial["1"]["lock"][0])
+    captures = [capture_lib.load_capture(p) for p in glob.glob(str(tmp_path / "captures" / "*.npz"))]
+    captured = [a for c in captures for a in c.global_weights + c.update]
+    assert captures and captures[0].meta["lock_init"] == "private"
+    locks = [w for state in initial.values() for w in state["lock"]]
+    assert not any(a.shape == w.shape and np.allclose(a, w) for a in captured for w in locks)
+    # Values on a 2^24 grid: a few coincide with shared weights by chance, no more.
+    pool = np.concatenate([np.ravel(a) for a in captured])
+    assert np.isin(np.concatenate([np.ravel(w) for w in locks]), pool).mean() < 0.05
+
+
 def test_one_client_round_equals_central_training(digits):
     """The TFF round's client work is the central Trainer's epoch (same key, data order, optimizer)."""
     model_fn = lambda: models.build("lenet", SHAPE, 10, lock=True, seed=3, key_dim=KEY_DIM)  # noqa: E731

@@ -52,6 +52,9 @@ _NORMALIZATION = flags.DEFINE_enum("normalization", "batch", common.NORMALIZATIO
 _INIT = flags.DEFINE_enum("init", "pytorch", common.INITS, "Weight initialisation scheme.")
 _LOCK_WHERE = flags.DEFINE_enum("lock_where", "first", ("first", "all"), "FedKL: lock the first conv layer (the "
                                 "paper's) or every conv layer, all with the client's one key.")
+_LOCK_INIT = flags.DEFINE_enum("lock_init", "shared", ("shared", "private"), "FedKL: every client starts from "
+                               "model_fn's lock weights (the paper's; the server knows them in round 1), or from "
+                               "lock weights it draws from the CSPRNG.")
 _DP_CLIP = flags.DEFINE_float("dp_clip", None, "DP-FedAvg: clip each client's update to this L2 norm (TFF's "
                               "DifferentiallyPrivateFactory.gaussian_fixed; needs --client_weighting=uniform).")
 _DP_NOISE = flags.DEFINE_float("dp_noise_multiplier", 0.0, "DP-FedAvg: noise stddev on the sum, in units of "
@@ -131,8 +134,8 @@ def config_from_flags(dataset):
         lr_gamma=_LR_GAMMA.value, server_learning_rate=_SERVER_LR.value, persist_optimizer_state=_PERSIST.value,
         statistics=_STATISTICS.value, client_weighting=_WEIGHTING.value, key_dim=_KEY_DIM.value,
         normalization=_NORMALIZATION.value, init=_INIT.value, seed=_SEED.value, seeded_keys=_SEEDED_KEYS.value,
-        lock_where=_LOCK_WHERE.value, dp_clip=_DP_CLIP.value, dp_noise_multiplier=_DP_NOISE.value,
-        prune_fraction=_PRUNE.value)
+        lock_where=_LOCK_WHERE.value, lock_init=_LOCK_INIT.value, dp_clip=_DP_CLIP.value,
+        dp_noise_multiplier=_DP_NOISE.value, prune_fraction=_PRUNE.value)
 
 
 def run_options():

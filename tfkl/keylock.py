@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 from tfkl import keys as keys_lib
@@ -131,6 +132,23 @@ class KeyLock(tf.keras.layers.Layer):
         if config.get("seed") is not None:
             config["seed"] += index
         return self.lock_initializer.__class__.from_config(config)
+
+    def draw_lock_weights(self, seed=None):
+        """Fresh lock weights (scale/shift kernels and biases, numpy) from the layer's uniform lock
+        initialiser's distribution, drawn from the CSPRNG (`tfkl.keys.secret_uniform`; a seed only
+        for experiments): a client's private starting lock that no server can rebuild."""
+        initializer = self.lock_initializer or TorchLinearUniform(self.key_dim)
+        if isinstance(initializer, TorchLinearUniform):
+            low, high = -1.0 / math.sqrt(initializer.fan_in), 1.0 / math.sqrt(initializer.fan_in)
+        elif isinstance(initializer, tf.keras.initializers.RandomUniform):
+            low, high = float(initializer.minval), float(initializer.maxval)
+        else:
+            raise ValueError(f"private lock weights need a uniform lock initialiser, got {type(initializer).__name__}")
+        weights = []
+        for index, variable in enumerate(self.private_weights[1:]):
+            unit = keys_lib.secret_uniform(variable.shape, None if seed is None else list(seed) + [index])
+            weights.append((low + (high - low) * unit).astype(np.float32))
+        return weights
 
     def _resolve_groups(self, channels):
         if self.groups is None:

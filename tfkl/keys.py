@@ -15,21 +15,25 @@ class KeyFormatError(ValueError):
     """A key or key file that cannot be used (wrong shape, dtype, non-finite, corrupt)."""
 
 
-def generate_key(dim, seed=None):
-    """Draws a key uniform in [0, 1)^dim, as the paper does.
+def secret_uniform(shape, seed=None):
+    """float32 values uniform in [0, 1) of `shape`, from the operating system's CSPRNG (`os.urandom`);
+    a seed is only for reproducible experiments and must never be used for a real deployment."""
+    shape = tuple(int(d) for d in np.atleast_1d(shape))
+    size = int(np.prod(shape))
+    if seed is None:
+        bits = np.frombuffer(os.urandom(4 * size), dtype=np.uint32)
+    else:
+        bits = np.random.default_rng(seed).integers(0, 2**32, size=size, dtype=np.uint32)
+    # 24 random bits per entry give exactly representable float32 values in [0, 1).
+    return ((bits >> 8).astype(np.float32) / np.float32(2**24)).reshape(shape)
 
-    Without `seed` the bits come from the operating system's CSPRNG (`os.urandom`); a seed is only
-    for reproducible experiments and must never be used for a real deployment.
-    """
+
+def generate_key(dim, seed=None):
+    """Draws a key uniform in [0, 1)^dim, as the paper does, from the CSPRNG (see `secret_uniform`)."""
     dim = int(dim)
     if dim < 1:
         raise KeyFormatError(f"key dimension must be positive, got {dim}")
-    if seed is None:
-        bits = np.frombuffer(os.urandom(4 * dim), dtype=np.uint32)
-    else:
-        bits = np.random.default_rng(seed).integers(0, 2**32, size=dim, dtype=np.uint32)
-    # 24 random bits per entry give exactly representable float32 values in [0, 1).
-    return ((bits >> 8).astype(np.float32) / np.float32(2**24)).astype(np.float32)
+    return secret_uniform((dim,), seed)
 
 
 def validate_key(key, dim=None):

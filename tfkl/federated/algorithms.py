@@ -77,7 +77,8 @@ def _types(variables):
 class StatefulClientsProcess(tff.templates.IterativeProcess):
     """An iterative process whose clients keep private state between the rounds they take part in.
 
-    Attributes beyond IterativeProcess: `initial_client_state(key)` (numpy structure for one client),
+    Attributes beyond IterativeProcess: `initial_client_state(key, lock=None)` (numpy structure for one
+    client; `lock`: its own initial lock weights instead of the model_fn's),
     `client_state_type`, `server_state_type`, `data_type`, `model_fn`, `parts`, `options`, and
     `global_weights(server_state)` (the shared weights as numpy lists).
     """
@@ -96,8 +97,8 @@ class StatefulClientsProcess(tff.templates.IterativeProcess):
     def server_state_type(self):
         return self.state_type
 
-    def initial_client_state(self, key=None):
-        return self._initial_client_state_fn(key)
+    def initial_client_state(self, key=None, lock=None):
+        return self._initial_client_state_fn(key, lock)
 
     @staticmethod
     def global_weights(server_state):
@@ -139,16 +140,20 @@ def _build_process(model_fn, client_optimizer, server_optimizer, *, locked, clie
         statistics=_types(shared_n) if keep_stats else []))
     learning_rate_type = tff.TensorType(np.float32)
 
-    # Every client starts from the model_fn's lock weights and statistics (as in the paper), with its own key.
+    # Every client starts from the model_fn's lock weights and statistics (as in the paper), with its own
+    # key, unless it brings lock weights of its own (drawn privately: see KeyLock.draw_lock_weights).
     initial_lock = [v.numpy() for v in lock_vars]
     initial_statistics = [v.numpy() for v in shared_n]
 
-    def initial_client_state(key=None):
+    def initial_client_state(key=None, lock=None):
         if locked == (key is None):
             raise ValueError("a FedKL client needs a key" if locked else "a FedAvg client has no key")
+        if lock is not None and [np.shape(w) for w in lock] != [w.shape for w in initial_lock]:
+            raise ValueError(f"lock weights of shapes {[np.shape(w) for w in lock]} do not fit the model's "
+                             f"{[w.shape for w in initial_lock]}")
         return collections.OrderedDict(
             key=[keys.validate_key(key, key_vars[0].shape[0])] if locked else [],
-            lock=[np.copy(a) for a in initial_lock],
+            lock=[np.array(a, np.float32) for a in (initial_lock if lock is None else lock)],
             optimizer=[np.zeros(v.shape, v.dtype.as_numpy_dtype) for v in trainable_all]
             if persist_optimizer_state else [],
             statistics=[np.copy(a) for a in initial_statistics] if keep_stats else [])

@@ -28,7 +28,7 @@ import tensorflow_federated as tff
 
 from tfkl import data as data_lib
 from tfkl import keys as keys_lib
-from tfkl import models, optimizers
+from tfkl import models, optimizers, private
 from tfkl.federated import algorithms, simulation
 from tfkl.federated.client_store import ClientStateError, ClientStore
 
@@ -86,6 +86,8 @@ class Config:
     seed: int = 0
     seeded_keys: bool = False
     lock_where: str = "first"            # FedKL: the layers to lock ('first', 'all'; see tfkl.secure)
+    lock_init: str = "shared"            # FedKL: clients start from model_fn's lock weights (the paper) or
+                                         # 'private' ones each draws from the CSPRNG (the server cannot know them)
     dp_clip: float = None                # DP-FedAvg (TFF's gaussian_fixed): clip of each client's update
     dp_noise_multiplier: float = 0.0     # ... and the noise stddev on the sum, in units of dp_clip
     prune_fraction: float = None         # each client zeroes this fraction of its smallest update entries
@@ -116,6 +118,19 @@ class Config:
         """A fresh CSPRNG key; with `seeded_keys` (experiments only) derived from the seed."""
         seed = [self.seed, int(client_id), 0x6B6579] if self.seeded_keys else None
         return keys_lib.generate_key(self.key_dim, seed=seed)
+
+    def client_lock_fn(self):
+        """client id -> the client's initial lock weights: None (model_fn's, lock_init='shared') or
+        fresh CSPRNG ones (lock_init='private'; with `seeded_keys` derived from the seed)."""
+        if not self.locked or self.lock_init == "shared":
+            return lambda client_id: None
+        locks = private.lock_layers(self.model_fn()())
+
+        def client_lock(client_id):
+            seed = [self.seed, int(client_id), 0x6C6F636B] if self.seeded_keys else None
+            return [w for index, lock in enumerate(locks)
+                    for w in lock.draw_lock_weights(None if seed is None else seed + [index])]
+        return client_lock
 
 
 # Fields that change the data or the schedule but not the process's computations.
@@ -356,7 +371,7 @@ def capture_meta_fn(config, dataset_name, learning_rate, data_seeds, partition):
             num_examples=int(len(partition[int(client_id)])),
             algorithm=config.algorithm, model=config.model, input_shape=list(config.input_shape),
             num_classes=config.num_classes, lock=config.locked, key_dim=config.key_dim, where=config.lock_where,
-            activation="relu",
+            lock_init=config.lock_init, activation="relu",
             normalization=config.normalization, init=config.init, batch_size=config.batch_size,
             local_epochs=config.local_epochs, learning_rate=float(learning_rate), momentum=config.momentum,
             nesterov=config.nesterov, weight_decay=config.weight_decay,
@@ -389,7 +404,8 @@ def train(root_dir, config, options, dataset=None):
     tensorboard = tff.program.TensorBoardReleaseManager(os.path.join(root_dir, "tensorboard"))
     if restored is None:
         server_state = process.initialize()
-        client_states = {str(c): process.initial_client_state(_initial_key(config, store, c))
+        client_lock = config.client_lock_fn()
+        client_states = {str(c): process.initial_client_state(_initial_key(config, store, c), client_lock(c))
                          for c in range(config.num_clients)}
         start = 0
         store.save(0, client_states, changed=set(client_states))
