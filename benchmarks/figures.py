@@ -24,7 +24,7 @@ from benchmarks import common  # noqa: E402
 FIGURES_DIR = os.path.join(common.RESULTS_DIR, "figures")
 GRID_SOURCES = os.path.join(common.REPO_ROOT, "runs", "attack_quality")
 CURVE_LABELS = {"central": "central", "central_lock": "central + lock", "fedavg": "FedAvg", "fedkl": "FedKL (a)",
-                "fedkl_local_statistics": "FedKL, local statistics"}
+                "fedkl_local_statistics": "FedKL, local statistics", "fedkl_private_lock": "FedKL, private lock init"}
 
 
 def accuracy_curves(table1, path):
