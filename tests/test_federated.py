@@ -184,6 +184,8 @@ def test_private_lock_init_gives_each_client_a_lock_the_server_never_sees(digits
             np.testing.assert_array_equal(drawn, expected)  # seeded_keys: reproducible per client
             assert drawn.shape == tuple(model_fns.shape) and not np.array_equal(drawn, model_fns.numpy())
     assert not np.array_equal(initial["0"]["lock"][0], initial["1"]["lock"][0])
+    with pytest.raises(ValueError, match="lock_init"):
+        make_config(lock_init="secret").client_lock_fn()
     captures = [capture_lib.load_capture(p) for p in glob.glob(str(tmp_path / "captures" / "*.npz"))]
     captured = [a for c in captures for a in c.global_weights + c.update]
     assert captures and captures[0].meta["lock_init"] == "private"

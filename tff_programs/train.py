@@ -52,7 +52,7 @@ _NORMALIZATION = flags.DEFINE_enum("normalization", "batch", common.NORMALIZATIO
 _INIT = flags.DEFINE_enum("init", "pytorch", common.INITS, "Weight initialisation scheme.")
 _LOCK_WHERE = flags.DEFINE_enum("lock_where", "first", ("first", "all"), "FedKL: lock the first conv layer (the "
                                 "paper's) or every conv layer, all with the client's one key.")
-_LOCK_INIT = flags.DEFINE_enum("lock_init", "shared", ("shared", "private"), "FedKL: every client starts from "
+_LOCK_INIT = flags.DEFINE_enum("lock_init", "shared", program.LOCK_INITS, "FedKL: every client starts from "
                                "model_fn's lock weights (the paper's; the server knows them in round 1), or from "
                                "lock weights it draws from the CSPRNG.")
 _DP_CLIP = flags.DEFINE_float("dp_clip", None, "DP-FedAvg: clip each client's update to this L2 norm (TFF's "

@@ -122,6 +122,8 @@ class Config:
     def client_lock_fn(self):
         """client id -> the client's initial lock weights: None (model_fn's, lock_init='shared') or
         fresh CSPRNG ones (lock_init='private'; with `seeded_keys` derived from the seed)."""
+        if self.lock_init not in LOCK_INITS:
+            raise ValueError(f"lock_init must be one of {LOCK_INITS}, got {self.lock_init!r}")
         if not self.locked or self.lock_init == "shared":
             return lambda client_id: None
         locks = private.lock_layers(self.model_fn()())
@@ -131,6 +133,9 @@ class Config:
             return [w for index, lock in enumerate(locks)
                     for w in lock.draw_lock_weights(None if seed is None else seed + [index])]
         return client_lock
+
+
+LOCK_INITS = ("shared", "private")
 
 
 # Fields that change the data or the schedule but not the process's computations.
