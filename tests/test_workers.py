@@ -2,6 +2,7 @@
 127.0.0.1 matching TFF's local context, with private client state kept per client."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -68,6 +69,30 @@ def test_unreachable_worker_is_named_within_the_timeout():
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
     with pytest.raises(contexts.WorkerUnavailableError, match=f"TFF worker {address} did not accept"):
         contexts.install_context(workers=[address], worker_timeout=0.5)
+
+
+def test_local_worker_stops_when_the_run_was_started_with_sigint_ignored():
+    """A shell starting a run in the background makes it ignore SIGINT, which TFF sends its local
+    worker before waiting for it: the run must still stop the worker instead of waiting forever."""
+    script = ("import gc\n"
+              "import tensorflow as tf\n"
+              "import tensorflow_federated as tff\n"
+              "from tff_programs import contexts\n"
+              "contexts.install_context()\n"
+              "print(tff.tensorflow.computation(lambda: tf.constant(1))())\n"
+              "contexts.install_context()  # drops the first context and its worker\n"
+              "gc.collect()\n"
+              "print('stopped')\n")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        stdout, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        run = psutil.Process(process.pid)
+        contexts.stop_processes(run.children(recursive=True) + [run])
+        pytest.fail("the run hung waiting for TFF's local worker")
+    assert process.returncode == 0 and stdout.split() == ["1", "stopped"]
 
 
 def test_worker_refuses_a_taken_port_in_one_line(tmp_path):

@@ -8,6 +8,8 @@ process by PID and closes the connections to remote workers.
 """
 
 import asyncio
+import signal
+import threading
 
 from absl import flags
 import psutil
@@ -76,6 +78,7 @@ def install_context(max_concurrent_computation_calls=-1, workers=None, worker_ti
     if from_flags:
         workers, worker_timeout = _flag_value(_WORKERS), _flag_value(_WORKER_TIMEOUT)
     if not workers:
+        _let_sigint_stop_local_workers()
         context = tff.backends.native.create_sync_local_cpp_execution_context(
             max_concurrent_computation_calls=max_concurrent_computation_calls)
     else:
@@ -87,6 +90,14 @@ def install_context(max_concurrent_computation_calls=-1, workers=None, worker_ti
             raise
     tff.framework.set_default_context(context)
     return context
+
+
+def _let_sigint_stop_local_workers():
+    """TFF stops its local worker with SIGINT and then waits for it. A process that a non-interactive
+    shell started in the background ignores SIGINT, and the worker would inherit that: the wait never
+    ends. Children get the default for a signal that has a Python handler, so install Python's own."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _flag_value(flag_holder):
