@@ -267,7 +267,7 @@ def table6_payload(reports):
                              "all images of all seeds, (mean SSIM), [seeds]",
                     "columns": ["experiment"] + list(TABLE6_THREATS), "rows": _compact_rows(results)},
                    {"title": "Table 6 analogue: attack x threat, mean ± std over all images of all seeds (batch 1 "
-                             "single gradients; *update*: captured multi-example FedAvg updates)",
+                             "single gradients; *update*: multi-step FedAvg client updates in the capture format)",
                     "columns": ["experiment", "threat", "seeds", "images", "PSNR (dB)", "SSIM", "aligned PSNR (dB)",
                                 "aligned PSNR std of seed means", "label acc (%)", "paper RMSE (0-255)",
                                 "paper PSNR (dB)"], "rows": rows}],
