@@ -29,7 +29,7 @@ SETTINGS = {
     "lenet_digits": dict(model="lenet", dataset="digits", epochs=50, seeds=(0, 1, 2)),
     "resnet20_digits": dict(model="resnet20", dataset="digits", epochs=20, seeds=(0,),
                             variants=("fedkl_local_statistics",)),
-    "lenet_fashion_mnist": dict(model="lenet", dataset="fashion_mnist", epochs=10, seeds=(0,),
+    "lenet_fashion_mnist": dict(model="lenet", dataset="fashion_mnist", epochs=10, seeds=(0, 1, 2),
                                 variants=("fedkl_private_lock",)),
 }
 QUICK = {"lenet_digits": dict(model="lenet", dataset="digits", epochs=2, seeds=(0,))}
