@@ -46,9 +46,9 @@ def privatize_lock(victim, seed):
     """Replaces the victim's lock weights by privately drawn ones (a client with lock_init='private');
     returns the ones it had, model_fn's, which are all a server knows of them."""
     server_known = model_lib.extract_lock_weights(victim)
-    for index, lock in enumerate(private.lock_layers(victim)):
-        for variable, value in zip(lock.private_weights[1:], lock.draw_lock_weights(seed=[seed, index])):
-            variable.assign(value)
+    lock_variables = [v for lock in private.lock_layers(victim) for v in lock.private_weights[1:]]
+    for variable, value in zip(lock_variables, private.draw_lock_weights(victim, seed=[seed])):
+        variable.assign(value)
     return server_known
 
 

@@ -15,6 +15,13 @@ def lock_layers(model):
     return [layer for layer in model.submodules if isinstance(layer, KeyLock)]
 
 
+def draw_lock_weights(model, seed=None):
+    """Fresh private lock weights for every lock of `model` (`KeyLock.draw_lock_weights`), flat in
+    `lock_layers` order, each lock's (scale kernel, scale bias, shift kernel, shift bias)."""
+    return [w for index, lock in enumerate(lock_layers(model))
+            for w in lock.draw_lock_weights(None if seed is None else list(seed) + [index])]
+
+
 def _require_locks(model):
     locks = lock_layers(model)
     if not locks:

@@ -126,13 +126,9 @@ class Config:
             raise ValueError(f"lock_init must be one of {LOCK_INITS}, got {self.lock_init!r}")
         if not self.locked or self.lock_init == "shared":
             return lambda client_id: None
-        locks = private.lock_layers(self.model_fn()())
-
-        def client_lock(client_id):
-            seed = [self.seed, int(client_id), 0x6C6F636B] if self.seeded_keys else None
-            return [w for index, lock in enumerate(locks)
-                    for w in lock.draw_lock_weights(None if seed is None else seed + [index])]
-        return client_lock
+        model = self.model_fn()()
+        return lambda client_id: private.draw_lock_weights(
+            model, [self.seed, int(client_id), 0x6C6F636B] if self.seeded_keys else None)
 
 
 LOCK_INITS = ("shared", "private")
@@ -140,7 +136,8 @@ LOCK_INITS = ("shared", "private")
 
 # Fields that change the data or the schedule but not the process's computations.
 _DRIVER_FIELDS = dict(dataset="", data_dir=None, num_clients=1, clients_per_round=1, local_epochs=1, batch_size=1,
-                      split="iid", alpha=1.0, learning_rate=1.0, lr_milestones=(), lr_gamma=1.0, seeded_keys=False)
+                      split="iid", alpha=1.0, learning_rate=1.0, lr_milestones=(), lr_gamma=1.0, seeded_keys=False,
+                      lock_init="shared")
 
 
 def build_process(config, return_client_updates=False):
