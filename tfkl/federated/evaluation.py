@@ -35,6 +35,9 @@ ENTRIES = {
 }
 
 
+STATISTICS_BATCHES = 100  # at momentum 0.9 the old statistics keep a weight of 0.9**100 ~ 3e-5
+
+
 class _Evaluator:
     def __init__(self, config, process, server_state):
         self.config = config
@@ -46,6 +49,7 @@ class _Evaluator:
         self.statistics_vars = shared_n
         self.global_statistics = [np.asarray(v) for v in server_state["non_trainable"]]
         self.set_statistics(self.global_statistics)
+        self._forward_training = tf.function(lambda x: self.model(x, training=True))
 
     def set_statistics(self, values):
         for variable, value in zip(self.statistics_vars, values):
@@ -58,21 +62,25 @@ class _Evaluator:
     def use_client(self, state):
         self.set_statistics(state["statistics"] or self.global_statistics)
 
+    def use_own_secret(self, state):
+        """The client's statistics (if it keeps them), key and lock."""
+        self.use_client(state)
+        self.set_secret(state["key"][0], state["lock"])
+
+    def reestimate_statistics(self, images, labels, input_shape, seed, batch_size=64):
+        """Moves the moving statistics to `images` by train-mode forward passes (no weight changes),
+        cycling the examples for STATISTICS_BATCHES batches."""
+        for x, _ in _cycled_batches(images, labels, input_shape, batch_size, seed).take(STATISTICS_BATCHES):
+            self._forward_training(x)
+
     def accuracy(self, dataset):
         return float(accuracy(self.model, dataset))
 
 
-STATISTICS_BATCHES = 100  # at momentum 0.9 the old statistics keep a weight of 0.9**100 ~ 3e-5
-
-
-def _reestimate_statistics(model, images, labels, input_shape, seed, batch_size=64):
-    """Moves the model's moving statistics to `images` by train-mode forward passes (no weight
-    changes), cycling the examples for STATISTICS_BATCHES batches."""
-    dataset = data_lib.make_dataset(images, labels, input_shape, min(batch_size, len(labels)), shuffle_seed=seed,
-                                    repeat=None)
-    forward = tf.function(lambda x: model(x, training=True))
-    for x, _ in dataset.take(STATISTICS_BATCHES):
-        forward(x)
+def _cycled_batches(images, labels, input_shape, batch_size, seed):
+    """Shuffled batches of a small labelled set, repeated without end."""
+    return data_lib.make_dataset(images, labels, input_shape, min(batch_size, len(labels)), shuffle_seed=seed,
+                                 repeat=None)
 
 
 RECOVERY_STATISTICS = ("server", "public")
@@ -86,8 +94,6 @@ def _recover_lock(evaluator, images, labels, input_shape, steps, seed, statistic
     model = evaluator.model
     optimizer = tf.keras.optimizers.Adam(learning_rate)
     loss_fn = classification_loss()
-    dataset = data_lib.make_dataset(images, labels, input_shape, min(batch_size, len(labels)), shuffle_seed=seed,
-                                    repeat=None)
     training = statistics == "public"
 
     @tf.function
@@ -98,7 +104,7 @@ def _recover_lock(evaluator, images, labels, input_shape, steps, seed, statistic
         optimizer.apply_gradients(zip(gradients, evaluator.lock_vars))
         return loss
 
-    for x, y in dataset.take(steps):
+    for x, y in _cycled_batches(images, labels, input_shape, batch_size, seed).take(steps):
         step(x, y)
 
 
@@ -131,8 +137,7 @@ def _own_secret_accuracy(evaluator, client_states, client_ids, eval_ds):
     """{client: accuracy with the global weights and its own key and lock} (entry (a))."""
     result = {}
     for cid in client_ids:
-        evaluator.use_client(client_states[cid])
-        evaluator.set_secret(client_states[cid]["key"][0], client_states[cid]["lock"])
+        evaluator.use_own_secret(client_states[cid])
         result[cid] = evaluator.accuracy(eval_ds)
     return result
 
@@ -187,10 +192,9 @@ def evaluate(root_dir, round_num=None, public_sizes=(100, 1000), max_clients=10,
     rows["f_own_secret_own_statistics"] = {}
     partition = program.client_partition(config, dataset)
     for cid in client_ids:
-        evaluator.use_client(client_states[cid])
-        evaluator.set_secret(client_states[cid]["key"][0], client_states[cid]["lock"])
+        evaluator.use_own_secret(client_states[cid])
         own = partition[int(cid)]
-        _reestimate_statistics(evaluator.model, dataset.x_train[own], dataset.y_train[own], shape, seed)
+        evaluator.reestimate_statistics(dataset.x_train[own], dataset.y_train[own], shape, seed)
         rows["f_own_secret_own_statistics"][cid] = evaluator.accuracy(eval_ds)
     for name, values in rows.items():
         result[name] = dict(mean=float(np.mean(list(values.values()))), per_client=values)
