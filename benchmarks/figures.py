@@ -6,7 +6,8 @@
 - privacy_utility.png: accuracy against the strongest attack's SSIM and aligned PSNR per defence
   (privacy_utility.json);
 - grid_<experiment>.png: reconstruction grids (truth, then one row per threat) of the attack
-  experiments whose runs are on this machine (runs/attack_quality/<experiment>/grid.png), seed 0.
+  experiments whose runs are on this machine (runs/attack_quality/<experiment>/grid.png), seed 0 and
+  the seeds in SEED_GRIDS.
 A figure whose results are missing is skipped with a note; nothing is drawn from typed-in numbers.
 """
 

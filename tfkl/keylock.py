@@ -23,8 +23,12 @@ class TorchLinearUniform(tf.keras.initializers.Initializer):
         self.fan_in = int(fan_in)
         self.seed = seed
 
+    @property
+    def bound(self):
+        return 1.0 / math.sqrt(self.fan_in)
+
     def __call__(self, shape, dtype=None, **kwargs):
-        bound = 1.0 / math.sqrt(self.fan_in)
+        bound = self.bound
         return tf.keras.initializers.RandomUniform(-bound, bound, seed=self.seed)(
             shape, dtype=dtype or tf.float32
         )
@@ -139,7 +143,7 @@ class KeyLock(tf.keras.layers.Layer):
         for experiments): a client's private starting lock that no server can rebuild."""
         initializer = self.lock_initializer or TorchLinearUniform(self.key_dim)
         if isinstance(initializer, TorchLinearUniform):
-            low, high = -1.0 / math.sqrt(initializer.fan_in), 1.0 / math.sqrt(initializer.fan_in)
+            low, high = -initializer.bound, initializer.bound
         elif isinstance(initializer, tf.keras.initializers.RandomUniform):
             low, high = float(initializer.minval), float(initializer.maxval)
         else:
