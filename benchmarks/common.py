@@ -25,6 +25,8 @@ import time
 
 from absl import flags
 
+from tfkl.files import atomic_write
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 PAYLOAD_KEYS = ("settings", "results", "tables", "headline", "notes")
@@ -135,11 +137,9 @@ def envelope(name, payload, quick, command=None, duration_s=None):
 
 def write_json(path, doc):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, binary=False) as f:
         json.dump(doc, f, indent=2, sort_keys=False, default=_json_default)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def _json_default(value):

@@ -17,6 +17,8 @@ import os
 
 import numpy as np
 
+from tfkl.files import atomic_write
+
 FORMAT = "tfkl-capture/1"
 REQUIRED_META = ("round", "client_id", "model", "input_shape", "num_classes", "lock", "num_examples",
                  "num_steps", "batch_size", "local_epochs", "learning_rate", "variable_names", "trainable")
@@ -44,9 +46,8 @@ def save_capture(path, meta, global_weights, update):
     arrays.update({f"global/{i:05d}": np.asarray(w) for i, w in enumerate(global_weights)})
     arrays.update({f"update/{i:05d}": np.asarray(u) for i, u in enumerate(update)})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 def load_capture(path):

@@ -6,6 +6,8 @@ import struct
 
 import numpy as np
 
+from tfkl.files import atomic_write
+
 _MAGIC = b"TFKLKEY1"
 _HEADER = struct.Struct("<8sI")
 _DIGEST_SIZE = hashlib.sha256().digest_size
@@ -56,19 +58,8 @@ def save_key(path, key):
     key = validate_key(key)
     payload = _HEADER.pack(_MAGIC, key.shape[0]) + key.astype("<f4").tobytes()
     data = payload + hashlib.sha256(payload).digest()
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
+    with atomic_write(path, mode=0o600) as f:
+        f.write(data)
 
 
 def load_key(path, dim=None):

@@ -17,6 +17,7 @@ import re
 import numpy as np
 
 from tfkl import keys as keys_lib
+from tfkl.files import atomic_write
 
 _FIELDS = ("lock", "optimizer", "statistics")
 _MANIFEST = re.compile(r"^manifest_(\d{5})\.json$")
@@ -32,13 +33,8 @@ def _sha256(path):
 
 
 def _write_private(path, write):
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    with atomic_write(path, mode=0o600) as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ClientStore:

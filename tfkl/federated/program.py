@@ -31,6 +31,7 @@ from tfkl import keys as keys_lib
 from tfkl import models, optimizers, private
 from tfkl.federated import algorithms, simulation
 from tfkl.federated.client_store import ClientStateError, ClientStore
+from tfkl.files import atomic_write
 
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
@@ -197,10 +198,8 @@ def check_config(root_dir, config):
     if os.path.isdir(root_dir) and os.listdir(root_dir):
         raise ProgramError(f"{root_dir} is not empty and holds no {CONFIG_FILE}; use a new --root_dir")
     os.makedirs(root_dir, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, binary=False) as f:
         json.dump(wanted, f, indent=1)
-    os.replace(tmp, path)
 
 
 def load_config(root_dir):
