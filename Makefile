@@ -40,10 +40,11 @@ $(TORCH_STAMP):
 
 torch-venv: $(TORCH_STAMP)
 
-# All benchmarks -> benchmarks/results/*.json + README.md; BENCH_FLAGS="--quick" or "--only=a,b".
+# All benchmarks -> results/*.json + results/README.md; BENCH_FLAGS="--quick" or "--only=a,b".
 bench: venv data torch-venv
 	$(PY) -m benchmarks.run $(BENCH_FLAGS)
 
+# Generated documents, redrawn from results/*.json: docs/figures/*.png, then docs/REPORT.md.
 report: venv
 	$(PY) -m benchmarks.figures
 	$(PY) -m benchmarks.report
@@ -84,7 +85,7 @@ stop-workers:
 	  rm -f $$pidfile; \
 	done
 
-# Round time on the local context vs 1 and 2 workers -> benchmarks/results/workers.json.
+# Round time on the local context vs 1 and 2 workers -> results/workers.json.
 bench-workers: venv data
 	$(PY) -m benchmarks.run --only=workers $(BENCH_FLAGS)
 

@@ -7,9 +7,9 @@
 
 Victims: untrained LeNet (PyTorch init, seed 0) without the lock ('none') and the identical
 backbone with the lock (other threats), batch 1 single-step gradients unless stated. Each
-experiment writes benchmarks/results/attacks_<name>.json (per image metrics, mean/std/median
+experiment writes results/attacks_<name>.json (per image metrics, mean/std/median
 summaries, time, iterations/s) and its PNG grid under runs/attack_quality/<name>/; the whole run
-also writes benchmarks/results/attack_quality.json (tables + headline) in the benchmarks' format.
+also writes results/attack_quality.json (tables + headline) in the benchmarks' format.
 """
 
 import inspect

@@ -9,9 +9,12 @@ A benchmark is a module `benchmarks/<name>.py` with either
     headline  list of {"metric", "value", "unit", "target", "met"} (target/met optional)
     notes     list of strings (caveats, what limits a figure)
   and the runner (`python -m benchmarks.run`) wraps it in an *envelope* (machine, command, git
-  commit, date, duration) and writes benchmarks/results/<name>.json; or
-* `main()` run as `python -m benchmarks.<name> [--quick]`: it writes benchmarks/results/<name>.json
+  commit, date, duration) and writes results/<name>.json; or
+* `main()` run as `python -m benchmarks.<name> [--quick]`: it writes results/<name>.json
   itself, ideally with `write_result(name, payload, quick)` from here so it gets the same envelope.
+
+The measured data (results/*.json) is kept apart from what is generated from it: docs/REPORT.md and
+its figures (docs/figures/*.png), which `make report` redraws at any time.
 """
 
 import datetime
@@ -23,18 +26,16 @@ import subprocess
 import sys
 import time
 
-from absl import flags
-
 from tfkl.files import atomic_write
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
+RESULTS_DIR = os.path.join(REPO_ROOT, "results")
+REPORT_PATH = os.path.join(REPO_ROOT, "docs", "REPORT.md")
+FIGURES_DIR = os.path.join(os.path.dirname(REPORT_PATH), "figures")  # where the report looks for them
 PAYLOAD_KEYS = ("settings", "results", "tables", "headline", "notes")
 # Every benchmark `make bench` runs, in order; a module not (yet) in the tree is skipped with a note.
 BENCHMARKS = ("keylock_overhead", "torch_compare", "torch_dlg_reference", "dlg_speed", "federated_round", "scale",
               "attack_quality", "privacy_utility", "workers")
-# Defined here, once, for both binaries that read the results (benchmarks.run and benchmarks.report).
-RESULTS_DIR_FLAG = flags.DEFINE_string("results_dir", RESULTS_DIR, "Where the result JSONs are.")
 SHARED_MACHINE_NOTE = ("Measured on a shared machine (other jobs were running on the same cores): "
                        "only ratios measured within one run, interleaved, are meaningful.")
 
@@ -151,7 +152,7 @@ def _json_default(value):
 
 
 def write_result(name, payload, quick, results_dir=None, command=None, duration_s=None):
-    """Writes benchmarks/results/<name>.json (envelope + payload); returns its path."""
+    """Writes results/<name>.json (envelope + payload); returns its path."""
     path = result_path(name, results_dir)
     write_json(path, envelope(name, payload, quick, command, duration_s))
     return path

@@ -1,6 +1,6 @@
-"""The report's figures, drawn from benchmarks/results/*.json (`make report` runs it first).
+"""The report's figures, drawn from results/*.json (`make report` runs it first).
 
-  python -m benchmarks.figures     # -> benchmarks/results/figures/*.png
+  python -m benchmarks.figures [--results_dir=results]     # -> docs/figures/*.png, next to docs/REPORT.md
 
 - accuracy_curves.png: test accuracy per epoch (central) and per round (FedAvg, FedKL) of table1.json;
 - privacy_utility.png: accuracy against the strongest attack's SSIM and aligned PSNR per defence
@@ -15,6 +15,7 @@ import os
 import shutil
 
 from absl import app
+from absl import flags
 import matplotlib
 
 matplotlib.use("Agg")
@@ -22,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
-FIGURES_DIR = os.path.join(common.RESULTS_DIR, "figures")
+_RESULTS_DIR = flags.DEFINE_string("results_dir", common.RESULTS_DIR, "Where the result JSONs are.",
+                                   allow_override=True)  # as in benchmarks.run and benchmarks.report
 GRID_SOURCES = os.path.join(common.REPO_ROOT, "runs", "attack_quality")
 CURVE_LABELS = {"central": "central", "central_lock": "central + lock", "fedavg": "FedAvg", "fedkl": "FedKL (a)",
                 "fedkl_local_statistics": "FedKL, local statistics", "fedkl_private_lock": "FedKL, private lock init"}
@@ -75,7 +77,7 @@ def privacy_utility(doc, path):
 SEED_GRIDS = ("grnn_fashion_mnist_adaptive_key_seed2",)
 
 
-def draw_all(results_dir=None, figures_dir=FIGURES_DIR, grid_sources=GRID_SOURCES, log=print):
+def draw_all(results_dir=None, figures_dir=common.FIGURES_DIR, grid_sources=GRID_SOURCES, log=print):
     """Draws every figure whose results exist; returns the paths written."""
     docs = common.load_results(results_dir)
     os.makedirs(figures_dir, exist_ok=True)
@@ -102,7 +104,7 @@ def draw_all(results_dir=None, figures_dir=FIGURES_DIR, grid_sources=GRID_SOURCE
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    for path in draw_all(common.RESULTS_DIR_FLAG.value):
+    for path in draw_all(_RESULTS_DIR.value):
         print(f"wrote {os.path.relpath(path, common.REPO_ROOT)}")
 
 

@@ -1,4 +1,4 @@
-"""Runs the benchmarks, writes benchmarks/results/<name>.json each, regenerates the summary table.
+"""Runs the benchmarks, writes results/<name>.json each, regenerates the summary table.
 
   python -m benchmarks.run                       # everything present (what `make bench` runs)
   python -m benchmarks.run --only=keylock_overhead,torch_compare --quick   # -> runs/bench_quick/
@@ -21,6 +21,9 @@ from benchmarks import common
 from benchmarks import tables
 
 QUICK_RESULTS_DIR = os.path.join(common.REPO_ROOT, "runs", "bench_quick")
+# benchmarks.figures and benchmarks.report define the same flag; allow_override lets one process import all three.
+_RESULTS_DIR = flags.DEFINE_string("results_dir", common.RESULTS_DIR, "Where the result JSONs and their summary go.",
+                                   allow_override=True)
 _ONLY = flags.DEFINE_list("only", [], "Benchmarks to run (default: all of benchmarks.common.BENCHMARKS).")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke-size settings: checks that everything runs, figures are rough.")
 _ISOLATE = flags.DEFINE_bool("isolate", True, "Run each benchmark in its own subprocess (--noisolate: in this one).")
@@ -98,8 +101,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     names = _ONLY.value or list(common.BENCHMARKS)
-    results_dir = common.RESULTS_DIR_FLAG.value
-    if _QUICK.value and not common.RESULTS_DIR_FLAG.present:
+    results_dir = _RESULTS_DIR.value
+    if _QUICK.value and not _RESULTS_DIR.present:
         results_dir = QUICK_RESULTS_DIR  # smoke figures never overwrite the committed ones
     statuses = []
     for name in names:

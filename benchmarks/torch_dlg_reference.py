@@ -57,7 +57,7 @@ def compare_with_reference(reference, ours):
     """Our attack's per-image results against this reference (both for the same images, in order).
 
     Args:
-      reference: the `results` dict of benchmarks/results/torch_dlg_reference.json.
+      reference: the `results` dict of results/torch_dlg_reference.json.
       ours: a list with one dict per image: {"index", "seconds_to_target", "evaluations_to_target",
         "final_psnr"} (None for a target never reached); same target PSNR as the reference.
     Returns:

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Centralised baselines of the foundation issue; each run writes benchmarks/results/central_*.json.
+# Centralised baselines of the foundation issue; each run writes results/central_*.json.
 #   LeNet on Fashion-MNIST with and without the lock (same epochs and seed; the locked run also
 #   reports the accuracy under random keys), the same on digits, and a short ResNet-20 run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 EPOCHS=${EPOCHS:-5}
-out=benchmarks/results
+out=results
 mkdir -p "$out"
 export PYTHONPATH=$PWD TF_CPP_MIN_LOG_LEVEL=3
 for lock in true false; do
