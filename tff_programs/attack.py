@@ -22,6 +22,7 @@ import tensorflow as tf  # imported before flag parsing, as Keras layers misbeha
 
 from attacks import study
 from tff_programs import common
+from tfkl import data, keylock, models
 
 THREATS = study.THREATS
 ATTACKS = study.ATTACK_NAMES
@@ -29,8 +30,8 @@ ATTACKS = study.ATTACK_NAMES
 _ATTACK = flags.DEFINE_enum("attack", "idlg", ATTACKS, "Attack.")
 _THREAT = flags.DEFINE_list("threat", ["none", "oracle", "fixed-key", "adaptive"],
                             f"Threat models, comma-separated, from {THREATS}.")
-_MODEL = flags.DEFINE_enum("model", "lenet", common.MODELS, "Victim model.")
-_DATASET = flags.DEFINE_enum("dataset", "fashion_mnist", common.DATASETS, "Data set of the victim images.")
+_MODEL = flags.DEFINE_enum("model", "lenet", models.NAMES, "Victim model.")
+_DATASET = flags.DEFINE_enum("dataset", "fashion_mnist", data.DATASETS, "Data set of the victim images.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set's files are.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 4, "Images to attack (training images from --offset).", lower_bound=1)
 _OFFSET = flags.DEFINE_integer("offset", 0, "Index of the first attacked training image.", lower_bound=0)
@@ -44,8 +45,8 @@ _CLIENT_LR = flags.DEFINE_float("client_learning_rate", 0.01, "Client SGD learni
 _CAPTURE = flags.DEFINE_string("capture", None, "Attack this capture file (tfkl.capture format) instead.")
 _SCORE = flags.DEFINE_bool("score", True, "With --capture: score against the client's data named in the "
                            "capture's ground_truth meta (for evaluation only; the attack never reads it).")
-_INIT = flags.DEFINE_enum("init", "pytorch", common.INITS, "Victim weight initialisation.")
-_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", common.NORMALIZATIONS, "Victim lock normalisation.")
+_INIT = flags.DEFINE_enum("init", "pytorch", models.INITS, "Victim weight initialisation.")
+_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", keylock.NORMALIZATIONS, "Victim lock normalisation.")
 _TRAIN_EPOCHS = flags.DEFINE_integer("train_epochs", 0, "Train each victim centrally for this many epochs first.",
                                      lower_bound=0)
 _TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", 5000, "Training images for --train_epochs.", lower_bound=1)

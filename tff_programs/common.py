@@ -1,13 +1,9 @@
-"""Flag choices and helpers shared by the tfkl binaries (kept free of heavy imports)."""
+"""Helpers shared by the tfkl binaries (their flag choices come from tfkl.models, tfkl.data and
+tfkl.keylock, which define them)."""
 
 import sys
 
 from absl import app
-
-MODELS = ("lenet", "resnet20", "resnet32", "resnet18", "resnet34", "vgg16")
-DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100")
-INITS = ("pytorch", "dlg", "keras")
-NORMALIZATIONS = ("batch", "group", "layer", "none")
 
 
 def check_no_positional_args(argv):
@@ -27,11 +23,3 @@ def load_dataset(name, data_dir=None):
         return data.load(name, data_dir)
     except (data.DataUnavailableError, OSError, ValueError) as e:
         fail(str(e))
-
-
-def input_shape(model_name, dataset):
-    """The model's input: 32x32 for LeNet/ResNet-20/32 (the paper's), 224 for the larger models;
-    channels follow the data (grey stays grey)."""
-    channels = dataset.x_train.shape[-1]
-    size = 32 if model_name in ("lenet", "resnet20", "resnet32") else 224
-    return (size, size, channels)

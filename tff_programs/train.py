@@ -14,6 +14,7 @@ from absl import logging
 
 from tff_programs import common
 from tff_programs import contexts
+from tfkl import data, keylock, models
 from tfkl.federated import program
 
 ALGORITHMS = ("fedkl", "fedavg")
@@ -21,8 +22,8 @@ SPLITS = ("iid", "dirichlet", "shards")
 
 _ROOT_DIR = flags.DEFINE_string("root_dir", None, "Directory of the run (state, metrics, captures).")
 _ALGORITHM = flags.DEFINE_enum("algorithm", "fedkl", ALGORITHMS, "FedKL or the FedAvg baseline (no lock).")
-_MODEL = flags.DEFINE_enum("model", "lenet", common.MODELS, "Zoo model.")
-_DATASET = flags.DEFINE_enum("dataset", "digits", common.DATASETS, "Data set.")
+_MODEL = flags.DEFINE_enum("model", "lenet", models.NAMES, "Zoo model.")
+_DATASET = flags.DEFINE_enum("dataset", "digits", data.DATASETS, "Data set.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set's files are.")
 _NUM_CLIENTS = flags.DEFINE_integer("num_clients", 3, "Number of clients.", lower_bound=1)
 _CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", None, "Clients sampled per round "
@@ -48,8 +49,8 @@ _STATISTICS = flags.DEFINE_enum("statistics", "average", ("average", "local"),
 _WEIGHTING = flags.DEFINE_enum("client_weighting", "num_examples", ("num_examples", "uniform"),
                                "Weight of each client's update in the mean.")
 _KEY_DIM = flags.DEFINE_integer("key_dim", 1024, "Key length (FedKL).", lower_bound=1)
-_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", common.NORMALIZATIONS, "Lock normalisation.")
-_INIT = flags.DEFINE_enum("init", "pytorch", common.INITS, "Weight initialisation scheme.")
+_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", keylock.NORMALIZATIONS, "Lock normalisation.")
+_INIT = flags.DEFINE_enum("init", "pytorch", models.INITS, "Weight initialisation scheme.")
 _LOCK_WHERE = flags.DEFINE_enum("lock_where", "first", ("first", "all"), "FedKL: lock the first conv layer (the "
                                 "paper's) or every conv layer, all with the client's one key.")
 _LOCK_INIT = flags.DEFINE_enum("lock_init", "shared", program.LOCK_INITS, "FedKL: every client starts from "
@@ -126,7 +127,7 @@ def config_from_flags(dataset):
     """The run's Config from the flags (and the data set's shape)."""
     return program.Config(
         algorithm=_ALGORITHM.value, model=_MODEL.value, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
-        input_shape=common.input_shape(_MODEL.value, dataset), num_classes=dataset.num_classes,
+        input_shape=models.input_shape(_MODEL.value, dataset), num_classes=dataset.num_classes,
         num_clients=_NUM_CLIENTS.value, clients_per_round=_CLIENTS_PER_ROUND.value or _NUM_CLIENTS.value,
         local_epochs=_LOCAL_EPOCHS.value, batch_size=_BATCH_SIZE.value, split=_SPLIT.value, alpha=_ALPHA.value,
         learning_rate=_LEARNING_RATE.value, momentum=_MOMENTUM.value, nesterov=_NESTEROV.value,

@@ -14,11 +14,11 @@ import numpy as np
 import tensorflow as tf
 
 import tfkl
-from tfkl import data, models, training
+from tfkl import data, keylock, models, training
 from tff_programs import common
 
-_MODEL = flags.DEFINE_enum("model", "lenet", common.MODELS, "Zoo model.")
-_DATASET = flags.DEFINE_enum("dataset", "digits", common.DATASETS, "Data set.")
+_MODEL = flags.DEFINE_enum("model", "lenet", models.NAMES, "Zoo model.")
+_DATASET = flags.DEFINE_enum("dataset", "digits", data.DATASETS, "Data set.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set's files are.")
 _LOCK = flags.DEFINE_bool("lock", True, "Add the key-lock block after the first conv layer.")
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "Training epochs.", lower_bound=1)
@@ -26,9 +26,9 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=
 _MAX_TRAIN = flags.DEFINE_integer("max_train_examples", None, "Train on the first N examples only.",
                                   lower_bound=1)
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate.", lower_bound=0.0)
-_INIT = flags.DEFINE_enum("init", "pytorch", common.INITS, "Weight initialisation scheme.")
+_INIT = flags.DEFINE_enum("init", "pytorch", models.INITS, "Weight initialisation scheme.")
 _KEY_DIM = flags.DEFINE_integer("key_dim", 1024, "Key length.", lower_bound=1)
-_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", common.NORMALIZATIONS, "Lock normalisation.")
+_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", keylock.NORMALIZATIONS, "Lock normalisation.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, data order and (this experiment's) keys.")
 _RANDOM_KEYS = flags.DEFINE_integer("random_keys", 5, "Random keys to evaluate the trained lock with.",
                                     lower_bound=1)
@@ -45,7 +45,7 @@ def main(argv):
     common.check_no_positional_args(argv)
     tf.keras.utils.set_random_seed(_SEED.value)
     dataset = common.load_dataset(_DATASET.value, _DATA_DIR.value)
-    input_shape = common.input_shape(_MODEL.value, dataset)
+    input_shape = models.input_shape(_MODEL.value, dataset)
     model = models.build(_MODEL.value, input_shape, dataset.num_classes, lock=_LOCK.value, init=_INIT.value,
                          seed=_SEED.value, key_dim=_KEY_DIM.value, normalization=_NORMALIZATION.value,
                          key=tfkl.generate_key(_KEY_DIM.value, seed=_SEED.value) if _LOCK.value else None)

@@ -128,6 +128,14 @@ _ARCHITECTURES = {
     "vgg16": _vgg16,
 }
 NAMES = tuple(_ARCHITECTURES)
+_SMALL_INPUT_NAMES = ("lenet", "resnet20", "resnet32")  # the paper's models, on 32x32 inputs
+
+
+def input_shape(name, dataset):
+    """The input shape of zoo model `name` on a `tfkl.data` data set: 32x32 for LeNet/ResNet-20/32 (the
+    paper's), 224x224 for the larger models; the channels follow the data (grey stays grey)."""
+    size = 32 if name in _SMALL_INPUT_NAMES else 224
+    return (size, size, int(dataset.x_train.shape[-1]))
 
 
 def build(name, input_shape=(32, 32, 3), num_classes=10, lock=True, init="pytorch", seed=None,
