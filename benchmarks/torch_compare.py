@@ -22,7 +22,7 @@ from benchmarks import common
 ARCHITECTURES = ("lenet", "resnet20")
 BATCH_SIZE = 64
 TORCH_PYTHON = os.path.join(common.REPO_ROOT, ".venv-torch", "bin", "python")
-TORCH_WORKER = os.path.join(common.REPO_ROOT, "benchmarks", "torch_side", "step_worker.py")
+TORCH_WORKER = "benchmarks.torch_side.step_worker"  # run with -m from the repository root
 # (name, threads, inter-op threads); 0 = the framework's default (one thread per logical CPU).
 THREAD_CONFIGS = (("default", 0, 0), ("1 thread", 1, 1))
 TARGET_RATIO = 1.0
@@ -55,7 +55,7 @@ class Worker:
 def torch_worker(threads, interop_threads):
     if not os.path.exists(TORCH_PYTHON):
         raise FileNotFoundError(f"{TORCH_PYTHON} not found: create the PyTorch venv with `make torch-venv`")
-    return Worker([TORCH_PYTHON, TORCH_WORKER, f"--batch_size={BATCH_SIZE}", f"--threads={threads}",
+    return Worker([TORCH_PYTHON, "-m", TORCH_WORKER, f"--batch_size={BATCH_SIZE}", f"--threads={threads}",
                    f"--interop_threads={interop_threads}"])
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from benchmarks import common
 
 TORCH_PYTHON = os.path.join(common.REPO_ROOT, ".venv-torch", "bin", "python")
-SCRIPT = os.path.join(common.REPO_ROOT, "benchmarks", "torch_side", "dlg.py")
+SCRIPT = "benchmarks.torch_side.dlg"  # run with -m from the repository root
 DATASET = "fashion_mnist"
 TARGET_PSNR = 30.0
 
@@ -39,7 +39,7 @@ def run_torch_dlg(images, labels, settings, init_out=None):
         np.save(paths["images"], images.astype(np.float32))
         np.save(paths["labels"], labels.astype(np.int64))
         out = os.path.join(tmp, "dlg.json")
-        subprocess.run([TORCH_PYTHON, SCRIPT, f"--images={paths['images']}", f"--labels={paths['labels']}",
+        subprocess.run([TORCH_PYTHON, "-m", SCRIPT, f"--images={paths['images']}", f"--labels={paths['labels']}",
                         f"--out={out}", f"--steps={settings['lbfgs_steps']}", f"--target_psnr={TARGET_PSNR}",
                         f"--seed={settings['seed']}", f"--threads={settings['torch_threads']}"]
                        + ([f"--init_out={init_out}"] if init_out else []),

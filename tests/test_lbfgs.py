@@ -7,7 +7,7 @@ from attacks import lbfgs
 
 # The points torch 2.13's LBFGS(lr=1, max_iter=4, history_size=2) evaluates in 12 steps of the problem
 # below (history drops, full steps and steps ended by the tolerances, re-evaluating their last point):
-#   .venv-torch/bin/python benchmarks/torch_side/lbfgs_trajectory.py
+#   .venv-torch/bin/python -m benchmarks.torch_side.lbfgs_trajectory
 TORCH_EVALUATED = [
     [1.5, -2.0, 0.7, 3.0], [1.29568, -1.80913, 0.295413, 2.799778], [-3.335066, 0.74015, -11.718707, -7.197268],
     [-4.103141, -1.846428, -7.172417, -4.59182], [-2.455961, -1.873562, -2.672959, -0.523571],

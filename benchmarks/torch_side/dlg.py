@@ -9,22 +9,19 @@ PSNR and whether it is a success (final PSNR >= target). `--init_out` saves each
 point (model parameters, the victim's gradient and the dummy, torch layouts) so that another
 implementation can start from it and check that it sees the same gradient.
 
-  .venv-torch/bin/python benchmarks/torch_side/dlg.py --images=x.npy --labels=y.npy --out=dlg.json
+  .venv-torch/bin/python -m benchmarks.torch_side.dlg --images=x.npy --labels=y.npy --out=dlg.json
 """
 
 import argparse
 import json
 import math
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fedkl_models  # noqa: E402  (a sibling file; this script runs outside the repo's package)
+from benchmarks.torch_side import fedkl_models
 
 
 def psnr(x, y):

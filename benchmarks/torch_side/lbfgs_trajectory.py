@@ -1,7 +1,7 @@
 """The points torch.optim.LBFGS (no line search) evaluates on a tiny smooth problem: the expected
 values of tests/test_lbfgs.py, which checks `attacks.lbfgs.TorchLBFGS` against them without torch.
 
-  .venv-torch/bin/python benchmarks/torch_side/lbfgs_trajectory.py
+  .venv-torch/bin/python -m benchmarks.torch_side.lbfgs_trajectory
 """
 
 import json

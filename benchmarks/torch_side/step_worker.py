@@ -8,14 +8,12 @@ Runs in .venv-torch. Each stdin line is a JSON command, answered by one JSON lin
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fedkl_models  # noqa: E402  (a sibling file; this script runs outside the repo's package)
+from benchmarks.torch_side import fedkl_models
 
 
 class Job:
