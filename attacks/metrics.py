@@ -1,9 +1,9 @@
 """Image metrics for reconstructions: standard, affine-aligned, and the FedKL paper's variants.
 
 Images are float in [0, 1], shape [N, H, W, C]. Standard: MSE, PSNR = 10 log10(1 / MSE), SSIM
-(tf.image.ssim, 11x11 Gaussian window or the image size if smaller, max value 1). Affine-aligned: the reconstruction is first
-mapped by the least-squares a * x' + b against the truth (per image; train-mode normalisation at
-batch 1 makes the gradient blind to brightness and contrast), then clipped to [0, 1].
+(tf.image.ssim, 11x11 Gaussian window or the image size if smaller, max value 1). Affine-aligned: the
+reconstruction is first mapped by the least-squares a * x' + b against the truth (per image; train-mode
+normalisation at batch 1 makes the gradient blind to brightness and contrast), then clipped to [0, 1].
 Paper variants (FedKL's evaluation_metrics.py, on 0-255 pixels): `paper_rmse` is the RMSE they call
 "MSE"; `paper_psnr` = 10 log10(255^2 / RMSE).
 

@@ -67,10 +67,10 @@ def _without(settings, keys):
     return {k: v for k, v in settings.items() if k not in keys}
 
 
-def load_runs(results_dir):
+def load_runs(docs):
     """{file stem: {'setting', 'seed', 'settings', 'per_threat'}} of every attacks_*.json holding per-image metrics."""
     runs = {}
-    for stem, doc in common.load_results(results_dir).items():
+    for stem, doc in docs.items():
         if stem.startswith(PREFIX) and isinstance(doc, dict):
             threats = per_threat(doc)
             if threats:
@@ -98,9 +98,10 @@ def _interval(rate):
 
 def row(setting, threat, seeds, entry):
     psnr, ssim = entry["aligned_psnr"], entry["aligned_ssim"]
-    return [setting, threat, ", ".join(str(s) for s in seeds if s is not None) or "–", entry["n"], _percent(entry["ssim"]),
-            _interval(entry["ssim"]), _percent(entry["psnr"]), _interval(entry["psnr"]),
-            f"{psnr['mean']:.1f} ± {psnr['std']:.1f}", f"{ssim['mean']:.2f} ± {ssim['std']:.2f}"]
+    seeds = ", ".join(str(s) for s in seeds if s is not None) or "–"
+    return [setting, threat, seeds, entry["n"], _percent(entry["ssim"]), _interval(entry["ssim"]),
+            _percent(entry["psnr"]), _interval(entry["psnr"]), f"{psnr['mean']:.1f} ± {psnr['std']:.1f}",
+            f"{ssim['mean']:.2f} ± {ssim['std']:.2f}"]
 
 
 def group_settings(runs):
@@ -157,9 +158,30 @@ def upper_bounds(runs, pooled):
     return bounds
 
 
+def privacy_utility(doc):
+    """Per defence and server view of privacy_utility.json: each attack/threat's success, and the best of the
+    attacks and threats without the key per image (an upper bound); (results, table rows)."""
+    results, rows = {}, []
+    for defence, entry in doc.get("results", {}).get("defences", {}).items():
+        for view, privacy in entry.get("privacy", {}).items():
+            attacks = {name: a["per_image"] for name, a in privacy.get("attacks", {}).items() if "per_image" in a}
+            scored = {name: score([per_image]) for name, per_image in attacks.items()}
+            keyless = [per_image for name, per_image in attacks.items() if not name.endswith("/oracle")]
+            if len(keyless) > 1:
+                scored["upper_bound"] = score([{s: np.max([np.asarray(p[s], float) for p in keyless], axis=0)
+                                                for s in SCORES}])
+            results.setdefault(defence, {})[view] = scored
+            rows += [row(f"{'upper bound: ' if name == 'upper_bound' else ''}{defence} ({view})",
+                         "best of the attacks without the key" if name == "upper_bound" else name, [], e)
+                     for name, e in scored.items()]
+    return results, rows
+
+
 def tabulate(results_dir):
-    """The benchmark payload: success-rate tables of every attacks_*.json in `results_dir`."""
-    runs = load_runs(results_dir)
+    """The benchmark payload: success-rate tables of every attacks_*.json (and privacy_utility.json) in
+    `results_dir`."""
+    docs = common.load_results(results_dir)
+    runs = load_runs(docs)
     pooled, notes = group_settings(runs)
     by_setting, setting_rows, file_rows, headline, shared = {}, [], [], [], []
     for setting, stems in sorted(pooled.items()):
@@ -187,17 +209,20 @@ def tabulate(results_dir):
     bounds = upper_bounds(runs, pooled)
     bound_rows = [row(f"upper bound: {rest} ({', '.join(e['attacks'])})", threat, e["seeds"], e)
                   for rest, by_threat in sorted(bounds.items()) for threat, e in by_threat.items()]
+    privacy, privacy_rows = privacy_utility(docs.get("privacy_utility", {}))
     if not runs:
         notes.append(f"no attacks_*.json with per-image metrics in {results_dir}")
     return {
         "settings": {"criteria": {c: {"metric": m, "at_least": t} for c, (m, t) in metrics.CRITERIA.items()},
                      "interval": "Wilson score, 95 %", "files": len(runs)},
-        "results": {"by_setting": by_setting, "by_file": by_file, "upper_bound": bounds},
+        "results": {"by_setting": by_setting, "by_file": by_file, "upper_bound": bounds, "privacy_utility": privacy},
         "tables": [
             {"title": "Attack success by setting (seed files pooled)", "columns": COLUMNS, "rows": setting_rows},
             {"title": UPPER_BOUND + ", seeds pooled", "columns": COLUMNS, "rows": bound_rows},
             {"title": "Attack success per file", "columns": COLUMNS, "rows": file_rows},
-        ],
+        ] + ([{"title": "privacy_utility.json: attack success per defence and server view (round 1, one image "
+                        "per client update); upper bound rows: " + UPPER_BOUND, "columns": COLUMNS,
+               "rows": privacy_rows}] if privacy_rows else []),
         "headline": headline,
         "notes": NOTES + notes,
     }

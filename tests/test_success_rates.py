@@ -102,6 +102,11 @@ def results_dir(tmp_path):
             "aligned_ssim": [0.7, 0.1], "aligned_psnr": [21, 9]}}}}, f)
     with open(tmp_path / "table6.json", "w") as f:
         json.dump({"benchmark": "table6", "results": {}}, f)
+    attacks = {"ig/adaptive": [0.7, 0.1], "grnn/adaptive": [0.2, 0.65], "grnn/oracle": [0.9, 0.9]}
+    with open(tmp_path / "privacy_utility.json", "w") as f:
+        json.dump({"benchmark": "privacy_utility", "results": {"defences": {"fedkl": {"privacy": {"sent": {"attacks": {
+            name: {"per_image": {"aligned_ssim": ssim, "aligned_psnr": [15, 15]}} for name, ssim in attacks.items()}
+        }}}}}}, f)
     return str(tmp_path)
 
 
@@ -126,6 +131,11 @@ def test_tabulation_pools_seed_files_and_labels_the_upper_bound(results_dir):
     bound = payload["results"]["upper_bound"]["fm"]["adaptive"]
     assert bound["attacks"] == ["dlg", "ig"] and bound["n"] == 6 and bound["ssim"]["recovered"] == 4
     assert bound["aligned_ssim"]["mean"] == pytest.approx(np.mean([0.8, 0.2, 0.7, 0.1, 0.65, 0.9]))
+    # privacy_utility.json: per attack/threat, and the best per image of those without the key (not the oracle).
+    privacy = payload["results"]["privacy_utility"]["fedkl"]["sent"]
+    assert privacy["ig/adaptive"]["ssim"]["recovered"] == 1 and privacy["grnn/oracle"]["ssim"]["recovered"] == 2
+    assert privacy["upper_bound"]["ssim"]["recovered"] == 2
+    assert privacy["upper_bound"]["aligned_ssim"]["mean"] == pytest.approx(np.mean([0.7, 0.65]))
     titles = [table["title"] for table in payload["tables"]]
     assert success_rates.UPPER_BOUND in " ".join(titles)
     bound_rows = payload["tables"][titles.index(success_rates.UPPER_BOUND + ", seeds pooled")]["rows"]
