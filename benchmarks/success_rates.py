@@ -153,7 +153,7 @@ def upper_bounds(runs, pooled):
             best = []
             for seed in sorted(seeds):
                 per_attack = [by_seed[seed][threat] for by_seed in by_attack.values()]
-                best.append({s: np.max([np.asarray(p[s], float) for p in per_attack], axis=0) for s in SCORES})
+                best.append({s: np.fmax.reduce([np.asarray(p[s], float) for p in per_attack]) for s in SCORES})
             bounds.setdefault(rest, {})[threat] = dict(score(best), attacks=sorted(by_attack), seeds=sorted(seeds))
     return bounds
 
@@ -168,7 +168,7 @@ def privacy_utility(doc):
             scored = {name: score([per_image]) for name, per_image in attacks.items()}
             keyless = [per_image for name, per_image in attacks.items() if not name.endswith("/oracle")]
             if len(keyless) > 1:
-                scored["upper_bound"] = score([{s: np.max([np.asarray(p[s], float) for p in keyless], axis=0)
+                scored["upper_bound"] = score([{s: np.fmax.reduce([np.asarray(p[s], float) for p in keyless])
                                                 for s in SCORES}])
             results.setdefault(defence, {})[view] = scored
             rows += [row(f"{'upper bound: ' if name == 'upper_bound' else ''}{defence} ({view})",
