@@ -1,17 +1,31 @@
 """Image metrics for reconstructions: standard, affine-aligned, and the FedKL paper's variants.
 
 Images are float in [0, 1], shape [N, H, W, C]. Standard: MSE, PSNR = 10 log10(1 / MSE), SSIM
-(tf.image.ssim, 11x11 Gaussian window or the image size if smaller, max value 1). Affine-aligned: the reconstruction is first
-mapped by the least-squares a * x' + b against the truth (per image; train-mode normalisation at
-batch 1 makes the gradient blind to brightness and contrast), then clipped to [0, 1].
+(tf.image.ssim, 11x11 Gaussian window or the image size if smaller, max value 1). Affine-aligned: the
+reconstruction is first mapped by the least-squares a * x' + b against the truth (per image; train-mode
+normalisation at batch 1 makes the gradient blind to brightness and contrast), then clipped to [0, 1].
 Paper variants (FedKL's evaluation_metrics.py, on 0-255 pixels): `paper_rmse` is the RMSE they call
 "MSE"; `paper_psnr` = 10 log10(255^2 / RMSE).
+
+Success: an image is "recovered" when its aligned SSIM is >= 0.6 (the threshold FedKL's code names)
+or, as a separate criterion, its aligned PSNR is >= 20 dB (the FedAvg-leakage literature's); a
+success rate comes with its Wilson 95 % score interval and n. Batches are scored after a one-to-one
+(Hungarian) matching of reconstructions to true images: that reads the truth, so it is for scoring
+only, never for choosing an attack's restart.
 """
 
+import math
+
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 import tensorflow as tf
 
 NAMES = ("mse", "psnr", "ssim", "aligned_psnr", "aligned_ssim", "paper_rmse", "paper_psnr", "label_accuracy")
+# criterion -> (per-image metric, threshold): recovered when the metric is >= the threshold.
+CRITERIA = {"ssim": ("aligned_ssim", 0.6), "psnr": ("aligned_psnr", 20.0)}
+WILSON_Z = 1.959963984540054  # the standard normal's 97.5 % quantile: a two-sided 95 % interval
+# What a one-to-one matching may maximise (aligned metrics) or minimise (mse).
+MATCH_METRICS = ("mse", "aligned_psnr", "aligned_ssim")
 
 
 def affine_align(reconstructed, truth):
@@ -71,16 +85,79 @@ def label_accuracy(predicted, truth):
     return hits / max(len(truth), 1)
 
 
-def match_order(reconstructed, truth):
-    """Reorders a batch of reconstructions to best match `truth` (minimum total MSE assignment)."""
-    from scipy.optimize import linear_sum_assignment
-    r = np.reshape(reconstructed, (len(reconstructed), -1))
-    t = np.reshape(truth, (len(truth), -1))
-    cost = ((r[:, None, :] - t[None, :, :]) ** 2).mean(-1)
+def pairwise_metrics(reconstructed, truth, raw=None):
+    """`image_metrics` of every reconstruction i against every true image j: {name: [len(rec), len(truth)]}."""
+    truth = np.asarray(truth, np.float32)
+    rows, cols = len(reconstructed), len(truth)
+
+    def repeat(images):
+        return np.repeat(np.asarray(images, np.float32), cols, axis=0)
+
+    values = image_metrics(repeat(reconstructed), np.tile(truth, (rows, 1, 1, 1)), None if raw is None else repeat(raw))
+    return {name: array.reshape(rows, cols) for name, array in values.items()}
+
+
+def match_order(reconstructed, truth, raw=None, by="mse"):
+    """The one-to-one (Hungarian) matching of a batch of reconstructions to `truth`: `order` such that
+    reconstructed[order][j] is matched to truth[j], minimising the total MSE (`by='mse'`) or maximising the
+    total aligned PSNR or SSIM (surplus reconstructions stay unmatched). It reads the truth: for scoring only."""
+    if len(reconstructed) < len(truth):
+        raise ValueError(f"cannot match {len(reconstructed)} reconstructions one-to-one to {len(truth)} images")
+    if by not in MATCH_METRICS:
+        raise ValueError(f"unknown matching metric {by!r}; choose from {MATCH_METRICS}")
+    if by == "mse":
+        r = np.reshape(reconstructed, (len(reconstructed), -1))
+        t = np.reshape(truth, (len(truth), -1))
+        cost = ((r[:, None, :] - t[None, :, :]) ** 2).mean(-1)
+    else:  # maximise the score; an undefined score (NaN) is the worst, a perfect one (+inf) the best
+        score = pairwise_metrics(reconstructed, truth, raw)[by]
+        cost = -np.nan_to_num(score, nan=-1e9, posinf=1e9, neginf=-1e9)
     rows, cols = linear_sum_assignment(cost)
     order = np.empty(len(truth), int)
     order[cols] = rows
     return order
+
+
+def match_and_score(reconstructed, truth, raw=None, by="mse"):
+    """(order, per-image metrics of the matched batch): see `match_order` and `image_metrics`."""
+    order = match_order(reconstructed, truth, raw, by)
+    reconstructed = np.asarray(reconstructed)[order]
+    return order, image_metrics(reconstructed, truth, None if raw is None else np.asarray(raw)[order])
+
+
+def recovered(per_image, criterion="ssim"):
+    """Per image, whether it counts as recovered under `criterion` ('ssim': aligned SSIM >= 0.6, 'psnr':
+    aligned PSNR >= 20 dB; see CRITERIA); an undefined (NaN) metric is not recovered."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown success criterion {criterion!r}; choose from {tuple(CRITERIA)}")
+    name, threshold = CRITERIA[criterion]
+    values = np.asarray(per_image[name], float)
+    with np.errstate(invalid="ignore"):
+        return values >= threshold
+
+
+def wilson_interval(successes, n, z=WILSON_Z):
+    """The Wilson score interval (low, high) of a success probability from `successes` out of `n`."""
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n > 0, got {successes} of {n}")
+    p = successes / n
+    denominator = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half_width = z * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+def success_rate(flags):
+    """{'n', 'recovered', 'rate', 'low', 'high'} of per-image booleans (Wilson 95 % interval)."""
+    flags = np.asarray(flags, bool).ravel()
+    n, successes = int(flags.size), int(flags.sum())
+    low, high = wilson_interval(successes, n)
+    return {"n": n, "recovered": successes, "rate": successes / n, "low": low, "high": high}
+
+
+def success_summary(per_image):
+    """{criterion: success_rate} for each criterion in CRITERIA."""
+    return {criterion: success_rate(recovered(per_image, criterion)) for criterion in CRITERIA}
 
 
 def summarize(values):

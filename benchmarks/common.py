@@ -35,7 +35,7 @@ FIGURES_DIR = os.path.join(os.path.dirname(REPORT_PATH), "figures")  # where the
 PAYLOAD_KEYS = ("settings", "results", "tables", "headline", "notes")
 # Every benchmark `make bench` runs, in order; a module not (yet) in the tree is skipped with a note.
 BENCHMARKS = ("keylock_overhead", "torch_compare", "torch_dlg_reference", "dlg_speed", "federated_round", "scale",
-              "attack_quality", "privacy_utility", "workers")
+              "attack_quality", "privacy_utility", "success_rates", "workers")
 SHARED_MACHINE_NOTE = ("Measured on a shared machine (other jobs were running on the same cores): "
                        "only ratios measured within one run, interleaved, are meaningful.")
 

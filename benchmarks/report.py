@@ -38,7 +38,7 @@ SECTIONS = (
           "bash scripts/central_baselines.sh"),
     Topic("Federated round", ("federated_round",), "One FedKL round in TFF against plain Keras training.", None),
     Topic("Scale", ("scale",), "Round time and peak memory as the client population grows.", None),
-    Topic("Attacks", ("table6", "torch_dlg_reference", "dlg_speed", "attack_quality", "attacks_*"),
+    Topic("Attacks", ("success_rates", "table6", "torch_dlg_reference", "dlg_speed", "attack_quality", "attacks_*"),
           "Gradient inversion against plain and locked models, and the PyTorch DLG reference.", None),
     Topic("Privacy vs utility", ("privacy_utility",),
           "Each defence's accuracy after federated training against the strongest attack on a client's update.",
