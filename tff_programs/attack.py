@@ -68,8 +68,8 @@ flags.register_validator("tv", lambda v: v is None or v >= 0, "--tv must be non-
 def main(argv):
     common.check_no_positional_args(argv)
     try:
-        options = study.attack_options(_ATTACK.value, _ITERATIONS.value, _RESTARTS.value, _LEARNING_RATE.value, _TV.value,
-                                 _DISTANCE.value, _LABELS.value)
+        options = study.attack_options(_ATTACK.value, _ITERATIONS.value, _RESTARTS.value, _LEARNING_RATE.value,
+                                       _TV.value, _DISTANCE.value, _LABELS.value)
     except ValueError as e:
         common.fail(str(e))
     tf.get_logger().setLevel("ERROR")
