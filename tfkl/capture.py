@@ -108,15 +108,18 @@ def shared_model(capture):
         model = tf.keras.models.model_from_json(json.dumps(meta["architecture"]))
     except (ValueError, KeyError, TypeError) as e:
         raise CaptureFormatError(f"the capture's architecture is not a Keras model config: {e}") from None
-    shared = private.shared_variables(model)
     found = dict(input_shape=list(model.input_shape[1:]), num_classes=int(model.output_shape[-1]),
                  lock=bool(private.lock_layers(model)),
-                 weight_shapes=[list(v.shape) for v in shared])
+                 weight_shapes=[tuple(v.shape) for v in private.shared_variables(model)])
     stated = dict(input_shape=list(meta["input_shape"]), num_classes=int(meta["num_classes"]), lock=bool(meta["lock"]),
-                  weight_shapes=[list(np.shape(w)) for w in capture.global_weights])
+                  weight_shapes=[tuple(np.shape(w)) for w in capture.global_weights])
     differing = [k for k in found if found[k] != stated[k]]
     if differing:
         k = differing[0]
+        if k == "weight_shapes":  # the first differing shape, not hundreds of them
+            index = next(i for i, (a, b) in enumerate(zip(found[k] + [None], stated[k] + [None])) if a != b)
+            k = f"shared variable {index}'s shape"
+            found[k], stated[k] = (found["weight_shapes"] + [None])[index], (stated["weight_shapes"] + [None])[index]
         raise CaptureFormatError(f"the capture's architecture does not fit its meta and weights ({k}: "
                                  f"{found[k]} in the architecture, {stated[k]} in the capture)")
     return model
