@@ -1,8 +1,10 @@
-"""Running attacks as experiments: victims, targets, threat models side by side, metrics, PNG grids.
+"""Running attacks as experiments: the attack registry, threat models side by side, scoring, PNG grids.
 
 `run_threats` attacks the same images under several threat models: 'none' against the backbone
-without the lock, the others against the identical backbone with it. `attack_captures` is the demo's
-entry point: attack captured updates (with and without the lock) and write a grid and a table.
+without the lock, the others against the identical backbone with it (the victims are `attacks.cases`).
+`run_attack` is the attack proper: it receives the server's payload only; scoring against the true
+data comes after. `attack_captures` is the demo's entry point: attack captured updates (with and
+without the lock) and write a grid and a table.
 """
 
 import json
@@ -12,15 +14,11 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from attacks import dlg, grnn, ig, metrics
+from attacks import cases, dlg, grnn, ig, metrics
 from attacks import model as model_lib
-from attacks import targets as targets_lib
 from tfkl import capture as capture_lib
-from tfkl import keys as keys_lib
-from tfkl import models, private
 
 ATTACKS = {"dlg": dlg.DLG, "idlg": dlg.IDLG, "ig": ig.InvertingGradients, "grnn": grnn.GRNN}
-TARGET_KINDS = ("gradient", "update")
 
 
 def build_attack(name, attacker, **options):
@@ -28,44 +26,6 @@ def build_attack(name, attacker, **options):
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose from {tuple(ATTACKS)}")
     return ATTACKS[name](attacker, **options)
-
-
-def build_victims(model_name, input_shape, num_classes, init="pytorch", seed=0, normalization="batch",
-                  key_seed=1, threats=model_lib.THREATS):
-    """{'plain': backbone, 'locked': the same backbone with the lock} (only those `threats` need)."""
-    victims = {}
-    if "none" in threats:
-        victims["plain"] = models.build(model_name, input_shape, num_classes, lock=False, init=init, seed=seed)
-    if any(t != "none" for t in threats):
-        victims["locked"] = models.build(model_name, input_shape, num_classes, lock=True, init=init, seed=seed,
-                                         normalization=normalization, key=keys_lib.generate_key(1024, seed=key_seed))
-    return victims
-
-
-def privatize_lock(victim, seed):
-    """Replaces the victim's lock weights by privately drawn ones (a client with lock_init='private');
-    returns the ones it had, model_fn's, which are all a server knows of them."""
-    server_known = model_lib.extract_lock_weights(victim)
-    lock_variables = [v for lock in private.lock_layers(victim) for v in lock.private_weights[1:]]
-    for variable, value in zip(lock_variables, private.draw_lock_weights(victim, seed=[seed])):
-        variable.assign(value)
-    return server_known
-
-
-def make_targets(victim, images, labels, per_client, kind="gradient", capture_dir=None, **update_options):
-    """Client targets from consecutive groups of `per_client` images: single-step gradients (one
-    batch), or updates of locally simulated client steps written as capture files under `capture_dir`
-    (`update_options`: see `targets.client_update_capture`)."""
-    result = []
-    for index, start in enumerate(range(0, len(images), per_client)):
-        x, y = images[start:start + per_client], labels[start:start + per_client]
-        if kind == "gradient":
-            result.append(targets_lib.client_gradient(victim, x, y))
-        else:
-            path = os.path.join(capture_dir, f"client_{index:03d}.npz")
-            capture = targets_lib.client_update_capture(victim, x, y, path, **update_options)
-            result.append(targets_lib.from_capture(capture))
-    return result
 
 
 def evaluate(reconstructions, images, labels, batch_size):
@@ -88,39 +48,36 @@ def run_threats(attack_name, victims, images, labels, threats, batch_size=1, att
     """Attacks `images` (in client batches) under each threat; returns {threat: result dict}.
 
     A result dict holds the reconstructions, per-image metrics, their summary, and timing.
-    `server_lock_weights`: see `threat_secret`."""
+    `server_lock_weights`: see `cases.threat_secret`."""
     results = {}
     for threat in threats:
         victim = victims["plain" if threat == "none" else "locked"]
-        client_targets = make_targets(victim, images, labels, batch_size, kind,
-                                      capture_dir and os.path.join(capture_dir, threat), **(update_options or {}))
+        payload, truth = cases.simulate_clients(victim, images, labels, batch_size, kind,
+                                                capture_dir and os.path.join(capture_dir, threat),
+                                                **(update_options or {}))
         results[threat] = attack_targets(
-            attack_name, model_lib.ServerView.from_model(victim), threat, client_targets, images, labels, batch_size,
-            secret=threat_secret(threat, victim, server_lock_weights), attack_options=attack_options,
+            attack_name, payload, threat, truth, batch_size,
+            secret=cases.threat_secret(threat, victim, server_lock_weights), attack_options=attack_options,
             seed=seed, progress=progress and (lambda d, t, l, th=threat: progress(th, d, t, l)))
     return results
 
 
-def threat_secret(threat, victim, server_lock_weights=None):
-    """What an attacker under `threat` knows of the victim's secret: key and lock weights ('oracle'),
-    the lock weights a server knows ('adaptive-key': the victim's own when clients start from
-    model_fn's lock, else `server_lock_weights`, model_fn's), nothing otherwise."""
-    if threat == "adaptive-key" and server_lock_weights is not None:
-        return server_lock_weights
-    extract = {"oracle": model_lib.extract_secret, "adaptive-key": model_lib.extract_lock_weights}.get(threat)
-    return extract(victim) if extract else None
-
-
-def attack_targets(attack_name, view, threat, client_targets, images, labels, batch_size=1, secret=None,
-                   attack_options=None, seed=0, progress=None):
-    """Attacks given client targets (one per batch of `batch_size` images) from `view` under one
-    threat (`secret`: see `threat_secret`); returns the result dict `run_threats` gives per threat."""
-    attacker = model_lib.AttackerModel(view, threat, secret=secret, seed=seed + 7)
+def run_attack(attack_name, payload, threat, secret=None, attack_options=None, seed=0, progress=None):
+    """Attacks a `cases.Payload` (the server's view, one target per client) under one threat (`secret`:
+    see `cases.threat_secret`); returns (reconstructions, seconds). It never sees the clients' data."""
+    attacker = model_lib.AttackerModel(payload.view, threat, secret=secret, seed=seed + 7)
     attack = build_attack(attack_name, attacker, seed=seed, **(attack_options or {}))
     start = time.perf_counter()
-    reconstructions = attack.reconstruct(client_targets, progress=progress)
-    seconds = time.perf_counter() - start
-    per_image = evaluate(reconstructions, images, labels, batch_size)
+    reconstructions = attack.reconstruct(list(payload.targets), progress=progress)
+    return reconstructions, time.perf_counter() - start
+
+
+def attack_targets(attack_name, payload, threat, truth, batch_size=1, secret=None, attack_options=None, seed=0,
+                   progress=None):
+    """`run_attack`, then scored against the `cases.UserData` `truth` (one batch of `batch_size` images
+    per target); returns the result dict `run_threats` gives per threat."""
+    reconstructions, seconds = run_attack(attack_name, payload, threat, secret, attack_options, seed, progress)
+    per_image = evaluate(reconstructions, truth.images, truth.labels, batch_size)
     info = reconstructions[0].info
     return {
         "reconstructions": reconstructions, "per_image": per_image, "summary": metrics.summarize(per_image),
@@ -192,16 +149,14 @@ def attack_captures(captures, out_dir, attack="ig", attack_options=None, truth_i
         grid_rows.append(("truth", np.asarray(truth_images)))
     for name, path in captures.items():
         capture = capture_lib.load_capture(path)
-        view = model_lib.ServerView.from_capture(capture)
-        target = targets_lib.from_capture(capture)
+        payload = cases.Payload.from_capture(capture)
+        (target,) = payload.targets
         for threat in (locked_threats if capture.meta["lock"] else ("none",)):
-            attacker = model_lib.AttackerModel(view, threat, seed=seed + 7)
-            runner = build_attack(attack, attacker, seed=seed, **(attack_options or {}))
-            start = time.perf_counter()
-            rec = runner.reconstruct(target, progress=(lambda d, t, l, s=f"{name}/{threat}": print(
-                f"{s}: {d}/{t} loss {np.min(l):.4g}", flush=True)) if verbose else None)
             setting = f"{name}/{threat}"
-            entry = {"labels": rec.labels.tolist(), "loss": rec.loss, "seconds": time.perf_counter() - start,
+            (rec,), seconds = run_attack(attack, payload, threat, attack_options=attack_options, seed=seed,
+                                         progress=(lambda d, t, l, s=setting: print(
+                                             f"{s}: {d}/{t} loss {np.min(l):.4g}", flush=True)) if verbose else None)
+            entry = {"labels": rec.labels.tolist(), "loss": rec.loss, "seconds": seconds,
                      "num_examples": target.num_examples, "num_steps": target.num_steps}
             images = rec.images
             if truth_images is not None:

@@ -8,13 +8,12 @@ Only `extract_secret` reads a victim's private variables; only the `oracle` thre
 """
 
 import dataclasses
-import json
 
 import numpy as np
 import tensorflow as tf
 
+from tfkl import capture as capture_lib
 from tfkl import keys as keys_lib
-from tfkl import models as models_lib
 from tfkl import private
 from tfkl.keylock import KeyLock, lock_affine
 from tfkl.secure import _map_arguments
@@ -43,20 +42,12 @@ class ServerView:
                    tuple(bool(v.trainable) for v in shared))
 
     @classmethod
-    def from_capture(cls, capture, **build_overrides):
-        """The view from a capture file: the architecture rebuilt from its meta, the global weights."""
-        meta = capture.meta
-        options = dict(lock=bool(meta["lock"]))
-        for name in ("key_dim", "activation", "normalization", "where"):
-            if name in meta:
-                options[name] = meta[name]
-        options.update(build_overrides)
-        model = models_lib.build(meta["model"], tuple(meta["input_shape"]), int(meta["num_classes"]), **options)
-        shapes = [tuple(v.shape) for v in private.shared_variables(model)]
-        if shapes != [tuple(np.shape(w)) for w in capture.global_weights]:
-            raise ValueError("the capture's weights do not fit the architecture named in its meta")
+    def from_capture(cls, capture):
+        """The view from a capture: the architecture its meta carries, the global weights it was sent
+        (a meta that does not fit the weights raises tfkl.capture.CaptureFormatError)."""
+        model = capture_lib.shared_model(capture)
         return cls(model.to_json(), tuple(np.asarray(w) for w in capture.global_weights),
-                   tuple(meta["variable_names"]), tuple(bool(t) for t in meta["trainable"]))
+                   tuple(capture.meta["variable_names"]), tuple(bool(t) for t in capture.meta["trainable"]))
 
 
 def extract_secret(model):
@@ -257,9 +248,3 @@ class AttackerModel:
             return layer(x)
         raise ValueError(f"the attack model does not support layer {layer.name!r} ({type(layer).__name__})")
 
-
-def view_info(view):
-    """A short JSON-able description of a view (for reports)."""
-    config = json.loads(view.model_json)
-    return {"model": config["config"]["name"], "num_shared": len(view.weights),
-            "num_trainable": int(sum(view.trainable))}

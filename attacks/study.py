@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from attacks import experiment
+from attacks import cases, experiment
 from attacks.model import THREATS
 from tfkl import data, optimizers, training
 
@@ -77,11 +77,11 @@ def run(attack, threats, model, dataset, num_images, batch_size=1, offset=0, tar
     import tensorflow as tf
     tf.get_logger().setLevel("ERROR")  # pfor's per-op fallback warnings would flood the progress
     data_set, input_shape, images, labels = load_images(dataset, model, num_images, offset, data_dir)
-    victims = experiment.build_victims(model, input_shape, data_set.num_classes, init, seed, normalization,
-                                       key_seed=seed + 1, threats=threats)
+    victims = cases.build_victims(model, input_shape, data_set.num_classes, init, seed, normalization,
+                                  key_seed=seed + 1, threats=threats)
     server_lock_weights = None
     if lock_init == "private" and "locked" in victims:
-        server_lock_weights = experiment.privatize_lock(victims["locked"], seed=seed + 2)
+        server_lock_weights = cases.privatize_lock(victims["locked"], seed=seed + 2)
     if train_epochs:
         train_victims(victims, data_set, input_shape, train_epochs, train_examples, seed, log)
 
@@ -115,17 +115,3 @@ def run(attack, threats, model, dataset, num_images, batch_size=1, offset=0, tar
             f.write(table + "\n")
     return report
 
-
-def capture_ground_truth(capture, data_dir=None):
-    """(images, labels) of a capture's client, from the meta's `ground_truth` section (written by the
-    federated trainer for scoring only: the attack never sees it). Their order within the client's
-    data is the partition's; scoring matches the reconstructions' order. None if the meta has none."""
-    truth = capture.meta.get("ground_truth")
-    if not truth:
-        return None
-    dataset = data.load(truth["dataset"], data_dir or truth.get("data_dir"))
-    partition = data.split(dataset.y_train, truth["num_clients"], truth["split"], seed=truth["split_seed"],
-                           alpha=truth.get("alpha", 0.5))
-    indices = partition[int(truth["client_index"])]
-    images = data.preprocess(dataset.x_train[indices], tuple(capture.meta["input_shape"])).numpy()
-    return images, dataset.y_train[indices]

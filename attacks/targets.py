@@ -1,5 +1,5 @@
-"""What the attacker inverts: a single-step gradient or a multi-step FedAvg update, and the victim
-side that produces them (a client's real Keras model, left unchanged).
+"""What the attacker inverts: a single-step gradient or a multi-step FedAvg update (the victims that
+produce them are in `attacks.cases`), and the attacker's differentiable prediction of it.
 
 A `Target` holds, per trainable shared variable (in `ServerView` order), the gradient the client
 computed or the weight delta it uploaded, plus the facts a FedAvg server has (number of examples)
@@ -12,11 +12,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tfkl import capture as capture_lib
-from tfkl import private, training
+from tfkl import training
 from tfkl.optimizers import TorchSGD
-
-KINDS = ("gradient", "update")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,59 +42,13 @@ class Target:
         return self.steps_per_epoch * self.local_epochs
 
 
-def _trainable_shared(model):
-    return [v for v in private.shared_variables(model) if v.trainable]
-
-
-def client_gradient(model, images, labels):
-    """The victim's single-step gradient of the clients' loss on its shared trainable variables.
-
-    Computed in train mode, as clients train; the model's moving statistics are restored after."""
-    state = [v.numpy() for v in model.non_trainable_variables]
-    variables = _trainable_shared(model)
-    with tf.GradientTape() as tape:
-        loss = training.classification_loss()(labels, model(images, training=True))
-    gradients = tape.gradient(loss, variables)
-    for variable, value in zip(model.non_trainable_variables, state):
-        variable.assign(value)
-    return Target("gradient", tuple(g.numpy() for g in gradients), int(images.shape[0]), int(images.shape[0]))
-
-
-def client_update_capture(model, images, labels, path, batch_size, local_epochs=1, learning_rate=0.01,
-                          momentum=0.9, nesterov=True, weight_decay=5e-4, round_num=0, client_id="0", **meta):
-    """Runs a client's local epochs (TorchSGD, fresh state, fixed batch order) on a copy of `model`
-    and writes the captured update to `path` in the `tfkl.capture` format. Returns the capture."""
-    client = tf.keras.models.clone_model(model)
-    client.set_weights(model.get_weights())
-    optimizer = TorchSGD(learning_rate, momentum, nesterov, weight_decay) if momentum else TorchSGD(
-        learning_rate, 0.0, False, weight_decay)
-    trainer = training.Trainer(client, optimizer)
-    global_weights = [v.numpy() for v in private.shared_variables(model)]
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
-    for _ in range(local_epochs):
-        trainer.fit_epoch(dataset)
-    shared = private.shared_variables(client)
-    update = [v.numpy() - g for v, g in zip(shared, global_weights)]
-    steps = int(math.ceil(len(images) / batch_size)) * local_epochs
-    meta = dict(meta, round=round_num, client_id=client_id, model=meta.get("model", model.name.replace("_locked", "")),
-                input_shape=list(model.input_shape[1:]), num_classes=int(model.output_shape[-1]),
-                lock=bool(private.lock_layers(model)), num_examples=int(len(images)), num_steps=steps,
-                batch_size=int(batch_size), local_epochs=int(local_epochs), learning_rate=float(learning_rate),
-                momentum=float(momentum), nesterov=bool(nesterov), weight_decay=float(weight_decay),
-                loss="sparse_categorical_crossentropy_from_logits_mean",
-                variable_names=[v.name for v in shared], trainable=[bool(v.trainable) for v in shared])
-    capture_lib.save_capture(path, meta, global_weights, update)
-    return capture_lib.load_capture(path)
-
-
 def from_capture(capture):
     """The update `Target` of a capture file (its trainable entries) with the meta's hyperparameters."""
     meta = capture.meta
     values = tuple(np.asarray(u) for u, t in zip(capture.update, meta["trainable"]) if t)
-    target = Target("update", values, int(meta["num_examples"]), int(meta["batch_size"]),
-                    int(meta.get("local_epochs", 1)), float(meta["learning_rate"]),
-                    float(meta.get("momentum", 0.9)), bool(meta.get("nesterov", True)),
-                    float(meta.get("weight_decay", 5e-4)))
+    target = Target("update", values, int(meta["num_examples"]), int(meta["batch_size"]), int(meta["local_epochs"]),
+                    float(meta["learning_rate"]), float(meta["momentum"]), bool(meta["nesterov"]),
+                    float(meta["weight_decay"]))
     if target.num_steps != int(meta["num_steps"]):
         raise ValueError(f"capture meta says {meta['num_steps']} local steps, but {target.num_examples} "
                          f"examples in batches of {target.batch_size} for {target.local_epochs} epochs "

@@ -124,11 +124,12 @@ def captured_updates(config, data, indices):
     model with its key and round-1 lock) only serves the threats that know part of its secret."""
     import tfkl
     from attacks import model as model_lib
-    from tfkl.federated import program, simulation
+    from tfkl import capture as capture_lib
+    from tfkl.federated import program
     process = program.build_process(config, return_client_updates=True)
     server_state = process.initialize()
     model = config.model_fn()()
-    layout = simulation.SharedLayout(model, process.parts)
+    layout = capture_lib.SharedLayout(model, process.parts)
     view = model_lib.ServerView.from_model(model)
     global_t, global_n = process.global_weights(server_state)
     for sent, known in zip(layout.flatten(global_t, global_n), view.weights):
@@ -176,7 +177,7 @@ def _target_id(defence, view_name, config):
 
 def attack_defence(setting, defence, data, images, labels, cache_dir, log):
     """{view name: {'target', 'attacks': {'<attack>/<threat>': summary entry}}} for one defence."""
-    from attacks import experiment
+    from attacks import cases, experiment
     config = _config(setting, defence)
     threats = (LOCKED_THREATS + ("oracle",)) if config.locked else ("none",)
     indices = list(range(setting["num_images"]))
@@ -196,8 +197,9 @@ def attack_defence(setting, defence, data, images, labels, cache_dir, log):
                     targets = [_target(server_view(u, view_name, config, seed=i), view, config)
                                for i, u in enumerate(updates)]
                     log(f"attack {target_id}: {attack}/{threat}")
-                    outcome = experiment.attack_targets(attack, view, threat, targets, images, labels,
-                                                        secret=experiment.threat_secret(threat, victim),
+                    outcome = experiment.attack_targets(attack, cases.Payload(view, tuple(targets)), threat,
+                                                        cases.UserData(images, labels),
+                                                        secret=cases.threat_secret(threat, victim),
                                                         attack_options=options)
                     entry = dict(options=options, summary=outcome["summary"], per_image=outcome["per_image"],
                                  seconds=outcome["seconds"], recovered_labels=outcome["recovered_labels"])

@@ -10,7 +10,7 @@ the same image under (1) the victim's lock weights with a random key, (2) random
 import numpy as np
 import tensorflow as tf
 
-from attacks import experiment, model as model_lib, study, targets
+from attacks import cases, model as model_lib, study, targets
 
 
 def relative_errors(attacker, target, image, label, latent):
@@ -24,8 +24,8 @@ def relative_errors(attacker, target, image, label, latent):
 
 def main():
     _, shape, images, labels = study.load_images("fashion_mnist", "lenet", 1)
-    victim = experiment.build_victims("lenet", shape, 10, threats=["oracle"])["locked"]
-    target = targets.client_gradient(victim, images, labels)
+    victim = cases.build_victims("lenet", shape, 10, threats=["oracle"])["locked"]
+    target = cases.client_gradient(victim, images, labels)
     view = model_lib.ServerView.from_model(victim)
     known_lock = model_lib.AttackerModel(view, "adaptive-key", secret=model_lib.extract_lock_weights(victim))
     fixed_key = model_lib.AttackerModel(view, "fixed-key", seed=7)

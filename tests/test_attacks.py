@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import attacks
-from attacks import base, experiment, labels, metrics, model as model_lib, targets
+from attacks import base, cases, experiment, labels, metrics, model as model_lib, targets
 from tfkl import models, private
 
 SHAPE = (8, 8, 1)
@@ -28,7 +28,7 @@ def test_attacker_model_reproduces_the_client_gradient_without_touching_the_vict
     victim = _victim(lock, normalization=normalization)
     x, y = _images(2)
     before = [v.numpy() for v in victim.variables]
-    target = targets.client_gradient(victim, x, y)
+    target = cases.client_gradient(victim, x, y)
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, victim.variables))
     threat = "oracle" if lock else "none"
     attacker = model_lib.AttackerModel(model_lib.ServerView.from_model(victim), threat,
@@ -42,7 +42,7 @@ def test_attacker_model_reproduces_the_client_gradient_without_touching_the_vict
 def test_simulated_local_steps_reproduce_a_captured_update(tmp_path):
     victim = _victim(True)
     x, y = _images(4)
-    capture = targets.client_update_capture(victim, x, y, str(tmp_path / "c.npz"), batch_size=2, local_epochs=2)
+    capture = cases.client_update_capture(victim, x, y, str(tmp_path / "c.npz"), batch_size=2, local_epochs=2)
     target = targets.from_capture(capture)
     assert (target.kind, target.num_steps) == ("update", 4)
     view = model_lib.ServerView.from_capture(capture)
@@ -65,15 +65,15 @@ def test_server_view_holds_nothing_private():
 
 def test_with_a_private_lock_adaptive_key_knows_only_model_fns_lock_weights():
     victim = _victim(True)
-    server_known = experiment.privatize_lock(victim, seed=5)
+    server_known = cases.privatize_lock(victim, seed=5)
     (model_fns,) = model_lib.extract_lock_weights(_victim(True)).values()
     (known,) = server_known.values()
     (own,) = model_lib.extract_lock_weights(victim).values()
     for k, m, o in zip(known, model_fns, own):
         np.testing.assert_array_equal(k, m)  # what the server knows: model_fn's lock weights
         assert not np.array_equal(o, m)  # not the client's
-    assert experiment.threat_secret("adaptive-key", victim, server_known) is server_known
-    (oracle,) = experiment.threat_secret("oracle", victim, server_known).values()
+    assert cases.threat_secret("adaptive-key", victim, server_known) is server_known
+    (oracle,) = cases.threat_secret("oracle", victim, server_known).values()
     for a, b in zip(oracle[1:], own):
         np.testing.assert_array_equal(a, b)  # the oracle holds the client's own secret
 
@@ -89,7 +89,7 @@ def test_only_the_oracle_gets_a_secret_and_others_never_read_the_victim():
     with pytest.raises(ValueError):
         model_lib.AttackerModel(view, "none")
     x, y = _images(1)
-    target = targets.client_gradient(victim, x, y)
+    target = cases.client_gradient(victim, x, y)
     for variable in private.private_variables(victim):  # poison the victim's secret after capture
         variable.assign(tf.fill(variable.shape, np.nan))
     for threat in ("fixed-key", "adaptive"):
@@ -105,7 +105,7 @@ def test_adaptive_key_attacker_knows_the_lock_weights_but_never_the_key():
     victim = _victim(True)
     view = model_lib.ServerView.from_model(victim)
     x, y = _images(1)
-    target = targets.client_gradient(victim, x, y)
+    target = cases.client_gradient(victim, x, y)
     lock = private.lock_layers(victim)[0]
     true_key = lock.key.numpy()
     with pytest.raises(ValueError):
@@ -131,7 +131,7 @@ def test_a_full_attack_never_reads_the_victims_secret():
     victim = _victim(True)
     view = model_lib.ServerView.from_model(victim)
     x, y = _images(1)
-    target = targets.client_gradient(victim, x, y)
+    target = cases.client_gradient(victim, x, y)
     for variable in private.private_variables(victim):
         variable.assign(tf.fill(variable.shape, np.nan))
     for threat in ("fixed-key", "adaptive"):
@@ -145,10 +145,10 @@ def test_idlg_label_rule_at_batch_one_and_for_batches():
     x, _ = _images(8, seed=1)
     for i in range(8):
         label = np.array([i % 4])
-        target = targets.client_gradient(victim, x[i:i + 1], label)
+        target = cases.client_gradient(victim, x[i:i + 1], label)
         assert labels.infer_labels(attacker, target).tolist() == label.tolist()
     batch_labels = np.array([0, 2, 2, 3])
-    target = targets.client_gradient(victim, x[:4], batch_labels)
+    target = cases.client_gradient(victim, x[:4], batch_labels)
     assert metrics.label_accuracy(labels.infer_labels(attacker, target), batch_labels) >= 0.75
     update = targets.Target("update", tuple(-0.01 * v for v in target.values), 4, 4)
     assert sorted(labels.infer_labels(attacker, update)) == sorted(labels.infer_labels(attacker, target))
@@ -184,7 +184,7 @@ def _start_psnr(attack, target, truth):
 def test_attacks_recover_images_from_a_gradient(name, options):
     victim = _victim(False, init="dlg")
     x, y = _images(1)
-    target = targets.client_gradient(victim, x, y)
+    target = cases.client_gradient(victim, x, y)
     attacker = model_lib.AttackerModel(model_lib.ServerView.from_model(victim), "none")
     attack = experiment.build_attack(name, attacker, **options)
     result = attack.reconstruct(target)
@@ -196,7 +196,7 @@ def test_attacks_recover_images_from_a_gradient(name, options):
 def test_grnn_trains_its_generator_towards_the_image():
     victim = _victim(False, init="dlg")
     x, y = _images(1)
-    target = targets.client_gradient(victim, x, y)
+    target = cases.client_gradient(victim, x, y)
     attacker = model_lib.AttackerModel(model_lib.ServerView.from_model(victim), "none")
     attack = attacks.GRNN(attacker, iterations=300, chunk=150, learning_rate=1e-2, width=16, code_dim=16)
     result = attack.reconstruct(target)
@@ -210,7 +210,7 @@ def test_grnn_trains_its_generator_towards_the_image():
 def test_adaptive_attack_recovers_from_an_update_and_returns_lock_estimates(tmp_path):
     victim = _victim(True)
     x, y = _images(2, seed=4)
-    capture = targets.client_update_capture(victim, x, y, str(tmp_path / "c.npz"), batch_size=1)
+    capture = cases.client_update_capture(victim, x, y, str(tmp_path / "c.npz"), batch_size=1)
     target = targets.from_capture(capture)
     attacker = model_lib.AttackerModel(model_lib.ServerView.from_capture(capture), "adaptive")
     assert attacker.lock_latent_size() == 2 * 12
@@ -249,7 +249,7 @@ def test_attack_captures_writes_grid_and_table(tmp_path):
     paths = {}
     for name, lock in (("fedavg", False), ("fedkl", True)):
         path = str(tmp_path / f"{name}.npz")
-        targets.client_update_capture(_victim(lock), x, y, path, batch_size=1)
+        cases.client_update_capture(_victim(lock), x, y, path, batch_size=1)
         paths[name] = path
     results = experiment.attack_captures(paths, str(tmp_path / "out"), attack="idlg",
                                          attack_options=dict(iterations=20, chunk=20), truth_images=x,
@@ -280,7 +280,7 @@ def _dlg_problem():
     victim = _victim(False, init="dlg")
     x, y = _images(1)
     attacker = model_lib.AttackerModel(model_lib.ServerView.from_model(victim), "none")
-    return attacker, targets.client_gradient(victim, x, y), x, y
+    return attacker, cases.client_gradient(victim, x, y), x, y
 
 
 @pytest.mark.parametrize("optimizer,iterations,chunks", [

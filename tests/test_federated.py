@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import tfkl
-from attacks import model as attack_model, targets
+from attacks import cases, model as attack_model, targets
 from tff_programs import contexts
 from tfkl import capture as capture_lib
 from tfkl import data, models, optimizers, private, training
@@ -122,7 +122,7 @@ def test_values_server_state_aggregate_and_captures_hold_no_secret(digits, tmp_p
     assert len(captures) == 6
     captured = [a for c in captures for a in c.global_weights + c.update]
     # The aggregate the server applied in round 2: the new global weights minus the ones it sent.
-    layout = simulation.SharedLayout(config.model_fn()(), process.parts)
+    layout = capture_lib.SharedLayout(config.model_fn()(), process.parts)
     new_global = layout.flatten(server_state["trainable"], server_state["non_trainable"])
     aggregate = [n - g for n, g in zip(new_global, captures[-1].global_weights)]
     assert any(np.abs(a).sum() > 0 for a in aggregate)
@@ -140,7 +140,7 @@ def test_values_server_state_aggregate_and_captures_hold_no_secret(digits, tmp_p
     assert meta["lock"] is True and meta["ground_truth"]["client_index"] == int(meta["client_id"])
     assert meta["num_steps"] == meta["local_epochs"] * int(np.ceil(meta["num_examples"] / config.batch_size))
     # The scorer's view: the very batches the client trained on, rebuilt from the meta alone.
-    batches = program.ground_truth_batches(meta, digits)
+    batches = cases.capture_user_data(meta, digits).batches
     assert len(batches) == meta["num_steps"] and sum(len(y) for _, y in batches) == meta["examples_processed"]
     client = program.client_partition(config, digits)[int(meta["client_id"])]
     assert sorted(np.concatenate([y for _, y in batches[:len(batches) // 2]])) == sorted(digits.y_train[client])
@@ -154,7 +154,7 @@ def test_attacker_replay_reproduces_a_tff_captured_update(algorithm, digits, tmp
     program.train(str(tmp_path), config, program.RunOptions(rounds=1, capture_rounds=(1,), progress=False),
                   dataset=digits)
     capture = capture_lib.load_capture(sorted(glob.glob(str(tmp_path / "captures" / "*.npz")))[0])
-    batches = program.ground_truth_batches(capture.meta, digits)
+    batches = cases.capture_user_data(capture.meta, digits).batches
     images = tf.constant(np.concatenate([x for x, _ in batches]))
     labels = tf.constant(np.concatenate([y for _, y in batches]))
     secret = None

@@ -69,12 +69,12 @@ flags.register_validator("tv", lambda v: v is None or v >= 0, "--tv must be non-
 def main(argv):
     common.check_no_positional_args(argv)
     try:
-        options = study.attack_options(_ATTACK.value, _ITERATIONS.value, _RESTARTS.value, _LEARNING_RATE.value, _TV.value,
-                                 _DISTANCE.value, _LABELS.value)
+        options = study.attack_options(_ATTACK.value, _ITERATIONS.value, _RESTARTS.value, _LEARNING_RATE.value,
+                                       _TV.value, _DISTANCE.value, _LABELS.value)
     except ValueError as e:
         common.fail(str(e))
     tf.get_logger().setLevel("ERROR")
-    from attacks import experiment
+    from attacks import cases, experiment
     if _CAPTURE.value:
         if not os.path.exists(_CAPTURE.value):
             common.fail(f"--capture {_CAPTURE.value} does not exist")
@@ -89,11 +89,14 @@ def main(argv):
         if not threats:
             common.fail(f"none of --threat={','.join(_THREAT.value)} applies to a "
                         f"{'locked' if locked else 'plain'} capture (use none, or fixed-key/adaptive)")
-        truth_images, truth_labels = (study.capture_ground_truth(capture, _DATA_DIR.value) if _SCORE.value
-                                      else None) or (None, None)
-        experiment.attack_captures({os.path.basename(_CAPTURE.value): _CAPTURE.value}, _OUT_DIR.value,
-                                   _ATTACK.value, options, truth_images=truth_images, truth_labels=truth_labels,
-                                   locked_threats=threats if locked else ("fixed-key",), seed=_SEED.value)
+        truth = cases.capture_user_data(capture.meta, data_dir=_DATA_DIR.value) if _SCORE.value else None
+        try:
+            experiment.attack_captures({os.path.basename(_CAPTURE.value): _CAPTURE.value}, _OUT_DIR.value,
+                                       _ATTACK.value, options, truth_images=truth.images if truth else None,
+                                       truth_labels=truth.labels if truth else None,
+                                       locked_threats=threats if locked else ("fixed-key",), seed=_SEED.value)
+        except capture_lib.CaptureFormatError as e:
+            common.fail(str(e))
         print(f"wrote {_OUT_DIR.value}/captures_grid.png and captures_metrics.json")
         return
     update_options = None

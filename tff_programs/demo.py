@@ -21,7 +21,7 @@ from absl import flags
 from absl import logging
 
 import attacks
-from attacks import study
+from attacks import cases
 from tff_programs import common
 from tff_programs import contexts
 from tfkl import capture as capture_lib
@@ -89,10 +89,10 @@ def attack_step(captures, out_dir, iterations):
     clients = {c.meta["client_id"] for c in loaded.values()}
     if len(clients) != 1:
         raise ValueError(f"the captures come from different clients {sorted(clients)}")
-    images, labels = study.capture_ground_truth(next(iter(loaded.values())))
+    truth = cases.capture_user_data(next(iter(loaded.values())).meta)
     return attacks.attack_captures(captures, out_dir, attack="idlg",
                                    attack_options={"iterations": iterations, "restarts": 2},
-                                   truth_images=images, truth_labels=labels, verbose=False)
+                                   truth_images=truth.images, truth_labels=truth.labels, verbose=False)
 
 
 def main(argv):

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tfkl import capture as capture_lib
 from tfkl import data as data_lib
 from tfkl import keys as keys_lib
 from tfkl import models, optimizers, private
@@ -324,22 +325,6 @@ _CLIENT_DATA_OPTIONS.experimental_optimization.apply_default_optimizations = Fal
 _CLIENT_DATA_OPTIONS.autotune.enabled = False
 
 
-def ground_truth_batches(meta, dataset=None):
-    """The batches a captured client trained on in its round, from the capture's `ground_truth`.
-
-    For scoring an attack only (the attacker never reads `ground_truth`). Returns a list of
-    (images, labels) numpy batches in training order, all local epochs included.
-    """
-    truth = meta["ground_truth"]
-    config = Config(dataset=truth["dataset"], data_dir=truth["data_dir"], input_shape=tuple(meta["input_shape"]),
-                    num_classes=int(meta["num_classes"]), num_clients=int(truth["num_clients"]),
-                    split=truth["split"], alpha=float(truth["alpha"]), seed=int(truth["split_seed"]),
-                    batch_size=int(meta["batch_size"]), local_epochs=int(meta["local_epochs"]))
-    dataset = dataset or data_lib.load(config.dataset, config.data_dir)
-    indices = client_partition(config, dataset)[int(truth["client_index"])]
-    return list(client_dataset(config, dataset, indices, int(truth["shuffle_seed"])).as_numpy_iterator())
-
-
 def _initial_key(config, store, client_id):
     """A new client's key; one already on disk comes from an initialisation interrupted before the
     server state was saved, and is kept."""
@@ -359,32 +344,6 @@ def _fail_after(dataset, steps):
                                                                message="injected client failure")]):
             return tf.nest.map_structure(tf.identity, batch)
     return dataset.enumerate().map(check)
-
-
-def _captures_round(options, round_num):
-    return "all" in options.capture_rounds or round_num in options.capture_rounds
-
-
-def capture_meta_fn(config, dataset_name, learning_rate, data_seeds, partition):
-    """The capture meta for one client: attacker-usable fields, and a separate ground-truth section."""
-    def meta(client_id):
-        return dict(
-            num_examples=int(len(partition[int(client_id)])),
-            algorithm=config.algorithm, model=config.model, input_shape=list(config.input_shape),
-            num_classes=config.num_classes, lock=config.locked, key_dim=config.key_dim, where=config.lock_where,
-            lock_init=config.lock_init, activation="relu",
-            normalization=config.normalization, init=config.init, batch_size=config.batch_size,
-            local_epochs=config.local_epochs, learning_rate=float(learning_rate), momentum=config.momentum,
-            nesterov=config.nesterov, weight_decay=config.weight_decay,
-            loss="sparse_categorical_crossentropy_from_logits_mean",
-            optimizer_state="persistent" if config.persist_optimizer_state else "fresh",
-            statistics=config.statistics, client_weighting=config.client_weighting,
-            ground_truth=dict(
-                note="for scoring an attack only; not attacker knowledge", dataset=dataset_name,
-                data_dir=config.data_dir, split=config.split, alpha=config.alpha, split_seed=config.seed,
-                num_clients=config.num_clients, client_index=int(client_id),
-                shuffle_seed=data_seeds[client_id], input_pipeline="tfkl.federated.program.client_dataset"))
-    return meta
 
 
 def train(root_dir, config, options, dataset=None):
@@ -416,7 +375,7 @@ def train(root_dir, config, options, dataset=None):
         logger.info("resuming %s after round %d", root_dir, start)
         if options.progress:
             print(f"resuming {root_dir} after round {start} (the last complete one)")
-    layout = simulation.SharedLayout(config.model_fn()(), process.parts)
+    layout = capture_lib.SharedLayout(config.model_fn()(), process.parts)
     cache_dir = os.path.join(os.path.abspath(root_dir), "client_data") if options.cache_client_data else None
     nan_at, fail_at = set(options.inject_nan), set(options.inject_failure)
     progress = tf.keras.utils.Progbar(options.rounds, stateful_metrics=["loss", "accuracy", "rejected",
@@ -441,9 +400,10 @@ def train(root_dir, config, options, dataset=None):
                 process, server_state, client_states, sampled, client_data, learning_rate)
         except simulation.RoundFailed as e:
             raise ProgramError(f"round {round_num}: {e}; fix the cause and run the same command again") from None
-        if capture and _captures_round(options, round_num):
-            simulation.save_captures(root_dir, round_num, layout, global_t, global_n, reports,
-                                     capture_meta_fn(config, dataset.name, learning_rate, seeds, partition))
+        if capture and capture_lib.captures_round(options.capture_rounds, round_num):
+            capture_lib.save_round_captures(root_dir, round_num, layout, global_t, global_n, reports,
+                                            capture_lib.run_meta_fn(config, dataset.name, learning_rate, seeds,
+                                                                    partition))
         metrics = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in metrics.items()}
         metrics.update(learning_rate=float(learning_rate), seconds=time.time() - started)
         # Released before the state is saved: a resumed round releases again, replacing its rows.

@@ -1,4 +1,4 @@
-"""The simulation driver: client sampling, per-client private state, dropouts and captures.
+"""The simulation driver: client sampling, per-client private state and dropouts.
 
 `run_round` executes one round of a `StatefulClientsProcess` for the sampled clients and keeps the
 returned private states per client id; clients whose computation fails mid-round are dropped from
@@ -9,9 +9,6 @@ import logging
 
 import grpc
 import numpy as np
-
-from tfkl import capture as capture_lib
-from tfkl import private
 
 logger = logging.getLogger(__name__)
 
@@ -29,24 +26,6 @@ def sample_clients(num_clients, clients_per_round, seed, round_num):
 def data_seed(seed, round_num, client_id):
     """The shuffle seed of one client's data in one round."""
     return int(np.random.default_rng([int(seed), int(round_num), int(client_id), 0xD47A]).integers(2**31 - 1))
-
-
-class SharedLayout:
-    """Maps the process's (trainable, non_trainable) shared lists to `tfkl.shared_variables` order."""
-
-    def __init__(self, model, parts):
-        trainable_pos = {id(model.trainable_variables[i]): ("t", k) for k, i in enumerate(parts.trainable)}
-        non_trainable_pos = {id(model.non_trainable_variables[i]): ("n", k)
-                             for k, i in enumerate(parts.non_trainable)}
-        positions = {**trainable_pos, **non_trainable_pos}
-        shared = private.shared_variables(model) if parts.locked else list(model.variables)
-        self.order = [positions[id(v)] for v in shared]
-        self.names = [v.name for v in shared]
-        self.trainable = [kind == "t" for kind, _ in self.order]
-
-    def flatten(self, trainable, non_trainable):
-        lists = {"t": list(trainable), "n": list(non_trainable)}
-        return [np.asarray(lists[kind][k]) for kind, k in self.order]
 
 
 def run_round(process, server_state, client_states, client_ids, client_data_fn, learning_rate):
@@ -95,24 +74,3 @@ def _completes(next_round, client_id):
     except grpc.RpcError as error:
         logger.warning("client %s failed mid-round and is dropped: %s", client_id, _first_line(error))
         return False
-
-
-def save_captures(root_dir, round_num, layout, global_trainable, global_non_trainable, reports, meta_fn):
-    """Writes what a curious server received from each accepted client this round (tfkl.capture).
-
-    `meta_fn(client_id)` gives the run's fields and the client's `num_examples` (its data set size).
-    """
-    global_weights = layout.flatten(global_trainable, global_non_trainable)
-    paths = []
-    for client_id, report in reports.items():
-        if not report["accepted"]:
-            continue
-        update = report["update"]
-        non_trainable = update["non_trainable"] or [np.zeros_like(w) for w in global_non_trainable]
-        meta = dict(meta_fn(client_id), round=int(round_num), client_id=str(client_id),
-                    num_steps=int(report["num_steps"]), examples_processed=int(report["num_examples"]),
-                    variable_names=layout.names, trainable=layout.trainable)
-        path = capture_lib.capture_path(root_dir, round_num, client_id)
-        capture_lib.save_capture(path, meta, global_weights, layout.flatten(update["trainable"], non_trainable))
-        paths.append(path)
-    return paths
