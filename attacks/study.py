@@ -10,7 +10,7 @@ import numpy as np
 
 from attacks import cases, experiment
 from attacks.model import THREATS
-from tfkl import data, optimizers, training
+from tfkl import data, models, optimizers, training
 
 ATTACK_NAMES = tuple(experiment.ATTACKS)
 
@@ -41,16 +41,10 @@ def load_data(dataset_name, data_dir=None):
     return data.load(dataset_name, data_dir)
 
 
-def input_shape_for(model_name, dataset):
-    """32x32 for LeNet/ResNet-20/32, 224 for the larger models; channels follow the data."""
-    size = 32 if model_name in ("lenet", "resnet20", "resnet32") else 224
-    return (size, size, int(dataset.x_train.shape[-1]))
-
-
 def load_images(dataset_name, model_name, num_images, offset=0, data_dir=None):
     """(dataset, input_shape, images [N, H, W, C] in [0, 1], labels [N]) from the training split."""
     dataset = load_data(dataset_name, data_dir)
-    input_shape = input_shape_for(model_name, dataset)
+    input_shape = models.input_shape(model_name, dataset)
     if offset + num_images > len(dataset.x_train):
         raise ValueError(f"offset + num_images exceeds the {len(dataset.x_train)} training images")
     images = data.preprocess(dataset.x_train[offset:offset + num_images], input_shape).numpy()
