@@ -14,7 +14,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from attacks import cases, dlg, grnn, ig, metrics
+from attacks import cases, dlg, grids, grnn, ig, metrics
 from attacks import model as model_lib
 from tfkl import capture as capture_lib
 
@@ -145,8 +145,6 @@ def attack_captures(captures, out_dir, attack="ig", attack_options=None, truth_i
     if {"oracle", "adaptive-key"} & set(locked_threats):
         raise ValueError("a capture holds no secret: 'oracle' and 'adaptive-key' cannot attack it")
     results, grid_rows, table_rows = {}, [], []
-    if truth_images is not None:
-        grid_rows.append(("truth", np.asarray(truth_images)))
     for name, path in captures.items():
         capture = capture_lib.load_capture(path)
         payload = cases.Payload.from_capture(capture)
@@ -168,7 +166,12 @@ def attack_captures(captures, out_dir, attack="ig", attack_options=None, truth_i
             grid_rows.append((setting, images))
             results[setting] = entry
     os.makedirs(out_dir, exist_ok=True)
-    save_grid(os.path.join(out_dir, "captures_grid.png"), grid_rows)
+    if truth_images is not None:
+        grids.save_labelled_grid(os.path.join(out_dir, "captures_grid.png"), truth_images,
+                                 [(setting, images, results[setting]["per_image"]) for setting, images in grid_rows],
+                                 truth_labels=truth_labels)
+    else:
+        save_grid(os.path.join(out_dir, "captures_grid.png"), grid_rows)
     with open(os.path.join(out_dir, "captures_metrics.json"), "w") as f:
         json.dump(results, f, indent=2)
     if table_rows:

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from attacks import cases, experiment
+from attacks import cases, experiment, grids
 from attacks.model import THREATS
 from tfkl import data, models, optimizers, training
 
@@ -98,11 +98,11 @@ def run(attack, threats, model, dataset, num_images, batch_size=1, offset=0, tar
     report = dict(settings=settings, results=experiment.json_ready(results), table=table)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        rows = [("truth", images)] + [(t, np.concatenate(
+        rows = [(t, np.concatenate(
             [rec.images[experiment.metrics.match_order(rec.images, images[i * batch_size:(i + 1) * batch_size])]
-             if batch_size > 1 else rec.images for i, rec in enumerate(r["reconstructions"])]))
+             if batch_size > 1 else rec.images for i, rec in enumerate(r["reconstructions"])]), r["per_image"])
             for t, r in results.items()]
-        experiment.save_grid(os.path.join(out_dir, "grid.png"), rows)
+        grids.save_labelled_grid(os.path.join(out_dir, "grid.png"), images, rows, truth_labels=labels)
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(report, f, indent=2)
         with open(os.path.join(out_dir, "table.txt"), "w") as f:
