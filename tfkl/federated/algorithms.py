@@ -134,6 +134,9 @@ def build_stateful_clients_process(model_fn, client_optimizer, server_optimizer=
         `DifferentiallyPrivateFactory.gaussian_fixed`) needs client_weighting='uniform'.
       client_update_transform: a TF function applied to each client's shared update (a structure of
         tensors) before it is sent, e.g. `prune_smallest(0.9)`.
+
+    Returns:
+      A `StatefulClientsProcess`.
     """
     weighting = _client_weighting(client_weighting)
     if statistics not in STATISTICS:
