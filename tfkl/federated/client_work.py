@@ -1,0 +1,195 @@
+"""A FedKL/FedAvg round's client work and server update in plain TensorFlow (no TFF).
+
+As in TFF's stateful-clients example, these functions hold the algorithm and `algorithms` places
+them with TFF. A client's private state is an OrderedDict:
+  key: [its key] (FedKL; one key serves every lock of the model) or [] (FedAvg),
+  lock: its lock weights (see `ModelParts.split`), [] for FedAvg,
+  optimizer: its optimizer's momentum buffers for all its trainable variables (lock included), or []
+    when the optimizer starts afresh each round,
+  statistics: its own moving statistics, or [] when it uses the server's averaged ones.
+`client_update` trains from the server's shared weights and returns the new private state next to
+the shared update it sends; `server_update` applies the mean shared update to the server state.
+"""
+
+import collections
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+from tfkl import keys, private
+from tfkl.optimizers import LEARNING_RATE, MOMENTUM_BUFFERS
+from tfkl.training import classification_loss
+
+
+class ModelParts:
+    """Index positions of a model's variables in the private/shared split (stable per model_fn)."""
+
+    def __init__(self, model):
+        priv = {id(v) for v in private.private_variables(model)} if private.lock_layers(model) else set()
+        self.trainable = [i for i, v in enumerate(model.trainable_variables) if id(v) not in priv]
+        self.non_trainable = [i for i, v in enumerate(model.non_trainable_variables) if id(v) not in priv]
+        self.locked = bool(priv)
+
+    def split(self, model):
+        """(shared trainable, shared non-trainable, keys, lock weights) variables of `model`.
+
+        Keys: every lock's key variable (a client sets the same key in all of them); lock weights:
+        (scale kernel, scale bias, shift kernel, shift bias) of each lock in turn."""
+        trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
+        shared_t = [trainable[i] for i in self.trainable]
+        shared_n = [non_trainable[i] for i in self.non_trainable]
+        locks = private.lock_layers(model)
+        return (shared_t, shared_n, [lock.key for lock in locks],
+                [w for lock in locks for w in (lock.scale_kernel, lock.scale_bias, lock.shift_kernel, lock.shift_bias)])
+
+
+def initial_client_state(model, key=None, lock=None, *, persist_optimizer_state, keep_statistics):
+    """A client's first private state (numpy): its `key` (FedKL), `lock` weights of its own or else
+    `model`'s (as in the paper), zero momentum buffers and `model`'s statistics (when it keeps them)."""
+    _, shared_n, key_vars, lock_vars = ModelParts(model).split(model)
+    if bool(key_vars) == (key is None):
+        raise ValueError("a FedKL client needs a key" if key_vars else "a FedAvg client has no key")
+    model_lock = [v.numpy() for v in lock_vars]
+    if lock is not None and [np.shape(w) for w in lock] != [w.shape for w in model_lock]:
+        raise ValueError(f"lock weights of shapes {[np.shape(w) for w in lock]} do not fit the model's "
+                         f"{[w.shape for w in model_lock]}")
+    return collections.OrderedDict(
+        key=[keys.validate_key(key, key_vars[0].shape[0])] if key_vars else [],
+        lock=[np.array(a, np.float32) for a in (model_lock if lock is None else lock)],
+        optimizer=[np.zeros(v.shape, v.dtype.as_numpy_dtype) for v in model.trainable_variables]
+        if persist_optimizer_state else [],
+        statistics=[v.numpy() for v in shared_n] if keep_statistics else [])
+
+
+class ClientOutput(NamedTuple):
+    """What `client_update` returns.
+
+    update: the shared update (OrderedDict trainable=..., non_trainable=... deltas; no statistics
+      delta when the client keeps its own), zero when rejected; it goes to the aggregator,
+    weight: its aggregation weight (examples or 1; 0 when rejected or without data),
+    client_state: the new private state (the old one when rejected); it stays at the client,
+    metrics: sums over the accepted clients (loss_sum, correct, num_examples, clients_accepted,
+      clients_rejected),
+    report: num_examples, num_steps and accepted, for the driver.
+    """
+    update: collections.OrderedDict
+    weight: tf.Tensor
+    client_state: collections.OrderedDict
+    metrics: collections.OrderedDict
+    report: collections.OrderedDict
+
+
+@tf.function  # automatic control dependencies order the assignments, the steps and the reads
+def client_update(model, optimizer, global_weights, learning_rate, dataset, state, *, weight_by_examples,
+                  update_transform=None):
+    """Trains `model` on `dataset` from the server's shared weights with the client's private `state`.
+
+    Args:
+      model: a new Keras model from the process's model_fn (its variables are overwritten).
+      optimizer: a `tfkl.optimizers.TorchSGD` (protocol initialize/next with momentum buffers).
+      global_weights: OrderedDict(trainable=..., non_trainable=...) of the shared weights.
+      learning_rate: this round's learning rate (scalar).
+      dataset: the client's batches of (images, labels).
+      state: the client's private state (see the module docstring); what it holds decides whether
+        the momentum buffers persist and whether the moving statistics stay local.
+      weight_by_examples: weight the update by the client's examples (else 1).
+      update_transform: applied to the shared update before it is sent (e.g. `prune_smallest`).
+
+    Returns:
+      A `ClientOutput`. A client whose update, new state or loss is not finite is rejected: zero
+      update and weight, its old state kept.
+    """
+    trainable, non_trainable, key_vars, lock_vars = ModelParts(model).split(model)
+    keep_statistics = bool(state["statistics"])
+    persist_optimizer_state = bool(state["optimizer"])
+    loss_fn = classification_loss()
+    variables = model.trainable_variables
+    for variable, value in zip(trainable, global_weights["trainable"]):
+        variable.assign(value)
+    own_statistics = state["statistics"] if keep_statistics else global_weights["non_trainable"]
+    own_keys = list(state["key"]) * len(key_vars)
+    for variable, value in zip(non_trainable + key_vars + lock_vars,
+                               list(own_statistics) + own_keys + list(state["lock"])):
+        variable.assign(value)
+    if persist_optimizer_state:
+        buffers = list(state["optimizer"])
+    else:
+        buffers = optimizer.initialize([tf.TensorSpec(v.shape, v.dtype) for v in variables])[MOMENTUM_BUFFERS]
+
+    def step(carry, batch):
+        buffers, loss_sum, correct, count, steps = carry
+        images, labels = batch
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            loss = loss_fn(labels, logits)
+        gradients = tape.gradient(loss, variables)
+        opt_state = {LEARNING_RATE: learning_rate, MOMENTUM_BUFFERS: buffers}
+        opt_state, new_weights = optimizer.next(opt_state, [v.read_value() for v in variables], gradients)
+        with tf.control_dependencies([v.assign(w) for v, w in zip(variables, new_weights)]):
+            n = tf.shape(labels)[0]
+            predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
+            return (tuple(opt_state[MOMENTUM_BUFFERS]), loss_sum + loss * tf.cast(n, tf.float32),
+                    correct + tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.int64)),
+                    count + tf.cast(n, tf.int64), steps + 1)
+
+    buffers, loss_sum, correct, count, steps = dataset.reduce(
+        (tuple(buffers), tf.constant(0.0), tf.constant(0, tf.int64), tf.constant(0, tf.int64),
+         tf.constant(0, tf.int64)), step)
+    update = collections.OrderedDict(
+        trainable=[v - w for v, w in zip(trainable, global_weights["trainable"])],
+        non_trainable=[] if keep_statistics else
+        [v - w for v, w in zip(non_trainable, global_weights["non_trainable"])])
+    if update_transform is not None:
+        update = update_transform(update)
+    new_state = collections.OrderedDict(
+        key=list(state["key"]), lock=[v.read_value() for v in lock_vars],
+        optimizer=list(buffers) if persist_optimizer_state else [],
+        statistics=[v.read_value() for v in non_trainable] if keep_statistics else [])
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in
+                            tf.nest.flatten(update) + tf.nest.flatten(new_state) + [loss_sum]])
+    update = tf.nest.map_structure(lambda u: tf.where(finite, u, tf.zeros_like(u)), update)
+    new_state = tf.nest.map_structure(lambda n, o: tf.where(finite, n, o), new_state, state)
+    base_weight = tf.cast(count, tf.float32) if weight_by_examples else tf.constant(1.0)
+    weight = tf.where(finite & (count > 0), base_weight, 0.0)
+    accepted = tf.cast(weight > 0, tf.int64)
+    metrics = collections.OrderedDict(
+        loss_sum=tf.where(finite, loss_sum, 0.0) * tf.cast(accepted, tf.float32),
+        correct=correct * accepted, num_examples=count * accepted, clients_accepted=accepted,
+        clients_rejected=1 - accepted)
+    report = collections.OrderedDict(num_examples=count, num_steps=steps, accepted=accepted > 0)
+    return ClientOutput(update, weight, new_state, metrics, report)
+
+
+def initial_server_state(model, server_optimizer):
+    """The server's first state: `model`'s shared weights, the optimizer's state and round 0."""
+    trainable, non_trainable, _, _ = ModelParts(model).split(model)
+    return collections.OrderedDict(
+        trainable=[v.read_value() for v in trainable], non_trainable=[v.read_value() for v in non_trainable],
+        optimizer=server_optimizer.initialize([tf.TensorSpec(v.shape, v.dtype) for v in trainable]),
+        round_num=tf.constant(0, tf.int32))
+
+
+def server_update(server_optimizer, server_state, mean_update):
+    """Applies the clients' mean shared update to the server state (its keys as `initial_server_state`).
+
+    The server optimizer takes the negated mean update as its gradient (SGD(1.0) is FedAvg); the
+    mean statistics delta is added to the statistics; without one (statistics kept local) they stay.
+    """
+    opt_state, new_weights = server_optimizer.next(server_state["optimizer"], list(server_state["trainable"]),
+                                                   [-u for u in mean_update["trainable"]])
+    if mean_update["non_trainable"]:
+        non_trainable = [w + u for w, u in zip(server_state["non_trainable"], mean_update["non_trainable"])]
+    else:
+        non_trainable = list(server_state["non_trainable"])
+    return collections.OrderedDict(trainable=list(new_weights), non_trainable=non_trainable, optimizer=opt_state,
+                                   round_num=server_state["round_num"] + 1)
+
+
+def round_metrics(metric_sums):
+    """The round's metrics from the sums of the clients' `ClientOutput.metrics`."""
+    examples = tf.cast(tf.maximum(metric_sums["num_examples"], 1), tf.float32)
+    return collections.OrderedDict(
+        loss=metric_sums["loss_sum"] / examples, accuracy=tf.cast(metric_sums["correct"], tf.float32) / examples,
+        num_examples=metric_sums["num_examples"], clients_accepted=metric_sums["clients_accepted"],
+        clients_rejected=metric_sums["clients_rejected"])
