@@ -88,8 +88,8 @@ def save_labelled_grid(path, truth, rows, truth_labels=None, scale=4, align=True
             place(row, column, shown[column], caption, RECOVERED_COLOUR if recovered[column] else "black")
     threshold = metrics.CRITERIA["ssim"][1]
     figure.text(PAD / grid_width, (FOOTER_HEIGHT / 2) / grid_height,
-                f"under each reconstruction: aligned PSNR and SSIM; green = recovered (aligned SSIM >= {threshold})"
-                + ("; shown after the affine fit" if align else ""), ha="left", va="center", fontsize=FONT_SIZE)
+                f"aligned PSNR, SSIM; green: SSIM >= {threshold}" + ("; images after the affine fit" if align else ""),
+                ha="left", va="center", fontsize=FONT_SIZE)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path) as f:
         figure.savefig(f, format="png", dpi=DPI)
