@@ -5,6 +5,9 @@ hyperparameters; `reconstruct(target)` takes what a curious server holds (the gl
 view, one captured gradient or update as a `Target`) and returns images, labels and a history.
 """
 
+import tfkl  # first: tf.keras is Keras 2 on every TensorFlow, see tfkl/_keras.py
+
+# isort: split
 from attacks.base import Reconstruction
 from attacks.dlg import DLG, IDLG
 from attacks.experiment import ATTACKS, attack_captures, build_attack, run_threats

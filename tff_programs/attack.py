@@ -111,5 +111,10 @@ def main(argv):
     print(f"wrote {_OUT_DIR.value}/grid.png, metrics.json and table.txt")
 
 
-if __name__ == "__main__":
+def run():
+    """The `tfkl-attack` console script."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

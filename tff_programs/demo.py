@@ -134,5 +134,10 @@ def main(argv):
     print(f"demo done in {time.time() - started:.0f} s; results in {_ROOT_DIR.value}/*/evaluation.json")
 
 
-if __name__ == "__main__":
+def run():
+    """The `tfkl-demo` console script."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

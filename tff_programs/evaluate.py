@@ -62,5 +62,10 @@ def main(argv):
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
+def run():
+    """The `tfkl-evaluate` console script."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -170,5 +170,10 @@ def main(argv):
     print(f"done: {_ROOT_DIR.value} at round {_ROUNDS.value}")
 
 
-if __name__ == "__main__":
+def run():
+    """The `tfkl-train` console script."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

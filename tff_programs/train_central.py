@@ -79,5 +79,10 @@ def main(argv):
             json.dump(results, f, indent=2)
 
 
-if __name__ == "__main__":
+def run():
+    """The `tfkl-train-central` console script."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -66,5 +66,10 @@ def main(argv):
                       f"--grpc_max_message_length_megabytes={_MAX_MESSAGE_MB.value}"])
 
 
-if __name__ == "__main__":
+def run():
+    """The `tfkl-worker` console script."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,5 +1,9 @@
 """tfkl: FedKL key-lock defence for Keras and TensorFlow Federated."""
 
+from tfkl import _keras  # first: makes tf.keras Keras 2 on TensorFlow >= 2.16
+
+# isort: split
+from tfkl.version import __version__
 from tfkl.keylock import KeyLock
 from tfkl.keys import KeyFormatError, generate_key, load_key, save_key, validate_key
 from tfkl.private import (export_shared, get_key, load_shared, lock_layers, private_variables, set_key,
@@ -8,6 +12,6 @@ from tfkl.secure import secure
 from tfkl import data, models, optimizers, training
 
 __all__ = [
-    "KeyLock", "KeyFormatError", "generate_key", "load_key", "save_key", "validate_key", "export_shared",
-    "get_key", "load_shared", "lock_layers", "private_variables", "set_key", "shared_variables", "secure",
+    "__version__", "KeyLock", "KeyFormatError", "generate_key", "load_key", "save_key", "validate_key",
+    "export_shared", "get_key", "load_shared", "lock_layers", "private_variables", "set_key", "shared_variables", "secure",
 ]
