@@ -111,10 +111,5 @@ def main(argv):
     print(f"wrote {_OUT_DIR.value}/grid.png, metrics.json and table.txt")
 
 
-def run():
-    """The `tfkl-attack` console script."""
-    app.run(main)
-
-
 if __name__ == "__main__":
-    run()
+    app.run(main)

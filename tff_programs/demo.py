@@ -134,10 +134,5 @@ def main(argv):
     print(f"demo done in {time.time() - started:.0f} s; results in {_ROOT_DIR.value}/*/evaluation.json")
 
 
-def run():
-    """The `tfkl-demo` console script."""
-    app.run(main)
-
-
 if __name__ == "__main__":
-    run()
+    app.run(main)

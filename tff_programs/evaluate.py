@@ -62,10 +62,5 @@ def main(argv):
     print(f"wrote {out}")
 
 
-def run():
-    """The `tfkl-evaluate` console script."""
-    app.run(main)
-
-
 if __name__ == "__main__":
-    run()
+    app.run(main)

@@ -170,10 +170,5 @@ def main(argv):
     print(f"done: {_ROOT_DIR.value} at round {_ROUNDS.value}")
 
 
-def run():
-    """The `tfkl-train` console script."""
-    app.run(main)
-
-
 if __name__ == "__main__":
-    run()
+    app.run(main)

@@ -79,10 +79,5 @@ def main(argv):
             json.dump(results, f, indent=2)
 
 
-def run():
-    """The `tfkl-train-central` console script."""
-    app.run(main)
-
-
 if __name__ == "__main__":
-    run()
+    app.run(main)

@@ -66,10 +66,5 @@ def main(argv):
                       f"--grpc_max_message_length_megabytes={_MAX_MESSAGE_MB.value}"])
 
 
-def run():
-    """The `tfkl-worker` console script."""
-    app.run(main)
-
-
 if __name__ == "__main__":
-    run()
+    app.run(main)
