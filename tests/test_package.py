@@ -23,8 +23,7 @@ SCRIPTS = PYPROJECT["project"]["scripts"]
 def _python(code, **env):
     """Runs `code` in a fresh interpreter that imports this checkout; returns its CompletedProcess."""
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2", **env}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
 def test_version_is_single_sourced():
@@ -63,8 +62,9 @@ def test_console_script_resolves_to_a_callable(name):
 
 
 def test_attack_script_prints_its_flags():
-    result = _python("import sys; from tff_programs import scripts; sys.argv = ['tfkl-attack', '--help']; "
-                     "scripts.attack()")
+    result = _python(
+        "import sys; from tff_programs import scripts; sys.argv = ['tfkl-attack', '--help']; scripts.attack()"
+    )
     assert "--attack" in result.stdout and "--threat" in result.stdout, result.stderr[-2000:]  # absl exits 1
 
 
@@ -83,8 +83,10 @@ def test_federated_extra_pins_agree_with_requirements():
 
 
 def test_federated_import_error_names_the_extra():
-    result = _python("import sys\nsys.modules['tensorflow_federated'] = None\n"
-                     "try:\n    import tfkl.federated\nexcept ImportError as e:\n    print(e)\n")
+    result = _python(
+        "import sys\nsys.modules['tensorflow_federated'] = None\n"
+        "try:\n    import tfkl.federated\nexcept ImportError as e:\n    print(e)\n"
+    )
     message = result.stdout.strip()
     assert len(message.splitlines()) == 1, result.stdout + result.stderr[-2000:]
     assert "`federated` extra" in message and "Python 3.9-3.11" in message and "TensorFlow 2.14" in message

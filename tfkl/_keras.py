@@ -15,5 +15,7 @@ try:
 except ImportError as e:
     raise ImportError(f"tfkl needs Keras 2: on TensorFlow {tf.__version__} run `pip install tf_keras` ({e})") from None
 if _KERAS_MAJOR >= 3:
-    raise ImportError(f"tfkl needs Keras 2 but tf.keras is Keras {tf.keras.__version__}: install tf_keras and set "
-                      "TF_USE_LEGACY_KERAS=1 before TensorFlow is imported (or import tfkl first)")
+    raise ImportError(
+        f"tfkl needs Keras 2 but tf.keras is Keras {tf.keras.__version__}: install tf_keras and set "
+        "TF_USE_LEGACY_KERAS=1 before TensorFlow is imported (or import tfkl first)"
+    )
