@@ -50,7 +50,8 @@ $(LATEST_STAMP): requirements-latest.txt pyproject.toml
 	@test -n "$(LATEST_PYTHON)" || { echo "error: no python3.13 found (set LATEST_PYTHON=...)"; exit 1; }
 	$(LATEST_PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
-	$(LATEST_VENV)/bin/pip install -q -c requirements-latest.txt -e ".[dev]"
+	# tensorflow-datasets: tfkl.data's optional source='tfds' (tests/test_data.py)
+	$(LATEST_VENV)/bin/pip install -q -c requirements-latest.txt -e ".[dev]" tensorflow-datasets
 	touch $@
 
 latest-venv: $(LATEST_STAMP)
