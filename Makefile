@@ -6,14 +6,16 @@ STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv data demo test test-all clean torch-venv bench report
+.PHONY: venv data demo test test-all clean torch-venv bench report lint latest-venv test-core-latest
 
-$(STAMP): requirements.txt requirements-tff.txt
+$(STAMP): requirements.txt requirements-tff.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements.txt
 	# TFF 0.87.0 pins jaxlib==0.4.14, gone from PyPI: install it without its resolver.
 	$(VENV)/bin/pip install -q --no-deps -r requirements-tff.txt
+	# tfkl itself (editable): the console scripts tfkl-train, tfkl-attack, ... and imports without PYTHONPATH.
+	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
 venv: $(STAMP)
@@ -29,6 +31,33 @@ test: venv data
 
 test-all: venv data
 	$(PY) -m pytest -q -m "" tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# The core (tfkl without tfkl.federated, attacks) on today's TensorFlow with tf_keras, in its own venv on the newest
+# Python that TensorFlow supports (a python3.13 on PATH, else pyenv's): requirements-latest.txt.
+LATEST_VENV ?= .venv-latest
+LATEST_STAMP := $(LATEST_VENV)/.installed
+LATEST_PYTHON ?= $(shell (python3.13 -c 'import sys; print(sys.executable)' || \
+	PYENV_VERSION=$$(pyenv versions --bare | grep '^3\.13' | tail -1) python3.13 -c 'import sys; print(sys.executable)') \
+	2>/dev/null)
+CORE_TESTS := tests/test_package.py tests/test_keylock.py tests/test_secure_and_models.py tests/test_attacks.py \
+	tests/test_lbfgs.py tests/test_data.py tests/test_attack_binary.py tests/test_train_central.py
+
+$(LATEST_STAMP): requirements-latest.txt pyproject.toml
+	@test -n "$(LATEST_PYTHON)" || { echo "error: no python3.13 found (set LATEST_PYTHON=...)"; exit 1; }
+	$(LATEST_PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+	# tensorflow-datasets: tfkl.data's optional source='tfds' (tests/test_data.py)
+	$(LATEST_VENV)/bin/pip install -q -c requirements-latest.txt -e ".[dev]" tensorflow-datasets
+	touch $@
+
+latest-venv: $(LATEST_STAMP)
+
+test-core-latest: latest-venv data
+	$(LATEST_VENV)/bin/python -m pytest -q $(CORE_TESTS)
 
 # PyTorch for the comparison benchmarks only, in its own venv (never in $(VENV)).
 TORCH_VENV ?= .venv-torch
@@ -50,7 +79,7 @@ report: venv
 	$(PY) -m benchmarks.report
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) runs .pytest_cache *.egg-info build
 
 # Remote TFF workers (docs/workers.md): start them, then pass the printed --workers=... to
 # tff_programs.train / evaluate; stop them by PID with SIGTERM. PIDs and logs go to $(WORKER_DIR).

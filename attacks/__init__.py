@@ -6,6 +6,9 @@ view, one captured gradient or update as a `Target`) and returns images, labels 
 Simulated victims, and the true data only scoring reads, are in `attacks.cases`.
 """
 
+import tfkl  # first: tf.keras is Keras 2 on every TensorFlow, see tfkl/_keras.py
+
+# isort: split
 from attacks.base import Reconstruction
 from attacks.cases import Payload, UserData, client_gradient, client_update_capture
 from attacks.dlg import DLG, IDLG
