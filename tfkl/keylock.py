@@ -101,14 +101,18 @@ def keylock_apply(inputs, gamma, beta, statistics=None, *, normalization="batch"
 
 
 def _batch_lock(inputs, gamma, beta, statistics, training, momentum, epsilon):
-    """keylock_apply's normalization='batch': one fused kernel per pass, for features of any rank."""
+    """keylock_apply's normalization='batch': one fused kernel per pass, for features of any rank.
+
+    FusedBatchNormV3 is the kernel Keras' BatchNormalization runs (through `tf.compat.v1`); its public
+    `tf.raw_ops` form keeps PyTorch's unbiased moving variance, which Keras' layer does not.
+    """
     features = inputs if inputs.shape.rank == 4 else tf.reshape(inputs, [-1, 1, 1, inputs.shape[-1]])
     mean, variance = statistics
     outputs, mean, variance = tf.raw_ops.FusedBatchNormV3(
         x=features, scale=tf.cast(gamma, tf.float32), offset=tf.cast(beta, tf.float32), mean=mean, variance=variance,
         epsilon=epsilon, exponential_avg_factor=1.0 - momentum if training else 1.0, is_training=training)[:3]
     outputs = outputs if inputs.shape.rank == 4 else tf.reshape(outputs, tf.shape(inputs))
-    return outputs, (mean, variance) if training else statistics
+    return outputs, ((mean, variance) if training else statistics)
 
 
 @tf.keras.utils.register_keras_serializable(package="tfkl")
