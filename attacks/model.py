@@ -15,7 +15,7 @@ import tensorflow as tf
 from tfkl import capture as capture_lib
 from tfkl import keys as keys_lib
 from tfkl import private
-from tfkl.keylock import KeyLock, lock_affine
+from tfkl.keylock import KeyLock, keylock_apply, lock_affine
 from tfkl.secure import _map_arguments
 
 THREATS = ("none", "fixed-key", "adaptive", "adaptive-key", "oracle")
@@ -232,16 +232,11 @@ class AttackerModel:
             beta = self._w(weights, layer.beta) if layer.center else None
             return tf.nn.batch_normalization(x, mean, variance, beta, gamma, layer.epsilon)
         if isinstance(layer, KeyLock):
-            gamma, beta = locks[layer.name]
+            statistics = None
             if layer.normalization == "batch":
-                if training:
-                    mean, variance = tf.nn.moments(x, list(range(x.shape.rank - 1)))
-                else:
-                    mean, variance = self._w(weights, layer.moving_mean), self._w(weights, layer.moving_variance)
-                normalized = tf.nn.batch_normalization(x, mean, variance, None, None, layer.epsilon)
-            else:
-                normalized = layer.normalize(x)  # per-sample normalisations hold no state
-            return gamma * normalized + beta
+                statistics = self._w(weights, layer.moving_mean), self._w(weights, layer.moving_variance)
+            return keylock_apply(x, *locks[layer.name], statistics, normalization=layer.normalization,
+                                 training=training, groups=layer.groups, epsilon=layer.epsilon)[0]
         if isinstance(layer, tf.keras.layers.Dropout):
             return x  # the client's dropout mask is unknowable; the attacker runs without it
         if isinstance(layer, _WEIGHTLESS):

@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 import tfkl
-from tfkl.keylock import KeyLock
+from attacks import model as attacks_model
+from tfkl.keylock import KeyLock, keylock_apply
 
 
 def _lock_model(normalization="batch", key_dim=8, channels=4, activation="relu"):
@@ -98,6 +99,81 @@ def test_fused_batch_lock_matches_the_op_by_op_block(shape, activation, training
                       0.9 * statistics[1] + 0.1 * values.var(0) * count / (count - 1)]
     _assert_close(layer.moving_mean.numpy(), statistics[0], 1e-6)
     _assert_close(layer.moving_variance.numpy(), statistics[1], 1e-6)
+
+
+def test_a_frozen_lock_uses_and_keeps_its_moving_statistics_in_training():
+    """As Keras' BatchNormalization: trainable=False means inference mode, whatever `training` says."""
+    layer = _randomized_lock((8, 5, 5, 6), "relu")
+    x = tf.constant(np.random.default_rng(6).normal(size=(8, 5, 5, 6)).astype(np.float32) * 2 + 0.5)
+    statistics = [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
+    inference = layer(x, training=False).numpy()
+    layer.trainable = False
+    np.testing.assert_array_equal(layer(x, training=True).numpy(), inference)
+    np.testing.assert_array_equal(tf.function(lambda t: layer(t, training=True))(x).numpy(), inference)
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), statistics[0])
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), statistics[1])
+    layer.trainable = True
+    assert np.abs(layer(x, training=True).numpy() - inference).max() > 1e-2
+    assert not np.array_equal(layer.moving_mean.numpy(), statistics[0])
+
+
+def test_input_spec_and_output_shape():
+    layer = KeyLock(key_dim=4)
+    layer(np.ones((2, 3, 3, 5), np.float32))
+    assert layer.compute_output_shape((None, 3, 3, 5)) == (None, 3, 3, 5)
+    with pytest.raises(ValueError, match="axis -1"):
+        layer(np.ones((2, 3, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="ndim"):
+        KeyLock(key_dim=4)(np.ones((5,), np.float32))
+
+
+@pytest.fixture
+def mixed_float16():
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    tf.keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("normalization", ["batch", "group", "layer", "none"])
+def test_lock_computes_in_float16_with_float32_variables_under_mixed_precision(mixed_float16, normalization):
+    layer = KeyLock(key_dim=8, normalization=normalization)
+    x = np.random.default_rng(7).normal(size=(4, 5, 5, 6)).astype(np.float32)
+    for training in (True, False):
+        out = layer(x, training=training)
+        assert out.dtype == tf.float16 and np.all(np.isfinite(out.numpy()))
+    assert layer.compute_dtype == "float16" and all(v.dtype == tf.float32 for v in layer.weights)
+    if normalization == "batch":  # the statistics moved, in float32
+        assert np.any(layer.moving_mean.numpy() != 0) and layer.moving_mean.dtype == tf.float32
+
+
+def test_locked_lenet_trains_a_step_under_mixed_precision(mixed_float16):
+    model = tfkl.models.build("lenet", (32, 32, 1), 10, lock=True, seed=0, key_dim=64)
+    lock = model.get_layer("conv1_keylock")
+    assert lock.compute_dtype == "float16" and lock.scale_kernel.dtype == tf.float32
+    kernel_before = lock.scale_kernel.numpy().copy()
+    trainer = tfkl.training.Trainer(model, tfkl.optimizers.TorchSGD(0.01))
+    x = np.random.default_rng(8).random((8, 32, 32, 1), np.float32)
+    loss = trainer.train_step(x, np.arange(8) % 10)
+    assert np.isfinite(float(loss))
+    assert not np.array_equal(lock.scale_kernel.numpy(), kernel_before)
+
+
+@pytest.mark.parametrize("normalization", ["batch", "group"])
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_and_attacker_run_the_same_lock_forward(normalization, training):
+    """KeyLock.call and the attacker's functional model both run `keylock_apply`."""
+    victim = tfkl.models.build("lenet", (8, 8, 1), 4, lock=True, seed=3, normalization=normalization)
+    x = tf.constant(np.random.default_rng(9).random((4, 8, 8, 1), np.float32))
+    attacker = attacks_model.AttackerModel(attacks_model.ServerView.from_model(victim), "oracle",
+                                           secret=attacks_model.extract_secret(victim))
+    predicted = attacker(attacker.weights, x, attacker.lock_values(), training=training)
+    np.testing.assert_allclose(predicted.numpy(), victim(x, training=training).numpy(), rtol=1e-5, atol=1e-6)
+    lock = victim.get_layer("conv1_keylock")
+    features = tf.keras.Model(victim.input, lock.input)(x)
+    statistics = (lock.moving_mean, lock.moving_variance) if normalization == "batch" else None
+    applied, _ = keylock_apply(features, *lock.lock_parameters(), statistics, normalization=normalization,
+                               training=training, groups=lock.groups, epsilon=lock.epsilon)
+    np.testing.assert_array_equal(applied.numpy(), lock(features, training=training).numpy())
 
 
 def test_batch_lock_on_a_single_value_per_channel_keeps_finite_statistics():
@@ -202,13 +278,14 @@ def test_generate_key_is_uniform_and_seedable():
 def test_private_lock_weights_are_fresh_and_within_the_initialisers_range(initializer, bound):
     layer = KeyLock(key_dim=8, lock_initializer=initializer)
     layer.build((None, 4, 4, 3))
-    drawn = layer.draw_lock_weights()
+    drawn = tfkl.private.draw_lock_weights(layer)
     assert [w.shape for w in drawn] == [tuple(v.shape) for v in layer.private_weights[1:]]
     assert all(w.dtype == np.float32 and np.abs(w).max() <= bound for w in drawn)
     assert np.abs(drawn[0]).max() > bound / 2  # spread over the range, not squeezed
-    others = layer.draw_lock_weights()
+    others = tfkl.private.draw_lock_weights(layer)
     assert not any(np.array_equal(a, b) for a, b in zip(drawn, others))
-    for a, b in zip(layer.draw_lock_weights(seed=[1, 2]), layer.draw_lock_weights(seed=[1, 2])):
+    for a, b in zip(tfkl.private.draw_lock_weights(layer, seed=[1, 2]),
+                    tfkl.private.draw_lock_weights(layer, seed=[1, 2])):
         np.testing.assert_array_equal(a, b)
     model_fns = [v.numpy() for v in layer.private_weights[1:]]
     assert not any(np.array_equal(a, b) for a, b in zip(drawn, model_fns))
@@ -218,7 +295,7 @@ def test_private_lock_weights_need_a_uniform_initialiser():
     layer = KeyLock(key_dim=8, lock_initializer="glorot_normal")
     layer.build((None, 4, 4, 3))
     with pytest.raises(ValueError, match="uniform lock initialiser"):
-        layer.draw_lock_weights()
+        tfkl.private.draw_lock_weights(layer)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import tensorflow as tf
 
 from tfkl import keys as keys_lib
@@ -10,6 +9,7 @@ from tfkl import keys as keys_lib
 NORMALIZATIONS = ("batch", "group", "layer", "none")
 ACTIVATIONS = ("relu", "sigmoid")
 PRIVATE_WEIGHT_NAMES = ("key", "scale_kernel", "scale_bias", "shift_kernel", "shift_bias")
+_HALF_PRECISION = (tf.float16, tf.bfloat16)
 
 
 @tf.keras.utils.register_keras_serializable(package="tfkl")
@@ -51,14 +51,81 @@ def lock_affine(key, scale_kernel, scale_bias, shift_kernel, shift_bias, activat
     return gamma, beta
 
 
+def resolve_groups(channels, groups=None):
+    """The group count of normalization='group': `groups`, which must divide `channels`, or by
+    default the largest divisor of `channels` that is at most 32."""
+    if groups is None:
+        return max(g for g in range(1, min(channels, 32) + 1) if channels % g == 0)
+    if channels % int(groups):
+        raise ValueError(f"groups={groups} does not divide the {channels} channels")
+    return int(groups)
+
+
+def keylock_apply(inputs, gamma, beta, statistics=None, *, normalization="batch", training=False, momentum=0.9,
+                  groups=None, epsilon=1e-5):
+    """The lock's forward pass `gamma * normalize(inputs) + beta`, as a pure function.
+
+    `KeyLock.call` and the attacker's functional model (`attacks.model.AttackerModel`) both run it.
+    `gamma` and `beta` (per channel, e.g. from `lock_affine`) broadcast over the batch and spatial
+    axes of channels-last `inputs`.
+
+    normalization='batch' takes the moving `statistics` (mean, variance): in training it normalises
+    with the batch's own statistics and returns the moving ones moved towards them (by `1 -
+    momentum`, with the unbiased batch variance, as PyTorch), else it normalises with `statistics`
+    and returns them unchanged. It runs as one FusedBatchNormV3 kernel (scale = gamma, offset =
+    beta; half-precision inputs with float32 statistics, as Keras' BatchNormalization). 'group'
+    (see `resolve_groups`) and 'layer' normalise each example with its own statistics (in float32
+    for half-precision inputs); 'none' does not normalise. These hold no statistics (pass None).
+
+    Returns:
+      (outputs, statistics): outputs of the dtype of `inputs`, and the (moved) moving statistics.
+    """
+    if normalization == "batch":
+        return _batch_lock(inputs, gamma, beta, statistics, training, momentum, epsilon)
+    x = tf.cast(inputs, tf.float32) if inputs.dtype in _HALF_PRECISION else inputs
+    if normalization == "layer":
+        mean, variance = tf.nn.moments(x, list(range(1, x.shape.rank)), keepdims=True)
+        x = (x - mean) * tf.math.rsqrt(variance + epsilon)
+    elif normalization == "group":
+        channels = x.shape[-1]
+        num_groups = resolve_groups(channels, groups)
+        shape = tf.shape(x)
+        grouped = tf.reshape(x, tf.concat([shape[:-1], [num_groups, channels // num_groups]], 0))
+        axes = list(range(1, x.shape.rank - 1)) + [x.shape.rank]
+        mean, variance = tf.nn.moments(grouped, axes, keepdims=True)
+        x = tf.reshape((grouped - mean) * tf.math.rsqrt(variance + epsilon), shape)
+    elif normalization != "none":
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    outputs = tf.cast(gamma, x.dtype) * x + tf.cast(beta, x.dtype)
+    return tf.cast(outputs, inputs.dtype), statistics
+
+
+def _batch_lock(inputs, gamma, beta, statistics, training, momentum, epsilon):
+    """keylock_apply's normalization='batch': one fused kernel per pass, for features of any rank.
+
+    FusedBatchNormV3 is the kernel Keras' BatchNormalization runs (through `tf.compat.v1`); its public
+    `tf.raw_ops` form keeps PyTorch's unbiased moving variance, which Keras' layer does not.
+    """
+    features = inputs if inputs.shape.rank == 4 else tf.reshape(inputs, [-1, 1, 1, inputs.shape[-1]])
+    mean, variance = statistics
+    outputs, mean, variance = tf.raw_ops.FusedBatchNormV3(
+        x=features, scale=tf.cast(gamma, tf.float32), offset=tf.cast(beta, tf.float32), mean=mean, variance=variance,
+        epsilon=epsilon, exponential_avg_factor=1.0 - momentum if training else 1.0, is_training=training)[:3]
+    outputs = outputs if inputs.shape.rank == 4 else tf.reshape(outputs, tf.shape(inputs))
+    return outputs, ((mean, variance) if training else statistics)
+
+
 @tf.keras.utils.register_keras_serializable(package="tfkl")
 class KeyLock(tf.keras.layers.Layer):
-    """Key-lock block of FedKL: `gamma * normalize(x) + beta`.
+    """Key-lock block of FedKL: `gamma * normalize(x) + beta` (`keylock_apply`).
 
     `gamma = act(key @ scale_kernel + scale_bias)` and `beta = act(key @ shift_kernel + shift_bias)`,
     with one secret `key` for both, broadcast over the batch and spatial axes of channels-last `x`.
     The key (non-trainable) and the four lock weights are private to the client; the
     normalisation's moving statistics (normalization='batch') are shared like any BatchNorm's.
+    As in Keras' BatchNormalization, a frozen layer (`trainable=False`) runs in inference mode,
+    and under a mixed-precision policy the variables stay float32 while the layer computes in
+    the policy's compute dtype (the normalisation itself in float32).
 
     Args:
       key_dim: length of the secret key (the paper uses 1024).
@@ -70,6 +137,11 @@ class KeyLock(tf.keras.layers.Layer):
         variance epsilon.
       lock_initializer: initialiser of the lock kernels and biases; default PyTorch's Linear default.
       key: optional initial key (array-like of shape (key_dim,)); default a fresh CSPRNG key.
+
+    Call arguments:
+      inputs: channels-last features of rank >= 2.
+      training: Python bool; True normalises with the batch's statistics and moves the moving
+        statistics towards them (normalization='batch'). Ignored (False) when the layer is frozen.
     """
 
     def __init__(
@@ -99,6 +171,7 @@ class KeyLock(tf.keras.layers.Layer):
         self.epsilon = float(epsilon)
         self.lock_initializer = tf.keras.initializers.get(lock_initializer) if lock_initializer else None
         self._initial_key = None if key is None else keys_lib.validate_key(key, self.key_dim)
+        self.input_spec = tf.keras.layers.InputSpec(min_ndim=2)
 
     def build(self, input_shape):
         input_shape = tf.TensorShape(input_shape)
@@ -107,25 +180,24 @@ class KeyLock(tf.keras.layers.Layer):
             raise ValueError("KeyLock needs a known channel (last) dimension")
         self.channels = int(channels)
         if self.normalization == "group":
-            self._num_groups = self._resolve_groups(self.channels)
+            resolve_groups(self.channels, self.groups)
+        self.input_spec = tf.keras.layers.InputSpec(ndim=input_shape.rank, axes={-1: self.channels})
         initial_key = self._initial_key
         if initial_key is None:
             initial_key = keys_lib.generate_key(self.key_dim)
         self.key = self.add_weight(
-            name="key",
-            shape=(self.key_dim,),
-            initializer=tf.constant_initializer(initial_key),
-            trainable=False,
-        )
-        for index, (name, shape) in enumerate((
-                ("scale_kernel", (self.key_dim, self.channels)), ("scale_bias", (self.channels,)),
-                ("shift_kernel", (self.key_dim, self.channels)), ("shift_bias", (self.channels,)))):
-            setattr(self, name, self.add_weight(name=name, shape=shape, initializer=self._lock_init(index)))
+            name="key", shape=(self.key_dim,), initializer=tf.constant_initializer(initial_key), trainable=False)
+        lock_shape = (self.key_dim, self.channels)
+        self.scale_kernel = self.add_weight(name="scale_kernel", shape=lock_shape, initializer=self._lock_init(0))
+        self.scale_bias = self.add_weight(name="scale_bias", shape=(self.channels,), initializer=self._lock_init(1))
+        self.shift_kernel = self.add_weight(name="shift_kernel", shape=lock_shape, initializer=self._lock_init(2))
+        self.shift_bias = self.add_weight(name="shift_bias", shape=(self.channels,), initializer=self._lock_init(3))
         if self.normalization == "batch":
-            self.moving_mean = self.add_weight(
-                name="moving_mean", shape=(self.channels,), initializer="zeros", trainable=False)
-            self.moving_variance = self.add_weight(
-                name="moving_variance", shape=(self.channels,), initializer="ones", trainable=False)
+            # Read in float32 under mixed precision, as Keras' BatchNormalization reads its statistics.
+            self.moving_mean = self.add_weight(name="moving_mean", shape=(self.channels,), initializer="zeros",
+                                               trainable=False, experimental_autocast=False)
+            self.moving_variance = self.add_weight(name="moving_variance", shape=(self.channels,),
+                                                   initializer="ones", trainable=False, experimental_autocast=False)
         super().build(input_shape)
 
     def _lock_init(self, index):
@@ -137,34 +209,10 @@ class KeyLock(tf.keras.layers.Layer):
             config["seed"] += index
         return self.lock_initializer.__class__.from_config(config)
 
-    def draw_lock_weights(self, seed=None):
-        """Fresh lock weights (scale/shift kernels and biases, numpy) from the layer's uniform lock
-        initialiser's distribution, drawn from the CSPRNG (`tfkl.keys.secret_uniform`; a seed only
-        for experiments): a client's private starting lock that no server can rebuild."""
-        initializer = self.lock_initializer or TorchLinearUniform(self.key_dim)
-        if isinstance(initializer, TorchLinearUniform):
-            low, high = -initializer.bound, initializer.bound
-        elif isinstance(initializer, tf.keras.initializers.RandomUniform):
-            low, high = float(initializer.minval), float(initializer.maxval)
-        else:
-            raise ValueError(f"private lock weights need a uniform lock initialiser, got {type(initializer).__name__}")
-        weights = []
-        for index, variable in enumerate(self.private_weights[1:]):
-            unit = keys_lib.secret_uniform(variable.shape, None if seed is None else list(seed) + [index])
-            weights.append((low + (high - low) * unit).astype(np.float32))
-        return weights
-
-    def _resolve_groups(self, channels):
-        if self.groups is None:
-            return max(g for g in range(1, min(channels, 32) + 1) if channels % g == 0)
-        if channels % int(self.groups):
-            raise ValueError(f"groups={self.groups} does not divide the {channels} channels")
-        return int(self.groups)
-
     @property
     def private_weights(self):
         """The client's secret: the key and the lock weights."""
-        return [self.key, self.scale_kernel, self.scale_bias, self.shift_kernel, self.shift_bias]
+        return [getattr(self, name) for name in PRIVATE_WEIGHT_NAMES]
 
     def lock_parameters(self, key=None):
         """Returns (gamma, beta), each of shape (channels,), for `key` (default the layer's own)."""
@@ -172,54 +220,19 @@ class KeyLock(tf.keras.layers.Layer):
         return lock_affine(key, self.scale_kernel, self.scale_bias, self.shift_kernel, self.shift_bias,
                            self.activation)
 
-    def normalize(self, inputs, training=None):
-        """The normalisation without affine parameters."""
-        if self.normalization == "none":
-            return inputs
-        if self.normalization == "layer":
-            axes = list(range(1, inputs.shape.rank))
-            mean, variance = tf.nn.moments(inputs, axes, keepdims=True)
-            return (inputs - mean) * tf.math.rsqrt(variance + self.epsilon)
-        if self.normalization == "group":
-            shape = tf.shape(inputs)
-            grouped = tf.reshape(
-                inputs, tf.concat([shape[:-1], [self._num_groups, self.channels // self._num_groups]], 0))
-            axes = list(range(1, inputs.shape.rank - 1)) + [inputs.shape.rank]
-            mean, variance = tf.nn.moments(grouped, axes, keepdims=True)
-            grouped = (grouped - mean) * tf.math.rsqrt(variance + self.epsilon)
-            return tf.reshape(grouped, shape)
-        ones = tf.ones([self.channels])
-        return self._batch_normalize(inputs, ones, tf.zeros_like(ones), training)
-
-    def _batch_normalize(self, inputs, scale, offset, training):
-        """`scale * batch_normalized(inputs) + offset`, one fused kernel per pass.
-
-        In training the kernel also returns the moved statistics; like PyTorch, they take the
-        unbiased batch variance.
-        """
-        if training is None:
-            training = tf.keras.backend.learning_phase()
-        features = inputs if inputs.shape.rank == 4 else tf.reshape(inputs, [-1, 1, 1, self.channels])
-
-        def fused(is_training):
-            return tf.compat.v1.nn.fused_batch_norm(
-                features, scale, offset, self.moving_mean, self.moving_variance, self.epsilon,
-                is_training=is_training, exponential_avg_factor=1.0 - self.momentum if is_training else 1.0)
-
-        def train_branch():
-            outputs, moving_mean, moving_variance = fused(True)
-            self.moving_mean.assign(moving_mean)
-            self.moving_variance.assign(moving_variance)
-            return outputs
-
-        outputs = tf.__internal__.smart_cond.smart_cond(training, train_branch, lambda: fused(False)[0])
-        return outputs if inputs.shape.rank == 4 else tf.reshape(outputs, tf.shape(inputs))
-
     def call(self, inputs, training=None):
-        gamma, beta = self.lock_parameters()
-        if self.normalization == "batch":
-            return self._batch_normalize(inputs, gamma, beta, training)
-        return gamma * self.normalize(inputs, training) + beta
+        training = bool(training) and self.trainable  # a frozen layer runs in inference mode
+        statistics = (self.moving_mean, self.moving_variance) if self.normalization == "batch" else None
+        outputs, moved = keylock_apply(
+            inputs, *self.lock_parameters(), statistics, normalization=self.normalization, training=training,
+            momentum=self.momentum, groups=self.groups, epsilon=self.epsilon)
+        if training and statistics is not None:
+            self.moving_mean.assign(moved[0])
+            self.moving_variance.assign(moved[1])
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
     def get_config(self):
         # The key is a secret: it travels with the weights (client checkpoints), never in the config.

@@ -1,25 +1,46 @@
-"""The private/shared split of a secured model's variables, keys, and server-safe export."""
+"""The private/shared split of a secured model's variables, keys, private lock draws and server-safe export."""
 
-import json
 import os
 
 import numpy as np
 import tensorflow as tf
 
 from tfkl import keys as keys_lib
-from tfkl.keylock import KeyLock
+from tfkl.keylock import KeyLock, TorchLinearUniform
 
 
 def lock_layers(model):
-    """All KeyLock layers of `model`, nested models included, in a stable order."""
+    """All KeyLock layers of `model` (or `model` itself, if a KeyLock), nested models included, in a stable order."""
+    if isinstance(model, KeyLock):
+        return [model]
     return [layer for layer in model.submodules if isinstance(layer, KeyLock)]
 
 
+def _uniform_range(lock):
+    """(low, high) of the uniform distribution of `lock`'s lock initialiser."""
+    initializer = lock.lock_initializer or TorchLinearUniform(lock.key_dim)
+    if isinstance(initializer, TorchLinearUniform):
+        return -initializer.bound, initializer.bound
+    if isinstance(initializer, tf.keras.initializers.RandomUniform):
+        return float(initializer.minval), float(initializer.maxval)
+    raise ValueError(f"private lock weights need a uniform lock initialiser, got {type(initializer).__name__}")
+
+
 def draw_lock_weights(model, seed=None):
-    """Fresh private lock weights for every lock of `model` (`KeyLock.draw_lock_weights`), flat in
-    `lock_layers` order, each lock's (scale kernel, scale bias, shift kernel, shift bias)."""
-    return [w for index, lock in enumerate(lock_layers(model))
-            for w in lock.draw_lock_weights(None if seed is None else list(seed) + [index])]
+    """Fresh lock weights for every lock of `model` (a model or one KeyLock): a client's private
+    starting lock, which no server can rebuild.
+
+    Drawn from each lock's uniform lock initialiser's distribution with the CSPRNG
+    (`tfkl.keys.secret_uniform`; a seed only for experiments). Flat in `lock_layers` order, each
+    lock's (scale kernel, scale bias, shift kernel, shift bias), float32 numpy arrays.
+    """
+    weights = []
+    for index, lock in enumerate(lock_layers(model)):
+        low, high = _uniform_range(lock)
+        for weight_index, variable in enumerate(lock.private_weights[1:]):
+            unit = keys_lib.secret_uniform(variable.shape, None if seed is None else list(seed) + [index, weight_index])
+            weights.append((low + (high - low) * unit).astype(np.float32))
+    return weights
 
 
 def _require_locks(model):
