@@ -134,17 +134,17 @@ def capture_user_data(meta, dataset=None, data_dir=None):
     """The true data of a federated capture's client, rebuilt from its meta's `ground_truth` section
     (None without one): its examples in the partition's order, and the batches it trained on."""
     # The trainer's own pipeline; imported here, as it loads TFF, which attacks otherwise never need.
-    from tfkl.federated import program
+    from tfkl.federated import client_data
+    from tfkl.federated.config import Config
     truth = meta.get("ground_truth")
     if not truth:
         return None
-    config = program.Config(dataset=truth["dataset"], data_dir=truth["data_dir"],
-                            input_shape=tuple(meta["input_shape"]), num_classes=int(meta["num_classes"]),
-                            num_clients=int(truth["num_clients"]), split=truth["split"], alpha=float(truth["alpha"]),
-                            seed=int(truth["split_seed"]), batch_size=int(meta["batch_size"]),
-                            local_epochs=int(meta["local_epochs"]))
+    config = Config(dataset=truth["dataset"], data_dir=truth["data_dir"], input_shape=tuple(meta["input_shape"]),
+                    num_classes=int(meta["num_classes"]), num_clients=int(truth["num_clients"]), split=truth["split"],
+                    alpha=float(truth["alpha"]), seed=int(truth["split_seed"]), batch_size=int(meta["batch_size"]),
+                    local_epochs=int(meta["local_epochs"]))
     dataset = dataset or data.load(config.dataset, data_dir or config.data_dir)
-    indices = program.client_partition(config, dataset)[int(truth["client_index"])]
+    indices = client_data.client_partition(config, dataset)[int(truth["client_index"])]
     images = data.preprocess(dataset.x_train[indices], config.input_shape).numpy()
-    batches = program.client_dataset(config, dataset, indices, int(truth["shuffle_seed"])).as_numpy_iterator()
+    batches = client_data.client_dataset(config, dataset, indices, int(truth["shuffle_seed"])).as_numpy_iterator()
     return UserData(images, dataset.y_train[indices], list(batches))

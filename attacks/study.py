@@ -9,7 +9,6 @@ import time
 import numpy as np
 
 from attacks import cases, experiment, grids
-from attacks.model import THREATS
 from tfkl import data, models, optimizers, training
 
 ATTACK_NAMES = tuple(experiment.ATTACKS)

@@ -18,7 +18,9 @@ import tensorflow as tf
 from benchmarks import common
 from tff_programs import contexts
 from tfkl import data as data_lib
-from tfkl.federated import program, simulation
+from tfkl.federated import simulation
+from tfkl.federated.client_data import client_dataset, client_partition
+from tfkl.federated.config import Config, build_process
 
 BATCH_SIZE = 64
 
@@ -36,15 +38,15 @@ class _Scenario:
 
     def __init__(self, dataset, num_clients, per_round):
         self.dataset = dataset
-        self.configs = {alg: program.Config(algorithm=alg, dataset=dataset.name, input_shape=(32, 32, 1),
+        self.configs = {alg: Config(algorithm=alg, dataset=dataset.name, input_shape=(32, 32, 1),
                                             num_clients=num_clients, clients_per_round=per_round,
                                             batch_size=BATCH_SIZE, lr_milestones=(), seeded_keys=True)
                         for alg in ("fedkl", "fedavg")}
-        self.partition = program.client_partition(self.configs["fedkl"], dataset)
+        self.partition = client_partition(self.configs["fedkl"], dataset)
         self.sampled = simulation.sample_clients(num_clients, per_round, 0, 1)
         indices = np.concatenate([self.partition[int(c)] for c in self.sampled])
         self.num_examples = int(len(indices))
-        self.processes = {alg: program.build_process(c) for alg, c in self.configs.items()}
+        self.processes = {alg: build_process(c) for alg, c in self.configs.items()}
         self.states = {}
         for alg, process in self.processes.items():
             config = self.configs[alg]
@@ -63,13 +65,14 @@ class _Scenario:
         server_state, clients = self.states[algorithm]
 
         def client_data(cid):
-            return program.client_dataset(config, self.dataset, self.partition[int(cid)], 0, cache_dir, cid)
+            return client_dataset(config, self.dataset, self.partition[int(cid)], 0, cache_dir, cid)
 
         start = time.perf_counter()
-        server_state, metrics, _ = simulation.run_round(process, server_state, clients, self.sampled, client_data,
-                                                        config.learning_rate)
+        server_state, new_client_states, metrics, _ = simulation.run_round(
+            process, server_state, clients, self.sampled, client_data, config.learning_rate)
         seconds = time.perf_counter() - start
         self.states[algorithm][0] = server_state
+        clients.update(new_client_states)
         assert metrics["num_examples"] == self.num_examples
         return seconds
 

@@ -76,9 +76,9 @@ def defences(setting):
 
 
 def _config(setting, defence):
-    from tfkl.federated import program
-    return program.Config(**BASE, num_clients=setting["num_clients"], clients_per_round=setting["num_clients"],
-                          **defence.overrides)
+    from tfkl.federated.config import Config
+    return Config(**BASE, num_clients=setting["num_clients"], clients_per_round=setting["num_clients"],
+                  **defence.overrides)
 
 
 def _read_json(path):
@@ -125,8 +125,9 @@ def captured_updates(config, data, indices):
     import tfkl
     from attacks import model as model_lib
     from tfkl import capture as capture_lib
-    from tfkl.federated import program
-    process = program.build_process(config, return_client_updates=True)
+    from tfkl.federated import client_data
+    from tfkl.federated.config import build_process
+    process = build_process(config, return_client_updates=True)
     server_state = process.initialize()
     model = config.model_fn()()
     layout = capture_lib.SharedLayout(model, process.parts)
@@ -136,7 +137,7 @@ def captured_updates(config, data, indices):
         np.testing.assert_array_equal(sent, known)  # round 1's global model is model_fn's
     key = config.client_key("0") if config.locked else None
     one_step = dataclasses.replace(config, batch_size=1, local_epochs=1)
-    datasets = [program.client_dataset(one_step, data, [i], shuffle_seed=0) for i in indices]
+    datasets = [client_data.client_dataset(one_step, data, [i], shuffle_seed=0) for i in indices]
     states = [process.initial_client_state(key) for _ in indices]
     _, _, _, reports = process.next(server_state, np.float32(config.round_learning_rate(1)), datasets, states)
     updates = [layout.flatten(r["update"]["trainable"], r["update"]["non_trainable"] or

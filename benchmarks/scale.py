@@ -86,7 +86,9 @@ def measure_population(population, clients_per_round, rounds):
     for round_num in range(1, rounds + 1):
         ids = simulation.sample_clients(population, min(clients_per_round, population), 0, round_num)
         start = time.monotonic()
-        server_state, metrics, _ = simulation.run_round(process, server_state, client_states, ids, client_data, 0.01)
+        server_state, new_client_states, metrics, _ = simulation.run_round(process, server_state, client_states, ids,
+                                                                           client_data, 0.01)
+        client_states.update(new_client_states)
         round_s.append(time.monotonic() - start)
         worker_rss.append(_rss_mb(contexts.worker_processes()))
     contexts.shutdown()

@@ -21,7 +21,9 @@ import tensorflow_federated as tff
 from benchmarks import common
 from tff_programs import contexts
 from tfkl import data as data_lib
-from tfkl.federated import program, simulation
+from tfkl.federated import simulation
+from tfkl.federated.client_data import client_partition
+from tfkl.federated.config import Config, build_process
 
 BATCH_SIZE = 64
 
@@ -53,7 +55,7 @@ class _Run:
 
     def __init__(self, context, config, dataset, partition):
         self.context, self.config, self.dataset, self.partition = context, config, dataset, partition
-        self.process = program.build_process(config)
+        self.process = build_process(config)
         self.clients = list(range(config.num_clients))
         tff.framework.set_default_context(context)
         self.server_state = self.process.initialize()
@@ -68,9 +70,10 @@ class _Run:
                                          tuple(self.config.input_shape), BATCH_SIZE, shuffle_seed=0)
 
         start = time.perf_counter()
-        self.server_state, metrics, _ = simulation.run_round(
+        self.server_state, new_client_states, metrics, _ = simulation.run_round(
             self.process, self.server_state, self.client_states, self.clients, client_data,
             self.config.learning_rate)
+        self.client_states.update(new_client_states)
         seconds = time.perf_counter() - start
         assert metrics["clients_accepted"] == len(self.clients)
         return seconds
@@ -82,10 +85,10 @@ class _Run:
 def run(quick, log_dir=None):
     settings = _settings(quick)
     dataset = data_lib.load(settings["dataset"])
-    config = program.Config(dataset=dataset.name, input_shape=tuple(settings["input_shape"]),
+    config = Config(dataset=dataset.name, input_shape=tuple(settings["input_shape"]),
                             num_clients=settings["num_clients"], clients_per_round=settings["num_clients"],
                             batch_size=BATCH_SIZE, lr_milestones=(), seeded_keys=True)
-    partition = program.client_partition(config, dataset)
+    partition = client_partition(config, dataset)
     rng = np.random.default_rng(0)
     addresses, processes = start_workers(2, log_dir or os.path.join(common.REPO_ROOT, "runs", "bench_workers"))
     try:

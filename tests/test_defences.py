@@ -5,7 +5,8 @@ import pytest
 import tensorflow as tf
 
 import tfkl
-from tfkl.federated import algorithms, program
+from tfkl.federated import algorithms, client_data, program, run_dir
+from tfkl.federated.config import ProgramError, build_process
 
 # `context` is test_federated's autouse fixture (TFF's execution context), imported to apply here too.
 from tests.test_federated import KEY_DIM, _contains, context, digits_subset, make_config  # noqa: F401
@@ -18,7 +19,7 @@ def digits():
 
 def _train(root_dir, config, digits, rounds=1):
     program.train(str(root_dir), config, program.RunOptions(rounds=rounds, progress=False), dataset=digits)
-    return program.restore(str(root_dir), config, program.build_process(config))
+    return run_dir.restore(str(root_dir), config, build_process(config))
 
 
 def _global(server_state):
@@ -27,11 +28,11 @@ def _global(server_state):
 
 def test_dp_aggregator_state_noise_and_clip(digits, tmp_path):
     dp = dict(algorithm="fedavg", client_weighting="uniform", dp_clip=0.05)
-    initial = _global(program.build_process(make_config(**dp)).initialize())
+    initial = _global(build_process(make_config(**dp)).initialize())
     states = {}
     for noise in (0.0, 0.5):
         config = make_config(**dp, dp_noise_multiplier=noise)
-        process = program.build_process(config)
+        process = build_process(config)
         assert hasattr(process.state_type.member, "aggregator")
         server_state, _, round_num = _train(tmp_path / f"noise_{noise}", config, digits)
         assert round_num == 1 and "aggregator" in server_state
@@ -39,8 +40,8 @@ def test_dp_aggregator_state_noise_and_clip(digits, tmp_path):
     # The mean of updates clipped to 0.05 moves the (SGD 1.0) server by at most 0.05.
     assert 0 < np.linalg.norm(states[0.0] - initial) <= 0.05 + 1e-6
     assert np.linalg.norm(states[0.5] - states[0.0]) > 1e-3
-    with pytest.raises(program.ProgramError, match="uniform"):
-        program.build_process(make_config(algorithm="fedavg", dp_clip=0.05))
+    with pytest.raises(ProgramError, match="uniform"):
+        build_process(make_config(algorithm="fedavg", dp_clip=0.05))
 
 
 def test_dp_run_resumes(digits, tmp_path):
@@ -65,9 +66,9 @@ def test_prune_smallest_zeroes_exactly_the_fraction(fraction):
 
 def test_pruned_updates_reach_the_server(digits, tmp_path):
     config = make_config(algorithm="fedavg", prune_fraction=0.9)
-    process = program.build_process(config, return_client_updates=True)
+    process = build_process(config, return_client_updates=True)
     server_state = process.initialize()
-    dataset = program.client_dataset(config, digits, np.arange(20), 0)
+    dataset = client_data.client_dataset(config, digits, np.arange(20), 0)
     _, _, _, reports = process.next(server_state, np.float32(0.05), [dataset], [process.initial_client_state()])
     for value in reports[0]["update"]["trainable"]:
         assert (np.asarray(value) == 0).sum() == round(0.9 * np.size(value))
@@ -78,7 +79,7 @@ def test_every_lock_stays_private(digits, tmp_path):
     model = config.model_fn()()
     locks = tfkl.private.lock_layers(model)
     assert len(locks) == 3
-    process = program.build_process(config)
+    process = build_process(config)
     assert len(process.client_state_type.lock) == 4 * len(locks) and len(process.client_state_type.key) == 1
     server_state, client_states, _ = _train(tmp_path, config, digits, rounds=2)
     server_arrays = [np.asarray(a) for a in tf.nest.flatten(server_state)]

@@ -15,7 +15,8 @@ from attacks import cases, model as attack_model, targets
 from tff_programs import contexts
 from tfkl import capture as capture_lib
 from tfkl import data, models, optimizers, private, training
-from tfkl.federated import algorithms, program, simulation
+from tfkl.federated import algorithms, client_data, program, run_dir, simulation
+from tfkl.federated.config import Config, ProgramError, build_process
 from tfkl.federated.client_store import ClientStateError, ClientStore
 
 SHAPE = (16, 16, 1)
@@ -46,7 +47,7 @@ def make_config(**overrides):
     options = dict(input_shape=SHAPE, num_clients=3, clients_per_round=3, batch_size=16, learning_rate=0.05,
                    key_dim=KEY_DIM, seeded_keys=True, seed=1)
     options.update(overrides)
-    return program.Config(**options)
+    return Config(**options)
 
 
 def aggregated_types(computation):
@@ -83,7 +84,7 @@ def tensor_shapes(type_spec):
 
 def test_type_signature_only_shared_update_reaches_server():
     config = make_config()
-    process = program.build_process(config, return_client_updates=True)
+    process = build_process(config, return_client_updates=True)
     model = config.model_fn()()
     private_shapes = [tuple(v.shape) for v in tfkl.private_variables(model)]
     shared_shapes = [tuple(v.shape) for v in tfkl.shared_variables(model)]
@@ -112,8 +113,8 @@ def test_values_server_state_aggregate_and_captures_hold_no_secret(digits, tmp_p
     metrics = program.train(str(tmp_path), config, program.RunOptions(rounds=2, capture_rounds=("all",),
                                                                      progress=False), dataset=digits)
     assert metrics["clients_accepted"] == 3
-    process = program.build_process(config)
-    server_state, client_states, round_num = program.restore(str(tmp_path), config, process)
+    process = build_process(config)
+    server_state, client_states, round_num = run_dir.restore(str(tmp_path), config, process)
     assert round_num == 2
     secrets = [a for s in client_states.values() for a in s["key"] + s["lock"]]
     assert len(secrets) == 3 * 5
@@ -142,7 +143,7 @@ def test_values_server_state_aggregate_and_captures_hold_no_secret(digits, tmp_p
     # The scorer's view: the very batches the client trained on, rebuilt from the meta alone.
     batches = cases.capture_user_data(meta, digits).batches
     assert len(batches) == meta["num_steps"] and sum(len(y) for _, y in batches) == meta["examples_processed"]
-    client = program.client_partition(config, digits)[int(meta["client_id"])]
+    client = client_data.client_partition(config, digits)[int(meta["client_id"])]
     assert sorted(np.concatenate([y for _, y in batches[:len(batches) // 2]])) == sorted(digits.y_train[client])
 
 
@@ -159,7 +160,7 @@ def test_attacker_replay_reproduces_a_tff_captured_update(algorithm, digits, tmp
     labels = tf.constant(np.concatenate([y for _, y in batches]))
     secret = None
     if algorithm == "fedkl":
-        _, client_states, _ = program.restore(str(tmp_path), config, program.build_process(config))
+        _, client_states, _ = run_dir.restore(str(tmp_path), config, build_process(config))
         (lock,) = private.lock_layers(config.model_fn()())  # round 1 starts from model_fn's lock weights
         secret = {lock.name: (client_states[capture.meta["client_id"]]["key"][0],)
                   + tuple(v.numpy() for v in lock.private_weights[1:])}
@@ -177,7 +178,7 @@ def test_private_lock_init_gives_each_client_a_lock_the_server_never_sees(digits
     program.train(str(tmp_path), config, program.RunOptions(rounds=1, capture_rounds=(1,), progress=False),
                   dataset=digits)
     initial = ClientStore(str(tmp_path / "clients")).load(0, KEY_DIM)
-    model_fns_lock = program.build_process(config).parts.split(config.model_fn()())[3]
+    model_fns_lock = build_process(config).parts.split(config.model_fn()())[3]
     client_lock = config.client_lock_fn()
     for cid, state in initial.items():
         for drawn, expected, model_fns in zip(state["lock"], client_lock(cid), model_fns_lock):
@@ -223,7 +224,7 @@ def test_fedavg_baseline_has_no_private_state_but_momentum(digits, tmp_path):
     config = make_config(algorithm="fedavg")
     metrics = program.train(str(tmp_path), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
     assert metrics["clients_accepted"] == 3 and np.isfinite(metrics["loss"])
-    _, client_states, _ = program.restore(str(tmp_path), config, program.build_process(config))
+    _, client_states, _ = run_dir.restore(str(tmp_path), config, build_process(config))
     state = client_states["0"]
     assert not state["key"] and not state["lock"] and len(state["optimizer"]) == 8
     assert any(np.abs(b).sum() > 0 for b in state["optimizer"])
@@ -252,8 +253,8 @@ def test_nan_update_rejected_and_dropout_tolerated(digits, tmp_path):
     rows = list(np.genfromtxt(tmp_path / "metrics.csv", delimiter=",", names=True))
     assert (rows[0]["clients_rejected"], rows[0]["clients_accepted"]) == (1, 2)
     assert (rows[1]["clients_dropped"], rows[1]["clients_accepted"]) == (1, 2)
-    process = program.build_process(config)
-    server_state, states, _ = program.restore(str(tmp_path), config, process)
+    process = build_process(config)
+    server_state, states, _ = run_dir.restore(str(tmp_path), config, process)
     assert all(np.isfinite(a).all() for a in tf.nest.flatten(server_state))
     initial = ClientStore(str(tmp_path / "clients")).load(0, KEY_DIM)
     after_round_1 = ClientStore(str(tmp_path / "clients")).load(1, KEY_DIM)
@@ -269,9 +270,9 @@ def test_resume_equals_uninterrupted_run(digits, tmp_path):
     program.train(str(tmp_path / "full"), config, program.RunOptions(rounds=3, progress=False), dataset=digits)
     program.train(str(tmp_path / "resumed"), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
     program.train(str(tmp_path / "resumed"), config, program.RunOptions(rounds=3, progress=False), dataset=digits)
-    process = program.build_process(config)
-    full = program.restore(str(tmp_path / "full"), config, process)
-    resumed = program.restore(str(tmp_path / "resumed"), config, process)
+    process = build_process(config)
+    full = run_dir.restore(str(tmp_path / "full"), config, process)
+    resumed = run_dir.restore(str(tmp_path / "resumed"), config, process)
     assert full[2] == resumed[2] == 3
     for a, b in zip(tf.nest.flatten(full[0]), tf.nest.flatten(resumed[0])):
         np.testing.assert_array_equal(a, b)
@@ -284,20 +285,20 @@ def test_other_runs_root_dir_and_corrupt_state_refused(digits, tmp_path):
     config = make_config()
     program.train(str(tmp_path), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
     snapshot = {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "**"), recursive=True) if os.path.isfile(p)}
-    with pytest.raises(program.ProgramError, match="another run"):
+    with pytest.raises(ProgramError, match="another run"):
         program.train(str(tmp_path), make_config(batch_size=8), program.RunOptions(rounds=2, progress=False),
                       dataset=digits)
     state_file = tmp_path / "clients" / "1" / "state_00001.npz"
     state_file.write_bytes(state_file.read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(program.ProgramError, match="corrupt"):
+    with pytest.raises(ProgramError, match="corrupt"):
         program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
     (tmp_path / "clients" / "1" / "key").write_bytes(b"garbage")
     state_file.write_bytes(snapshot[str(state_file)])
-    with pytest.raises(program.ProgramError, match="key file"):
+    with pytest.raises(ProgramError, match="key file"):
         program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
     (tmp_path / "clients" / "1" / "key").write_bytes(snapshot[str(tmp_path / "clients" / "1" / "key")])
     os.remove(state_file)
-    with pytest.raises(program.ProgramError, match="missing"):
+    with pytest.raises(ProgramError, match="missing"):
         program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
     state_file.write_bytes(snapshot[str(state_file)])
     server_data = glob.glob(str(tmp_path / "server" / "program_state_1" / "variables" / "variables.data-*"))[0]
@@ -305,7 +306,7 @@ def test_other_runs_root_dir_and_corrupt_state_refused(digits, tmp_path):
     blob[len(blob) // 2] ^= 0xFF
     with open(server_data, "wb") as f:
         f.write(blob)
-    with pytest.raises(program.ProgramError, match="server state of round 1"):
+    with pytest.raises(ProgramError, match="server state of round 1"):
         program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
     with open(server_data, "wb") as f:
         f.write(snapshot[server_data])
@@ -345,8 +346,8 @@ def test_evaluation_matrix(digits, tmp_path):
     assert recovery["accuracy"] == max(recovery["by_statistics"].values())
     assert "a_own_key_and_lock" in evaluation.format_matrix(result)
     # Only the 'public' recovery re-estimates the moving statistics (on the public examples).
-    process = program.build_process(config)
-    server_state, _, _ = program.restore(str(tmp_path), config, process)
+    process = build_process(config)
+    server_state, _, _ = run_dir.restore(str(tmp_path), config, process)
     evaluator = evaluation._Evaluator(config, process, server_state)
     for statistics, moves in (("server", False), ("public", True)):
         evaluator.set_statistics(evaluator.global_statistics)
@@ -362,7 +363,7 @@ def test_accuracy_by_round_covers_every_kept_round(digits, tmp_path):
     program.train(str(tmp_path), config, program.RunOptions(rounds=2, keep_rounds=5, progress=False),
                   dataset=digits)
     curve = evaluation.accuracy_by_round(str(tmp_path), public_size=20, dataset=digits)
-    assert sorted(curve) == [0, 1, 2] == program.complete_rounds(str(tmp_path))
+    assert sorted(curve) == [0, 1, 2] == run_dir.complete_rounds(str(tmp_path))
     last = evaluation.evaluate(str(tmp_path), public_sizes=(20,), recovery_steps=1, dataset=digits)
     assert curve[2] == last["a_own_key_and_lock"]["mean"]
 
@@ -371,8 +372,8 @@ def test_local_statistics_and_fresh_optimizer_options(digits, tmp_path):
     config = make_config(statistics="local", persist_optimizer_state=False, client_weighting="uniform")
     program.train(str(tmp_path), config, program.RunOptions(rounds=1, capture_rounds=(1,), progress=False),
                   dataset=digits)
-    process = program.build_process(config)
-    server_state, states, _ = program.restore(str(tmp_path), config, process)
+    process = build_process(config)
+    server_state, states, _ = run_dir.restore(str(tmp_path), config, process)
     initial_server = process.initialize()
     # Kept-local statistics never reach the server: its copy stays at the initial values.
     for now, before in zip(server_state["non_trainable"], initial_server["non_trainable"]):
@@ -397,13 +398,13 @@ def test_learning_rate_schedule_reaches_the_clients(digits, tmp_path):
 
 
 def test_bad_split_and_foreign_directory_refused(digits, tmp_path):
-    with pytest.raises(program.ProgramError, match="cannot split"):
+    with pytest.raises(ProgramError, match="cannot split"):
         program.train(str(tmp_path / "a"), make_config(num_clients=100, split="shards"),
                       program.RunOptions(rounds=1, progress=False), dataset=digits)
     assert not os.path.exists(tmp_path / "a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("mine")
-    with pytest.raises(program.ProgramError, match="not empty"):
+    with pytest.raises(ProgramError, match="not empty"):
         program.train(str(tmp_path / "b"), make_config(), program.RunOptions(rounds=1, progress=False),
                       dataset=digits)
     assert os.listdir(tmp_path / "b") == ["notes.txt"]
@@ -412,9 +413,9 @@ def test_bad_split_and_foreign_directory_refused(digits, tmp_path):
 def test_cached_client_data_equals_in_memory(digits, tmp_path):
     config = make_config(local_epochs=2, batch_size=16)
     indices = np.arange(10, 50)
-    cached = program.client_dataset(config, digits, indices, 7, str(tmp_path), "3")
-    again = program.client_dataset(config, digits, indices, 7, str(tmp_path), "3")  # reads the snapshot
-    inline = program.client_dataset(config, digits, indices, 7)
+    cached = client_data.client_dataset(config, digits, indices, 7, str(tmp_path), "3")
+    again = client_data.client_dataset(config, digits, indices, 7, str(tmp_path), "3")  # reads the snapshot
+    inline = client_data.client_dataset(config, digits, indices, 7)
     batches = [list(d.as_numpy_iterator()) for d in (cached, again, inline)]
     assert len(batches[0]) == 2 * 3 and [len(b[1]) for b in batches[0]] == [16, 16, 8] * 2
     for other in batches[1:]:
@@ -431,7 +432,7 @@ def test_interrupted_initialisation_keeps_the_saved_keys(digits, tmp_path):
     keys_before = {c: store.saved_key(c, KEY_DIM) for c in "012"}
     shutil.rmtree(tmp_path / "server")  # as if killed before the first server state was written
     program.train(str(tmp_path), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
-    _, states, _ = program.restore(str(tmp_path), config, program.build_process(config))
+    _, states, _ = run_dir.restore(str(tmp_path), config, build_process(config))
     for c in "012":
         np.testing.assert_array_equal(store.saved_key(c, KEY_DIM), keys_before[c])
         np.testing.assert_array_equal(states[c]["key"][0], keys_before[c])

@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 
 from tff_programs import contexts
-from tfkl.federated import program
+from tfkl.federated import run_dir
+from tfkl.federated.config import build_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--dataset=digits", "--num_clients=3", "--batch_size=32", "--learning_rate=0.05", "--seeded_keys",
@@ -110,10 +111,10 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path, tff_context):
         kill_group(process)
     assert finish(run("tff_programs.train", f"--root_dir={killed}", f"--rounds={rounds}", *TRAIN,
                       log=str(tmp_path / "resumed.log"))) == 0
-    config = program.load_config(full)
-    assert program.load_config(killed) == config
-    process = program.build_process(config)
-    a, b = program.restore(full, config, process), program.restore(killed, config, process)
+    config = run_dir.load_config(full)
+    assert run_dir.load_config(killed) == config
+    process = build_process(config)
+    a, b = run_dir.restore(full, config, process), run_dir.restore(killed, config, process)
     assert a[2] == b[2] == rounds
     for x, y in zip(tf.nest.flatten(a[0]), tf.nest.flatten(b[0])):
         np.testing.assert_array_equal(x, y)
@@ -128,7 +129,7 @@ def test_demo_trains_evaluates_and_captures(tmp_path):
     root = tmp_path / "demo"
     assert finish(run("tff_programs.demo", f"--root_dir={root}", "--rounds=2", "--nobaseline",
                       "--attack_iterations=20", log=log)) == 0
-    result = program.load_config(str(root / "fedkl"))
+    result = run_dir.load_config(str(root / "fedkl"))
     assert result.algorithm == "fedkl"
     assert sorted(os.listdir(root / "fedkl" / "captures")) == [
         f"round_0000{r}_client_{c}.npz" for r in (1, 2) for c in range(3)]

@@ -20,16 +20,16 @@ from absl import app
 from absl import flags
 import tensorflow as tf  # imported before flag parsing, as Keras layers misbehave otherwise
 
+import attacks
 from attacks import study
 from tff_programs import common
 from tfkl import data, keylock, models
 
-THREATS = study.THREATS
 ATTACKS = study.ATTACK_NAMES
 
 _ATTACK = flags.DEFINE_enum("attack", "idlg", ATTACKS, "Attack.")
 _THREAT = flags.DEFINE_list("threat", ["none", "oracle", "fixed-key", "adaptive"],
-                            f"Threat models, comma-separated, from {THREATS}.")
+                            f"Threat models, comma-separated, from {attacks.THREATS}.")
 _MODEL = flags.DEFINE_enum("model", "lenet", models.NAMES, "Victim model.")
 _DATASET = flags.DEFINE_enum("dataset", "fashion_mnist", data.DATASETS, "Data set of the victim images.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set's files are.")
@@ -59,8 +59,8 @@ _LABELS = flags.DEFINE_enum("labels", None, ("infer", "joint"), "Label handling 
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the victims' weights and the attacks' starts.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "runs/attack", "Output directory.")
 
-flags.register_validator("threat", lambda v: bool(v) and all(t in THREATS for t in v),
-                         f"--threat takes a comma-separated list from {THREATS}")
+flags.register_validator("threat", lambda v: bool(v) and all(t in attacks.THREATS for t in v),
+                         f"--threat takes a comma-separated list from {attacks.THREATS}")
 flags.register_validator("client_learning_rate", lambda v: v > 0, "--client_learning_rate must be positive")
 flags.register_validator("learning_rate", lambda v: v is None or v > 0, "--learning_rate must be positive")
 flags.register_validator("tv", lambda v: v is None or v >= 0, "--tv must be non-negative")

@@ -4,11 +4,13 @@
 that runs every computation on those running TFF workers (`python -m tff_programs.worker`; see
 docs/workers.md). TFF's local context runs its executor in a `worker_binary` child process that can
 outlive Python (and hold an inherited stdout pipe open): `shutdown()` stops every such child of this
-process by PID and closes the connections to remote workers.
+process by PID and closes the connections to remote workers; `ignore_tff_exit_noise()` hides the
+harmless error TFF prints at interpreter exit.
 """
 
 import asyncio
 import signal
+import sys
 import threading
 
 from absl import flags
@@ -217,6 +219,21 @@ def stop_processes(processes, timeout=10.0):
             process.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def ignore_tff_exit_noise():
+    """Hides TFF 0.87's `ServiceManager.__del__` AttributeError printed at interpreter exit.
+
+    It is harmless (the binaries stop their TFF workers with shutdown()) but would turn a one-line
+    error into a traceback. Other unraisable exceptions are reported as before.
+    """
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if "ServiceManager.__del__" not in getattr(unraisable.object, "__qualname__", ""):
+            default_hook(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def shutdown():

@@ -27,6 +27,7 @@ from tff_programs import contexts
 from tfkl import capture as capture_lib
 from tfkl import data
 from tfkl.federated import evaluation, program
+from tfkl.federated.config import Config, ProgramError
 
 _ROOT_DIR = flags.DEFINE_string("root_dir", "runs/demo", "Directory of the demo's runs.")
 _ROUNDS = flags.DEFINE_integer("rounds", 20, "Federated rounds of each run.", lower_bound=1)
@@ -35,16 +36,14 @@ _ATTACK = flags.DEFINE_bool("attack", True, "Attack a captured single-step updat
 _ATTACK_ITERATIONS = flags.DEFINE_integer("attack_iterations", 400, "Iterations of the demo's iDLG attack.",
                                           lower_bound=1)
 
-program.ignore_tff_exit_noise()
-
 DemoRun = collections.namedtuple("DemoRun", "root_dir config evaluation capture_paths")
 
 
 def demo_config(algorithm="fedkl"):
     """LeNet on 'digits', 3 IID clients; 5 local epochs of batch 16 so the small data set trains."""
-    return program.Config(algorithm=algorithm, model="lenet", dataset="digits", input_shape=(32, 32, 1),
-                          num_classes=10, num_clients=3, clients_per_round=3, local_epochs=5, batch_size=16,
-                          learning_rate=0.05, lr_milestones=(), seed=0)
+    return Config(algorithm=algorithm, model="lenet", dataset="digits", input_shape=(32, 32, 1),
+                  num_classes=10, num_clients=3, clients_per_round=3, local_epochs=5, batch_size=16,
+                  learning_rate=0.05, lr_milestones=(), seed=0)
 
 
 def run_federated(root_dir, algorithm="fedkl", rounds=20, dataset=None, progress=True):
@@ -112,7 +111,7 @@ def main(argv):
             print("== a curious server captures one round of a client with 4 images (FedAvg and FedKL) ==")
             captures = {algorithm: capture_victim_round(_ROOT_DIR.value, algorithm, dataset)
                         for algorithm in ("fedavg", "fedkl")}
-    except program.ProgramError as e:
+    except ProgramError as e:
         common.fail(str(e))
     finally:
         contexts.shutdown()
@@ -135,4 +134,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    contexts.ignore_tff_exit_noise()  # before app.run: a flag error ends the program before main
     app.run(main)

@@ -16,7 +16,8 @@ from absl import logging
 
 from tff_programs import common
 from tff_programs import contexts
-from tfkl.federated import evaluation, program
+from tfkl.federated import evaluation
+from tfkl.federated.config import ProgramError
 
 _ROOT_DIR = flags.DEFINE_string("root_dir", None, "Root dir of a training run.")
 _ROUND = flags.DEFINE_integer("round", None, "Round to evaluate (default: the last complete one).", lower_bound=0)
@@ -32,7 +33,6 @@ _BY_ROUND = flags.DEFINE_bool("accuracy_by_round", False, "Also measure entry (a
 _OUT = flags.DEFINE_string("out", None, "JSON output (default root_dir/evaluation.json).")
 
 flags.mark_flag_as_required("root_dir")
-program.ignore_tff_exit_noise()
 flags.register_validator("public_sizes", lambda v: all(s.isdigit() and int(s) > 0 for s in v),
                          "--public_sizes must be positive integers")
 
@@ -50,7 +50,7 @@ def main(argv):
         if _BY_ROUND.value:
             result["accuracy_by_round"] = evaluation.accuracy_by_round(
                 _ROOT_DIR.value, max(int(s) for s in _PUBLIC_SIZES.value), _MAX_CLIENTS.value, _SEED.value)
-    except program.ProgramError as e:
+    except ProgramError as e:
         common.fail(str(e))
     finally:
         contexts.shutdown()
@@ -63,4 +63,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    contexts.ignore_tff_exit_noise()  # before app.run: a flag error ends the program before main
     app.run(main)

@@ -15,51 +15,50 @@ from absl import logging
 from tff_programs import common
 from tff_programs import contexts
 from tfkl import data, keylock, models
+from tfkl.federated import algorithms
+from tfkl.federated import config as config_lib
 from tfkl.federated import program
 
-ALGORITHMS = ("fedkl", "fedavg")
-SPLITS = ("iid", "dirichlet", "shards")
-
 _ROOT_DIR = flags.DEFINE_string("root_dir", None, "Directory of the run (state, metrics, captures).")
-_ALGORITHM = flags.DEFINE_enum("algorithm", "fedkl", ALGORITHMS, "FedKL or the FedAvg baseline (no lock).")
+_ALGORITHM = flags.DEFINE_enum("algorithm", "fedkl", config_lib.ALGORITHMS, "FedKL or the FedAvg baseline (no lock).")
 _MODEL = flags.DEFINE_enum("model", "lenet", models.NAMES, "Zoo model.")
 _DATASET = flags.DEFINE_enum("dataset", "digits", data.DATASETS, "Data set.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set's files are.")
-_NUM_CLIENTS = flags.DEFINE_integer("num_clients", 3, "Number of clients.", lower_bound=1)
+_NUM_CLIENTS = flags.DEFINE_integer("num_clients", 3, "Number of clients.")
 _CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", None, "Clients sampled per round "
-                                          "(default: all).", lower_bound=1)
+                                          "(default: all).")
 _ROUNDS = flags.DEFINE_integer("rounds", 20, "Total rounds (a resumed run continues to this).", lower_bound=1)
-_LOCAL_EPOCHS = flags.DEFINE_integer("local_epochs", 1, "Local epochs per round.", lower_bound=1)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Client batch size.", lower_bound=1)
-_SPLIT = flags.DEFINE_enum("split", "iid", SPLITS, "How the training set is split among clients.")
+_LOCAL_EPOCHS = flags.DEFINE_integer("local_epochs", 1, "Local epochs per round.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Client batch size.")
+_SPLIT = flags.DEFINE_enum("split", "iid", data.SPLITS, "How the training set is split among clients.")
 _ALPHA = flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration for --split=dirichlet.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.01, "Client SGD learning rate.")
-_MOMENTUM = flags.DEFINE_float("momentum", 0.9, "Client SGD momentum.", lower_bound=0.0)
+_MOMENTUM = flags.DEFINE_float("momentum", 0.9, "Client SGD momentum.")
 _NESTEROV = flags.DEFINE_bool("nesterov", True, "Nesterov momentum.")
-_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 5e-4, "Coupled weight decay.", lower_bound=0.0)
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 5e-4, "Coupled weight decay.")
 _LR_MILESTONES = flags.DEFINE_list("lr_milestones", ["60", "120", "160"], "Rounds after which the client LR "
                                    "is multiplied by --lr_gamma.")
 _LR_GAMMA = flags.DEFINE_float("lr_gamma", 0.2, "LR factor at each milestone.")
 _SERVER_LR = flags.DEFINE_float("server_learning_rate", 1.0, "Server SGD learning rate (1.0: plain FedAvg).")
 _PERSIST = flags.DEFINE_bool("persist_optimizer_state", True, "Keep each client's momentum buffers across rounds.")
-_STATISTICS = flags.DEFINE_enum("statistics", "average", ("average", "local"),
+_STATISTICS = flags.DEFINE_enum("statistics", "average", algorithms.STATISTICS,
                                 "Moving statistics of the normalisations: averaged by the server (the paper), or "
                                 "kept by each client (FedBN-like; backbones that normalise after the lock, such as "
                                 "ResNet-20, need it: each client's lock shifts the statistics).")
-_WEIGHTING = flags.DEFINE_enum("client_weighting", "num_examples", ("num_examples", "uniform"),
+_WEIGHTING = flags.DEFINE_enum("client_weighting", "num_examples", algorithms.CLIENT_WEIGHTINGS,
                                "Weight of each client's update in the mean.")
 _KEY_DIM = flags.DEFINE_integer("key_dim", 1024, "Key length (FedKL).", lower_bound=1)
 _NORMALIZATION = flags.DEFINE_enum("normalization", "batch", keylock.NORMALIZATIONS, "Lock normalisation.")
 _INIT = flags.DEFINE_enum("init", "pytorch", models.INITS, "Weight initialisation scheme.")
 _LOCK_WHERE = flags.DEFINE_enum("lock_where", "first", ("first", "all"), "FedKL: lock the first conv layer (the "
                                 "paper's) or every conv layer, all with the client's one key.")
-_LOCK_INIT = flags.DEFINE_enum("lock_init", "shared", program.LOCK_INITS, "FedKL: every client starts from "
+_LOCK_INIT = flags.DEFINE_enum("lock_init", "shared", config_lib.LOCK_INITS, "FedKL: every client starts from "
                                "model_fn's lock weights (the paper's; the server knows them in round 1), or from "
                                "lock weights it draws from the CSPRNG.")
 _DP_CLIP = flags.DEFINE_float("dp_clip", None, "DP-FedAvg: clip each client's update to this L2 norm (TFF's "
                               "DifferentiallyPrivateFactory.gaussian_fixed; needs --client_weighting=uniform).")
 _DP_NOISE = flags.DEFINE_float("dp_noise_multiplier", 0.0, "DP-FedAvg: noise stddev on the sum, in units of "
-                               "--dp_clip.", lower_bound=0.0)
+                               "--dp_clip.")
 _PRUNE = flags.DEFINE_float("prune_fraction", None, "Each client zeroes this fraction of the smallest-magnitude "
                             "entries of each tensor of its update (gradient pruning).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights, split, sampling and data order.")
@@ -75,7 +74,6 @@ _INJECT_FAILURE = flags.DEFINE_list("inject_failure", [], "Fault injection: ROUN
                                     "training fails mid-epoch.")
 
 flags.mark_flag_as_required("root_dir")
-program.ignore_tff_exit_noise()
 
 
 def _parse_int_list(values):
@@ -100,32 +98,18 @@ def _valid_pairs(values):
         return False
 
 
+# The flags' own syntax only: every rule on the run's configuration is checked by config_lib.Config.
 flags.register_validator("root_dir", lambda v: bool(v), "--root_dir must not be empty")
-flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be positive")
-flags.register_validator("server_learning_rate", lambda v: v > 0, "--server_learning_rate must be positive")
-flags.register_validator("alpha", lambda v: v > 0, "--alpha must be positive")
-flags.register_validator("lr_gamma", lambda v: v > 0, "--lr_gamma must be positive")
 flags.register_validator("lr_milestones", _parse_int_list, "--lr_milestones must be a list of round numbers")
 flags.register_validator("capture_rounds", lambda v: v == ["all"] or _parse_int_list(v),
                          "--capture_rounds must be 'all' or a list of round numbers")
 flags.register_validator("inject_nan", _valid_pairs, "--inject_nan takes ROUND:CLIENT pairs, e.g. 2:0,3:1")
 flags.register_validator("inject_failure", _valid_pairs, "--inject_failure takes ROUND:CLIENT pairs, e.g. 2:0")
-flags.register_multi_flags_validator(
-    ["num_clients", "clients_per_round"], lambda f: f["clients_per_round"] is None or
-    f["clients_per_round"] <= f["num_clients"], "--clients_per_round cannot exceed --num_clients")
-flags.register_validator("dp_clip", lambda v: v is None or v > 0, "--dp_clip must be positive")
-flags.register_validator("prune_fraction", lambda v: v is None or 0 <= v < 1, "--prune_fraction must be in [0, 1)")
-flags.register_multi_flags_validator(
-    ["dp_clip", "client_weighting"], lambda f: f["dp_clip"] is None or f["client_weighting"] == "uniform",
-    "--dp_clip (DP-FedAvg) needs --client_weighting=uniform")
-flags.register_multi_flags_validator(
-    ["nesterov", "momentum"], lambda f: not f["nesterov"] or f["momentum"] > 0,
-    "--nesterov needs --momentum > 0")
 
 
 def config_from_flags(dataset):
     """The run's Config from the flags (and the data set's shape)."""
-    return program.Config(
+    return config_lib.Config(
         algorithm=_ALGORITHM.value, model=_MODEL.value, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
         input_shape=models.input_shape(_MODEL.value, dataset), num_classes=dataset.num_classes,
         num_clients=_NUM_CLIENTS.value, clients_per_round=_CLIENTS_PER_ROUND.value or _NUM_CLIENTS.value,
@@ -157,12 +141,14 @@ def main(argv):
     common.check_no_positional_args(argv)
     quiet_logs()
     dataset = common.load_dataset(_DATASET.value, _DATA_DIR.value)
-    if _NUM_CLIENTS.value > len(dataset.y_train):
-        common.fail(f"--num_clients={_NUM_CLIENTS.value} exceeds the {len(dataset.y_train)} training examples")
+    try:
+        config = config_from_flags(dataset)
+    except config_lib.ConfigError as e:
+        common.fail(str(e))
     contexts.install_context()
     try:
-        metrics = program.train(_ROOT_DIR.value, config_from_flags(dataset), run_options(), dataset=dataset)
-    except program.ProgramError as e:
+        metrics = program.train(_ROOT_DIR.value, config, run_options(), dataset=dataset)
+    except config_lib.ProgramError as e:
         common.fail(str(e))
     finally:
         contexts.shutdown()
@@ -172,4 +158,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    contexts.ignore_tff_exit_noise()  # before app.run: a flag error ends the program before main
     app.run(main)

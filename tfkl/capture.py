@@ -162,7 +162,7 @@ def run_meta_fn(config, dataset_name, learning_rate, data_seeds, partition):
                 note="for scoring an attack only; not attacker knowledge", dataset=dataset_name,
                 data_dir=config.data_dir, split=config.split, alpha=config.alpha, split_seed=config.seed,
                 num_clients=config.num_clients, client_index=int(client_id),
-                shuffle_seed=data_seeds[client_id], input_pipeline="tfkl.federated.program.client_dataset"))
+                shuffle_seed=data_seeds[client_id], input_pipeline="tfkl.federated.client_data.client_dataset"))
     return meta
 
 

@@ -11,8 +11,10 @@ import tensorflow as tf
 
 from tfkl import data as data_lib
 from tfkl import keys as keys_lib
-from tfkl.federated import program
+from tfkl.federated import run_dir
+from tfkl.federated.client_data import client_partition
 from tfkl.federated.client_store import ClientStore
+from tfkl.federated.config import ProgramError, build_process
 from tfkl.training import accuracy, classification_loss
 
 ENTRIES = {
@@ -110,9 +112,9 @@ def _recover_lock(evaluator, images, labels, input_shape, steps, seed, statistic
 
 def _evaluation_setup(root_dir, public_size, seed, dataset):
     """(config, dataset, process, public indices, evaluation data set) of a run."""
-    config = program.load_config(root_dir)
+    config = run_dir.load_config(root_dir)
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
-    process = program.build_process(config)
+    process = build_process(config)
     public, held_out = data_lib.split_test(dataset, public_size, seed)
     eval_ds = data_lib.make_dataset(dataset.x_test[held_out], dataset.y_test[held_out], tuple(config.input_shape),
                                     256)
@@ -120,9 +122,9 @@ def _evaluation_setup(root_dir, public_size, seed, dataset):
 
 
 def _restore(root_dir, config, process, round_num):
-    restored = program.restore(root_dir, config, process, round_num)
+    restored = run_dir.restore(root_dir, config, process, round_num)
     if restored is None:
-        raise program.ProgramError(f"{root_dir} has no complete round to evaluate")
+        raise ProgramError(f"{root_dir} has no complete round to evaluate")
     return restored
 
 
@@ -147,7 +149,7 @@ def accuracy_by_round(root_dir, public_size=1000, max_clients=10, seed=0, datase
     the global model (FedAvg) or the clients' mean of entry (a) (FedKL), on `evaluate`'s examples."""
     config, dataset, process, _, _, eval_ds = _evaluation_setup(root_dir, public_size, seed, dataset)
     curve = {}
-    for round_num in program.complete_rounds(root_dir):
+    for round_num in run_dir.complete_rounds(root_dir):
         server_state, client_states, _ = _restore(root_dir, config, process, round_num)
         evaluator = _Evaluator(config, process, server_state)
         if config.locked:
@@ -190,7 +192,7 @@ def evaluate(root_dir, round_num=None, public_sizes=(100, 1000), max_clients=10,
             evaluator.set_secret(key, lock)
             rows[name][cid] = evaluator.accuracy(eval_ds)
     rows["f_own_secret_own_statistics"] = {}
-    partition = program.client_partition(config, dataset)
+    partition = client_partition(config, dataset)
     for cid in client_ids:
         evaluator.use_own_secret(client_states[cid])
         own = partition[int(cid)]

@@ -1,7 +1,7 @@
 """The simulation driver: client sampling, per-client private state and dropouts.
 
-`run_round` executes one round of a `StatefulClientsProcess` for the sampled clients and keeps the
-returned private states per client id; clients whose computation fails mid-round are dropped from
+`run_round` executes one round of a `StatefulClientsProcess` for the sampled clients and returns
+their new private states by client id; clients whose computation fails mid-round are dropped from
 the round (the rest go on), and clients whose update is not finite are rejected by the round itself.
 """
 
@@ -29,12 +29,13 @@ def data_seed(seed, round_num, client_id):
 
 
 def run_round(process, server_state, client_states, client_ids, client_data_fn, learning_rate):
-    """Runs one round on `client_ids`; returns (server_state, metrics, reports by client id).
+    """Runs one round on `client_ids`; returns (server_state, new client states, metrics, reports).
 
-    `client_states` (client id -> private state) is updated in place for the clients that took part.
-    `client_data_fn(client_id)` returns the client's tf.data.Dataset. A client whose computation
-    fails inside the round (TFF reports it as a failed RPC) is found by running the clients one by
-    one, logged and dropped; the round is then run again with the others.
+    `client_states` maps client id -> private state; the new states and the reports are by client
+    id, for the clients that took part. `client_data_fn(client_id)` returns the client's
+    tf.data.Dataset. A client whose computation fails inside the round (TFF reports it as a failed
+    RPC) is found by running the clients one by one, logged and dropped; the round is then run again
+    with the others.
     """
     learning_rate = np.float32(learning_rate)
     datasets = {c: client_data_fn(c) for c in client_ids}
@@ -52,14 +53,11 @@ def run_round(process, server_state, client_states, client_ids, client_data_fn, 
             raise RoundFailed(f"every sampled client failed: {_first_line(error)}") from None
         outputs = next_round(taking_part)
     server_state, new_states, metrics, reports = outputs
-    by_client = {}
-    for client_id, state, report in zip(taking_part, new_states, reports):
-        client_states[client_id] = state
-        by_client[client_id] = report
+    for client_id, report in zip(taking_part, reports):
         if not report["accepted"]:
             logger.warning("client %s sent a non-finite update: rejected", client_id)
     metrics = dict(metrics, clients_dropped=len(client_ids) - len(taking_part))
-    return server_state, metrics, by_client
+    return server_state, dict(zip(taking_part, new_states)), metrics, dict(zip(taking_part, reports))
 
 
 def _first_line(error):

@@ -1,0 +1,160 @@
+"""The run directory of a training program: its configuration file and the state of its rounds.
+
+Under `root_dir`:
+  config.json          the run's configuration; another run's root dir is refused
+  server/              tff.program.FileProgramStateManager: server state per saved round
+  clients/             tfkl.federated.client_store.ClientStore: private client states per round
+  metrics.csv, tensorboard/   per-round metrics (CSV and TensorBoard release managers)
+  captures/            optional: what a curious server received (tfkl.capture format)
+  client_data/         each client's examples as a tf.data snapshot (the round ships their path)
+Client states are saved before the server state, so a round is complete when both exist; a resumed
+run starts from the last complete round and gives the same result as an uninterrupted one.
+"""
+
+import asyncio
+import collections
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tfkl.federated.client_store import ClientStateError, ClientStore
+from tfkl.federated.config import Config, ProgramError
+from tfkl.files import atomic_write
+
+CONFIG_FILE = "config.json"
+
+
+def check_config(root_dir, config):
+    """Writes config.json in a new (or empty) root dir; refuses one holding another run or other files."""
+    path = os.path.join(root_dir, CONFIG_FILE)
+    wanted = config.to_json()
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ProgramError(f"{path} is unreadable ({e}); not touching this root dir") from None
+        # A field added since the run started counts as its default there.
+        stored = {**Config().to_json(), **stored}
+        differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        if differing:
+            k = differing[0]
+            raise ProgramError(f"{root_dir} holds another run ({k}: {stored.get(k)!r} there, {wanted.get(k)!r} "
+                               f"here); use a new --root_dir")
+        return
+    if os.path.isdir(root_dir) and os.listdir(root_dir):
+        raise ProgramError(f"{root_dir} is not empty and holds no {CONFIG_FILE}; use a new --root_dir")
+    os.makedirs(root_dir, exist_ok=True)
+    with atomic_write(path, binary=False) as f:
+        json.dump(wanted, f, indent=1)
+
+
+def load_config(root_dir):
+    path = os.path.join(root_dir, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+        fields = {f.name for f in dataclasses.fields(Config)}
+        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields})
+    except (OSError, ValueError, TypeError) as e:
+        raise ProgramError(f"{root_dir} is not a training run's root dir ({CONFIG_FILE}: {e})") from None
+
+
+def metrics_manager(root_dir):
+    """The release manager of the per-round metrics: metrics.csv and TensorBoard."""
+    return tff.program.GroupingReleaseManager([
+        tff.program.CSVFileReleaseManager(os.path.join(root_dir, "metrics.csv"), key_fieldname="round"),
+        tff.program.TensorBoardReleaseManager(os.path.join(root_dir, "tensorboard"))])
+
+
+def client_data_dir(root_dir):
+    return os.path.join(os.path.abspath(root_dir), "client_data")
+
+
+class RunStateManager:
+    """The program state of a run, by round: the server state (TFF's FileProgramStateManager) and
+    every client's private state (ClientStore). `keep_rounds`: complete rounds kept besides round 0
+    (None: every round)."""
+
+    def __init__(self, root_dir, keep_rounds=None):
+        self.root_dir = root_dir
+        self.keep_rounds = keep_rounds
+        self.server = tff.program.FileProgramStateManager(
+            os.path.join(root_dir, "server"), keep_total=0 if keep_rounds is None else keep_rounds + 1,
+            keep_first=True)
+        self.clients = ClientStore(os.path.join(root_dir, "clients"))
+
+    def complete_rounds(self):
+        """The rounds whose server and client states are both on disk, in order."""
+        versions = asyncio.run(self.server.get_versions()) or []
+        return sorted(set(versions) & set(self.clients.rounds()))
+
+    def initial_key(self, config, client_id):
+        """A new client's key; one already on disk comes from an initialisation interrupted before the
+        server state was saved, and is kept."""
+        if not config.locked:
+            return None
+        try:
+            saved = self.clients.saved_key(client_id, config.key_dim)
+        except ClientStateError as e:
+            raise ProgramError(str(e)) from None
+        return config.client_key(client_id) if saved is None else saved
+
+    def save(self, round_num, server_state, client_states, changed):
+        """Saves a round: the `changed` clients' states, then the server state; prunes old rounds."""
+        self.clients.save(round_num, client_states, changed=changed)
+        asyncio.run(self.server.save(server_state, round_num))
+        if self.keep_rounds is not None:
+            rounds = self.clients.rounds()
+            self.clients.prune(set(rounds[-self.keep_rounds:]) | {0})  # the rounds the server manager keeps
+
+    def load(self, config, process, round_num=None):
+        """(server_state, client_states, round) of the last complete round (or `round_num`); None if none."""
+        root_dir = self.root_dir
+        template = process.initialize()
+        if round_num is None:
+            rounds = self.complete_rounds()
+            if not rounds:
+                return None
+            round_num = rounds[-1]
+        try:
+            loaded = asyncio.run(self.server.load(int(round_num), template))
+            server_state = tf.nest.pack_sequence_as(template, _flat(loaded))
+        except tff.program.ProgramStateNotFoundError:
+            raise ProgramError(f"no server state for round {round_num} in {root_dir}/server") from None
+        except Exception as e:  # a corrupt SavedModel raises many kinds of errors
+            raise ProgramError(f"server state of round {round_num} in {root_dir}/server is unreadable: "
+                               f"{type(e).__name__}") from None
+        if [np.shape(x) for x in _flat(server_state)] != [np.shape(x) for x in _flat(template)]:
+            raise ProgramError(f"server state of round {round_num} does not fit the model in {CONFIG_FILE}")
+        try:
+            client_states = self.clients.load(round_num, config.key_dim if config.locked else None)
+        except ClientStateError as e:
+            raise ProgramError(str(e)) from None
+        if sorted(client_states, key=int) != [str(i) for i in range(config.num_clients)]:
+            raise ProgramError(f"client states of round {round_num} do not match --num_clients={config.num_clients}")
+        template_client = process.client_state_type
+        for cid, state in client_states.items():
+            client_states[cid] = collections.OrderedDict(
+                (k, [np.asarray(a) for a in state[k]]) for k in ("key", "lock", "optimizer", "statistics"))
+            if [len(v) for v in client_states[cid].values()] != [len(template_client[k]) for k in client_states[cid]]:
+                raise ProgramError(f"client {cid}'s state of round {round_num} does not fit the run's options")
+        return server_state, client_states, int(round_num)
+
+
+def _flat(structure):
+    return [np.asarray(x) for x in tf.nest.flatten(structure)]
+
+
+def complete_rounds(root_dir):
+    """The complete rounds of the run in `root_dir`, in order."""
+    return RunStateManager(root_dir).complete_rounds()
+
+
+def restore(root_dir, config, process, round_num=None):
+    """(server_state, client_states, round) of the run in `root_dir`: see `RunStateManager.load`."""
+    return RunStateManager(root_dir).load(config, process, round_num)
