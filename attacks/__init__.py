@@ -19,7 +19,27 @@ from attacks.labels import infer_labels
 from attacks.model import THREATS, AttackerModel, ServerView, extract_lock_weights, extract_secret
 from attacks.targets import Target, from_capture
 
-__all__ = ["ATTACKS", "THREATS", "AttackerModel", "DLG", "GRNN", "IDLG", "InvertingGradients", "Payload",
-           "Reconstruction", "ServerView", "Target", "UserData", "attack_captures", "build_attack", "client_gradient",
-           "client_update_capture", "extract_lock_weights", "extract_secret", "from_capture", "infer_labels",
-           "run_attack", "run_threats"]
+__all__ = [
+    "ATTACKS",
+    "THREATS",
+    "AttackerModel",
+    "DLG",
+    "GRNN",
+    "IDLG",
+    "InvertingGradients",
+    "Payload",
+    "Reconstruction",
+    "ServerView",
+    "Target",
+    "UserData",
+    "attack_captures",
+    "build_attack",
+    "client_gradient",
+    "client_update_capture",
+    "extract_lock_weights",
+    "extract_secret",
+    "from_capture",
+    "infer_labels",
+    "run_attack",
+    "run_threats",
+]

@@ -21,6 +21,7 @@ DISTANCES = ("l2", "l2_sum", "cosine", "grnn")
 @dataclasses.dataclass
 class Reconstruction:
     """One attacked target: images in [0, 1] (and unclipped), labels, and how the search went."""
+
     images: np.ndarray
     raw_images: np.ndarray
     labels: np.ndarray
@@ -34,6 +35,7 @@ class Snapshot:
     """The search between two chunks, as a `monitor` sees it: iterations done, batched objective
     evaluations so far, optimisation wall time so far (progress and monitor calls excluded), the
     current images [problems, N, H, W, C] (unclipped) and losses [problems]."""
+
     done: int
     evaluations: int
     seconds: float
@@ -80,6 +82,7 @@ class Attack:
       restarts: independent starts per target; the one with the lowest objective is kept.
       seed: seeds the starting points.
     """
+
     name = "attack"
 
     def __init__(self, attacker, label_mode="infer", restarts=1, seed=0):
@@ -99,8 +102,8 @@ class Attack:
     def _split(self, position, target):
         image_size, label_size, _ = self._layout(target)
         images = tf.reshape(position[:image_size], (target.num_examples,) + self.attacker.input_shape)
-        label_logits = tf.reshape(position[image_size:image_size + label_size], (target.num_examples, -1))
-        return images, label_logits, position[image_size + label_size:]
+        label_logits = tf.reshape(position[image_size : image_size + label_size], (target.num_examples, -1))
+        return images, label_logits, position[image_size + label_size :]
 
     def _initial(self, target, problems, seed):
         image_size, label_size, _ = self._layout(target)
@@ -141,8 +144,12 @@ class Attack:
             if target.kind == "gradient":
                 return tf.vectorized_map(one, (positions, target_values, fixed_labels))
             # Simulated local steps give each problem its own weights, which pfor cannot batch.
-            return tf.map_fn(one, (positions, target_values, fixed_labels), parallel_iterations=4,
-                             fn_output_signature=(tf.float32, tf.float32))
+            return tf.map_fn(
+                one,
+                (positions, target_values, fixed_labels),
+                parallel_iterations=4,
+                fn_output_signature=(tf.float32, tf.float32),
+            )
 
         return batched
 
@@ -168,8 +175,10 @@ class Attack:
         labels = np.asarray(labels, np.int64).reshape(len(targets), template.num_examples)
         problems = len(targets) * self.restarts
         repeat = lambda a: np.repeat(np.asarray(a)[None], self.restarts, 0)  # noqa: E731
-        target_values = [tf.constant(np.concatenate([repeat(t.values[i]) for t in targets]) * _scale(template))
-                         for i in range(len(template.values))]
+        target_values = [
+            tf.constant(np.concatenate([repeat(t.values[i]) for t in targets]) * _scale(template))
+            for i in range(len(template.values))
+        ]
         fixed_labels = np.repeat(labels, self.restarts, 0)
         if template.kind == "update" and template.num_examples > 1:
             # Local steps see the examples in an unknown order: restarts try different label orders.
@@ -187,16 +196,25 @@ class Attack:
         fixed_labels = tf.constant(fixed_labels)
         start = time.perf_counter()
         positions, losses, history, stats = self._optimize(
-            template, self._initial(template, problems, self.seed), target_values, fixed_labels, progress, monitor)
+            template, self._initial(template, problems, self.seed), target_values, fixed_labels, progress, monitor
+        )
         seconds = time.perf_counter() - start
         losses = np.asarray(losses).reshape(len(targets), self.restarts)
         positions = np.asarray(positions).reshape(len(targets), self.restarts, -1)
         results = []
         for t, target in enumerate(targets):
             best = int(np.nanargmin(np.where(np.isfinite(losses[t]), losses[t], np.inf)))
-            results.append(self._result(target, positions[t, best], fixed_labels[t * self.restarts + best].numpy(),
-                                        losses[t], best, history,
-                                        dict(stats, seconds=seconds, problems=problems)))
+            results.append(
+                self._result(
+                    target,
+                    positions[t, best],
+                    fixed_labels[t * self.restarts + best].numpy(),
+                    losses[t],
+                    best,
+                    history,
+                    dict(stats, seconds=seconds, problems=problems),
+                )
+            )
         return results[0] if single else results
 
     def _result(self, target, position, fixed_labels, losses, best, history, stats):
@@ -206,8 +224,14 @@ class Attack:
             labels = np.argmax(label_logits.numpy(), axis=-1)
         else:
             labels = fixed_labels
-        info = dict(stats, attack=self.name, threat=self.attacker.threat, restart_losses=[float(v) for v in losses],
-                    best_restart=best, label_mode=self.label_mode)
+        info = dict(
+            stats,
+            attack=self.name,
+            threat=self.attacker.threat,
+            restart_losses=[float(v) for v in losses],
+            best_restart=best,
+            label_mode=self.label_mode,
+        )
         if self.attacker.threat == "adaptive":
             locks = self.attacker.lock_values(latent)
             info["lock_estimate"] = {k: [g.numpy().tolist(), b.numpy().tolist()] for k, (g, b) in locks.items()}
@@ -230,8 +254,9 @@ class Attack:
             seconds += time.perf_counter() - start
             if progress:
                 progress(done, self.iterations, losses)
-            if monitor and monitor(Snapshot(int(done), int(evaluations), seconds,
-                                            self._snapshot_images(positions, target), losses)):
+            if monitor and monitor(
+                Snapshot(int(done), int(evaluations), seconds, self._snapshot_images(positions, target), losses)
+            ):
                 break
         stats = {"iterations": int(done), "evaluations": int(evaluations), "optimizer_seconds": seconds}
         return np.asarray(positions), history[-1]["loss"], history, stats

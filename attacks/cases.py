@@ -24,6 +24,7 @@ from tfkl.optimizers import TorchSGD
 @dataclasses.dataclass(frozen=True)
 class Payload:
     """What a curious server holds of a case: its view of the model and one target per client."""
+
     view: model_lib.ServerView
     targets: tuple
 
@@ -38,20 +39,37 @@ class UserData:
     """The clients' true data, for scoring only: images [N, H, W, C] in [0, 1] and labels [N], client
     after client; for a federated capture also the (images, labels) batches the client trained on in
     its round (all local epochs, in training order)."""
+
     images: np.ndarray
     labels: np.ndarray
     batches: list = None
 
 
-def build_victims(model_name, input_shape, num_classes, init="pytorch", seed=0, normalization="batch",
-                  key_seed=1, threats=model_lib.THREATS):
+def build_victims(
+    model_name,
+    input_shape,
+    num_classes,
+    init="pytorch",
+    seed=0,
+    normalization="batch",
+    key_seed=1,
+    threats=model_lib.THREATS,
+):
     """{'plain': backbone, 'locked': the same backbone with the lock} (only those `threats` need)."""
     victims = {}
     if "none" in threats:
         victims["plain"] = models.build(model_name, input_shape, num_classes, lock=False, init=init, seed=seed)
     if any(t != "none" for t in threats):
-        victims["locked"] = models.build(model_name, input_shape, num_classes, lock=True, init=init, seed=seed,
-                                         normalization=normalization, key=keys_lib.generate_key(1024, seed=key_seed))
+        victims["locked"] = models.build(
+            model_name,
+            input_shape,
+            num_classes,
+            lock=True,
+            init=init,
+            seed=seed,
+            normalization=normalization,
+            key=keys_lib.generate_key(1024, seed=key_seed),
+        )
     return victims
 
 
@@ -86,28 +104,53 @@ def client_gradient(model, images, labels):
     gradients = tape.gradient(loss, variables)
     for variable, value in zip(model.non_trainable_variables, state):
         variable.assign(value)
-    return targets_lib.Target("gradient", tuple(g.numpy() for g in gradients), int(images.shape[0]),
-                              int(images.shape[0]))
+    return targets_lib.Target(
+        "gradient", tuple(g.numpy() for g in gradients), int(images.shape[0]), int(images.shape[0])
+    )
 
 
-def client_update_capture(model, images, labels, path, batch_size, local_epochs=1, learning_rate=0.01,
-                          momentum=0.9, nesterov=True, weight_decay=5e-4, round_num=0, client_id="0"):
+def client_update_capture(
+    model,
+    images,
+    labels,
+    path,
+    batch_size,
+    local_epochs=1,
+    learning_rate=0.01,
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=5e-4,
+    round_num=0,
+    client_id="0",
+):
     """Runs a client's local epochs (TorchSGD, fresh state, fixed batch order) on a copy of `model`
     and writes the captured update to `path` in the `tfkl.capture` format. Returns the capture."""
     client = tf.keras.models.clone_model(model)
     client.set_weights(model.get_weights())
-    optimizer = TorchSGD(learning_rate, momentum, nesterov, weight_decay) if momentum else TorchSGD(
-        learning_rate, 0.0, False, weight_decay)
+    optimizer = (
+        TorchSGD(learning_rate, momentum, nesterov, weight_decay)
+        if momentum
+        else TorchSGD(learning_rate, 0.0, False, weight_decay)
+    )
     trainer = training.Trainer(client, optimizer)
     global_weights = [v.numpy() for v in private.shared_variables(model)]
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
     for _ in range(local_epochs):
         trainer.fit_epoch(dataset)
     update = [v.numpy() - g for v, g in zip(private.shared_variables(client), global_weights)]
-    meta = capture_lib.build_meta(model, round_num=round_num, client_id=client_id, num_examples=len(images),
-                                  num_steps=int(math.ceil(len(images) / batch_size)) * local_epochs,
-                                  batch_size=batch_size, local_epochs=local_epochs, learning_rate=learning_rate,
-                                  momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    meta = capture_lib.build_meta(
+        model,
+        round_num=round_num,
+        client_id=client_id,
+        num_examples=len(images),
+        num_steps=int(math.ceil(len(images) / batch_size)) * local_epochs,
+        batch_size=batch_size,
+        local_epochs=local_epochs,
+        learning_rate=learning_rate,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+    )
     capture_lib.save_capture(path, meta, global_weights, update)
     return capture_lib.load_capture(path)
 
@@ -120,7 +163,7 @@ def simulate_clients(victim, images, labels, per_client, kind="gradient", captur
     `client_update_capture`)."""
     client_targets = []
     for index, start in enumerate(range(0, len(images), per_client)):
-        x, y = images[start:start + per_client], labels[start:start + per_client]
+        x, y = images[start : start + per_client], labels[start : start + per_client]
         if kind == "gradient":
             client_targets.append(client_gradient(victim, x, y))
         else:
@@ -136,13 +179,22 @@ def capture_user_data(meta, dataset=None, data_dir=None):
     # The trainer's own pipeline; imported here, as it loads TFF, which attacks otherwise never need.
     from tfkl.federated import client_data
     from tfkl.federated.config import Config
+
     truth = meta.get("ground_truth")
     if not truth:
         return None
-    config = Config(dataset=truth["dataset"], data_dir=truth["data_dir"], input_shape=tuple(meta["input_shape"]),
-                    num_classes=int(meta["num_classes"]), num_clients=int(truth["num_clients"]), split=truth["split"],
-                    alpha=float(truth["alpha"]), seed=int(truth["split_seed"]), batch_size=int(meta["batch_size"]),
-                    local_epochs=int(meta["local_epochs"]))
+    config = Config(
+        dataset=truth["dataset"],
+        data_dir=truth["data_dir"],
+        input_shape=tuple(meta["input_shape"]),
+        num_classes=int(meta["num_classes"]),
+        num_clients=int(truth["num_clients"]),
+        split=truth["split"],
+        alpha=float(truth["alpha"]),
+        seed=int(truth["split_seed"]),
+        batch_size=int(meta["batch_size"]),
+        local_epochs=int(meta["local_epochs"]),
+    )
     dataset = dataset or data.load(config.dataset, data_dir or config.data_dir)
     indices = client_data.client_partition(config, dataset)[int(truth["client_index"])]
     images = data.preprocess(dataset.x_train[indices], config.input_shape).numpy()

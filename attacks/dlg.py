@@ -31,10 +31,22 @@ class DLG(base.Attack):
       history_size: L-BFGS correction pairs (PyTorch's default 100).
       optimizer: 'tfp' or 'torch' (see the module docstring).
     """
+
     name = "dlg"
 
-    def __init__(self, attacker, iterations=1000, chunk=250, distance="l2", tv=0.0, history_size=100,
-                 optimizer="tfp", label_mode="joint", restarts=1, seed=0):
+    def __init__(
+        self,
+        attacker,
+        iterations=1000,
+        chunk=250,
+        distance="l2",
+        tv=0.0,
+        history_size=100,
+        optimizer="tfp",
+        label_mode="joint",
+        restarts=1,
+        seed=0,
+    ):
         super().__init__(attacker, label_mode, restarts, seed)
         if distance not in base.DISTANCES:
             raise ValueError(f"distance must be one of {base.DISTANCES}, got {distance!r}")
@@ -55,19 +67,27 @@ class DLG(base.Attack):
         objective = lambda positions: batched(positions, target_values, fixed_labels)  # noqa: E731
         if self.optimizer == "tfp":
             return self._run_chunks(target, self._tfp_chunks(objective, initial), progress, monitor)
-        positions, _, history, stats = self._run_chunks(target, self._torch_chunks(objective, initial), progress,
-                                                        monitor)
+        positions, _, history, stats = self._run_chunks(
+            target, self._torch_chunks(objective, initial), progress, monitor
+        )
         # The state's losses are those of the last evaluated points, one step behind the positions.
         return positions, objective(tf.constant(positions))[0].numpy().tolist(), history, stats
 
     def _tfp_chunks(self, objective, initial):
         """`advance` for `_run_chunks`: tfp's lbfgs_minimize continued from its previous results."""
         minimize = functools.partial(
-            tfp.optimizer.lbfgs_minimize, objective, num_correction_pairs=self.history_size, tolerance=0.0,
-            x_tolerance=0.0, f_relative_tolerance=0.0, max_line_search_iterations=25)
+            tfp.optimizer.lbfgs_minimize,
+            objective,
+            num_correction_pairs=self.history_size,
+            tolerance=0.0,
+            x_tolerance=0.0,
+            f_relative_tolerance=0.0,
+            max_line_search_iterations=25,
+        )
         state = tf.function(lambda start: minimize(initial_position=start, max_iterations=0))(initial)
-        resume = tf.function(lambda state, until: minimize(
-            initial_position=None, previous_optimizer_results=state, max_iterations=until))
+        resume = tf.function(
+            lambda state, until: minimize(initial_position=None, previous_optimizer_results=state, max_iterations=until)
+        )
         resume(state, tf.constant(0))  # compiles before the timed chunks
         position = initial
 
@@ -77,8 +97,13 @@ class DLG(base.Attack):
             # A problem whose line search failed reports its last finite position.
             finite = tf.reduce_all(tf.math.is_finite(state.position), axis=1) & tf.math.is_finite(state.objective_value)
             position = tf.where(finite[:, None], state.position, position)
-            return (int(state.num_iterations), position, state.objective_value, int(state.num_objective_evaluations),
-                    bool(tf.reduce_all(state.converged | state.failed)))
+            return (
+                int(state.num_iterations),
+                position,
+                state.objective_value,
+                int(state.num_objective_evaluations),
+                bool(tf.reduce_all(state.converged | state.failed)),
+            )
 
         return advance
 
@@ -93,14 +118,20 @@ class DLG(base.Attack):
         def advance():
             nonlocal state
             state = run(state, chunk)
-            return (int(tf.reduce_min(state.steps)), state.position, state.loss,
-                    int(tf.reduce_max(state.evaluations)), False)
+            return (
+                int(tf.reduce_min(state.steps)),
+                state.position,
+                state.loss,
+                int(tf.reduce_max(state.evaluations)),
+                False,
+            )
 
         return advance
 
 
 class IDLG(DLG):
     """iDLG: DLG with the labels recovered analytically from the last layer."""
+
     name = "idlg"
 
     def __init__(self, attacker, **kwargs):

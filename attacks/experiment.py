@@ -32,19 +32,31 @@ def evaluate(reconstructions, images, labels, batch_size):
     """Per-image metrics of a list of reconstructions (one per client batch, order matched)."""
     per_image = {name: [] for name in metrics.NAMES}
     for index, rec in enumerate(reconstructions):
-        truth = np.asarray(images[index * batch_size:(index + 1) * batch_size])
+        truth = np.asarray(images[index * batch_size : (index + 1) * batch_size])
         order = metrics.match_order(rec.images, truth) if len(truth) > 1 else np.arange(1)
         values = metrics.image_metrics(rec.images[order], truth, rec.raw_images[order])
         for name, array in values.items():
             per_image[name] += [float(v) for v in array]
-        accuracy = metrics.label_accuracy(rec.labels, labels[index * batch_size:(index + 1) * batch_size])
+        accuracy = metrics.label_accuracy(rec.labels, labels[index * batch_size : (index + 1) * batch_size])
         per_image["label_accuracy"] += [accuracy] * len(truth)
     return per_image
 
 
-def run_threats(attack_name, victims, images, labels, threats, batch_size=1, attack_options=None,
-                kind="gradient", capture_dir=None, update_options=None, seed=0, progress=None,
-                server_lock_weights=None):
+def run_threats(
+    attack_name,
+    victims,
+    images,
+    labels,
+    threats,
+    batch_size=1,
+    attack_options=None,
+    kind="gradient",
+    capture_dir=None,
+    update_options=None,
+    seed=0,
+    progress=None,
+    server_lock_weights=None,
+):
     """Attacks `images` (in client batches) under each threat; returns {threat: result dict}.
 
     A result dict holds the reconstructions, per-image metrics, their summary, and timing.
@@ -52,13 +64,26 @@ def run_threats(attack_name, victims, images, labels, threats, batch_size=1, att
     results = {}
     for threat in threats:
         victim = victims["plain" if threat == "none" else "locked"]
-        payload, truth = cases.simulate_clients(victim, images, labels, batch_size, kind,
-                                                capture_dir and os.path.join(capture_dir, threat),
-                                                **(update_options or {}))
+        payload, truth = cases.simulate_clients(
+            victim,
+            images,
+            labels,
+            batch_size,
+            kind,
+            capture_dir and os.path.join(capture_dir, threat),
+            **(update_options or {}),
+        )
         results[threat] = attack_targets(
-            attack_name, payload, threat, truth, batch_size,
-            secret=cases.threat_secret(threat, victim, server_lock_weights), attack_options=attack_options,
-            seed=seed, progress=progress and (lambda d, t, l, th=threat: progress(th, d, t, l)))
+            attack_name,
+            payload,
+            threat,
+            truth,
+            batch_size,
+            secret=cases.threat_secret(threat, victim, server_lock_weights),
+            attack_options=attack_options,
+            seed=seed,
+            progress=progress and (lambda done, total, loss, th=threat: progress(th, done, total, loss)),
+        )
     return results
 
 
@@ -72,17 +97,23 @@ def run_attack(attack_name, payload, threat, secret=None, attack_options=None, s
     return reconstructions, time.perf_counter() - start
 
 
-def attack_targets(attack_name, payload, threat, truth, batch_size=1, secret=None, attack_options=None, seed=0,
-                   progress=None):
+def attack_targets(
+    attack_name, payload, threat, truth, batch_size=1, secret=None, attack_options=None, seed=0, progress=None
+):
     """`run_attack`, then scored against the `cases.UserData` `truth` (one batch of `batch_size` images
     per target); returns the result dict `run_threats` gives per threat."""
     reconstructions, seconds = run_attack(attack_name, payload, threat, secret, attack_options, seed, progress)
     per_image = evaluate(reconstructions, truth.images, truth.labels, batch_size)
     info = reconstructions[0].info
     return {
-        "reconstructions": reconstructions, "per_image": per_image, "summary": metrics.summarize(per_image),
-        "seconds": seconds, "iterations": info["iterations"], "evaluations": info["evaluations"],
-        "problems": info["problems"], "iterations_per_second": info["iterations"] / seconds,
+        "reconstructions": reconstructions,
+        "per_image": per_image,
+        "summary": metrics.summarize(per_image),
+        "seconds": seconds,
+        "iterations": info["iterations"],
+        "evaluations": info["evaluations"],
+        "problems": info["problems"],
+        "iterations_per_second": info["iterations"] / seconds,
         "problem_evaluations_per_second": info["evaluations"] * info["problems"] / seconds,
         "recovered_labels": [r.labels.tolist() for r in reconstructions],
         "lock_estimates": [r.info.get("lock_estimate") for r in reconstructions] if threat == "adaptive" else None,
@@ -105,7 +136,7 @@ def save_grid(path, rows, pad=2):
     for i, row in enumerate(rows):
         for j, image in enumerate(row):
             top, left = pad + i * (height + pad), pad + j * (width + pad)
-            grid[top:top + height, left:left + width] = image
+            grid[top : top + height, left : left + width] = image
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tf.io.write_file(path, tf.io.encode_png(grid))
 
@@ -128,8 +159,17 @@ def json_ready(results):
     return {threat: {k: v for k, v in r.items() if k != "reconstructions"} for threat, r in results.items()}
 
 
-def attack_captures(captures, out_dir, attack="ig", attack_options=None, truth_images=None, truth_labels=None,
-                    locked_threats=("fixed-key", "adaptive"), seed=0, verbose=True):
+def attack_captures(
+    captures,
+    out_dir,
+    attack="ig",
+    attack_options=None,
+    truth_images=None,
+    truth_labels=None,
+    locked_threats=("fixed-key", "adaptive"),
+    seed=0,
+    verbose=True,
+):
     """Attacks captured updates as a curious server: the demo's entry point.
 
     Args:
@@ -149,13 +189,29 @@ def attack_captures(captures, out_dir, attack="ig", attack_options=None, truth_i
         capture = capture_lib.load_capture(path)
         payload = cases.Payload.from_capture(capture)
         (target,) = payload.targets
-        for threat in (locked_threats if capture.meta["lock"] else ("none",)):
+        for threat in locked_threats if capture.meta["lock"] else ("none",):
             setting = f"{name}/{threat}"
-            (rec,), seconds = run_attack(attack, payload, threat, attack_options=attack_options, seed=seed,
-                                         progress=(lambda d, t, l, s=setting: print(
-                                             f"{s}: {d}/{t} loss {np.min(l):.4g}", flush=True)) if verbose else None)
-            entry = {"labels": rec.labels.tolist(), "loss": rec.loss, "seconds": seconds,
-                     "num_examples": target.num_examples, "num_steps": target.num_steps}
+            (rec,), seconds = run_attack(
+                attack,
+                payload,
+                threat,
+                attack_options=attack_options,
+                seed=seed,
+                progress=(
+                    lambda done, total, loss, s=setting: print(
+                        f"{s}: {done}/{total} loss {np.min(loss):.4g}", flush=True
+                    )
+                )
+                if verbose
+                else None,
+            )
+            entry = {
+                "labels": rec.labels.tolist(),
+                "loss": rec.loss,
+                "seconds": seconds,
+                "num_examples": target.num_examples,
+                "num_steps": target.num_steps,
+            }
             images = rec.images
             if truth_images is not None:
                 per_image = evaluate([rec], np.asarray(truth_images), np.asarray(truth_labels), target.num_examples)
@@ -167,9 +223,12 @@ def attack_captures(captures, out_dir, attack="ig", attack_options=None, truth_i
             results[setting] = entry
     os.makedirs(out_dir, exist_ok=True)
     if truth_images is not None:
-        grids.save_labelled_grid(os.path.join(out_dir, "captures_grid.png"), truth_images,
-                                 [(setting, images, results[setting]["per_image"]) for setting, images in grid_rows],
-                                 truth_labels=truth_labels)
+        grids.save_labelled_grid(
+            os.path.join(out_dir, "captures_grid.png"),
+            truth_images,
+            [(setting, images, results[setting]["per_image"]) for setting, images in grid_rows],
+            truth_labels=truth_labels,
+        )
     else:
         save_grid(os.path.join(out_dir, "captures_grid.png"), grid_rows)
     with open(os.path.join(out_dir, "captures_metrics.json"), "w") as f:

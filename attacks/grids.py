@@ -7,8 +7,8 @@ the image counts as recovered (aligned SSIM >= 0.6, attacks.metrics.CRITERIA['ss
 
 import os
 
-import numpy as np
 from matplotlib.figure import Figure
+import numpy as np
 
 from attacks import metrics
 from tfkl.files import atomic_write
@@ -58,17 +58,32 @@ def save_labelled_grid(path, truth, rows, truth_labels=None, scale=4, align=True
 
     def place(row, column, image, caption, colour="black"):
         left, top = LABEL_WIDTH + column * cell_width, PAD + row * cell_height
-        axes = figure.add_axes([left / grid_width, 1 - (top + height * scale) / grid_height,
-                                width * scale / grid_width, height * scale / grid_height])
+        axes = figure.add_axes(
+            [
+                left / grid_width,
+                1 - (top + height * scale) / grid_height,
+                width * scale / grid_width,
+                height * scale / grid_height,
+            ]
+        )
         axes.imshow(upscale(image, scale), interpolation="nearest")
         axes.set_axis_off()
-        figure.text((left + width * scale / 2) / grid_width, 1 - (top + height * scale + 2) / grid_height, caption,
-                    ha="center", va="top", fontsize=FONT_SIZE, color=colour, linespacing=1.1)
+        figure.text(
+            (left + width * scale / 2) / grid_width,
+            1 - (top + height * scale + 2) / grid_height,
+            caption,
+            ha="center",
+            va="top",
+            fontsize=FONT_SIZE,
+            color=colour,
+            linespacing=1.1,
+        )
 
     def label(row, text):
         top = PAD + row * cell_height + height * scale / 2
-        figure.text(PAD / grid_width, 1 - top / grid_height, text, ha="left", va="center", fontsize=FONT_SIZE + 1,
-                    weight="bold")
+        figure.text(
+            PAD / grid_width, 1 - top / grid_height, text, ha="left", va="center", fontsize=FONT_SIZE + 1, weight="bold"
+        )
 
     label(0, "truth")
     for column in range(num_images):
@@ -83,13 +98,17 @@ def save_labelled_grid(path, truth, rows, truth_labels=None, scale=4, align=True
         recovered = metrics.recovered(per_image, "ssim")
         label(row, name)
         for column in range(num_images):
-            caption = (f"PSNR {per_image['aligned_psnr'][column]:.1f} dB\n"
-                       f"SSIM {per_image['aligned_ssim'][column]:.2f}")
+            caption = f"PSNR {per_image['aligned_psnr'][column]:.1f} dB\nSSIM {per_image['aligned_ssim'][column]:.2f}"
             place(row, column, shown[column], caption, RECOVERED_COLOUR if recovered[column] else "black")
     threshold = metrics.CRITERIA["ssim"][1]
-    figure.text(PAD / grid_width, (FOOTER_HEIGHT / 2) / grid_height,
-                f"aligned PSNR, SSIM; green: SSIM >= {threshold}" + ("; images after the affine fit" if align else ""),
-                ha="left", va="center", fontsize=FONT_SIZE)
+    figure.text(
+        PAD / grid_width,
+        (FOOTER_HEIGHT / 2) / grid_height,
+        f"aligned PSNR, SSIM; green: SSIM >= {threshold}" + ("; images after the affine fit" if align else ""),
+        ha="left",
+        va="center",
+        fontsize=FONT_SIZE,
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path) as f:
         figure.savefig(f, format="png", dpi=DPI)

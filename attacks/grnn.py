@@ -25,10 +25,23 @@ class GRNN(base.Attack):
       label_mode: 'infer' (iDLG labels; default: the joint branch got stuck on a wrong label in
         our runs) or 'joint' (the generator's label branch, as GRNN).
     """
+
     name = "grnn"
 
-    def __init__(self, attacker, iterations=2000, learning_rate=1e-3, tv=1e-6, distance="grnn", code_dim=64,
-                 width=32, chunk=250, label_mode="infer", restarts=1, seed=0):
+    def __init__(
+        self,
+        attacker,
+        iterations=2000,
+        learning_rate=1e-3,
+        tv=1e-6,
+        distance="grnn",
+        code_dim=64,
+        width=32,
+        chunk=250,
+        label_mode="infer",
+        restarts=1,
+        seed=0,
+    ):
         super().__init__(attacker, label_mode, restarts, seed)
         height, width_px, _ = attacker.input_shape
         if height != width_px or height % 4 or (height // 4) & (height // 4 - 1):
@@ -45,8 +58,12 @@ class GRNN(base.Attack):
         for w in widths:
             shapes += [(3, 3, previous, w), (w,)]
             previous = w
-        shapes += [(3, 3, previous, channels), (channels,), (self.code_dim, self.attacker.num_classes),
-                   (self.attacker.num_classes,)]
+        shapes += [
+            (3, 3, previous, channels),
+            (channels,),
+            (self.code_dim, self.attacker.num_classes),
+            (self.attacker.num_classes,),
+        ]
         return shapes
 
     def _layout(self, target):
@@ -61,18 +78,18 @@ class GRNN(base.Attack):
             bound = math.sqrt(6.0 / fan_in) if len(shape) > 1 else 0.0
             parts.append(rng.uniform(-bound, bound, (problems, int(np.prod(shape)))))
         parts.append(self.attacker.initial_lock_latent(problems, seed).numpy())
-        self._codes = tf.constant(np.random.default_rng(seed + 1).standard_normal(
-            (target.num_examples, self.code_dim)), tf.float32)
+        self._codes = tf.constant(
+            np.random.default_rng(seed + 1).standard_normal((target.num_examples, self.code_dim)), tf.float32
+        )
         return tf.constant(np.concatenate(parts, axis=1), tf.float32)
 
     def _split(self, position, target):
         weights, offset = [], 0
         for shape in self._shapes():
             size = int(np.prod(shape))
-            weights.append(tf.reshape(position[offset:offset + size], shape))
+            weights.append(tf.reshape(position[offset : offset + size], shape))
             offset += size
-        x = tf.reshape(tf.nn.leaky_relu(tf.matmul(self._codes, weights[0]) + weights[1], 0.2),
-                       (-1, 4, 4, self.width))
+        x = tf.reshape(tf.nn.leaky_relu(tf.matmul(self._codes, weights[0]) + weights[1], 0.2), (-1, 4, 4, self.width))
         for i in range(self.blocks):
             x = tf.image.resize(x, (x.shape[1] * 2, x.shape[2] * 2), method="nearest")
             x = tf.nn.leaky_relu(tf.nn.conv2d(x, weights[2 + 2 * i], 1, "SAME") + weights[3 + 2 * i], 0.2)
@@ -87,5 +104,16 @@ class GRNN(base.Attack):
     def _optimize(self, target, initial, target_values, fixed_labels, progress, monitor):
         value_and_gradients = self._batched_value_and_gradients(target)
 
-        return run_adam(self, target, value_and_gradients, initial, target_values, fixed_labels,
-                        lambda step: self.learning_rate, False, lambda p: p, progress, monitor)
+        return run_adam(
+            self,
+            target,
+            value_and_gradients,
+            initial,
+            target_values,
+            fixed_labels,
+            lambda step: self.learning_rate,
+            False,
+            lambda p: p,
+            progress,
+            monitor,
+        )

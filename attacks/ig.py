@@ -16,20 +16,40 @@ def adam_chunk(value_and_gradients, position, m, v, step, iterations, learning_r
         step += 1.0
         m = beta_1 * m + (1 - beta_1) * gradient
         v = beta_2 * v + (1 - beta_2) * tf.square(gradient)
-        m_hat, v_hat = m / (1 - beta_1 ** step), v / (1 - beta_2 ** step)
+        m_hat, v_hat = m / (1 - beta_1**step), v / (1 - beta_2**step)
         position = project(position - learning_rate(step) * m_hat / (tf.sqrt(v_hat) + epsilon))
     return position, m, v, step
 
 
-def run_adam(attack, target, value_and_gradients, initial, target_values, fixed_labels, learning_rate, signed,
-             project, progress, monitor):
+def run_adam(
+    attack,
+    target,
+    value_and_gradients,
+    initial,
+    target_values,
+    fixed_labels,
+    learning_rate,
+    signed,
+    project,
+    progress,
+    monitor,
+):
     """Adam from `initial` for `attack.iterations` steps, compiled in chunks of `attack.chunk`
     (`base.Attack._run_chunks`); returns what `base.Attack._optimize` returns."""
 
     @tf.function
     def run(position, m, v, step, iterations):
-        return adam_chunk(lambda p: value_and_gradients(p, target_values, fixed_labels), position, m, v, step,
-                          iterations, learning_rate, signed, project)
+        return adam_chunk(
+            lambda p: value_and_gradients(p, target_values, fixed_labels),
+            position,
+            m,
+            v,
+            step,
+            iterations,
+            learning_rate,
+            signed,
+            project,
+        )
 
     position, m, v, step, done = initial, tf.zeros_like(initial), tf.zeros_like(initial), tf.constant(0.0), 0
 
@@ -54,10 +74,23 @@ class InvertingGradients(base.Attack):
       distance: 'cosine' (IG) or 'l2'.
       chunk: iterations per compiled call, between progress reports.
     """
+
     name = "ig"
 
-    def __init__(self, attacker, iterations=2000, learning_rate=0.1, tv=1e-3, signed=True, boxed=True,
-                 distance="cosine", chunk=250, label_mode="infer", restarts=4, seed=0):
+    def __init__(
+        self,
+        attacker,
+        iterations=2000,
+        learning_rate=0.1,
+        tv=1e-3,
+        signed=True,
+        boxed=True,
+        distance="cosine",
+        chunk=250,
+        label_mode="infer",
+        restarts=4,
+        seed=0,
+    ):
         super().__init__(attacker, label_mode, restarts, seed)
         if distance not in base.DISTANCES:
             raise ValueError(f"distance must be one of {base.DISTANCES}, got {distance!r}")
@@ -85,5 +118,16 @@ class InvertingGradients(base.Attack):
                 return position
             return tf.concat([tf.clip_by_value(position[:, :image_size], 0.0, 1.0), position[:, image_size:]], 1)
 
-        return run_adam(self, target, value_and_gradients, initial, target_values, fixed_labels, learning_rate,
-                        self.signed, project, progress, monitor)
+        return run_adam(
+            self,
+            target,
+            value_and_gradients,
+            initial,
+            target_values,
+            fixed_labels,
+            learning_rate,
+            self.signed,
+            project,
+            progress,
+            monitor,
+        )

@@ -13,8 +13,11 @@ import tensorflow as tf
 def last_layer_signal(attacker, target):
     """The per-class signal (bias gradient, or kernel column sums) of the logits layer."""
     model = attacker.model
-    producers = [layer for layer in model.layers if any(
-        out is model.outputs[0] for node in layer.inbound_nodes for out in tf.nest.flatten(node.outputs))]
+    producers = [
+        layer
+        for layer in model.layers
+        if any(out is model.outputs[0] for node in layer.inbound_nodes for out in tf.nest.flatten(node.outputs))
+    ]
     layer = producers[0] if producers else model.layers[-1]
     if not isinstance(layer, tf.keras.layers.Dense):
         raise ValueError(f"label recovery needs a Dense logits layer, got {type(layer).__name__}")

@@ -62,7 +62,7 @@ def image_metrics(reconstructed, truth, raw=None):
     pixels = tf.round(truth * 255.0)
     rmse = tf.sqrt(tf.reduce_mean(tf.square(pixels_hat - pixels), [1, 2, 3])).numpy()
     with np.errstate(divide="ignore"):
-        paper_psnr = 10.0 * np.log10(255.0 ** 2 / rmse)
+        paper_psnr = 10.0 * np.log10(255.0**2 / rmse)
     return {
         "mse": mse.astype(float),
         "psnr": psnr(reconstructed, truth).astype(float),
@@ -168,8 +168,13 @@ def summarize(values):
         finite = array[np.isfinite(array)]
         if len(finite) == 0:
             finite = np.array([np.nan])
-        summary[name] = {"mean": float(np.mean(finite)), "std": float(np.std(finite)),
-                         "median": float(np.median(finite)), "min": float(np.min(finite)),
-                         "max": float(np.max(finite)), "count": int(len(array)),
-                         "infinite": int(np.sum(~np.isfinite(array)))}
+        summary[name] = {
+            "mean": float(np.mean(finite)),
+            "std": float(np.std(finite)),
+            "median": float(np.median(finite)),
+            "min": float(np.min(finite)),
+            "max": float(np.max(finite)),
+            "count": int(len(array)),
+            "infinite": int(np.sum(~np.isfinite(array))),
+        }
     return summary

@@ -19,16 +19,25 @@ from tfkl.keylock import KeyLock, keylock_apply, lock_affine
 from tfkl.secure import _map_arguments
 
 THREATS = ("none", "fixed-key", "adaptive", "adaptive-key", "oracle")
-_WEIGHTLESS = (tf.keras.layers.InputLayer, tf.keras.layers.ZeroPadding2D, tf.keras.layers.Activation,
-               tf.keras.layers.ReLU, tf.keras.layers.Flatten, tf.keras.layers.Add,
-               tf.keras.layers.GlobalAveragePooling2D, tf.keras.layers.MaxPooling2D,
-               tf.keras.layers.AveragePooling2D, tf.keras.layers.Reshape)
+_WEIGHTLESS = (
+    tf.keras.layers.InputLayer,
+    tf.keras.layers.ZeroPadding2D,
+    tf.keras.layers.Activation,
+    tf.keras.layers.ReLU,
+    tf.keras.layers.Flatten,
+    tf.keras.layers.Add,
+    tf.keras.layers.GlobalAveragePooling2D,
+    tf.keras.layers.MaxPooling2D,
+    tf.keras.layers.AveragePooling2D,
+    tf.keras.layers.Reshape,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerView:
     """What a curious server holds: the architecture (Keras JSON, which carries no key) and the
     shared weights in `tfkl.shared_variables` order. There is no field for anything private."""
+
     model_json: str
     weights: tuple
     names: tuple
@@ -38,16 +47,24 @@ class ServerView:
     def from_model(cls, model):
         """The server's view of `model`: its architecture and shared variables only."""
         shared = private.shared_variables(model)
-        return cls(model.to_json(), tuple(v.numpy() for v in shared), tuple(v.name for v in shared),
-                   tuple(bool(v.trainable) for v in shared))
+        return cls(
+            model.to_json(),
+            tuple(v.numpy() for v in shared),
+            tuple(v.name for v in shared),
+            tuple(bool(v.trainable) for v in shared),
+        )
 
     @classmethod
     def from_capture(cls, capture):
         """The view from a capture: the architecture its meta carries, the global weights it was sent
         (a meta that does not fit the weights raises tfkl.capture.CaptureFormatError)."""
         model = capture_lib.shared_model(capture)
-        return cls(model.to_json(), tuple(np.asarray(w) for w in capture.global_weights),
-                   tuple(capture.meta["variable_names"]), tuple(bool(t) for t in capture.meta["trainable"]))
+        return cls(
+            model.to_json(),
+            tuple(np.asarray(w) for w in capture.global_weights),
+            tuple(capture.meta["variable_names"]),
+            tuple(bool(t) for t in capture.meta["trainable"]),
+        )
 
 
 def extract_secret(model):
@@ -85,8 +102,10 @@ class AttackerModel:
         if threat not in THREATS:
             raise ValueError(f"threat must be one of {THREATS}, got {threat!r}")
         if (secret is not None) != (threat in ("oracle", "adaptive-key")):
-            raise ValueError("the 'oracle' (key and lock weights) and 'adaptive-key' (lock weights) threats, and "
-                             "only they, take a secret")
+            raise ValueError(
+                "the 'oracle' (key and lock weights) and 'adaptive-key' (lock weights) threats, and "
+                "only they, take a secret"
+            )
         self.view, self.threat = view, threat
         self.model = tf.keras.models.model_from_json(view.model_json)
         shared = private.shared_variables(self.model)
@@ -112,8 +131,9 @@ class AttackerModel:
         'adaptive-key' (whose key comes from the latent: a zero placeholder here) and 'oracle'; None otherwise."""
         if self.threat in ("oracle", "adaptive-key"):
             if set(secret) != {lock.name for lock in self.locks}:
-                raise ValueError(f"the secret names locks {sorted(secret)}, the model has "
-                                 f"{[lock.name for lock in self.locks]}")
+                raise ValueError(
+                    f"the secret names locks {sorted(secret)}, the model has {[lock.name for lock in self.locks]}"
+                )
             if self.threat == "adaptive-key":
                 secret = {lock.name: (np.zeros(lock.key_dim),) + tuple(secret[lock.name]) for lock in self.locks}
             return {name: tuple(tf.constant(v, tf.float32) for v in values) for name, values in secret.items()}
@@ -123,10 +143,15 @@ class AttackerModel:
         weights = {}
         for lock in self.locks:
             bound = 1.0 / np.sqrt(lock.key_dim)  # PyTorch's Linear default, the paper's lock init
-            draw = lambda *shape: tf.constant(rng.uniform(-bound, bound, shape), tf.float32)  # noqa: E731
+            draw = lambda *shape, bound=bound: tf.constant(rng.uniform(-bound, bound, shape), tf.float32)  # noqa: E731
             key = tf.constant(keys_lib.generate_key(lock.key_dim, seed=int(rng.integers(2**31))), tf.float32)
-            weights[lock.name] = (key, draw(lock.key_dim, lock.channels), draw(lock.channels),
-                                  draw(lock.key_dim, lock.channels), draw(lock.channels))
+            weights[lock.name] = (
+                key,
+                draw(lock.key_dim, lock.channels),
+                draw(lock.channels),
+                draw(lock.key_dim, lock.channels),
+                draw(lock.channels),
+            )
         return weights
 
     # -- lock parameters -------------------------------------------------------------------
@@ -167,12 +192,12 @@ class AttackerModel:
             if self.threat == "adaptive":
                 squash = tf.nn.softplus if lock.activation == "relu" else tf.sigmoid
                 c = lock.channels
-                values[lock.name] = (squash(latent[offset:offset + c]), squash(latent[offset + c:offset + 2 * c]))
+                values[lock.name] = (squash(latent[offset : offset + c]), squash(latent[offset + c : offset + 2 * c]))
                 offset += 2 * c
             else:
                 key, sk, sb, hk, hb = (lock_weights or self.lock_weights)[lock.name]
                 if self.threat == "adaptive-key":
-                    key = tf.sigmoid(latent[offset:offset + lock.key_dim])
+                    key = tf.sigmoid(latent[offset : offset + lock.key_dim])
                     offset += lock.key_dim
                 values[lock.name] = lock_affine(tf.cast(key, tf.float32), sk, sb, hk, hb, lock.activation)
         return values
@@ -187,7 +212,7 @@ class AttackerModel:
         """Inverse of `trainable_lock_weights`: rebuilds the per-lock tuples around the known keys."""
         packed = {}
         for i, lock in enumerate(self.locks):
-            packed[lock.name] = (self.lock_weights[lock.name][0],) + tuple(flat[4 * i:4 * i + 4])
+            packed[lock.name] = (self.lock_weights[lock.name][0],) + tuple(flat[4 * i : 4 * i + 4])
         return packed
 
     # -- forward ---------------------------------------------------------------------------
@@ -213,8 +238,9 @@ class AttackerModel:
     def _apply(self, layer, args, weights, locks, training):
         x = args[0]
         if isinstance(layer, tf.keras.layers.Conv2D) and type(layer) is tf.keras.layers.Conv2D:
-            y = tf.nn.conv2d(x, self._w(weights, layer.kernel), layer.strides, layer.padding.upper(),
-                             dilations=layer.dilation_rate)
+            y = tf.nn.conv2d(
+                x, self._w(weights, layer.kernel), layer.strides, layer.padding.upper(), dilations=layer.dilation_rate
+            )
             if layer.use_bias:
                 y = y + self._w(weights, layer.bias)
             return layer.activation(y)
@@ -235,11 +261,17 @@ class AttackerModel:
             statistics = None
             if layer.normalization == "batch":
                 statistics = self._w(weights, layer.moving_mean), self._w(weights, layer.moving_variance)
-            return keylock_apply(x, *locks[layer.name], statistics, normalization=layer.normalization,
-                                 training=training, groups=layer.groups, epsilon=layer.epsilon)[0]
+            return keylock_apply(
+                x,
+                *locks[layer.name],
+                statistics,
+                normalization=layer.normalization,
+                training=training,
+                groups=layer.groups,
+                epsilon=layer.epsilon,
+            )[0]
         if isinstance(layer, tf.keras.layers.Dropout):
             return x  # the client's dropout mask is unknowable; the attacker runs without it
         if isinstance(layer, _WEIGHTLESS):
             return layer(x)
         raise ValueError(f"the attack model does not support layer {layer.name!r} ({type(layer).__name__})")
-

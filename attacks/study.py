@@ -14,8 +14,7 @@ from tfkl import data, models, optimizers, training
 ATTACK_NAMES = tuple(experiment.ATTACKS)
 
 
-def attack_options(attack, iterations=None, restarts=None, learning_rate=None, tv=None, distance=None,
-                   labels=None):
+def attack_options(attack, iterations=None, restarts=None, learning_rate=None, tv=None, distance=None, labels=None):
     """The attack's keyword options from the optional flag values."""
     options = {}
     if iterations:
@@ -46,32 +45,53 @@ def load_images(dataset_name, model_name, num_images, offset=0, data_dir=None):
     input_shape = models.input_shape(model_name, dataset)
     if offset + num_images > len(dataset.x_train):
         raise ValueError(f"offset + num_images exceeds the {len(dataset.x_train)} training images")
-    images = data.preprocess(dataset.x_train[offset:offset + num_images], input_shape).numpy()
-    return dataset, input_shape, images, dataset.y_train[offset:offset + num_images]
+    images = data.preprocess(dataset.x_train[offset : offset + num_images], input_shape).numpy()
+    return dataset, input_shape, images, dataset.y_train[offset : offset + num_images]
 
 
 def train_victims(victims, dataset, input_shape, epochs, examples, seed, log=print):
     """Trains each victim (its own copy) centrally for `epochs` on the first `examples` images."""
     for name, model in victims.items():
-        train = data.make_dataset(dataset.x_train[:examples], dataset.y_train[:examples], input_shape, 64,
-                                  shuffle_seed=seed)
+        train = data.make_dataset(
+            dataset.x_train[:examples], dataset.y_train[:examples], input_shape, 64, shuffle_seed=seed
+        )
         trainer = training.Trainer(model, optimizers.TorchSGD(0.01))
         for epoch in range(epochs):
             loss = trainer.fit_epoch(train)
             log(f"trained victim {name}: epoch {epoch + 1}/{epochs} loss {loss:.4f}")
 
 
-def run(attack, threats, model, dataset, num_images, batch_size=1, offset=0, target="gradient", init="pytorch",
-        normalization="batch", train_epochs=0, train_examples=5000, options=None, update_options=None, seed=0,
-        out_dir=None, data_dir=None, lock_init="shared", log=print):
+def run(
+    attack,
+    threats,
+    model,
+    dataset,
+    num_images,
+    batch_size=1,
+    offset=0,
+    target="gradient",
+    init="pytorch",
+    normalization="batch",
+    train_epochs=0,
+    train_examples=5000,
+    options=None,
+    update_options=None,
+    seed=0,
+    out_dir=None,
+    data_dir=None,
+    lock_init="shared",
+    log=print,
+):
     """Attacks `num_images` images under each threat; returns the JSON-ready results (and writes
     grid.png, metrics.json, table.txt into `out_dir` if given). `lock_init='private'`: the locked
     victim draws its own lock weights, so 'adaptive-key' knows only model_fn's."""
     import tensorflow as tf
+
     tf.get_logger().setLevel("ERROR")  # pfor's per-op fallback warnings would flood the progress
     data_set, input_shape, images, labels = load_images(dataset, model, num_images, offset, data_dir)
-    victims = cases.build_victims(model, input_shape, data_set.num_classes, init, seed, normalization,
-                                  key_seed=seed + 1, threats=threats)
+    victims = cases.build_victims(
+        model, input_shape, data_set.num_classes, init, seed, normalization, key_seed=seed + 1, threats=threats
+    )
     server_lock_weights = None
     if lock_init == "private" and "locked" in victims:
         server_lock_weights = cases.privatize_lock(victims["locked"], seed=seed + 2)
@@ -79,32 +99,71 @@ def run(attack, threats, model, dataset, num_images, batch_size=1, offset=0, tar
         train_victims(victims, data_set, input_shape, train_epochs, train_examples, seed, log)
 
     def progress(threat, done, total, losses):
-        log(f"[{attack}/{threat}] {done}/{total} iterations, best losses "
-            f"median {np.median(losses):.3g} min {np.min(losses):.3g}")
+        log(
+            f"[{attack}/{threat}] {done}/{total} iterations, best losses "
+            f"median {np.median(losses):.3g} min {np.min(losses):.3g}"
+        )
 
     start = time.perf_counter()
     results = experiment.run_threats(
-        attack, victims, images, labels, threats, batch_size, options, target,
-        capture_dir=out_dir and os.path.join(out_dir, "captures"), update_options=update_options, seed=seed,
-        progress=progress, server_lock_weights=server_lock_weights)
-    settings = dict(attack=attack, threats=list(threats), model=model, dataset=dataset, num_images=num_images,
-                    batch_size=batch_size, offset=offset, target=target, init=init, normalization=normalization,
-                    lock_init=lock_init,
-                    train_epochs=train_epochs, options=options or {}, update_options=update_options or {}, seed=seed,
-                    true_labels=labels.tolist(), total_seconds=time.perf_counter() - start)
+        attack,
+        victims,
+        images,
+        labels,
+        threats,
+        batch_size,
+        options,
+        target,
+        capture_dir=out_dir and os.path.join(out_dir, "captures"),
+        update_options=update_options,
+        seed=seed,
+        progress=progress,
+        server_lock_weights=server_lock_weights,
+    )
+    settings = dict(
+        attack=attack,
+        threats=list(threats),
+        model=model,
+        dataset=dataset,
+        num_images=num_images,
+        batch_size=batch_size,
+        offset=offset,
+        target=target,
+        init=init,
+        normalization=normalization,
+        lock_init=lock_init,
+        train_epochs=train_epochs,
+        options=options or {},
+        update_options=update_options or {},
+        seed=seed,
+        true_labels=labels.tolist(),
+        total_seconds=time.perf_counter() - start,
+    )
     table = experiment.format_table([(f"{attack}/{t}", r["summary"], r["seconds"]) for t, r in results.items()])
     log(table)
     report = dict(settings=settings, results=experiment.json_ready(results), table=table)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        rows = [(t, np.concatenate(
-            [rec.images[experiment.metrics.match_order(rec.images, images[i * batch_size:(i + 1) * batch_size])]
-             if batch_size > 1 else rec.images for i, rec in enumerate(r["reconstructions"])]), r["per_image"])
-            for t, r in results.items()]
+        rows = [
+            (
+                t,
+                np.concatenate(
+                    [
+                        rec.images[
+                            experiment.metrics.match_order(rec.images, images[i * batch_size : (i + 1) * batch_size])
+                        ]
+                        if batch_size > 1
+                        else rec.images
+                        for i, rec in enumerate(r["reconstructions"])
+                    ]
+                ),
+                r["per_image"],
+            )
+            for t, r in results.items()
+        ]
         grids.save_labelled_grid(os.path.join(out_dir, "grid.png"), images, rows, truth_labels=labels)
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(report, f, indent=2)
         with open(os.path.join(out_dir, "table.txt"), "w") as f:
             f.write(table + "\n")
     return report
-

@@ -23,6 +23,7 @@ class Target:
     `values` covers the trainable shared variables only (the view's `trainable` mask selects them).
     For updates, `batch_size`, `local_epochs` and the SGD settings describe the client's local
     training as the attacker assumes it (momentum buffers start at zero)."""
+
     kind: str
     values: tuple
     num_examples: int
@@ -46,13 +47,23 @@ def from_capture(capture):
     """The update `Target` of a capture file (its trainable entries) with the meta's hyperparameters."""
     meta = capture.meta
     values = tuple(np.asarray(u) for u, t in zip(capture.update, meta["trainable"]) if t)
-    target = Target("update", values, int(meta["num_examples"]), int(meta["batch_size"]), int(meta["local_epochs"]),
-                    float(meta["learning_rate"]), float(meta["momentum"]), bool(meta["nesterov"]),
-                    float(meta["weight_decay"]))
+    target = Target(
+        "update",
+        values,
+        int(meta["num_examples"]),
+        int(meta["batch_size"]),
+        int(meta["local_epochs"]),
+        float(meta["learning_rate"]),
+        float(meta["momentum"]),
+        bool(meta["nesterov"]),
+        float(meta["weight_decay"]),
+    )
     if target.num_steps != int(meta["num_steps"]):
-        raise ValueError(f"capture meta says {meta['num_steps']} local steps, but {target.num_examples} "
-                         f"examples in batches of {target.batch_size} for {target.local_epochs} epochs "
-                         f"give {target.num_steps}")
+        raise ValueError(
+            f"capture meta says {meta['num_steps']} local steps, but {target.num_examples} "
+            f"examples in batches of {target.batch_size} for {target.local_epochs} epochs "
+            f"give {target.num_steps}"
+        )
     return target
 
 
@@ -76,20 +87,22 @@ def simulate(attacker, target, images, labels, latent):
         return tape.gradient(loss, weights + lock_weights)
 
     if target.kind == "gradient":
-        return gradients(weights, lock_weights, images, labels)[:len(weights)]
-    optimizer = TorchSGD(target.learning_rate, target.momentum, target.nesterov and target.momentum > 0,
-                         target.weight_decay) if target.momentum > 0 else TorchSGD(
-        target.learning_rate, 0.0, False, target.weight_decay)
+        return gradients(weights, lock_weights, images, labels)[: len(weights)]
+    optimizer = (
+        TorchSGD(target.learning_rate, target.momentum, target.nesterov and target.momentum > 0, target.weight_decay)
+        if target.momentum > 0
+        else TorchSGD(target.learning_rate, 0.0, False, target.weight_decay)
+    )
     params = weights + lock_weights
     state = optimizer.initialize([tf.TensorSpec(p.shape, p.dtype) for p in params])
     start = list(weights)
     for _ in range(target.local_epochs):
         for step in range(target.steps_per_epoch):
             batch = slice(step * target.batch_size, (step + 1) * target.batch_size)
-            grads = gradients(params[:len(weights)], params[len(weights):], images[batch], labels[batch])
+            grads = gradients(params[: len(weights)], params[len(weights) :], images[batch], labels[batch])
             state, params = optimizer.next(state, params, grads)
             params = list(params)
-    return [p - s for p, s in zip(params[:len(weights)], start)]
+    return [p - s for p, s in zip(params[: len(weights)], start)]
 
 
 def client_loss(labels, logits):

@@ -34,10 +34,22 @@ REPORT_PATH = os.path.join(REPO_ROOT, "docs", "REPORT.md")
 FIGURES_DIR = os.path.join(os.path.dirname(REPORT_PATH), "figures")  # where the report looks for them
 PAYLOAD_KEYS = ("settings", "results", "tables", "headline", "notes")
 # Every benchmark `make bench` runs, in order; a module not (yet) in the tree is skipped with a note.
-BENCHMARKS = ("keylock_overhead", "torch_compare", "torch_dlg_reference", "dlg_speed", "federated_round", "scale",
-              "attack_quality", "privacy_utility", "success_rates", "workers")
-SHARED_MACHINE_NOTE = ("Measured on a shared machine (other jobs were running on the same cores): "
-                       "only ratios measured within one run, interleaved, are meaningful.")
+BENCHMARKS = (
+    "keylock_overhead",
+    "torch_compare",
+    "torch_dlg_reference",
+    "dlg_speed",
+    "federated_round",
+    "scale",
+    "attack_quality",
+    "privacy_utility",
+    "success_rates",
+    "workers",
+)
+SHARED_MACHINE_NOTE = (
+    "Measured on a shared machine (other jobs were running on the same cores): "
+    "only ratios measured within one run, interleaved, are meaningful."
+)
 
 
 def result_path(name, results_dir=None):
@@ -47,10 +59,16 @@ def result_path(name, results_dir=None):
 def git_commit():
     """The HEAD commit of the repository, with '+dirty' if tracked files are modified."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
@@ -84,7 +102,7 @@ def machine_info():
 
 
 def utc_now():
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def command_line(argv=None):
@@ -113,8 +131,10 @@ def validate_payload(name, payload):
             raise ValueError(f"benchmark {name!r}: a table lacks {sorted(missing)}")
         for row in table["rows"]:
             if len(row) != len(table["columns"]):
-                raise ValueError(f"benchmark {name!r}: table {table['title']!r} has a row of {len(row)} cells "
-                                 f"for {len(table['columns'])} columns")
+                raise ValueError(
+                    f"benchmark {name!r}: table {table['title']!r} has a row of {len(row)} cells "
+                    f"for {len(table['columns'])} columns"
+                )
     for item in payload["headline"]:
         if not {"metric", "value"} <= set(item):
             raise ValueError(f"benchmark {name!r}: a headline item needs 'metric' and 'value'")
@@ -186,7 +206,14 @@ def load_results(results_dir=None):
 def summarize(values):
     """Median, quartiles, min, max and count of a list of numbers (for timing spreads)."""
     import numpy as np
+
     values = np.asarray(values, dtype=np.float64)
     q1, median, q3 = np.percentile(values, [25, 50, 75])
-    return {"median": float(median), "q1": float(q1), "q3": float(q3), "min": float(values.min()),
-            "max": float(values.max()), "n": int(values.size)}
+    return {
+        "median": float(median),
+        "q1": float(q1),
+        "q3": float(q3),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "n": int(values.size),
+    }

@@ -73,13 +73,14 @@ def run_ours(image, label, start_point, variant, steps):
     gradient_error = max(float(np.max(np.abs(a - b))) for a, b in zip(target.values, torch_gradient))
     attacker = attacks.AttackerModel(attacks.ServerView.from_model(victim), "none")
     start = start_point["dummy"].transpose(0, 2, 3, 1)
-    attack = StartedDLG(attacker, start, iterations=steps, distance="l2_sum", label_mode="given",
-                        **VARIANTS[variant])
+    attack = StartedDLG(attacker, start, iterations=steps, distance="l2_sum", label_mode="given", **VARIANTS[variant])
     record = {"seconds_to_target": None, "evaluations_to_target": None}
 
     def monitor(snapshot):
-        if record["seconds_to_target"] is None and metrics.psnr(
-                np.clip(snapshot.images[0], 0, 1), image[None])[0] >= TARGET_PSNR:
+        if (
+            record["seconds_to_target"] is None
+            and metrics.psnr(np.clip(snapshot.images[0], 0, 1), image[None])[0] >= TARGET_PSNR
+        ):
             record.update(seconds_to_target=snapshot.seconds, evaluations_to_target=snapshot.evaluations)
         return False
 
@@ -87,9 +88,16 @@ def run_ours(image, label, start_point, variant, steps):
     finite = np.all(np.isfinite(result.raw_images))
     final = float(metrics.psnr(result.images, image[None])[0]) if finite else -np.inf
     info = result.info
-    return dict(record, final_psnr=final, success=bool(final >= TARGET_PSNR), evaluations=info["evaluations"],
-                steps=info["iterations"], seconds_total=info["optimizer_seconds"],
-                setup_seconds=info["seconds"] - info["optimizer_seconds"], victim_gradient_max_abs_diff=gradient_error)
+    return dict(
+        record,
+        final_psnr=final,
+        success=bool(final >= TARGET_PSNR),
+        evaluations=info["evaluations"],
+        steps=info["iterations"],
+        seconds_total=info["optimizer_seconds"],
+        setup_seconds=info["seconds"] - info["optimizer_seconds"],
+        victim_gradient_max_abs_diff=gradient_error,
+    )
 
 
 def _round(value, digits=3):
@@ -99,8 +107,13 @@ def _round(value, digits=3):
 def run(quick):
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    settings = dict(reference._settings(quick), tf_threads=1, variants=VARIANTS, target_time_ratio=TARGET_RATIO,
-                    order="per image: the PyTorch original, then ours with each optimizer")
+    settings = dict(
+        reference._settings(quick),
+        tf_threads=1,
+        variants=VARIANTS,
+        target_time_ratio=TARGET_RATIO,
+        order="per image: the PyTorch original, then ours with each optimizer",
+    )
     if quick:
         settings["indices"] = settings["indices"][:1]
     dataset = data.load(settings["dataset"])
@@ -115,56 +128,122 @@ def run(quick):
             for variant in VARIANTS:
                 record = run_ours(image, label, start_point, variant, settings["lbfgs_steps"])
                 if record["victim_gradient_max_abs_diff"] > 1e-4:
-                    raise RuntimeError(f"image {index}: our victim's gradient differs from torch's by "
-                                       f"{record['victim_gradient_max_abs_diff']:.2e}: not the same victim")
+                    raise RuntimeError(
+                        f"image {index}: our victim's gradient differs from torch's by "
+                        f"{record['victim_gradient_max_abs_diff']:.2e}: not the same victim"
+                    )
                 ours[variant].append(dict(record, index=index, label=label))
-    reference_results = {"per_image": reference_rows,
-                         "success_rate": float(np.mean([r["success"] for r in reference_rows]))}
+    reference_results = {
+        "per_image": reference_rows,
+        "success_rate": float(np.mean([r["success"] for r in reference_rows])),
+    }
     comparisons = {variant: reference.compare_with_reference(reference_results, rows) for variant, rows in ours.items()}
     results = {"reference": reference_results, "ours": ours, "comparison": comparisons}
 
-    columns = ["image", "label", "optimizer", f"s to {TARGET_PSNR:.0f} dB", f"evaluations to {TARGET_PSNR:.0f} dB",
-               "final PSNR dB", "success", "time ratio ours/original", "evaluations ratio ours/original"]
+    columns = [
+        "image",
+        "label",
+        "optimizer",
+        f"s to {TARGET_PSNR:.0f} dB",
+        f"evaluations to {TARGET_PSNR:.0f} dB",
+        "final PSNR dB",
+        "success",
+        "time ratio ours/original",
+        "evaluations ratio ours/original",
+    ]
     rows = []
     for position, r in enumerate(reference_rows):
-        rows.append([r["index"], r["label"], "PyTorch original", _round(r["seconds_to_target"]),
-                     r["evaluations_to_target"], _round(r["final_psnr"], 1), r["success"], None, None])
+        rows.append(
+            [
+                r["index"],
+                r["label"],
+                "PyTorch original",
+                _round(r["seconds_to_target"]),
+                r["evaluations_to_target"],
+                _round(r["final_psnr"], 1),
+                r["success"],
+                None,
+                None,
+            ]
+        )
         for variant in VARIANTS:
             o, c = ours[variant][position], comparisons[variant]["per_image"][position]
-            rows.append([o["index"], o["label"], f"ours, {variant}", _round(o["seconds_to_target"]),
-                         o["evaluations_to_target"], _round(o["final_psnr"], 1), o["success"],
-                         _round(c["seconds_to_target_ratio"]), _round(c["evaluations_to_target_ratio"])])
+            rows.append(
+                [
+                    o["index"],
+                    o["label"],
+                    f"ours, {variant}",
+                    _round(o["seconds_to_target"]),
+                    o["evaluations_to_target"],
+                    _round(o["final_psnr"], 1),
+                    o["success"],
+                    _round(c["seconds_to_target_ratio"]),
+                    _round(c["evaluations_to_target_ratio"]),
+                ]
+            )
     headline, summary_rows = [], []
     for variant, c in comparisons.items():
         ratio, success = c["median_seconds_ratio"], c["success_rate_ours"]
         reference_success = c["success_rate_reference"]
         met = ratio is not None and ratio <= TARGET_RATIO and success >= reference_success
         headline += [
-            {"metric": f"DLG time to {TARGET_PSNR:.0f} dB, ours ({variant}) / PyTorch original, median", "value": ratio,
-             "unit": "x", "target": f"<= {TARGET_RATIO}x with success rate >= the original's", "met": met},
-            {"metric": f"DLG evaluations to {TARGET_PSNR:.0f} dB, ours ({variant}) / PyTorch original, median",
-             "value": c["median_evaluations_ratio"], "unit": "x"},
-            {"metric": f"DLG success rate (final PSNR >= {TARGET_PSNR:.0f} dB), ours ({variant})", "value": success,
-             "unit": "fraction", "target": f">= the original's ({reference_success:.2f})",
-             "met": success >= reference_success},
-            {"metric": f"DLG tracing + compiling, ours ({variant}), median (not in the time ratio)",
-             "value": float(np.median([o["setup_seconds"] for o in ours[variant]])), "unit": "s"}]
-        summary_rows.append([variant, _round(ratio), _round(c["median_evaluations_ratio"]), success,
-                             reference_success, met])
-    tables = [{"title": f"DLG to {TARGET_PSNR:.0f} dB, per image: the PyTorch original and ours from the same start",
-               "columns": columns, "rows": rows},
-              {"title": "Medians over images, ours / PyTorch original",
-               "columns": ["optimizer", "time ratio", "evaluations ratio", "success ours", "success original",
-                           f"target met (<= {TARGET_RATIO}x time, success >= original)"],
-               "rows": summary_rows}]
-    notes = [common.SHARED_MACHINE_NOTE,
-             "Each side times only its search: the original from its first closure call, ours the compiled chunks "
-             "plus the driver between them. Tracing and compiling ours (a headline figure; setup_seconds per "
-             "image in results) is not counted: it is longer than the original's whole search, so for a single "
-             "image attacked once ours takes longer end to end.",
-             "Evaluations to 30 dB: those done before the first point at >= 30 dB (the original checks each point "
-             "its closure gets; ours, the point after each chunk: up to 9 evaluations ('torch') or 3 iterations "
-             "('tfp') late). A 'tfp' point has been evaluated by its line search already, which counts it."]
+            {
+                "metric": f"DLG time to {TARGET_PSNR:.0f} dB, ours ({variant}) / PyTorch original, median",
+                "value": ratio,
+                "unit": "x",
+                "target": f"<= {TARGET_RATIO}x with success rate >= the original's",
+                "met": met,
+            },
+            {
+                "metric": f"DLG evaluations to {TARGET_PSNR:.0f} dB, ours ({variant}) / PyTorch original, median",
+                "value": c["median_evaluations_ratio"],
+                "unit": "x",
+            },
+            {
+                "metric": f"DLG success rate (final PSNR >= {TARGET_PSNR:.0f} dB), ours ({variant})",
+                "value": success,
+                "unit": "fraction",
+                "target": f">= the original's ({reference_success:.2f})",
+                "met": success >= reference_success,
+            },
+            {
+                "metric": f"DLG tracing + compiling, ours ({variant}), median (not in the time ratio)",
+                "value": float(np.median([o["setup_seconds"] for o in ours[variant]])),
+                "unit": "s",
+            },
+        ]
+        summary_rows.append(
+            [variant, _round(ratio), _round(c["median_evaluations_ratio"]), success, reference_success, met]
+        )
+    tables = [
+        {
+            "title": f"DLG to {TARGET_PSNR:.0f} dB, per image: the PyTorch original and ours from the same start",
+            "columns": columns,
+            "rows": rows,
+        },
+        {
+            "title": "Medians over images, ours / PyTorch original",
+            "columns": [
+                "optimizer",
+                "time ratio",
+                "evaluations ratio",
+                "success ours",
+                "success original",
+                f"target met (<= {TARGET_RATIO}x time, success >= original)",
+            ],
+            "rows": summary_rows,
+        },
+    ]
+    notes = [
+        common.SHARED_MACHINE_NOTE,
+        "Each side times only its search: the original from its first closure call, ours the compiled chunks "
+        "plus the driver between them. Tracing and compiling ours (a headline figure; setup_seconds per "
+        "image in results) is not counted: it is longer than the original's whole search, so for a single "
+        "image attacked once ours takes longer end to end.",
+        "Evaluations to 30 dB: those done before the first point at >= 30 dB (the original checks each point "
+        "its closure gets; ours, the point after each chunk: up to 9 evaluations ('torch') or 3 iterations "
+        "('tfp') late). A 'tfp' point has been evaluated by its line search already, which counts it.",
+    ]
     return {"settings": settings, "results": results, "tables": tables, "headline": headline, "notes": notes}
 
 

@@ -14,8 +14,7 @@ A figure whose results are missing is skipped with a note; nothing is drawn from
 import os
 import shutil
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import matplotlib
 
 matplotlib.use("Agg")
@@ -23,11 +22,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
-_RESULTS_DIR = flags.DEFINE_string("results_dir", common.RESULTS_DIR, "Where the result JSONs are.",
-                                   allow_override=True)  # as in benchmarks.run and benchmarks.report
+_RESULTS_DIR = flags.DEFINE_string(
+    "results_dir", common.RESULTS_DIR, "Where the result JSONs are.", allow_override=True
+)  # as in benchmarks.run and benchmarks.report
 GRID_SOURCES = os.path.join(common.REPO_ROOT, "runs", "attack_quality")
-CURVE_LABELS = {"central": "central", "central_lock": "central + lock", "fedavg": "FedAvg", "fedkl": "FedKL (a)",
-                "fedkl_local_statistics": "FedKL, local statistics", "fedkl_private_lock": "FedKL, private lock init"}
+CURVE_LABELS = {
+    "central": "central",
+    "central_lock": "central + lock",
+    "fedavg": "FedAvg",
+    "fedkl": "FedKL (a)",
+    "fedkl_local_statistics": "FedKL, local statistics",
+    "fedkl_private_lock": "FedKL, private lock init",
+}
 
 
 def accuracy_curves(table1, path):
@@ -60,8 +66,13 @@ def privacy_utility(doc, path):
     markers = "osD^v<>pP*Xhd8H"
     for ax, metric, label in ((axes[0], "ssim", "SSIM"), (axes[1], "aligned_psnr", "aligned PSNR (dB)")):
         for index, point in enumerate(points):
-            ax.scatter(point[metric], point["accuracy"] * 100, marker=markers[index % len(markers)], s=45,
-                       label=point["defence"])
+            ax.scatter(
+                point[metric],
+                point["accuracy"] * 100,
+                marker=markers[index % len(markers)],
+                s=45,
+                label=point["defence"],
+            )
         ax.set_xlabel(f"strongest attack: {label} (lower = more private)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)

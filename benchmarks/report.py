@@ -12,37 +12,58 @@ import collections
 import fnmatch
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-from benchmarks import common
-from benchmarks import tables
+from benchmarks import common, tables
 
-_RESULTS_DIR = flags.DEFINE_string("results_dir", common.RESULTS_DIR, "Where the result JSONs are.",
-                                   allow_override=True)  # as in benchmarks.run and benchmarks.figures
-_OUT = flags.DEFINE_string("report_path", common.REPORT_PATH,
-                           "The report to write; it shows the PNGs of the figures/ folder next to it.")
+_RESULTS_DIR = flags.DEFINE_string(
+    "results_dir", common.RESULTS_DIR, "Where the result JSONs are.", allow_override=True
+)  # as in benchmarks.run and benchmarks.figures
+_OUT = flags.DEFINE_string(
+    "report_path", common.REPORT_PATH, "The report to write; it shows the PNGs of the figures/ folder next to it."
+)
 
 Topic = collections.namedtuple("Topic", "title patterns intro command")
 
 SECTIONS = (
-    Topic("Accuracy: Table 1 analogue and the key table", ("table1",),
-          "Central, central + lock, FedAvg and FedKL on identical backbones, and the FedKL run's evaluation matrix.",
-          None),
-    Topic("Cost of the key-lock block", ("keylock_overhead",),
-          "Training step and forward pass of the same backbone with and without the lock.", None),
-    Topic("tf.keras vs PyTorch", ("torch_compare",),
-          "Training throughput of our locked models against our PyTorch port of the official ones.", None),
-    Topic("Central baselines", ("central_*",),
-          "Centralised training with and without the lock; the locked runs also report a random key's accuracy.",
-          "bash scripts/central_baselines.sh"),
+    Topic(
+        "Accuracy: Table 1 analogue and the key table",
+        ("table1",),
+        "Central, central + lock, FedAvg and FedKL on identical backbones, and the FedKL run's evaluation matrix.",
+        None,
+    ),
+    Topic(
+        "Cost of the key-lock block",
+        ("keylock_overhead",),
+        "Training step and forward pass of the same backbone with and without the lock.",
+        None,
+    ),
+    Topic(
+        "tf.keras vs PyTorch",
+        ("torch_compare",),
+        "Training throughput of our locked models against our PyTorch port of the official ones.",
+        None,
+    ),
+    Topic(
+        "Central baselines",
+        ("central_*",),
+        "Centralised training with and without the lock; the locked runs also report a random key's accuracy.",
+        "bash scripts/central_baselines.sh",
+    ),
     Topic("Federated round", ("federated_round",), "One FedKL round in TFF against plain Keras training.", None),
     Topic("Scale", ("scale",), "Round time and peak memory as the client population grows.", None),
-    Topic("Attacks", ("success_rates", "table6", "torch_dlg_reference", "dlg_speed", "attack_quality", "attacks_*"),
-          "Gradient inversion against plain and locked models, and the PyTorch DLG reference.", None),
-    Topic("Privacy vs utility", ("privacy_utility",),
-          "Each defence's accuracy after federated training against the strongest attack on a client's update.",
-          None),
+    Topic(
+        "Attacks",
+        ("success_rates", "table6", "torch_dlg_reference", "dlg_speed", "attack_quality", "attacks_*"),
+        "Gradient inversion against plain and locked models, and the PyTorch DLG reference.",
+        None,
+    ),
+    Topic(
+        "Privacy vs utility",
+        ("privacy_utility",),
+        "Each defence's accuracy after federated training against the strongest attack on a client's update.",
+        None,
+    ),
     Topic("TFF workers", ("workers",), "The simulation on remote TFF workers.", None),
 )
 
@@ -72,10 +93,15 @@ def section_markdown(topic, names, docs):
         lines += [tables.benchmark_section(name, docs[name])]
     if loose:
         commands = sorted({str(d["command"]) for d in loose.values() if isinstance(d, dict) and "command" in d})
-        command = ", ".join(f"`{c}`" for c in commands) or (f"`{topic.command}`" if topic.command else
-                                                            "not recorded in the JSON files")
-        lines += [f"Command: {command}. Files: " + ", ".join(f"`{n}.json`" for n in loose) + ".", "",
-                  tables.loose_table(loose), ""]
+        command = ", ".join(f"`{c}`" for c in commands) or (
+            f"`{topic.command}`" if topic.command else "not recorded in the JSON files"
+        )
+        lines += [
+            f"Command: {command}. Files: " + ", ".join(f"`{n}.json`" for n in loose) + ".",
+            "",
+            tables.loose_table(loose),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -86,8 +112,13 @@ def figures_markdown(figures_dir, report_dir):
     names = sorted(n for n in os.listdir(figures_dir) if n.endswith(".png"))
     if not names:
         return []
-    lines = ["## Figures", "", "Drawn by `python -m benchmarks.figures` from the JSON files below "
-             "(reconstruction grids: truth on top, then one row per threat as in the experiment's table).", ""]
+    lines = [
+        "## Figures",
+        "",
+        "Drawn by `python -m benchmarks.figures` from the JSON files below "
+        "(reconstruction grids: truth on top, then one row per threat as in the experiment's table).",
+        "",
+    ]
     for name in names:
         link = os.path.relpath(os.path.join(figures_dir, name), report_dir)
         lines += [f"### {name[:-4]}", "", f"![{name[:-4]}]({link})", ""]
@@ -96,26 +127,44 @@ def figures_markdown(figures_dir, report_dir):
 
 def run_times_markdown(docs):
     """How long each result took to make on this machine (the envelope's duration_s), longest first."""
-    rows = sorted(([name, f"`{doc['command']}`", round(doc["duration_s"] / 60, 1), doc["date"][:10]]
-                   for name, doc in docs.items()
-                   if tables.is_envelope(doc) and doc.get("duration_s") and not doc.get("quick")),
-                  key=lambda row: -row[2])
+    rows = sorted(
+        (
+            [name, f"`{doc['command']}`", round(doc["duration_s"] / 60, 1), doc["date"][:10]]
+            for name, doc in docs.items()
+            if tables.is_envelope(doc) and doc.get("duration_s") and not doc.get("quick")
+        ),
+        key=lambda row: -row[2],
+    )
     if not rows:
         return []
-    return ["## Run times", "", "Wall time of each result's command on this 2-core machine (shared with other "
-            "jobs: treat as an upper bound); a command that reuses cached runs shows the time of its last call.", "",
-            tables.markdown_table(["result", "command", "minutes", "date"], rows), ""]
+    return [
+        "## Run times",
+        "",
+        "Wall time of each result's command on this 2-core machine (shared with other "
+        "jobs: treat as an upper bound); a command that reuses cached runs shows the time of its last call.",
+        "",
+        tables.markdown_table(["result", "command", "minutes", "date"], rows),
+        "",
+    ]
 
 
 def report_markdown(docs, sections=SECTIONS, figures=()):
-    lines = ["# tfkl report", "",
-             "Generated by `make report` (`python -m benchmarks.report`) from results/*.json; do not edit "
-             "by hand: rerun the command named above a table to refresh it, then `make report`. "
-             + common.SHARED_MACHINE_NOTE, ""]
+    lines = [
+        "# tfkl report",
+        "",
+        "Generated by `make report` (`python -m benchmarks.report`) from results/*.json; do not edit "
+        "by hand: rerun the command named above a table to refresh it, then `make report`. "
+        + common.SHARED_MACHINE_NOTE,
+        "",
+    ]
     summary_rows = [row for name, doc in docs.items() for row in tables.headline_rows(name, doc)]
     if summary_rows:
-        lines += ["## Headline figures", "",
-                  tables.markdown_table(["benchmark", "metric", "value", "unit", "target", "run"], summary_rows), ""]
+        lines += [
+            "## Headline figures",
+            "",
+            tables.markdown_table(["benchmark", "metric", "value", "unit", "target", "run"], summary_rows),
+            "",
+        ]
     lines += list(figures)
     for topic, names in assign(docs, sections).items():
         lines += [section_markdown(topic, names, docs)]

@@ -14,21 +14,23 @@ import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-from benchmarks import common
-from benchmarks import tables
+from benchmarks import common, tables
 
 QUICK_RESULTS_DIR = os.path.join(common.REPO_ROOT, "runs", "bench_quick")
 # benchmarks.figures and benchmarks.report define the same flag; allow_override lets one process import all three.
-_RESULTS_DIR = flags.DEFINE_string("results_dir", common.RESULTS_DIR, "Where the result JSONs and their summary go.",
-                                   allow_override=True)
+_RESULTS_DIR = flags.DEFINE_string(
+    "results_dir", common.RESULTS_DIR, "Where the result JSONs and their summary go.", allow_override=True
+)
 _ONLY = flags.DEFINE_list("only", [], "Benchmarks to run (default: all of benchmarks.common.BENCHMARKS).")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke-size settings: checks that everything runs, figures are rough.")
 _ISOLATE = flags.DEFINE_bool("isolate", True, "Run each benchmark in its own subprocess (--noisolate: in this one).")
-_LOG_DIR = flags.DEFINE_string("bench_log_dir", os.path.join(common.REPO_ROOT, "runs", "bench_logs"),
-                               "Where each isolated benchmark's output goes.")
+_LOG_DIR = flags.DEFINE_string(
+    "bench_log_dir",
+    os.path.join(common.REPO_ROOT, "runs", "bench_logs"),
+    "Where each isolated benchmark's output goes.",
+)
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 7200, "Time limit of one benchmark, seconds.", lower_bound=1)
 
 
@@ -37,8 +39,10 @@ def _known(name):
 
 
 flags.register_validator(
-    "only", lambda names: all(_known(n) for n in names),
-    f"--only takes benchmark names from {', '.join(common.BENCHMARKS)} (or a module in benchmarks/)")
+    "only",
+    lambda names: all(_known(n) for n in names),
+    f"--only takes benchmark names from {', '.join(common.BENCHMARKS)} (or a module in benchmarks/)",
+)
 
 
 def module_present(name):
@@ -62,8 +66,12 @@ def run_main_module(name, quick, results_dir):
     """Runs `python -m benchmarks.<name> [--quick]`, which must write its own result JSON."""
     path = common.result_path(name, results_dir)
     before = os.path.getmtime(path) if os.path.exists(path) else None
-    subprocess.run([sys.executable, "-m", f"benchmarks.{name}"] + (["--quick"] if quick else []),
-                   cwd=common.REPO_ROOT, check=True, env=child_env())
+    subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}"] + (["--quick"] if quick else []),
+        cwd=common.REPO_ROOT,
+        check=True,
+        env=child_env(),
+    )
     if not os.path.exists(path) or os.path.getmtime(path) == before:
         raise RuntimeError(f"benchmarks.{name} ran but did not write {path}")
     return path
@@ -84,12 +92,14 @@ def run_isolated(name, quick, results_dir, log_dir, timeout_s):
     """Runs one benchmark in a subprocess; returns (status, detail)."""
     os.makedirs(log_dir, exist_ok=True)
     log_path = os.path.join(log_dir, f"{name}.log")
-    argv = [sys.executable, "-m", "benchmarks.run", f"--only={name}", "--noisolate",
-            f"--results_dir={results_dir}"] + (["--quick"] if quick else [])
+    argv = [sys.executable, "-m", "benchmarks.run", f"--only={name}", "--noisolate", f"--results_dir={results_dir}"] + (
+        ["--quick"] if quick else []
+    )
     with open(log_path, "w") as log:
         try:
-            completed = subprocess.run(argv, cwd=common.REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                       env=child_env(), timeout=timeout_s)
+            completed = subprocess.run(
+                argv, cwd=common.REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=child_env(), timeout=timeout_s
+            )
         except subprocess.TimeoutExpired:
             return "failed", f"timed out after {timeout_s} s (log: {log_path})"
     if completed.returncode:
@@ -114,8 +124,10 @@ def main(argv):
         if _ISOLATE.value:
             status, detail = run_isolated(name, _QUICK.value, results_dir, _LOG_DIR.value, _TIMEOUT.value)
         else:
-            status, detail = "ok", run_in_process(name, _QUICK.value, results_dir,
-                                                  reproduce_command(name, _QUICK.value))
+            status, detail = (
+                "ok",
+                run_in_process(name, _QUICK.value, results_dir, reproduce_command(name, _QUICK.value)),
+            )
         statuses.append((name, status, f"{detail} ({time.monotonic() - start:.0f} s)"))
         print(f"[bench] {name}: {status}: {statuses[-1][2]}", flush=True)
     summary = tables.write_summary(results_dir)

@@ -19,8 +19,7 @@ import sys
 import tempfile
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from benchmarks import common
 
@@ -37,11 +36,17 @@ INPUT_SHAPE = (32, 32, 1)
 
 
 def _settings(quick):
-    return {"populations": [10, 30] if quick else list(POPULATIONS), "clients_per_round": CLIENTS_PER_ROUND,
-            "rounds": 2 if quick else 3, "model": "locked LeNet", "input_shape": list(INPUT_SHAPE),
-            "examples_per_client": EXAMPLES_PER_CLIENT, "batch_size": 64,
-            "client_state": "key + lock weights + momentum buffers of every trainable variable",
-            "context": "TFF local C++ execution context (tff_programs.contexts.install_context)"}
+    return {
+        "populations": [10, 30] if quick else list(POPULATIONS),
+        "clients_per_round": CLIENTS_PER_ROUND,
+        "rounds": 2 if quick else 3,
+        "model": "locked LeNet",
+        "input_shape": list(INPUT_SHAPE),
+        "examples_per_client": EXAMPLES_PER_CLIENT,
+        "batch_size": 64,
+        "client_state": "key + lock weights + momentum buffers of every trainable variable",
+        "context": "TFF local C++ execution context (tff_programs.contexts.install_context)",
+    }
 
 
 def _rss_mb(processes):
@@ -59,19 +64,21 @@ def measure_population(population, clients_per_round, rounds):
     import numpy as np
     import tensorflow as tf
 
+    from tff_programs import contexts
     import tfkl
     from tfkl import federated, models, optimizers
     from tfkl.federated import simulation
-    from tff_programs import contexts
 
     contexts.install_context(workers=[])
     start = time.monotonic()
     process = federated.build_fedkl_process(
-        lambda: models.build("lenet", INPUT_SHAPE, 10, lock=True, seed=0), optimizers.TorchSGD())
+        lambda: models.build("lenet", INPUT_SHAPE, 10, lock=True, seed=0), optimizers.TorchSGD()
+    )
     build_s = time.monotonic() - start
     start = time.monotonic()
-    client_states = {str(c): process.initial_client_state(tfkl.generate_key(1024, seed=[0, c]))
-                     for c in range(population)}
+    client_states = {
+        str(c): process.initial_client_state(tfkl.generate_key(1024, seed=[0, c])) for c in range(population)
+    }
     init_s = time.monotonic() - start
     state_bytes = sum(np.asarray(t).nbytes for s in client_states.values() for t in tf.nest.flatten(s))
 
@@ -86,17 +93,24 @@ def measure_population(population, clients_per_round, rounds):
     for round_num in range(1, rounds + 1):
         ids = simulation.sample_clients(population, min(clients_per_round, population), 0, round_num)
         start = time.monotonic()
-        server_state, new_client_states, metrics, _ = simulation.run_round(process, server_state, client_states, ids,
-                                                                           client_data, 0.01)
+        server_state, new_client_states, metrics, _ = simulation.run_round(
+            process, server_state, client_states, ids, client_data, 0.01
+        )
         client_states.update(new_client_states)
         round_s.append(time.monotonic() - start)
         worker_rss.append(_rss_mb(contexts.worker_processes()))
     contexts.shutdown()
-    return {"population": population, "process_build_s": build_s, "client_state_init_s": init_s,
-            "client_state_mb": state_bytes / 2**20, "round_s": round_s,
-            "steady_round_s": float(np.median(round_s[1:])) if len(round_s) > 1 else None,
-            "tff_worker_rss_mb_max": max(worker_rss), "self_maxrss_mb": resource.getrusage(
-                resource.RUSAGE_SELF).ru_maxrss / 1024, "accuracy_last_round": float(metrics["accuracy"])}
+    return {
+        "population": population,
+        "process_build_s": build_s,
+        "client_state_init_s": init_s,
+        "client_state_mb": state_bytes / 2**20,
+        "round_s": round_s,
+        "steady_round_s": float(np.median(round_s[1:])) if len(round_s) > 1 else None,
+        "tff_worker_rss_mb_max": max(worker_rss),
+        "self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "accuracy_last_round": float(metrics["accuracy"]),
+    }
 
 
 def run_child(population, settings, timeout_s=3600):
@@ -104,10 +118,19 @@ def run_child(population, settings, timeout_s=3600):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "population.json")
         env = dict(os.environ, PYTHONPATH=common.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-        child = subprocess.Popen([sys.executable, "-m", "benchmarks.scale", f"--scale_population={population}",
-                                  f"--scale_clients_per_round={settings['clients_per_round']}",
-                                  f"--scale_rounds={settings['rounds']}", f"--scale_out={out}"],
-                                 cwd=common.REPO_ROOT, env=env)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.scale",
+                f"--scale_population={population}",
+                f"--scale_clients_per_round={settings['clients_per_round']}",
+                f"--scale_rounds={settings['rounds']}",
+                f"--scale_out={out}",
+            ],
+            cwd=common.REPO_ROOT,
+            env=env,
+        )
         deadline = time.monotonic() + timeout_s
         while True:
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
@@ -137,29 +160,64 @@ def run(quick):
         if "error" in r:
             rows.append([r["population"], r["error"]] + [None] * 7)
             continue
-        relative = r["steady_round_s"] / base["steady_round_s"] if r["steady_round_s"] and base["steady_round_s"] \
-            else None
-        rows.append([r["population"], r["round_s"][0], r["steady_round_s"], relative, r["client_state_init_s"],
-                     r["client_state_mb"], r["driver_peak_rss_mb"], r["tff_worker_rss_mb_max"],
-                     r["driver_peak_rss_mb"] / base["driver_peak_rss_mb"]])
-    table = {"title": f"FedKL rounds, {CLIENTS_PER_ROUND} clients per round, locked LeNet 32x32x1",
-             "columns": ["clients", "first round s", "later rounds s (median)", "round time vs smallest",
-                         "client-state init s", "client states MB", "driver peak RSS MB", "TFF worker RSS MB",
-                         "peak RSS vs smallest"],
-             "rows": rows}
+        relative = (
+            r["steady_round_s"] / base["steady_round_s"] if r["steady_round_s"] and base["steady_round_s"] else None
+        )
+        rows.append(
+            [
+                r["population"],
+                r["round_s"][0],
+                r["steady_round_s"],
+                relative,
+                r["client_state_init_s"],
+                r["client_state_mb"],
+                r["driver_peak_rss_mb"],
+                r["tff_worker_rss_mb_max"],
+                r["driver_peak_rss_mb"] / base["driver_peak_rss_mb"],
+            ]
+        )
+    table = {
+        "title": f"FedKL rounds, {CLIENTS_PER_ROUND} clients per round, locked LeNet 32x32x1",
+        "columns": [
+            "clients",
+            "first round s",
+            "later rounds s (median)",
+            "round time vs smallest",
+            "client-state init s",
+            "client states MB",
+            "driver peak RSS MB",
+            "TFF worker RSS MB",
+            "peak RSS vs smallest",
+        ],
+        "rows": rows,
+    }
     headline = []
     if len(done) > 1 and done[-1]["steady_round_s"] and base["steady_round_s"]:
         headline = [
-            {"metric": f"round time, {done[-1]['population']} vs {base['population']} clients",
-             "value": done[-1]["steady_round_s"] / base["steady_round_s"], "unit": "x"},
-            {"metric": f"driver peak RSS, {done[-1]['population']} vs {base['population']} clients",
-             "value": done[-1]["driver_peak_rss_mb"] / base["driver_peak_rss_mb"], "unit": "x"}]
-    notes = [common.SHARED_MACHINE_NOTE,
-             "Each population runs in its own process, one after the other; 'vs smallest' ratios compare runs of "
-             "the same `make bench` invocation.",
-             "Client states are held in memory by the driver, as the training program does between rounds."]
-    return {"settings": settings, "results": {"populations": results}, "tables": [table], "headline": headline,
-            "notes": notes}
+            {
+                "metric": f"round time, {done[-1]['population']} vs {base['population']} clients",
+                "value": done[-1]["steady_round_s"] / base["steady_round_s"],
+                "unit": "x",
+            },
+            {
+                "metric": f"driver peak RSS, {done[-1]['population']} vs {base['population']} clients",
+                "value": done[-1]["driver_peak_rss_mb"] / base["driver_peak_rss_mb"],
+                "unit": "x",
+            },
+        ]
+    notes = [
+        common.SHARED_MACHINE_NOTE,
+        "Each population runs in its own process, one after the other; 'vs smallest' ratios compare runs of "
+        "the same `make bench` invocation.",
+        "Client states are held in memory by the driver, as the training program does between rounds.",
+    ]
+    return {
+        "settings": settings,
+        "results": {"populations": results},
+        "tables": [table],
+        "headline": headline,
+        "notes": notes,
+    }
 
 
 def main(argv):
@@ -171,4 +229,5 @@ def main(argv):
 
 if __name__ == "__main__":
     import tensorflow  # noqa: F401  (imported before absl's main: see benchmarks/run.py)
+
     app.run(main)

@@ -14,8 +14,7 @@ import os
 import re
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import numpy as np
 
 from attacks import metrics
@@ -23,8 +22,9 @@ from benchmarks import common, tables
 from tfkl.files import atomic_write
 
 NAME = "success_rates"
-_RESULTS_DIR = flags.DEFINE_string("results_dir", common.RESULTS_DIR, "Where the result JSONs are.",
-                                   allow_override=True)  # as in benchmarks.run and benchmarks.report
+_RESULTS_DIR = flags.DEFINE_string(
+    "results_dir", common.RESULTS_DIR, "Where the result JSONs are.", allow_override=True
+)  # as in benchmarks.run and benchmarks.report
 PREFIX = "attacks_"
 SEED_SUFFIX = re.compile(r"_seed(\d+)$")
 UPPER_BOUND = "upper bound (best of attacks per image, oracle choice)"
@@ -32,9 +32,18 @@ UPPER_BOUND = "upper bound (best of attacks per image, oracle choice)"
 PER_RUN_SETTINGS = ("seed", "total_seconds")
 PER_ATTACK_SETTINGS = ("attack", "options", "threats", "total_seconds")
 SCORES = ("aligned_psnr", "aligned_ssim")
-COLUMNS = ["setting", "threat", "seeds", "n", "recovered: aligned SSIM >= 0.6", "95 % interval",
-           "recovered: aligned PSNR >= 20 dB", "95 % interval", "aligned PSNR (dB) mean ± std",
-           "aligned SSIM mean ± std"]
+COLUMNS = [
+    "setting",
+    "threat",
+    "seeds",
+    "n",
+    "recovered: aligned SSIM >= 0.6",
+    "95 % interval",
+    "recovered: aligned PSNR >= 20 dB",
+    "95 % interval",
+    "aligned PSNR (dB) mean ± std",
+    "aligned SSIM mean ± std",
+]
 NOTES = [
     "recovered: an image whose aligned SSIM is >= 0.6 (the threshold FedKL's code names), or separately whose "
     "aligned PSNR is >= 20 dB (Dimitrov et al.'s FEMNIST threshold); aligned = after the least-squares a*x+b fit "
@@ -49,7 +58,7 @@ NOTES = [
 
 def setting_name(stem):
     """'attacks_ig_fashion_mnist_seed1' -> 'ig_fashion_mnist'."""
-    return SEED_SUFFIX.sub("", stem[len(PREFIX):])
+    return SEED_SUFFIX.sub("", stem[len(PREFIX) :])
 
 
 def per_threat(doc):
@@ -57,8 +66,11 @@ def per_threat(doc):
     results = doc.get("results", {})
     if {"settings", "results"} <= set(results):  # a study report stored whole inside the envelope
         results = results["results"]
-    return {key.rsplit("/", 1)[-1]: value["per_image"] for key, value in results.items()
-            if isinstance(value, dict) and all(s in value.get("per_image", {}) for s in SCORES)}
+    return {
+        key.rsplit("/", 1)[-1]: value["per_image"]
+        for key, value in results.items()
+        if isinstance(value, dict) and all(s in value.get("per_image", {}) for s in SCORES)
+    }
 
 
 def run_settings(doc):
@@ -78,8 +90,12 @@ def load_runs(docs):
             threats = per_threat(doc)
             if threats:
                 settings = run_settings(doc)
-                runs[stem] = {"setting": setting_name(stem), "seed": settings.get("seed"), "settings": settings,
-                              "per_threat": threats}
+                runs[stem] = {
+                    "setting": setting_name(stem),
+                    "seed": settings.get("seed"),
+                    "settings": settings,
+                    "per_threat": threats,
+                }
     return runs
 
 
@@ -87,8 +103,7 @@ def score(per_image_list):
     """Success rates and mean/std of the aligned scores over the concatenated per-image metrics."""
     pooled = {s: np.concatenate([np.asarray(p[s], float) for p in per_image_list]) for s in SCORES}
     summary = metrics.summarize(pooled)
-    return {"n": int(len(pooled["aligned_ssim"])), **metrics.success_summary(pooled),
-            **{s: summary[s] for s in SCORES}}
+    return {"n": int(len(pooled["aligned_ssim"])), **metrics.success_summary(pooled), **{s: summary[s] for s in SCORES}}
 
 
 def _percent(rate):
@@ -102,9 +117,18 @@ def _interval(rate):
 def row(setting, threat, seeds, entry):
     psnr, ssim = entry["aligned_psnr"], entry["aligned_ssim"]
     seeds = ", ".join(str(s) for s in seeds if s is not None) or "–"
-    return [setting, threat, seeds, entry["n"], _percent(entry["ssim"]), _interval(entry["ssim"]),
-            _percent(entry["psnr"]), _interval(entry["psnr"]), f"{psnr['mean']:.1f} ± {psnr['std']:.1f}",
-            f"{ssim['mean']:.2f} ± {ssim['std']:.2f}"]
+    return [
+        setting,
+        threat,
+        seeds,
+        entry["n"],
+        _percent(entry["ssim"]),
+        _interval(entry["ssim"]),
+        _percent(entry["psnr"]),
+        _interval(entry["psnr"]),
+        f"{psnr['mean']:.1f} ± {psnr['std']:.1f}",
+        f"{ssim['mean']:.2f} ± {ssim['std']:.2f}",
+    ]
 
 
 def group_settings(runs):
@@ -120,7 +144,7 @@ def group_settings(runs):
             pooled[setting] = stems
         else:
             notes.append(f"{setting}: files {', '.join(stems)} differ in more than the seed; not pooled.")
-            pooled.update({stem[len(PREFIX):]: [stem] for stem in stems})
+            pooled.update({stem[len(PREFIX) :]: [stem] for stem in stems})
     return pooled, notes
 
 
@@ -130,7 +154,8 @@ def shares_images(stems, runs):
         return False
     first = runs[stems[0]]["settings"]
     return first.get("true_labels") is not None and all(
-        runs[s]["settings"].get(k) == first.get(k) for s in stems for k in ("offset", "num_images", "true_labels"))
+        runs[s]["settings"].get(k) == first.get(k) for s in stems for k in ("offset", "num_images", "true_labels")
+    )
 
 
 def upper_bounds(runs, pooled):
@@ -142,16 +167,21 @@ def upper_bounds(runs, pooled):
         attack = settings.get("attack")
         if not attack or not setting.startswith(f"{attack}_"):
             continue
-        key = (setting[len(attack) + 1:], repr(sorted(_without(settings, PER_ATTACK_SETTINGS + PER_RUN_SETTINGS)
-                                                     .items())))
+        key = (
+            setting[len(attack) + 1 :],
+            repr(sorted(_without(settings, PER_ATTACK_SETTINGS + PER_RUN_SETTINGS).items())),
+        )
         families.setdefault(key, {})[attack] = {runs[s]["seed"]: runs[s]["per_threat"] for s in stems}
     bounds = {}
     for (rest, _), by_attack in families.items():
         seeds = set.intersection(*(set(by_seed) for by_seed in by_attack.values()))
         if len(by_attack) < 2 or not seeds:
             continue
-        threats = [t for t in next(iter(by_attack.values()))[min(seeds)]
-                   if all(t in by_seed[s] for by_seed in by_attack.values() for s in seeds)]
+        threats = [
+            t
+            for t in next(iter(by_attack.values()))[min(seeds)]
+            if all(t in by_seed[s] for by_seed in by_attack.values() for s in seeds)
+        ]
         for threat in threats:
             best = []
             for seed in sorted(seeds):
@@ -171,12 +201,19 @@ def privacy_utility(doc):
             scored = {name: score([per_image]) for name, per_image in attacks.items()}
             keyless = [per_image for name, per_image in attacks.items() if not name.endswith("/oracle")]
             if len(keyless) > 1:
-                scored["upper_bound"] = score([{s: np.fmax.reduce([np.asarray(p[s], float) for p in keyless])
-                                                for s in SCORES}])
+                scored["upper_bound"] = score(
+                    [{s: np.fmax.reduce([np.asarray(p[s], float) for p in keyless]) for s in SCORES}]
+                )
             results.setdefault(defence, {})[view] = scored
-            rows += [row(f"{'upper bound: ' if name == 'upper_bound' else ''}{defence} ({view})",
-                         "best of the attacks without the key" if name == "upper_bound" else name, [], e)
-                     for name, e in scored.items()]
+            rows += [
+                row(
+                    f"{'upper bound: ' if name == 'upper_bound' else ''}{defence} ({view})",
+                    "best of the attacks without the key" if name == "upper_bound" else name,
+                    [],
+                    e,
+                )
+                for name, e in scored.items()
+            ]
     return results, rows
 
 
@@ -191,13 +228,21 @@ def tabulate(results_dir):
         seeds = [runs[s]["seed"] for s in stems]
         threats = list(dict.fromkeys(t for s in stems for t in runs[s]["per_threat"]))
         for threat in threats:
-            entry = dict(score([runs[s]["per_threat"][threat] for s in stems if threat in runs[s]["per_threat"]]),
-                         files=sorted(f"{s}.json" for s in stems), seeds=seeds)
+            entry = dict(
+                score([runs[s]["per_threat"][threat] for s in stems if threat in runs[s]["per_threat"]]),
+                files=sorted(f"{s}.json" for s in stems),
+                seeds=seeds,
+            )
             by_setting.setdefault(setting, {})[threat] = entry
             setting_rows.append(row(setting, threat, seeds, entry))
             if len(stems) > 1:
-                headline.append({"metric": f"{setting} {threat}: recovered (aligned SSIM >= 0.6), n = {entry['n']}",
-                                 "value": round(100 * entry["ssim"]["rate"], 1), "unit": "%"})
+                headline.append(
+                    {
+                        "metric": f"{setting} {threat}: recovered (aligned SSIM >= 0.6), n = {entry['n']}",
+                        "value": round(100 * entry["ssim"]["rate"], 1),
+                        "unit": "%",
+                    }
+                )
         if shares_images(stems, runs):
             shared.append(f"{setting} ({runs[stems[0]]['settings'].get('num_images')} images x {len(stems)} seeds)")
     by_file = {}
@@ -206,26 +251,44 @@ def tabulate(results_dir):
             by_file.setdefault(stem, {})[threat] = score([per_image])
             file_rows.append(row(stem, threat, [run["seed"]], by_file[stem][threat]))
     if shared:
-        notes.append("The seed files of " + ", ".join(shared) + " attack the same images under different victim "
-                     "weights, key and attacker start: n counts attacks, and the interval treats them as "
-                     "independent trials.")
+        notes.append(
+            "The seed files of " + ", ".join(shared) + " attack the same images under different victim "
+            "weights, key and attacker start: n counts attacks, and the interval treats them as "
+            "independent trials."
+        )
     bounds = upper_bounds(runs, pooled)
-    bound_rows = [row(f"upper bound: {rest} ({', '.join(e['attacks'])})", threat, e["seeds"], e)
-                  for rest, by_threat in sorted(bounds.items()) for threat, e in by_threat.items()]
+    bound_rows = [
+        row(f"upper bound: {rest} ({', '.join(e['attacks'])})", threat, e["seeds"], e)
+        for rest, by_threat in sorted(bounds.items())
+        for threat, e in by_threat.items()
+    ]
     privacy, privacy_rows = privacy_utility(docs.get("privacy_utility", {}))
     if not runs:
         notes.append(f"no attacks_*.json with per-image metrics in {results_dir}")
     return {
-        "settings": {"criteria": {c: {"metric": m, "at_least": t} for c, (m, t) in metrics.CRITERIA.items()},
-                     "interval": "Wilson score, 95 %", "files": len(runs)},
+        "settings": {
+            "criteria": {c: {"metric": m, "at_least": t} for c, (m, t) in metrics.CRITERIA.items()},
+            "interval": "Wilson score, 95 %",
+            "files": len(runs),
+        },
         "results": {"by_setting": by_setting, "by_file": by_file, "upper_bound": bounds, "privacy_utility": privacy},
         "tables": [
             {"title": "Attack success by setting (seed files pooled)", "columns": COLUMNS, "rows": setting_rows},
             {"title": UPPER_BOUND + ", seeds pooled", "columns": COLUMNS, "rows": bound_rows},
             {"title": "Attack success per file", "columns": COLUMNS, "rows": file_rows},
-        ] + ([{"title": "privacy_utility.json: attack success per defence and server view (round 1, one image "
-                        "per client update); upper bound rows: " + UPPER_BOUND, "columns": COLUMNS,
-               "rows": privacy_rows}] if privacy_rows else []),
+        ]
+        + (
+            [
+                {
+                    "title": "privacy_utility.json: attack success per defence and server view (round 1, one image "
+                    "per client update); upper bound rows: " + UPPER_BOUND,
+                    "columns": COLUMNS,
+                    "rows": privacy_rows,
+                }
+            ]
+            if privacy_rows
+            else []
+        ),
         "headline": headline,
         "notes": NOTES + notes,
     }

@@ -19,18 +19,19 @@ import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import numpy as np
 
 from benchmarks import common
 
 SETTINGS = {
     "lenet_digits": dict(model="lenet", dataset="digits", epochs=50, seeds=(0, 1, 2)),
-    "resnet20_digits": dict(model="resnet20", dataset="digits", epochs=20, seeds=(0,),
-                            variants=("fedkl_local_statistics",)),
-    "lenet_fashion_mnist": dict(model="lenet", dataset="fashion_mnist", epochs=10, seeds=(0, 1, 2),
-                                variants=("fedkl_private_lock",)),
+    "resnet20_digits": dict(
+        model="resnet20", dataset="digits", epochs=20, seeds=(0,), variants=("fedkl_local_statistics",)
+    ),
+    "lenet_fashion_mnist": dict(
+        model="lenet", dataset="fashion_mnist", epochs=10, seeds=(0, 1, 2), variants=("fedkl_private_lock",)
+    ),
 }
 QUICK = {"lenet_digits": dict(model="lenet", dataset="digits", epochs=2, seeds=(0,))}
 NUM_CLIENTS = 3
@@ -39,13 +40,22 @@ COLUMNS = ("central", "central_lock", "fedavg", "fedkl")
 # Extra FedKL runs a setting may ask for, with their `tff_programs.train` flags. Keeping the moving
 # statistics local (FedBN-like) matters for backbones with batch normalisation after the lock: each
 # client's lock shifts the activations those statistics describe, so their average fits no client.
-VARIANTS = {"fedkl_local_statistics": ("fedkl", ["--statistics=local"]),
-            # Clients draw their initial lock weights privately (the server cannot know them in round 1).
-            "fedkl_private_lock": ("fedkl", ["--lock_init=private"])}
+VARIANTS = {
+    "fedkl_local_statistics": ("fedkl", ["--statistics=local"]),
+    # Clients draw their initial lock weights privately (the server cannot know them in round 1).
+    "fedkl_private_lock": ("fedkl", ["--lock_init=private"]),
+}
 VARIANT_LABELS = {"fedkl_local_statistics": "FedKL, local statistics", "fedkl_private_lock": "FedKL, private lock init"}
 # Evaluation-matrix entries of the FedKL run shown in the key table (see tfkl.federated.evaluation).
-KEY_ENTRIES = ("a_own_key_and_lock", "b_own_lock_random_key", "c_own_lock_other_key", "c_other_key_and_lock",
-               "d_global_zero_lock", "d_global_fresh_lock_random_key", "f_own_secret_own_statistics")
+KEY_ENTRIES = (
+    "a_own_key_and_lock",
+    "b_own_lock_random_key",
+    "c_own_lock_other_key",
+    "c_other_key_and_lock",
+    "d_global_zero_lock",
+    "d_global_fresh_lock_random_key",
+    "f_own_secret_own_statistics",
+)
 
 _ONLY = flags.DEFINE_list("table1_only", [], f"Run only these settings: {sorted(SETTINGS)}.")
 _RUN_DIR = flags.DEFINE_string("table1_dir", "runs/table1", "Where the runs and their caches go.")
@@ -54,24 +64,45 @@ _RUN_DIR = flags.DEFINE_string("table1_dir", "runs/table1", "Where the runs and 
 def _commands(setting, seed, run_dir):
     """{column: (argv list, output JSON)} of one setting and seed."""
     python = [sys.executable, "-m"]
-    central = ["--model=" + setting["model"], "--dataset=" + setting["dataset"], f"--epochs={setting['epochs']}",
-               f"--seed={seed}", f"--public_size={PUBLIC_SIZE}"]
+    central = [
+        "--model=" + setting["model"],
+        "--dataset=" + setting["dataset"],
+        f"--epochs={setting['epochs']}",
+        f"--seed={seed}",
+        f"--public_size={PUBLIC_SIZE}",
+    ]
     commands = {}
     for column, lock in (("central", "false"), ("central_lock", "true")):
         out = os.path.join(run_dir, f"{column}.json")
-        commands[column] = ([python + ["tff_programs.train_central", f"--lock={lock}", f"--out={out}"] + central],
-                            out)
+        commands[column] = ([python + ["tff_programs.train_central", f"--lock={lock}", f"--out={out}"] + central], out)
     federated = {"fedavg": ("fedavg", []), "fedkl": ("fedkl", [])}
     federated.update({name: VARIANTS[name] for name in setting.get("variants", ())})
     for column, (algorithm, extra_flags) in federated.items():
         root = os.path.join(run_dir, column)
         out = os.path.join(run_dir, f"{column}_evaluation.json")
-        train = python + ["tff_programs.train", f"--algorithm={algorithm}", "--model=" + setting["model"],
-                          "--dataset=" + setting["dataset"], f"--num_clients={NUM_CLIENTS}",
-                          f"--rounds={setting['epochs']}", f"--keep_rounds={setting['epochs'] + 1}",
-                          f"--seed={seed}", "--seeded_keys", f"--root_dir={root}"] + extra_flags
-        evaluate = python + ["tff_programs.evaluate", f"--root_dir={root}", "--accuracy_by_round",
-                             f"--public_sizes=100,{PUBLIC_SIZE}", f"--out={out}"]
+        train = (
+            python
+            + [
+                "tff_programs.train",
+                f"--algorithm={algorithm}",
+                "--model=" + setting["model"],
+                "--dataset=" + setting["dataset"],
+                f"--num_clients={NUM_CLIENTS}",
+                f"--rounds={setting['epochs']}",
+                f"--keep_rounds={setting['epochs'] + 1}",
+                f"--seed={seed}",
+                "--seeded_keys",
+                f"--root_dir={root}",
+            ]
+            + extra_flags
+        )
+        evaluate = python + [
+            "tff_programs.evaluate",
+            f"--root_dir={root}",
+            "--accuracy_by_round",
+            f"--public_sizes=100,{PUBLIC_SIZE}",
+            f"--out={out}",
+        ]
         commands[column] = ([train, evaluate], out)
     return commands
 
@@ -94,8 +125,7 @@ def _run_cached(argvs, out, log, cached_only=False):
     with open(out + ".log", "a") as logfile:  # never a pipe: TFF's worker can keep one open
         for argv in argvs:
             log(" ".join(argv[2:]))
-            subprocess.run(argv, cwd=common.REPO_ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT,
-                           check=True)
+            subprocess.run(argv, cwd=common.REPO_ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT, check=True)
     with open(out + ".seconds", "w") as f:
         f.write(f"{time.perf_counter() - start:.3f}")
     with open(stamp, "w") as f:
@@ -123,10 +153,13 @@ def _accuracy_and_curve(column, doc):
 
 def _key_entries(evaluation):
     """The key-table entries of a FedKL run's evaluation matrix."""
-    entries = {entry: (evaluation[entry]["mean"] if isinstance(evaluation[entry], dict) else evaluation[entry])
-               for entry in KEY_ENTRIES}
-    entries.update({f"e_lock_recovery_{size}": entry["accuracy"]
-                    for size, entry in evaluation["e_lock_recovery"].items()})
+    entries = {
+        entry: (evaluation[entry]["mean"] if isinstance(evaluation[entry], dict) else evaluation[entry])
+        for entry in KEY_ENTRIES
+    }
+    entries.update(
+        {f"e_lock_recovery_{size}": entry["accuracy"] for size, entry in evaluation["e_lock_recovery"].items()}
+    )
     return entries
 
 
@@ -144,8 +177,9 @@ def run_setting(name, setting, run_dir, cached_only=False, log=print):
             if doc is None:
                 return None
             accuracy, curve = _accuracy_and_curve(column, doc)
-            per_seed[seed][column] = dict(accuracy=accuracy, curve=curve, evaluation_examples=doc["evaluation_examples"],
-                                          seconds=seconds)
+            per_seed[seed][column] = dict(
+                accuracy=accuracy, curve=curve, evaluation_examples=doc["evaluation_examples"], seconds=seconds
+            )
             if column == "fedkl":
                 key_rows[seed] = _key_entries(doc)
             elif column in variant_key_rows:
@@ -166,35 +200,75 @@ def _payload(settings, results, quick):
         gap = np.asarray(accuracies["fedkl"]) - np.asarray(accuracies["fedavg"])
         seconds = [run["seconds"] for s in seeds for run in result["per_seed"][s].values()]
         minutes = round(sum(seconds) / 60 / len(seeds), 1) if None not in seconds else "n/a"
-        variants = [_mean_std([result["per_seed"][s][v]["accuracy"] for s in seeds])
-                    if v in settings[name].get("variants", ()) else "not run" for v in VARIANTS]
-        rows.append([name, settings[name]["epochs"], len(seeds)] + [_mean_std(accuracies[c]) for c in COLUMNS]
-                    + [_mean_std(gap)] + variants + [minutes])
+        variants = [
+            _mean_std([result["per_seed"][s][v]["accuracy"] for s in seeds])
+            if v in settings[name].get("variants", ())
+            else "not run"
+            for v in VARIANTS
+        ]
+        rows.append(
+            [name, settings[name]["epochs"], len(seeds)]
+            + [_mean_std(accuracies[c]) for c in COLUMNS]
+            + [_mean_std(gap)]
+            + variants
+            + [minutes]
+        )
         entries = list(next(iter(result["key_matrix"].values())))
         matrices = {name: result["key_matrix"]}
-        matrices.update({f"{name}, {variant}": matrix
-                         for variant, matrix in result.get("variant_key_matrix", {}).items()})
-        key_rows += [[label] + [_mean_std([matrix[s][e] for s in seeds]) for e in entries]
-                     for label, matrix in matrices.items()]
-        headline.append({"metric": f"{name}: FedKL - FedAvg accuracy", "value": round(float(gap.mean() * 100), 2),
-                         "unit": "pp", "target": "within 1 pp", "met": bool(abs(gap.mean()) <= 0.01)})
-    key_columns = ["setting"] + list(next(iter(results.values()))["key_matrix"][
-        next(iter(next(iter(results.values()))["key_matrix"]))])
+        matrices.update(
+            {f"{name}, {variant}": matrix for variant, matrix in result.get("variant_key_matrix", {}).items()}
+        )
+        key_rows += [
+            [label] + [_mean_std([matrix[s][e] for s in seeds]) for e in entries] for label, matrix in matrices.items()
+        ]
+        headline.append(
+            {
+                "metric": f"{name}: FedKL - FedAvg accuracy",
+                "value": round(float(gap.mean() * 100), 2),
+                "unit": "pp",
+                "target": "within 1 pp",
+                "met": bool(abs(gap.mean()) <= 0.01),
+            }
+        )
+    key_columns = ["setting"] + list(
+        next(iter(results.values()))["key_matrix"][next(iter(next(iter(results.values()))["key_matrix"]))]
+    )
     return {
-        "settings": {"settings": settings, "num_clients": NUM_CLIENTS, "split": "iid", "local_epochs": 1,
-                     "batch_size": 64, "optimizer": "SGD 0.01, momentum 0.9 Nesterov, weight decay 5e-4 (both)",
-                     "evaluation": f"test split minus the {PUBLIC_SIZE}-example public cut (seed 0; at most half "
-                                   "of the test split)", "quick": quick},
+        "settings": {
+            "settings": settings,
+            "num_clients": NUM_CLIENTS,
+            "split": "iid",
+            "local_epochs": 1,
+            "batch_size": 64,
+            "optimizer": "SGD 0.01, momentum 0.9 Nesterov, weight decay 5e-4 (both)",
+            "evaluation": f"test split minus the {PUBLIC_SIZE}-example public cut (seed 0; at most half "
+            "of the test split)",
+            "quick": quick,
+        },
         "results": results,
         "tables": [
-            {"title": "Table 1 analogue: test accuracy (%), mean ± std over seeds; E epochs central = E rounds "
-                      f"x 1 local epoch, {NUM_CLIENTS} IID clients",
-             "columns": ["setting", "epochs/rounds", "seeds", "central", "central + lock", "FedAvg", "FedKL (a)",
-                         "FedKL - FedAvg (pp)"] + [VARIANT_LABELS[v] for v in VARIANTS]
-                        + ["minutes per seed (all runs)"],
-             "rows": rows},
-            {"title": "Key table: the FedKL run's evaluation matrix (%, tff_programs.evaluate)",
-             "columns": key_columns, "rows": key_rows},
+            {
+                "title": "Table 1 analogue: test accuracy (%), mean ± std over seeds; E epochs central = E rounds "
+                f"x 1 local epoch, {NUM_CLIENTS} IID clients",
+                "columns": [
+                    "setting",
+                    "epochs/rounds",
+                    "seeds",
+                    "central",
+                    "central + lock",
+                    "FedAvg",
+                    "FedKL (a)",
+                    "FedKL - FedAvg (pp)",
+                ]
+                + [VARIANT_LABELS[v] for v in VARIANTS]
+                + ["minutes per seed (all runs)"],
+                "rows": rows,
+            },
+            {
+                "title": "Key table: the FedKL run's evaluation matrix (%, tff_programs.evaluate)",
+                "columns": key_columns,
+                "rows": key_rows,
+            },
         ],
         "headline": headline,
         "notes": [
@@ -233,8 +307,9 @@ def main(argv):
     quick = flags.FLAGS.quick
     start = time.time()
     payload = run(quick, _ONLY.value, None if quick else _RUN_DIR.value)
-    path = common.write_result("table1", payload, quick, results_dir="runs/table1_quick" if quick else None,
-                               duration_s=time.time() - start)
+    path = common.write_result(
+        "table1", payload, quick, results_dir="runs/table1_quick" if quick else None, duration_s=time.time() - start
+    )
     print(f"wrote {path}")
 
 

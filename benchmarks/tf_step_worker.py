@@ -7,18 +7,19 @@ benchmarks/torch_side/step_worker.py): our locked zoo model + `tfkl.training.Tra
 import json
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import numpy as np
 import tensorflow as tf
 
 from tfkl import models, training
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1)
-_INTRA = flags.DEFINE_integer("intra_op_threads", 0, "tf.config.threading intra-op threads (0: TF's default).",
-                              lower_bound=0)
-_INTER = flags.DEFINE_integer("inter_op_threads", 0, "tf.config.threading inter-op threads (0: TF's default).",
-                              lower_bound=0)
+_INTRA = flags.DEFINE_integer(
+    "intra_op_threads", 0, "tf.config.threading intra-op threads (0: TF's default).", lower_bound=0
+)
+_INTER = flags.DEFINE_integer(
+    "inter_op_threads", 0, "tf.config.threading inter-op threads (0: TF's default).", lower_bound=0
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the random batch.")
 
 INPUT_SHAPE = (32, 32, 3)
@@ -57,9 +58,13 @@ def main(argv):
         name = command["model"]
         if command["cmd"] == "setup":
             jobs[name] = Job(name, _BATCH_SIZE.value, _SEED.value)
-            answer = {"model": name,
-                      "parameters": int(sum(np.prod(v.shape) for v in jobs[name].model.trainable_variables)),
-                      "threads": _INTRA.value, "interop_threads": _INTER.value, "tensorflow": tf.__version__}
+            answer = {
+                "model": name,
+                "parameters": int(sum(np.prod(v.shape) for v in jobs[name].model.trainable_variables)),
+                "threads": _INTRA.value,
+                "interop_threads": _INTER.value,
+                "tensorflow": tf.__version__,
+            }
         elif command["cmd"] == "time":
             answer = {"model": name, "seconds_per_step": jobs[name].time(int(command["steps"]))}
         else:

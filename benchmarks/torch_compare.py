@@ -32,8 +32,9 @@ class Worker:
     """A step-timer subprocess speaking the JSON-line protocol of benchmarks/*step_worker.py."""
 
     def __init__(self, argv, env=None):
-        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        cwd=common.REPO_ROOT, env=env)
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=common.REPO_ROOT, env=env
+        )
 
     def ask(self, **command):
         self.process.stdin.write(json.dumps(command) + "\n")
@@ -55,22 +56,44 @@ class Worker:
 def torch_worker(threads, interop_threads):
     if not os.path.exists(TORCH_PYTHON):
         raise FileNotFoundError(f"{TORCH_PYTHON} not found: create the PyTorch venv with `make torch-venv`")
-    return Worker([TORCH_PYTHON, "-m", TORCH_WORKER, f"--batch_size={BATCH_SIZE}", f"--threads={threads}",
-                   f"--interop_threads={interop_threads}"])
+    return Worker(
+        [
+            TORCH_PYTHON,
+            "-m",
+            TORCH_WORKER,
+            f"--batch_size={BATCH_SIZE}",
+            f"--threads={threads}",
+            f"--interop_threads={interop_threads}",
+        ]
+    )
 
 
 def tf_worker(threads, interop_threads):
     env = dict(os.environ, PYTHONPATH=common.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    return Worker([sys.executable, "-m", "benchmarks.tf_step_worker", f"--batch_size={BATCH_SIZE}",
-                   f"--intra_op_threads={threads}", f"--inter_op_threads={interop_threads}"], env)
+    return Worker(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.tf_step_worker",
+            f"--batch_size={BATCH_SIZE}",
+            f"--intra_op_threads={threads}",
+            f"--inter_op_threads={interop_threads}",
+        ],
+        env,
+    )
 
 
 def _settings(quick):
-    return {"architectures": list(ARCHITECTURES), "batch_size": BATCH_SIZE, "input_shape": [32, 32, 3],
-            "optimizer": "SGD lr 0.01, momentum 0.9, Nesterov, weight decay 5e-4",
-            "thread_configs": [{"name": n, "threads": t, "interop_threads": i} for n, t, i in THREAD_CONFIGS],
-            "steps_per_block": {"lenet": 3 if quick else 30, "resnet20": 1 if quick else 4},
-            "repeats": 2 if quick else 10, "warmup_steps": 2 if quick else 5}
+    return {
+        "architectures": list(ARCHITECTURES),
+        "batch_size": BATCH_SIZE,
+        "input_shape": [32, 32, 3],
+        "optimizer": "SGD lr 0.01, momentum 0.9, Nesterov, weight decay 5e-4",
+        "thread_configs": [{"name": n, "threads": t, "interop_threads": i} for n, t, i in THREAD_CONFIGS],
+        "steps_per_block": {"lenet": 3 if quick else 30, "resnet20": 1 if quick else 4},
+        "repeats": 2 if quick else 10,
+        "warmup_steps": 2 if quick else 5,
+    }
 
 
 def measure(architecture, workers, settings, rng):
@@ -84,12 +107,14 @@ def measure(architecture, workers, settings, rng):
         for side in rng.permutation(list(workers)):
             times[side].append(workers[side].ask(cmd="time", model=architecture, steps=steps)["seconds_per_step"])
     speed_ratio = np.asarray(times["torch"]) / np.asarray(times["tfkl"])
-    return {"parameters": {side: i["parameters"] for side, i in info.items()},
-            "runtime": info,
-            "seconds_per_step": {side: common.summarize(t) for side, t in times.items()},
-            "examples_per_second": {side: BATCH_SIZE / float(np.median(t)) for side, t in times.items()},
-            "speed_ratio_tfkl_over_torch": common.summarize(speed_ratio),
-            "speed_ratio_of_minima": float(np.min(times["torch"]) / np.min(times["tfkl"]))}
+    return {
+        "parameters": {side: i["parameters"] for side, i in info.items()},
+        "runtime": info,
+        "seconds_per_step": {side: common.summarize(t) for side, t in times.items()},
+        "examples_per_second": {side: BATCH_SIZE / float(np.median(t)) for side, t in times.items()},
+        "speed_ratio_tfkl_over_torch": common.summarize(speed_ratio),
+        "speed_ratio_of_minima": float(np.min(times["torch"]) / np.min(times["tfkl"])),
+    }
 
 
 def run(quick):
@@ -107,23 +132,52 @@ def run(quick):
     for config, by_arch in results.items():
         for arch, r in by_arch.items():
             ratio = r["speed_ratio_tfkl_over_torch"]
-            rows.append([arch, config, r["examples_per_second"]["tfkl"], r["examples_per_second"]["torch"],
-                         ratio["median"], f"{ratio['q1']:.3f}-{ratio['q3']:.3f}", r["speed_ratio_of_minima"],
-                         f"{r['parameters']['tfkl']} / {r['parameters']['torch']}", ratio["n"]])
-            headline.append({"metric": f"{arch} training throughput tfkl / PyTorch ({config})",
-                             "value": ratio["median"], "unit": "x", "target": f">= {TARGET_RATIO:.1f}x",
-                             "met": bool(ratio["median"] >= TARGET_RATIO)})
-    table = {"title": f"Training-step throughput, locked models, batch {BATCH_SIZE}, 32x32x3 (examples/s, medians)",
-             "columns": ["model", "threads", "tfkl ex/s", "PyTorch ex/s", "speed ratio tfkl/PyTorch", "ratio IQR",
-                         "ratio of fastest blocks", "trainable params tfkl / PyTorch", "repeats"],
-             "rows": rows}
-    notes = [common.SHARED_MACHINE_NOTE,
-             "'default' = each framework's own thread pools (one thread per logical CPU); '1 thread' = TF "
-             "intra/inter-op 1 and torch.set_num_threads(1)/set_num_interop_threads(1). The side not being timed "
-             "waits idle for its next command.",
-             "With the cores oversubscribed by other jobs, PyTorch's OpenMP threads (which synchronise at barriers) "
-             "lose far more than TensorFlow's work-stealing pool; the 1-thread rows are the like-for-like "
-             "per-core comparison.",
-             "Speed ratio = paired PyTorch/tfkl time per repeat; 'ratio of fastest blocks' = PyTorch's fastest block "
-             "time over ours, the figure least disturbed by other jobs."]
+            rows.append(
+                [
+                    arch,
+                    config,
+                    r["examples_per_second"]["tfkl"],
+                    r["examples_per_second"]["torch"],
+                    ratio["median"],
+                    f"{ratio['q1']:.3f}-{ratio['q3']:.3f}",
+                    r["speed_ratio_of_minima"],
+                    f"{r['parameters']['tfkl']} / {r['parameters']['torch']}",
+                    ratio["n"],
+                ]
+            )
+            headline.append(
+                {
+                    "metric": f"{arch} training throughput tfkl / PyTorch ({config})",
+                    "value": ratio["median"],
+                    "unit": "x",
+                    "target": f">= {TARGET_RATIO:.1f}x",
+                    "met": bool(ratio["median"] >= TARGET_RATIO),
+                }
+            )
+    table = {
+        "title": f"Training-step throughput, locked models, batch {BATCH_SIZE}, 32x32x3 (examples/s, medians)",
+        "columns": [
+            "model",
+            "threads",
+            "tfkl ex/s",
+            "PyTorch ex/s",
+            "speed ratio tfkl/PyTorch",
+            "ratio IQR",
+            "ratio of fastest blocks",
+            "trainable params tfkl / PyTorch",
+            "repeats",
+        ],
+        "rows": rows,
+    }
+    notes = [
+        common.SHARED_MACHINE_NOTE,
+        "'default' = each framework's own thread pools (one thread per logical CPU); '1 thread' = TF "
+        "intra/inter-op 1 and torch.set_num_threads(1)/set_num_interop_threads(1). The side not being timed "
+        "waits idle for its next command.",
+        "With the cores oversubscribed by other jobs, PyTorch's OpenMP threads (which synchronise at barriers) "
+        "lose far more than TensorFlow's work-stealing pool; the 1-thread rows are the like-for-like "
+        "per-core comparison.",
+        "Speed ratio = paired PyTorch/tfkl time per repeat; 'ratio of fastest blocks' = PyTorch's fastest block "
+        "time over ours, the figure least disturbed by other jobs.",
+    ]
     return {"settings": settings, "results": results, "tables": [table], "headline": headline, "notes": notes}

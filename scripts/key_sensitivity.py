@@ -10,15 +10,17 @@ the same image under (1) the victim's lock weights with a random key, (2) random
 import numpy as np
 import tensorflow as tf
 
-from attacks import cases, model as model_lib, study, targets
+from attacks import cases, study, targets
+from attacks import model as model_lib
 
 
 def relative_errors(attacker, target, image, label, latent):
     """Per shared variable, then over all of them: |predicted - victim| / |victim|."""
     predicted = [p.numpy() for p in targets.simulate(attacker, target, tf.constant(image), tf.constant(label), latent)]
     per_variable = [float(np.linalg.norm(p - t) / np.linalg.norm(t)) for p, t in zip(predicted, target.values)]
-    overall = np.sqrt(sum(np.sum((p - t) ** 2) for p, t in zip(predicted, target.values)) /
-                      sum(np.sum(t ** 2) for t in target.values))
+    overall = np.sqrt(
+        sum(np.sum((p - t) ** 2) for p, t in zip(predicted, target.values)) / sum(np.sum(t**2) for t in target.values)
+    )
     return per_variable + [float(overall)]
 
 
@@ -30,8 +32,11 @@ def main():
     known_lock = model_lib.AttackerModel(view, "adaptive-key", secret=model_lib.extract_lock_weights(victim))
     fixed_key = model_lib.AttackerModel(view, "fixed-key", seed=7)
     names = [n for n, trainable in zip(view.names, view.trainable) if trainable] + ["all"]
-    rows = zip(names, relative_errors(known_lock, target, images, labels, known_lock.initial_lock_latent(1, 0)[0]),
-               relative_errors(fixed_key, target, images, labels, tf.zeros([0])))
+    rows = zip(
+        names,
+        relative_errors(known_lock, target, images, labels, known_lock.initial_lock_latent(1, 0)[0]),
+        relative_errors(fixed_key, target, images, labels, tf.zeros([0])),
+    )
     print(f"{'shared variable':<20}{'known lock, random key':>24}{'random lock and key':>22}")
     for name, known, fixed in rows:
         print(f"{name:<20}{known:>24.4f}{fixed:>22.4f}")

@@ -5,8 +5,9 @@ import sys
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "tff_programs.attack", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "tff_programs.attack", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_bad_threat_is_one_clear_error():
@@ -26,13 +27,28 @@ def test_missing_capture_is_one_clear_error(tmp_path):
 
 def test_capture_naming_another_input_shape_is_one_clear_error(tmp_path):
     from tfkl import capture, models, private
+
     model = models.build("lenet", (8, 8, 1), 4, lock=True)
-    meta = capture.build_meta(model, round_num=1, client_id="0", num_examples=1, num_steps=1, batch_size=1,
-                              local_epochs=1, learning_rate=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    meta = capture.build_meta(
+        model,
+        round_num=1,
+        client_id="0",
+        num_examples=1,
+        num_steps=1,
+        batch_size=1,
+        local_epochs=1,
+        learning_rate=0.01,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+    )
     shared = [v.numpy() for v in private.shared_variables(model)]
     path = str(tmp_path / "c.npz")
     capture.save_capture(path, dict(meta, input_shape=[16, 16, 1]), shared, shared)
     result = _run(f"--capture={path}", "--threat=adaptive", "--noscore", f"--out_dir={tmp_path / 'out'}")
     last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode == 1 and last.startswith("error: the capture's architecture does not fit") and \
-        "input_shape" in last
+    assert (
+        result.returncode == 1
+        and last.startswith("error: the capture's architecture does not fit")
+        and "input_shape" in last
+    )

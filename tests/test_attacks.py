@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 import attacks
-from attacks import base, cases, experiment, labels, metrics, model as model_lib, targets
+from attacks import base, cases, experiment, labels, metrics, targets
+from attacks import model as model_lib
 from tfkl import models, private
 
 SHAPE = (8, 8, 1)
@@ -31,8 +32,9 @@ def test_attacker_model_reproduces_the_client_gradient_without_touching_the_vict
     target = cases.client_gradient(victim, x, y)
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, victim.variables))
     threat = "oracle" if lock else "none"
-    attacker = model_lib.AttackerModel(model_lib.ServerView.from_model(victim), threat,
-                                       secret=model_lib.extract_secret(victim) if lock else None)
+    attacker = model_lib.AttackerModel(
+        model_lib.ServerView.from_model(victim), threat, secret=model_lib.extract_secret(victim) if lock else None
+    )
     predicted = targets.simulate(attacker, target, tf.constant(x), tf.constant(y), tf.zeros([0]))
     assert len(predicted) == len(target.values)
     for p, t in zip(predicted, target.values):
@@ -60,7 +62,7 @@ def test_server_view_holds_nothing_private():
     secret_values = [v.numpy() for v in private.private_variables(victim)]
     for value in secret_values:
         assert not any(w.shape == value.shape and np.array_equal(w, value) for w in view.weights)
-    assert "key\"" not in view.model_json.replace("key_dim", "")  # the config carries no key
+    assert 'key"' not in view.model_json.replace("key_dim", "")  # the config carries no key
 
 
 def test_with_a_private_lock_adaptive_key_knows_only_model_fns_lock_weights():
@@ -117,10 +119,13 @@ def test_adaptive_key_attacker_knows_the_lock_weights_but_never_the_key():
     assert start.shape == (2, lock.key_dim) and np.all(np.abs(start) < 3)
     clipped = np.clip(true_key, 1e-6, 1 - 1e-6)
     latent = tf.constant(np.log(clipped / (1 - clipped)), tf.float32)  # sigmoid(latent) = the true key
+
     def relative_error(latent):
         predicted = targets.simulate(attacker, target, tf.constant(x), tf.constant(y), latent)
-        return np.sqrt(sum(np.sum((p.numpy() - t) ** 2) for p, t in zip(predicted, target.values)) /
-                       sum(np.sum(t ** 2) for t in target.values))
+        return np.sqrt(
+            sum(np.sum((p.numpy() - t) ** 2) for p, t in zip(predicted, target.values))
+            / sum(np.sum(t**2) for t in target.values)
+        )
 
     assert relative_error(latent) < 1e-6
     assert relative_error(tf.fill(latent.shape, -5.0)) > 1e-3  # a key near 0
@@ -145,7 +150,7 @@ def test_idlg_label_rule_at_batch_one_and_for_batches():
     x, _ = _images(8, seed=1)
     for i in range(8):
         label = np.array([i % 4])
-        target = cases.client_gradient(victim, x[i:i + 1], label)
+        target = cases.client_gradient(victim, x[i : i + 1], label)
         assert labels.infer_labels(attacker, target).tolist() == label.tolist()
     batch_labels = np.array([0, 2, 2, 3])
     target = cases.client_gradient(victim, x[:4], batch_labels)
@@ -161,7 +166,7 @@ def test_metrics_against_known_values():
     np.testing.assert_allclose(values["mse"], 0.04, rtol=1e-5)
     np.testing.assert_allclose(values["psnr"], 10 * np.log10(1 / 0.04), rtol=1e-5)
     np.testing.assert_allclose(values["paper_rmse"], 51.0)
-    np.testing.assert_allclose(values["paper_psnr"], 10 * np.log10(255.0 ** 2 / 51.0), rtol=1e-6)
+    np.testing.assert_allclose(values["paper_psnr"], 10 * np.log10(255.0**2 / 51.0), rtol=1e-6)
     truth = np.random.default_rng(0).uniform(0, 1, (2, 16, 16, 1)).astype(np.float32)
     same = metrics.image_metrics(truth, truth)
     np.testing.assert_allclose(same["ssim"], 1.0, atol=1e-6)
@@ -177,10 +182,13 @@ def _start_psnr(attack, target, truth):
     return float(metrics.image_metrics(np.clip(start, 0, 1), truth)["aligned_psnr"][0])
 
 
-@pytest.mark.parametrize("name,options", [
-    pytest.param("idlg", dict(iterations=150, chunk=150), marks=pytest.mark.slow),
-    ("ig", dict(iterations=300, chunk=300, restarts=1, tv=1e-4, signed=False, learning_rate=0.05)),
-])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        pytest.param("idlg", dict(iterations=150, chunk=150), marks=pytest.mark.slow),
+        ("ig", dict(iterations=300, chunk=300, restarts=1, tv=1e-4, signed=False, learning_rate=0.05)),
+    ],
+)
 def test_attacks_recover_images_from_a_gradient(name, options):
     victim = _victim(False, init="dlg")
     x, y = _images(1)
@@ -251,9 +259,15 @@ def test_attack_captures_writes_grid_and_table(tmp_path):
         path = str(tmp_path / f"{name}.npz")
         cases.client_update_capture(_victim(lock), x, y, path, batch_size=1)
         paths[name] = path
-    results = experiment.attack_captures(paths, str(tmp_path / "out"), attack="idlg",
-                                         attack_options=dict(iterations=20, chunk=20), truth_images=x,
-                                         truth_labels=y, verbose=False)
+    results = experiment.attack_captures(
+        paths,
+        str(tmp_path / "out"),
+        attack="idlg",
+        attack_options=dict(iterations=20, chunk=20),
+        truth_images=x,
+        truth_labels=y,
+        verbose=False,
+    )
     assert set(results) == {"fedavg/none", "fedkl/fixed-key", "fedkl/adaptive"}
     assert (tmp_path / "out" / "captures_grid.png").stat().st_size > 100
     assert "aligned_psnr" in (tmp_path / "out" / "captures_table.txt").read_text()
@@ -283,12 +297,17 @@ def _dlg_problem():
     return attacker, cases.client_gradient(victim, x, y), x, y
 
 
-@pytest.mark.parametrize("optimizer,iterations,chunks", [
-    pytest.param("tfp", 12, (12, 5), marks=pytest.mark.slow), ("torch", 4, (200, 7))])
+@pytest.mark.parametrize(
+    "optimizer,iterations,chunks", [pytest.param("tfp", 12, (12, 5), marks=pytest.mark.slow), ("torch", 4, (200, 7))]
+)
 def test_dlg_chunks_do_not_change_the_path(optimizer, iterations, chunks):
     attacker, target, _, y = _dlg_problem()
-    results = [attacks.DLG(attacker, iterations=iterations, chunk=chunk, optimizer=optimizer, label_mode="given",
-                           distance="l2_sum").reconstruct(target, labels=y[None]) for chunk in chunks]
+    results = [
+        attacks.DLG(
+            attacker, iterations=iterations, chunk=chunk, optimizer=optimizer, label_mode="given", distance="l2_sum"
+        ).reconstruct(target, labels=y[None])
+        for chunk in chunks
+    ]
     np.testing.assert_array_equal(results[0].raw_images, results[1].raw_images)
     assert results[0].info["evaluations"] == results[1].info["evaluations"]
     assert len(results[1].history) > len(results[0].history)

@@ -8,16 +8,17 @@ import types
 from absl import flags
 import pytest
 
-from benchmarks import common, report, run, tables
-from benchmarks import torch_dlg_reference
+from benchmarks import common, report, run, tables, torch_dlg_reference
 
 
 def _payload(value=1.5):
-    return {"settings": {"repeats": 3}, "results": {"ratio": value},
-            "tables": [{"title": "T", "columns": ["a", "b"], "rows": [["x", value]]}],
-            "headline": [{"metric": "speed ratio", "value": value, "unit": "x", "target": ">= 1.0x",
-                          "met": value >= 1}],
-            "notes": ["a note"]}
+    return {
+        "settings": {"repeats": 3},
+        "results": {"ratio": value},
+        "tables": [{"title": "T", "columns": ["a", "b"], "rows": [["x", value]]}],
+        "headline": [{"metric": "speed ratio", "value": value, "unit": "x", "target": ">= 1.0x", "met": value >= 1}],
+        "notes": ["a note"],
+    }
 
 
 def _write(directory, name, doc):
@@ -39,8 +40,9 @@ def test_validate_payload_fills_defaults_and_rejects_bad_payloads():
 
 
 def test_write_result_writes_the_envelope(tmp_path):
-    path = common.write_result("demo", _payload(), quick=True, results_dir=str(tmp_path), command="cmd --x",
-                               duration_s=2.04)
+    path = common.write_result(
+        "demo", _payload(), quick=True, results_dir=str(tmp_path), command="cmd --x", duration_s=2.04
+    )
     assert path == os.path.join(str(tmp_path), "demo.json")
     doc = common.load_results(str(tmp_path))["demo"]
     assert doc["benchmark"] == "demo" and doc["command"] == "cmd --x" and doc["quick"] is True
@@ -151,12 +153,17 @@ def test_report_assign_claims_each_file_once():
 
 
 def test_compare_with_reference():
-    reference = {"per_image": [{"index": 0, "seconds_to_target": 1.0, "evaluations_to_target": 100, "final_psnr": 75.0},
-                               {"index": 1, "seconds_to_target": None, "evaluations_to_target": None,
-                                "final_psnr": 12.0}],
-                 "success_rate": 0.5}
-    ours = [{"index": 0, "seconds_to_target": 3.0, "evaluations_to_target": 150, "final_psnr": 40.0},
-            {"index": 1, "seconds_to_target": 2.0, "evaluations_to_target": 90, "final_psnr": 31.0}]
+    reference = {
+        "per_image": [
+            {"index": 0, "seconds_to_target": 1.0, "evaluations_to_target": 100, "final_psnr": 75.0},
+            {"index": 1, "seconds_to_target": None, "evaluations_to_target": None, "final_psnr": 12.0},
+        ],
+        "success_rate": 0.5,
+    }
+    ours = [
+        {"index": 0, "seconds_to_target": 3.0, "evaluations_to_target": 150, "final_psnr": 40.0},
+        {"index": 1, "seconds_to_target": 2.0, "evaluations_to_target": 90, "final_psnr": 31.0},
+    ]
     comparison = torch_dlg_reference.compare_with_reference(reference, ours)
     assert comparison["median_seconds_ratio"] == 3.0 and comparison["median_evaluations_ratio"] == 1.5
     assert comparison["per_image"][1]["seconds_to_target_ratio"] is None
@@ -171,8 +178,10 @@ _TORCH_MISSING = not os.path.exists(torch_dlg_reference.TORCH_PYTHON)
 @pytest.mark.skipif(_TORCH_MISSING, reason="needs .venv-torch (make torch-venv)")
 def test_torch_port_has_the_same_parameters_as_ours():
     import numpy as np
+
     from benchmarks import torch_compare
     from tfkl import models
+
     worker = torch_compare.torch_worker(1, 1)
     try:
         for name in ("lenet", "resnet20"):
@@ -187,6 +196,7 @@ def test_torch_port_has_the_same_parameters_as_ours():
 @pytest.mark.skipif(_TORCH_MISSING, reason="needs .venv-torch (make torch-venv)")
 def test_torch_dlg_script_writes_per_image_records():
     import numpy as np
+
     rng = np.random.default_rng(0)
     images, labels = rng.random((2, 28, 28, 1), dtype=np.float32), np.array([3, 7])
     settings = dict(torch_dlg_reference._settings(quick=True), lbfgs_steps=2)
@@ -199,10 +209,14 @@ def test_torch_dlg_script_writes_per_image_records():
 
 def test_table1_runs_each_command_once_and_reruns_when_it_changes(tmp_path):
     import sys
+
     from benchmarks import table1
+
     out, counter = str(tmp_path / "out.json"), tmp_path / "count"
-    code = f"import json, pathlib; p = pathlib.Path({str(counter)!r}); n = int(p.read_text()) + 1 if p.exists() else 1; " \
-           f"p.write_text(str(n)); json.dump({{'n': n}}, open({out!r}, 'w'))"
+    code = (
+        f"import json, pathlib; p = pathlib.Path({str(counter)!r}); n = int(p.read_text()) + 1 if p.exists() else 1; "
+        f"p.write_text(str(n)); json.dump({{'n': n}}, open({out!r}, 'w'))"
+    )
     argvs = [[sys.executable, "-c", code]]
     doc, seconds = table1._run_cached(argvs, out, log=lambda _: None)
     assert doc == {"n": 1} and seconds >= 0
@@ -214,17 +228,25 @@ def test_table1_runs_each_command_once_and_reruns_when_it_changes(tmp_path):
 
 def test_table1_payload_aggregates_seeds_and_variants():
     from benchmarks import table1
+
     keys = {entry: 0.5 for entry in table1.KEY_ENTRIES}
     keys["e_lock_recovery_100"] = 0.4
     columns = table1.COLUMNS + ("fedkl_local_statistics",)
-    per_seed = {s: {c: {"accuracy": acc, "curve": {1: acc}, "seconds": 30.0} for c, acc in zip(columns, accs)}
-                for s, accs in ((0, (0.8, 0.9, 0.85, 0.86, 0.95)), (1, (0.8, 0.9, 0.85, 0.84, 0.97)))}
+    per_seed = {
+        s: {c: {"accuracy": acc, "curve": {1: acc}, "seconds": 30.0} for c, acc in zip(columns, accs)}
+        for s, accs in ((0, (0.8, 0.9, 0.85, 0.86, 0.95)), (1, (0.8, 0.9, 0.85, 0.84, 0.97)))
+    }
     plain = {s: {c: runs[c] for c in table1.COLUMNS} for s, runs in per_seed.items()}
     settings = {"x": {"epochs": 3, "variants": ("fedkl_local_statistics",)}, "y": {"epochs": 3}}
     variant_keys = dict(keys, e_lock_recovery_100=0.9)
-    results = {"x": {"per_seed": per_seed, "key_matrix": {0: keys, 1: keys},
-                     "variant_key_matrix": {"fedkl_local_statistics": {0: variant_keys, 1: variant_keys}}},
-               "y": {"per_seed": plain, "key_matrix": {0: keys, 1: keys}}}
+    results = {
+        "x": {
+            "per_seed": per_seed,
+            "key_matrix": {0: keys, 1: keys},
+            "variant_key_matrix": {"fedkl_local_statistics": {0: variant_keys, 1: variant_keys}},
+        },
+        "y": {"per_seed": plain, "key_matrix": {0: keys, 1: keys}},
+    }
     payload = common.validate_payload("table1", table1._payload(settings, results, quick=True))
     with_variant, without = payload["tables"][0]["rows"]
     assert with_variant[:3] == ["x", 3, 2] and with_variant[3] == "80.00 ± 0.00" and with_variant[6] == "85.00 ± 1.00"
@@ -238,6 +260,7 @@ def test_table1_payload_aggregates_seeds_and_variants():
 
 def test_table1_variant_is_fedkl_with_its_own_flags_and_directory():
     from benchmarks import table1
+
     setting = dict(model="resnet20", dataset="digits", epochs=2, seeds=(0,), variants=("fedkl_local_statistics",))
     commands = table1._commands(setting, 0, "d")
     train = commands["fedkl_local_statistics"][0][0]
@@ -247,6 +270,7 @@ def test_table1_variant_is_fedkl_with_its_own_flags_and_directory():
 
 def test_figures_are_drawn_from_the_results_only(tmp_path):
     from benchmarks import figures
+
     results, grids = tmp_path / "results", tmp_path / "grids"
     results.mkdir()
     curve = {"1": 0.5, "2": 0.6}
@@ -274,10 +298,12 @@ def test_table6_payload_pools_seeds_and_merges_the_threat_experiments():
         per_image.update(psnr=psnr, aligned_psnr=aligned, label_accuracy=[1.0, 1.0])
         return {"settings": {}, "results": {t: {"per_image": dict(per_image)} for t in threats}}
 
-    reports = {("dlg_x", 0): report([60.0, 70.0], [60.0, 70.0], ["none", "fixed-key"]),
-               ("dlg_x", 1): report([80.0, 90.0], [10.0, 12.0], ["none", "fixed-key"]),
-               ("dlg_x_adaptive_key", 0): report([5.0, 5.0], [13.0, 13.0], ["adaptive-key"]),
-               ("dlg_x_private_lock", 0): report([5.0, 5.0], [11.0, 11.0], ["adaptive-key"])}
+    reports = {
+        ("dlg_x", 0): report([60.0, 70.0], [60.0, 70.0], ["none", "fixed-key"]),
+        ("dlg_x", 1): report([80.0, 90.0], [10.0, 12.0], ["none", "fixed-key"]),
+        ("dlg_x_adaptive_key", 0): report([5.0, 5.0], [13.0, 13.0], ["adaptive-key"]),
+        ("dlg_x_private_lock", 0): report([5.0, 5.0], [11.0, 11.0], ["adaptive-key"]),
+    }
     payload = common.validate_payload("table6", attack_quality.table6_payload(reports))
     (row,) = payload["tables"][0]["rows"]
     cells = dict(zip(payload["tables"][0]["columns"], row))

@@ -45,8 +45,9 @@ def dataset_of(images, labels):
 
 def shared_weights(model):
     trainable, non_trainable, _, _ = client_work.ModelParts(model).split(model)
-    return collections.OrderedDict(trainable=[v.numpy() for v in trainable],
-                                   non_trainable=[v.numpy() for v in non_trainable])
+    return collections.OrderedDict(
+        trainable=[v.numpy() for v in trainable], non_trainable=[v.numpy() for v in non_trainable]
+    )
 
 
 def test_module_does_not_import_tff():
@@ -61,8 +62,7 @@ def test_fedkl_step_keeps_the_key_updates_the_lock_privately_and_sends_the_sgd_d
     global_weights = shared_weights(model)
     key = tfkl.generate_key(KEY_DIM, seed=7)
     own_lock = [0.5 * v.numpy() + 0.01 for v in client_work.ModelParts(model).split(model)[3]]
-    state = client_work.initial_client_state(model, key, own_lock, persist_optimizer_state=True,
-                                             keep_statistics=False)
+    state = client_work.initial_client_state(model, key, own_lock, persist_optimizer_state=True, keep_statistics=False)
     images, labels = batch()
 
     # By hand: the gradient at the client's key and lock, one SGD step.
@@ -75,11 +75,19 @@ def test_fedkl_step_keeps_the_key_updates_the_lock_privately_and_sends_the_sgd_d
     with tf.GradientTape() as tape:
         logits = reference(images, training=True)
         loss = training.classification_loss()(labels, logits)
-    gradients = dict(zip([id(v) for v in reference.trainable_variables],
-                         tape.gradient(loss, reference.trainable_variables)))
+    gradients = dict(
+        zip([id(v) for v in reference.trainable_variables], tape.gradient(loss, reference.trainable_variables))
+    )
 
-    output = client_work.client_update(tiny_model(), plain_sgd(), global_weights, LEARNING_RATE,
-                                       dataset_of(images, labels), state, weight_by_examples=True)
+    output = client_work.client_update(
+        tiny_model(),
+        plain_sgd(),
+        global_weights,
+        LEARNING_RATE,
+        dataset_of(images, labels),
+        state,
+        weight_by_examples=True,
+    )
     for sent, variable in zip(output.update["trainable"], shared_t):
         np.testing.assert_allclose(sent, -LEARNING_RATE * gradients[id(variable)].numpy(), rtol=1e-5, atol=1e-7)
     for sent, variable, before in zip(output.update["non_trainable"], shared_n, statistics_before):
@@ -87,8 +95,7 @@ def test_fedkl_step_keeps_the_key_updates_the_lock_privately_and_sends_the_sgd_d
     new_state = output.client_state
     np.testing.assert_array_equal(new_state["key"][0], key)
     for new, old, variable in zip(new_state["lock"], own_lock, lock_vars):
-        np.testing.assert_allclose(new, old - LEARNING_RATE * gradients[id(variable)].numpy(), rtol=1e-5,
-                                   atol=1e-7)
+        np.testing.assert_allclose(new, old - LEARNING_RATE * gradients[id(variable)].numpy(), rtol=1e-5, atol=1e-7)
     assert not np.allclose(new_state["lock"][0], own_lock[0])
     for buffer, variable in zip(new_state["optimizer"], reference.trainable_variables):
         np.testing.assert_allclose(buffer, gradients[id(variable)].numpy(), rtol=1e-5, atol=1e-7)
@@ -97,19 +104,28 @@ def test_fedkl_step_keeps_the_key_updates_the_lock_privately_and_sends_the_sgd_d
     assert float(output.weight) == 5
     correct = int(np.sum(np.argmax(logits, axis=-1) == labels))
     assert {k: int(v) for k, v in output.metrics.items() if k != "loss_sum"} == dict(
-        correct=correct, num_examples=5, clients_accepted=1, clients_rejected=0)
+        correct=correct, num_examples=5, clients_accepted=1, clients_rejected=0
+    )
     np.testing.assert_allclose(output.metrics["loss_sum"], 5 * loss.numpy(), rtol=1e-5)
     assert (int(output.report["num_steps"]), bool(output.report["accepted"])) == (1, True)
 
 
 def test_non_finite_client_is_rejected_and_keeps_its_state():
     model = tiny_model()
-    state = client_work.initial_client_state(model, tfkl.generate_key(KEY_DIM, seed=1),
-                                             persist_optimizer_state=True, keep_statistics=False)
+    state = client_work.initial_client_state(
+        model, tfkl.generate_key(KEY_DIM, seed=1), persist_optimizer_state=True, keep_statistics=False
+    )
     images, labels = batch()
     images[0, 0, 0, 0] = np.nan
-    output = client_work.client_update(tiny_model(), plain_sgd(), shared_weights(model), LEARNING_RATE,
-                                       dataset_of(images, labels), state, weight_by_examples=True)
+    output = client_work.client_update(
+        tiny_model(),
+        plain_sgd(),
+        shared_weights(model),
+        LEARNING_RATE,
+        dataset_of(images, labels),
+        state,
+        weight_by_examples=True,
+    )
     assert float(output.weight) == 0 and not bool(output.report["accepted"])
     assert all(not np.any(u) for u in tf.nest.flatten(output.update))
     for new, old in zip(tf.nest.flatten(output.client_state), tf.nest.flatten(state)):
@@ -122,13 +138,27 @@ def test_fedavg_client_with_local_statistics_fresh_optimizer_and_uniform_weight(
     model = tiny_model(locked=False)
     state = client_work.initial_client_state(model, persist_optimizer_state=False, keep_statistics=True)
     assert not state["key"] and not state["lock"] and not state["optimizer"] and len(state["statistics"]) == 2
-    output = client_work.client_update(tiny_model(locked=False), plain_sgd(), shared_weights(model), LEARNING_RATE,
-                                       dataset_of(*batch(size=7)), state, weight_by_examples=False)
+    output = client_work.client_update(
+        tiny_model(locked=False),
+        plain_sgd(),
+        shared_weights(model),
+        LEARNING_RATE,
+        dataset_of(*batch(size=7)),
+        state,
+        weight_by_examples=False,
+    )
     assert float(output.weight) == 1 and not output.update["non_trainable"] and not output.client_state["optimizer"]
     assert not np.allclose(output.client_state["statistics"][0], state["statistics"][0])  # kept privately
     empty = dataset_of(*batch()).take(0)
-    output = client_work.client_update(tiny_model(locked=False), plain_sgd(), shared_weights(model), LEARNING_RATE,
-                                       empty, state, weight_by_examples=False)
+    output = client_work.client_update(
+        tiny_model(locked=False),
+        plain_sgd(),
+        shared_weights(model),
+        LEARNING_RATE,
+        empty,
+        state,
+        weight_by_examples=False,
+    )
     assert float(output.weight) == 0 and int(output.report["num_steps"]) == 0
 
 
@@ -136,11 +166,13 @@ def test_initial_client_state_checks_key_and_lock():
     with pytest.raises(ValueError, match="needs a key"):
         client_work.initial_client_state(tiny_model(), persist_optimizer_state=True, keep_statistics=False)
     with pytest.raises(ValueError, match="has no key"):
-        client_work.initial_client_state(tiny_model(locked=False), tfkl.generate_key(KEY_DIM),
-                                         persist_optimizer_state=True, keep_statistics=False)
+        client_work.initial_client_state(
+            tiny_model(locked=False), tfkl.generate_key(KEY_DIM), persist_optimizer_state=True, keep_statistics=False
+        )
     with pytest.raises(ValueError, match="do not fit"):
-        client_work.initial_client_state(tiny_model(), tfkl.generate_key(KEY_DIM), [np.zeros(3)],
-                                         persist_optimizer_state=True, keep_statistics=False)
+        client_work.initial_client_state(
+            tiny_model(), tfkl.generate_key(KEY_DIM), [np.zeros(3)], persist_optimizer_state=True, keep_statistics=False
+        )
 
 
 def test_server_update_applies_the_optimizer_to_the_mean_update():
@@ -148,27 +180,37 @@ def test_server_update_applies_the_optimizer_to_the_mean_update():
     server_optimizer = optimizers.TorchSGD(0.5, momentum=0.0, nesterov=False, weight_decay=0.0)
     state = client_work.initial_server_state(model, server_optimizer)
     assert int(state["round_num"]) == 0
-    mean = collections.OrderedDict(trainable=[tf.ones_like(w) for w in state["trainable"]],
-                                   non_trainable=[tf.fill(w.shape, 0.25) for w in state["non_trainable"]])
+    mean = collections.OrderedDict(
+        trainable=[tf.ones_like(w) for w in state["trainable"]],
+        non_trainable=[tf.fill(w.shape, 0.25) for w in state["non_trainable"]],
+    )
     new = client_work.server_update(server_optimizer, state, mean)
     assert int(new["round_num"]) == 1
     for after, before in zip(new["trainable"], state["trainable"]):
         np.testing.assert_allclose(after, before.numpy() + 0.5, rtol=1e-6)  # gradient = -mean update
     for after, before in zip(new["non_trainable"], state["non_trainable"]):
         np.testing.assert_allclose(after, before.numpy() + 0.25, rtol=1e-6)
-    kept_local = client_work.server_update(server_optimizer, state, collections.OrderedDict(
-        trainable=mean["trainable"], non_trainable=[]))
+    kept_local = client_work.server_update(
+        server_optimizer, state, collections.OrderedDict(trainable=mean["trainable"], non_trainable=[])
+    )
     for after, before in zip(kept_local["non_trainable"], state["non_trainable"]):
         np.testing.assert_array_equal(after, before)
 
 
 def test_round_metrics_average_over_accepted_examples():
-    sums = collections.OrderedDict(loss_sum=tf.constant(6.0), correct=tf.constant(3, tf.int64),
-                                   num_examples=tf.constant(4, tf.int64), clients_accepted=tf.constant(2, tf.int64),
-                                   clients_rejected=tf.constant(1, tf.int64))
+    sums = collections.OrderedDict(
+        loss_sum=tf.constant(6.0),
+        correct=tf.constant(3, tf.int64),
+        num_examples=tf.constant(4, tf.int64),
+        clients_accepted=tf.constant(2, tf.int64),
+        clients_rejected=tf.constant(1, tf.int64),
+    )
     metrics = client_work.round_metrics(sums)
     assert (float(metrics["loss"]), float(metrics["accuracy"])) == (1.5, 0.75)
     assert (int(metrics["clients_accepted"]), int(metrics["clients_rejected"])) == (2, 1)
-    nobody = client_work.round_metrics(collections.OrderedDict(
-        sums, loss_sum=tf.constant(0.0), correct=tf.constant(0, tf.int64), num_examples=tf.constant(0, tf.int64)))
+    nobody = client_work.round_metrics(
+        collections.OrderedDict(
+            sums, loss_sum=tf.constant(0.0), correct=tf.constant(0, tf.int64), num_examples=tf.constant(0, tf.int64)
+        )
+    )
     assert (float(nobody["loss"]), float(nobody["accuracy"])) == (0.0, 0.0)

@@ -17,8 +17,12 @@ def _write_idx(path, array):
 
 def test_fashion_mnist_reads_idx_files_from_data_dir(tmp_path):
     rng = np.random.default_rng(0)
-    arrays = [rng.integers(0, 256, (6, 28, 28)), rng.integers(0, 10, 6),
-              rng.integers(0, 256, (4, 28, 28)), rng.integers(0, 10, 4)]
+    arrays = [
+        rng.integers(0, 256, (6, 28, 28)),
+        rng.integers(0, 10, 6),
+        rng.integers(0, 256, (4, 28, 28)),
+        rng.integers(0, 10, 4),
+    ]
     for name, array in zip(data._FASHION_FILES, arrays):
         _write_idx(tmp_path / name, array)
     dataset = data.load("fashion_mnist", data_dir=str(tmp_path))
@@ -37,8 +41,13 @@ def test_truncated_idx_file_is_an_error(tmp_path):
 
 def test_mnist_npz_in_the_keras_format(tmp_path):
     rng = np.random.default_rng(1)
-    np.savez(tmp_path / "mnist.npz", x_train=rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
-             y_train=np.arange(5), x_test=rng.integers(0, 256, (3, 28, 28), dtype=np.uint8), y_test=np.arange(3))
+    np.savez(
+        tmp_path / "mnist.npz",
+        x_train=rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
+        y_train=np.arange(5),
+        x_test=rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+        y_test=np.arange(3),
+    )
     dataset = data.load("mnist", data_dir=str(tmp_path))
     assert dataset.x_train.shape == (5, 28, 28, 1) and dataset.x_train.max() <= 1.0
     np.testing.assert_array_equal(dataset.y_train, np.arange(5))
@@ -72,6 +81,7 @@ def test_cifar_pickles_in_the_keras_format(tmp_path, name):
 
 def test_tfds_source_on_mock_data(tmp_path):
     import tensorflow_datasets as tfds
+
     with tfds.testing.mock_data(num_examples=6):
         dataset = data.load("mnist", data_dir=str(tmp_path), source="tfds")
     assert dataset.x_train.shape == (6, 28, 28, 1) and dataset.x_train.dtype == np.float32

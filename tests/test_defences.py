@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+# `context` is test_federated's autouse fixture (TFF's execution context), imported to apply here too.
+from tests.test_federated import KEY_DIM, _contains, context, digits_subset, make_config  # noqa: F401
 import tfkl
 from tfkl.federated import algorithms, client_data, program, run_dir
 from tfkl.federated.config import ProgramError, build_process
-
-# `context` is test_federated's autouse fixture (TFF's execution context), imported to apply here too.
-from tests.test_federated import KEY_DIM, _contains, context, digits_subset, make_config  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,15 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-import tfkl
-from attacks import cases, model as attack_model, targets
+from attacks import cases, targets
+from attacks import model as attack_model
 from tff_programs import contexts
+import tfkl
 from tfkl import capture as capture_lib
 from tfkl import data, models, optimizers, private, training
 from tfkl.federated import algorithms, client_data, program, run_dir, simulation
-from tfkl.federated.config import Config, ProgramError, build_process
 from tfkl.federated.client_store import ClientStateError, ClientStore
+from tfkl.federated.config import Config, ProgramError, build_process
 
 SHAPE = (16, 16, 1)
 KEY_DIM = 16  # a key length no shared variable has, so private shapes are recognisable
@@ -44,8 +45,16 @@ def digits():
 
 
 def make_config(**overrides):
-    options = dict(input_shape=SHAPE, num_clients=3, clients_per_round=3, batch_size=16, learning_rate=0.05,
-                   key_dim=KEY_DIM, seeded_keys=True, seed=1)
+    options = dict(
+        input_shape=SHAPE,
+        num_clients=3,
+        clients_per_round=3,
+        batch_size=16,
+        learning_rate=0.05,
+        key_dim=KEY_DIM,
+        seeded_keys=True,
+        seed=1,
+    )
     options.update(overrides)
     return Config(**options)
 
@@ -110,8 +119,9 @@ def _contains(secret, arrays):
 
 def test_values_server_state_aggregate_and_captures_hold_no_secret(digits, tmp_path):
     config = make_config(local_epochs=2, batch_size=12)
-    metrics = program.train(str(tmp_path), config, program.RunOptions(rounds=2, capture_rounds=("all",),
-                                                                     progress=False), dataset=digits)
+    metrics = program.train(
+        str(tmp_path), config, program.RunOptions(rounds=2, capture_rounds=("all",), progress=False), dataset=digits
+    )
     assert metrics["clients_accepted"] == 3
     process = build_process(config)
     server_state, client_states, round_num = run_dir.restore(str(tmp_path), config, process)
@@ -144,7 +154,7 @@ def test_values_server_state_aggregate_and_captures_hold_no_secret(digits, tmp_p
     batches = cases.capture_user_data(meta, digits).batches
     assert len(batches) == meta["num_steps"] and sum(len(y) for _, y in batches) == meta["examples_processed"]
     client = client_data.client_partition(config, digits)[int(meta["client_id"])]
-    assert sorted(np.concatenate([y for _, y in batches[:len(batches) // 2]])) == sorted(digits.y_train[client])
+    assert sorted(np.concatenate([y for _, y in batches[: len(batches) // 2]])) == sorted(digits.y_train[client])
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedkl"])
@@ -152,8 +162,9 @@ def test_attacker_replay_reproduces_a_tff_captured_update(algorithm, digits, tmp
     """What the attacks invert is what TFF's clients upload: replaying the captured client's local
     steps on its true batches (with its secret, for FedKL) gives the captured update."""
     config = make_config(algorithm=algorithm, local_epochs=1, batch_size=12)
-    program.train(str(tmp_path), config, program.RunOptions(rounds=1, capture_rounds=(1,), progress=False),
-                  dataset=digits)
+    program.train(
+        str(tmp_path), config, program.RunOptions(rounds=1, capture_rounds=(1,), progress=False), dataset=digits
+    )
     capture = capture_lib.load_capture(sorted(glob.glob(str(tmp_path / "captures" / "*.npz")))[0])
     batches = cases.capture_user_data(capture.meta, digits).batches
     images = tf.constant(np.concatenate([x for x, _ in batches]))
@@ -162,8 +173,10 @@ def test_attacker_replay_reproduces_a_tff_captured_update(algorithm, digits, tmp
     if algorithm == "fedkl":
         _, client_states, _ = run_dir.restore(str(tmp_path), config, build_process(config))
         (lock,) = private.lock_layers(config.model_fn()())  # round 1 starts from model_fn's lock weights
-        secret = {lock.name: (client_states[capture.meta["client_id"]]["key"][0],)
-                  + tuple(v.numpy() for v in lock.private_weights[1:])}
+        secret = {
+            lock.name: (client_states[capture.meta["client_id"]]["key"][0],)
+            + tuple(v.numpy() for v in lock.private_weights[1:])
+        }
     view = attack_model.ServerView.from_capture(capture)
     attacker = attack_model.AttackerModel(view, "oracle" if secret else "none", secret=secret)
     target = targets.from_capture(capture)
@@ -175,8 +188,9 @@ def test_attacker_replay_reproduces_a_tff_captured_update(algorithm, digits, tmp
 
 def test_private_lock_init_gives_each_client_a_lock_the_server_never_sees(digits, tmp_path):
     config = make_config(lock_init="private")
-    program.train(str(tmp_path), config, program.RunOptions(rounds=1, capture_rounds=(1,), progress=False),
-                  dataset=digits)
+    program.train(
+        str(tmp_path), config, program.RunOptions(rounds=1, capture_rounds=(1,), progress=False), dataset=digits
+    )
     initial = ClientStore(str(tmp_path / "clients")).load(0, KEY_DIM)
     model_fns_lock = build_process(config).parts.split(config.model_fn()())[3]
     client_lock = config.client_lock_fn()
@@ -205,15 +219,18 @@ def test_one_client_round_equals_central_training(digits):
     key = tfkl.generate_key(KEY_DIM, seed=5)
     dataset = data.make_dataset(digits.x_train[:50], digits.y_train[:50], SHAPE, 16)
     server_state = process.initialize()
-    server_state, states, metrics, _ = process.next(server_state, np.float32(0.05), [dataset],
-                                                    [process.initial_client_state(key)])
+    server_state, states, metrics, _ = process.next(
+        server_state, np.float32(0.05), [dataset], [process.initial_client_state(key)]
+    )
     model = model_fn()
     tfkl.set_key(model, key)
     trainer = training.Trainer(model, optimizer)
     trainer.fit_epoch(dataset)
     shared_t, shared_n, _, lock = process.parts.split(model)
-    for got, want in zip(list(server_state["trainable"]) + list(server_state["non_trainable"]) + states[0]["lock"],
-                         shared_t + shared_n + lock):
+    for got, want in zip(
+        list(server_state["trainable"]) + list(server_state["non_trainable"]) + states[0]["lock"],
+        shared_t + shared_n + lock,
+    ):
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-6)
     for got, want in zip(states[0]["optimizer"], trainer.buffers):
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-6)
@@ -286,8 +303,9 @@ def test_other_runs_root_dir_and_corrupt_state_refused(digits, tmp_path):
     program.train(str(tmp_path), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
     snapshot = {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "**"), recursive=True) if os.path.isfile(p)}
     with pytest.raises(ProgramError, match="another run"):
-        program.train(str(tmp_path), make_config(batch_size=8), program.RunOptions(rounds=2, progress=False),
-                      dataset=digits)
+        program.train(
+            str(tmp_path), make_config(batch_size=8), program.RunOptions(rounds=2, progress=False), dataset=digits
+        )
     state_file = tmp_path / "clients" / "1" / "state_00001.npz"
     state_file.write_bytes(state_file.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(ProgramError, match="corrupt"):
@@ -316,8 +334,12 @@ def test_other_runs_root_dir_and_corrupt_state_refused(digits, tmp_path):
 
 def test_client_state_round_trip_keeps_structure(tmp_path):
     store = ClientStore(str(tmp_path))
-    state = collections.OrderedDict(key=[tfkl.generate_key(4, seed=0)], lock=[np.ones((4, 2), np.float32)],
-                                    optimizer=[], statistics=[np.zeros(2, np.float32)])
+    state = collections.OrderedDict(
+        key=[tfkl.generate_key(4, seed=0)],
+        lock=[np.ones((4, 2), np.float32)],
+        optimizer=[],
+        statistics=[np.zeros(2, np.float32)],
+    )
     store.save(3, {"0": state}, changed={"0"})
     loaded = store.load(3, 4)["0"]
     assert list(loaded) == ["key", "lock", "optimizer", "statistics"]
@@ -328,12 +350,18 @@ def test_client_state_round_trip_keeps_structure(tmp_path):
 
 def test_evaluation_matrix(digits, tmp_path):
     from tfkl.federated import evaluation
+
     config = make_config()
     program.train(str(tmp_path), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
     result = evaluation.evaluate(str(tmp_path), public_sizes=(10, 20), recovery_steps=3, dataset=digits)
     assert result["round"] == 1 and result["public_examples"] == 20 and result["evaluation_examples"] == 40
-    for name in ("a_own_key_and_lock", "b_own_lock_random_key", "c_own_lock_other_key", "c_other_key_and_lock",
-                 "f_own_secret_own_statistics"):
+    for name in (
+        "a_own_key_and_lock",
+        "b_own_lock_random_key",
+        "c_own_lock_other_key",
+        "c_other_key_and_lock",
+        "f_own_secret_own_statistics",
+    ):
         assert set(result[name]["per_client"]) == {"0", "1", "2"}
         assert 0 <= result[name]["mean"] <= 1
     # Zero lock weights make gamma = beta = 0: a constant prediction, at most the top class's share.
@@ -359,9 +387,9 @@ def test_evaluation_matrix(digits, tmp_path):
 
 def test_accuracy_by_round_covers_every_kept_round(digits, tmp_path):
     from tfkl.federated import evaluation
+
     config = make_config()
-    program.train(str(tmp_path), config, program.RunOptions(rounds=2, keep_rounds=5, progress=False),
-                  dataset=digits)
+    program.train(str(tmp_path), config, program.RunOptions(rounds=2, keep_rounds=5, progress=False), dataset=digits)
     curve = evaluation.accuracy_by_round(str(tmp_path), public_size=20, dataset=digits)
     assert sorted(curve) == [0, 1, 2] == run_dir.complete_rounds(str(tmp_path))
     last = evaluation.evaluate(str(tmp_path), public_sizes=(20,), recovery_steps=1, dataset=digits)
@@ -370,8 +398,9 @@ def test_accuracy_by_round_covers_every_kept_round(digits, tmp_path):
 
 def test_local_statistics_and_fresh_optimizer_options(digits, tmp_path):
     config = make_config(statistics="local", persist_optimizer_state=False, client_weighting="uniform")
-    program.train(str(tmp_path), config, program.RunOptions(rounds=1, capture_rounds=(1,), progress=False),
-                  dataset=digits)
+    program.train(
+        str(tmp_path), config, program.RunOptions(rounds=1, capture_rounds=(1,), progress=False), dataset=digits
+    )
     process = build_process(config)
     server_state, states, _ = run_dir.restore(str(tmp_path), config, process)
     initial_server = process.initialize()
@@ -388,10 +417,13 @@ def test_local_statistics_and_fresh_optimizer_options(digits, tmp_path):
 def test_learning_rate_schedule_reaches_the_clients(digits, tmp_path):
     config = make_config(lr_milestones=(1,), lr_gamma=0.2)
     assert [config.round_learning_rate(r) for r in (1, 2, 3)] == pytest.approx([0.05, 0.01, 0.01])
-    program.train(str(tmp_path), config, program.RunOptions(rounds=2, capture_rounds=("all",), progress=False),
-                  dataset=digits)
-    rates = {capture_lib.load_capture(p).meta["round"]: capture_lib.load_capture(p).meta["learning_rate"]
-             for p in glob.glob(str(tmp_path / "captures" / "*.npz"))}
+    program.train(
+        str(tmp_path), config, program.RunOptions(rounds=2, capture_rounds=("all",), progress=False), dataset=digits
+    )
+    rates = {
+        capture_lib.load_capture(p).meta["round"]: capture_lib.load_capture(p).meta["learning_rate"]
+        for p in glob.glob(str(tmp_path / "captures" / "*.npz"))
+    }
     assert rates == pytest.approx({1: 0.05, 2: 0.01})
     rows = np.genfromtxt(tmp_path / "metrics.csv", delimiter=",", names=True)
     assert list(rows["learning_rate"]) == pytest.approx([0.05, 0.01])
@@ -399,14 +431,17 @@ def test_learning_rate_schedule_reaches_the_clients(digits, tmp_path):
 
 def test_bad_split_and_foreign_directory_refused(digits, tmp_path):
     with pytest.raises(ProgramError, match="cannot split"):
-        program.train(str(tmp_path / "a"), make_config(num_clients=100, split="shards"),
-                      program.RunOptions(rounds=1, progress=False), dataset=digits)
+        program.train(
+            str(tmp_path / "a"),
+            make_config(num_clients=100, split="shards"),
+            program.RunOptions(rounds=1, progress=False),
+            dataset=digits,
+        )
     assert not os.path.exists(tmp_path / "a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("mine")
     with pytest.raises(ProgramError, match="not empty"):
-        program.train(str(tmp_path / "b"), make_config(), program.RunOptions(rounds=1, progress=False),
-                      dataset=digits)
+        program.train(str(tmp_path / "b"), make_config(), program.RunOptions(rounds=1, progress=False), dataset=digits)
     assert os.listdir(tmp_path / "b") == ["notes.txt"]
 
 

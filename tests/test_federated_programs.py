@@ -16,16 +16,22 @@ from tfkl.federated import run_dir
 from tfkl.federated.config import build_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = ["--dataset=digits", "--num_clients=3", "--batch_size=32", "--learning_rate=0.05", "--seeded_keys",
-         "--seed=2"]
+TRAIN = ["--dataset=digits", "--num_clients=3", "--batch_size=32", "--learning_rate=0.05", "--seeded_keys", "--seed=2"]
 
 
 def run(module, *args, log=None, **kwargs):
     """Starts a binary in its own process group, output to a file (TFF workers may hold pipes open)."""
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     out = open(log, "w")
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        **kwargs,
+    )
 
 
 def finish(process, timeout=300):
@@ -49,13 +55,16 @@ def error_lines(log):
         return [line for line in f.read().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--num_clients=0"], "num_clients"),
-    pytest.param(["--clients_per_round=5", "--num_clients=3"], "cannot exceed", marks=pytest.mark.slow),
-    pytest.param(["--inject_nan=x"], "ROUND:CLIENT", marks=pytest.mark.slow),
-    pytest.param(["--learning_rate=-1"], "positive", marks=pytest.mark.slow),
-    (["--dp_clip=1.0", "--algorithm=fedavg"], "client_weighting=uniform"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num_clients=0"], "num_clients"),
+        pytest.param(["--clients_per_round=5", "--num_clients=3"], "cannot exceed", marks=pytest.mark.slow),
+        pytest.param(["--inject_nan=x"], "ROUND:CLIENT", marks=pytest.mark.slow),
+        pytest.param(["--learning_rate=-1"], "positive", marks=pytest.mark.slow),
+        (["--dp_clip=1.0", "--algorithm=fedavg"], "client_weighting=uniform"),
+    ],
+)
 def test_bad_flags_give_one_error_line(tmp_path, args, message):
     log = str(tmp_path / "log")
     assert finish(run("tff_programs.train", f"--root_dir={tmp_path / 'run'}", *args, log=log)) != 0
@@ -71,10 +80,12 @@ def test_binaries_refuse_other_runs_root_dir_and_corrupt_state(tmp_path):
     assert finish(run("tff_programs.train", f"--root_dir={root}", "--rounds=1", *TRAIN, log=str(tmp_path / "a"))) == 0
     before = sorted(os.listdir(root))
     log = str(tmp_path / "b")
-    assert finish(run("tff_programs.train", f"--root_dir={root}", "--rounds=2", "--model=resnet20", *TRAIN,
-                      log=log)) == 1
-    assert error_lines(log) == [f"error: {root} holds another run (model: 'lenet' there, 'resnet20' here); "
-                                "use a new --root_dir"]
+    assert (
+        finish(run("tff_programs.train", f"--root_dir={root}", "--rounds=2", "--model=resnet20", *TRAIN, log=log)) == 1
+    )
+    assert error_lines(log) == [
+        f"error: {root} holds another run (model: 'lenet' there, 'resnet20' here); use a new --root_dir"
+    ]
     assert sorted(os.listdir(root)) == before
     with open(os.path.join(root, "clients", "0", "key"), "r+b") as f:
         f.seek(20)
@@ -95,11 +106,22 @@ def tff_context():
 def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path, tff_context):
     rounds = 6
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    assert finish(run("tff_programs.train", f"--root_dir={full}", f"--rounds={rounds}", *TRAIN,
-                      log=str(tmp_path / "full.log"))) == 0
+    assert (
+        finish(
+            run(
+                "tff_programs.train", f"--root_dir={full}", f"--rounds={rounds}", *TRAIN, log=str(tmp_path / "full.log")
+            )
+        )
+        == 0
+    )
     for attempt, wait_rows in enumerate((2, 4)):
-        process = run("tff_programs.train", f"--root_dir={killed}", f"--rounds={rounds}", *TRAIN,
-                      log=str(tmp_path / f"killed{attempt}.log"))
+        process = run(
+            "tff_programs.train",
+            f"--root_dir={killed}",
+            f"--rounds={rounds}",
+            *TRAIN,
+            log=str(tmp_path / f"killed{attempt}.log"),
+        )
         metrics = os.path.join(killed, "metrics.csv")
         deadline = time.time() + 300
         while time.time() < deadline and process.poll() is None:
@@ -109,8 +131,18 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path, tff_context):
         time.sleep(0.1 * attempt)  # at a different point of the round each time
         assert process.poll() is None, "the run ended before it could be killed"
         kill_group(process)
-    assert finish(run("tff_programs.train", f"--root_dir={killed}", f"--rounds={rounds}", *TRAIN,
-                      log=str(tmp_path / "resumed.log"))) == 0
+    assert (
+        finish(
+            run(
+                "tff_programs.train",
+                f"--root_dir={killed}",
+                f"--rounds={rounds}",
+                *TRAIN,
+                log=str(tmp_path / "resumed.log"),
+            )
+        )
+        == 0
+    )
     config = run_dir.load_config(full)
     assert run_dir.load_config(killed) == config
     process = build_process(config)
@@ -127,12 +159,24 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path, tff_context):
 def test_demo_trains_evaluates_and_captures(tmp_path):
     log = str(tmp_path / "demo.log")
     root = tmp_path / "demo"
-    assert finish(run("tff_programs.demo", f"--root_dir={root}", "--rounds=2", "--nobaseline",
-                      "--attack_iterations=20", log=log)) == 0
+    assert (
+        finish(
+            run(
+                "tff_programs.demo",
+                f"--root_dir={root}",
+                "--rounds=2",
+                "--nobaseline",
+                "--attack_iterations=20",
+                log=log,
+            )
+        )
+        == 0
+    )
     result = run_dir.load_config(str(root / "fedkl"))
     assert result.algorithm == "fedkl"
     assert sorted(os.listdir(root / "fedkl" / "captures")) == [
-        f"round_0000{r}_client_{c}.npz" for r in (1, 2) for c in range(3)]
+        f"round_0000{r}_client_{c}.npz" for r in (1, 2) for c in range(3)
+    ]
     with open(log) as f:
         text = f.read()
     assert "a_own_key_and_lock" in text and "e_lock_recovery_100" in text and "Traceback" not in text

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import tfkl
 from attacks import model as attacks_model
+import tfkl
 from tfkl.keylock import KeyLock, keylock_apply
 
 
@@ -95,8 +95,10 @@ def test_fused_batch_lock_matches_the_op_by_op_block(shape, activation, training
     if training:  # moved towards the batch statistics, with PyTorch's unbiased variance
         values = x.numpy().reshape(-1, shape[-1])
         count = values.shape[0]
-        statistics = [0.9 * statistics[0] + 0.1 * values.mean(0),
-                      0.9 * statistics[1] + 0.1 * values.var(0) * count / (count - 1)]
+        statistics = [
+            0.9 * statistics[0] + 0.1 * values.mean(0),
+            0.9 * statistics[1] + 0.1 * values.var(0) * count / (count - 1),
+        ]
     _assert_close(layer.moving_mean.numpy(), statistics[0], 1e-6)
     _assert_close(layer.moving_variance.numpy(), statistics[1], 1e-6)
 
@@ -164,15 +166,23 @@ def test_layer_and_attacker_run_the_same_lock_forward(normalization, training):
     """KeyLock.call and the attacker's functional model both run `keylock_apply`."""
     victim = tfkl.models.build("lenet", (8, 8, 1), 4, lock=True, seed=3, normalization=normalization)
     x = tf.constant(np.random.default_rng(9).random((4, 8, 8, 1), np.float32))
-    attacker = attacks_model.AttackerModel(attacks_model.ServerView.from_model(victim), "oracle",
-                                           secret=attacks_model.extract_secret(victim))
+    attacker = attacks_model.AttackerModel(
+        attacks_model.ServerView.from_model(victim), "oracle", secret=attacks_model.extract_secret(victim)
+    )
     predicted = attacker(attacker.weights, x, attacker.lock_values(), training=training)
     np.testing.assert_allclose(predicted.numpy(), victim(x, training=training).numpy(), rtol=1e-5, atol=1e-6)
     lock = victim.get_layer("conv1_keylock")
     features = tf.keras.Model(victim.input, lock.input)(x)
     statistics = (lock.moving_mean, lock.moving_variance) if normalization == "batch" else None
-    applied, _ = keylock_apply(features, *lock.lock_parameters(), statistics, normalization=normalization,
-                               training=training, groups=lock.groups, epsilon=lock.epsilon)
+    applied, _ = keylock_apply(
+        features,
+        *lock.lock_parameters(),
+        statistics,
+        normalization=normalization,
+        training=training,
+        groups=lock.groups,
+        epsilon=lock.epsilon,
+    )
     np.testing.assert_array_equal(applied.numpy(), lock(features, training=training).numpy())
 
 
@@ -186,8 +196,7 @@ def test_batch_lock_on_a_single_value_per_channel_keeps_finite_statistics():
 def test_second_order_gradients_through_every_normalization(normalization):
     layer = KeyLock(key_dim=8, activation="sigmoid", normalization=normalization)
     x = tf.constant(np.random.default_rng(5).normal(size=(2, 3, 3, 4)).astype(np.float32))
-    _, gradients, second = _gradients_to_second_order(lambda t: layer(t, training=True), x,
-                                                      layer.trainable_weights)
+    _, gradients, second = _gradients_to_second_order(lambda t: layer(t, training=True), x, layer.trainable_weights)
     for g in gradients + second:
         assert g is not None and np.all(np.isfinite(g)) and np.any(g.numpy() != 0)
 
@@ -196,8 +205,14 @@ def test_weights_keep_their_names_and_order():
     """Checkpoints of the layer (by position or by name) stay loadable."""
     layer = _lock_model().get_layer("lock")
     assert [w.name for w in layer.weights] == [
-        "lock/scale_kernel:0", "lock/scale_bias:0", "lock/shift_kernel:0", "lock/shift_bias:0", "lock/key:0",
-        "lock/moving_mean:0", "lock/moving_variance:0"]
+        "lock/scale_kernel:0",
+        "lock/scale_bias:0",
+        "lock/shift_kernel:0",
+        "lock/shift_bias:0",
+        "lock/key:0",
+        "lock/moving_mean:0",
+        "lock/moving_variance:0",
+    ]
 
 
 def test_keylock_dense_features_and_bad_options():
@@ -273,8 +288,9 @@ def test_generate_key_is_uniform_and_seedable():
     np.testing.assert_array_equal(tfkl.generate_key(8, seed=3), tfkl.generate_key(8, seed=3))
 
 
-@pytest.mark.parametrize("initializer, bound", [(None, 1 / np.sqrt(8)),
-                                                 (tf.keras.initializers.RandomUniform(-0.5, 0.5), 0.5)])
+@pytest.mark.parametrize(
+    "initializer, bound", [(None, 1 / np.sqrt(8)), (tf.keras.initializers.RandomUniform(-0.5, 0.5), 0.5)]
+)
 def test_private_lock_weights_are_fresh_and_within_the_initialisers_range(initializer, bound):
     layer = KeyLock(key_dim=8, lock_initializer=initializer)
     layer.build((None, 4, 4, 3))
@@ -284,8 +300,9 @@ def test_private_lock_weights_are_fresh_and_within_the_initialisers_range(initia
     assert np.abs(drawn[0]).max() > bound / 2  # spread over the range, not squeezed
     others = tfkl.private.draw_lock_weights(layer)
     assert not any(np.array_equal(a, b) for a, b in zip(drawn, others))
-    for a, b in zip(tfkl.private.draw_lock_weights(layer, seed=[1, 2]),
-                    tfkl.private.draw_lock_weights(layer, seed=[1, 2])):
+    for a, b in zip(
+        tfkl.private.draw_lock_weights(layer, seed=[1, 2]), tfkl.private.draw_lock_weights(layer, seed=[1, 2])
+    ):
         np.testing.assert_array_equal(a, b)
     model_fns = [v.numpy() for v in layer.private_weights[1:]]
     assert not any(np.array_equal(a, b) for a, b in zip(drawn, model_fns))
@@ -298,12 +315,15 @@ def test_private_lock_weights_need_a_uniform_initialiser():
         tfkl.private.draw_lock_weights(layer)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (np.zeros(7, np.float32), "length 7"),
-    (np.zeros((2, 8), np.float32), "vector"),
-    (np.array(["a"] * 8), "numeric"),
-    (np.full(8, np.nan, np.float32), "NaN"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros(7, np.float32), "length 7"),
+        (np.zeros((2, 8), np.float32), "vector"),
+        (np.array(["a"] * 8), "numeric"),
+        (np.full(8, np.nan, np.float32), "NaN"),
+    ],
+)
 def test_bad_keys_are_one_clear_error(bad, message):
     model = _lock_model(key_dim=8)
     with pytest.raises(tfkl.KeyFormatError, match=message):

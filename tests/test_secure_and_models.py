@@ -55,8 +55,9 @@ def test_secure_by_layer_names_and_bad_inputs():
 
 
 def test_secure_sequential_model():
-    model = tf.keras.Sequential([tf.keras.Input((6, 6, 1)), tf.keras.layers.Conv2D(3, 3),
-                                 tf.keras.layers.Flatten(), tf.keras.layers.Dense(2)])
+    model = tf.keras.Sequential(
+        [tf.keras.Input((6, 6, 1)), tf.keras.layers.Conv2D(3, 3), tf.keras.layers.Flatten(), tf.keras.layers.Dense(2)]
+    )
     secured = tfkl.secure(model, key_dim=4)
     assert secured(np.ones((1, 6, 6, 1), np.float32)).shape == (1, 2)
 
@@ -74,18 +75,29 @@ def test_secure_keras_applications(application):
     assert sum(int(np.prod(w.shape)) for w in tfkl.shared_variables(secured)) < plain_params
 
 
-@pytest.mark.parametrize("name, shape", [("lenet", (32, 32, 3)), ("resnet20", (32, 32, 3)),
-                                         ("resnet32", (32, 32, 1)), ("resnet18", (64, 64, 3)),
-                                         ("resnet34", (32, 32, 3)), ("vgg16", (32, 32, 3))])
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("lenet", (32, 32, 3)),
+        ("resnet20", (32, 32, 3)),
+        ("resnet32", (32, 32, 1)),
+        ("resnet18", (64, 64, 3)),
+        ("resnet34", (32, 32, 3)),
+        ("vgg16", (32, 32, 3)),
+    ],
+)
 def test_zoo_backbone_is_identical_with_and_without_lock(name, shape):
     plain = models.build(name, shape, 7, lock=False, seed=3)
     locked = models.build(name, shape, 7, lock=True, seed=3, key_dim=16)
     (lock,) = tfkl.lock_layers(locked)
-    plain_layers = {l.name: l for l in plain.layers}
-    locked_layers = {l.name: l for l in locked.layers}
+    plain_layers = {layer.name: layer for layer in plain.layers}
+    locked_layers = {layer.name: layer for layer in locked.layers}
     # The only differences: the lock block, and the BatchNormalization it takes the place of.
-    replaced = {name for name in [lock.name[: -len("_keylock")]]
-                if isinstance(plain_layers.get(name), tf.keras.layers.BatchNormalization)}
+    replaced = {
+        name
+        for name in [lock.name[: -len("_keylock")]]
+        if isinstance(plain_layers.get(name), tf.keras.layers.BatchNormalization)
+    }
     assert set(locked_layers) - set(plain_layers) == {lock.name}
     assert set(plain_layers) - set(locked_layers) == replaced
     for layer_name in set(plain_layers) & set(locked_layers):

@@ -71,42 +71,99 @@ def test_matching_by_aligned_ssim_sees_through_brightness_and_contrast():
         metrics.match_order(truth, truth, by="lpips")
 
 
-SETTINGS = {"model": "lenet", "dataset": "fashion_mnist", "num_images": 3, "offset": 0, "true_labels": [1, 2, 3],
-            "batch_size": 1, "threats": ["none", "adaptive"], "options": {}, "total_seconds": 1.0}
+SETTINGS = {
+    "model": "lenet",
+    "dataset": "fashion_mnist",
+    "num_images": 3,
+    "offset": 0,
+    "true_labels": [1, 2, 3],
+    "batch_size": 1,
+    "threats": ["none", "adaptive"],
+    "options": {},
+    "total_seconds": 1.0,
+}
 
 
 def _attack_file(directory, name, attack, seed, per_threat, **settings):
-    doc = {"benchmark": name, "command": "python -m benchmarks.attack_quality", "results": {
-        threat: {"per_image": {"aligned_ssim": ssim, "aligned_psnr": psnr}, "summary": {}}
-        for threat, (ssim, psnr) in per_threat.items()},
-        "settings": dict(SETTINGS, attack=attack, seed=seed, **settings)}
+    doc = {
+        "benchmark": name,
+        "command": "python -m benchmarks.attack_quality",
+        "results": {
+            threat: {"per_image": {"aligned_ssim": ssim, "aligned_psnr": psnr}, "summary": {}}
+            for threat, (ssim, psnr) in per_threat.items()
+        },
+        "settings": dict(SETTINGS, attack=attack, seed=seed, **settings),
+    }
     with open(os.path.join(directory, f"{name}.json"), "w") as f:
         json.dump(doc, f)
 
 
 @pytest.fixture
 def results_dir(tmp_path):
-    _attack_file(tmp_path, "attacks_ig_fm", "ig", 0, {"none": ([0.9, 0.6, 0.59], [25, 20, 19.99]),
-                                                      "adaptive": ([0.1, 0.2, 0.7], [10, 11, 21])})
-    _attack_file(tmp_path, "attacks_ig_fm_seed1", "ig", 1, {"none": ([0.61, 0.3, 0.95], [20.5, 12, 30]),
-                                                            "adaptive": ([0.0, 0.65, 0.1], [9, 20, 8])})
-    _attack_file(tmp_path, "attacks_dlg_fm", "dlg", 0, {"none": ([1, 1, 1], [70, 70, 70]),
-                                                        "adaptive": ([0.8, 0.1, 0.1], [22, 5, 5])})
-    _attack_file(tmp_path, "attacks_dlg_fm_seed1", "dlg", 1, {"none": ([1, 1, 1], [70, 70, 70]),
-                                                              "adaptive": ([0.1, 0.1, 0.9], [5, 5, 25])})
+    _attack_file(
+        tmp_path,
+        "attacks_ig_fm",
+        "ig",
+        0,
+        {"none": ([0.9, 0.6, 0.59], [25, 20, 19.99]), "adaptive": ([0.1, 0.2, 0.7], [10, 11, 21])},
+    )
+    _attack_file(
+        tmp_path,
+        "attacks_ig_fm_seed1",
+        "ig",
+        1,
+        {"none": ([0.61, 0.3, 0.95], [20.5, 12, 30]), "adaptive": ([0.0, 0.65, 0.1], [9, 20, 8])},
+    )
+    _attack_file(
+        tmp_path,
+        "attacks_dlg_fm",
+        "dlg",
+        0,
+        {"none": ([1, 1, 1], [70, 70, 70]), "adaptive": ([0.8, 0.1, 0.1], [22, 5, 5])},
+    )
+    _attack_file(
+        tmp_path,
+        "attacks_dlg_fm_seed1",
+        "dlg",
+        1,
+        {"none": ([1, 1, 1], [70, 70, 70]), "adaptive": ([0.1, 0.1, 0.9], [5, 5, 25])},
+    )
     _attack_file(tmp_path, "attacks_grnn_other", "grnn", 0, {"none": ([0.9, 0.9, 0.9], [30, 30, 30])})
-    _attack_file(tmp_path, "attacks_grnn_other_seed1", "grnn", 1, {"none": ([0.1, 0.1, 0.1], [5, 5, 5])},
-                 model="resnet20")
+    _attack_file(
+        tmp_path, "attacks_grnn_other_seed1", "grnn", 1, {"none": ([0.1, 0.1, 0.1], [5, 5, 5])}, model="resnet20"
+    )
     with open(tmp_path / "attacks_capture.json", "w") as f:  # a script's file: 'capture/threat' keys, no settings
-        json.dump({"command": "python -m tff_programs.attack", "results": {"c.npz/none": {"per_image": {
-            "aligned_ssim": [0.7, 0.1], "aligned_psnr": [21, 9]}}}}, f)
+        json.dump(
+            {
+                "command": "python -m tff_programs.attack",
+                "results": {"c.npz/none": {"per_image": {"aligned_ssim": [0.7, 0.1], "aligned_psnr": [21, 9]}}},
+            },
+            f,
+        )
     with open(tmp_path / "table6.json", "w") as f:
         json.dump({"benchmark": "table6", "results": {}}, f)
     attacks = {"ig/adaptive": [0.7, 0.1], "grnn/adaptive": [0.2, 0.65], "grnn/oracle": [0.9, 0.9]}
     with open(tmp_path / "privacy_utility.json", "w") as f:
-        json.dump({"benchmark": "privacy_utility", "results": {"defences": {"fedkl": {"privacy": {"sent": {"attacks": {
-            name: {"per_image": {"aligned_ssim": ssim, "aligned_psnr": [15, 15]}} for name, ssim in attacks.items()}
-        }}}}}}, f)
+        json.dump(
+            {
+                "benchmark": "privacy_utility",
+                "results": {
+                    "defences": {
+                        "fedkl": {
+                            "privacy": {
+                                "sent": {
+                                    "attacks": {
+                                        name: {"per_image": {"aligned_ssim": ssim, "aligned_psnr": [15, 15]}}
+                                        for name, ssim in attacks.items()
+                                    }
+                                }
+                            }
+                        }
+                    }
+                },
+            },
+            f,
+        )
     return str(tmp_path)
 
 
@@ -141,8 +198,9 @@ def test_tabulation_pools_seed_files_and_labels_the_upper_bound(results_dir):
     bound_rows = payload["tables"][titles.index(success_rates.UPPER_BOUND + ", seeds pooled")]["rows"]
     assert bound_rows and all(row[0].startswith("upper bound: ") for row in bound_rows)
     setting_rows = payload["tables"][0]["rows"]
-    assert ["ig_fm", "adaptive", "0, 1", 6, "2/6 = 33 %"] == setting_rows[[r[:2] for r in setting_rows].index(
-        ["ig_fm", "adaptive"])][:5]
+    assert ["ig_fm", "adaptive", "0, 1", 6, "2/6 = 33 %"] == setting_rows[
+        [r[:2] for r in setting_rows].index(["ig_fm", "adaptive"])
+    ][:5]
 
 
 def test_binary_writes_the_envelope_and_markdown(results_dir):
@@ -162,8 +220,10 @@ def test_binary_writes_the_envelope_and_markdown(results_dir):
 
 def test_labelled_grid_writes_a_png_of_the_expected_size(tmp_path):
     truth = _distinct_images(3, size=8)
-    rows = [("none", truth, None), ("adaptive", np.clip(truth + 0.1, 0, 1),
-                                    {"aligned_psnr": [21.0, 15.0, 9.0], "aligned_ssim": [0.7, 0.5, 0.1]})]
+    rows = [
+        ("none", truth, None),
+        ("adaptive", np.clip(truth + 0.1, 0, 1), {"aligned_psnr": [21.0, 15.0, 9.0], "aligned_ssim": [0.7, 0.5, 0.1]}),
+    ]
     path = grids.save_labelled_grid(str(tmp_path / "grid.png"), truth, rows, truth_labels=[1, 2, 3], scale=4)
     png = tf.io.decode_png(tf.io.read_file(path)).numpy()
     # 3 rows of (8 * 4 + 28 caption + 6 pad) pixels, 6 top pad, 20 footer; 110 label + 3 * (8 * 4 + 6) + 6 wide.

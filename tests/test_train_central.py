@@ -8,8 +8,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(*args):
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "tff_programs.train_central", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tff_programs.train_central", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_trains_and_reports_own_and_random_key_accuracy(tmp_path):
@@ -24,8 +30,9 @@ def test_trains_and_reports_own_and_random_key_accuracy(tmp_path):
 
 def test_public_cut_and_accuracy_by_epoch(tmp_path):
     out = tmp_path / "result.json"
-    result = _run("--dataset=digits", "--epochs=2", "--key_dim=16", "--random_keys=1", "--public_size=100",
-                  f"--out={out}")
+    result = _run(
+        "--dataset=digits", "--epochs=2", "--key_dim=16", "--random_keys=1", "--public_size=100", f"--out={out}"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["evaluation_examples"] == 360 - 100  # digits' test split minus evaluate's public cut
@@ -34,10 +41,14 @@ def test_public_cut_and_accuracy_by_epoch(tmp_path):
 
 
 def test_bad_flags_are_one_clear_line():
-    for args, message in [(["--epochs=0"], "epochs"), (["--model=alexnet"], "model"),
-                          (["--no_such_flag"], "no_such_flag"), (["--learning_rate=-1"], "learning_rate"),
-                          (["--public_size=-1"], "public_size"),
-                          (["stray"], "unexpected arguments")]:
+    for args, message in [
+        (["--epochs=0"], "epochs"),
+        (["--model=alexnet"], "model"),
+        (["--no_such_flag"], "no_such_flag"),
+        (["--learning_rate=-1"], "learning_rate"),
+        (["--public_size=-1"], "public_size"),
+        (["stray"], "unexpected arguments"),
+    ]:
         result = _run(*args)
         assert result.returncode != 0
         assert "Traceback" not in result.stderr

@@ -20,8 +20,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def start_worker(port, log_path):
     """`python -m tff_programs.worker --port=port` in the background; returns its Popen."""
     with open(log_path, "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "tff_programs.worker", f"--port={port}"],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "tff_programs.worker", f"--port={port}"],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +48,7 @@ def two_workers(tmp_path_factory):
 
 # --- flags and errors (no TFF computation) -------------------------------------------------------
 
+
 def test_parse_address():
     assert contexts.parse_address("127.0.0.1:18501") == ("127.0.0.1", 18501)
     assert contexts.parse_address("[::1]:9") == ("[::1]", 9)
@@ -58,9 +63,11 @@ def test_workers_flag_validators():
         fv[name] = flags.FLAGS[name]
     fv(["prog", "--workers=127.0.0.1:1,h:2", "--worker_timeout=5"])
     assert fv.workers == ["127.0.0.1:1", "h:2"]
-    for argv, message in ((["--workers=h:1,nohost"], "'nohost' is not host:port"),
-                          (["--workers=h:1,h:1"], "lists an address twice"),
-                          (["--worker_timeout=0"], "must be > 0")):
+    for argv, message in (
+        (["--workers=h:1,nohost"], "'nohost' is not host:port"),
+        (["--workers=h:1,h:1"], "lists an address twice"),
+        (["--worker_timeout=0"], "must be > 0"),
+    ):
         with pytest.raises(flags.IllegalFlagValueError, match=message):
             fv(["prog", *argv])
 
@@ -74,18 +81,25 @@ def test_unreachable_worker_is_named_within_the_timeout():
 def test_local_worker_stops_when_the_run_was_started_with_sigint_ignored():
     """A shell starting a run in the background makes it ignore SIGINT, which TFF sends its local
     worker before waiting for it: the run must still stop the worker instead of waiting forever."""
-    script = ("import gc\n"
-              "import tensorflow as tf\n"
-              "import tensorflow_federated as tff\n"
-              "from tff_programs import contexts\n"
-              "contexts.install_context()\n"
-              "print(tff.tensorflow.computation(lambda: tf.constant(1))())\n"
-              "contexts.install_context()  # drops the first context and its worker\n"
-              "gc.collect()\n"
-              "print('stopped')\n")
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    script = (
+        "import gc\n"
+        "import tensorflow as tf\n"
+        "import tensorflow_federated as tff\n"
+        "from tff_programs import contexts\n"
+        "contexts.install_context()\n"
+        "print(tff.tensorflow.computation(lambda: tf.constant(1))())\n"
+        "contexts.install_context()  # drops the first context and its worker\n"
+        "gc.collect()\n"
+        "print('stopped')\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     try:
         stdout, _ = process.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -100,8 +114,13 @@ def test_worker_refuses_a_taken_port_in_one_line(tmp_path):
     first = start_worker(port, tmp_path / "first.log")
     try:
         contexts.connect(f"127.0.0.1:{port}", timeout=60).close()
-        second = subprocess.run([sys.executable, "-m", "tff_programs.worker", f"--port={port}"],
-                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        second = subprocess.run(
+            [sys.executable, "-m", "tff_programs.worker", f"--port={port}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         contexts.stop_processes([psutil.Process(first.pid)])
     assert second.returncode == 1
@@ -110,6 +129,7 @@ def test_worker_refuses_a_taken_port_in_one_line(tmp_path):
 
 
 # --- rounds on workers ---------------------------------------------------------------------------
+
 
 def _fedavg_weights(process, client_data, rounds):
     state = process.initialize()
@@ -130,14 +150,16 @@ def test_fedavg_on_one_and_two_workers_matches_local(two_workers):
         client_data.append(tf.data.Dataset.from_tensor_slices((x, y)).batch(8))
 
     def model_fn():
-        keras_model = tf.keras.Sequential([tf.keras.layers.Dense(
-            3, activation="softmax", kernel_initializer="zeros", input_shape=(4,))])
+        keras_model = tf.keras.Sequential(
+            [tf.keras.layers.Dense(3, activation="softmax", kernel_initializer="zeros", input_shape=(4,))]
+        )
         return tff.learning.models.from_keras_model(
-            keras_model, loss=tf.keras.losses.SparseCategoricalCrossentropy(),
-            input_spec=client_data[0].element_spec)
+            keras_model, loss=tf.keras.losses.SparseCategoricalCrossentropy(), input_spec=client_data[0].element_spec
+        )
 
     process = tff.learning.algorithms.build_weighted_fed_avg(
-        model_fn, client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.5))
+        model_fn, client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.5)
+    )
     weights = {}
     for name, workers in (("local", []), ("1 worker", two_workers[:1]), ("2 workers", two_workers)):
         contexts.install_context(workers=workers)
@@ -172,6 +194,7 @@ class _RecordingStub:
 def _placed_numbers(value_proto, placement="unplaced"):
     """(placement uri, number) for every tensor element in a serialized TFF value."""
     from tensorflow_federated.python.core.impl.executors import value_serialization
+
     kind = value_proto.WhichOneof("value")
     if kind == "federated":
         uri = value_proto.federated.type.placement.value.uri
@@ -204,14 +227,15 @@ def test_private_client_state_stays_with_its_client_on_two_workers(two_workers, 
     @tff.tensorflow.computation(np.float32, np.float32)
     def client_work(private, steps):
         m = tf.random.stateless_normal([300, 300], seed=[1, 2]) + steps
-        _, product = tf.while_loop(lambda i, a: i < tf.cast(steps, tf.int32),
-                                   lambda i, a: (i + 1, tf.math.l2_normalize(tf.matmul(a, m))),
-                                   (0, m))
+        _, product = tf.while_loop(
+            lambda i, a: i < tf.cast(steps, tf.int32),
+            lambda i, a: (i + 1, tf.math.l2_normalize(tf.matmul(a, m))),
+            (0, m),
+        )
         # The shared update does not depend on the private state; the private state is updated.
         return private + 1.0, 10.0 * steps + 0.0 * tf.reduce_sum(product)
 
-    @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS),
-                               tff.FederatedType(np.float32, tff.CLIENTS))
+    @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS), tff.FederatedType(np.float32, tff.CLIENTS))
     def round_fn(private, steps):
         new_private, shared = tff.federated_map(client_work, (private, steps))
         return new_private, tff.federated_mean(shared)
@@ -229,7 +253,7 @@ def test_private_client_state_stays_with_its_client_on_two_workers(two_workers, 
     for worker, stub in enumerate(stubs):
         sent = list(_placed_numbers_all(stub.sent))
         seen_private = {n for placement, n in sent if n in private_values}
-        assert seen_private == set(private[2 * worker: 2 * worker + 2]), f"worker {worker}"
+        assert seen_private == set(private[2 * worker : 2 * worker + 2]), f"worker {worker}"
         assert all(placement == clients_uri for placement, n in sent if n in private_values)
         received = list(_placed_numbers_all(stub.received))
         assert all(placement == clients_uri for placement, n in received if n in private_values)
@@ -250,9 +274,12 @@ def test_fedkl_rounds_on_two_workers_match_local(two_workers):
     shape = (16, 16, 1)
     digits = data.load("digits")
     process = build_fedkl_process(
-        lambda: models.build("lenet", shape, 10, lock=True, seed=3, key_dim=16), optimizers.TorchSGD(0.05))
-    datasets = [data.make_dataset(digits.x_train[20 * i:20 * i + 20], digits.y_train[20 * i:20 * i + 20], shape, 10)
-                for i in range(4)]
+        lambda: models.build("lenet", shape, 10, lock=True, seed=3, key_dim=16), optimizers.TorchSGD(0.05)
+    )
+    datasets = [
+        data.make_dataset(digits.x_train[20 * i : 20 * i + 20], digits.y_train[20 * i : 20 * i + 20], shape, 10)
+        for i in range(4)
+    ]
     keys = [tfkl.generate_key(16, seed=100 + i) for i in range(4)]
     results = {}
     for name, workers in (("local", []), ("2 workers", two_workers)):
@@ -260,8 +287,7 @@ def test_fedkl_rounds_on_two_workers_match_local(two_workers):
         server_state = process.initialize()
         client_states = [process.initial_client_state(key) for key in keys]
         for _ in range(2):
-            server_state, client_states, _, _ = process.next(server_state, np.float32(0.05), datasets,
-                                                             client_states)
+            server_state, client_states, _, _ = process.next(server_state, np.float32(0.05), datasets, client_states)
         results[name] = (process.global_weights(server_state)[0], client_states)
 
     (local_shared, local_clients), (remote_shared, remote_clients) = results["local"], results["2 workers"]

@@ -16,8 +16,7 @@ summary mean/std, timing, settings) and table.txt, and prints progress and the t
 
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import tensorflow as tf  # imported before flag parsing, as Keras layers misbehave otherwise
 
 import attacks
@@ -28,27 +27,36 @@ from tfkl import data, keylock, models
 ATTACKS = study.ATTACK_NAMES
 
 _ATTACK = flags.DEFINE_enum("attack", "idlg", ATTACKS, "Attack.")
-_THREAT = flags.DEFINE_list("threat", ["none", "oracle", "fixed-key", "adaptive"],
-                            f"Threat models, comma-separated, from {attacks.THREATS}.")
+_THREAT = flags.DEFINE_list(
+    "threat", ["none", "oracle", "fixed-key", "adaptive"], f"Threat models, comma-separated, from {attacks.THREATS}."
+)
 _MODEL = flags.DEFINE_enum("model", "lenet", models.NAMES, "Victim model.")
 _DATASET = flags.DEFINE_enum("dataset", "fashion_mnist", data.DATASETS, "Data set of the victim images.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set's files are.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 4, "Images to attack (training images from --offset).", lower_bound=1)
 _OFFSET = flags.DEFINE_integer("offset", 0, "Index of the first attacked training image.", lower_bound=0)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "Images per client gradient/update.", lower_bound=1)
-_TARGET = flags.DEFINE_enum("target", "gradient", ("gradient", "update"),
-                            "Single-step gradient, or a multi-step FedAvg update simulated locally.")
-_LOCAL_BATCH_SIZE = flags.DEFINE_integer("local_batch_size", 1, "Client batch size (--target=update).",
-                                         lower_bound=1)
+_TARGET = flags.DEFINE_enum(
+    "target",
+    "gradient",
+    ("gradient", "update"),
+    "Single-step gradient, or a multi-step FedAvg update simulated locally.",
+)
+_LOCAL_BATCH_SIZE = flags.DEFINE_integer("local_batch_size", 1, "Client batch size (--target=update).", lower_bound=1)
 _LOCAL_EPOCHS = flags.DEFINE_integer("local_epochs", 1, "Client epochs (--target=update).", lower_bound=1)
 _CLIENT_LR = flags.DEFINE_float("client_learning_rate", 0.01, "Client SGD learning rate (--target=update).")
 _CAPTURE = flags.DEFINE_string("capture", None, "Attack this capture file (tfkl.capture format) instead.")
-_SCORE = flags.DEFINE_bool("score", True, "With --capture: score against the client's data named in the "
-                           "capture's ground_truth meta (for evaluation only; the attack never reads it).")
+_SCORE = flags.DEFINE_bool(
+    "score",
+    True,
+    "With --capture: score against the client's data named in the "
+    "capture's ground_truth meta (for evaluation only; the attack never reads it).",
+)
 _INIT = flags.DEFINE_enum("init", "pytorch", models.INITS, "Victim weight initialisation.")
 _NORMALIZATION = flags.DEFINE_enum("normalization", "batch", keylock.NORMALIZATIONS, "Victim lock normalisation.")
-_TRAIN_EPOCHS = flags.DEFINE_integer("train_epochs", 0, "Train each victim centrally for this many epochs first.",
-                                     lower_bound=0)
+_TRAIN_EPOCHS = flags.DEFINE_integer(
+    "train_epochs", 0, "Train each victim centrally for this many epochs first.", lower_bound=0
+)
 _TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", 5000, "Training images for --train_epochs.", lower_bound=1)
 _ITERATIONS = flags.DEFINE_integer("iterations", None, "Attack iterations (default: the attack's).", lower_bound=1)
 _RESTARTS = flags.DEFINE_integer("restarts", None, "Restarts per image (default: the attack's).", lower_bound=1)
@@ -59,8 +67,11 @@ _LABELS = flags.DEFINE_enum("labels", None, ("infer", "joint"), "Label handling 
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the victims' weights and the attacks' starts.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "runs/attack", "Output directory.")
 
-flags.register_validator("threat", lambda v: bool(v) and all(t in attacks.THREATS for t in v),
-                         f"--threat takes a comma-separated list from {attacks.THREATS}")
+flags.register_validator(
+    "threat",
+    lambda v: bool(v) and all(t in attacks.THREATS for t in v),
+    f"--threat takes a comma-separated list from {attacks.THREATS}",
+)
 flags.register_validator("client_learning_rate", lambda v: v > 0, "--client_learning_rate must be positive")
 flags.register_validator("learning_rate", lambda v: v is None or v > 0, "--learning_rate must be positive")
 flags.register_validator("tv", lambda v: v is None or v >= 0, "--tv must be non-negative")
@@ -69,16 +80,25 @@ flags.register_validator("tv", lambda v: v is None or v >= 0, "--tv must be non-
 def main(argv):
     common.check_no_positional_args(argv)
     try:
-        options = study.attack_options(_ATTACK.value, _ITERATIONS.value, _RESTARTS.value, _LEARNING_RATE.value,
-                                       _TV.value, _DISTANCE.value, _LABELS.value)
+        options = study.attack_options(
+            _ATTACK.value,
+            _ITERATIONS.value,
+            _RESTARTS.value,
+            _LEARNING_RATE.value,
+            _TV.value,
+            _DISTANCE.value,
+            _LABELS.value,
+        )
     except ValueError as e:
         common.fail(str(e))
     tf.get_logger().setLevel("ERROR")
     from attacks import cases, experiment
+
     if _CAPTURE.value:
         if not os.path.exists(_CAPTURE.value):
             common.fail(f"--capture {_CAPTURE.value} does not exist")
         from tfkl import capture as capture_lib
+
         try:
             capture = capture_lib.load_capture(_CAPTURE.value)
         except capture_lib.CaptureFormatError as e:
@@ -87,31 +107,56 @@ def main(argv):
         # A capture holds no secret ('oracle', 'adaptive-key' are impossible); 'none' fits plain captures only.
         threats = [t for t in _THREAT.value if t not in ("oracle", "adaptive-key") and (t == "none") != locked]
         if not threats:
-            common.fail(f"none of --threat={','.join(_THREAT.value)} applies to a "
-                        f"{'locked' if locked else 'plain'} capture (use none, or fixed-key/adaptive)")
+            common.fail(
+                f"none of --threat={','.join(_THREAT.value)} applies to a "
+                f"{'locked' if locked else 'plain'} capture (use none, or fixed-key/adaptive)"
+            )
         truth = cases.capture_user_data(capture.meta, data_dir=_DATA_DIR.value) if _SCORE.value else None
         try:
-            experiment.attack_captures({os.path.basename(_CAPTURE.value): _CAPTURE.value}, _OUT_DIR.value,
-                                       _ATTACK.value, options, truth_images=truth.images if truth else None,
-                                       truth_labels=truth.labels if truth else None,
-                                       locked_threats=threats if locked else ("fixed-key",), seed=_SEED.value)
+            experiment.attack_captures(
+                {os.path.basename(_CAPTURE.value): _CAPTURE.value},
+                _OUT_DIR.value,
+                _ATTACK.value,
+                options,
+                truth_images=truth.images if truth else None,
+                truth_labels=truth.labels if truth else None,
+                locked_threats=threats if locked else ("fixed-key",),
+                seed=_SEED.value,
+            )
         except capture_lib.CaptureFormatError as e:
             common.fail(str(e))
         print(f"wrote {_OUT_DIR.value}/captures_grid.png and captures_metrics.json")
         return
     update_options = None
     if _TARGET.value == "update":
-        update_options = dict(batch_size=_LOCAL_BATCH_SIZE.value, local_epochs=_LOCAL_EPOCHS.value,
-                              learning_rate=_CLIENT_LR.value)
+        update_options = dict(
+            batch_size=_LOCAL_BATCH_SIZE.value, local_epochs=_LOCAL_EPOCHS.value, learning_rate=_CLIENT_LR.value
+        )
     try:
         dataset = study.load_data(_DATASET.value, _DATA_DIR.value)
     except (ValueError, OSError, RuntimeError) as e:
         common.fail(str(e))
     if _OFFSET.value + _NUM_IMAGES.value > len(dataset.x_train):
         common.fail(f"--offset + --num_images exceeds the {len(dataset.x_train)} training images")
-    study.run(_ATTACK.value, _THREAT.value, _MODEL.value, _DATASET.value, _NUM_IMAGES.value, _BATCH_SIZE.value,
-        _OFFSET.value, _TARGET.value, _INIT.value, _NORMALIZATION.value, _TRAIN_EPOCHS.value, _TRAIN_EXAMPLES.value,
-        options, update_options, _SEED.value, _OUT_DIR.value, _DATA_DIR.value)
+    study.run(
+        _ATTACK.value,
+        _THREAT.value,
+        _MODEL.value,
+        _DATASET.value,
+        _NUM_IMAGES.value,
+        _BATCH_SIZE.value,
+        _OFFSET.value,
+        _TARGET.value,
+        _INIT.value,
+        _NORMALIZATION.value,
+        _TRAIN_EPOCHS.value,
+        _TRAIN_EXAMPLES.value,
+        options,
+        update_options,
+        _SEED.value,
+        _OUT_DIR.value,
+        _DATA_DIR.value,
+    )
     print(f"wrote {_OUT_DIR.value}/grid.png, metrics.json and table.txt")
 
 

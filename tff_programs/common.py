@@ -19,6 +19,7 @@ def fail(message):
 
 def load_dataset(name, data_dir=None):
     from tfkl import data
+
     try:
         return data.load(name, data_dir)
     except (data.DataUnavailableError, OSError, ValueError) as e:

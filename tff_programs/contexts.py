@@ -28,12 +28,15 @@ _GRPC_OPTIONS = [
 ]
 
 _WORKERS = flags.DEFINE_list(
-    "workers", [],
+    "workers",
+    [],
     "host:port of running TFF workers (`python -m tff_programs.worker --port=N`) that run the "
     "rounds; clients are split evenly between them. Empty: TFF's local C++ worker. The workers "
-    "see client data and private client state: see docs/workers.md.")
+    "see client data and private client state: see docs/workers.md.",
+)
 _WORKER_TIMEOUT = flags.DEFINE_float(
-    "worker_timeout", 30.0, "Seconds to wait for each --workers address to accept a connection.")
+    "worker_timeout", 30.0, "Seconds to wait for each --workers address to accept a connection."
+)
 
 _open_channels = []
 
@@ -62,8 +65,7 @@ def _check_workers(addresses):
 
 
 flags.register_validator("workers", _check_workers)
-flags.register_validator("worker_timeout", lambda seconds: seconds > 0,
-                         message="--worker_timeout must be > 0 seconds")
+flags.register_validator("worker_timeout", lambda seconds: seconds > 0, message="--worker_timeout must be > 0 seconds")
 
 
 def install_context(max_concurrent_computation_calls=-1, workers=None, worker_timeout=None):
@@ -76,13 +78,15 @@ def install_context(max_concurrent_computation_calls=-1, workers=None, worker_ti
     the flags, it ends the program with that one error line instead.
     """
     import tensorflow_federated as tff
+
     from_flags = workers is None
     if from_flags:
         workers, worker_timeout = _flag_value(_WORKERS), _flag_value(_WORKER_TIMEOUT)
     if not workers:
         _let_sigint_stop_local_workers()
         context = tff.backends.native.create_sync_local_cpp_execution_context(
-            max_concurrent_computation_calls=max_concurrent_computation_calls)
+            max_concurrent_computation_calls=max_concurrent_computation_calls
+        )
     else:
         try:
             context = _remote_context(workers, worker_timeout or _WORKER_TIMEOUT.default)
@@ -108,6 +112,7 @@ def _flag_value(flag_holder):
 
 def _remote_context(addresses, timeout):
     import tensorflow_federated as tff
+
     channels = [connect(address, timeout) for address in addresses]
     _open_channels.extend(channels)
     if len(channels) == 1:
@@ -119,6 +124,7 @@ def _remote_context(addresses, timeout):
 def connect(address, timeout):
     """An open gRPC channel to the TFF worker at `address`; WorkerUnavailableError after `timeout` s."""
     import grpc
+
     host, port = parse_address(address)
     channel = grpc.insecure_channel(f"{host}:{port}", _GRPC_OPTIONS)
     try:
@@ -127,13 +133,15 @@ def connect(address, timeout):
         channel.close()
         raise WorkerUnavailableError(
             f"TFF worker {address} did not accept a connection within {timeout:g} s "
-            f"(start it with `python -m tff_programs.worker --port={port}` on {host})") from None
+            f"(start it with `python -m tff_programs.worker --port={port}` on {host})"
+        ) from None
     return channel
 
 
 def _context_args(channel):
     """Executor, compiler and argument conversions of TFF's native C++ contexts, on `channel`."""
     import tensorflow_federated as tff
+
     stub = tff.framework.RemoteExecutorGrpcStub(channel)
 
     def executor_stack(cardinalities):
@@ -148,7 +156,8 @@ def _context_args(channel):
         executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=executor_stack),
         compiler_fn=tff.backends.native.desugar_and_transform_to_native,
         transform_args=tff.tensorflow.transform_args,
-        transform_result=tff.tensorflow.transform_result)
+        transform_result=tff.tensorflow.transform_result,
+    )
 
 
 def _ordered_mergeable_context(async_contexts):
@@ -159,8 +168,7 @@ def _ordered_mergeable_context(async_contexts):
     private state. This runs the same steps but gathers the subrounds' results in client order.
     """
     import tensorflow_federated as tff
-    from tensorflow_federated.python.core.impl.execution_contexts import (
-        mergeable_comp_execution_context as mergeable)
+    from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as mergeable
 
     def all_equal(type_spec):
         return not isinstance(type_spec, tff.FederatedType) or type_spec.all_equal
@@ -168,13 +176,17 @@ def _ordered_mergeable_context(async_contexts):
     async def run(comp, arg):
         arg_list = arg.value() if arg is not None else [None] * len(async_contexts)
         merged, merge_context = await mergeable._invoke_merge_in_async_pool(  # pylint: disable=protected-access
-            comp, arg_list, async_contexts)
+            comp, arg_list, async_contexts
+        )
         result_type = comp.after_merge.type_signature.result
         if tff.types.contains_only(result_type, all_equal):
             return await mergeable._compute_after_merged(comp, arg_list[0], merged, merge_context)  # pylint: disable=protected-access
-        results = await asyncio.gather(*(
-            mergeable._compute_after_merged(comp, part, merged, context)  # pylint: disable=protected-access
-            for part, context in zip(arg_list, async_contexts)))
+        results = await asyncio.gather(
+            *(
+                mergeable._compute_after_merged(comp, part, merged, context)  # pylint: disable=protected-access
+                for part, context in zip(arg_list, async_contexts)
+            )
+        )
         return mergeable._repackage_partitioned_values(list(results), result_type)  # pylint: disable=protected-access
 
     class OrderedMergeableContext(mergeable.MergeableCompExecutionContext):
@@ -185,12 +197,12 @@ def _ordered_mergeable_context(async_contexts):
                 comp = self._compiler_pipeline.compile(comp)  # pylint: disable=protected-access
             if arg is not None:
                 arg = mergeable.MergeableCompExecutionContextValue(
-                    arg, comp.up_to_merge.type_signature.parameter, len(async_contexts))
+                    arg, comp.up_to_merge.type_signature.parameter, len(async_contexts)
+                )
             result = self._async_runner.run_coro_and_return_result(run(comp, arg))  # pylint: disable=protected-access
             return tff.types.type_to_py_container(result, comp.after_merge.type_signature.result)
 
-    return OrderedMergeableContext(
-        async_contexts, compiler_fn=tff.backends.native.compile_to_mergeable_comp_form)
+    return OrderedMergeableContext(async_contexts, compiler_fn=tff.backends.native.compile_to_mergeable_comp_form)
 
 
 def worker_processes():

@@ -10,31 +10,36 @@ held out as the lock-recovery attacker's public data.
 import json
 import os
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
-from tff_programs import common
-from tff_programs import contexts
+from tff_programs import common, contexts
 from tfkl.federated import evaluation
 from tfkl.federated.config import ProgramError
 
 _ROOT_DIR = flags.DEFINE_string("root_dir", None, "Root dir of a training run.")
 _ROUND = flags.DEFINE_integer("round", None, "Round to evaluate (default: the last complete one).", lower_bound=0)
-_PUBLIC_SIZES = flags.DEFINE_list("public_sizes", ["100", "1000"], "Public labelled examples of the "
-                                  "lock-recovery attacker.")
-_MAX_CLIENTS = flags.DEFINE_integer("max_clients", 10, "Clients evaluated (those that took part most "
-                                   "recently).", lower_bound=1)
-_RECOVERY_STEPS = flags.DEFINE_integer("recovery_steps", 300, "Fine-tuning steps of the lock-recovery attacker.",
-                                       lower_bound=1)
+_PUBLIC_SIZES = flags.DEFINE_list(
+    "public_sizes", ["100", "1000"], "Public labelled examples of the lock-recovery attacker."
+)
+_MAX_CLIENTS = flags.DEFINE_integer(
+    "max_clients", 10, "Clients evaluated (those that took part most recently).", lower_bound=1
+)
+_RECOVERY_STEPS = flags.DEFINE_integer(
+    "recovery_steps", 300, "Fine-tuning steps of the lock-recovery attacker.", lower_bound=1
+)
 _SEED = flags.DEFINE_integer("eval_seed", 0, "Seed of the public/evaluation cut, random keys and fine-tuning.")
-_BY_ROUND = flags.DEFINE_bool("accuracy_by_round", False, "Also measure entry (a) (FedAvg: the global model) for "
-                               "every complete round on disk (train with --keep_rounds >= --rounds).")
+_BY_ROUND = flags.DEFINE_bool(
+    "accuracy_by_round",
+    False,
+    "Also measure entry (a) (FedAvg: the global model) for "
+    "every complete round on disk (train with --keep_rounds >= --rounds).",
+)
 _OUT = flags.DEFINE_string("out", None, "JSON output (default root_dir/evaluation.json).")
 
 flags.mark_flag_as_required("root_dir")
-flags.register_validator("public_sizes", lambda v: all(s.isdigit() and int(s) > 0 for s in v),
-                         "--public_sizes must be positive integers")
+flags.register_validator(
+    "public_sizes", lambda v: all(s.isdigit() and int(s) > 0 for s in v), "--public_sizes must be positive integers"
+)
 
 
 def main(argv):
@@ -45,11 +50,18 @@ def main(argv):
         common.fail(f"--root_dir {_ROOT_DIR.value} does not exist")
     contexts.install_context()
     try:
-        result = evaluation.evaluate(_ROOT_DIR.value, _ROUND.value, tuple(int(s) for s in _PUBLIC_SIZES.value),
-                                     _MAX_CLIENTS.value, _RECOVERY_STEPS.value, _SEED.value)
+        result = evaluation.evaluate(
+            _ROOT_DIR.value,
+            _ROUND.value,
+            tuple(int(s) for s in _PUBLIC_SIZES.value),
+            _MAX_CLIENTS.value,
+            _RECOVERY_STEPS.value,
+            _SEED.value,
+        )
         if _BY_ROUND.value:
             result["accuracy_by_round"] = evaluation.accuracy_by_round(
-                _ROOT_DIR.value, max(int(s) for s in _PUBLIC_SIZES.value), _MAX_CLIENTS.value, _SEED.value)
+                _ROOT_DIR.value, max(int(s) for s in _PUBLIC_SIZES.value), _MAX_CLIENTS.value, _SEED.value
+            )
     except ProgramError as e:
         common.fail(str(e))
     finally:

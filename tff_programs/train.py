@@ -8,16 +8,12 @@ Per-client private state (key, lock, optimizer buffers) is kept under root_dir/c
 the server state (root_dir/server); metrics go to root_dir/metrics.csv and root_dir/tensorboard.
 """
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
-from tff_programs import common
-from tff_programs import contexts
+from tff_programs import common, contexts
 from tfkl import data, keylock, models
-from tfkl.federated import algorithms
+from tfkl.federated import algorithms, program
 from tfkl.federated import config as config_lib
-from tfkl.federated import program
 
 _ROOT_DIR = flags.DEFINE_string("root_dir", None, "Directory of the run (state, metrics, captures).")
 _ALGORITHM = flags.DEFINE_enum("algorithm", "fedkl", config_lib.ALGORITHMS, "FedKL or the FedAvg baseline (no lock).")
@@ -25,8 +21,7 @@ _MODEL = flags.DEFINE_enum("model", "lenet", models.NAMES, "Zoo model.")
 _DATASET = flags.DEFINE_enum("dataset", "digits", data.DATASETS, "Data set.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set's files are.")
 _NUM_CLIENTS = flags.DEFINE_integer("num_clients", 3, "Number of clients.")
-_CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", None, "Clients sampled per round "
-                                          "(default: all).")
+_CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", None, "Clients sampled per round (default: all).")
 _ROUNDS = flags.DEFINE_integer("rounds", 20, "Total rounds (a resumed run continues to this).", lower_bound=1)
 _LOCAL_EPOCHS = flags.DEFINE_integer("local_epochs", 1, "Local epochs per round.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Client batch size.")
@@ -36,42 +31,73 @@ _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.01, "Client SGD learning 
 _MOMENTUM = flags.DEFINE_float("momentum", 0.9, "Client SGD momentum.")
 _NESTEROV = flags.DEFINE_bool("nesterov", True, "Nesterov momentum.")
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 5e-4, "Coupled weight decay.")
-_LR_MILESTONES = flags.DEFINE_list("lr_milestones", ["60", "120", "160"], "Rounds after which the client LR "
-                                   "is multiplied by --lr_gamma.")
+_LR_MILESTONES = flags.DEFINE_list(
+    "lr_milestones", ["60", "120", "160"], "Rounds after which the client LR is multiplied by --lr_gamma."
+)
 _LR_GAMMA = flags.DEFINE_float("lr_gamma", 0.2, "LR factor at each milestone.")
 _SERVER_LR = flags.DEFINE_float("server_learning_rate", 1.0, "Server SGD learning rate (1.0: plain FedAvg).")
 _PERSIST = flags.DEFINE_bool("persist_optimizer_state", True, "Keep each client's momentum buffers across rounds.")
-_STATISTICS = flags.DEFINE_enum("statistics", "average", algorithms.STATISTICS,
-                                "Moving statistics of the normalisations: averaged by the server (the paper), or "
-                                "kept by each client (FedBN-like; backbones that normalise after the lock, such as "
-                                "ResNet-20, need it: each client's lock shifts the statistics).")
-_WEIGHTING = flags.DEFINE_enum("client_weighting", "num_examples", algorithms.CLIENT_WEIGHTINGS,
-                               "Weight of each client's update in the mean.")
+_STATISTICS = flags.DEFINE_enum(
+    "statistics",
+    "average",
+    algorithms.STATISTICS,
+    "Moving statistics of the normalisations: averaged by the server (the paper), or "
+    "kept by each client (FedBN-like; backbones that normalise after the lock, such as "
+    "ResNet-20, need it: each client's lock shifts the statistics).",
+)
+_WEIGHTING = flags.DEFINE_enum(
+    "client_weighting", "num_examples", algorithms.CLIENT_WEIGHTINGS, "Weight of each client's update in the mean."
+)
 _KEY_DIM = flags.DEFINE_integer("key_dim", 1024, "Key length (FedKL).", lower_bound=1)
 _NORMALIZATION = flags.DEFINE_enum("normalization", "batch", keylock.NORMALIZATIONS, "Lock normalisation.")
 _INIT = flags.DEFINE_enum("init", "pytorch", models.INITS, "Weight initialisation scheme.")
-_LOCK_WHERE = flags.DEFINE_enum("lock_where", "first", ("first", "all"), "FedKL: lock the first conv layer (the "
-                                "paper's) or every conv layer, all with the client's one key.")
-_LOCK_INIT = flags.DEFINE_enum("lock_init", "shared", config_lib.LOCK_INITS, "FedKL: every client starts from "
-                               "model_fn's lock weights (the paper's; the server knows them in round 1), or from "
-                               "lock weights it draws from the CSPRNG.")
-_DP_CLIP = flags.DEFINE_float("dp_clip", None, "DP-FedAvg: clip each client's update to this L2 norm (TFF's "
-                              "DifferentiallyPrivateFactory.gaussian_fixed; needs --client_weighting=uniform).")
-_DP_NOISE = flags.DEFINE_float("dp_noise_multiplier", 0.0, "DP-FedAvg: noise stddev on the sum, in units of "
-                               "--dp_clip.")
-_PRUNE = flags.DEFINE_float("prune_fraction", None, "Each client zeroes this fraction of the smallest-magnitude "
-                            "entries of each tensor of its update (gradient pruning).")
+_LOCK_WHERE = flags.DEFINE_enum(
+    "lock_where",
+    "first",
+    ("first", "all"),
+    "FedKL: lock the first conv layer (the paper's) or every conv layer, all with the client's one key.",
+)
+_LOCK_INIT = flags.DEFINE_enum(
+    "lock_init",
+    "shared",
+    config_lib.LOCK_INITS,
+    "FedKL: every client starts from "
+    "model_fn's lock weights (the paper's; the server knows them in round 1), or from "
+    "lock weights it draws from the CSPRNG.",
+)
+_DP_CLIP = flags.DEFINE_float(
+    "dp_clip",
+    None,
+    "DP-FedAvg: clip each client's update to this L2 norm (TFF's "
+    "DifferentiallyPrivateFactory.gaussian_fixed; needs --client_weighting=uniform).",
+)
+_DP_NOISE = flags.DEFINE_float("dp_noise_multiplier", 0.0, "DP-FedAvg: noise stddev on the sum, in units of --dp_clip.")
+_PRUNE = flags.DEFINE_float(
+    "prune_fraction",
+    None,
+    "Each client zeroes this fraction of the smallest-magnitude "
+    "entries of each tensor of its update (gradient pruning).",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights, split, sampling and data order.")
-_SEEDED_KEYS = flags.DEFINE_bool("seeded_keys", False, "Derive client keys from --seed (experiments only; "
-                                 "default: CSPRNG keys).")
-_CAPTURE = flags.DEFINE_list("capture_rounds", [], "Rounds whose client updates are captured as a curious "
-                             "server sees them ('all' for every round).")
-_CACHE = flags.DEFINE_bool("cache_client_data", True, "Keep each client's examples as a tf.data snapshot under "
-                           "root_dir/client_data: rounds ship a path, not the examples (about 2x faster).")
+_SEEDED_KEYS = flags.DEFINE_bool(
+    "seeded_keys", False, "Derive client keys from --seed (experiments only; default: CSPRNG keys)."
+)
+_CAPTURE = flags.DEFINE_list(
+    "capture_rounds",
+    [],
+    "Rounds whose client updates are captured as a curious server sees them ('all' for every round).",
+)
+_CACHE = flags.DEFINE_bool(
+    "cache_client_data",
+    True,
+    "Keep each client's examples as a tf.data snapshot under "
+    "root_dir/client_data: rounds ship a path, not the examples (about 2x faster).",
+)
 _KEEP = flags.DEFINE_integer("keep_rounds", 5, "Complete rounds of state kept on disk.", lower_bound=1)
 _INJECT_NAN = flags.DEFINE_list("inject_nan", [], "Fault injection: ROUND:CLIENT pairs whose data become NaN.")
-_INJECT_FAILURE = flags.DEFINE_list("inject_failure", [], "Fault injection: ROUND:CLIENT pairs whose local "
-                                    "training fails mid-epoch.")
+_INJECT_FAILURE = flags.DEFINE_list(
+    "inject_failure", [], "Fault injection: ROUND:CLIENT pairs whose local training fails mid-epoch."
+)
 
 flags.mark_flag_as_required("root_dir")
 
@@ -101,8 +127,11 @@ def _valid_pairs(values):
 # The flags' own syntax only: every rule on the run's configuration is checked by config_lib.Config.
 flags.register_validator("root_dir", lambda v: bool(v), "--root_dir must not be empty")
 flags.register_validator("lr_milestones", _parse_int_list, "--lr_milestones must be a list of round numbers")
-flags.register_validator("capture_rounds", lambda v: v == ["all"] or _parse_int_list(v),
-                         "--capture_rounds must be 'all' or a list of round numbers")
+flags.register_validator(
+    "capture_rounds",
+    lambda v: v == ["all"] or _parse_int_list(v),
+    "--capture_rounds must be 'all' or a list of round numbers",
+)
 flags.register_validator("inject_nan", _valid_pairs, "--inject_nan takes ROUND:CLIENT pairs, e.g. 2:0,3:1")
 flags.register_validator("inject_failure", _valid_pairs, "--inject_failure takes ROUND:CLIENT pairs, e.g. 2:0")
 
@@ -110,25 +139,51 @@ flags.register_validator("inject_failure", _valid_pairs, "--inject_failure takes
 def config_from_flags(dataset):
     """The run's Config from the flags (and the data set's shape)."""
     return config_lib.Config(
-        algorithm=_ALGORITHM.value, model=_MODEL.value, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
-        input_shape=models.input_shape(_MODEL.value, dataset), num_classes=dataset.num_classes,
-        num_clients=_NUM_CLIENTS.value, clients_per_round=_CLIENTS_PER_ROUND.value or _NUM_CLIENTS.value,
-        local_epochs=_LOCAL_EPOCHS.value, batch_size=_BATCH_SIZE.value, split=_SPLIT.value, alpha=_ALPHA.value,
-        learning_rate=_LEARNING_RATE.value, momentum=_MOMENTUM.value, nesterov=_NESTEROV.value,
-        weight_decay=_WEIGHT_DECAY.value, lr_milestones=tuple(int(m) for m in _LR_MILESTONES.value),
-        lr_gamma=_LR_GAMMA.value, server_learning_rate=_SERVER_LR.value, persist_optimizer_state=_PERSIST.value,
-        statistics=_STATISTICS.value, client_weighting=_WEIGHTING.value, key_dim=_KEY_DIM.value,
-        normalization=_NORMALIZATION.value, init=_INIT.value, seed=_SEED.value, seeded_keys=_SEEDED_KEYS.value,
-        lock_where=_LOCK_WHERE.value, lock_init=_LOCK_INIT.value, dp_clip=_DP_CLIP.value,
-        dp_noise_multiplier=_DP_NOISE.value, prune_fraction=_PRUNE.value)
+        algorithm=_ALGORITHM.value,
+        model=_MODEL.value,
+        dataset=_DATASET.value,
+        data_dir=_DATA_DIR.value,
+        input_shape=models.input_shape(_MODEL.value, dataset),
+        num_classes=dataset.num_classes,
+        num_clients=_NUM_CLIENTS.value,
+        clients_per_round=_CLIENTS_PER_ROUND.value or _NUM_CLIENTS.value,
+        local_epochs=_LOCAL_EPOCHS.value,
+        batch_size=_BATCH_SIZE.value,
+        split=_SPLIT.value,
+        alpha=_ALPHA.value,
+        learning_rate=_LEARNING_RATE.value,
+        momentum=_MOMENTUM.value,
+        nesterov=_NESTEROV.value,
+        weight_decay=_WEIGHT_DECAY.value,
+        lr_milestones=tuple(int(m) for m in _LR_MILESTONES.value),
+        lr_gamma=_LR_GAMMA.value,
+        server_learning_rate=_SERVER_LR.value,
+        persist_optimizer_state=_PERSIST.value,
+        statistics=_STATISTICS.value,
+        client_weighting=_WEIGHTING.value,
+        key_dim=_KEY_DIM.value,
+        normalization=_NORMALIZATION.value,
+        init=_INIT.value,
+        seed=_SEED.value,
+        seeded_keys=_SEEDED_KEYS.value,
+        lock_where=_LOCK_WHERE.value,
+        lock_init=_LOCK_INIT.value,
+        dp_clip=_DP_CLIP.value,
+        dp_noise_multiplier=_DP_NOISE.value,
+        prune_fraction=_PRUNE.value,
+    )
 
 
 def run_options():
     capture = ("all",) if _CAPTURE.value == ["all"] else tuple(int(r) for r in _CAPTURE.value)
-    return program.RunOptions(rounds=_ROUNDS.value, capture_rounds=capture, keep_rounds=_KEEP.value,
-                              cache_client_data=_CACHE.value,
-                              inject_nan=_parse_pairs(_INJECT_NAN.value),
-                              inject_failure=_parse_pairs(_INJECT_FAILURE.value))
+    return program.RunOptions(
+        rounds=_ROUNDS.value,
+        capture_rounds=capture,
+        keep_rounds=_KEEP.value,
+        cache_client_data=_CACHE.value,
+        inject_nan=_parse_pairs(_INJECT_NAN.value),
+        inject_failure=_parse_pairs(_INJECT_FAILURE.value),
+    )
 
 
 def quiet_logs():

@@ -12,25 +12,31 @@ import os
 import socket
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from tff_programs import common
 
 _PORT = flags.DEFINE_integer("port", None, "TCP port to serve on (all interfaces).", required=True)
 _MAX_CALLS = flags.DEFINE_integer(
-    "max_concurrent_computation_calls", -1,
-    "Limit on concurrent calls of one computation (e.g. clients trained at once); -1: none.")
+    "max_concurrent_computation_calls",
+    -1,
+    "Limit on concurrent calls of one computation (e.g. clients trained at once); -1: none.",
+)
 _MAX_MESSAGE_MB = flags.DEFINE_integer(
-    "grpc_max_message_length_megabytes", 10000,
-    "Largest gRPC message the worker accepts, in MB (TFF's default).")
+    "grpc_max_message_length_megabytes", 10000, "Largest gRPC message the worker accepts, in MB (TFF's default)."
+)
 
-flags.register_validator("port", lambda port: port is not None and 0 < port < 65536,
-                         message="--port must be in 1..65535")
-flags.register_validator("max_concurrent_computation_calls", lambda n: n == -1 or n > 0,
-                         message="--max_concurrent_computation_calls must be -1 or > 0")
-flags.register_validator("grpc_max_message_length_megabytes", lambda mb: mb > 0,
-                         message="--grpc_max_message_length_megabytes must be > 0")
+flags.register_validator(
+    "port", lambda port: port is not None and 0 < port < 65536, message="--port must be in 1..65535"
+)
+flags.register_validator(
+    "max_concurrent_computation_calls",
+    lambda n: n == -1 or n > 0,
+    message="--max_concurrent_computation_calls must be -1 or > 0",
+)
+flags.register_validator(
+    "grpc_max_message_length_megabytes", lambda mb: mb > 0, message="--grpc_max_message_length_megabytes must be > 0"
+)
 
 
 def worker_binary():
@@ -58,12 +64,21 @@ def main(argv):
     common.check_no_positional_args(argv)
     binary = worker_binary()
     check_port_free(_PORT.value)
-    print(f"TFF worker pid {os.getpid()} serving on [::]:{_PORT.value} (no authentication, all "
-          "interfaces: keep it private, docs/workers.md); stop it with SIGTERM", file=sys.stderr,
-          flush=True)
-    os.execv(binary, [binary, f"--port={_PORT.value}",
-                      f"--max_concurrent_computation_calls={_MAX_CALLS.value}",
-                      f"--grpc_max_message_length_megabytes={_MAX_MESSAGE_MB.value}"])
+    print(
+        f"TFF worker pid {os.getpid()} serving on [::]:{_PORT.value} (no authentication, all "
+        "interfaces: keep it private, docs/workers.md); stop it with SIGTERM",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.execv(
+        binary,
+        [
+            binary,
+            f"--port={_PORT.value}",
+            f"--max_concurrent_computation_calls={_MAX_CALLS.value}",
+            f"--grpc_max_message_length_megabytes={_MAX_MESSAGE_MB.value}",
+        ],
+    )
 
 
 if __name__ == "__main__":

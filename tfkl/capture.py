@@ -28,9 +28,26 @@ from tfkl.files import atomic_write
 
 FORMAT = "tfkl-capture/2"
 LOSS = "sparse_categorical_crossentropy_from_logits_mean"
-REQUIRED_META = ("format", "round", "client_id", "architecture", "input_shape", "num_classes", "lock",
-                 "num_examples", "num_steps", "batch_size", "local_epochs", "learning_rate", "momentum", "nesterov",
-                 "weight_decay", "loss", "variable_names", "trainable")
+REQUIRED_META = (
+    "format",
+    "round",
+    "client_id",
+    "architecture",
+    "input_shape",
+    "num_classes",
+    "lock",
+    "num_examples",
+    "num_steps",
+    "batch_size",
+    "local_epochs",
+    "learning_rate",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "loss",
+    "variable_names",
+    "trainable",
+)
 
 Capture = collections.namedtuple("Capture", "meta global_weights update")
 
@@ -39,18 +56,45 @@ class CaptureFormatError(ValueError):
     """A capture file that is not readable as FORMAT, or whose meta does not fit its weights."""
 
 
-def build_meta(model, *, round_num, client_id, num_examples, num_steps, batch_size, local_epochs, learning_rate,
-               momentum, nesterov, weight_decay, **details):
+def build_meta(
+    model,
+    *,
+    round_num,
+    client_id,
+    num_examples,
+    num_steps,
+    batch_size,
+    local_epochs,
+    learning_rate,
+    momentum,
+    nesterov,
+    weight_decay,
+    **details,
+):
     """The meta of one client's capture; `model` is the shared model (any client's: its config and
     shared variables are the same), `details` further JSON fields (run facts, `ground_truth`)."""
     shared = private.shared_variables(model)
-    return dict(details, format=FORMAT, round=int(round_num), client_id=str(client_id),
-                architecture=json.loads(model.to_json()), input_shape=list(model.input_shape[1:]),
-                num_classes=int(model.output_shape[-1]), lock=bool(private.lock_layers(model)),
-                num_examples=int(num_examples), num_steps=int(num_steps), batch_size=int(batch_size),
-                local_epochs=int(local_epochs), learning_rate=float(learning_rate), momentum=float(momentum),
-                nesterov=bool(nesterov), weight_decay=float(weight_decay), loss=LOSS,
-                variable_names=[v.name for v in shared], trainable=[bool(v.trainable) for v in shared])
+    return dict(
+        details,
+        format=FORMAT,
+        round=int(round_num),
+        client_id=str(client_id),
+        architecture=json.loads(model.to_json()),
+        input_shape=list(model.input_shape[1:]),
+        num_classes=int(model.output_shape[-1]),
+        lock=bool(private.lock_layers(model)),
+        num_examples=int(num_examples),
+        num_steps=int(num_steps),
+        batch_size=int(batch_size),
+        local_epochs=int(local_epochs),
+        learning_rate=float(learning_rate),
+        momentum=float(momentum),
+        nesterov=bool(nesterov),
+        weight_decay=float(weight_decay),
+        loss=LOSS,
+        variable_names=[v.name for v in shared],
+        trainable=[bool(v.trainable) for v in shared],
+    )
 
 
 def _check_meta(meta, source):
@@ -108,11 +152,18 @@ def shared_model(capture):
         model = tf.keras.models.model_from_json(json.dumps(meta["architecture"]))
     except (ValueError, KeyError, TypeError) as e:
         raise CaptureFormatError(f"the capture's architecture is not a Keras model config: {e}") from None
-    found = dict(input_shape=list(model.input_shape[1:]), num_classes=int(model.output_shape[-1]),
-                 lock=bool(private.lock_layers(model)),
-                 weight_shapes=[tuple(v.shape) for v in private.shared_variables(model)])
-    stated = dict(input_shape=list(meta["input_shape"]), num_classes=int(meta["num_classes"]), lock=bool(meta["lock"]),
-                  weight_shapes=[tuple(np.shape(w)) for w in capture.global_weights])
+    found = dict(
+        input_shape=list(model.input_shape[1:]),
+        num_classes=int(model.output_shape[-1]),
+        lock=bool(private.lock_layers(model)),
+        weight_shapes=[tuple(v.shape) for v in private.shared_variables(model)],
+    )
+    stated = dict(
+        input_shape=list(meta["input_shape"]),
+        num_classes=int(meta["num_classes"]),
+        lock=bool(meta["lock"]),
+        weight_shapes=[tuple(np.shape(w)) for w in capture.global_weights],
+    )
     differing = [k for k in found if found[k] != stated[k]]
     if differing:
         k = differing[0]
@@ -120,8 +171,10 @@ def shared_model(capture):
             index = next(i for i, (a, b) in enumerate(zip(found[k] + [None], stated[k] + [None])) if a != b)
             k = f"shared variable {index}'s shape"
             found[k], stated[k] = (found["weight_shapes"] + [None])[index], (stated["weight_shapes"] + [None])[index]
-        raise CaptureFormatError(f"the capture's architecture does not fit its meta and weights ({k}: "
-                                 f"{found[k]} in the architecture, {stated[k]} in the capture)")
+        raise CaptureFormatError(
+            f"the capture's architecture does not fit its meta and weights ({k}: "
+            f"{found[k]} in the architecture, {stated[k]} in the capture)"
+        )
     return model
 
 
@@ -131,8 +184,7 @@ class SharedLayout:
 
     def __init__(self, model, parts):
         trainable_pos = {id(model.trainable_variables[i]): ("t", k) for k, i in enumerate(parts.trainable)}
-        non_trainable_pos = {id(model.non_trainable_variables[i]): ("n", k)
-                             for k, i in enumerate(parts.non_trainable)}
+        non_trainable_pos = {id(model.non_trainable_variables[i]): ("n", k) for k, i in enumerate(parts.non_trainable)}
         positions = {**trainable_pos, **non_trainable_pos}
         self.model = model
         self.order = [positions[id(v)] for v in private.shared_variables(model)]
@@ -150,19 +202,36 @@ def captures_round(capture_rounds, round_num):
 def run_meta_fn(config, dataset_name, learning_rate, data_seeds, partition):
     """client id -> the `build_meta` fields a federated run gives one client's capture in one round:
     the client's data size, the hyperparameters, the run's facts and a separate ground-truth section."""
+
     def meta(client_id):
         return dict(
-            num_examples=int(len(partition[int(client_id)])), batch_size=config.batch_size,
-            local_epochs=config.local_epochs, learning_rate=float(learning_rate), momentum=config.momentum,
-            nesterov=config.nesterov, weight_decay=config.weight_decay,
-            algorithm=config.algorithm, lock_init=config.lock_init, init=config.init,
+            num_examples=int(len(partition[int(client_id)])),
+            batch_size=config.batch_size,
+            local_epochs=config.local_epochs,
+            learning_rate=float(learning_rate),
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+            algorithm=config.algorithm,
+            lock_init=config.lock_init,
+            init=config.init,
             optimizer_state="persistent" if config.persist_optimizer_state else "fresh",
-            statistics=config.statistics, client_weighting=config.client_weighting,
+            statistics=config.statistics,
+            client_weighting=config.client_weighting,
             ground_truth=dict(
-                note="for scoring an attack only; not attacker knowledge", dataset=dataset_name,
-                data_dir=config.data_dir, split=config.split, alpha=config.alpha, split_seed=config.seed,
-                num_clients=config.num_clients, client_index=int(client_id),
-                shuffle_seed=data_seeds[client_id], input_pipeline="tfkl.federated.client_data.client_dataset"))
+                note="for scoring an attack only; not attacker knowledge",
+                dataset=dataset_name,
+                data_dir=config.data_dir,
+                split=config.split,
+                alpha=config.alpha,
+                split_seed=config.seed,
+                num_clients=config.num_clients,
+                client_index=int(client_id),
+                shuffle_seed=data_seeds[client_id],
+                input_pipeline="tfkl.federated.client_data.client_dataset",
+            ),
+        )
+
     return meta
 
 
@@ -179,8 +248,14 @@ def save_round_captures(root_dir, round_num, layout, global_trainable, global_no
             continue
         update = report["update"]
         non_trainable = update["non_trainable"] or [np.zeros_like(w) for w in global_non_trainable]
-        meta = build_meta(layout.model, round_num=round_num, client_id=client_id, num_steps=report["num_steps"],
-                          examples_processed=int(report["num_examples"]), **meta_fn(client_id))
+        meta = build_meta(
+            layout.model,
+            round_num=round_num,
+            client_id=client_id,
+            num_steps=report["num_steps"],
+            examples_processed=int(report["num_examples"]),
+            **meta_fn(client_id),
+        )
         path = capture_path(root_dir, round_num, client_id)
         save_capture(path, meta, global_weights, layout.flatten(update["trainable"], non_trainable))
         paths.append(path)

@@ -15,8 +15,12 @@ import tensorflow as tf
 DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100")
 SPLITS = ("iid", "dirichlet", "shards")
 FASHION_MNIST_DIRS = ("~/.keras/datasets/fashion-mnist", "/usr/share/datasets/fashion-mnist")
-_FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+_FASHION_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 Dataset = collections.namedtuple("Dataset", "name x_train y_train x_test y_test num_classes")
 
@@ -31,7 +35,7 @@ def _read_idx(path):
     if data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file")
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(shape)):
         raise ValueError(f"{path} is truncated")
@@ -45,6 +49,7 @@ def _images(uint8_images):
 
 def _load_digits():
     from sklearn.datasets import load_digits
+
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[..., np.newaxis]
     order = np.random.RandomState(0).permutation(len(images))
@@ -66,7 +71,8 @@ def _load_fashion_mnist(data_dir):
         raise DataUnavailableError(
             "Fashion-MNIST not found in " + ", ".join(candidates) + f" and the download failed ({e}); "
             "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), "
-            "or use --dataset=digits (bundled with scikit-learn)") from None
+            "or use --dataset=digits (bundled with scikit-learn)"
+        ) from None
     return _images(x_train), y_train.astype(np.int64), _images(x_test), y_test.astype(np.int64)
 
 
@@ -103,7 +109,11 @@ def _load_cifar(name, data_dir):
         test = _unpickle(os.path.join(root, "test_batch"))
         label_key = b"labels"
     else:
-        train, test, label_key = [_unpickle(os.path.join(root, "train"))], _unpickle(os.path.join(root, "test")), b"fine_labels"
+        train, test, label_key = (
+            [_unpickle(os.path.join(root, "train"))],
+            _unpickle(os.path.join(root, "test")),
+            b"fine_labels",
+        )
     x_train = np.concatenate([_cifar_images(b) for b in train])
     y_train = np.concatenate([np.asarray(b[label_key], np.int64) for b in train])
     return x_train, y_train, _cifar_images(test), np.asarray(test[label_key], np.int64)
@@ -111,10 +121,10 @@ def _load_cifar(name, data_dir):
 
 def _load_tfds(name, data_dir):
     import tensorflow_datasets as tfds
+
     arrays = []
     for split in ("train", "test"):
-        batches = list(tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, as_supervised=True)
-                                     .batch(10_000)))
+        batches = list(tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, as_supervised=True).batch(10_000)))
         images = np.concatenate([b[0] for b in batches]).astype(np.uint8)
         arrays += [_images(images), np.concatenate([b[1] for b in batches]).astype(np.int64)]
     return tuple(arrays)

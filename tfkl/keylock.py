@@ -29,9 +29,7 @@ class TorchLinearUniform(tf.keras.initializers.Initializer):
 
     def __call__(self, shape, dtype=None, **kwargs):
         bound = self.bound
-        return tf.keras.initializers.RandomUniform(-bound, bound, seed=self.seed)(
-            shape, dtype=dtype or tf.float32
-        )
+        return tf.keras.initializers.RandomUniform(-bound, bound, seed=self.seed)(shape, dtype=dtype or tf.float32)
 
     def get_config(self):
         return {"fan_in": self.fan_in, "seed": self.seed}
@@ -61,8 +59,18 @@ def resolve_groups(channels, groups=None):
     return int(groups)
 
 
-def keylock_apply(inputs, gamma, beta, statistics=None, *, normalization="batch", training=False, momentum=0.9,
-                  groups=None, epsilon=1e-5):
+def keylock_apply(
+    inputs,
+    gamma,
+    beta,
+    statistics=None,
+    *,
+    normalization="batch",
+    training=False,
+    momentum=0.9,
+    groups=None,
+    epsilon=1e-5,
+):
     """The lock's forward pass `gamma * normalize(inputs) + beta`, as a pure function.
 
     `KeyLock.call` and the attacker's functional model (`attacks.model.AttackerModel`) both run it.
@@ -109,8 +117,15 @@ def _batch_lock(inputs, gamma, beta, statistics, training, momentum, epsilon):
     features = inputs if inputs.shape.rank == 4 else tf.reshape(inputs, [-1, 1, 1, inputs.shape[-1]])
     mean, variance = statistics
     outputs, mean, variance = tf.raw_ops.FusedBatchNormV3(
-        x=features, scale=tf.cast(gamma, tf.float32), offset=tf.cast(beta, tf.float32), mean=mean, variance=variance,
-        epsilon=epsilon, exponential_avg_factor=1.0 - momentum if training else 1.0, is_training=training)[:3]
+        x=features,
+        scale=tf.cast(gamma, tf.float32),
+        offset=tf.cast(beta, tf.float32),
+        mean=mean,
+        variance=variance,
+        epsilon=epsilon,
+        exponential_avg_factor=1.0 - momentum if training else 1.0,
+        is_training=training,
+    )[:3]
     outputs = outputs if inputs.shape.rank == 4 else tf.reshape(outputs, tf.shape(inputs))
     return outputs, ((mean, variance) if training else statistics)
 
@@ -186,7 +201,8 @@ class KeyLock(tf.keras.layers.Layer):
         if initial_key is None:
             initial_key = keys_lib.generate_key(self.key_dim)
         self.key = self.add_weight(
-            name="key", shape=(self.key_dim,), initializer=tf.constant_initializer(initial_key), trainable=False)
+            name="key", shape=(self.key_dim,), initializer=tf.constant_initializer(initial_key), trainable=False
+        )
         lock_shape = (self.key_dim, self.channels)
         self.scale_kernel = self.add_weight(name="scale_kernel", shape=lock_shape, initializer=self._lock_init(0))
         self.scale_bias = self.add_weight(name="scale_bias", shape=(self.channels,), initializer=self._lock_init(1))
@@ -194,10 +210,20 @@ class KeyLock(tf.keras.layers.Layer):
         self.shift_bias = self.add_weight(name="shift_bias", shape=(self.channels,), initializer=self._lock_init(3))
         if self.normalization == "batch":
             # Read in float32 under mixed precision, as Keras' BatchNormalization reads its statistics.
-            self.moving_mean = self.add_weight(name="moving_mean", shape=(self.channels,), initializer="zeros",
-                                               trainable=False, experimental_autocast=False)
-            self.moving_variance = self.add_weight(name="moving_variance", shape=(self.channels,),
-                                                   initializer="ones", trainable=False, experimental_autocast=False)
+            self.moving_mean = self.add_weight(
+                name="moving_mean",
+                shape=(self.channels,),
+                initializer="zeros",
+                trainable=False,
+                experimental_autocast=False,
+            )
+            self.moving_variance = self.add_weight(
+                name="moving_variance",
+                shape=(self.channels,),
+                initializer="ones",
+                trainable=False,
+                experimental_autocast=False,
+            )
         super().build(input_shape)
 
     def _lock_init(self, index):
@@ -217,15 +243,21 @@ class KeyLock(tf.keras.layers.Layer):
     def lock_parameters(self, key=None):
         """Returns (gamma, beta), each of shape (channels,), for `key` (default the layer's own)."""
         key = self.key if key is None else tf.convert_to_tensor(key, self.compute_dtype)
-        return lock_affine(key, self.scale_kernel, self.scale_bias, self.shift_kernel, self.shift_bias,
-                           self.activation)
+        return lock_affine(key, self.scale_kernel, self.scale_bias, self.shift_kernel, self.shift_bias, self.activation)
 
     def call(self, inputs, training=None):
         training = bool(training) and self.trainable  # a frozen layer runs in inference mode
         statistics = (self.moving_mean, self.moving_variance) if self.normalization == "batch" else None
         outputs, moved = keylock_apply(
-            inputs, *self.lock_parameters(), statistics, normalization=self.normalization, training=training,
-            momentum=self.momentum, groups=self.groups, epsilon=self.epsilon)
+            inputs,
+            *self.lock_parameters(),
+            statistics,
+            normalization=self.normalization,
+            training=training,
+            momentum=self.momentum,
+            groups=self.groups,
+            epsilon=self.epsilon,
+        )
         if training and statistics is not None:
             self.moving_mean.assign(moved[0])
             self.moving_variance.assign(moved[1])

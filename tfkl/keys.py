@@ -77,5 +77,5 @@ def load_key(path, dim=None):
         raise KeyFormatError(f"{path} is not a tfkl key file")
     if hashlib.sha256(payload).digest() != digest or len(payload) != _HEADER.size + 4 * length:
         raise KeyFormatError(f"key file {path} is corrupt (checksum mismatch)")
-    key = np.frombuffer(payload[_HEADER.size:], dtype="<f4").astype(np.float32)
+    key = np.frombuffer(payload[_HEADER.size :], dtype="<f4").astype(np.float32)
     return validate_key(key, dim)

@@ -33,11 +33,16 @@ class _Builder:
         if self.init == "keras":
             return "glorot_uniform", "zeros"
         if self.init == "dlg":
-            return (tf.keras.initializers.RandomUniform(-0.5, 0.5, seed=self._seed()),
-                    tf.keras.initializers.RandomUniform(-0.5, 0.5, seed=self._seed()))
+            return (
+                tf.keras.initializers.RandomUniform(-0.5, 0.5, seed=self._seed()),
+                tf.keras.initializers.RandomUniform(-0.5, 0.5, seed=self._seed()),
+            )
         if self.vgg:  # torchvision VGG's own _initialize_weights
-            kernel = (tf.keras.initializers.RandomNormal(0.0, 0.01, seed=self._seed()) if dense else
-                      tf.keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal", seed=self._seed()))
+            kernel = (
+                tf.keras.initializers.RandomNormal(0.0, 0.01, seed=self._seed())
+                if dense
+                else tf.keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal", seed=self._seed())
+            )
             return kernel, "zeros"
         return TorchLinearUniform(fan_in, self._seed()), TorchLinearUniform(fan_in, self._seed())
 
@@ -46,13 +51,21 @@ class _Builder:
             x = tf.keras.layers.ZeroPadding2D(padding, name=f"{name}_pad" if name else None)(x)
         kernel_init, bias_init = self._initializers(kernel_size * kernel_size * x.shape[-1], dense=False)
         return tf.keras.layers.Conv2D(
-            filters, kernel_size, strides, "valid", use_bias=use_bias, kernel_initializer=kernel_init,
-            bias_initializer=bias_init, name=name)(x)
+            filters,
+            kernel_size,
+            strides,
+            "valid",
+            use_bias=use_bias,
+            kernel_initializer=kernel_init,
+            bias_initializer=bias_init,
+            name=name,
+        )(x)
 
     def dense(self, x, units, activation=None, name=None):
         kernel_init, bias_init = self._initializers(x.shape[-1], dense=True)
-        return tf.keras.layers.Dense(units, activation, kernel_initializer=kernel_init,
-                                     bias_initializer=bias_init, name=name)(x)
+        return tf.keras.layers.Dense(
+            units, activation, kernel_initializer=kernel_init, bias_initializer=bias_init, name=name
+        )(x)
 
 
 def _lenet(inputs, num_classes, builder):
@@ -138,8 +151,19 @@ def input_shape(name, dataset):
     return (size, size, int(dataset.x_train.shape[-1]))
 
 
-def build(name, input_shape=(32, 32, 3), num_classes=10, lock=True, init="pytorch", seed=None,
-          key_dim=1024, activation="relu", normalization="batch", key=None, where="first"):
+def build(
+    name,
+    input_shape=(32, 32, 3),
+    num_classes=10,
+    lock=True,
+    init="pytorch",
+    seed=None,
+    key_dim=1024,
+    activation="relu",
+    normalization="batch",
+    key=None,
+    where="first",
+):
     """Builds a zoo model; with `lock=True` its first conv layer (or those `where` names) carries a KeyLock block.
 
     Args:
@@ -165,5 +189,13 @@ def build(name, input_shape=(32, 32, 3), num_classes=10, lock=True, init="pytorc
         lock_initializer = tf.keras.initializers.RandomUniform(-0.5, 0.5, seed=builder._seed())
     elif init == "pytorch" and seed is not None:
         lock_initializer = TorchLinearUniform(key_dim, builder._seed())
-    return secure(model, where, key_dim=key_dim, activation=activation, normalization=normalization,
-                  key=key, lock_initializer=lock_initializer, name=f"{name}_locked")
+    return secure(
+        model,
+        where,
+        key_dim=key_dim,
+        activation=activation,
+        normalization=normalization,
+        key=key,
+        lock_initializer=lock_initializer,
+        name=f"{name}_locked",
+    )

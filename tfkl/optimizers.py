@@ -45,8 +45,12 @@ class TorchSGD:
             step = g + self.momentum * buf if self.nesterov else buf
             return w - tf.cast(learning_rate, w.dtype) * step, buf
 
-        flat = [update(w, g, b) for w, g, b in zip(
-            tf.nest.flatten(weights), tf.nest.flatten(gradients), tf.nest.flatten(state[MOMENTUM_BUFFERS]))]
+        flat = [
+            update(w, g, b)
+            for w, g, b in zip(
+                tf.nest.flatten(weights), tf.nest.flatten(gradients), tf.nest.flatten(state[MOMENTUM_BUFFERS])
+            )
+        ]
         new_weights = tf.nest.pack_sequence_as(weights, [w for w, _ in flat])
         buffers = tf.nest.pack_sequence_as(state[MOMENTUM_BUFFERS], [b for _, b in flat])
         return {LEARNING_RATE: learning_rate, MOMENTUM_BUFFERS: buffers}, new_weights

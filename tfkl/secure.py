@@ -5,15 +5,22 @@ import tensorflow as tf
 from tfkl.keylock import KeyLock
 from tfkl.keys import generate_key, validate_key
 
-_LOCKABLE = (tf.keras.layers.Conv1D, tf.keras.layers.Conv2D, tf.keras.layers.Conv3D,
-             tf.keras.layers.DepthwiseConv2D, tf.keras.layers.SeparableConv2D, tf.keras.layers.Dense)
+_LOCKABLE = (
+    tf.keras.layers.Conv1D,
+    tf.keras.layers.Conv2D,
+    tf.keras.layers.Conv3D,
+    tf.keras.layers.DepthwiseConv2D,
+    tf.keras.layers.SeparableConv2D,
+    tf.keras.layers.Dense,
+)
 
 
 def lockable_layers(model):
     """Conv and dense layers of `model` in topological order, excluding those producing outputs."""
     outputs = {id(t) for t in model.outputs}
     return [
-        layer for layer in model.layers
+        layer
+        for layer in model.layers
         if isinstance(layer, _LOCKABLE)
         and not any(id(t) in outputs for node in layer.inbound_nodes for t in tf.nest.flatten(node.outputs))
     ]
@@ -25,7 +32,8 @@ def _graph_model(model):
     if not getattr(model, "_is_graph_network", False):
         raise TypeError(
             f"secure() supports Sequential and functional models; {type(model).__name__!r} is subclassed "
-            "(or a Sequential without an input shape): insert tfkl.KeyLock in its call() instead")
+            "(or a Sequential without an input shape): insert tfkl.KeyLock in its call() instead"
+        )
     return model
 
 
@@ -80,8 +88,16 @@ def _map_arguments(node, tensors):
     return tf.nest.pack_sequence_as((node.call_args, node.call_kwargs), flat)
 
 
-def secure(model, where="first", key_dim=1024, activation="relu", normalization="batch",
-           key=None, lock_initializer=None, name=None):
+def secure(
+    model,
+    where="first",
+    key_dim=1024,
+    activation="relu",
+    normalization="batch",
+    key=None,
+    lock_initializer=None,
+    name=None,
+):
     """Returns a copy of `model` with a KeyLock block after each chosen conv/dense layer.
 
     A BatchNormalization that directly (and only) follows a chosen layer is replaced by the lock,
@@ -105,19 +121,30 @@ def secure(model, where="first", key_dim=1024, activation="relu", normalization=
         if not isinstance(node.layer, tf.keras.layers.BatchNormalization) or len(node.parent_nodes) != 1:
             return False
         producer = node.parent_nodes[0].layer
-        return (id(producer) in targets
-                and len(consumers.get(node.flat_input_ids[0], [])) == 1
-                and producer.get_config().get("activation", "linear") == "linear")
+        return (
+            id(producer) in targets
+            and len(consumers.get(node.flat_input_ids[0], [])) == 1
+            and producer.get_config().get("activation", "linear") == "linear"
+        )
 
     # Shape and dtype rather than `type_spec`: graph-mode Keras tensors (inside TFF computations) lack it.
-    new_inputs = [tf.keras.Input(batch_size=t.shape[0], shape=t.shape[1:], dtype=t.dtype, name=t.name.split(":")[0])
-                  for t in model.inputs]
+    new_inputs = [
+        tf.keras.Input(batch_size=t.shape[0], shape=t.shape[1:], dtype=t.dtype, name=t.name.split(":")[0])
+        for t in model.inputs
+    ]
     tensors = {str(id(old)): new for old, new in zip(model.inputs, new_inputs)}
     clones, locks = {}, []
 
     def new_lock(name, **options):
-        lock = KeyLock(key_dim, activation, normalization, lock_initializer=_per_lock(lock_initializer, len(locks)),
-                       key=key, name=name, **options)
+        lock = KeyLock(
+            key_dim,
+            activation,
+            normalization,
+            lock_initializer=_per_lock(lock_initializer, len(locks)),
+            key=key,
+            name=name,
+            **options,
+        )
         locks.append(lock)
         return lock
 

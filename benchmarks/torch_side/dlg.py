@@ -67,8 +67,13 @@ def attack(image, label, num_classes, steps, target_psnr, seed):
         if not math.isfinite(loss):
             break
     final = psnr(dummy.detach(), image) if torch.isfinite(dummy).all() else -math.inf
-    record.update(seconds_total=time.perf_counter() - start, final_psnr=final, final_gradient_distance=loss,
-                  success=bool(final >= target_psnr), seed=seed)
+    record.update(
+        seconds_total=time.perf_counter() - start,
+        final_psnr=final,
+        final_gradient_distance=loss,
+        success=bool(final >= target_psnr),
+        seed=seed,
+    )
     return record, start_point
 
 
@@ -82,8 +87,11 @@ def main():
     parser.add_argument("--target_psnr", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=1234, help="DLG's code seeds torch with 1234")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--init_out", help="optional .npz for the starting points, keys '<position>/<parameter>', "
-                                           "'<position>/gradient/<parameter>' and '<position>/dummy'")
+    parser.add_argument(
+        "--init_out",
+        help="optional .npz for the starting points, keys '<position>/<parameter>', "
+        "'<position>/gradient/<parameter>' and '<position>/dummy'",
+    )
     args = parser.parse_args()
     if args.steps < 1 or args.threads < 1 or args.num_classes < 2:
         parser.error("--steps and --threads must be positive, --num_classes at least 2")
@@ -94,17 +102,28 @@ def main():
         parser.error("--images and --labels hold different numbers of examples")
     records, start_points = [], {}
     for i in range(len(images)):
-        record, start_point = attack(images[i:i + 1], int(labels[i]), args.num_classes, args.steps,
-                                     args.target_psnr, args.seed)
+        record, start_point = attack(
+            images[i : i + 1], int(labels[i]), args.num_classes, args.steps, args.target_psnr, args.seed
+        )
         records.append(dict(record, position=i))
         start_points.update({f"{i}/{name}": value for name, value in start_point.items()})
         print(json.dumps(records[-1]), flush=True)
     if args.init_out:
         np.savez(args.init_out, **start_points)
     with open(args.out, "w") as f:
-        json.dump({"torch": torch.__version__, "threads": args.threads, "steps": args.steps,
-                   "target_psnr": args.target_psnr, "seed": args.seed, "image_shape": list(images.shape[1:]),
-                   "records": records}, f, indent=2)
+        json.dump(
+            {
+                "torch": torch.__version__,
+                "threads": args.threads,
+                "steps": args.steps,
+                "target_psnr": args.target_psnr,
+                "seed": args.seed,
+                "image_shape": list(images.shape[1:]),
+                "records": records,
+            },
+            f,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
-                                          nn.BatchNorm2d(channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels)
+            )
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
@@ -95,9 +96,13 @@ class DLGLeNet(nn.Module):
     def __init__(self, in_channels=1, num_classes=10, image_size=28):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, 12, 5, 2, 2), nn.Sigmoid(),
-            nn.Conv2d(12, 12, 5, 2, 2), nn.Sigmoid(),
-            nn.Conv2d(12, 12, 5, 1, 2), nn.Sigmoid())
+            nn.Conv2d(in_channels, 12, 5, 2, 2),
+            nn.Sigmoid(),
+            nn.Conv2d(12, 12, 5, 2, 2),
+            nn.Sigmoid(),
+            nn.Conv2d(12, 12, 5, 1, 2),
+            nn.Sigmoid(),
+        )
         side = (image_size + 3) // 4
         self.fc = nn.Linear(12 * side * side, num_classes)
         for p in self.parameters():

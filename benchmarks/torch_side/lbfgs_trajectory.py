@@ -26,14 +26,23 @@ def main():
     def closure():
         optimizer.zero_grad()
         evaluated.append([round(v, 6) for v in x.detach().tolist()])
-        loss = torch.nn.functional.softplus(a @ x - b).sum() + 0.05 * (x ** 2).sum() + 0.1 * torch.sin(x).sum()
+        loss = torch.nn.functional.softplus(a @ x - b).sum() + 0.05 * (x**2).sum() + 0.1 * torch.sin(x).sum()
         loss.backward()
         return loss
 
     for _ in range(STEPS):
         optimizer.step(closure)
-    print(json.dumps({"torch": torch.__version__, "options": OPTIONS, "steps": STEPS, "evaluated": evaluated,
-                      "final": [round(v, 6) for v in x.detach().tolist()]}))
+    print(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "options": OPTIONS,
+                "steps": STEPS,
+                "evaluated": evaluated,
+                "final": [round(v, 6) for v in x.detach().tolist()],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ class Job:
     def __init__(self, name, batch_size, seed):
         torch.manual_seed(seed)
         self.model = fedkl_models.build(name).train()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
-                                         weight_decay=5e-4)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4
+        )
         self.loss = torch.nn.CrossEntropyLoss()
         self.images = torch.rand(batch_size, 3, 32, 32)
         self.labels = torch.randint(0, 10, (batch_size,))
@@ -47,8 +48,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps torch's default")
-    parser.add_argument("--interop_threads", type=int, default=0,
-                        help="torch.set_num_interop_threads; 0 keeps torch's default")
+    parser.add_argument(
+        "--interop_threads", type=int, default=0, help="torch.set_num_interop_threads; 0 keeps torch's default"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.batch_size < 1 or args.threads < 0 or args.interop_threads < 0:
@@ -65,9 +67,14 @@ def main():
         name = command["model"]
         if command["cmd"] == "setup":
             jobs[name] = Job(name, args.batch_size, args.seed)
-            answer = {"model": name, "parameters": sum(p.numel() for p in jobs[name].model.parameters()),
-                      "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-                      "torch": torch.__version__, "mkldnn": torch.backends.mkldnn.is_available()}
+            answer = {
+                "model": name,
+                "parameters": sum(p.numel() for p in jobs[name].model.parameters()),
+                "threads": torch.get_num_threads(),
+                "interop_threads": torch.get_num_interop_threads(),
+                "torch": torch.__version__,
+                "mkldnn": torch.backends.mkldnn.is_available(),
+            }
         elif command["cmd"] == "time":
             answer = {"model": name, "seconds_per_step": jobs[name].time(int(command["steps"]))}
         else:

@@ -47,8 +47,9 @@ class StatefulClientsProcess(tff.templates.IterativeProcess):
     `global_weights(server_state)` (the shared weights as numpy lists).
     """
 
-    def __init__(self, initialize_fn, next_fn, *, model_fn, parts, options, client_state_type, data_type,
-                 initial_client_state_fn):
+    def __init__(
+        self, initialize_fn, next_fn, *, model_fn, parts, options, client_state_type, data_type, initial_client_state_fn
+    ):
         super().__init__(initialize_fn, next_fn)
         self.model_fn = model_fn
         self.parts = parts
@@ -66,8 +67,10 @@ class StatefulClientsProcess(tff.templates.IterativeProcess):
 
     @staticmethod
     def global_weights(server_state):
-        return ([np.asarray(w) for w in server_state["trainable"]],
-                [np.asarray(w) for w in server_state["non_trainable"]])
+        return (
+            [np.asarray(w) for w in server_state["trainable"]],
+            [np.asarray(w) for w in server_state["non_trainable"]],
+        )
 
 
 def _types(variables):
@@ -95,10 +98,19 @@ def _weighted_aggregator(model_aggregator, client_weighting):
     return model_aggregator
 
 
-def build_stateful_clients_process(model_fn, client_optimizer, server_optimizer=None, *, locked,
-                                   client_weighting="num_examples", statistics="average",
-                                   persist_optimizer_state=True, return_client_updates=False,
-                                   model_aggregator=None, client_update_transform=None):
+def build_stateful_clients_process(
+    model_fn,
+    client_optimizer,
+    server_optimizer=None,
+    *,
+    locked,
+    client_weighting="num_examples",
+    statistics="average",
+    persist_optimizer_state=True,
+    return_client_updates=False,
+    model_aggregator=None,
+    client_update_transform=None,
+):
     """Builds FedKL (`locked`) or FedAvg with stateful clients: only shared updates reach the server.
 
     The process's computations:
@@ -147,20 +159,27 @@ def build_stateful_clients_process(model_fn, client_optimizer, server_optimizer=
     probe = model_fn()
     parts = client_work.ModelParts(probe)
     if locked != parts.locked:
-        raise ValueError("FedKL needs a model with a KeyLock layer" if locked else
-                         "FedAvg takes a model without a KeyLock layer")
+        raise ValueError(
+            "FedKL needs a model with a KeyLock layer" if locked else "FedAvg takes a model without a KeyLock layer"
+        )
     keep_statistics = statistics == "local"
 
     shared_t, shared_n, key_vars, lock_vars = parts.split(probe)
-    data_type = tff.SequenceType((tff.TensorType(np.float32, (None,) + tuple(probe.input_shape[1:])),
-                                  tff.TensorType(np.int64, [None])))
+    data_type = tff.SequenceType(
+        (tff.TensorType(np.float32, (None,) + tuple(probe.input_shape[1:])), tff.TensorType(np.int64, [None]))
+    )
     shared_type = tff.to_type(collections.OrderedDict(trainable=_types(shared_t), non_trainable=_types(shared_n)))
-    update_type = tff.to_type(collections.OrderedDict(
-        trainable=_types(shared_t), non_trainable=[] if keep_statistics else _types(shared_n)))
-    client_state_type = tff.to_type(collections.OrderedDict(
-        key=_types(key_vars[:1]), lock=_types(lock_vars),
-        optimizer=_types(probe.trainable_variables) if persist_optimizer_state else [],
-        statistics=_types(shared_n) if keep_statistics else []))
+    update_type = tff.to_type(
+        collections.OrderedDict(trainable=_types(shared_t), non_trainable=[] if keep_statistics else _types(shared_n))
+    )
+    client_state_type = tff.to_type(
+        collections.OrderedDict(
+            key=_types(key_vars[:1]),
+            lock=_types(lock_vars),
+            optimizer=_types(probe.trainable_variables) if persist_optimizer_state else [],
+            statistics=_types(shared_n) if keep_statistics else [],
+        )
+    )
     learning_rate_type = tff.TensorType(np.float32)
     aggregator = aggregator_factory.create(update_type, tff.TensorType(np.float32))
 
@@ -174,22 +193,28 @@ def build_stateful_clients_process(model_fn, client_optimizer, server_optimizer=
 
     @tff.federated_computation
     def initialize_fn():
-        return tff.federated_map(with_aggregator, (tff.federated_eval(server_init, tff.SERVER),
-                                                   aggregator.initialize()))
+        return tff.federated_map(
+            with_aggregator, (tff.federated_eval(server_init, tff.SERVER), aggregator.initialize())
+        )
 
     server_state_type = initialize_fn.type_signature.result.member
 
     @tff.tensorflow.computation(server_state_type)
     def server_to_client(server_state):
-        return collections.OrderedDict(trainable=server_state["trainable"],
-                                       non_trainable=server_state["non_trainable"])
+        return collections.OrderedDict(trainable=server_state["trainable"], non_trainable=server_state["non_trainable"])
 
     @tff.tensorflow.computation(shared_type, learning_rate_type, data_type, client_state_type)
     def client_update(global_weights, learning_rate, dataset, state):
         output = client_work.client_update(
-            model_fn(), client_optimizer, global_weights, learning_rate, dataset, state,
+            model_fn(),
+            client_optimizer,
+            global_weights,
+            learning_rate,
+            dataset,
+            state,
             weight_by_examples=weighting is tff.learning.ClientWeighting.NUM_EXAMPLES,
-            update_transform=client_update_transform)
+            update_transform=client_update_transform,
+        )
         sent = output.update if return_client_updates else collections.OrderedDict(trainable=[], non_trainable=[])
         return output._replace(report=collections.OrderedDict(**output.report, update=sent))
 
@@ -201,28 +226,46 @@ def build_stateful_clients_process(model_fn, client_optimizer, server_optimizer=
     def round_metrics(metric_sums):
         return client_work.round_metrics(metric_sums)
 
-    @tff.federated_computation(tff.FederatedType(server_state_type, tff.SERVER),
-                               tff.FederatedType(learning_rate_type, tff.SERVER),
-                               tff.FederatedType(data_type, tff.CLIENTS),
-                               tff.FederatedType(client_state_type, tff.CLIENTS))
+    @tff.federated_computation(
+        tff.FederatedType(server_state_type, tff.SERVER),
+        tff.FederatedType(learning_rate_type, tff.SERVER),
+        tff.FederatedType(data_type, tff.CLIENTS),
+        tff.FederatedType(client_state_type, tff.CLIENTS),
+    )
     def next_fn(server_state, learning_rate, client_data, client_states):
         global_weights = tff.federated_broadcast(tff.federated_map(server_to_client, server_state))
-        outputs = tff.federated_map(client_update, (global_weights, tff.federated_broadcast(learning_rate),
-                                                    client_data, client_states))
+        outputs = tff.federated_map(
+            client_update, (global_weights, tff.federated_broadcast(learning_rate), client_data, client_states)
+        )
         aggregated = aggregator.next(server_state.aggregator, outputs.update, outputs.weight)
-        new_server_state = tff.federated_map(with_aggregator, (
-            tff.federated_map(server_update, (server_state, aggregated.result)), aggregated.state))
+        new_server_state = tff.federated_map(
+            with_aggregator, (tff.federated_map(server_update, (server_state, aggregated.result)), aggregated.state)
+        )
         metrics = tff.federated_map(round_metrics, tff.federated_sum(outputs.metrics))
         return new_server_state, outputs.client_state, metrics, outputs.report
 
-    options = dict(client_weighting=weighting.name.lower(), statistics=statistics,
-                   persist_optimizer_state=persist_optimizer_state, locked=locked)
-    initial_client_state = functools.partial(client_work.initial_client_state, probe,
-                                             persist_optimizer_state=persist_optimizer_state,
-                                             keep_statistics=keep_statistics)
-    return StatefulClientsProcess(initialize_fn, next_fn, model_fn=model_fn, parts=parts, options=options,
-                                  client_state_type=client_state_type, data_type=data_type,
-                                  initial_client_state_fn=initial_client_state)
+    options = dict(
+        client_weighting=weighting.name.lower(),
+        statistics=statistics,
+        persist_optimizer_state=persist_optimizer_state,
+        locked=locked,
+    )
+    initial_client_state = functools.partial(
+        client_work.initial_client_state,
+        probe,
+        persist_optimizer_state=persist_optimizer_state,
+        keep_statistics=keep_statistics,
+    )
+    return StatefulClientsProcess(
+        initialize_fn,
+        next_fn,
+        model_fn=model_fn,
+        parts=parts,
+        options=options,
+        client_state_type=client_state_type,
+        data_type=data_type,
+        initial_client_state_fn=initial_client_state,
+    )
 
 
 def build_fedkl_process(model_fn, client_optimizer, server_optimizer=None, **options):

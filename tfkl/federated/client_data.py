@@ -15,8 +15,7 @@ def client_partition(config, dataset):
     return data_lib.split(dataset.y_train, config.num_clients, config.split, seed=config.seed, alpha=config.alpha)
 
 
-def client_dataset(config, dataset, indices, shuffle_seed, cache_dir=None, client_id=None, poison=False,
-                   fail=False):
+def client_dataset(config, dataset, indices, shuffle_seed, cache_dir=None, client_id=None, poison=False, fail=False):
     """One client's local data for one round: shuffled, batched per epoch, repeated `local_epochs`.
 
     With `cache_dir` the client's examples are read from a tf.data snapshot there (written once):
@@ -44,8 +43,11 @@ def client_dataset(config, dataset, indices, shuffle_seed, cache_dir=None, clien
 
 
 # Dataset.load's default reader, traced once: tf.data would trace a new one for every client.
-_snapshot_reader = tf.function(lambda shards: shards.interleave(
-    lambda shard: shard, cycle_length=multiprocessing.cpu_count(), num_parallel_calls=tf.data.AUTOTUNE))
+_snapshot_reader = tf.function(
+    lambda shards: shards.interleave(
+        lambda shard: shard, cycle_length=multiprocessing.cpu_count(), num_parallel_calls=tf.data.AUTOTUNE
+    )
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -54,10 +56,12 @@ def _batcher(batch_size, local_epochs, input_shape):
 
     Traced once per layout: a client's data set then costs a few ops, not a trace of the preprocessing.
     """
+
     @tf.function
     def batch(examples):
         batches = examples.batch(batch_size).map(lambda x, y: (data_lib.preprocess(x, input_shape), y))
         return batches.repeat(local_epochs)
+
     return batch
 
 
@@ -70,8 +74,11 @@ _CLIENT_DATA_OPTIONS.autotune.enabled = False
 
 def _fail_after(dataset, steps):
     """Fault injection: the client's local training raises after `steps` batches (inside the round)."""
+
     def check(index, batch):
-        with tf.control_dependencies([tf.debugging.assert_less(index, tf.constant(steps, tf.int64),
-                                                               message="injected client failure")]):
+        with tf.control_dependencies(
+            [tf.debugging.assert_less(index, tf.constant(steps, tf.int64), message="injected client failure")]
+        ):
             return tf.nest.map_structure(tf.identity, batch)
+
     return dataset.enumerate().map(check)

@@ -77,10 +77,13 @@ class ClientStore:
                     raise ClientStateError(f"client {cid}'s key differs from its key file; refusing to mix them")
             name = f"state_{int(round_num):05d}.npz"
             arrays = {f"{field}/{i:05d}": np.asarray(a) for field in _FIELDS for i, a in enumerate(state[field])}
-            _write_private(os.path.join(client_dir, name), lambda f: np.savez(f, **arrays))
-            entries[cid] = {"file": f"{cid}/{name}", "sha256": _sha256(os.path.join(client_dir, name)),
-                            "counts": {field: len(state[field]) for field in _FIELDS},
-                            "has_key": bool(state["key"])}
+            _write_private(os.path.join(client_dir, name), lambda f, arrays=arrays: np.savez(f, **arrays))
+            entries[cid] = {
+                "file": f"{cid}/{name}",
+                "sha256": _sha256(os.path.join(client_dir, name)),
+                "counts": {field: len(state[field]) for field in _FIELDS},
+                "has_key": bool(state["key"]),
+            }
         text = json.dumps({"round": int(round_num), "clients": entries}, indent=1, sort_keys=True).encode()
         _write_private(self._manifest_path(round_num), lambda f: f.write(text))
 
@@ -125,8 +128,10 @@ class ClientStore:
 
     def last_update_rounds(self, round_num):
         """Client id -> the last round (<= round_num) its state changed (0: never took part)."""
-        return {cid: int(entry["file"].rsplit("_", 1)[1].split(".")[0])
-                for cid, entry in self._read_manifest(round_num).items()}
+        return {
+            cid: int(entry["file"].rsplit("_", 1)[1].split(".")[0])
+            for cid, entry in self._read_manifest(round_num).items()
+        }
 
     def prune(self, keep_rounds):
         """Deletes manifests not in `keep_rounds` and state files no kept manifest refers to."""

@@ -40,8 +40,12 @@ class ModelParts:
         shared_t = [trainable[i] for i in self.trainable]
         shared_n = [non_trainable[i] for i in self.non_trainable]
         locks = private.lock_layers(model)
-        return (shared_t, shared_n, [lock.key for lock in locks],
-                [w for lock in locks for w in (lock.scale_kernel, lock.scale_bias, lock.shift_kernel, lock.shift_bias)])
+        return (
+            shared_t,
+            shared_n,
+            [lock.key for lock in locks],
+            [w for lock in locks for w in (lock.scale_kernel, lock.scale_bias, lock.shift_kernel, lock.shift_bias)],
+        )
 
 
 def initial_client_state(model, key=None, lock=None, *, persist_optimizer_state, keep_statistics):
@@ -52,14 +56,18 @@ def initial_client_state(model, key=None, lock=None, *, persist_optimizer_state,
         raise ValueError("a FedKL client needs a key" if key_vars else "a FedAvg client has no key")
     model_lock = [v.numpy() for v in lock_vars]
     if lock is not None and [np.shape(w) for w in lock] != [w.shape for w in model_lock]:
-        raise ValueError(f"lock weights of shapes {[np.shape(w) for w in lock]} do not fit the model's "
-                         f"{[w.shape for w in model_lock]}")
+        raise ValueError(
+            f"lock weights of shapes {[np.shape(w) for w in lock]} do not fit the model's "
+            f"{[w.shape for w in model_lock]}"
+        )
     return collections.OrderedDict(
         key=[keys.validate_key(key, key_vars[0].shape[0])] if key_vars else [],
         lock=[np.array(a, np.float32) for a in (model_lock if lock is None else lock)],
         optimizer=[np.zeros(v.shape, v.dtype.as_numpy_dtype) for v in model.trainable_variables]
-        if persist_optimizer_state else [],
-        statistics=[v.numpy() for v in shared_n] if keep_statistics else [])
+        if persist_optimizer_state
+        else [],
+        statistics=[v.numpy() for v in shared_n] if keep_statistics else [],
+    )
 
 
 class ClientOutput(NamedTuple):
@@ -73,6 +81,7 @@ class ClientOutput(NamedTuple):
       clients_rejected),
     report: num_examples, num_steps and accepted, for the driver.
     """
+
     update: collections.OrderedDict
     weight: tf.Tensor
     client_state: collections.OrderedDict
@@ -81,8 +90,9 @@ class ClientOutput(NamedTuple):
 
 
 @tf.function  # automatic control dependencies order the assignments, the steps and the reads
-def client_update(model, optimizer, global_weights, learning_rate, dataset, state, *, weight_by_examples,
-                  update_transform=None):
+def client_update(
+    model, optimizer, global_weights, learning_rate, dataset, state, *, weight_by_examples, update_transform=None
+):
     """Trains `model` on `dataset` from the server's shared weights with the client's private `state`.
 
     Args:
@@ -109,8 +119,9 @@ def client_update(model, optimizer, global_weights, learning_rate, dataset, stat
         variable.assign(value)
     own_statistics = state["statistics"] if keep_statistics else global_weights["non_trainable"]
     own_keys = list(state["key"]) * len(key_vars)
-    for variable, value in zip(non_trainable + key_vars + lock_vars,
-                               list(own_statistics) + own_keys + list(state["lock"])):
+    for variable, value in zip(
+        non_trainable + key_vars + lock_vars, list(own_statistics) + own_keys + list(state["lock"])
+    ):
         variable.assign(value)
     if persist_optimizer_state:
         buffers = list(state["optimizer"])
@@ -129,25 +140,41 @@ def client_update(model, optimizer, global_weights, learning_rate, dataset, stat
         with tf.control_dependencies([v.assign(w) for v, w in zip(variables, new_weights)]):
             n = tf.shape(labels)[0]
             predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
-            return (tuple(opt_state[MOMENTUM_BUFFERS]), loss_sum + loss * tf.cast(n, tf.float32),
-                    correct + tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.int64)),
-                    count + tf.cast(n, tf.int64), steps + 1)
+            return (
+                tuple(opt_state[MOMENTUM_BUFFERS]),
+                loss_sum + loss * tf.cast(n, tf.float32),
+                correct + tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.int64)),
+                count + tf.cast(n, tf.int64),
+                steps + 1,
+            )
 
     buffers, loss_sum, correct, count, steps = dataset.reduce(
-        (tuple(buffers), tf.constant(0.0), tf.constant(0, tf.int64), tf.constant(0, tf.int64),
-         tf.constant(0, tf.int64)), step)
+        (
+            tuple(buffers),
+            tf.constant(0.0),
+            tf.constant(0, tf.int64),
+            tf.constant(0, tf.int64),
+            tf.constant(0, tf.int64),
+        ),
+        step,
+    )
     update = collections.OrderedDict(
         trainable=[v - w for v, w in zip(trainable, global_weights["trainable"])],
-        non_trainable=[] if keep_statistics else
-        [v - w for v, w in zip(non_trainable, global_weights["non_trainable"])])
+        non_trainable=[]
+        if keep_statistics
+        else [v - w for v, w in zip(non_trainable, global_weights["non_trainable"])],
+    )
     if update_transform is not None:
         update = update_transform(update)
     new_state = collections.OrderedDict(
-        key=list(state["key"]), lock=[v.read_value() for v in lock_vars],
+        key=list(state["key"]),
+        lock=[v.read_value() for v in lock_vars],
         optimizer=list(buffers) if persist_optimizer_state else [],
-        statistics=[v.read_value() for v in non_trainable] if keep_statistics else [])
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in
-                            tf.nest.flatten(update) + tf.nest.flatten(new_state) + [loss_sum]])
+        statistics=[v.read_value() for v in non_trainable] if keep_statistics else [],
+    )
+    finite = tf.reduce_all(
+        [tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(update) + tf.nest.flatten(new_state) + [loss_sum]]
+    )
     update = tf.nest.map_structure(lambda u: tf.where(finite, u, tf.zeros_like(u)), update)
     new_state = tf.nest.map_structure(lambda n, o: tf.where(finite, n, o), new_state, state)
     base_weight = tf.cast(count, tf.float32) if weight_by_examples else tf.constant(1.0)
@@ -155,8 +182,11 @@ def client_update(model, optimizer, global_weights, learning_rate, dataset, stat
     accepted = tf.cast(weight > 0, tf.int64)
     metrics = collections.OrderedDict(
         loss_sum=tf.where(finite, loss_sum, 0.0) * tf.cast(accepted, tf.float32),
-        correct=correct * accepted, num_examples=count * accepted, clients_accepted=accepted,
-        clients_rejected=1 - accepted)
+        correct=correct * accepted,
+        num_examples=count * accepted,
+        clients_accepted=accepted,
+        clients_rejected=1 - accepted,
+    )
     report = collections.OrderedDict(num_examples=count, num_steps=steps, accepted=accepted > 0)
     return ClientOutput(update, weight, new_state, metrics, report)
 
@@ -165,9 +195,11 @@ def initial_server_state(model, server_optimizer):
     """The server's first state: `model`'s shared weights, the optimizer's state and round 0."""
     trainable, non_trainable, _, _ = ModelParts(model).split(model)
     return collections.OrderedDict(
-        trainable=[v.read_value() for v in trainable], non_trainable=[v.read_value() for v in non_trainable],
+        trainable=[v.read_value() for v in trainable],
+        non_trainable=[v.read_value() for v in non_trainable],
         optimizer=server_optimizer.initialize([tf.TensorSpec(v.shape, v.dtype) for v in trainable]),
-        round_num=tf.constant(0, tf.int32))
+        round_num=tf.constant(0, tf.int32),
+    )
 
 
 def server_update(server_optimizer, server_state, mean_update):
@@ -176,20 +208,28 @@ def server_update(server_optimizer, server_state, mean_update):
     The server optimizer takes the negated mean update as its gradient (SGD(1.0) is FedAvg); the
     mean statistics delta is added to the statistics; without one (statistics kept local) they stay.
     """
-    opt_state, new_weights = server_optimizer.next(server_state["optimizer"], list(server_state["trainable"]),
-                                                   [-u for u in mean_update["trainable"]])
+    opt_state, new_weights = server_optimizer.next(
+        server_state["optimizer"], list(server_state["trainable"]), [-u for u in mean_update["trainable"]]
+    )
     if mean_update["non_trainable"]:
         non_trainable = [w + u for w, u in zip(server_state["non_trainable"], mean_update["non_trainable"])]
     else:
         non_trainable = list(server_state["non_trainable"])
-    return collections.OrderedDict(trainable=list(new_weights), non_trainable=non_trainable, optimizer=opt_state,
-                                   round_num=server_state["round_num"] + 1)
+    return collections.OrderedDict(
+        trainable=list(new_weights),
+        non_trainable=non_trainable,
+        optimizer=opt_state,
+        round_num=server_state["round_num"] + 1,
+    )
 
 
 def round_metrics(metric_sums):
     """The round's metrics from the sums of the clients' `ClientOutput.metrics`."""
     examples = tf.cast(tf.maximum(metric_sums["num_examples"], 1), tf.float32)
     return collections.OrderedDict(
-        loss=metric_sums["loss_sum"] / examples, accuracy=tf.cast(metric_sums["correct"], tf.float32) / examples,
-        num_examples=metric_sums["num_examples"], clients_accepted=metric_sums["clients_accepted"],
-        clients_rejected=metric_sums["clients_rejected"])
+        loss=metric_sums["loss_sum"] / examples,
+        accuracy=tf.cast(metric_sums["correct"], tf.float32) / examples,
+        num_examples=metric_sums["num_examples"],
+        clients_accepted=metric_sums["clients_accepted"],
+        clients_rejected=metric_sums["clients_rejected"],
+    )

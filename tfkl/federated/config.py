@@ -10,9 +10,8 @@ import functools
 import tensorflow_federated as tff
 
 from tfkl import data as data_lib
-from tfkl import keylock
+from tfkl import keylock, models, optimizers, private
 from tfkl import keys as keys_lib
-from tfkl import models, optimizers, private
 from tfkl.federated import algorithms
 
 ALGORITHMS = ("fedkl", "fedavg")
@@ -31,6 +30,7 @@ class ConfigError(ProgramError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that defines a training run (the parts that must match to resume it)."""
+
     algorithm: str = "fedkl"
     model: str = "lenet"
     dataset: str = "digits"
@@ -38,7 +38,7 @@ class Config:
     input_shape: tuple = (32, 32, 1)
     num_classes: int = 10
     num_clients: int = 3
-    clients_per_round: int = None        # None: every client takes part in every round
+    clients_per_round: int = None  # None: every client takes part in every round
     local_epochs: int = 1
     batch_size: int = 64
     split: str = "iid"
@@ -58,21 +58,28 @@ class Config:
     init: str = "pytorch"
     seed: int = 0
     seeded_keys: bool = False
-    lock_where: str = "first"            # FedKL: the layers to lock ('first', 'all'; see tfkl.secure)
-    lock_init: str = "shared"            # FedKL: clients start from model_fn's lock weights (the paper) or
-                                         # 'private' ones each draws from the CSPRNG (the server cannot know them)
-    dp_clip: float = None                # DP-FedAvg (TFF's gaussian_fixed): clip of each client's update
-    dp_noise_multiplier: float = 0.0     # ... and the noise stddev on the sum, in units of dp_clip
-    prune_fraction: float = None         # each client zeroes this fraction of its smallest update entries
+    lock_where: str = "first"  # FedKL: the layers to lock ('first', 'all'; see tfkl.secure)
+    lock_init: str = "shared"  # FedKL: clients start from model_fn's lock weights (the paper) or
+    # 'private' ones each draws from the CSPRNG (the server cannot know them)
+    dp_clip: float = None  # DP-FedAvg (TFF's gaussian_fixed): clip of each client's update
+    dp_noise_multiplier: float = 0.0  # ... and the noise stddev on the sum, in units of dp_clip
+    prune_fraction: float = None  # each client zeroes this fraction of its smallest update entries
 
     def __post_init__(self):
         if self.clients_per_round is None:
             object.__setattr__(self, "clients_per_round", self.num_clients)
-        for name, choices in (("algorithm", ALGORITHMS), ("model", models.NAMES), ("dataset", data_lib.DATASETS),
-                              ("split", data_lib.SPLITS), ("statistics", algorithms.STATISTICS),
-                              ("client_weighting", algorithms.CLIENT_WEIGHTINGS),
-                              ("normalization", keylock.NORMALIZATIONS), ("init", models.INITS),
-                              ("lock_where", LOCK_WHERES), ("lock_init", LOCK_INITS)):
+        for name, choices in (
+            ("algorithm", ALGORITHMS),
+            ("model", models.NAMES),
+            ("dataset", data_lib.DATASETS),
+            ("split", data_lib.SPLITS),
+            ("statistics", algorithms.STATISTICS),
+            ("client_weighting", algorithms.CLIENT_WEIGHTINGS),
+            ("normalization", keylock.NORMALIZATIONS),
+            ("init", models.INITS),
+            ("lock_where", LOCK_WHERES),
+            ("lock_init", LOCK_INITS),
+        ):
             _check(getattr(self, name) in choices, f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("num_clients", "clients_per_round", "local_epochs", "batch_size", "key_dim"):
             _check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
@@ -80,13 +87,17 @@ class Config:
             _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("momentum", "weight_decay", "dp_noise_multiplier"):
             _check(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
-        _check(self.clients_per_round <= self.num_clients,
-               f"clients_per_round cannot exceed num_clients ({self.clients_per_round} > {self.num_clients})")
+        _check(
+            self.clients_per_round <= self.num_clients,
+            f"clients_per_round cannot exceed num_clients ({self.clients_per_round} > {self.num_clients})",
+        )
         _check(not self.nesterov or self.momentum > 0, "nesterov needs momentum > 0")
         if self.dp_clip is not None:
             _check(self.dp_clip > 0, f"dp_clip must be positive, got {self.dp_clip}")
-            _check(self.client_weighting == "uniform",
-                   "DP-FedAvg (dp_clip) weights clients uniformly: it needs client_weighting=uniform")
+            _check(
+                self.client_weighting == "uniform",
+                "DP-FedAvg (dp_clip) weights clients uniformly: it needs client_weighting=uniform",
+            )
         if self.prune_fraction is not None:
             _check(0 <= self.prune_fraction < 1, f"prune_fraction must be in [0, 1), got {self.prune_fraction}")
 
@@ -112,13 +123,14 @@ class Config:
         if self.dp_clip is None:
             return None
         return tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
-            noise_multiplier=float(self.dp_noise_multiplier), clients_per_round=float(self.clients_per_round),
-            clip=float(self.dp_clip))
+            noise_multiplier=float(self.dp_noise_multiplier),
+            clients_per_round=float(self.clients_per_round),
+            clip=float(self.dp_clip),
+        )
 
     def round_learning_rate(self, round_num):
         """The client LR of (1-based) `round_num`: x lr_gamma at each milestone round passed."""
-        return optimizers.multistep_learning_rate(self.learning_rate, self.lr_milestones, self.lr_gamma,
-                                                  round_num - 1)
+        return optimizers.multistep_learning_rate(self.learning_rate, self.lr_milestones, self.lr_gamma, round_num - 1)
 
     def client_key(self, client_id):
         """A fresh CSPRNG key; with `seeded_keys` (experiments only) derived from the seed."""
@@ -132,7 +144,8 @@ class Config:
             return lambda client_id: None
         model = self.model_fn()()
         return lambda client_id: private.draw_lock_weights(
-            model, [self.seed, int(client_id), 0x6C6F636B] if self.seeded_keys else None)
+            model, [self.seed, int(client_id), 0x6C6F636B] if self.seeded_keys else None
+        )
 
 
 def _check(rule_holds, message):
@@ -142,9 +155,21 @@ def _check(rule_holds, message):
 
 # Fields that change the data or the schedule but not the process's computations: configs that
 # differ only in these share one process (each set to a valid placeholder for the cache key).
-_DRIVER_FIELDS = dict(dataset="digits", data_dir=None, num_clients=1, clients_per_round=1, local_epochs=1,
-                      batch_size=1, split="iid", alpha=1.0, learning_rate=1.0, lr_milestones=(), lr_gamma=1.0,
-                      seeded_keys=False, lock_init="shared")
+_DRIVER_FIELDS = dict(
+    dataset="digits",
+    data_dir=None,
+    num_clients=1,
+    clients_per_round=1,
+    local_epochs=1,
+    batch_size=1,
+    split="iid",
+    alpha=1.0,
+    learning_rate=1.0,
+    lr_milestones=(),
+    lr_gamma=1.0,
+    seeded_keys=False,
+    lock_init="shared",
+)
 
 
 def build_process(config, return_client_updates=False):
@@ -158,10 +183,16 @@ def build_process(config, return_client_updates=False):
 @functools.lru_cache(maxsize=4)
 def _build_process(config, return_client_updates):
     builder = algorithms.build_fedkl_process if config.locked else algorithms.build_fedavg_process
-    return builder(config.model_fn(), config.client_optimizer(),
-                   tff.learning.optimizers.build_sgdm(learning_rate=config.server_learning_rate),
-                   client_weighting=config.client_weighting, statistics=config.statistics,
-                   persist_optimizer_state=config.persist_optimizer_state,
-                   return_client_updates=return_client_updates, model_aggregator=config.model_aggregator(),
-                   client_update_transform=None if config.prune_fraction is None else
-                   algorithms.prune_smallest(config.prune_fraction))
+    return builder(
+        config.model_fn(),
+        config.client_optimizer(),
+        tff.learning.optimizers.build_sgdm(learning_rate=config.server_learning_rate),
+        client_weighting=config.client_weighting,
+        statistics=config.statistics,
+        persist_optimizer_state=config.persist_optimizer_state,
+        return_client_updates=return_client_updates,
+        model_aggregator=config.model_aggregator(),
+        client_update_transform=None
+        if config.prune_fraction is None
+        else algorithms.prune_smallest(config.prune_fraction),
+    )

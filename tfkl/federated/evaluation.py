@@ -19,21 +19,21 @@ from tfkl.training import accuracy, classification_loss
 
 ENTRIES = {
     "a_own_key_and_lock": "each client: global shared weights + its own key and lock weights (the paper's FedKL "
-                          "accuracy)",
+    "accuracy)",
     "b_own_lock_random_key": "each client's own lock weights under a fresh random key",
     "c_own_lock_other_key": "each client's own lock weights under the next client's key",
     "c_other_key_and_lock": "the next client's key and lock weights in this client's model (same as that client's "
-                            "model unless statistics are kept local)",
+    "model unless statistics are kept local)",
     "d_global_zero_lock": "the global model alone as the server holds it: lock weights zero (gamma = beta = 0), "
-                          "any key",
+    "any key",
     "d_global_fresh_lock_random_key": "the global model alone with freshly initialised lock weights and a random key",
     "f_own_secret_own_statistics": "each client: entry (a) after re-estimating the moving statistics on its own "
-                                   "training data (train-mode forward passes, no weight changes), as a client can "
-                                   "before deploying",
+    "training data (train-mode forward passes, no weight changes), as a client can "
+    "before deploying",
     "e_lock_recovery": "an attacker holding the global model fine-tunes the lock layers (fresh init, random key) "
-                       "on N public labelled test examples (held out from the evaluation examples), once with "
-                       "the server's moving statistics and once re-estimating them on those examples; the "
-                       "better of the two",
+    "on N public labelled test examples (held out from the evaluation examples), once with "
+    "the server's moving statistics and once re-estimating them on those examples; the "
+    "better of the two",
 }
 
 
@@ -81,15 +81,15 @@ class _Evaluator:
 
 def _cycled_batches(images, labels, input_shape, batch_size, seed):
     """Shuffled batches of a small labelled set, repeated without end."""
-    return data_lib.make_dataset(images, labels, input_shape, min(batch_size, len(labels)), shuffle_seed=seed,
-                                 repeat=None)
+    return data_lib.make_dataset(
+        images, labels, input_shape, min(batch_size, len(labels)), shuffle_seed=seed, repeat=None
+    )
 
 
 RECOVERY_STATISTICS = ("server", "public")
 
 
-def _recover_lock(evaluator, images, labels, input_shape, steps, seed, statistics, learning_rate=0.01,
-                  batch_size=32):
+def _recover_lock(evaluator, images, labels, input_shape, steps, seed, statistics, learning_rate=0.01, batch_size=32):
     """Fine-tunes the lock layers on a small labelled set. With statistics='server' the model runs
     in inference mode on the server's moving statistics; with 'public' it trains in train mode, so
     the moving statistics follow the public batches (they matter when clients keep theirs local)."""
@@ -116,8 +116,7 @@ def _evaluation_setup(root_dir, public_size, seed, dataset):
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
     process = build_process(config)
     public, held_out = data_lib.split_test(dataset, public_size, seed)
-    eval_ds = data_lib.make_dataset(dataset.x_test[held_out], dataset.y_test[held_out], tuple(config.input_shape),
-                                    256)
+    eval_ds = data_lib.make_dataset(dataset.x_test[held_out], dataset.y_test[held_out], tuple(config.input_shape), 256)
     return config, dataset, process, public, held_out, eval_ds
 
 
@@ -154,23 +153,31 @@ def accuracy_by_round(root_dir, public_size=1000, max_clients=10, seed=0, datase
         evaluator = _Evaluator(config, process, server_state)
         if config.locked:
             client_ids, _ = _recent_clients(root_dir, client_states, round_num, max_clients)
-            curve[round_num] = float(np.mean(list(
-                _own_secret_accuracy(evaluator, client_states, client_ids, eval_ds).values())))
+            curve[round_num] = float(
+                np.mean(list(_own_secret_accuracy(evaluator, client_states, client_ids, eval_ds).values()))
+            )
         else:
             curve[round_num] = evaluator.accuracy(eval_ds)
     return curve
 
 
-def evaluate(root_dir, round_num=None, public_sizes=(100, 1000), max_clients=10, recovery_steps=300, seed=0,
-             dataset=None):
+def evaluate(
+    root_dir, round_num=None, public_sizes=(100, 1000), max_clients=10, recovery_steps=300, seed=0, dataset=None
+):
     """The accuracy matrix of a run's (last complete, or given) round, as a JSON-ready dict."""
-    config, dataset, process, public, held_out, eval_ds = _evaluation_setup(root_dir, max(public_sizes), seed,
-                                                                            dataset)
+    config, dataset, process, public, held_out, eval_ds = _evaluation_setup(root_dir, max(public_sizes), seed, dataset)
     server_state, client_states, round_num = _restore(root_dir, config, process, round_num)
     shape = tuple(config.input_shape)
-    result = dict(root_dir=root_dir, round=round_num, algorithm=config.algorithm, model=config.model,
-                  dataset=config.dataset, num_clients=config.num_clients, evaluation_examples=int(len(held_out)),
-                  public_examples=int(len(public)))
+    result = dict(
+        root_dir=root_dir,
+        round=round_num,
+        algorithm=config.algorithm,
+        model=config.model,
+        dataset=config.dataset,
+        num_clients=config.num_clients,
+        evaluation_examples=int(len(held_out)),
+        public_examples=int(len(public)),
+    )
     tf.keras.utils.set_random_seed(seed)
     evaluator = _Evaluator(config, process, server_state)
     if not config.locked:
@@ -186,9 +193,11 @@ def evaluate(root_dir, round_num=None, public_sizes=(100, 1000), max_clients=10,
         other = client_states[client_ids[(index + 1) % len(client_ids)]]
         random_key = keys_lib.generate_key(config.key_dim, seed=[seed, 1, int(cid)])
         evaluator.use_client(state)
-        for name, key, lock in (("b_own_lock_random_key", random_key, state["lock"]),
-                                ("c_own_lock_other_key", other["key"][0], state["lock"]),
-                                ("c_other_key_and_lock", other["key"][0], other["lock"])):
+        for name, key, lock in (
+            ("b_own_lock_random_key", random_key, state["lock"]),
+            ("c_own_lock_other_key", other["key"][0], state["lock"]),
+            ("c_other_key_and_lock", other["key"][0], other["lock"]),
+        ):
             evaluator.set_secret(key, lock)
             rows[name][cid] = evaluator.accuracy(eval_ds)
     rows["f_own_secret_own_statistics"] = {}
@@ -211,34 +220,48 @@ def evaluate(root_dir, round_num=None, public_sizes=(100, 1000), max_clients=10,
 
     recovery = {}
     for size in public_sizes:
-        usable = public[:min(int(size), len(public))]
+        usable = public[: min(int(size), len(public))]
         by_statistics = {}
         for statistics in RECOVERY_STATISTICS:
             evaluator.set_statistics(evaluator.global_statistics)
             evaluator.set_secret(random_key, fresh_lock)
-            _recover_lock(evaluator, dataset.x_test[usable], dataset.y_test[usable], shape, recovery_steps, seed,
-                          statistics)
+            _recover_lock(
+                evaluator, dataset.x_test[usable], dataset.y_test[usable], shape, recovery_steps, seed, statistics
+            )
             by_statistics[statistics] = evaluator.accuracy(eval_ds)
-        recovery[str(int(size))] = dict(examples=int(len(usable)), steps=int(recovery_steps),
-                                        accuracy=max(by_statistics.values()), by_statistics=by_statistics)
+        recovery[str(int(size))] = dict(
+            examples=int(len(usable)),
+            steps=int(recovery_steps),
+            accuracy=max(by_statistics.values()),
+            by_statistics=by_statistics,
+        )
     result["e_lock_recovery"] = recovery
     return result
 
 
 def format_matrix(result):
     """A readable table of an evaluation result."""
-    lines = [f"{result['algorithm']} {result['model']} {result['dataset']}, round {result['round']}, "
-             f"{result['evaluation_examples']} evaluation examples"]
+    lines = [
+        f"{result['algorithm']} {result['model']} {result['dataset']}, round {result['round']}, "
+        f"{result['evaluation_examples']} evaluation examples"
+    ]
     if "global" in result:
         return "\n".join(lines + [f"  global model: {result['global']:.4f}"])
-    for name in ("a_own_key_and_lock", "b_own_lock_random_key", "c_own_lock_other_key", "c_other_key_and_lock",
-                 "f_own_secret_own_statistics"):
+    for name in (
+        "a_own_key_and_lock",
+        "b_own_lock_random_key",
+        "c_own_lock_other_key",
+        "c_other_key_and_lock",
+        "f_own_secret_own_statistics",
+    ):
         per_client = " ".join(f"{v:.3f}" for v in result[name]["per_client"].values())
         lines.append(f"  {name:32s} mean {result[name]['mean']:.4f}  [{per_client}]")
     for name in ("d_global_zero_lock", "d_global_fresh_lock_random_key"):
         lines.append(f"  {name:32s} {result[name]:.4f}")
     for size, entry in result["e_lock_recovery"].items():
         by_statistics = ", ".join(f"{k} statistics {v:.4f}" for k, v in entry["by_statistics"].items())
-        lines.append(f"  {'e_lock_recovery_' + size:32s} {entry['accuracy']:.4f}  ({entry['examples']} examples, "
-                     f"{entry['steps']} steps; {by_statistics})")
+        lines.append(
+            f"  {'e_lock_recovery_' + size:32s} {entry['accuracy']:.4f}  ({entry['examples']} examples, "
+            f"{entry['steps']} steps; {by_statistics})"
+        )
     return "\n".join(lines)

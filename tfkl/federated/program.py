@@ -25,11 +25,12 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class RunOptions:
     """Per-invocation options that do not define the run (may differ when resuming)."""
+
     rounds: int = 10
-    capture_rounds: tuple = ()   # round numbers to capture; ("all",) for every round
-    keep_rounds: int = 5         # complete rounds kept on disk (the latest always)
-    inject_nan: tuple = ()       # ((round, client_id), ...): the client's data become NaN
-    inject_failure: tuple = ()   # ((round, client_id), ...): the client's computation fails mid-epoch
+    capture_rounds: tuple = ()  # round numbers to capture; ("all",) for every round
+    keep_rounds: int = 5  # complete rounds kept on disk (the latest always)
+    inject_nan: tuple = ()  # ((round, client_id), ...): the client's data become NaN
+    inject_failure: tuple = ()  # ((round, client_id), ...): the client's computation fails mid-epoch
     progress: bool = True
     cache_client_data: bool = True  # each client's examples as a tf.data snapshot under root_dir/client_data
 
@@ -45,12 +46,20 @@ def train(root_dir, config, options, dataset=None):
     process = build_process(config, return_client_updates=bool(options.capture_rounds))
     state_manager = run_dir.RunStateManager(root_dir, options.keep_rounds)
     restored = state_manager.load(config, process)  # before a release manager writes into root_dir
-    return train_rounds(root_dir, process, config, options, dataset, partition, restored,
-                        state_manager=state_manager, metrics_manager=run_dir.metrics_manager(root_dir))
+    return train_rounds(
+        root_dir,
+        process,
+        config,
+        options,
+        dataset,
+        partition,
+        restored,
+        state_manager=state_manager,
+        metrics_manager=run_dir.metrics_manager(root_dir),
+    )
 
 
-def train_rounds(root_dir, process, config, options, dataset, partition, restored, *, state_manager,
-                 metrics_manager):
+def train_rounds(root_dir, process, config, options, dataset, partition, restored, *, state_manager, metrics_manager):
     """Trains from `restored` ((server_state, client_states, round); None: a new run) to `options.rounds`.
 
     Each round is saved through `state_manager` (a run_dir.RunStateManager) and its metrics released
@@ -60,8 +69,10 @@ def train_rounds(root_dir, process, config, options, dataset, partition, restore
     if restored is None:
         server_state = process.initialize()
         client_lock = config.client_lock_fn()
-        client_states = {str(c): process.initial_client_state(state_manager.initial_key(config, c), client_lock(c))
-                         for c in range(config.num_clients)}
+        client_states = {
+            str(c): process.initial_client_state(state_manager.initial_key(config, c), client_lock(c))
+            for c in range(config.num_clients)
+        }
         start = 0
         state_manager.save(0, server_state, client_states, changed=set(client_states))
     else:
@@ -73,9 +84,11 @@ def train_rounds(root_dir, process, config, options, dataset, partition, restore
     layout = capture_lib.SharedLayout(config.model_fn()(), process.parts)
     cache_dir = run_dir.client_data_dir(root_dir) if options.cache_client_data else None
     nan_at, fail_at = set(options.inject_nan), set(options.inject_failure)
-    progress = tf.keras.utils.Progbar(options.rounds, stateful_metrics=["loss", "accuracy", "rejected",
-                                                                       "dropped", "s/round"],
-                                      verbose=1 if options.progress else 0)
+    progress = tf.keras.utils.Progbar(
+        options.rounds,
+        stateful_metrics=["loss", "accuracy", "rejected", "dropped", "s/round"],
+        verbose=1 if options.progress else 0,
+    )
     progress.update(min(start, options.rounds))
     metrics = None
     for round_num in range(start + 1, options.rounds + 1):
@@ -84,28 +97,49 @@ def train_rounds(root_dir, process, config, options, dataset, partition, restore
         seeds = {c: simulation.data_seed(config.seed, round_num, c) for c in sampled}
 
         def client_data(client_id, round_num=round_num, seeds=seeds):
-            return client_dataset(config, dataset, partition[int(client_id)], seeds[client_id], cache_dir,
-                                  client_id, poison=(round_num, client_id) in nan_at,
-                                  fail=(round_num, client_id) in fail_at)
+            return client_dataset(
+                config,
+                dataset,
+                partition[int(client_id)],
+                seeds[client_id],
+                cache_dir,
+                client_id,
+                poison=(round_num, client_id) in nan_at,
+                fail=(round_num, client_id) in fail_at,
+            )
 
         learning_rate = config.round_learning_rate(round_num)
         global_t, global_n = process.global_weights(server_state)
         try:
             server_state, new_client_states, metrics, reports = simulation.run_round(
-                process, server_state, client_states, sampled, client_data, learning_rate)
+                process, server_state, client_states, sampled, client_data, learning_rate
+            )
         except simulation.RoundFailed as e:
             raise ProgramError(f"round {round_num}: {e}; fix the cause and run the same command again") from None
         client_states = {**client_states, **new_client_states}
         if capture and capture_lib.captures_round(options.capture_rounds, round_num):
-            capture_lib.save_round_captures(root_dir, round_num, layout, global_t, global_n, reports,
-                                            capture_lib.run_meta_fn(config, dataset.name, learning_rate, seeds,
-                                                                    partition))
+            capture_lib.save_round_captures(
+                root_dir,
+                round_num,
+                layout,
+                global_t,
+                global_n,
+                reports,
+                capture_lib.run_meta_fn(config, dataset.name, learning_rate, seeds, partition),
+            )
         metrics = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in metrics.items()}
         metrics.update(learning_rate=float(learning_rate), seconds=time.time() - started)
         # Released before the state is saved: a resumed round releases again, replacing its rows.
         asyncio.run(metrics_manager.release(metrics, round_num))
         state_manager.save(round_num, server_state, client_states, changed=set(new_client_states))
-        progress.update(round_num, [("loss", metrics["loss"]), ("accuracy", metrics["accuracy"]),
-                                    ("rejected", metrics["clients_rejected"]),
-                                    ("dropped", metrics["clients_dropped"]), ("s/round", metrics["seconds"])])
+        progress.update(
+            round_num,
+            [
+                ("loss", metrics["loss"]),
+                ("accuracy", metrics["accuracy"]),
+                ("rejected", metrics["clients_rejected"]),
+                ("dropped", metrics["clients_dropped"]),
+                ("s/round", metrics["seconds"]),
+            ],
+        )
     return metrics

@@ -43,8 +43,10 @@ def check_config(root_dir, config):
         differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         if differing:
             k = differing[0]
-            raise ProgramError(f"{root_dir} holds another run ({k}: {stored.get(k)!r} there, {wanted.get(k)!r} "
-                               f"here); use a new --root_dir")
+            raise ProgramError(
+                f"{root_dir} holds another run ({k}: {stored.get(k)!r} there, {wanted.get(k)!r} "
+                f"here); use a new --root_dir"
+            )
         return
     if os.path.isdir(root_dir) and os.listdir(root_dir):
         raise ProgramError(f"{root_dir} is not empty and holds no {CONFIG_FILE}; use a new --root_dir")
@@ -66,9 +68,12 @@ def load_config(root_dir):
 
 def metrics_manager(root_dir):
     """The release manager of the per-round metrics: metrics.csv and TensorBoard."""
-    return tff.program.GroupingReleaseManager([
-        tff.program.CSVFileReleaseManager(os.path.join(root_dir, "metrics.csv"), key_fieldname="round"),
-        tff.program.TensorBoardReleaseManager(os.path.join(root_dir, "tensorboard"))])
+    return tff.program.GroupingReleaseManager(
+        [
+            tff.program.CSVFileReleaseManager(os.path.join(root_dir, "metrics.csv"), key_fieldname="round"),
+            tff.program.TensorBoardReleaseManager(os.path.join(root_dir, "tensorboard")),
+        ]
+    )
 
 
 def client_data_dir(root_dir):
@@ -84,8 +89,8 @@ class RunStateManager:
         self.root_dir = root_dir
         self.keep_rounds = keep_rounds
         self.server = tff.program.FileProgramStateManager(
-            os.path.join(root_dir, "server"), keep_total=0 if keep_rounds is None else keep_rounds + 1,
-            keep_first=True)
+            os.path.join(root_dir, "server"), keep_total=0 if keep_rounds is None else keep_rounds + 1, keep_first=True
+        )
         self.clients = ClientStore(os.path.join(root_dir, "clients"))
 
     def complete_rounds(self):
@@ -110,7 +115,7 @@ class RunStateManager:
         asyncio.run(self.server.save(server_state, round_num))
         if self.keep_rounds is not None:
             rounds = self.clients.rounds()
-            self.clients.prune(set(rounds[-self.keep_rounds:]) | {0})  # the rounds the server manager keeps
+            self.clients.prune(set(rounds[-self.keep_rounds :]) | {0})  # the rounds the server manager keeps
 
     def load(self, config, process, round_num=None):
         """(server_state, client_states, round) of the last complete round (or `round_num`); None if none."""
@@ -127,8 +132,9 @@ class RunStateManager:
         except tff.program.ProgramStateNotFoundError:
             raise ProgramError(f"no server state for round {round_num} in {root_dir}/server") from None
         except Exception as e:  # a corrupt SavedModel raises many kinds of errors
-            raise ProgramError(f"server state of round {round_num} in {root_dir}/server is unreadable: "
-                               f"{type(e).__name__}") from None
+            raise ProgramError(
+                f"server state of round {round_num} in {root_dir}/server is unreadable: {type(e).__name__}"
+            ) from None
         if [np.shape(x) for x in _flat(server_state)] != [np.shape(x) for x in _flat(template)]:
             raise ProgramError(f"server state of round {round_num} does not fit the model in {CONFIG_FILE}")
         try:
@@ -140,7 +146,8 @@ class RunStateManager:
         template_client = process.client_state_type
         for cid, state in client_states.items():
             client_states[cid] = collections.OrderedDict(
-                (k, [np.asarray(a) for a in state[k]]) for k in ("key", "lock", "optimizer", "statistics"))
+                (k, [np.asarray(a) for a in state[k]]) for k in ("key", "lock", "optimizer", "statistics")
+            )
             if [len(v) for v in client_states[cid].values()] != [len(template_client[k]) for k in client_states[cid]]:
                 raise ProgramError(f"client {cid}'s state of round {round_num} does not fit the run's options")
         return server_state, client_states, int(round_num)
