@@ -27,6 +27,12 @@ Topic = collections.namedtuple("Topic", "title patterns intro command")
 
 SECTIONS = (
     Topic(
+        "Attacks",
+        ("success_rates", "table6", "torch_dlg_reference", "dlg_speed", "attack_quality", "attacks_*"),
+        "Gradient inversion against plain and locked models, and the PyTorch DLG reference.",
+        None,
+    ),
+    Topic(
         "Accuracy: Table 1 analogue and the key table",
         ("table1",),
         "Central, central + lock, FedAvg and FedKL on identical backbones, and the FedKL run's evaluation matrix.",
@@ -53,12 +59,6 @@ SECTIONS = (
     Topic("Federated round", ("federated_round",), "One FedKL round in TFF against plain Keras training.", None),
     Topic("Scale", ("scale",), "Round time and peak memory as the client population grows.", None),
     Topic(
-        "Attacks",
-        ("success_rates", "table6", "torch_dlg_reference", "dlg_speed", "attack_quality", "attacks_*"),
-        "Gradient inversion against plain and locked models, and the PyTorch DLG reference.",
-        None,
-    ),
-    Topic(
         "Privacy vs utility",
         ("privacy_utility",),
         "Each defence's accuracy after federated training against the strongest attack on a client's update.",
@@ -69,10 +69,13 @@ SECTIONS = (
 
 
 def assign(docs, sections=SECTIONS):
-    """Maps each topic to its result files (in file order); unclaimed files go to 'Other results'."""
+    """Maps each topic to its result files (in its patterns' order, then file order); unclaimed files go to
+    'Other results'."""
     claimed, by_topic = set(), collections.OrderedDict()
     for topic in sections:
-        names = [n for n in docs if n not in claimed and any(fnmatch.fnmatch(n, p) for p in topic.patterns)]
+        names = []
+        for pattern in topic.patterns:
+            names += [n for n in docs if n not in claimed and n not in names and fnmatch.fnmatch(n, pattern)]
         claimed.update(names)
         by_topic[topic] = names
     other = [n for n in docs if n not in claimed]
@@ -157,7 +160,11 @@ def report_markdown(docs, sections=SECTIONS, figures=()):
         + common.SHARED_MACHINE_NOTE,
         "",
     ]
-    summary_rows = [row for name, doc in docs.items() for row in tables.headline_rows(name, doc)]
+    topics = assign(docs, sections)
+    # In the sections' order: the attack success rates first.
+    summary_rows = [
+        row for names in topics.values() for name in names for row in tables.headline_rows(name, docs[name])
+    ]
     if summary_rows:
         lines += [
             "## Headline figures",
@@ -166,7 +173,7 @@ def report_markdown(docs, sections=SECTIONS, figures=()):
             "",
         ]
     lines += list(figures)
-    for topic, names in assign(docs, sections).items():
+    for topic, names in topics.items():
         lines += [section_markdown(topic, names, docs)]
     lines += run_times_markdown(docs)
     return "\n".join(lines).rstrip() + "\n"
