@@ -7,6 +7,7 @@ by thin TFF wiring. Only the shared update crosses to SERVER, through a TFF aggr
 """
 
 import collections
+from collections.abc import Callable
 import functools
 
 import numpy as np
@@ -14,6 +15,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tfkl.federated import client_work
+from tfkl.optimizers import TorchSGD
 
 CLIENT_WEIGHTINGS = ("num_examples", "uniform")
 STATISTICS = ("average", "local")
@@ -99,18 +101,18 @@ def _weighted_aggregator(model_aggregator, client_weighting):
 
 
 def build_stateful_clients_process(
-    model_fn,
-    client_optimizer,
-    server_optimizer=None,
+    model_fn: Callable[[], tf.keras.Model],
+    client_optimizer: TorchSGD,
+    server_optimizer: tff.learning.optimizers.Optimizer | None = None,
     *,
-    locked,
-    client_weighting="num_examples",
-    statistics="average",
-    persist_optimizer_state=True,
-    return_client_updates=False,
-    model_aggregator=None,
-    client_update_transform=None,
-):
+    locked: bool,
+    client_weighting: str | tff.learning.ClientWeighting = "num_examples",
+    statistics: str = "average",
+    persist_optimizer_state: bool = True,
+    return_client_updates: bool = False,
+    model_aggregator: tff.aggregators.AggregationFactory | None = None,
+    client_update_transform: Callable | None = None,
+) -> StatefulClientsProcess:
     """Builds FedKL (`locked`) or FedAvg with stateful clients: only shared updates reach the server.
 
     The process's computations:
@@ -268,7 +270,12 @@ def build_stateful_clients_process(
     )
 
 
-def build_fedkl_process(model_fn, client_optimizer, server_optimizer=None, **options):
+def build_fedkl_process(
+    model_fn: Callable[[], tf.keras.Model],
+    client_optimizer: TorchSGD,
+    server_optimizer: tff.learning.optimizers.Optimizer | None = None,
+    **options,
+) -> StatefulClientsProcess:
     """Builds FedKL: each client trains with its own key and lock; only shared updates are aggregated.
 
     `model_fn` returns a new locked Keras model; the other arguments as `build_stateful_clients_process`.
@@ -276,7 +283,12 @@ def build_fedkl_process(model_fn, client_optimizer, server_optimizer=None, **opt
     return build_stateful_clients_process(model_fn, client_optimizer, server_optimizer, locked=True, **options)
 
 
-def build_fedavg_process(model_fn, client_optimizer, server_optimizer=None, **options):
+def build_fedavg_process(
+    model_fn: Callable[[], tf.keras.Model],
+    client_optimizer: TorchSGD,
+    server_optimizer: tff.learning.optimizers.Optimizer | None = None,
+    **options,
+) -> StatefulClientsProcess:
     """Builds the FedAvg baseline on the same model without the lock and the same training details.
 
     `model_fn` returns the plain (unlocked) model; the other arguments as `build_stateful_clients_process`.
