@@ -51,7 +51,8 @@ def train(root_dir, config, options, dataset=None):
     if restored is not None:
         start = restored[2]
         if start >= options.rounds:
-            print(f"nothing to do: {root_dir} has trained {start} rounds already (--rounds={options.rounds})")
+            if options.progress:
+                print(f"nothing to do: {root_dir} has trained {start} rounds already (--rounds={options.rounds})")
             return None
         if options.progress:
             print(f"resuming {root_dir} after round {start}{_resume_reason(root_dir, rerun)}")

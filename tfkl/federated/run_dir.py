@@ -131,7 +131,7 @@ class RunStateManager:
 
     def check_states(self):
         """Raises ProgramError when the server state names a round whose client states are gone (never
-        regenerating a client's secret), or client states outlive every server state. Returns the
+        regenerating a client's secret: without server states, a run starts again with its saved keys). Returns the
         rounds after the last complete one that have client states only (an interrupted save, or a
         deleted server state): a resumed run trains them again."""
         server, clients = self._server_rounds(), self.clients.rounds()
@@ -145,11 +145,6 @@ class RunStateManager:
             raise ProgramError(
                 f"{missing}, but the server has trained to round {server[-1]}: the clients' keys and locks "
                 f"cannot be regenerated; restore {clients_dir} from a backup or use a new --root_dir"
-            )
-        if not server and any(clients):
-            raise ProgramError(
-                f"{self.root_dir}/server holds no server state, but {clients_dir} has client states to round "
-                f"{clients[-1]}; restore {self.root_dir}/server from a backup or use a new --root_dir"
             )
         complete = sorted(set(server) & set(clients))
         return [r for r in clients if complete and r > complete[-1]]
