@@ -21,7 +21,7 @@ def parse_flags(argv):
     except flags.Error as e:
         fail(e)
     if len(argv) > 1:
-        fail(f"unexpected argument {' '.join(argv[1:])!r}: every option is a flag (--name=value; see --help)")
+        fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a flag, --name=value; see --help)")
     return argv
 
 
