@@ -78,7 +78,7 @@ flags.register_validator("tv", lambda v: v is None or v >= 0, "--tv must be non-
 
 
 def main(argv):
-    common.check_no_positional_args(argv)
+    del argv  # common.parse_flags refused positional arguments
     try:
         options = study.attack_options(
             _ATTACK.value,
@@ -161,4 +161,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

@@ -3,18 +3,26 @@ tfkl.keylock, which define them)."""
 
 import sys
 
-from absl import app
-
-
-def check_no_positional_args(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+from absl import flags
 
 
 def fail(message):
-    """Ends the program with one clear error line."""
-    print(f"error: {message}", file=sys.stderr)
+    """Ends the program with one clear error line (exit code 1)."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(1)
+
+
+def parse_flags(argv):
+    """The binaries' flag parser (`app.run(main, flags_parser=common.parse_flags)`): a bad flag, a flag
+    validator's complaint or a positional argument ends the program with one `error:` line, instead of
+    absl's two-line "FATAL Flags parsing error" or its usage text."""
+    try:
+        argv = flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(e)
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a flag, --name=value; see --help)")
+    return argv
 
 
 def load_dataset(name, data_dir=None):

@@ -125,7 +125,7 @@ def attack_step(captures, out_dir, iterations):
 
 
 def main(argv):
-    common.check_no_positional_args(argv)
+    del argv  # common.parse_flags refused positional arguments
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     started = time.time()
@@ -173,4 +173,4 @@ def main(argv):
 
 if __name__ == "__main__":
     contexts.ignore_tff_exit_noise()  # before app.run: a flag error ends the program before main
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

@@ -193,7 +193,7 @@ def quiet_logs():
 
 
 def main(argv):
-    common.check_no_positional_args(argv)
+    del argv  # common.parse_flags refused positional arguments
     quiet_logs()
     dataset = common.load_dataset(_DATASET.value, _DATA_DIR.value)
     try:
@@ -209,9 +209,9 @@ def main(argv):
         contexts.shutdown()
     if metrics is not None:
         logging.info("final round metrics: %s", metrics)
-    print(f"done: {_ROOT_DIR.value} at round {_ROUNDS.value}")
+        print(f"done: {_ROOT_DIR.value} at round {_ROUNDS.value}")
 
 
 if __name__ == "__main__":
     contexts.ignore_tff_exit_noise()  # before app.run: a flag error ends the program before main
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

@@ -44,7 +44,7 @@ flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must
 
 
 def main(argv):
-    common.check_no_positional_args(argv)
+    del argv  # common.parse_flags refused positional arguments
     tf.keras.utils.set_random_seed(_SEED.value)
     dataset = common.load_dataset(_DATASET.value, _DATA_DIR.value)
     input_shape = models.input_shape(_MODEL.value, dataset)
@@ -99,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

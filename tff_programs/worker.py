@@ -61,7 +61,6 @@ def check_port_free(port):
 
 
 def main(argv):
-    common.check_no_positional_args(argv)
     binary = worker_binary()
     check_port_free(_PORT.value)
     print(
@@ -82,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

@@ -19,6 +19,7 @@ Nothing private (key, lock weights, optimizer state) is ever written here.
 import collections
 import json
 import os
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -131,8 +132,9 @@ def load_capture(path):
         with np.load(path, allow_pickle=False) as f:
             meta = json.loads(str(f["meta"]))
             arrays = {name: f[name] for name in f.files if name != "meta"}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CaptureFormatError(f"cannot read capture {path}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        reason = "the file is empty" if isinstance(e, EOFError) else f"{type(e).__name__}: {e}"
+        raise CaptureFormatError(f"cannot read capture {path} ({reason})") from None
     _check_meta(meta, path)
     count = len(meta["variable_names"])
     names = [f"{part}/{i:05d}" for part in ("global", "update") for i in range(count)]

@@ -8,6 +8,8 @@ import collections
 import gzip
 import os
 import pickle
+import shutil
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -80,12 +82,41 @@ def _keras_cache(data_dir):
     return os.path.expanduser(data_dir or "~/.keras/datasets")
 
 
+# name -> (the file or folder the loader reads, the Keras loader's download URL, whether it is a tar.gz)
+_DOWNLOADS = {
+    "mnist": ("mnist.npz", "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz", False),
+    "cifar10": ("cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", True),
+    "cifar100": ("cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", True),
+}
+
+
+def _fetched(name, data_dir):
+    """The path of `name`'s file or folder in the Keras cache (or `data_dir`), downloaded there if absent.
+
+    The download goes to a temporary directory first: offline, nothing is created, and the error says
+    where the files go and how to fetch them on a connected machine.
+    """
+    entry, origin, untar = _DOWNLOADS[name]
+    directory = _keras_cache(data_dir)
+    path = os.path.join(directory, entry)
+    if os.path.exists(path):
+        return path
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            fetched = tf.keras.utils.get_file(entry, origin, untar=untar, cache_dir=tmp, cache_subdir="")
+        except Exception as e:  # offline: urllib, socket or HTTP errors
+            raise DataUnavailableError(
+                f"{name} needs {path}, which is missing, and could not be downloaded ({e}); on a "
+                f"connected machine download {origin}" + (" and unpack it" if untar else "") + f", copy "
+                f"{entry} into {directory} here, or pass --data_dir=DIR holding {entry}"
+            ) from None
+        os.makedirs(directory, exist_ok=True)
+        shutil.move(fetched, path)
+    return path
+
+
 def _load_mnist(data_dir):
-    path = os.path.join(_keras_cache(data_dir), "mnist.npz")
-    if not os.path.exists(path):
-        tf.keras.datasets.mnist.load_data(path)  # downloads into the Keras cache
-        path = os.path.expanduser(os.path.join("~/.keras/datasets", "mnist.npz"))
-    with np.load(path) as f:
+    with np.load(_fetched("mnist", data_dir)) as f:
         return _images(f["x_train"]), f["y_train"].astype(np.int64), _images(f["x_test"]), f["y_test"].astype(np.int64)
 
 
@@ -99,11 +130,7 @@ def _cifar_images(batch):
 
 
 def _load_cifar(name, data_dir):
-    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
-    root = os.path.join(_keras_cache(data_dir), folder)
-    if not os.path.isdir(root):
-        getattr(tf.keras.datasets, name).load_data()  # downloads and extracts into the Keras cache
-        root = os.path.expanduser(os.path.join("~/.keras/datasets", folder))
+    root = _fetched(name, data_dir)
     if name == "cifar10":
         train = [_unpickle(os.path.join(root, f"data_batch_{i}")) for i in range(1, 6)]
         test = _unpickle(os.path.join(root, "test_batch"))
@@ -140,8 +167,9 @@ def load(name, data_dir=None, source="files"):
       name: one of DATASETS.
       data_dir: where the files are (default: the Keras cache, ~/.keras/datasets; for Fashion-MNIST
         also Debian's /usr/share/datasets/fashion-mnist).
-      source: 'files' reads the Keras loaders' file formats (downloading them with the Keras loader
-        when absent), 'tfds' uses tensorflow_datasets with `data_dir`. 'digits' is always bundled.
+      source: 'files' reads the Keras loaders' file formats (downloading them from the Keras loaders'
+        URLs when absent; offline, DataUnavailableError says where they go), 'tfds' uses
+        tensorflow_datasets with `data_dir`. 'digits' is always bundled.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")

@@ -6,6 +6,11 @@ different backbones; we do not). Padding is explicit (ZeroPadding2D + 'valid'): 
 stride-2 convolutions on one side only, PyTorch symmetrically.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
 import tensorflow as tf
 
 from tfkl.keylock import TorchLinearUniform
@@ -152,18 +157,18 @@ def input_shape(name, dataset):
 
 
 def build(
-    name,
-    input_shape=(32, 32, 3),
-    num_classes=10,
-    lock=True,
-    init="pytorch",
-    seed=None,
-    key_dim=1024,
-    activation="relu",
-    normalization="batch",
-    key=None,
-    where="first",
-):
+    name: str,
+    input_shape: Sequence[int] = (32, 32, 3),
+    num_classes: int = 10,
+    lock: bool = True,
+    init: str = "pytorch",
+    seed: int | None = None,
+    key_dim: int = 1024,
+    activation: str = "relu",
+    normalization: str = "batch",
+    key: np.ndarray | None = None,
+    where: str | Sequence[str] = "first",
+) -> tf.keras.Model:
     """Builds a zoo model; with `lock=True` its first conv layer (or those `where` names) carries a KeyLock block.
 
     Args:
@@ -179,6 +184,10 @@ def build(
     """
     if name not in _ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose from {NAMES}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if len(input_shape) != 3 or any(int(d) < 1 for d in input_shape):
+        raise ValueError(f"input_shape must be (height, width, channels) of positive sizes, got {input_shape!r}")
     builder = _Builder(init, seed, vgg=(name == "vgg16"))
     inputs = tf.keras.Input(shape=tuple(input_shape), name="images")
     model = tf.keras.Model(inputs, _ARCHITECTURES[name](inputs, num_classes, builder), name=name)

@@ -1,6 +1,9 @@
 """The private/shared split of a secured model's variables, keys, private lock draws and server-safe export."""
 
+from __future__ import annotations
+
 import os
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -9,7 +12,7 @@ from tfkl import keys as keys_lib
 from tfkl.keylock import KeyLock, TorchLinearUniform
 
 
-def lock_layers(model):
+def lock_layers(model: tf.keras.Model | KeyLock) -> list[KeyLock]:
     """All KeyLock layers of `model` (or `model` itself, if a KeyLock), nested models included, in a stable order."""
     if isinstance(model, KeyLock):
         return [model]
@@ -26,7 +29,7 @@ def _uniform_range(lock):
     raise ValueError(f"private lock weights need a uniform lock initialiser, got {type(initializer).__name__}")
 
 
-def draw_lock_weights(model, seed=None):
+def draw_lock_weights(model: tf.keras.Model | KeyLock, seed=None) -> list[np.ndarray]:
     """Fresh lock weights for every lock of `model` (a model or one KeyLock): a client's private
     starting lock, which no server can rebuild.
 
@@ -52,34 +55,36 @@ def _require_locks(model):
     return locks
 
 
-def private_variables(model):
+def private_variables(model: tf.keras.Model) -> list[tf.Variable]:
     """The client's secret variables: every lock's key and lock weights."""
     return [v for lock in lock_layers(model) if lock.built for v in lock.private_weights]
 
 
-def shared_variables(model):
+def shared_variables(model: tf.keras.Model) -> list[tf.Variable]:
     """Every other variable of `model` (trainable and not), in `model.variables` order."""
     private = {id(v) for v in private_variables(model)}
     return [v for v in model.variables if id(v) not in private]
 
 
-def set_key(model, key):
+def set_key(model: tf.keras.Model, key: np.ndarray) -> None:
     """Sets the one client key used by every KeyLock of `model`."""
     for lock in _require_locks(model):
         lock.key.assign(keys_lib.validate_key(key, lock.key_dim))
 
 
-def get_key(model):
+def get_key(model: tf.keras.Model) -> np.ndarray:
     """Returns the model's key (a float32 vector); every lock of a model shares it."""
     return _require_locks(model)[0].key.numpy()
 
 
-def export_shared(model, directory):
+def export_shared(model: tf.keras.Model, directory: str) -> None:
     """Writes what a server may hold: the architecture and the shared weights, no key, no lock.
 
     The directory gets `model.json` (Keras architecture; the key is never part of a config) and
     `shared.npz` (the shared variables in `shared_variables` order, with their names).
     """
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"export_shared writes a directory; {directory} is a file")
     os.makedirs(directory, exist_ok=True)
     shared = shared_variables(model)
     arrays = {f"v{i:05d}": v.numpy() for i, v in enumerate(shared)}
@@ -89,21 +94,25 @@ def export_shared(model, directory):
     np.savez(os.path.join(directory, "shared.npz"), **arrays)
 
 
-def load_shared(directory):
+def load_shared(directory: str) -> tf.keras.Model:
     """Loads an `export_shared` directory: shared weights set, every private variable zero.
 
     Zero lock weights give gamma = beta = 0 under ReLU, as the paper's global model has; set a
-    key and lock weights (or fine-tune them) to use the model.
+    key and lock weights (or fine-tune them) to use the model. A missing or corrupt export raises
+    ValueError.
     """
-    with open(os.path.join(directory, "model.json")) as f:
-        model = tf.keras.models.model_from_json(f.read())
-    with np.load(os.path.join(directory, "shared.npz")) as arrays:
-        shared = shared_variables(model)
-        stored = [arrays[f"v{i:05d}"] for i in range(len(arrays.files) - 1)]
-        if [a.shape for a in stored] != [tuple(v.shape) for v in shared]:
-            raise ValueError(f"{directory}: shared.npz does not match the architecture in model.json")
-        for value, variable in zip(stored, shared):
-            variable.assign(value)
+    try:
+        with open(os.path.join(directory, "model.json")) as f:
+            model = tf.keras.models.model_from_json(f.read())
+        with np.load(os.path.join(directory, "shared.npz"), allow_pickle=False) as arrays:
+            stored = [arrays[f"v{i:05d}"] for i in range(len(arrays.files) - 1)]
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{directory} is not a readable export_shared directory ({type(e).__name__}: {e})") from None
+    shared = shared_variables(model)
+    if [a.shape for a in stored] != [tuple(v.shape) for v in shared]:
+        raise ValueError(f"{directory}: shared.npz does not match the architecture in model.json")
+    for value, variable in zip(stored, shared):
+        variable.assign(value)
     for variable in private_variables(model):
         variable.assign(tf.zeros_like(variable))
     return model

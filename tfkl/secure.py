@@ -1,5 +1,10 @@
 """`secure()`: put KeyLock blocks into an existing Sequential or functional Keras model."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
 import tensorflow as tf
 
 from tfkl.keylock import KeyLock
@@ -15,7 +20,7 @@ _LOCKABLE = (
 )
 
 
-def lockable_layers(model):
+def lockable_layers(model: tf.keras.Model) -> list[tf.keras.layers.Layer]:
     """Conv and dense layers of `model` in topological order, excluding those producing outputs."""
     outputs = {id(t) for t in model.outputs}
     return [
@@ -34,6 +39,8 @@ def _graph_model(model):
             f"secure() supports Sequential and functional models; {type(model).__name__!r} is subclassed "
             "(or a Sequential without an input shape): insert tfkl.KeyLock in its call() instead"
         )
+    if any(isinstance(layer, KeyLock) for layer in model.submodules):
+        raise ValueError(f"model {model.name!r} is already secured (it has KeyLock layers); secure the original model")
     return model
 
 
@@ -89,15 +96,15 @@ def _map_arguments(node, tensors):
 
 
 def secure(
-    model,
-    where="first",
-    key_dim=1024,
-    activation="relu",
-    normalization="batch",
-    key=None,
-    lock_initializer=None,
-    name=None,
-):
+    model: tf.keras.Model,
+    where: str | Sequence[str] = "first",
+    key_dim: int = 1024,
+    activation: str = "relu",
+    normalization: str = "batch",
+    key: np.ndarray | None = None,
+    lock_initializer: tf.keras.initializers.Initializer | None = None,
+    name: str | None = None,
+) -> tf.keras.Model:
     """Returns a copy of `model` with a KeyLock block after each chosen conv/dense layer.
 
     A BatchNormalization that directly (and only) follows a chosen layer is replaced by the lock,

@@ -1,7 +1,8 @@
 """Per-client private state on disk, apart from the server's state.
 
 Layout under `directory` (the run's root_dir/clients):
-  <client_id>/key                   the client's key (tfkl.save_key: owner-only, checksummed)
+  <client_id>/key                   the client's key (tfkl.save_key: owner-only, checksummed, naming the
+                                    run and the client it belongs to: another client's key is refused)
   <client_id>/state_RRRRR.npz       its lock weights, optimizer buffers, local statistics after round R
   manifest_RRRRR.json               written last for round R: every client's current state file and
                                     its SHA-256; a round's client states are complete iff it exists
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import zipfile
 
 import numpy as np
 
@@ -40,16 +42,30 @@ def _write_private(path, write):
 class ClientStore:
     """Saves and restores every client's private state, round by round."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, run_id=None):
+        """`run_id`: the run's id, bound into every key file with the client id (None: a run from
+        before key files named their owner; its key files are read without that check)."""
         self.directory = directory
+        self.run_id = run_id
         os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    def key_owner(self, client_id):
+        """The owner a client's key file names (None: not checked, see `__init__`)."""
+        return None if self.run_id is None else f"run {self.run_id} client {client_id}"
+
+    def _load_key(self, client_id, key_dim):
+        path = os.path.join(self.directory, str(client_id), "key")
+        try:
+            return keys_lib.load_key(path, key_dim, owner=self.key_owner(client_id))
+        except keys_lib.KeyFormatError as e:
+            raise ClientStateError(str(e)) from None
 
     def _client_dir(self, client_id):
         path = os.path.join(self.directory, str(client_id))
         os.makedirs(path, mode=0o700, exist_ok=True)
         return path
 
-    def _manifest_path(self, round_num):
+    def manifest_path(self, round_num):
         return os.path.join(self.directory, f"manifest_{int(round_num):05d}.json")
 
     def rounds(self):
@@ -72,7 +88,7 @@ class ClientStore:
             if state["key"]:
                 saved = self.saved_key(cid)
                 if saved is None:
-                    keys_lib.save_key(os.path.join(client_dir, "key"), state["key"][0])
+                    keys_lib.save_key(os.path.join(client_dir, "key"), state["key"][0], self.key_owner(cid) or "")
                 elif not np.array_equal(saved, state["key"][0]):
                     raise ClientStateError(f"client {cid}'s key differs from its key file; refusing to mix them")
             name = f"state_{int(round_num):05d}.npz"
@@ -85,20 +101,16 @@ class ClientStore:
                 "has_key": bool(state["key"]),
             }
         text = json.dumps({"round": int(round_num), "clients": entries}, indent=1, sort_keys=True).encode()
-        _write_private(self._manifest_path(round_num), lambda f: f.write(text))
+        _write_private(self.manifest_path(round_num), lambda f: f.write(text))
 
     def saved_key(self, client_id, key_dim=None):
         """The client's key file's key, or None if it has none yet."""
-        path = os.path.join(self.directory, str(client_id), "key")
-        if not os.path.exists(path):
+        if not os.path.exists(os.path.join(self.directory, str(client_id), "key")):
             return None
-        try:
-            return keys_lib.load_key(path, key_dim)
-        except keys_lib.KeyFormatError as e:
-            raise ClientStateError(str(e)) from None
+        return self._load_key(client_id, key_dim)
 
     def _read_manifest(self, round_num):
-        path = self._manifest_path(round_num)
+        path = self.manifest_path(round_num)
         try:
             with open(path) as f:
                 return json.load(f)["clients"]
@@ -114,15 +126,15 @@ class ClientStore:
                 raise ClientStateError(f"client state file {path} is missing")
             if _sha256(path) != entry["sha256"]:
                 raise ClientStateError(f"client state file {path} is corrupt (checksum mismatch)")
-            with np.load(path, allow_pickle=False) as f:
-                state = collections.OrderedDict(key=[])
-                for field in _FIELDS:
-                    state[field] = [f[f"{field}/{i:05d}"] for i in range(entry["counts"][field])]
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    state = collections.OrderedDict(key=[])
+                    for field in _FIELDS:
+                        state[field] = [f[f"{field}/{i:05d}"] for i in range(entry["counts"][field])]
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                raise ClientStateError(f"client state file {path} is unreadable: {e}") from None
             if entry["has_key"]:
-                try:
-                    state["key"] = [keys_lib.load_key(os.path.join(self.directory, cid, "key"), key_dim)]
-                except keys_lib.KeyFormatError as e:
-                    raise ClientStateError(str(e)) from None
+                state["key"] = [self._load_key(cid, key_dim)]
             states[cid] = collections.OrderedDict((k, state[k]) for k in ("key",) + _FIELDS)
         return states
 
@@ -140,7 +152,7 @@ class ClientStore:
             if round_num in keep_rounds:
                 kept_files.update(e["file"] for e in self._read_manifest(round_num).values())
             else:
-                os.remove(self._manifest_path(round_num))
+                os.remove(self.manifest_path(round_num))
         for cid in os.listdir(self.directory):
             client_dir = os.path.join(self.directory, cid)
             if not os.path.isdir(client_dir):

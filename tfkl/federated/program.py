@@ -36,7 +36,8 @@ class RunOptions:
 
 
 def train(root_dir, config, options, dataset=None):
-    """Runs (or resumes) training in `root_dir` to `options.rounds`; returns the final round's metrics."""
+    """Runs (or resumes) training in `root_dir` to `options.rounds`; returns the final round's metrics
+    (None when the run has already reached `options.rounds`: nothing to do)."""
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
     try:
         partition = client_partition(config, dataset)
@@ -45,7 +46,16 @@ def train(root_dir, config, options, dataset=None):
     run_dir.check_config(root_dir, config)
     process = build_process(config, return_client_updates=bool(options.capture_rounds))
     state_manager = run_dir.RunStateManager(root_dir, options.keep_rounds)
+    rerun = state_manager.check_states()
     restored = state_manager.load(config, process)  # before a release manager writes into root_dir
+    if restored is not None:
+        start = restored[2]
+        if start >= options.rounds:
+            if options.progress:
+                print(f"nothing to do: {root_dir} has trained {start} rounds already (--rounds={options.rounds})")
+            return None
+        if options.progress:
+            print(f"resuming {root_dir} after round {start}{_resume_reason(root_dir, rerun)}")
     return train_rounds(
         root_dir,
         process,
@@ -56,6 +66,16 @@ def train(root_dir, config, options, dataset=None):
         restored,
         state_manager=state_manager,
         metrics_manager=run_dir.metrics_manager(root_dir),
+    )
+
+
+def _resume_reason(root_dir, rerun):
+    if not rerun:
+        return " (the last complete one)"
+    names = ", ".join(f"program_state_{r}" for r in rerun)
+    return (
+        f": {root_dir}/server lacks {names} (an interrupted save, or deleted), so round"
+        f"{'s' if len(rerun) > 1 else ''} {', '.join(map(str, rerun))} train{'' if len(rerun) > 1 else 's'} again"
     )
 
 
@@ -78,8 +98,6 @@ def train_rounds(root_dir, process, config, options, dataset, partition, restore
     else:
         server_state, client_states, start = restored
         logger.info("resuming %s after round %d", root_dir, start)
-        if options.progress:
-            print(f"resuming {root_dir} after round {start} (the last complete one)")
     capture = bool(options.capture_rounds)
     layout = capture_lib.SharedLayout(config.model_fn()(), process.parts)
     cache_dir = run_dir.client_data_dir(root_dir) if options.cache_client_data else None

@@ -1,7 +1,8 @@
 """The run directory of a training program: its configuration file and the state of its rounds.
 
 Under `root_dir`:
-  config.json          the run's configuration; another run's root dir is refused
+  config.json          the run's configuration and its random id (`run_id`, bound into every client's
+                       key file); another run's root dir is refused
   server/              tff.program.FileProgramStateManager: server state per saved round
   clients/             tfkl.federated.client_store.ClientStore: private client states per round
   metrics.csv, tensorboard/   per-round metrics (CSV and TensorBoard release managers)
@@ -16,6 +17,8 @@ import collections
 import dataclasses
 import json
 import os
+import secrets
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -26,12 +29,16 @@ from tfkl.federated.config import Config, ProgramError
 from tfkl.files import atomic_write
 
 CONFIG_FILE = "config.json"
+RUN_ID = "run_id"
 
 
 def check_config(root_dir, config):
-    """Writes config.json in a new (or empty) root dir; refuses one holding another run or other files."""
+    """Writes config.json in a new (or empty) root dir; refuses one holding another run or other files,
+    and a root dir this process cannot write."""
     path = os.path.join(root_dir, CONFIG_FILE)
     wanted = config.to_json()
+    if os.path.exists(root_dir) and not os.path.isdir(root_dir):
+        raise ProgramError(f"--root_dir {root_dir} is a file, not a directory; use a new --root_dir")
     if os.path.exists(path):
         try:
             with open(path) as f:
@@ -40,6 +47,7 @@ def check_config(root_dir, config):
             raise ProgramError(f"{path} is unreadable ({e}); not touching this root dir") from None
         # A field added since the run started counts as its default there.
         stored = {**Config().to_json(), **stored}
+        stored.pop(RUN_ID, None)
         differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         if differing:
             k = differing[0]
@@ -47,12 +55,33 @@ def check_config(root_dir, config):
                 f"{root_dir} holds another run ({k}: {stored.get(k)!r} there, {wanted.get(k)!r} "
                 f"here); use a new --root_dir"
             )
+        _check_writable(root_dir)
         return
     if os.path.isdir(root_dir) and os.listdir(root_dir):
         raise ProgramError(f"{root_dir} is not empty and holds no {CONFIG_FILE}; use a new --root_dir")
-    os.makedirs(root_dir, exist_ok=True)
+    try:
+        os.makedirs(root_dir, exist_ok=True)
+    except OSError as e:
+        raise ProgramError(f"cannot create --root_dir {root_dir}: {e.strerror}") from None
+    _check_writable(root_dir)
     with atomic_write(path, binary=False) as f:
-        json.dump(wanted, f, indent=1)
+        json.dump({**wanted, RUN_ID: secrets.token_hex(8)}, f, indent=1)
+
+
+def _check_writable(root_dir):
+    try:
+        tempfile.TemporaryFile(dir=root_dir).close()
+    except OSError as e:
+        raise ProgramError(f"cannot write in --root_dir {root_dir}: {e.strerror}") from None
+
+
+def run_id(root_dir):
+    """The run's random id from its config.json; None for a run from before runs had one."""
+    try:
+        with open(os.path.join(root_dir, CONFIG_FILE)) as f:
+            return json.load(f).get(RUN_ID)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_config(root_dir):
@@ -91,12 +120,34 @@ class RunStateManager:
         self.server = tff.program.FileProgramStateManager(
             os.path.join(root_dir, "server"), keep_total=0 if keep_rounds is None else keep_rounds + 1, keep_first=True
         )
-        self.clients = ClientStore(os.path.join(root_dir, "clients"))
+        self.clients = ClientStore(os.path.join(root_dir, "clients"), run_id(root_dir))
+
+    def _server_rounds(self):
+        return sorted(asyncio.run(self.server.get_versions()) or [])
 
     def complete_rounds(self):
         """The rounds whose server and client states are both on disk, in order."""
-        versions = asyncio.run(self.server.get_versions()) or []
-        return sorted(set(versions) & set(self.clients.rounds()))
+        return sorted(set(self._server_rounds()) & set(self.clients.rounds()))
+
+    def check_states(self):
+        """Raises ProgramError when the server state names a round whose client states are gone (never
+        regenerating a client's secret: without server states, a run starts again with its saved keys). Returns the
+        rounds after the last complete one that have client states only (an interrupted save, or a
+        deleted server state): a resumed run trains them again."""
+        server, clients = self._server_rounds(), self.clients.rounds()
+        clients_dir = os.path.join(self.root_dir, "clients")
+        if server and server[-1] not in clients:
+            missing = (
+                f"{clients_dir}/ holds no client states"
+                if not clients
+                else f"the client states of round {server[-1]} ({self.clients.manifest_path(server[-1])}) are missing"
+            )
+            raise ProgramError(
+                f"{missing}, but the server has trained to round {server[-1]}: the clients' keys and locks "
+                f"cannot be regenerated; restore {clients_dir} from a backup or use a new --root_dir"
+            )
+        complete = sorted(set(server) & set(clients))
+        return [r for r in clients if complete and r > complete[-1]]
 
     def initial_key(self, config, client_id):
         """A new client's key; one already on disk comes from an initialisation interrupted before the
@@ -150,6 +201,13 @@ class RunStateManager:
             )
             if [len(v) for v in client_states[cid].values()] != [len(template_client[k]) for k in client_states[cid]]:
                 raise ProgramError(f"client {cid}'s state of round {round_num} does not fit the run's options")
+            for k, arrays in client_states[cid].items():
+                for i, (array, spec) in enumerate(zip(arrays, template_client[k])):
+                    if array.shape != tuple(spec.shape) or array.dtype != spec.dtype:
+                        raise ProgramError(
+                            f"client {cid}'s state of round {round_num} does not fit the model: {k}[{i}] is "
+                            f"{array.dtype}{list(array.shape)}, the model needs {spec.dtype}{list(spec.shape)}"
+                        )
         return server_state, client_states, int(round_num)
 
 
