@@ -14,9 +14,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tfkl.federated import client_work
-
-CLIENT_WEIGHTINGS = ("num_examples", "uniform")
-STATISTICS = ("average", "local")
+from tfkl.names import CLIENT_WEIGHTINGS, STATISTICS
 
 
 def prune_smallest(fraction):
