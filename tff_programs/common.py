@@ -1,5 +1,5 @@
-"""Helpers shared by the tfkl binaries (their flag choices come from tfkl.models, tfkl.data and
-tfkl.keylock, which define them)."""
+"""Helpers shared by the tfkl binaries (their flag choices come from tfkl.names, which loads without
+TensorFlow)."""
 
 import sys
 
