@@ -117,9 +117,11 @@ def test_a_bad_choice_names_the_choices_in_one_line(binary):
 def test_tfkl_and_its_names_load_without_tensorflow():
     result = _python(
         "import sys\nimport tfkl\nfrom tfkl import names\nprint('tensorflow' in sys.modules)\n"
-        "import tensorflow as tf\nprint(isinstance(tfkl.KeyLock(key_dim=4), tf.keras.layers.Layer))"
+        "import tensorflow as tf\nprint(isinstance(tfkl.KeyLock(key_dim=4), tf.keras.layers.Layer))\n"
+        "from tfkl import models  # imports the submodule tfkl.secure: tfkl.secure stays the function\n"
+        "print(callable(tfkl.secure))"
     )
-    assert result.stdout.split() == ["False", "True"], result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "True", "True"], result.stderr[-2000:]
 
 
 def test_names_are_those_the_library_implements():
