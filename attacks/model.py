@@ -16,9 +16,9 @@ from tfkl import capture as capture_lib
 from tfkl import keys as keys_lib
 from tfkl import private
 from tfkl.keylock import KeyLock, keylock_apply, lock_affine
+from tfkl.names import THREATS
 from tfkl.secure import _map_arguments
 
-THREATS = ("none", "fixed-key", "adaptive", "adaptive-key", "oracle")
 _WEIGHTLESS = (
     tf.keras.layers.InputLayer,
     tf.keras.layers.ZeroPadding2D,

@@ -11,8 +11,6 @@ import numpy as np
 from attacks import cases, experiment, grids
 from tfkl import data, models, optimizers, training
 
-ATTACK_NAMES = tuple(experiment.ATTACKS)
-
 
 def attack_options(attack, iterations=None, restarts=None, learning_rate=None, tv=None, distance=None, labels=None):
     """The attack's keyword options from the optional flag values."""

@@ -45,6 +45,7 @@ BENCHMARKS = (
     "privacy_utility",
     "success_rates",
     "workers",
+    "startup",
 )
 SHARED_MACHINE_NOTE = (
     "Measured on a shared machine (other jobs were running on the same cores): "

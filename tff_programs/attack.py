@@ -16,22 +16,17 @@ summary mean/std, timing, settings) and table.txt, and prints progress and the t
 
 import os
 
-from absl import app, flags
-import tensorflow as tf  # imported before flag parsing, as Keras layers misbehave otherwise
+from absl import flags
 
-import attacks
-from attacks import study
-from tff_programs import common
-from tfkl import data, keylock, models
+from tff_programs import common, launch
+from tfkl import names
 
-ATTACKS = study.ATTACK_NAMES
-
-_ATTACK = flags.DEFINE_enum("attack", "idlg", ATTACKS, "Attack.")
+_ATTACK = flags.DEFINE_enum("attack", "idlg", names.ATTACKS, "Attack.")
 _THREAT = flags.DEFINE_list(
-    "threat", ["none", "oracle", "fixed-key", "adaptive"], f"Threat models, comma-separated, from {attacks.THREATS}."
+    "threat", ["none", "oracle", "fixed-key", "adaptive"], f"Threat models, comma-separated, from {names.THREATS}."
 )
-_MODEL = flags.DEFINE_enum("model", "lenet", models.NAMES, "Victim model.")
-_DATASET = flags.DEFINE_enum("dataset", "fashion_mnist", data.DATASETS, "Data set of the victim images.")
+_MODEL = flags.DEFINE_enum("model", "lenet", names.MODELS, "Victim model.")
+_DATASET = flags.DEFINE_enum("dataset", "fashion_mnist", names.DATASETS, "Data set of the victim images.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set's files are.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 4, "Images to attack (training images from --offset).", lower_bound=1)
 _OFFSET = flags.DEFINE_integer("offset", 0, "Index of the first attacked training image.", lower_bound=0)
@@ -52,8 +47,8 @@ _SCORE = flags.DEFINE_bool(
     "With --capture: score against the client's data named in the "
     "capture's ground_truth meta (for evaluation only; the attack never reads it).",
 )
-_INIT = flags.DEFINE_enum("init", "pytorch", models.INITS, "Victim weight initialisation.")
-_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", keylock.NORMALIZATIONS, "Victim lock normalisation.")
+_INIT = flags.DEFINE_enum("init", "pytorch", names.INITS, "Victim weight initialisation.")
+_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", names.NORMALIZATIONS, "Victim lock normalisation.")
 _TRAIN_EPOCHS = flags.DEFINE_integer(
     "train_epochs", 0, "Train each victim centrally for this many epochs first.", lower_bound=0
 )
@@ -69,8 +64,8 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "runs/attack", "Output directory.")
 
 flags.register_validator(
     "threat",
-    lambda v: bool(v) and all(t in attacks.THREATS for t in v),
-    f"--threat takes a comma-separated list from {attacks.THREATS}",
+    lambda v: bool(v) and all(t in names.THREATS for t in v),
+    f"--threat takes a comma-separated list from {names.THREATS}",
 )
 flags.register_validator("client_learning_rate", lambda v: v > 0, "--client_learning_rate must be positive")
 flags.register_validator("learning_rate", lambda v: v is None or v > 0, "--learning_rate must be positive")
@@ -78,7 +73,11 @@ flags.register_validator("tv", lambda v: v is None or v >= 0, "--tv must be non-
 
 
 def main(argv):
-    del argv  # common.parse_flags refused positional arguments
+    import tensorflow as tf
+
+    from attacks import study
+
+    del argv  # launch.parse_flags refused positional arguments
     try:
         options = study.attack_options(
             _ATTACK.value,
@@ -161,4 +160,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    launch.run(main)

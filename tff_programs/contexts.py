@@ -1,19 +1,22 @@
 """TFF execution contexts for the binaries and tests, and clean shutdown of TFF's C++ workers.
 
-`install_context()` installs TFF's local C++ context, or, with `--workers=host:port,...`, a context
-that runs every computation on those running TFF workers (`python -m tff_programs.worker`; see
-docs/workers.md). TFF's local context runs its executor in a `worker_binary` child process that can
-outlive Python (and hold an inherited stdout pipe open): `shutdown()` stops every such child of this
-process by PID and closes the connections to remote workers; `ignore_tff_exit_noise()` hides the
-harmless error TFF prints at interpreter exit.
+`install_context()` installs a local context: TFF's C++ executor in a `worker_binary` child process, as
+TFF's own local C++ context runs it, but started so that it ends with this process, even when this
+process is killed (TFF's own worker outlives a killed parent, holding its port and any inherited
+stdout pipe). With `--workers=host:port,...` it installs a context that runs every computation on
+those running TFF workers (`python -m tff_programs.worker`; see docs/workers.md). `shutdown()` stops
+every worker_binary child of this process by PID and closes the connections to remote workers;
+`ignore_tff_exit_noise()` hides the harmless error TFF prints at interpreter exit.
 """
 
 import asyncio
-import signal
+import os
+import subprocess
 import sys
-import threading
+import time
 
 from absl import flags
+import portpicker
 import psutil
 
 from tff_programs import common
@@ -39,6 +42,16 @@ _WORKER_TIMEOUT = flags.DEFINE_float(
 )
 
 _open_channels = []
+_local_workers = []
+# Run by the child of _ending_with_this_thread: SIGKILL when its parent thread ends (PR_SET_PDEATHSIG = 1),
+# unless the parent died already; execve keeps the setting.
+_SET_DEATH_SIGNAL_AND_EXEC = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 class WorkerUnavailableError(RuntimeError):
@@ -71,8 +84,8 @@ flags.register_validator("worker_timeout", lambda seconds: seconds > 0, message=
 def install_context(max_concurrent_computation_calls=-1, workers=None, worker_timeout=None):
     """Installs the default TFF execution context for a run and returns it.
 
-    `workers` (a list of host:port; default: the --workers flag) empty: TFF's local C++ context with
-    `max_concurrent_computation_calls`. One worker: a synchronous context on it. Several: TFF's
+    `workers` (a list of host:port; default: the --workers flag) empty: a new LocalWorker (the previous one
+    stops) with `max_concurrent_computation_calls`. One worker: a synchronous context on it. Several: TFF's
     mergeable-computation context, which splits the clients of each round evenly between them.
     An unreachable worker raises `WorkerUnavailableError` naming it; when the addresses come from
     the flags, it ends the program with that one error line instead.
@@ -83,10 +96,12 @@ def install_context(max_concurrent_computation_calls=-1, workers=None, worker_ti
     if from_flags:
         workers, worker_timeout = _flag_value(_WORKERS), _flag_value(_WORKER_TIMEOUT)
     if not workers:
-        _let_sigint_stop_local_workers()
-        context = tff.backends.native.create_sync_local_cpp_execution_context(
-            max_concurrent_computation_calls=max_concurrent_computation_calls
-        )
+        while _local_workers:
+            _local_workers.pop().stop()
+        worker = LocalWorker(max_concurrent_computation_calls)
+        worker.stub()  # started now, from this thread: the worker ends when the thread that started it ends
+        _local_workers.append(worker)
+        context = tff.framework.SyncExecutionContext(**_context_args(worker.stub))
     else:
         try:
             context = _remote_context(workers, worker_timeout or _WORKER_TIMEOUT.default)
@@ -98,12 +113,71 @@ def install_context(max_concurrent_computation_calls=-1, workers=None, worker_ti
     return context
 
 
-def _let_sigint_stop_local_workers():
-    """TFF stops its local worker with SIGINT and then waits for it. A process that a non-interactive
-    shell started in the background ignores SIGINT, and the worker would inherit that: the wait never
-    ends. Children get the default for a signal that has a Python handler, so install Python's own."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+class LocalWorker:
+    """TFF's C++ worker as a child process on a free local port (restarted by `stub()` if it has stopped).
+
+    On Linux the kernel sends it SIGKILL when the thread that started it ends (PR_SET_PDEATHSIG): with this
+    process's end, however it ends, as `install_context()` starts it from the caller's thread.
+    """
+
+    def __init__(self, max_concurrent_computation_calls=-1, start_timeout=120.0):
+        self.max_concurrent_computation_calls = max_concurrent_computation_calls
+        self.start_timeout = start_timeout
+        self.process = None
+        self._stub = None
+
+    def stub(self):
+        """The gRPC stub of the running worker, started first if it is not running."""
+        import tensorflow_federated as tff
+
+        if self.process is not None and self.process.poll() is None:
+            return self._stub
+        self.stop()
+        port = portpicker.pick_unused_port()
+        binary = os.path.join(os.path.dirname(tff.__file__), "data", WORKER_BINARY)
+        self.process = subprocess.Popen(
+            _ending_with_this_thread(
+                [
+                    binary,
+                    f"--port={port}",
+                    f"--max_concurrent_computation_calls={self.max_concurrent_computation_calls}",
+                ]
+            )
+        )
+        self._stub = tff.framework.RemoteExecutorGrpcStub(self._ready_channel(f"localhost:{port}"))
+        return self._stub
+
+    def _ready_channel(self, address):
+        import grpc
+
+        channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
+        _open_channels.append(channel)
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=1.0)
+                return channel
+            except grpc.FutureTimeoutError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise WorkerUnavailableError(
+                        f"TFF's local worker on {address} did not start (exit code {self.process.returncode})"
+                    ) from None
+
+    def stop(self):
+        """Stops the worker (SIGTERM, then SIGKILL) if it runs."""
+        if self.process is not None and self.process.poll() is None:
+            stop_processes([psutil.Process(self.process.pid)])
+            self.process.wait()
+
+
+def _ending_with_this_thread(argv):
+    """`argv` run through a small Python that sets the parent-death signal and then execs it (same PID), on
+    Linux; `argv` elsewhere. Unlike a Popen `preexec_fn`, it runs no Python between fork and exec in this
+    process, whose TensorFlow and gRPC threads make that unsafe."""
+    if not sys.platform.startswith("linux"):
+        return argv
+    return [sys.executable, "-I", "-c", _SET_DEATH_SIGNAL_AND_EXEC, str(os.getpid()), *argv]
 
 
 def _flag_value(flag_holder):
@@ -115,9 +189,10 @@ def _remote_context(addresses, timeout):
 
     channels = [connect(address, timeout) for address in addresses]
     _open_channels.extend(channels)
-    if len(channels) == 1:
-        return tff.framework.SyncExecutionContext(**_context_args(channels[0]))
-    async_contexts = [tff.framework.AsyncExecutionContext(**_context_args(c)) for c in channels]
+    stubs = [tff.framework.RemoteExecutorGrpcStub(channel) for channel in channels]
+    if len(stubs) == 1:
+        return tff.framework.SyncExecutionContext(**_context_args(lambda: stubs[0]))
+    async_contexts = [tff.framework.AsyncExecutionContext(**_context_args(lambda stub=stub: stub)) for stub in stubs]
     return _ordered_mergeable_context(async_contexts)
 
 
@@ -138,17 +213,15 @@ def connect(address, timeout):
     return channel
 
 
-def _context_args(channel):
-    """Executor, compiler and argument conversions of TFF's native C++ contexts, on `channel`."""
+def _context_args(get_stub):
+    """Executor, compiler and argument conversions of TFF's native C++ contexts, on the worker of `get_stub()`."""
     import tensorflow_federated as tff
-
-    stub = tff.framework.RemoteExecutorGrpcStub(channel)
 
     def executor_stack(cardinalities):
         # Computations without a CLIENTS-placed argument (e.g. `initialize`) get 0 clients, as in
         # TFF's local context.
         cardinalities.setdefault(tff.CLIENTS, 0)
-        executor = tff.framework.RemoteExecutor(stub)
+        executor = tff.framework.RemoteExecutor(get_stub())
         executor.set_cardinalities(cardinalities)
         return executor
 
@@ -250,6 +323,8 @@ def ignore_tff_exit_noise():
 
 def shutdown():
     """Closes the connections to remote workers and stops the TFF workers this process started."""
+    while _local_workers:
+        _local_workers.pop().stop()
     while _open_channels:
         _open_channels.pop().close()
     stop_processes(worker_processes())

@@ -16,15 +16,9 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-import attacks
-from attacks import cases
-from tff_programs import common, contexts
-from tfkl import capture as capture_lib
-from tfkl import data
-from tfkl.federated import evaluation, program
-from tfkl.federated.config import Config, ProgramError
+from tff_programs import common, contexts, launch
 
 _ROOT_DIR = flags.DEFINE_string("root_dir", "runs/demo", "Directory of the demo's runs.")
 _ROUNDS = flags.DEFINE_integer("rounds", 20, "Federated rounds of each run.", lower_bound=1)
@@ -38,7 +32,13 @@ DemoRun = collections.namedtuple("DemoRun", "root_dir config evaluation capture_
 
 
 def demo_config(algorithm="fedkl"):
-    """LeNet on 'digits', 3 IID clients; 5 local epochs of batch 16 so the small data set trains."""
+    """LeNet on 'digits', 3 IID clients; 5 local epochs of batch 16 so the small data set trains.
+
+    The clients' keys derive from the seed (`seeded_keys`), so that reruns reproduce the demo's figures: a
+    demonstration, never a deployment, whose keys must come from the CSPRNG (`tff_programs.train`'s default).
+    """
+    from tfkl.federated.config import Config
+
     return Config(
         algorithm=algorithm,
         model="lenet",
@@ -52,6 +52,7 @@ def demo_config(algorithm="fedkl"):
         learning_rate=0.05,
         lr_milestones=(),
         seed=0,
+        seeded_keys=True,
     )
 
 
@@ -61,6 +62,9 @@ def run_federated(root_dir, algorithm="fedkl", rounds=20, dataset=None, progress
     Needs an installed TFF context. Returns a DemoRun; `capture_paths` lists the captured updates
     (tfkl.capture files) of the first and last rounds.
     """
+    from tfkl import data
+    from tfkl.federated import evaluation, program
+
     run_dir = os.path.join(root_dir, algorithm)
     config = demo_config(algorithm)
     dataset = dataset or data.load(config.dataset)
@@ -71,7 +75,9 @@ def run_federated(root_dir, algorithm="fedkl", rounds=20, dataset=None, progress
         program.RunOptions(rounds=rounds, capture_rounds=capture_rounds, progress=progress),
         dataset=dataset,
     )
-    result = evaluation.evaluate(run_dir, round_num=rounds, public_sizes=(100, 1000), dataset=dataset)
+    result = evaluation.evaluate(
+        run_dir, round_num=rounds, public_sizes=(100, 1000), dataset=dataset, progress=progress
+    )
     with open(os.path.join(run_dir, "evaluation.json"), "w") as f:
         json.dump(result, f, indent=1)
     captures_dir = os.path.join(run_dir, "captures")
@@ -94,6 +100,8 @@ def victim_config(algorithm):
 
 def capture_victim_round(root_dir, algorithm, dataset):
     """Trains the one attacked round under root_dir/victim_<algorithm>; returns its capture path."""
+    from tfkl.federated import program
+
     run_dir = os.path.join(root_dir, f"victim_{algorithm}")
     program.train(
         run_dir,
@@ -108,6 +116,10 @@ def capture_victim_round(root_dir, algorithm, dataset):
 
 def attack_step(captures, out_dir, iterations):
     """Inverts the captured updates as a curious server; prints the table and writes the PNG grid."""
+    import attacks
+    from attacks import cases
+    from tfkl import capture as capture_lib
+
     loaded = {name: capture_lib.load_capture(path) for name, path in captures.items()}
     clients = {c.meta["client_id"] for c in loaded.values()}
     if len(clients) != 1:
@@ -125,7 +137,15 @@ def attack_step(captures, out_dir, iterations):
 
 
 def main(argv):
-    del argv  # common.parse_flags refused positional arguments
+    import tensorflow as tf
+
+    from tfkl.federated import evaluation
+    from tfkl.federated.config import ProgramError
+
+    del argv  # launch.parse_flags refused positional arguments
+    # Deterministic ops here and in TFF's worker (it inherits the variable), with the seeded keys: reruns agree.
+    os.environ["TF_DETERMINISTIC_OPS"] = "1"
+    tf.config.experimental.enable_op_determinism()
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     started = time.time()
@@ -172,5 +192,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    contexts.ignore_tff_exit_noise()  # before app.run: a flag error ends the program before main
-    app.run(main, flags_parser=common.parse_flags)
+    contexts.ignore_tff_exit_noise()  # before the flags: a flag error ends the program before main
+    launch.run(main)

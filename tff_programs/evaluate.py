@@ -10,11 +10,9 @@ held out as the lock-recovery attacker's public data.
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from tff_programs import common, contexts
-from tfkl.federated import evaluation
-from tfkl.federated.config import ProgramError
+from tff_programs import common, contexts, launch
 
 _ROOT_DIR = flags.DEFINE_string("root_dir", None, "Root dir of a training run.")
 _ROUND = flags.DEFINE_integer("round", None, "Round to evaluate (default: the last complete one).", lower_bound=0)
@@ -43,7 +41,10 @@ flags.register_validator(
 
 
 def main(argv):
-    del argv  # common.parse_flags refused positional arguments
+    from tfkl.federated import evaluation
+    from tfkl.federated.config import ProgramError
+
+    del argv  # launch.parse_flags refused positional arguments
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     if not os.path.isdir(_ROOT_DIR.value):
@@ -57,10 +58,15 @@ def main(argv):
             _MAX_CLIENTS.value,
             _RECOVERY_STEPS.value,
             _SEED.value,
+            progress=True,
         )
         if _BY_ROUND.value:
             result["accuracy_by_round"] = evaluation.accuracy_by_round(
-                _ROOT_DIR.value, max(int(s) for s in _PUBLIC_SIZES.value), _MAX_CLIENTS.value, _SEED.value
+                _ROOT_DIR.value,
+                max(int(s) for s in _PUBLIC_SIZES.value),
+                _MAX_CLIENTS.value,
+                _SEED.value,
+                progress=True,
             )
     except ProgramError as e:
         common.fail(str(e))
@@ -75,5 +81,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    contexts.ignore_tff_exit_noise()  # before app.run: a flag error ends the program before main
-    app.run(main, flags_parser=common.parse_flags)
+    contexts.ignore_tff_exit_noise()  # before the flags: a flag error ends the program before main
+    launch.run(main)

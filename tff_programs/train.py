@@ -8,24 +8,22 @@ Per-client private state (key, lock, optimizer buffers) is kept under root_dir/c
 the server state (root_dir/server); metrics go to root_dir/metrics.csv and root_dir/tensorboard.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from tff_programs import common, contexts
-from tfkl import data, keylock, models
-from tfkl.federated import algorithms, program
-from tfkl.federated import config as config_lib
+from tff_programs import common, contexts, launch
+from tfkl import names
 
 _ROOT_DIR = flags.DEFINE_string("root_dir", None, "Directory of the run (state, metrics, captures).")
-_ALGORITHM = flags.DEFINE_enum("algorithm", "fedkl", config_lib.ALGORITHMS, "FedKL or the FedAvg baseline (no lock).")
-_MODEL = flags.DEFINE_enum("model", "lenet", models.NAMES, "Zoo model.")
-_DATASET = flags.DEFINE_enum("dataset", "digits", data.DATASETS, "Data set.")
+_ALGORITHM = flags.DEFINE_enum("algorithm", "fedkl", names.ALGORITHMS, "FedKL or the FedAvg baseline (no lock).")
+_MODEL = flags.DEFINE_enum("model", "lenet", names.MODELS, "Zoo model.")
+_DATASET = flags.DEFINE_enum("dataset", "digits", names.DATASETS, "Data set.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set's files are.")
 _NUM_CLIENTS = flags.DEFINE_integer("num_clients", 3, "Number of clients.")
 _CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", None, "Clients sampled per round (default: all).")
 _ROUNDS = flags.DEFINE_integer("rounds", 20, "Total rounds (a resumed run continues to this).", lower_bound=1)
 _LOCAL_EPOCHS = flags.DEFINE_integer("local_epochs", 1, "Local epochs per round.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Client batch size.")
-_SPLIT = flags.DEFINE_enum("split", "iid", data.SPLITS, "How the training set is split among clients.")
+_SPLIT = flags.DEFINE_enum("split", "iid", names.SPLITS, "How the training set is split among clients.")
 _ALPHA = flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration for --split=dirichlet.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.01, "Client SGD learning rate.")
 _MOMENTUM = flags.DEFINE_float("momentum", 0.9, "Client SGD momentum.")
@@ -40,27 +38,27 @@ _PERSIST = flags.DEFINE_bool("persist_optimizer_state", True, "Keep each client'
 _STATISTICS = flags.DEFINE_enum(
     "statistics",
     "average",
-    algorithms.STATISTICS,
+    names.STATISTICS,
     "Moving statistics of the normalisations: averaged by the server (the paper), or "
     "kept by each client (FedBN-like; backbones that normalise after the lock, such as "
     "ResNet-20, need it: each client's lock shifts the statistics).",
 )
 _WEIGHTING = flags.DEFINE_enum(
-    "client_weighting", "num_examples", algorithms.CLIENT_WEIGHTINGS, "Weight of each client's update in the mean."
+    "client_weighting", "num_examples", names.CLIENT_WEIGHTINGS, "Weight of each client's update in the mean."
 )
 _KEY_DIM = flags.DEFINE_integer("key_dim", 1024, "Key length (FedKL).", lower_bound=1)
-_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", keylock.NORMALIZATIONS, "Lock normalisation.")
-_INIT = flags.DEFINE_enum("init", "pytorch", models.INITS, "Weight initialisation scheme.")
+_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", names.NORMALIZATIONS, "Lock normalisation.")
+_INIT = flags.DEFINE_enum("init", "pytorch", names.INITS, "Weight initialisation scheme.")
 _LOCK_WHERE = flags.DEFINE_enum(
     "lock_where",
     "first",
-    ("first", "all"),
+    names.LOCK_WHERES,
     "FedKL: lock the first conv layer (the paper's) or every conv layer, all with the client's one key.",
 )
 _LOCK_INIT = flags.DEFINE_enum(
     "lock_init",
     "shared",
-    config_lib.LOCK_INITS,
+    names.LOCK_INITS,
     "FedKL: every client starts from "
     "model_fn's lock weights (the paper's; the server knows them in round 1), or from "
     "lock weights it draws from the CSPRNG.",
@@ -138,6 +136,9 @@ flags.register_validator("inject_failure", _valid_pairs, "--inject_failure takes
 
 def config_from_flags(dataset):
     """The run's Config from the flags (and the data set's shape)."""
+    from tfkl import models
+    from tfkl.federated import config as config_lib
+
     return config_lib.Config(
         algorithm=_ALGORITHM.value,
         model=_MODEL.value,
@@ -175,6 +176,8 @@ def config_from_flags(dataset):
 
 
 def run_options():
+    from tfkl.federated import program
+
     capture = ("all",) if _CAPTURE.value == ["all"] else tuple(int(r) for r in _CAPTURE.value)
     return program.RunOptions(
         rounds=_ROUNDS.value,
@@ -193,7 +196,10 @@ def quiet_logs():
 
 
 def main(argv):
-    del argv  # common.parse_flags refused positional arguments
+    from tfkl.federated import config as config_lib
+    from tfkl.federated import program
+
+    del argv  # launch.parse_flags refused positional arguments
     quiet_logs()
     dataset = common.load_dataset(_DATASET.value, _DATA_DIR.value)
     try:
@@ -213,5 +219,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    contexts.ignore_tff_exit_noise()  # before app.run: a flag error ends the program before main
-    app.run(main, flags_parser=common.parse_flags)
+    contexts.ignore_tff_exit_noise()  # before the flags: a flag error ends the program before main
+    launch.run(main)

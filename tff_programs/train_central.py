@@ -8,25 +8,22 @@ With the lock it also reports the accuracy under random keys (same weights, fres
 import json
 import os
 
-from absl import app, flags
-import numpy as np
-import tensorflow as tf
+from absl import flags
 
-from tff_programs import common
-import tfkl
-from tfkl import data, keylock, models, training
+from tff_programs import common, launch
+from tfkl import names
 
-_MODEL = flags.DEFINE_enum("model", "lenet", models.NAMES, "Zoo model.")
-_DATASET = flags.DEFINE_enum("dataset", "digits", data.DATASETS, "Data set.")
+_MODEL = flags.DEFINE_enum("model", "lenet", names.MODELS, "Zoo model.")
+_DATASET = flags.DEFINE_enum("dataset", "digits", names.DATASETS, "Data set.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set's files are.")
 _LOCK = flags.DEFINE_bool("lock", True, "Add the key-lock block after the first conv layer.")
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "Training epochs.", lower_bound=1)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1)
 _MAX_TRAIN = flags.DEFINE_integer("max_train_examples", None, "Train on the first N examples only.", lower_bound=1)
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.01, "SGD learning rate.", lower_bound=0.0)
-_INIT = flags.DEFINE_enum("init", "pytorch", models.INITS, "Weight initialisation scheme.")
+_INIT = flags.DEFINE_enum("init", "pytorch", names.INITS, "Weight initialisation scheme.")
 _KEY_DIM = flags.DEFINE_integer("key_dim", 1024, "Key length.", lower_bound=1)
-_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", keylock.NORMALIZATIONS, "Lock normalisation.")
+_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", names.NORMALIZATIONS, "Lock normalisation.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, data order and (this experiment's) keys.")
 _RANDOM_KEYS = flags.DEFINE_integer("random_keys", 5, "Random keys to evaluate the trained lock with.", lower_bound=1)
 _PUBLIC_SIZE = flags.DEFINE_integer(
@@ -44,7 +41,13 @@ flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must
 
 
 def main(argv):
-    del argv  # common.parse_flags refused positional arguments
+    import numpy as np
+    import tensorflow as tf
+
+    import tfkl
+    from tfkl import data, models, training
+
+    del argv  # launch.parse_flags refused positional arguments
     tf.keras.utils.set_random_seed(_SEED.value)
     dataset = common.load_dataset(_DATASET.value, _DATA_DIR.value)
     input_shape = models.input_shape(_MODEL.value, dataset)
@@ -99,4 +102,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    launch.run(main)

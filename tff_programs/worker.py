@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from tff_programs import common
+from tff_programs import common, launch
 
 _PORT = flags.DEFINE_integer("port", None, "TCP port to serve on (all interfaces).", required=True)
 _MAX_CALLS = flags.DEFINE_integer(
@@ -81,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    app.run(main, flags_parser=launch.parse_flags)  # no TensorFlow: the worker replaces this process

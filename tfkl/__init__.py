@@ -1,29 +1,60 @@
-"""tfkl: FedKL key-lock defence for Keras and TensorFlow Federated."""
+"""tfkl: FedKL key-lock defence for Keras and TensorFlow Federated.
 
-from tfkl import _keras  # first: makes tf.keras Keras 2 on TensorFlow >= 2.16
+`import tfkl` does not load TensorFlow: the API below loads on first use (after tfkl._keras has made tf.keras
+Keras 2), so that `tfkl.names` serves the binaries' flags before TensorFlow loads.
+"""
 
-# isort: split
-from tfkl import data, models, optimizers, training
-from tfkl.keylock import KeyLock
-from tfkl.keys import KeyFormatError, generate_key, load_key, save_key, validate_key
-from tfkl.private import export_shared, get_key, load_shared, lock_layers, private_variables, set_key, shared_variables
-from tfkl.secure import secure
+import importlib
+import os
+import sys
+import types
+
 from tfkl.version import __version__
 
-__all__ = [
-    "__version__",
-    "KeyLock",
-    "KeyFormatError",
-    "generate_key",
-    "load_key",
-    "save_key",
-    "validate_key",
-    "export_shared",
-    "get_key",
-    "load_shared",
-    "lock_layers",
-    "private_variables",
-    "set_key",
-    "shared_variables",
-    "secure",
-]
+# Before TensorFlow loads: tf.keras is then Keras 2 (tf_keras) on TensorFlow >= 2.16, see tfkl/_keras.py.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+if "tensorflow" in sys.modules or os.environ["TF_USE_LEGACY_KERAS"] not in ("1", "true", "True"):
+    from tfkl import _keras  # Keras 3 may be loaded already or chosen: refuse it now, in one line
+
+_API = {
+    "KeyLock": "tfkl.keylock",
+    "KeyFormatError": "tfkl.keys",
+    "generate_key": "tfkl.keys",
+    "load_key": "tfkl.keys",
+    "save_key": "tfkl.keys",
+    "validate_key": "tfkl.keys",
+    "export_shared": "tfkl.private",
+    "get_key": "tfkl.private",
+    "load_shared": "tfkl.private",
+    "lock_layers": "tfkl.private",
+    "private_variables": "tfkl.private",
+    "set_key": "tfkl.private",
+    "shared_variables": "tfkl.private",
+    "secure": "tfkl.secure",
+}
+_SUBMODULES = ("data", "models", "optimizers", "training")
+
+__all__ = ["__version__", *_API]
+
+
+class _Package(types.ModuleType):
+    """tfkl's module type: importing the submodule tfkl.secure would bind it as `tfkl.secure`, which is the function."""
+
+    def __setattr__(self, name, value):
+        if not (name in _API and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name):
+    if name not in _API and name not in _SUBMODULES:
+        raise AttributeError(f"module 'tfkl' has no attribute {name!r}")
+    importlib.import_module("tfkl._keras")
+    if name in _SUBMODULES:
+        value = importlib.import_module(f"tfkl.{name}")
+    else:
+        value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value
+    return value

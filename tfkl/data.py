@@ -14,8 +14,8 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100")
-SPLITS = ("iid", "dirichlet", "shards")
+from tfkl.names import DATASETS, SPLITS
+
 FASHION_MNIST_DIRS = ("~/.keras/datasets/fashion-mnist", "/usr/share/datasets/fashion-mnist")
 _FASHION_FILES = (
     "train-images-idx3-ubyte.gz",

@@ -5,8 +5,8 @@ import math
 import tensorflow as tf
 
 from tfkl import keys as keys_lib
+from tfkl.names import NORMALIZATIONS
 
-NORMALIZATIONS = ("batch", "group", "layer", "none")
 ACTIVATIONS = ("relu", "sigmoid")
 PRIVATE_WEIGHT_NAMES = ("key", "scale_kernel", "scale_bias", "shift_kernel", "shift_bias")
 _HALF_PRECISION = (tf.float16, tf.bfloat16)

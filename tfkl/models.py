@@ -14,9 +14,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfkl.keylock import TorchLinearUniform
+from tfkl.names import INITS, MODELS
 from tfkl.secure import secure
 
-INITS = ("pytorch", "dlg", "keras")
 # PyTorch BatchNorm2d defaults (momentum 0.1 there is 0.9 in Keras' convention).
 _BN = dict(momentum=0.9, epsilon=1e-5)
 
@@ -145,7 +145,6 @@ _ARCHITECTURES = {
     "resnet34": lambda i, c, b: _resnet(i, c, b, ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)), "imagenet"),
     "vgg16": _vgg16,
 }
-NAMES = tuple(_ARCHITECTURES)
 _SMALL_INPUT_NAMES = ("lenet", "resnet20", "resnet32")  # the paper's models, on 32x32 inputs
 
 
@@ -172,7 +171,7 @@ def build(
     """Builds a zoo model; with `lock=True` its first conv layer (or those `where` names) carries a KeyLock block.
 
     Args:
-      name: one of NAMES.
+      name: one of MODELS.
       input_shape: (height, width, channels) of the inputs.
       num_classes: number of output logits (the model outputs logits, no softmax).
       lock: whether to add the key-lock block after the first conv layer.
@@ -183,7 +182,7 @@ def build(
       where: the layers to lock, as `tfkl.secure` takes it: 'first' (the paper's), 'all' or names.
     """
     if name not in _ARCHITECTURES:
-        raise ValueError(f"unknown model {name!r}; choose from {NAMES}")
+        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if len(input_shape) != 3 or any(int(d) < 1 for d in input_shape):

@@ -15,10 +15,8 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tfkl.federated import client_work
+from tfkl.names import CLIENT_WEIGHTINGS, STATISTICS
 from tfkl.optimizers import TorchSGD
-
-CLIENT_WEIGHTINGS = ("num_examples", "uniform")
-STATISTICS = ("average", "local")
 
 
 def prune_smallest(fraction):

@@ -9,14 +9,9 @@ import functools
 
 import tensorflow_federated as tff
 
-from tfkl import data as data_lib
-from tfkl import keylock, models, optimizers, private
 from tfkl import keys as keys_lib
+from tfkl import models, names, optimizers, private
 from tfkl.federated import algorithms
-
-ALGORITHMS = ("fedkl", "fedavg")
-LOCK_WHERES = ("first", "all")
-LOCK_INITS = ("shared", "private")
 
 
 class ProgramError(RuntimeError):
@@ -69,16 +64,16 @@ class Config:
         if self.clients_per_round is None:
             object.__setattr__(self, "clients_per_round", self.num_clients)
         for name, choices in (
-            ("algorithm", ALGORITHMS),
-            ("model", models.NAMES),
-            ("dataset", data_lib.DATASETS),
-            ("split", data_lib.SPLITS),
-            ("statistics", algorithms.STATISTICS),
-            ("client_weighting", algorithms.CLIENT_WEIGHTINGS),
-            ("normalization", keylock.NORMALIZATIONS),
-            ("init", models.INITS),
-            ("lock_where", LOCK_WHERES),
-            ("lock_init", LOCK_INITS),
+            ("algorithm", names.ALGORITHMS),
+            ("model", names.MODELS),
+            ("dataset", names.DATASETS),
+            ("split", names.SPLITS),
+            ("statistics", names.STATISTICS),
+            ("client_weighting", names.CLIENT_WEIGHTINGS),
+            ("normalization", names.NORMALIZATIONS),
+            ("init", names.INITS),
+            ("lock_where", names.LOCK_WHERES),
+            ("lock_init", names.LOCK_INITS),
         ):
             _check(getattr(self, name) in choices, f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("num_clients", "clients_per_round", "local_epochs", "batch_size", "key_dim"):

@@ -4,6 +4,7 @@ The test split is cut once (seeded) into a public part an attacker may hold (for
 and the evaluation part every accuracy is measured on, so the two never overlap.
 """
 
+import functools
 import os
 
 import numpy as np
@@ -143,12 +144,20 @@ def _own_secret_accuracy(evaluator, client_states, client_ids, eval_ds):
     return result
 
 
-def accuracy_by_round(root_dir, public_size=1000, max_clients=10, seed=0, dataset=None):
+def _reporter(progress):
+    """print (flushed) with `progress`, else nothing."""
+    return functools.partial(print, flush=True) if progress else lambda *_: None
+
+
+def accuracy_by_round(root_dir, public_size=1000, max_clients=10, seed=0, dataset=None, progress=False):
     """{round: accuracy} for every complete round on disk (`--keep_rounds` decides which are kept):
-    the global model (FedAvg) or the clients' mean of entry (a) (FedKL), on `evaluate`'s examples."""
+    the global model (FedAvg) or the clients' mean of entry (a) (FedKL), on `evaluate`'s examples.
+    With `progress`, prints a line per round."""
+    report = _reporter(progress)
     config, dataset, process, _, _, eval_ds = _evaluation_setup(root_dir, public_size, seed, dataset)
     curve = {}
     for round_num in run_dir.complete_rounds(root_dir):
+        report(f"accuracy by round: round {round_num}")
         server_state, client_states, _ = _restore(root_dir, config, process, round_num)
         evaluator = _Evaluator(config, process, server_state)
         if config.locked:
@@ -162,11 +171,22 @@ def accuracy_by_round(root_dir, public_size=1000, max_clients=10, seed=0, datase
 
 
 def evaluate(
-    root_dir, round_num=None, public_sizes=(100, 1000), max_clients=10, recovery_steps=300, seed=0, dataset=None
+    root_dir,
+    round_num=None,
+    public_sizes=(100, 1000),
+    max_clients=10,
+    recovery_steps=300,
+    seed=0,
+    dataset=None,
+    progress=False,
 ):
-    """The accuracy matrix of a run's (last complete, or given) round, as a JSON-ready dict."""
+    """The accuracy matrix of a run's (last complete, or given) round, as a JSON-ready dict. With `progress`,
+    prints a line per stage and client as it goes."""
+    report = _reporter(progress)
+    report(f"evaluating {root_dir}: loading the data and building the model")
     config, dataset, process, public, held_out, eval_ds = _evaluation_setup(root_dir, max(public_sizes), seed, dataset)
     server_state, client_states, round_num = _restore(root_dir, config, process, round_num)
+    report(f"round {round_num} restored; {len(held_out)} evaluation examples")
     shape = tuple(config.input_shape)
     result = dict(
         root_dir=root_dir,
@@ -186,9 +206,11 @@ def evaluate(
 
     client_ids, last_update = _recent_clients(root_dir, client_states, round_num, max_clients)
     result.update(evaluated_clients=client_ids, last_update_round=last_update, descriptions=ENTRIES)
+    report(f"(a) own key and lock: clients {', '.join(client_ids)}")
     rows = {"a_own_key_and_lock": _own_secret_accuracy(evaluator, client_states, client_ids, eval_ds)}
     rows.update({name: {} for name in ("b_own_lock_random_key", "c_own_lock_other_key", "c_other_key_and_lock")})
     for index, cid in enumerate(client_ids):
+        report(f"(b, c) random and other clients' secrets: client {cid}")
         state = client_states[cid]
         other = client_states[client_ids[(index + 1) % len(client_ids)]]
         random_key = keys_lib.generate_key(config.key_dim, seed=[seed, 1, int(cid)])
@@ -203,6 +225,7 @@ def evaluate(
     rows["f_own_secret_own_statistics"] = {}
     partition = client_partition(config, dataset)
     for cid in client_ids:
+        report(f"(f) own secret, statistics re-estimated on its data: client {cid}")
         evaluator.use_own_secret(client_states[cid])
         own = partition[int(cid)]
         evaluator.reestimate_statistics(dataset.x_train[own], dataset.y_train[own], shape, seed)
@@ -210,6 +233,7 @@ def evaluate(
     for name, values in rows.items():
         result[name] = dict(mean=float(np.mean(list(values.values()))), per_client=values)
 
+    report("(d) the global model alone")
     evaluator.set_statistics(evaluator.global_statistics)
     random_key = keys_lib.generate_key(config.key_dim, seed=[seed, 2])
     evaluator.set_secret(random_key, [np.zeros(v.shape, np.float32) for v in evaluator.lock_vars])
@@ -223,6 +247,7 @@ def evaluate(
         usable = public[: min(int(size), len(public))]
         by_statistics = {}
         for statistics in RECOVERY_STATISTICS:
+            report(f"(e) lock recovery on {len(usable)} public examples, {statistics} statistics")
             evaluator.set_statistics(evaluator.global_statistics)
             evaluator.set_secret(random_key, fresh_lock)
             _recover_lock(

@@ -1,0 +1,16 @@
+"""The names a user chooses from (zoo models, data sets, normalisations, algorithms, attacks, threats), without
+TensorFlow: the binaries validate their flags with them before TensorFlow loads. Each is defined here only; the
+modules that implement them import it."""
+
+MODELS = ("lenet", "resnet20", "resnet32", "resnet18", "resnet34", "vgg16")  # tfkl.models
+INITS = ("pytorch", "dlg", "keras")  # tfkl.models: weight initialisation schemes
+DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100")  # tfkl.data
+SPLITS = ("iid", "dirichlet", "shards")  # tfkl.data: client splits
+NORMALIZATIONS = ("batch", "group", "layer", "none")  # tfkl.keylock
+ALGORITHMS = ("fedkl", "fedavg")  # tfkl.federated.config
+LOCK_WHERES = ("first", "all")  # tfkl.federated.config
+LOCK_INITS = ("shared", "private")  # tfkl.federated.config
+STATISTICS = ("average", "local")  # tfkl.federated.algorithms
+CLIENT_WEIGHTINGS = ("num_examples", "uniform")  # tfkl.federated.algorithms
+ATTACKS = ("dlg", "idlg", "ig", "grnn")  # attacks.experiment
+THREATS = ("none", "fixed-key", "adaptive", "adaptive-key", "oracle")  # attacks.model
