@@ -3,8 +3,6 @@ TensorFlow)."""
 
 import sys
 
-from absl import flags
-
 
 def fail(message):
     """Ends the program with one clear error line (exit code 1)."""
