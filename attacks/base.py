@@ -131,7 +131,11 @@ class Attack:
         return images, [p * _scale(target) for p in predicted]
 
     def _batched_value_and_gradients(self, target):
-        """f(positions [P, n], target values [P, ...], labels [P, N]) -> (values [P], grads [P, n])."""
+        """f(positions [P, n], target values [P, ...], labels [P, N]) -> (values [P], grads [P, n]).
+
+        A `tf.function` kept out of line: the optimisers call it from several places (tfp's line search
+        has about ten), and each call site would otherwise vectorise the second-order gradient again and
+        have its copy optimised apart; traced and optimised once, every call site runs the same graph."""
 
         def one(args):
             position, target_values, fixed_labels = args
@@ -151,7 +155,7 @@ class Attack:
                 fn_output_signature=(tf.float32, tf.float32),
             )
 
-        return batched
+        return tf.function(batched, experimental_attributes={"_noinline": True})
 
     # -- driver ----------------------------------------------------------------------------
     def reconstruct(self, targets, labels=None, progress=None, monitor=None):

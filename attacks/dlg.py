@@ -84,7 +84,7 @@ class DLG(base.Attack):
             f_relative_tolerance=0.0,
             max_line_search_iterations=25,
         )
-        state = tf.function(lambda start: minimize(initial_position=start, max_iterations=0))(initial)
+        state = minimize(initial_position=initial, max_iterations=0)  # eager: one evaluation, nothing to compile
         resume = tf.function(
             lambda state, until: minimize(initial_position=None, previous_optimizer_results=state, max_iterations=until)
         )

@@ -56,13 +56,18 @@ def run_threats(
     seed=0,
     progress=None,
     server_lock_weights=None,
+    log=None,
 ):
     """Attacks `images` (in client batches) under each threat; returns {threat: result dict}.
 
     A result dict holds the reconstructions, per-image metrics, their summary, and timing.
-    `server_lock_weights`: see `cases.threat_secret`."""
+    `server_lock_weights`: see `cases.threat_secret`. `log(line)` hears of each threat's stages."""
     results = {}
-    for threat in threats:
+    for number, threat in enumerate(threats, 1):
+        if log:
+            log(
+                f"[{attack_name}/{threat}] threat {number}/{len(threats)}: simulating the clients, compiling the attack"
+            )
         victim = victims["plain" if threat == "none" else "locked"]
         payload, truth = cases.simulate_clients(
             victim,
@@ -84,6 +89,9 @@ def run_threats(
             seed=seed,
             progress=progress and (lambda done, total, loss, th=threat: progress(th, done, total, loss)),
         )
+        if log:
+            compiling = results[threat]["seconds"] - results[threat]["reconstructions"][0].info["optimizer_seconds"]
+            log(f"[{attack_name}/{threat}] done in {results[threat]['seconds']:.1f} s ({compiling:.1f} s compiling)")
     return results
 
 
@@ -191,6 +199,8 @@ def attack_captures(
         (target,) = payload.targets
         for threat in locked_threats if capture.meta["lock"] else ("none",):
             setting = f"{name}/{threat}"
+            if verbose:
+                print(f"{setting}: compiling the attack", flush=True)
             (rec,), seconds = run_attack(
                 attack,
                 payload,

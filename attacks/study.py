@@ -117,6 +117,7 @@ def run(
         seed=seed,
         progress=progress,
         server_lock_weights=server_lock_weights,
+        log=log,
     )
     settings = dict(
         attack=attack,

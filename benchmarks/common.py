@@ -39,6 +39,7 @@ BENCHMARKS = (
     "torch_compare",
     "torch_dlg_reference",
     "dlg_speed",
+    "attack_startup",
     "federated_round",
     "scale",
     "attack_quality",
