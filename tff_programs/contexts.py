@@ -150,15 +150,18 @@ class LocalWorker:
     def _ready_channel(self, address):
         import grpc
 
+        # Not closed at shutdown: closing races gRPC's connectivity-polling thread ("Channel closed!" traceback);
+        # the channel ends with the worker and this process. One ready-future: a timed-out one stays subscribed.
         channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
-        _open_channels.append(channel)
+        ready = grpc.channel_ready_future(channel)
         deadline = time.monotonic() + self.start_timeout
         while True:
             try:
-                grpc.channel_ready_future(channel).result(timeout=1.0)
+                ready.result(timeout=1.0)
                 return channel
             except grpc.FutureTimeoutError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
+                    ready.cancel()
                     self.stop()
                     raise WorkerUnavailableError(
                         f"TFF's local worker on {address} did not start (exit code {self.process.returncode})"
@@ -202,9 +205,11 @@ def connect(address, timeout):
 
     host, port = parse_address(address)
     channel = grpc.insecure_channel(f"{host}:{port}", _GRPC_OPTIONS)
+    ready = grpc.channel_ready_future(channel)
     try:
-        grpc.channel_ready_future(channel).result(timeout=timeout)
+        ready.result(timeout=timeout)
     except grpc.FutureTimeoutError:
+        ready.cancel()  # unsubscribes it: gRPC's polling thread stops before the channel closes
         channel.close()
         raise WorkerUnavailableError(
             f"TFF worker {address} did not accept a connection within {timeout:g} s "

@@ -183,10 +183,10 @@ def evaluate(
     """The accuracy matrix of a run's (last complete, or given) round, as a JSON-ready dict. With `progress`,
     prints a line per stage and client as it goes."""
     report = _reporter(progress)
-    report(f"evaluating {root_dir}: loading the data and building the model")
+    # The first line comes once the run has been read: a run that cannot be evaluated gets its error line alone.
     config, dataset, process, public, held_out, eval_ds = _evaluation_setup(root_dir, max(public_sizes), seed, dataset)
     server_state, client_states, round_num = _restore(root_dir, config, process, round_num)
-    report(f"round {round_num} restored; {len(held_out)} evaluation examples")
+    report(f"evaluating {root_dir}: round {round_num} restored; {len(held_out)} evaluation examples")
     shape = tuple(config.input_shape)
     result = dict(
         root_dir=root_dir,
