@@ -6,14 +6,19 @@ objective and gradient independently (each with its own batch statistics), so on
 serves them all, on CPU or GPU.
 """
 
+from collections.abc import Callable
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
 
 from attacks import labels as labels_lib
 from attacks import targets as targets_lib
+
+if TYPE_CHECKING:
+    from attacks.model import AttackerModel
 
 DISTANCES = ("l2", "l2_sum", "cosine", "grnn")
 
@@ -85,7 +90,7 @@ class Attack:
 
     name = "attack"
 
-    def __init__(self, attacker, label_mode="infer", restarts=1, seed=0):
+    def __init__(self, attacker: "AttackerModel", label_mode: str = "infer", restarts: int = 1, seed: int = 0) -> None:
         if label_mode not in ("infer", "joint", "given"):
             raise ValueError(f"label_mode must be 'infer', 'joint' or 'given', got {label_mode!r}")
         if restarts < 1:
@@ -158,7 +163,13 @@ class Attack:
         return tf.function(batched, experimental_attributes={"_noinline": True})
 
     # -- driver ----------------------------------------------------------------------------
-    def reconstruct(self, targets, labels=None, progress=None, monitor=None):
+    def reconstruct(
+        self,
+        targets: "targets_lib.Target | list[targets_lib.Target]",
+        labels: np.ndarray | None = None,
+        progress: Callable | None = None,
+        monitor: Callable | None = None,
+    ) -> "list[Reconstruction]":
         """Attacks each target (a `Target` or a list of them, all of one kind and size).
 
         Returns one `Reconstruction` per target. `labels` ([targets, N] ints) only with

@@ -14,6 +14,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from attacks import base, lbfgs
+from attacks.model import AttackerModel
 
 OPTIMIZERS = ("tfp", "torch")
 
@@ -36,17 +37,17 @@ class DLG(base.Attack):
 
     def __init__(
         self,
-        attacker,
-        iterations=1000,
-        chunk=250,
-        distance="l2",
-        tv=0.0,
-        history_size=100,
-        optimizer="tfp",
-        label_mode="joint",
-        restarts=1,
-        seed=0,
-    ):
+        attacker: AttackerModel,
+        iterations: int = 1000,
+        chunk: int = 250,
+        distance: str = "l2",
+        tv: float = 0.0,
+        history_size: int = 100,
+        optimizer: str = "tfp",
+        label_mode: str = "joint",
+        restarts: int = 1,
+        seed: int = 0,
+    ) -> None:
         super().__init__(attacker, label_mode, restarts, seed)
         if distance not in base.DISTANCES:
             raise ValueError(f"distance must be one of {base.DISTANCES}, got {distance!r}")
@@ -134,6 +135,6 @@ class IDLG(DLG):
 
     name = "idlg"
 
-    def __init__(self, attacker, **kwargs):
+    def __init__(self, attacker: AttackerModel, **kwargs) -> None:
         kwargs.setdefault("label_mode", "infer")
         super().__init__(attacker, **kwargs)

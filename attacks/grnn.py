@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from attacks import base
 from attacks.ig import run_adam
+from attacks.model import AttackerModel
 
 
 class GRNN(base.Attack):
@@ -30,18 +31,18 @@ class GRNN(base.Attack):
 
     def __init__(
         self,
-        attacker,
-        iterations=2000,
-        learning_rate=1e-3,
-        tv=1e-6,
-        distance="grnn",
-        code_dim=64,
-        width=32,
-        chunk=250,
-        label_mode="infer",
-        restarts=1,
-        seed=0,
-    ):
+        attacker: AttackerModel,
+        iterations: int = 2000,
+        learning_rate: float = 1e-3,
+        tv: float = 1e-6,
+        distance: str = "grnn",
+        code_dim: int = 64,
+        width: int = 32,
+        chunk: int = 250,
+        label_mode: str = "infer",
+        restarts: int = 1,
+        seed: int = 0,
+    ) -> None:
         super().__init__(attacker, label_mode, restarts, seed)
         height, width_px, _ = attacker.input_shape
         if height != width_px or height % 4 or (height // 4) & (height // 4 - 1):

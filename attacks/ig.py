@@ -4,6 +4,7 @@ step decay, optional signed gradients, images boxed to [0, 1], several restarts.
 import tensorflow as tf
 
 from attacks import base
+from attacks.model import AttackerModel
 
 
 def adam_chunk(value_and_gradients, position, m, v, step, iterations, learning_rate, signed, project):
@@ -79,18 +80,18 @@ class InvertingGradients(base.Attack):
 
     def __init__(
         self,
-        attacker,
-        iterations=2000,
-        learning_rate=0.1,
-        tv=1e-3,
-        signed=True,
-        boxed=True,
-        distance="cosine",
-        chunk=250,
-        label_mode="infer",
-        restarts=4,
-        seed=0,
-    ):
+        attacker: AttackerModel,
+        iterations: int = 2000,
+        learning_rate: float = 0.1,
+        tv: float = 1e-3,
+        signed: bool = True,
+        boxed: bool = True,
+        distance: str = "cosine",
+        chunk: int = 250,
+        label_mode: str = "infer",
+        restarts: int = 4,
+        seed: int = 0,
+    ) -> None:
         super().__init__(attacker, label_mode, restarts, seed)
         if distance not in base.DISTANCES:
             raise ValueError(f"distance must be one of {base.DISTANCES}, got {distance!r}")

@@ -44,7 +44,7 @@ class ServerView:
     trainable: tuple
 
     @classmethod
-    def from_model(cls, model):
+    def from_model(cls, model: tf.keras.Model) -> "ServerView":
         """The server's view of `model`: its architecture and shared variables only."""
         shared = private.shared_variables(model)
         return cls(
@@ -55,7 +55,7 @@ class ServerView:
         )
 
     @classmethod
-    def from_capture(cls, capture):
+    def from_capture(cls, capture: capture_lib.Capture) -> "ServerView":
         """The view from a capture: the architecture its meta carries, the global weights it was sent
         (a meta that does not fit the weights raises tfkl.capture.CaptureFormatError)."""
         model = capture_lib.shared_model(capture)
@@ -67,12 +67,12 @@ class ServerView:
         )
 
 
-def extract_secret(model):
+def extract_secret(model: tf.keras.Model) -> dict[str, tuple[np.ndarray, ...]]:
     """The victim's secret per lock layer (key and lock weights): for the `oracle` threat only."""
     return {lock.name: tuple(v.numpy() for v in lock.private_weights) for lock in private.lock_layers(model)}
 
 
-def extract_lock_weights(model):
+def extract_lock_weights(model: tf.keras.Model) -> dict[str, tuple[np.ndarray, ...]]:
     """The victim's lock weights without the key, per lock layer: for the `adaptive-key` threat, whose
     attacker knows them (in round 1 every client trains from the server's initial lock weights)."""
     return {lock.name: tuple(v.numpy() for v in lock.private_weights[1:]) for lock in private.lock_layers(model)}
@@ -98,7 +98,7 @@ class AttackerModel:
       seed: the attacker's seed for its fixed key and lock weights.
     """
 
-    def __init__(self, view, threat, secret=None, seed=0):
+    def __init__(self, view: ServerView, threat: str, secret: dict | None = None, seed: int = 0) -> None:
         if threat not in THREATS:
             raise ValueError(f"threat must be one of {THREATS}, got {threat!r}")
         if (secret is not None) != (threat in ("oracle", "adaptive-key")):
