@@ -11,12 +11,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from tests.helpers import kill_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = int(os.environ.get("TFKL_TEST_JOBS", "2"))
@@ -39,11 +40,7 @@ def run_binary(module, args, log, timeout=300):
         try:
             return process.wait(timeout)
         finally:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait()
+            kill_group(process)
 
 
 def file_hashes(directory):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers import kill_group
 from tff_programs import contexts
 from tfkl.federated import run_dir
 from tfkl.federated.config import build_process
@@ -39,15 +39,6 @@ def finish(process, timeout=300):
         return process.wait(timeout)
     finally:
         kill_group(process)
-
-
-def kill_group(process):
-    """SIGKILLs the binary and the TFF worker it started (same process group), by that group's id."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
 
 
 def error_lines(log):

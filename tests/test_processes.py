@@ -11,6 +11,7 @@ import time
 import psutil
 import pytest
 
+from tests.helpers import kill_group
 from tfkl import names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,11 +82,7 @@ def test_a_killed_training_driver_takes_its_tff_worker_along(tmp_path):
             time.sleep(0.1)
         assert all(_gone(w) for w in workers), "the TFF worker outlived its killed driver"
     finally:
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        driver.wait()
+        kill_group(driver)
 
 
 @pytest.mark.parametrize("binary", BINARIES)
