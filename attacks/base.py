@@ -124,8 +124,13 @@ class Attack:
 
     # -- objective -------------------------------------------------------------------------
     def objective(self, position, target_values, fixed_labels, target):
-        """The scalar loss of one problem; subclasses set the distance and priors."""
-        raise NotImplementedError
+        """The scalar loss of one problem: the gradient distance (`self.distance`), plus `self.tv` times
+        the candidate images' total variation."""
+        images, predicted = self._candidate(position, target_values, fixed_labels, target)
+        loss = gradient_distance(predicted, target_values, self.distance)
+        if self.tv:
+            loss += self.tv * total_variation(images)
+        return loss
 
     def _candidate(self, position, target_values, fixed_labels, target, transform=None):
         images, label_logits, latent = self._split(position, target)

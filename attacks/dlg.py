@@ -56,13 +56,6 @@ class DLG(base.Attack):
         self.iterations, self.chunk, self.distance = int(iterations), int(chunk), distance
         self.tv, self.history_size, self.optimizer = float(tv), int(history_size), optimizer
 
-    def objective(self, position, target_values, fixed_labels, target):
-        images, predicted = self._candidate(position, target_values, fixed_labels, target)
-        loss = base.gradient_distance(predicted, target_values, self.distance)
-        if self.tv:
-            loss += self.tv * base.total_variation(images)
-        return loss
-
     def _optimize(self, target, initial, target_values, fixed_labels, progress, monitor):
         batched = self._batched_value_and_gradients(target)
         objective = lambda positions: batched(positions, target_values, fixed_labels)  # noqa: E731

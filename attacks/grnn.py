@@ -98,10 +98,6 @@ class GRNN(base.Attack):
         label_logits = tf.matmul(self._codes, weights[-2]) + weights[-1]
         return images, label_logits, position[offset:]
 
-    def objective(self, position, target_values, fixed_labels, target):
-        images, predicted = self._candidate(position, target_values, fixed_labels, target)
-        return base.gradient_distance(predicted, target_values, self.distance) + self.tv * base.total_variation(images)
-
     def _optimize(self, target, initial, target_values, fixed_labels, progress, monitor):
         value_and_gradients = self._batched_value_and_gradients(target)
 

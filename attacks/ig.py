@@ -101,10 +101,6 @@ class InvertingGradients(base.Attack):
     def _initial_images(self, rng, problems, size):
         return rng.uniform(0.0, 1.0, (problems, size)) if self.boxed else rng.standard_normal((problems, size))
 
-    def objective(self, position, target_values, fixed_labels, target):
-        images, predicted = self._candidate(position, target_values, fixed_labels, target)
-        return base.gradient_distance(predicted, target_values, self.distance) + self.tv * base.total_variation(images)
-
     def _optimize(self, target, initial, target_values, fixed_labels, progress, monitor):
         value_and_gradients = self._batched_value_and_gradients(target)
         image_size = self._layout(target)[0]
