@@ -5,8 +5,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def pytest_sessionfinish(session, exitstatus):
     """Stop the TFF C++ workers the tests started, so no orphan keeps CI's pipes open."""
-    try:
-        from tff_programs import contexts
-    except ImportError:  # the core's venv (make test-core-latest) has no TFF stack, so no TFF workers
-        return
+    from tff_programs import contexts
+
     contexts.shutdown()

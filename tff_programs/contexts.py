@@ -16,7 +16,6 @@ import sys
 import time
 
 from absl import flags
-import portpicker
 import psutil
 
 from tff_programs import common
@@ -128,6 +127,7 @@ class LocalWorker:
 
     def stub(self):
         """The gRPC stub of the running worker, started first if it is not running."""
+        import portpicker  # with TFF's stack, as tensorflow_federated and grpc: the core's venv has neither
         import tensorflow_federated as tff
 
         if self.process is not None and self.process.poll() is None:
