@@ -85,17 +85,30 @@ class Attack:
       label_mode: 'infer' (iDLG rule from the last layer's gradient/update), 'joint' (label logits
         optimised with the image, DLG) or 'given' (labels passed to `reconstruct`).
       restarts: independent starts per target; the one with the lowest objective is kept.
+      label_hypotheses: with label_mode='infer' on batches, restart r assumes the (r mod this)-th most
+        plausible label counts (`labels.label_hypotheses`); on updates, restarts beyond them try other
+        orders of the labels over the local steps.
       seed: seeds the starting points.
     """
 
     name = "attack"
 
-    def __init__(self, attacker: "AttackerModel", label_mode: str = "infer", restarts: int = 1, seed: int = 0) -> None:
+    def __init__(
+        self,
+        attacker: "AttackerModel",
+        label_mode: str = "infer",
+        restarts: int = 1,
+        seed: int = 0,
+        label_hypotheses: int = 1,
+    ) -> None:
         if label_mode not in ("infer", "joint", "given"):
             raise ValueError(f"label_mode must be 'infer', 'joint' or 'given', got {label_mode!r}")
         if restarts < 1:
             raise ValueError("restarts must be at least 1")
+        if label_hypotheses < 1:
+            raise ValueError("label_hypotheses must be at least 1")
         self.attacker, self.label_mode, self.restarts, self.seed = attacker, label_mode, int(restarts), seed
+        self.label_hypotheses = int(label_hypotheses)
 
     # -- layout ----------------------------------------------------------------------------
     def _layout(self, target):
@@ -200,18 +213,25 @@ class Attack:
             for i in range(len(template.values))
         ]
         fixed_labels = np.repeat(labels, self.restarts, 0)
-        if template.kind == "update" and template.num_examples > 1:
-            # Local steps see the examples in an unknown order: restarts try different label orders.
+        hypotheses = min(self.label_hypotheses, self.restarts)
+        if self.label_mode == "infer" and template.num_examples > 1 and hypotheses > 1:
+            for t, target in enumerate(targets):
+                labelings = labels_lib.label_hypotheses(self.attacker, target, hypotheses)
+                for r in range(self.restarts):
+                    fixed_labels[t * self.restarts + r] = labelings[r % len(labelings)]
+        if template.kind == "update" and template.num_examples > 1 and self.label_mode != "given":
+            # Local steps see the examples in an unknown order: further restarts try other label orders.
             rng = np.random.default_rng(self.seed)
             for t in range(len(targets)):
-                orders = [labels[t]]
-                for r in range(1, self.restarts):
-                    order = rng.permutation(labels[t])
+                tried = [fixed_labels[t * self.restarts + r].copy() for r in range(hypotheses)]
+                for r in range(hypotheses, self.restarts):
+                    labeling = fixed_labels[t * self.restarts + r]
+                    order = rng.permutation(labeling)
                     for _ in range(20):  # prefer an order not tried yet
-                        if not any(np.array_equal(order, o) for o in orders):
+                        if not any(np.array_equal(order, o) for o in tried):
                             break
-                        order = rng.permutation(labels[t])
-                    orders.append(order)
+                        order = rng.permutation(labeling)
+                    tried.append(order)
                     fixed_labels[t * self.restarts + r] = order
         fixed_labels = tf.constant(fixed_labels)
         start = time.perf_counter()

@@ -47,8 +47,9 @@ class DLG(base.Attack):
         label_mode: str = "joint",
         restarts: int = 1,
         seed: int = 0,
+        label_hypotheses: int = 1,
     ) -> None:
-        super().__init__(attacker, label_mode, restarts, seed)
+        super().__init__(attacker, label_mode, restarts, seed, label_hypotheses)
         if distance not in base.DISTANCES:
             raise ValueError(f"distance must be one of {base.DISTANCES}, got {distance!r}")
         if optimizer not in OPTIMIZERS:

@@ -42,8 +42,9 @@ class GRNN(base.Attack):
         label_mode: str = "infer",
         restarts: int = 1,
         seed: int = 0,
+        label_hypotheses: int = 1,
     ) -> None:
-        super().__init__(attacker, label_mode, restarts, seed)
+        super().__init__(attacker, label_mode, restarts, seed, label_hypotheses)
         height, width_px, _ = attacker.input_shape
         if height != width_px or height % 4 or (height // 4) & (height // 4 - 1):
             raise ValueError(f"GRNN's generator needs square inputs of 4 * 2^k pixels, got {attacker.input_shape}")

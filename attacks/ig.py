@@ -91,8 +91,9 @@ class InvertingGradients(base.Attack):
         label_mode: str = "infer",
         restarts: int = 4,
         seed: int = 0,
+        label_hypotheses: int = 1,
     ) -> None:
-        super().__init__(attacker, label_mode, restarts, seed)
+        super().__init__(attacker, label_mode, restarts, seed, label_hypotheses)
         if distance not in base.DISTANCES:
             raise ValueError(f"distance must be one of {base.DISTANCES}, got {distance!r}")
         self.iterations, self.learning_rate, self.tv = int(iterations), float(learning_rate), float(tv)

@@ -52,3 +52,29 @@ def infer_labels(attacker, target):
         c = max(estimate, key=lambda c: estimate[c] - counts.get(c, 0))
         counts[c] = counts.get(c, 0) + 1
     return np.array(sorted(c for c, k in counts.items() for _ in range(k)))
+
+
+def label_hypotheses(attacker, target, count):
+    """Up to `count` label multisets of a batch, most plausible first: `infer_labels`' counts, then the
+    count vectors one example away from them (one example moved to another class), ranked by their squared
+    distance to the per-class estimates N * (p - s_c). An attack tries them as restarts and keeps the one
+    its loss prefers: one wrong label is enough to make a batch reconstruction fail."""
+    first = infer_labels(attacker, target)
+    n = target.num_examples
+    if n == 1 or count <= 1:
+        return [first]
+    signal = last_layer_signal(attacker, target)
+    absent = signal[signal >= 0]
+    p = float(absent.mean()) if len(absent) else 0.0
+    estimate = n * (p - signal)
+    counts = np.bincount(first, minlength=len(signal))
+    neighbours = []
+    for source in np.flatnonzero(counts):
+        for destination in range(len(signal)):
+            if destination != source:
+                moved = counts.copy()
+                moved[source] -= 1
+                moved[destination] += 1
+                neighbours.append((float(np.sum((moved - estimate) ** 2)), source, destination, moved))
+    neighbours.sort(key=lambda item: item[:3])
+    return [first] + [np.repeat(np.arange(len(signal)), moved) for *_, moved in neighbours[: count - 1]]

@@ -30,7 +30,7 @@ def run_binary(module, args, log, timeout=300):
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", f"tff_programs.{module}", *args],
+            [sys.executable, "-m", module if "." in module else f"tff_programs.{module}", *args],
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -274,6 +274,7 @@ CASES = [
     Case("attack-num-images-zero", "attack", ("--num_images=0",), "--num_images"),
     Case("attack-lbfgs-learning-rate", "attack", ("--attack=idlg", "--learning_rate=0.1"), "--learning_rate"),
     Case("attack-positional-argument", "attack", ("idlg",), "unexpected arguments: idlg"),
+    Case("attack-batch-not-dividing", "attack", ("--num_images=5", "--batch_size=2"), "a multiple of --batch_size"),
     Case("attack-offset", "attack", ("--dataset=digits", "--offset=5000"), "exceeds the 1437 training images"),
     Case("attack-mnist-offline", "attack", ("--dataset=mnist",), "on a connected machine download"),
     Case("attack-missing-capture", "attack", ("--capture={tmp}/none.npz",), "does not exist"),
@@ -292,6 +293,10 @@ CASES = [
     Case("train-central-learning-rate", "train_central", ("--learning_rate=0",), "--learning_rate must be positive"),
     Case("train-central-positional-argument", "train_central", ("lenet",), "unexpected arguments: lenet"),
     Case("train-central-cifar10-offline", "train_central", ("--dataset=cifar10",), "on a connected machine download"),
+    # the realistic-regime benchmark
+    Case("regimes-unknown-regime", "benchmarks.regimes", ("--regimes=G8,G9",), "--regimes takes a comma-separated"),
+    Case("regimes-unknown-threat", "benchmarks.regimes", ("--threats=none,foo",), "--threats takes a comma-separated"),
+    Case("regimes-seeds", "benchmarks.regimes", ("--seeds=0,a",), "--seeds takes comma-separated non-negative"),
     # demo
     Case("demo-rounds-zero", "demo", ("--rounds=0",), "--rounds"),
     Case("demo-positional-argument", "demo", ("now",), "unexpected arguments: now"),

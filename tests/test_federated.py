@@ -158,10 +158,17 @@ def test_values_server_state_aggregate_and_captures_hold_no_secret(digits, tmp_p
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedkl"])
-def test_attacker_replay_reproduces_a_tff_captured_update(algorithm, digits, tmp_path):
+@pytest.mark.parametrize(
+    "client",
+    [
+        dict(batch_size=12),  # 40 examples: 4 steps of 12, 12, 12, 4
+        dict(batch_size=2, num_clients=15, learning_rate=0.01),  # the U regime's kind: 8 examples, 4 steps of 2
+    ],
+)
+def test_attacker_replay_reproduces_a_tff_captured_update(algorithm, client, digits, tmp_path):
     """What the attacks invert is what TFF's clients upload: replaying the captured client's local
     steps on its true batches (with its secret, for FedKL) gives the captured update."""
-    config = make_config(algorithm=algorithm, local_epochs=1, batch_size=12)
+    config = make_config(algorithm=algorithm, local_epochs=1, **client)
     program.train(
         str(tmp_path), config, program.RunOptions(rounds=1, capture_rounds=(1,), progress=False), dataset=digits
     )
@@ -181,7 +188,7 @@ def test_attacker_replay_reproduces_a_tff_captured_update(algorithm, digits, tmp
     attacker = attack_model.AttackerModel(view, "oracle" if secret else "none", secret=secret)
     target = targets.from_capture(capture)
     replayed = targets.simulate(attacker, target, images, labels, tf.zeros([0]))
-    assert target.num_steps == len(batches) > 1 and max(np.abs(v).max() for v in target.values) > 1e-3
+    assert target.num_steps == len(batches) == 4 and max(np.abs(v).max() for v in target.values) > 1e-3
     for predicted, captured in zip(replayed, target.values):
         np.testing.assert_allclose(predicted.numpy(), captured, atol=1e-5)
 

@@ -70,6 +70,11 @@ flags.register_validator(
 flags.register_validator("client_learning_rate", lambda v: v > 0, "--client_learning_rate must be positive")
 flags.register_validator("learning_rate", lambda v: v is None or v > 0, "--learning_rate must be positive")
 flags.register_validator("tv", lambda v: v is None or v >= 0, "--tv must be non-negative")
+flags.register_multi_flags_validator(
+    ["num_images", "batch_size"],
+    lambda v: v["num_images"] % v["batch_size"] == 0,
+    "--num_images must be a multiple of --batch_size (each client holds --batch_size images)",
+)
 
 
 def main(argv):

@@ -1,0 +1,102 @@
+"""The realistic-regime benchmark's parts: label hypotheses, restart choice, and resumable per-client cells."""
+
+import dataclasses
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from attacks import cases, experiment, labels, targets
+from attacks import model as model_lib
+from benchmarks import regimes
+from tfkl import data, models
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    """Fashion-MNIST's files, generated: scikit-learn's digits upscaled to 28x28 (structured images)."""
+    directory = tmp_path_factory.mktemp("fashion")
+    digits = data.load("digits")
+    small = np.concatenate([digits.x_train[:40], digits.x_test[:10]])[..., 0]
+    images = tf.image.resize(small[..., None], (28, 28)).numpy()[..., 0] * 255
+    names = data._FASHION_FILES
+    arrays = (images[:40], digits.y_train[:40], images[40:], digits.y_test[:10])
+    for name, array in zip(names, arrays):
+        _write_idx(directory / name, np.clip(array, 0, 255))
+    return str(directory)
+
+
+def test_label_hypotheses_put_the_count_rule_first_then_its_nearest_alternatives(monkeypatch):
+    # Signals of 4 examples, true counts {0: 2, 1: 1, 2: 1}, with noise that makes the rule count {0: 1, 1: 2, 2: 1}.
+    signal = np.full(10, 0.1)
+    signal[:3] = 0.1 - np.array([2, 1, 1]) / 4 + np.array([0.14, -0.14, 0.0])
+    monkeypatch.setattr(labels, "last_layer_signal", lambda attacker, target: signal)
+    target = targets.Target("gradient", (), 4, 4)
+    hypotheses = labels.label_hypotheses(None, target, 4)
+    np.testing.assert_array_equal(hypotheses[0], labels.infer_labels(None, target))
+    np.testing.assert_array_equal(hypotheses[0], [0, 1, 1, 2])
+    assert len({tuple(h) for h in hypotheses}) == 4 and all(len(h) == 4 for h in hypotheses)
+    assert [0, 0, 1, 2] in [list(h) for h in hypotheses[1:3]]  # one example moved: the truth is a near alternative
+    assert len(labels.label_hypotheses(None, target, 1)) == 1
+
+
+def test_each_restart_tries_a_label_hypothesis_and_the_lowest_loss_wins():
+    victim = models.build("lenet", (16, 16, 1), 10, lock=False, init="pytorch", seed=0)
+    rng = np.random.default_rng(0)
+    images, true = rng.uniform(size=(3, 16, 16, 1)).astype(np.float32), np.array([4, 4, 7])
+    payload, _ = cases.simulate_clients(victim, images, true, 3)
+    attacker = model_lib.AttackerModel(payload.view, "none")
+    attack = experiment.build_attack("idlg", attacker, iterations=20, restarts=3, label_hypotheses=3)
+    (rec,) = attack.reconstruct(list(payload.targets))
+    hypotheses = labels.label_hypotheses(attacker, payload.targets[0], 3)
+    best = int(np.argmin(rec.info["restart_losses"]))
+    assert rec.info["best_restart"] == best
+    np.testing.assert_array_equal(rec.labels, hypotheses[best])
+    assert len({tuple(h) for h in hypotheses}) == 3
+
+
+TINY = dataclasses.replace(
+    regimes.REGIMES["U8"], name="U8", images_per_client=4, clients=2, batch_size=2, iterations=2, restarts=1
+)
+
+
+@pytest.mark.parametrize("threat", ["none", regimes.ORDER_ORACLE, "adaptive-key-private"])
+def test_a_cell_stores_each_client_and_a_rerun_attacks_only_what_is_missing(threat, fashion_dir, tmp_path):
+    out, lines = str(tmp_path), []
+    regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lines.append)
+    paths = [regimes.client_path(out, "U8", 0, threat, c) for c in range(2)]
+    results = [json.load(open(p)) for p in paths]
+    assert [r["client"] for r in results] == [0, 1] and all(len(r["per_image"]["aligned_ssim"]) == 4 for r in results)
+    assert all(len(r["recovered_labels"]) == 4 and r["iterations"] == 2 for r in results)
+    assert np.load(os.path.join(regimes.cell_dir(out, "U8", 0, threat), "client_01.npy")).shape == (4, 32, 32, 1)
+    before = [os.stat(p).st_mtime_ns for p in paths]
+    lines.clear()
+    regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lines.append)
+    assert lines == [] and [os.stat(p).st_mtime_ns for p in paths] == before  # nothing to do
+    os.remove(paths[1])  # as if killed while attacking client 1
+    regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lines.append)
+    assert os.stat(paths[0]).st_mtime_ns == before[0] and os.path.exists(paths[1])
+    assert any("client 1:" in line for line in lines) and not any("client 0:" in line for line in lines)
+
+
+def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir, tmp_path):
+    out = str(tmp_path)
+    for threat in ("none", "oracle"):
+        regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lambda line: None)
+    payload = regimes.tabulate(out, [TINY], [0, 1], ("none", "oracle", "adaptive"), fashion_dir, log=lambda line: None)
+    rows = payload["tables"][0]["rows"]
+    assert [row[:4] for row in rows] == [["U8", "none", "0", 8], ["U8", "oracle", "0", 8]]
+    assert payload["tables"][0]["columns"][4] == "recovered: aligned SSIM >= 0.6"
+    summary = payload["results"]["U8"]["none"]
+    assert summary["n"] == 8 and summary["success"]["ssim"]["n"] == 8 and 0 <= summary["success"]["ssim"]["low"]
+    assert os.path.exists(os.path.join(out, "U8", "grid_seed0.png"))
+    assert not os.path.exists(os.path.join(out, "U8", "grid_seed1.png"))  # seed 1 has nothing stored
