@@ -5,6 +5,9 @@
 - accuracy_curves.png: test accuracy per epoch (central) and per round (FedAvg, FedKL) of table1.json;
 - privacy_utility.png: accuracy against the strongest attack's SSIM and aligned PSNR per defence
   (privacy_utility.json);
+- privacy_over_rounds.png: attack success against the round of a real run's global model, FedAvg vs
+  FedKL (regimes.json, the T regimes);
+- grid_regime_<regime>.png: seed 0's labelled grid of each realistic regime (runs/regimes/<regime>/);
 - grid_<experiment>.png: reconstruction grids (truth, then one row per threat) of the attack
   experiments whose runs are on this machine (runs/attack_quality/<experiment>/grid.png), seed 0 and
   the seeds in SEED_GRIDS.
@@ -26,6 +29,7 @@ _RESULTS_DIR = flags.DEFINE_string(
     "results_dir", common.RESULTS_DIR, "Where the result JSONs are.", allow_override=True
 )  # as in benchmarks.run and benchmarks.report
 GRID_SOURCES = os.path.join(common.REPO_ROOT, "runs", "attack_quality")
+REGIME_GRIDS = os.path.join(common.REPO_ROOT, "runs", "regimes")  # benchmarks.regimes' --out_dir
 CURVE_LABELS = {
     "central": "central",
     "central_lock": "central + lock",
@@ -83,18 +87,55 @@ def privacy_utility(doc, path):
     plt.close(fig)
 
 
+def privacy_over_rounds(doc, path):
+    """Attack success (aligned SSIM >= 0.6, Wilson 95 % interval) against the round whose global model the
+    client trains, FedAvg's run ('none') and FedKL's (the locked threats); one panel per client regime."""
+    results = doc["results"]
+    panels = [("batch 1", ""), ("update: 8 images, 4 steps of 2", "-U8")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
+    for ax, (title, suffix) in zip(axes[0], panels):
+        by_threat = {}
+        for name, threats in results.items():
+            if name.startswith("T") and name.endswith(suffix) and (suffix or "-" not in name):
+                for threat, summary in threats.items():
+                    by_threat.setdefault(threat, []).append((int(name[1:].split("-")[0]), summary["success"]["ssim"]))
+        for threat, points in sorted(by_threat.items()):
+            points.sort()
+            rounds = [r for r, _ in points]
+            rates = [100 * p["rate"] for _, p in points]
+            errors = [
+                [100 * (p["rate"] - p["low"]) for _, p in points],
+                [100 * (p["high"] - p["rate"]) for _, p in points],
+            ]
+            label = "FedAvg (none)" if threat == "none" else f"FedKL, {threat}"
+            ax.errorbar(rounds, rates, yerr=errors, marker="o", capsize=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("round of the captured global model")
+        ax.set_ylabel("images recovered (%)")
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # Grids of other seeds worth a look: GRNN recovers most images of seed 2 when the attacker knows the
 # round-1 lock weights and optimises the key (Table 6 analogue, adaptive-key).
 SEED_GRIDS = ("grnn_fashion_mnist_adaptive_key_seed2",)
 
 
-def draw_all(results_dir=None, figures_dir=common.FIGURES_DIR, grid_sources=GRID_SOURCES, log=print):
+def draw_all(
+    results_dir=None, figures_dir=common.FIGURES_DIR, grid_sources=GRID_SOURCES, regime_grids=REGIME_GRIDS, log=print
+):
     """Draws every figure whose results exist; returns the paths written."""
     docs = common.load_results(results_dir)
     os.makedirs(figures_dir, exist_ok=True)
     written = []
-    for name, draw in (("table1", accuracy_curves), ("privacy_utility", privacy_utility)):
-        target = os.path.join(figures_dir, {"table1": "accuracy_curves.png"}.get(name, f"{name}.png"))
+    drawings = (("table1", accuracy_curves), ("privacy_utility", privacy_utility), ("regimes", privacy_over_rounds))
+    for name, draw in drawings:
+        file_name = {"table1": "accuracy_curves.png", "regimes": "privacy_over_rounds.png"}.get(name, f"{name}.png")
+        target = os.path.join(figures_dir, file_name)
         if name not in docs:
             log(f"skipped {os.path.basename(target)}: no {name}.json")
             continue
@@ -107,6 +148,13 @@ def draw_all(results_dir=None, figures_dir=common.FIGURES_DIR, grid_sources=GRID
             source = os.path.join(grid_sources, experiment, "grid.png")
             if f"attacks_{experiment}" in docs and os.path.exists(source):
                 target = os.path.join(figures_dir, f"grid_{experiment}.png")
+                shutil.copyfile(source, target)
+                written.append(target)
+    if "regimes" in docs and os.path.isdir(regime_grids):
+        for regime in sorted(docs["regimes"]["results"]):
+            source = os.path.join(regime_grids, regime, "grid_seed0.png")
+            if os.path.exists(source):
+                target = os.path.join(figures_dir, f"grid_regime_{regime}.png")
                 shutil.copyfile(source, target)
                 written.append(target)
     return written

@@ -61,7 +61,8 @@ class Regime:
     round: int | None = None
     attack: str = "ig"
     iterations: int = 2000
-    restarts: int = 2
+    restarts: int = 4
+    label_hypotheses: int = 4  # restarts assume the most plausible label counts (batches; see attacks.labels)
     clients_per_call: int = 10
 
     @property
@@ -78,12 +79,13 @@ class Regime:
         return dict(batch_size=self.batch_size, local_epochs=1, learning_rate=0.01) if self.kind == "update" else {}
 
     def attack_options(self):
-        return dict(IG if self.attack == "ig" else {}, iterations=self.iterations, restarts=self.restarts)
+        options = dict(iterations=self.iterations, restarts=self.restarts, label_hypotheses=self.label_hypotheses)
+        return dict(IG if self.attack == "ig" else {}, **options)
 
 
 def _regimes():
     regimes = [
-        Regime("G8", "one gradient of a batch of 8", 8, 2),
+        Regime("G8", "one gradient of a batch of 8", 8, 2, iterations=3000),
         Regime("U8", "update: 8 images, 4 steps of 2", 8, 2, "update", 2),
         Regime("U16", "update: 16 images, 4 steps of 4", 16, 1, "update", 4),
         Regime(
@@ -112,7 +114,9 @@ REGIMES = _regimes()
 
 _REGIMES = flags.DEFINE_list("regimes", list(REGIMES), "Regimes to run, in order.")
 _THREATS = flags.DEFINE_list(
-    "threats", list(ATTACK_THREATS) + [ORDER_ORACLE], "Threats to run (per regime: those that apply)."
+    "threats",
+    ["none", ORDER_ORACLE, "oracle", "adaptive", "fixed-key", "adaptive-key", "adaptive-key-private"],
+    "Threats to run, in this order (per regime: those that apply).",
 )
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (victim weights, key, lock, images, attack starts).")
 _OUT_DIR = flags.DEFINE_string(
@@ -278,18 +282,41 @@ def run_cell(regime, seed, threat, out_dir, data_dir=None, log=print):
         clients = pending[chunk : chunk + regime.clients_per_call]
         # The order oracle is given the labels of each local step, in the order the client trained.
         given = np.stack([labels[c * n : (c + 1) * n] for c in clients]) if threat == ORDER_ORACLE else None
+        curves = {c: [] for c in clients}
         start = time.perf_counter()
         reconstructions = attack.reconstruct(
             [payload.targets[c] for c in clients],
             labels=given,
             progress=_progress(log, regime.name, seed, threat, clients),
+            monitor=_budget_curve(curves, regime, truth),
         )
         seconds = (time.perf_counter() - start) / len(clients)
         for client, rec in zip(clients, reconstructions):
-            _store(out_dir, regime, seed, threat, client, rec, truth, seconds, len(clients), log)
+            _store(out_dir, regime, seed, threat, client, rec, truth, seconds, len(clients), curves[client], log)
 
 
-def _store(out_dir, regime, seed, threat, client, rec, truth, seconds, chunk_size, log):
+def _budget_curve(curves, regime, truth):
+    """A monitor that records, between chunks, each client's aligned SSIMs at the restart its loss prefers
+    (what the attack would return if stopped there). It reads the truth to score, never to steer: it
+    returns False, so the search runs its whole budget."""
+    from attacks import metrics
+
+    n, restarts = regime.images_per_client, regime.restarts
+
+    def monitor(snapshot):
+        for index, client in enumerate(curves):
+            losses = snapshot.losses[index * restarts : (index + 1) * restarts]
+            raw = snapshot.images[index * restarts + int(np.argmin(losses))]
+            true_images = truth.images[client * n : (client + 1) * n]
+            order = metrics.match_order(np.clip(raw, 0, 1), true_images, raw) if n > 1 else np.arange(1)
+            scores = metrics.image_metrics(np.clip(raw[order], 0, 1), true_images, raw[order])
+            curves[client].append([int(snapshot.done), [float(v) for v in scores["aligned_ssim"]]])
+        return False
+
+    return monitor
+
+
+def _store(out_dir, regime, seed, threat, client, rec, truth, seconds, chunk_size, curve, log):
     """Scores one client's reconstruction (Hungarian-matched to its true images) and stores it."""
     from attacks import metrics
 
@@ -312,6 +339,7 @@ def _store(out_dir, regime, seed, threat, client, rec, truth, seconds, chunk_siz
         iterations=rec.info["iterations"],
         optimizer_seconds=rec.info["optimizer_seconds"] / chunk_size,  # the optimiser's time, compiling excluded
         restart_losses=rec.info["restart_losses"],
+        budget_curve=curve,  # [iterations done, aligned SSIM per image] between chunks
     )
     directory = cell_dir(out_dir, regime.name, seed, threat)
     np.save(os.path.join(directory, f"client_{client:02d}.npy"), rec.raw_images[order])
@@ -362,6 +390,7 @@ def _cell_row(regime, threat, seeds, results):
         values = np.asarray(per_image[k], np.float64)
         cells.append(f"{np.mean(values):.2f} ± {np.std(values):.2f}")
     exact = sum(r["label_counts_exact"] for r in results)
+    curve = _pooled_curve(results)
     cells += [
         f"{100 * np.mean([r['label_accuracy'] for r in results]):.0f} % ({exact}/{clients} exact)",
         round(sum(r["seconds"] for r in results) / images, 1),
@@ -377,8 +406,23 @@ def _cell_row(regime, threat, seeds, results):
         label_counts_exact=exact,
         seconds_per_image=sum(r["seconds"] for r in results) / images,
         iterations_per_second=iterations / optimizer_seconds if optimizer_seconds else None,
+        budget_curve=curve,
     )
     return cells, summary
+
+
+def _pooled_curve(results):
+    """{iterations: share of all images with aligned SSIM >= 0.6} at the checkpoints every client reached."""
+    from attacks import metrics
+
+    threshold = metrics.CRITERIA["ssim"][1]
+    common_points = set.intersection(*(set(point for point, _ in r["budget_curve"]) for r in results))
+    return {
+        point: float(
+            np.mean([v >= threshold for r in results for p, values in r["budget_curve"] if p == point for v in values])
+        )
+        for point in sorted(common_points)
+    }
 
 
 COLUMNS = [
@@ -402,7 +446,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
     """The results payload over what is stored, and one labelled grid per regime and seed."""
     from attacks import grids, study
 
-    rows, results = [], {}
+    rows, curve_rows, results = [], [], {}
     for regime in regimes:
         for threat in [t for t in regime.threats if t in threats]:
             stored = {seed: load_cell(out_dir, regime, seed, threat) for seed in seeds}
@@ -411,6 +455,8 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 continue
             cells, summary = _cell_row(regime, threat, sorted(stored), [r for rs in stored.values() for r in rs])
             rows.append(cells)
+            curve = ", ".join(f"{point}: {100 * rate:.0f} %" for point, rate in summary["budget_curve"].items())
+            curve_rows.append([regime.name, THREAT_LABELS.get(threat, threat), summary["n"], curve])
             results.setdefault(regime.name, {})[threat] = summary
         for seed in seeds:
             grid_rows = []
@@ -442,7 +488,13 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 title="attack success by regime and threat (LeNet/ResNet-20, Fashion-MNIST; Hungarian-matched batches)",
                 columns=COLUMNS,
                 rows=rows,
-            )
+            ),
+            dict(
+                title="budget curves: images recovered (aligned SSIM >= 0.6) after so many iterations, at the "
+                "restart the attack's loss prefers at that point",
+                columns=["regime", "threat", "n", "iterations: recovered"],
+                rows=curve_rows,
+            ),
         ],
         headline=[
             dict(
@@ -474,11 +526,12 @@ def _cell_command(regime, seed, threat, out_dir, data_dir):
 
 
 def run_cells(regimes, seeds, threats, out_dir, data_dir=None, log=print):
-    """Runs every pending cell in its own process (memory stays that of one cell); its log goes to the
-    cell's log.txt. Raises RuntimeError naming the first cell that fails."""
-    for regime in regimes:
-        for seed in seeds:
-            for threat in [t for t in regime.threats if t in threats]:
+    """Runs every pending cell in its own process (memory stays that of one cell), threat by threat in the
+    order of `threats` (all regimes under 'none' first: the targets), its log in the cell's log.txt.
+    Raises RuntimeError naming the first cell that fails."""
+    for threat in threats:
+        for regime in [r for r in regimes if threat in r.threats]:
+            for seed in seeds:
                 if not pending_clients(out_dir, regime, seed, threat):
                     continue
                 directory = cell_dir(out_dir, regime.name, seed, threat)

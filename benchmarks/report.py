@@ -33,6 +33,13 @@ SECTIONS = (
         None,
     ),
     Topic(
+        "Attacks in realistic regimes",
+        ("regimes",),
+        "Batches of 8, multi-step FedAvg updates, a real run's global model over its rounds and ResNet-20, under "
+        "every threat: where the attacks succeed without a defence, and what the lock changes there.",
+        "python -m benchmarks.regimes",
+    ),
+    Topic(
         "Accuracy: Table 1 analogue and the key table",
         ("table1",),
         "Central, central + lock, FedAvg and FedKL on identical backbones, and the FedKL run's evaluation matrix.",

@@ -282,12 +282,31 @@ def test_figures_are_drawn_from_the_results_only(tmp_path):
     (grids / "ig_digits").mkdir()
     (grids / "ig_digits" / "grid.png").write_bytes(b"png")  # no result file: not copied
     notes = []
-    written = figures.draw_all(str(results), str(results / "figures"), str(grids), log=notes.append)
+    written = figures.draw_all(str(results), str(results / "figures"), str(grids), str(grids), log=notes.append)
     assert sorted(os.path.basename(p) for p in written) == ["accuracy_curves.png", "grid_dlg_digits.png"]
     assert (results / "figures" / "accuracy_curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert notes == ["skipped privacy_utility.png: no privacy_utility.json"]
+    assert notes == [
+        "skipped privacy_utility.png: no privacy_utility.json",
+        "skipped privacy_over_rounds.png: no regimes.json",
+    ]
     lines = report.figures_markdown(str(results / "figures"), str(tmp_path))
     assert "![accuracy_curves](results/figures/accuracy_curves.png)" in lines
+
+
+def test_privacy_over_rounds_and_regime_grids_come_from_regimes_json(tmp_path):
+    from benchmarks import figures
+
+    results, grids = tmp_path / "results", tmp_path / "regimes"
+    results.mkdir()
+    rate = {"ssim": {"rate": 0.5, "low": 0.3, "high": 0.7}}
+    regimes = {name: {"none": {"success": rate}, "adaptive": {"success": rate}} for name in ("T1", "T5", "T1-U8")}
+    regimes["G8"] = {"none": {"success": rate}}
+    _write(str(results), "regimes", {"results": regimes})
+    (grids / "G8").mkdir(parents=True)
+    (grids / "G8" / "grid_seed0.png").write_bytes(b"png")
+    written = figures.draw_all(str(results), str(results / "figures"), str(tmp_path / "none"), str(grids), log=print)
+    assert sorted(os.path.basename(p) for p in written) == ["grid_regime_G8.png", "privacy_over_rounds.png"]
+    assert (results / "figures" / "privacy_over_rounds.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_table6_payload_pools_seeds_and_merges_the_threat_experiments():
