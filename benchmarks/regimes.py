@@ -63,6 +63,8 @@ class Regime:
     iterations: int = 2000
     restarts: int = 4
     label_hypotheses: int = 4  # restarts assume the most plausible label counts (batches; see attacks.labels)
+    order_screening: int = 0  # updates: label orders tried for `screening_iterations` before the full search
+    screening_iterations: int = 300
     clients_per_call: int = 10
 
     @property
@@ -83,28 +85,42 @@ class Regime:
         return dict(IG if self.attack == "ig" else {}, **options)
 
 
+# Update regimes: 16 label orders (2 count hypotheses, each sorted and in 7 random orders) screened for 300
+# iterations, then 2 restarts of the full search with the order the loss preferred.
+UNKNOWN_ORDER = dict(restarts=2, label_hypotheses=2, order_screening=16)
+
+
 def _regimes():
     regimes = [
         Regime("G8", "one gradient of a batch of 8", 8, 2, iterations=3000),
-        Regime("U8", "update: 8 images, 4 steps of 2", 8, 2, "update", 2),
-        Regime("U16", "update: 16 images, 4 steps of 4", 16, 1, "update", 4),
+        Regime("U8", "update: 8 images, 4 steps of 2", 8, 2, "update", 2, **UNKNOWN_ORDER),
+        Regime("U16", "update: 16 images, 4 steps of 4", 16, 1, "update", 4, **UNKNOWN_ORDER),
         Regime(
             "R", "ResNet-20 32x32, batch 1", 1, 10, model="resnet20", iterations=500, restarts=1, clients_per_call=2
         ),
     ]
     for round_num in (1, 5, 20):
         regimes.append(
-            Regime(f"T{round_num}", f"batch 1, global model after round {round_num}", 1, 10, round=round_num)
+            Regime(
+                f"T{round_num}",
+                f"batch 1, global model of round {round_num}",
+                1,
+                10,
+                round=round_num,
+                iterations=1500,
+                restarts=2,
+            )
         )
         regimes.append(
             Regime(
                 f"T{round_num}-U8",
-                f"U8 on the global model after round {round_num}",
+                f"U8 on the global model of round {round_num}",
                 8,
                 2,
                 "update",
                 2,
                 round=round_num,
+                **UNKNOWN_ORDER,
             )
         )
     return {r.name: r for r in regimes}
@@ -275,17 +291,28 @@ def run_cell(regime, seed, threat, out_dir, data_dir=None, log=print):
     n = regime.images_per_client
     attacker = model_lib.AttackerModel(payload.view, threat_model(threat), secret=secret, seed=seed + 7)
     options = dict(regime.attack_options(), seed=seed)
-    if threat == ORDER_ORACLE:
+    screen = None
+    if regime.order_screening and threat != ORDER_ORACLE:
+        # The local steps' label order is unknown: a short search over orders (and count hypotheses) first,
+        # the attack's loss picks one per client, and the full search runs with it.
+        screen_options = dict(options, iterations=regime.screening_iterations, restarts=regime.order_screening)
+        options["label_hypotheses"] = 1
+        screen = experiment.build_attack(regime.attack, attacker, **screen_options)
+    if screen or threat == ORDER_ORACLE:
         options["label_mode"] = "given"
     attack = experiment.build_attack(regime.attack, attacker, **options)
     for chunk in range(0, len(pending), regime.clients_per_call):
         clients = pending[chunk : chunk + regime.clients_per_call]
-        # The order oracle is given the labels of each local step, in the order the client trained.
-        given = np.stack([labels[c * n : (c + 1) * n] for c in clients]) if threat == ORDER_ORACLE else None
+        targets = [payload.targets[c] for c in clients]
         curves = {c: [] for c in clients}
         start = time.perf_counter()
+        given = None
+        if screen:
+            given = np.stack([rec.labels for rec in screen.reconstruct(targets)])
+        elif threat == ORDER_ORACLE:  # the labels of each local step, in the order the client trained
+            given = np.stack([labels[c * n : (c + 1) * n] for c in clients])
         reconstructions = attack.reconstruct(
-            [payload.targets[c] for c in clients],
+            targets,
             labels=given,
             progress=_progress(log, regime.name, seed, threat, clients),
             monitor=_budget_curve(curves, regime, truth),

@@ -65,7 +65,14 @@ def test_each_restart_tries_a_label_hypothesis_and_the_lowest_loss_wins():
 
 
 TINY = dataclasses.replace(
-    regimes.REGIMES["U8"], name="U8", images_per_client=4, clients=2, batch_size=2, iterations=2, restarts=1
+    regimes.REGIMES["U8"],
+    images_per_client=4,
+    clients=2,
+    batch_size=2,
+    iterations=2,
+    restarts=1,
+    order_screening=3,
+    screening_iterations=2,
 )
 
 
