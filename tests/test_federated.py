@@ -480,3 +480,32 @@ def test_interrupted_initialisation_keeps_the_saved_keys(digits, tmp_path):
         np.testing.assert_array_equal(states[c]["key"][0], keys_before[c])
     with pytest.raises(ClientStateError, match="differs from its key file"):
         store.save(2, {"0": dict(states["0"], key=[tfkl.generate_key(KEY_DIM)])}, changed={"0"})
+
+
+def test_regimes_t_victim_is_the_runs_captured_client(digits, tmp_path):
+    """benchmarks.regimes' T victims: the global model a run sent in the captured round and, for FedKL, the
+    captured client's key and lock from before it. Replaying that client's steps gives its captured update."""
+    from benchmarks import regimes
+
+    # Fresh momentum each round, as the attacker's replay assumes (a client that keeps it is not replayable).
+    config = make_config(algorithm="fedkl", local_epochs=1, batch_size=12, key_dim=1024, persist_optimizer_state=False)
+    options = program.RunOptions(rounds=2, capture_rounds=(2,), progress=False)
+    program.train(regimes.train_dir(str(tmp_path), "fedkl"), config, options, dataset=digits)
+    victim = cases.build_victims("lenet", SHAPE, 10, "pytorch", seed=5, threats=("oracle",))["locked"]
+    server_known = regimes.load_trained(victim, str(tmp_path), 2)
+    (lock,) = private.lock_layers(victim)
+    initial_lock = [v.numpy() for v in private.lock_layers(config.model_fn()())[0].private_weights[1:]]
+    for known, initial, current in zip(server_known[lock.name], initial_lock, lock.private_weights[1:]):
+        np.testing.assert_array_equal(known, initial)  # model_fn's: all a server knows
+        assert not np.array_equal(current.numpy(), initial)  # the client trained its lock in round 1
+    capture = capture_lib.load_capture(sorted(glob.glob(str(tmp_path / "train" / "fedkl" / "captures" / "*.npz")))[0])
+    batches = cases.capture_user_data(capture.meta, digits).batches
+    images = tf.constant(np.concatenate([x for x, _ in batches]))
+    labels = tf.constant(np.concatenate([y for _, y in batches]))
+    attacker = attack_model.AttackerModel(
+        attack_model.ServerView.from_model(victim), "oracle", secret=attack_model.extract_secret(victim)
+    )
+    target = targets.from_capture(capture)
+    replayed = targets.simulate(attacker, target, images, labels, tf.zeros([0]))
+    for predicted, captured in zip(replayed, target.values):
+        np.testing.assert_allclose(predicted.numpy(), captured, atol=1e-5)
