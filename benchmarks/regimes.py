@@ -95,9 +95,6 @@ def _regimes():
         Regime("G8", "one gradient of a batch of 8", 8, 2, iterations=3000),
         Regime("U8", "update: 8 images, 4 steps of 2", 8, 2, "update", 2, **UNKNOWN_ORDER),
         Regime("U16", "update: 16 images, 4 steps of 4", 16, 1, "update", 4, **UNKNOWN_ORDER),
-        Regime(
-            "R", "ResNet-20 32x32, batch 1", 1, 10, model="resnet20", iterations=500, restarts=1, clients_per_call=2
-        ),
     ]
     for round_num in (1, 5, 20):
         regimes.append(
@@ -123,6 +120,9 @@ def _regimes():
                 **UNKNOWN_ORDER,
             )
         )
+    regimes.append(
+        Regime("R", "ResNet-20 32x32, batch 1", 1, 10, model="resnet20", iterations=500, restarts=1, clients_per_call=2)
+    )
     return {r.name: r for r in regimes}
 
 
@@ -131,7 +131,7 @@ REGIMES = _regimes()
 _REGIMES = flags.DEFINE_list("regimes", list(REGIMES), "Regimes to run, in order.")
 _THREATS = flags.DEFINE_list(
     "threats",
-    ["none", ORDER_ORACLE, "oracle", "adaptive", "fixed-key", "adaptive-key", "adaptive-key-private"],
+    ["none", "oracle", ORDER_ORACLE, "adaptive", "fixed-key", "adaptive-key", "adaptive-key-private"],
     "Threats to run, in this order (per regime: those that apply).",
 )
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (victim weights, key, lock, images, attack starts).")
