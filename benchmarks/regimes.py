@@ -121,7 +121,7 @@ def _regimes():
             )
         )
     regimes.append(
-        Regime("R", "ResNet-20 32x32, batch 1", 1, 10, model="resnet20", iterations=500, restarts=1, clients_per_call=2)
+        Regime("R", "ResNet-20 32x32, batch 1", 1, 10, model="resnet20", iterations=2000, restarts=1, clients_per_call=2)
     )
     return {r.name: r for r in regimes}
 
