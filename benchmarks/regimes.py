@@ -22,6 +22,7 @@ import dataclasses
 import glob
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -121,7 +122,9 @@ def _regimes():
             )
         )
     regimes.append(
-        Regime("R", "ResNet-20 32x32, batch 1", 1, 10, model="resnet20", iterations=2000, restarts=1, clients_per_call=2)
+        Regime(
+            "R", "ResNet-20 32x32, batch 1", 1, 10, model="resnet20", iterations=2000, restarts=1, clients_per_call=2
+        )
     )
     return {r.name: r for r in regimes}
 
@@ -367,6 +370,7 @@ def _store(out_dir, regime, seed, threat, client, rec, truth, seconds, chunk_siz
         optimizer_seconds=rec.info["optimizer_seconds"] / chunk_size,  # the optimiser's time, compiling excluded
         restart_losses=rec.info["restart_losses"],
         budget_curve=curve,  # [iterations done, aligned SSIM per image] between chunks
+        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the cell's process so far
     )
     directory = cell_dir(out_dir, regime.name, seed, threat)
     np.save(os.path.join(directory, f"client_{client:02d}.npy"), rec.raw_images[order])
@@ -423,6 +427,8 @@ def _cell_row(regime, threat, seeds, results):
         round(sum(r["seconds"] for r in results) / images, 1),
         round(iterations / optimizer_seconds, 1) if optimizer_seconds else None,
     ]
+    rss = [r["peak_rss_gb"] for r in results if "peak_rss_gb" in r]
+    cells.append(round(max(rss), 2) if rss else "not recorded")
     summary = dict(
         n=images,
         clients=clients,
@@ -433,6 +439,7 @@ def _cell_row(regime, threat, seeds, results):
         label_counts_exact=exact,
         seconds_per_image=sum(r["seconds"] for r in results) / images,
         iterations_per_second=iterations / optimizer_seconds if optimizer_seconds else None,
+        peak_rss_gb=max((r["peak_rss_gb"] for r in results if "peak_rss_gb" in r), default=None),
         budget_curve=curve,
     )
     return cells, summary
@@ -466,6 +473,7 @@ COLUMNS = [
     "labels right (count vectors exact)",
     "seconds per image",
     "iterations/s",
+    "peak RSS (GB)",
 ]
 
 
