@@ -30,7 +30,7 @@ import time
 from absl import flags
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, tables
 from tff_programs import launch
 from tfkl.files import atomic_write
 
@@ -482,6 +482,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
     from attacks import grids, study
 
     rows, curve_rows, results = [], [], {}
+    regimes_by_name = {r.name: r for r in regimes}
     for regime in regimes:
         for threat in [t for t in regime.threats if t in threats]:
             stored = {seed: load_cell(out_dir, regime, seed, threat) for seed in seeds}
@@ -512,6 +513,11 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 path = os.path.join(out_dir, regime.name, f"grid_seed{seed}.png")
                 grids.save_labelled_grid(path, truth, grid_rows, truth_labels=labels)
                 log(f"grid: {path}")
+    threat_order = [t for t in threats if any(t in by_threat for by_threat in results.values())]
+    compact = [
+        [name, regimes_by_name[name].description] + [_compact_cell(by_threat.get(t)) for t in threat_order]
+        for name, by_threat in results.items()
+    ]
     return dict(
         settings={
             r.name: dict(dataclasses.asdict(r), update_options=r.update_options(), attack_options=r.attack_options())
@@ -519,6 +525,11 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
         },
         results=results,
         tables=[
+            dict(
+                title="images recovered (aligned SSIM >= 0.6): share [Wilson 95 % interval] (count)",
+                columns=["regime", "client"] + [THREAT_LABELS.get(t, t) for t in threat_order],
+                rows=compact,
+            ),
             dict(
                 title="attack success by regime and threat (LeNet/ResNet-20, Fashion-MNIST; Hungarian-matched batches)",
                 columns=COLUMNS,
@@ -542,6 +553,14 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
         ],
         notes=NOTES,
     )
+
+
+def _compact_cell(summary):
+    if summary is None:
+        return "not run"
+    rate = summary["success"]["ssim"]
+    interval = f"[{100 * rate['low']:.0f}, {100 * rate['high']:.0f}]"
+    return f"**{100 * rate['rate']:.0f} %** {interval} ({rate['recovered']}/{rate['n']})"
 
 
 NOTES = [
@@ -604,7 +623,10 @@ def main(argv):
             sys.exit(f"error: {e}")
     payload = tabulate(_OUT_DIR.value, regimes, seeds, _THREATS.value, _DATA_DIR.value)
     path = common.write_result(NAME, payload, quick=False, duration_s=time.perf_counter() - start)
-    print(f"wrote {path}")
+    markdown = os.path.splitext(path)[0] + ".md"
+    with atomic_write(markdown, binary=False) as f:
+        f.write(tables.benchmark_section(NAME, common.load_results(os.path.dirname(path))[NAME], level=1))
+    print(f"wrote {path} and {markdown}")
 
 
 if __name__ == "__main__":

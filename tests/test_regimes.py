@@ -100,9 +100,13 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
     for threat in ("none", "oracle"):
         regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lambda line: None)
     payload = regimes.tabulate(out, [TINY], [0, 1], ("none", "oracle", "adaptive"), fashion_dir, log=lambda line: None)
-    rows = payload["tables"][0]["rows"]
-    assert [row[:4] for row in rows] == [["U8", "none", "0", 8], ["U8", "oracle", "0", 8]]
-    assert payload["tables"][0]["columns"][4] == "recovered: aligned SSIM >= 0.6"
+    compact, detailed, curves = payload["tables"]
+    assert compact["columns"] == ["regime", "client", "none", "oracle"] and compact["rows"][0][:2] == [
+        "U8",
+        TINY.description,
+    ]
+    assert [row[:4] for row in detailed["rows"]] == [["U8", "none", "0", 8], ["U8", "oracle", "0", 8]]
+    assert detailed["columns"][4] == "recovered: aligned SSIM >= 0.6" and len(curves["rows"]) == 2
     summary = payload["results"]["U8"]["none"]
     assert summary["n"] == 8 and summary["success"]["ssim"]["n"] == 8 and 0 <= summary["success"]["ssim"]["low"]
     assert os.path.exists(os.path.join(out, "U8", "grid_seed0.png"))
