@@ -11,8 +11,8 @@ Regimes (LeNet and ResNet-20 untrained unless stated, Fashion-MNIST, Inverting G
   T<r>, T<r>-U8  batch 1 / U8 on the global model a real tff_programs.train run sends its clients in round r
        (captured in the capture format; round 1 is the initial model)
   R    ResNet-20 (32x32), batch 1 (a short budget: see the budget curve in the results)
-Each seed sets the victim's weights, key and lock, the attack's starts, and which images (distinct per
-seed). Every cell (regime, seed, threat) runs in its own process and stores each client's result under
+Each seed sets the victim's weights, key and lock (T regimes: those of the training run, seed 0), the
+attack's starts, and which images (distinct per seed). Every cell (regime, seed, threat) runs in its own process and stores each client's result under
 --out_dir as soon as it is attacked; a rerun skips what is stored, so a killed run loses at most the
 client being attacked. `order-oracle` (U only) is `none` with the true labels of each local step given:
 an oracle, labelled so. Restarts are chosen by the attack's loss, never by the truth.
@@ -35,6 +35,7 @@ from tff_programs import launch
 from tfkl.files import atomic_write
 
 NAME = "regimes"
+DATASET = "fashion_mnist"
 ATTACK_THREATS = ("none", "oracle", "fixed-key", "adaptive", "adaptive-key", "adaptive-key-private")
 ORDER_ORACLE = "order-oracle"
 THREAT_LABELS = {
@@ -49,8 +50,8 @@ class Regime:
     """What a victim client sends and how it is attacked.
 
     `images_per_client` images per client, `clients` clients per seed; kind 'gradient' (one step on all of
-    them) or 'update' (one local epoch in batches of `batch_size`); `round` names the global model of a
-    tff_programs.train run after that round (None: untrained)."""
+    them) or 'update' (one local epoch in batches of `batch_size`); `round`: the victim is the global model a
+    tff_programs.train run sends its clients in that round (see `load_trained`; None: untrained, per seed)."""
 
     name: str
     description: str
@@ -276,8 +277,8 @@ def run_cell(regime, seed, threat, out_dir, data_dir=None, log=print):
     pending = pending_clients(out_dir, regime, seed, threat)
     if not pending:
         return
-    dataset, input_shape, images, labels = study.load_images(
-        "fashion_mnist", regime.model, regime.images_per_seed, seed * regime.images_per_seed, data_dir
+    _, input_shape, images, labels = study.load_images(
+        DATASET, regime.model, regime.images_per_seed, seed * regime.images_per_seed, data_dir
     )
     victim, secret = _victim(regime, seed, threat, input_shape, out_dir)
     directory = cell_dir(out_dir, regime.name, seed, threat)
@@ -508,7 +509,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 grid_rows.append((THREAT_LABELS.get(threat, threat), images, per_image))
             if grid_rows:
                 _, _, truth, labels = study.load_images(
-                    "fashion_mnist", regime.model, regime.images_per_seed, seed * regime.images_per_seed, data_dir
+                    DATASET, regime.model, regime.images_per_seed, seed * regime.images_per_seed, data_dir
                 )
                 path = os.path.join(out_dir, regime.name, f"grid_seed{seed}.png")
                 grids.save_labelled_grid(path, truth, grid_rows, truth_labels=labels)
