@@ -12,10 +12,11 @@ Regimes (LeNet and ResNet-20 untrained unless stated, Fashion-MNIST, Inverting G
        (captured in the capture format; round 1 is the initial model)
   R    ResNet-20 (32x32), batch 1 (a short budget: see the budget curve in the results)
 Each seed sets the victim's weights, key and lock (T regimes: those of the training run, seed 0), the
-attack's starts, and which images (distinct per seed). Every cell (regime, seed, threat) runs in its own process and stores each client's result under
---out_dir as soon as it is attacked; a rerun skips what is stored, so a killed run loses at most the
-client being attacked. `order-oracle` (U only) is `none` with the true labels of each local step given:
-an oracle, labelled so. Restarts are chosen by the attack's loss, never by the truth.
+attack's starts, and which images (distinct per seed). Every cell (regime, seed, threat) runs in its own
+process and stores each client's result under --out_dir as soon as it is attacked; a rerun skips what is
+stored, so a killed run loses at most the clients being attacked. `order-oracle` (U only) is `none` with
+the true labels of each local step given: an oracle, labelled so. Restarts are chosen by the attack's
+loss, never by the truth.
 """
 
 import dataclasses
