@@ -26,6 +26,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import flags
@@ -479,13 +480,45 @@ COLUMNS = [
 ]
 
 
+def count_rule(regime, seed, out_dir, data_dir=None):
+    """[(the counting rule's labels, the true labels)] of each client of a seed under 'none', before any
+    attack: how accurate the counts from the last layer are on their own (an attack then tries
+    `label_hypotheses` of them and its loss picks)."""
+    from attacks import cases, study
+    from attacks import labels as labels_lib
+    from attacks import model as model_lib
+
+    n = regime.images_per_client
+    _, input_shape, images, labels = study.load_images(
+        DATASET, regime.model, regime.images_per_seed, seed * regime.images_per_seed, data_dir
+    )
+    victim, _ = _victim(regime, seed, "none", input_shape, out_dir)
+    with tempfile.TemporaryDirectory() as captures:
+        payload, _ = cases.simulate_clients(victim, images, labels, n, regime.kind, captures, **regime.update_options())
+    attacker = model_lib.AttackerModel(payload.view, "none")
+    return [(labels_lib.infer_labels(attacker, t), labels[c * n : (c + 1) * n]) for c, t in enumerate(payload.targets)]
+
+
+def _count_rule_row(regime, pairs):
+    from attacks import metrics
+
+    exact = sum(np.array_equal(np.sort(rule), np.sort(truth)) for rule, truth in pairs)
+    overlap = np.mean([metrics.label_accuracy(rule, truth) for rule, truth in pairs])
+    return [regime.name, len(pairs), f"{exact}/{len(pairs)}", f"{100 * overlap:.0f} %"]
+
+
 def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
     """The results payload over what is stored, and one labelled grid per regime and seed."""
     from attacks import grids, study
 
-    rows, curve_rows, results = [], [], {}
+    rows, curve_rows, count_rows, results = [], [], [], {}
     regimes_by_name = {r.name: r for r in regimes}
     for regime in regimes:
+        counted = [s for s in seeds if load_cell(out_dir, regime, s, "none")]
+        if regime.images_per_client > 1 and counted:
+            count_rows.append(
+                _count_rule_row(regime, [p for s in counted for p in count_rule(regime, s, out_dir, data_dir)])
+            )
         for threat in [t for t in regime.threats if t in threats]:
             stored = {seed: load_cell(out_dir, regime, seed, threat) for seed in seeds}
             stored = {seed: r for seed, r in stored.items() if r}
@@ -536,6 +569,12 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 title="attack success by regime and threat (LeNet/ResNet-20, Fashion-MNIST; Hungarian-matched batches)",
                 columns=COLUMNS,
                 rows=rows,
+            ),
+            dict(
+                title="label counts from the last layer by the counting rule alone, under 'none' (the attacks try "
+                "the rule's and the nearest other count vectors as restarts; their loss picks)",
+                columns=["regime", "clients", "count vector exact", "labels right (multiset overlap)"],
+                rows=count_rows,
             ),
             dict(
                 title="budget curves: images recovered (aligned SSIM >= 0.6) after so many iterations, at the "
