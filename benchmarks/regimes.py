@@ -507,6 +507,16 @@ def _count_rule_row(regime, pairs):
     return [regime.name, len(pairs), f"{exact}/{len(pairs)}", f"{100 * overlap:.0f} %"]
 
 
+def _cost_row(out_dir, regime, seeds):
+    cells = [(seed, threat) for threat in regime.threats for seed in seeds]
+    done = [load_cell(out_dir, regime, seed, threat) for seed, threat in cells]
+    minutes = [sum(r["seconds"] for r in cell) / 60 for cell in done if len(cell) == regime.clients]
+    if not minutes:
+        return [regime.name, f"0/{len(cells)}", 0, None, None]
+    mean = sum(minutes) / len(minutes)
+    return [regime.name, f"{len(minutes)}/{len(cells)}", round(sum(minutes)), round(mean, 1), round(mean * len(cells))]
+
+
 def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
     """The results payload over what is stored, and one labelled grid per regime and seed."""
     from attacks import grids, study
@@ -569,6 +579,12 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 title="attack success by regime and threat (LeNet/ResNet-20, Fashion-MNIST; Hungarian-matched batches)",
                 columns=COLUMNS,
                 rows=rows,
+            ),
+            dict(
+                title="cost: cells done (regime x seed x threat), their time (the clients' wall seconds, attack and "
+                "compilation), and the time all cells would take at the same mean",
+                columns=["regime", "cells done", "minutes done", "minutes per cell", "projected minutes, all cells"],
+                rows=[_cost_row(out_dir, regime, seeds) for regime in regimes],
             ),
             dict(
                 title="label counts from the last layer by the counting rule alone, under 'none' (the attacks try "

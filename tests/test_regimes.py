@@ -100,7 +100,8 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
     for threat in ("none", "oracle"):
         regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lambda line: None)
     payload = regimes.tabulate(out, [TINY], [0, 1], ("none", "oracle", "adaptive"), fashion_dir, log=lambda line: None)
-    compact, detailed, counts, curves = payload["tables"]
+    compact, detailed, cost, counts, curves = payload["tables"]
+    assert cost["rows"] == [["U8", "2/14", cost["rows"][0][2], cost["rows"][0][3], cost["rows"][0][4]]]
     assert counts["rows"] == [["U8", 2, counts["rows"][0][2], counts["rows"][0][3]]]
     assert compact["columns"] == ["regime", "client", "none", "oracle"] and compact["rows"][0][:2] == [
         "U8",
