@@ -100,14 +100,15 @@ def privacy_over_rounds(doc, path):
                 for threat, summary in threats.items():
                     by_threat.setdefault(threat, []).append((int(name[1:].split("-")[0]), summary["success"]["ssim"]))
         for threat, points in sorted(by_threat.items()):
-            points.sort()
+            points.sort(key=lambda point: point[0])
             rounds = [r for r, _ in points]
             rates = [100 * p["rate"] for _, p in points]
-            errors = [
-                [100 * (p["rate"] - p["low"]) for _, p in points],
-                [100 * (p["high"] - p["rate"]) for _, p in points],
+            errors = [  # the Wilson bounds can sit a rounding error inside the rate at 0 or 100 %
+                [max(0.0, 100 * (p["rate"] - p["low"])) for _, p in points],
+                [max(0.0, 100 * (p["high"] - p["rate"])) for _, p in points],
             ]
-            label = "FedAvg (none)" if threat == "none" else f"FedKL, {threat}"
+            # 'none' and the known-order oracle attack FedAvg's run, the other threats FedKL's.
+            label = f"FedAvg, {threat}" if threat in ("none", "order-oracle") else f"FedKL, {threat}"
             ax.errorbar(rounds, rates, yerr=errors, marker="o", capsize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("round of the captured global model")
