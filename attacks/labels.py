@@ -37,16 +37,23 @@ def infer_labels(attacker, target):
     For N examples: classes with a negative signal are present; their counts are estimated as
     N * (p - s_c), with p the mean signal of the absent classes (the average softmax mass an
     untrained model puts on a class), and allocated greedily so that they add up to N."""
-    signal = last_layer_signal(attacker, target)
-    n = target.num_examples
+    return _counting_rule(last_layer_signal(attacker, target), target.num_examples)
+
+
+def _count_estimates(signal, n):
+    """N * (p - s_c) for every class c (see `infer_labels`)."""
+    absent = signal[signal >= 0]
+    return n * ((float(absent.mean()) if len(absent) else 0.0) - signal)
+
+
+def _counting_rule(signal, n):
     if n == 1:
         return np.array([int(np.argmin(signal))])
     present = np.flatnonzero(signal < 0)
     if len(present) == 0:
         present = np.array([int(np.argmin(signal))])
-    absent = signal[signal >= 0]
-    p = float(absent.mean()) if len(absent) else 0.0
-    estimate = {int(c): n * (p - signal[c]) for c in present}
+    estimates = _count_estimates(signal, n)
+    estimate = {int(c): estimates[c] for c in present}
     counts = {c: 1 for c in sorted(estimate, key=lambda c: signal[c])[:n]}
     while sum(counts.values()) < n:
         c = max(estimate, key=lambda c: estimate[c] - counts.get(c, 0))
@@ -59,14 +66,11 @@ def label_hypotheses(attacker, target, count):
     count vectors one example away from them (one example moved to another class), ranked by their squared
     distance to the per-class estimates N * (p - s_c). An attack tries them as restarts and keeps the one
     its loss prefers: one wrong label is enough to make a batch reconstruction fail."""
-    first = infer_labels(attacker, target)
-    n = target.num_examples
+    signal, n = last_layer_signal(attacker, target), target.num_examples
+    first = _counting_rule(signal, n)
     if n == 1 or count <= 1:
         return [first]
-    signal = last_layer_signal(attacker, target)
-    absent = signal[signal >= 0]
-    p = float(absent.mean()) if len(absent) else 0.0
-    estimate = n * (p - signal)
+    estimate = _count_estimates(signal, n)
     counts = np.bincount(first, minlength=len(signal))
     neighbours = []
     for source in np.flatnonzero(counts):
