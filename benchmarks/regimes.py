@@ -268,32 +268,41 @@ def threat_model(threat):
     return {"adaptive-key-private": "adaptive-key", ORDER_ORACLE: "none"}.get(threat, threat)
 
 
+def _seed_images(regime, seed, data_dir=None):
+    """(input shape, images, labels) of a seed: its own `images_per_seed` training images."""
+    from attacks import study
+
+    _, input_shape, images, labels = study.load_images(
+        DATASET, regime.model, regime.images_per_seed, seed * regime.images_per_seed, data_dir
+    )
+    return input_shape, images, labels
+
+
+def _case(regime, seed, threat, out_dir, capture_dir, data_dir=None):
+    """(payload, true data, secret) of a seed's clients under `threat`; updates are written to `capture_dir`."""
+    from attacks import cases
+
+    input_shape, images, labels = _seed_images(regime, seed, data_dir)
+    victim, secret = _victim(regime, seed, threat, input_shape, out_dir)
+    kind, n = regime.kind, regime.images_per_client
+    payload, truth = cases.simulate_clients(victim, images, labels, n, kind, capture_dir, **regime.update_options())
+    return payload, truth, secret
+
+
 def run_cell(regime, seed, threat, out_dir, data_dir=None, log=print):
     """Attacks the pending clients of one cell and stores each client's result (metrics and reconstruction)."""
     import tensorflow as tf
 
-    from attacks import cases, experiment, study
+    from attacks import experiment
     from attacks import model as model_lib
 
     tf.get_logger().setLevel("ERROR")
     pending = pending_clients(out_dir, regime, seed, threat)
     if not pending:
         return
-    _, input_shape, images, labels = study.load_images(
-        DATASET, regime.model, regime.images_per_seed, seed * regime.images_per_seed, data_dir
-    )
-    victim, secret = _victim(regime, seed, threat, input_shape, out_dir)
     directory = cell_dir(out_dir, regime.name, seed, threat)
     os.makedirs(directory, exist_ok=True)
-    payload, truth = cases.simulate_clients(
-        victim,
-        images,
-        labels,
-        regime.images_per_client,
-        regime.kind,
-        os.path.join(directory, "captures"),
-        **regime.update_options(),
-    )
+    payload, truth, secret = _case(regime, seed, threat, out_dir, os.path.join(directory, "captures"), data_dir)
     n = regime.images_per_client
     attacker = model_lib.AttackerModel(payload.view, threat_model(threat), secret=secret, seed=seed + 7)
     options = dict(regime.attack_options(), seed=seed)
@@ -316,7 +325,7 @@ def run_cell(regime, seed, threat, out_dir, data_dir=None, log=print):
         if screen:
             given = np.stack([rec.labels for rec in screen.reconstruct(targets)])
         elif threat == ORDER_ORACLE:  # the labels of each local step, in the order the client trained
-            given = np.stack([labels[c * n : (c + 1) * n] for c in clients])
+            given = np.stack([truth.labels[c * n : (c + 1) * n] for c in clients])
         reconstructions = attack.reconstruct(
             targets,
             labels=given,
@@ -405,45 +414,35 @@ def load_cell(out_dir, regime, seed, threat):
 
 
 def _cell_row(regime, threat, seeds, results):
-    from attacks import metrics
+    """(table row, summary) of a cell's clients over its seeds: the success rates and aligned scores as
+    benchmarks.success_rates tabulates them, then the labels, time and memory."""
+    from benchmarks import success_rates
 
-    per_image = {k: [v for r in results for v in r["per_image"][k]] for k in ("aligned_ssim", "aligned_psnr")}
-    rates = metrics.success_summary(per_image)
-    images = len(per_image["aligned_ssim"])
-    optimizer_seconds = sum(r["optimizer_seconds"] for r in results)
-    iterations = sum(r["iterations"] for r in results)
-    clients = len(results)
-    cells = [regime.name, THREAT_LABELS.get(threat, threat), ",".join(map(str, seeds)), images]
-    for criterion in ("ssim", "psnr"):
-        rate = rates[criterion]
-        cells += [
-            f"{100 * rate['rate']:.0f} % ({rate['recovered']}/{rate['n']})",
-            f"{100 * rate['low']:.0f}-{100 * rate['high']:.0f} %",
-        ]
-    for k in ("aligned_psnr", "aligned_ssim"):
-        values = np.asarray(per_image[k], np.float64)
-        cells.append(f"{np.mean(values):.2f} ± {np.std(values):.2f}")
+    entry = success_rates.score([r["per_image"] for r in results])
     exact = sum(r["label_counts_exact"] for r in results)
-    curve = _pooled_curve(results)
-    cells += [
-        f"{100 * np.mean([r['label_accuracy'] for r in results]):.0f} % ({exact}/{clients} exact)",
-        round(sum(r["seconds"] for r in results) / images, 1),
-        round(iterations / optimizer_seconds, 1) if optimizer_seconds else None,
+    label_accuracy = float(np.mean([r["label_accuracy"] for r in results]))
+    seconds_per_image = sum(r["seconds"] for r in results) / entry["n"]
+    optimizer_seconds = sum(r["optimizer_seconds"] for r in results)
+    iterations_per_second = sum(r["iterations"] for r in results) / optimizer_seconds if optimizer_seconds else None
+    peak_rss_gb = max((r["peak_rss_gb"] for r in results if "peak_rss_gb" in r), default=None)
+    cells = success_rates.row(regime.name, THREAT_LABELS.get(threat, threat), seeds, entry) + [
+        f"{100 * label_accuracy:.0f} % ({exact}/{len(results)} exact)",
+        round(seconds_per_image, 1),
+        None if iterations_per_second is None else round(iterations_per_second, 1),
+        "not recorded" if peak_rss_gb is None else round(peak_rss_gb, 2),
     ]
-    rss = [r["peak_rss_gb"] for r in results if "peak_rss_gb" in r]
-    cells.append(round(max(rss), 2) if rss else "not recorded")
     summary = dict(
-        n=images,
-        clients=clients,
+        n=entry["n"],
+        clients=len(results),
         seeds=list(seeds),
-        success=rates,
-        **{k: dict(mean=float(np.mean(v)), std=float(np.std(v))) for k, v in per_image.items()},
-        label_accuracy=float(np.mean([r["label_accuracy"] for r in results])),
+        success={criterion: entry[criterion] for criterion in ("ssim", "psnr")},
+        **{k: dict(mean=entry[k]["mean"], std=entry[k]["std"]) for k in ("aligned_ssim", "aligned_psnr")},
+        label_accuracy=label_accuracy,
         label_counts_exact=exact,
-        seconds_per_image=sum(r["seconds"] for r in results) / images,
-        iterations_per_second=iterations / optimizer_seconds if optimizer_seconds else None,
-        peak_rss_gb=max((r["peak_rss_gb"] for r in results if "peak_rss_gb" in r), default=None),
-        budget_curve=curve,
+        seconds_per_image=seconds_per_image,
+        iterations_per_second=iterations_per_second,
+        peak_rss_gb=peak_rss_gb,
+        budget_curve=_pooled_curve(results),
     )
     return cells, summary
 
@@ -462,41 +461,24 @@ def _pooled_curve(results):
     }
 
 
-COLUMNS = [
-    "regime",
-    "threat",
-    "seeds",
-    "n",
-    "recovered: aligned SSIM >= 0.6",
-    "95 % interval",
-    "recovered: aligned PSNR >= 20 dB",
-    "95 % interval",
-    "aligned PSNR (dB) mean ± std",
-    "aligned SSIM mean ± std",
-    "labels right (count vectors exact)",
-    "seconds per image",
-    "iterations/s",
-    "peak RSS (GB)",
-]
+# After benchmarks.success_rates' columns (its "setting" being the regime here).
+RUN_COLUMNS = ["labels right (count vectors exact)", "seconds per image", "iterations/s", "peak RSS (GB)"]
 
 
 def count_rule(regime, seed, out_dir, data_dir=None):
     """[(the counting rule's labels, the true labels)] of each client of a seed under 'none', before any
     attack: how accurate the counts from the last layer are on their own (an attack then tries
     `label_hypotheses` of them and its loss picks)."""
-    from attacks import cases, study
     from attacks import labels as labels_lib
     from attacks import model as model_lib
 
-    n = regime.images_per_client
-    _, input_shape, images, labels = study.load_images(
-        DATASET, regime.model, regime.images_per_seed, seed * regime.images_per_seed, data_dir
-    )
-    victim, _ = _victim(regime, seed, "none", input_shape, out_dir)
     with tempfile.TemporaryDirectory() as captures:
-        payload, _ = cases.simulate_clients(victim, images, labels, n, regime.kind, captures, **regime.update_options())
+        payload, truth, _ = _case(regime, seed, "none", out_dir, captures, data_dir)
     attacker = model_lib.AttackerModel(payload.view, "none")
-    return [(labels_lib.infer_labels(attacker, t), labels[c * n : (c + 1) * n]) for c, t in enumerate(payload.targets)]
+    n = regime.images_per_client
+    return [
+        (labels_lib.infer_labels(attacker, t), truth.labels[c * n : (c + 1) * n]) for c, t in enumerate(payload.targets)
+    ]
 
 
 def _count_rule_row(regime, pairs):
@@ -519,7 +501,8 @@ def _cost_row(out_dir, regime, seeds):
 
 def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
     """The results payload over what is stored, and one labelled grid per regime and seed."""
-    from attacks import grids, study
+    from attacks import grids
+    from benchmarks import success_rates
 
     rows, curve_rows, count_rows, results = [], [], [], {}
     regimes_by_name = {r.name: r for r in regimes}
@@ -552,9 +535,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 per_image = {k: [v for r in cell for v in r["per_image"][k]] for k in ("aligned_psnr", "aligned_ssim")}
                 grid_rows.append((THREAT_LABELS.get(threat, threat), images, per_image))
             if grid_rows:
-                _, _, truth, labels = study.load_images(
-                    DATASET, regime.model, regime.images_per_seed, seed * regime.images_per_seed, data_dir
-                )
+                _, truth, labels = _seed_images(regime, seed, data_dir)
                 path = os.path.join(out_dir, regime.name, f"grid_seed{seed}.png")
                 grids.save_labelled_grid(path, truth, grid_rows, truth_labels=labels)
                 log(f"grid: {path}")
@@ -577,7 +558,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
             ),
             dict(
                 title="attack success by regime and threat (LeNet/ResNet-20, Fashion-MNIST; Hungarian-matched batches)",
-                columns=COLUMNS,
+                columns=["regime"] + success_rates.COLUMNS[1:] + RUN_COLUMNS,
                 rows=rows,
             ),
             dict(
@@ -679,10 +660,11 @@ def main(argv):
         except RuntimeError as e:
             sys.exit(f"error: {e}")
     payload = tabulate(_OUT_DIR.value, regimes, seeds, _THREATS.value, _DATA_DIR.value)
-    path = common.write_result(NAME, payload, quick=False, duration_s=time.perf_counter() - start)
+    doc = common.envelope(NAME, payload, quick=False, duration_s=time.perf_counter() - start)
+    path = common.result_path(NAME)
+    common.write_json(path, doc)
     markdown = os.path.splitext(path)[0] + ".md"
-    with atomic_write(markdown, binary=False) as f:
-        f.write(tables.benchmark_section(NAME, common.load_results(os.path.dirname(path))[NAME], level=1))
+    tables.write_markdown(markdown, NAME, doc)
     print(f"wrote {path} and {markdown}")
 
 

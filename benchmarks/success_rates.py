@@ -19,7 +19,6 @@ import numpy as np
 
 from attacks import metrics
 from benchmarks import common, tables
-from tfkl.files import atomic_write
 
 NAME = "success_rates"
 _RESULTS_DIR = flags.DEFINE_string(
@@ -300,11 +299,6 @@ def run(quick):
     return tabulate(_RESULTS_DIR.value)
 
 
-def write_markdown(path, doc):
-    with atomic_write(path, binary=False) as f:
-        f.write(tables.benchmark_section(NAME, doc, level=1))
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -314,7 +308,7 @@ def main(argv):
     path = common.result_path(NAME, results_dir)
     common.write_json(path, doc)
     markdown = os.path.join(results_dir, f"{NAME}.md")
-    write_markdown(markdown, doc)
+    tables.write_markdown(markdown, NAME, doc)
     print(f"wrote {path} and {markdown}")
 
 

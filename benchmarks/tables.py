@@ -9,6 +9,7 @@ import math
 import os
 
 from benchmarks import common
+from tfkl.files import atomic_write
 
 SUMMARY_FILE = "README.md"
 
@@ -171,3 +172,9 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def write_markdown(path, name, doc):
+    """Writes benchmark `name`'s result document `doc` as a Markdown page (its tables and notes) to `path`."""
+    with atomic_write(path, binary=False) as f:
+        f.write(benchmark_section(name, doc, level=1))
