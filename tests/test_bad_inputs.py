@@ -183,6 +183,7 @@ class Case:
 
 
 NEW = "--root_dir={tmp}/new"
+RESUME = ("--root_dir={run}", "--rounds=3", *RUN_FLAGS)  # the copied trained run, one round further
 ATTACK_CAPTURE = ("--capture={run}/" + CAPTURE, "--threat=fixed-key", "--noscore", "--out_dir={tmp}/out")
 CASES = [
     # train: flags
@@ -218,46 +219,44 @@ CASES = [
     Case("train-root-dir-not-empty", "train", ("--root_dir={tmp}/foreign",), "is not empty", make_foreign_dir),
     Case("train-read-only-new-root-dir", "train", ("--root_dir={tmp}/ro/new",), "cannot create", read_only_parent),
     # train: a trained run, damaged
-    Case("train-read-only-run", "train", ("--root_dir={run}", "--rounds=3", *RUN_FLAGS), "cannot write", read_only_run),
+    Case("train-read-only-run", "train", RESUME, "cannot write", read_only_run),
     Case(
         "train-clients-deleted",
         "train",
-        ("--root_dir={run}", "--rounds=3", *RUN_FLAGS),
+        RESUME,
         "holds no client states, but the server has trained to round 2",
         delete_clients,
     ),
     Case(
         "train-manifest-deleted",
         "train",
-        ("--root_dir={run}", "--rounds=3", *RUN_FLAGS),
+        RESUME,
         "the client states of round 2",
         delete_manifest,
     ),
     Case(
         "train-key-swapped",
         "train",
-        ("--root_dir={run}", "--rounds=3", *RUN_FLAGS),
+        RESUME,
         "belongs to someone else",
         swap_key,
     ),
-    Case("train-key-corrupt", "train", ("--root_dir={run}", "--rounds=3", *RUN_FLAGS), "corrupt", flip_key_byte),
+    Case("train-key-corrupt", "train", RESUME, "corrupt", flip_key_byte),
     Case(
         "train-client-state-shape",
         "train",
-        ("--root_dir={run}", "--rounds=3", *RUN_FLAGS),
+        RESUME,
         "lock[0] is float32[3, 3], the model needs float32[16, 12]",
         reshape_client_state,
     ),
     Case(
         "train-client-state-corrupt",
         "train",
-        ("--root_dir={run}", "--rounds=3", *RUN_FLAGS),
+        RESUME,
         "checksum mismatch",
         corrupt_client_state,
     ),
-    Case(
-        "train-another-run", "train", ("--root_dir={run}", "--rounds=3", *RUN_FLAGS, "--model=resnet20"), "another run"
-    ),
+    Case("train-another-run", "train", (*RESUME, "--model=resnet20"), "another run"),
     Case("train-config-unreadable", "train", ("--root_dir={run}", *RUN_FLAGS), "unreadable", corrupt_config),
     # evaluate
     Case("evaluate-no-root-dir", "evaluate", (), "--root_dir must have a value"),

@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers import write_idx
 from tfkl import data
-
-
-def _write_idx(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def test_fashion_mnist_reads_idx_files_from_data_dir(tmp_path):
@@ -24,7 +19,7 @@ def test_fashion_mnist_reads_idx_files_from_data_dir(tmp_path):
         rng.integers(0, 10, 4),
     ]
     for name, array in zip(data._FASHION_FILES, arrays):
-        _write_idx(tmp_path / name, array)
+        write_idx(tmp_path / name, array)
     dataset = data.load("fashion_mnist", data_dir=str(tmp_path))
     assert dataset.x_train.shape == (6, 28, 28, 1) and dataset.x_test.shape == (4, 28, 28, 1)
     np.testing.assert_allclose(dataset.x_train[..., 0], arrays[0] / 255.0, rtol=1e-6)

@@ -1,7 +1,6 @@
 """The realistic-regime benchmark's parts: label hypotheses, restart choice, and resumable per-client cells."""
 
 import dataclasses
-import gzip
 import json
 import os
 
@@ -12,13 +11,8 @@ import tensorflow as tf
 from attacks import cases, experiment, labels, targets
 from attacks import model as model_lib
 from benchmarks import regimes
+from tests.helpers import write_idx
 from tfkl import data, models
-
-
-def _write_idx(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def fashion_dir(tmp_path_factory):
     names = data._FASHION_FILES
     arrays = (images[:40], digits.y_train[:40], images[40:], digits.y_test[:10])
     for name, array in zip(names, arrays):
-        _write_idx(directory / name, np.clip(array, 0, 255))
+        write_idx(directory / name, np.clip(array, 0, 255))
     return str(directory)
 
 
