@@ -202,6 +202,9 @@ CASES = [
     Case("train-capture-rounds", "train", (NEW, "--capture_rounds=last"), "--capture_rounds must be 'all'"),
     Case("train-inject-nan", "train", (NEW, "--inject_nan=x"), "ROUND:CLIENT"),
     Case("train-inject-failure", "train", (NEW, "--inject_failure=1"), "ROUND:CLIENT"),
+    Case("train-workers-malformed", "train", (NEW, "--workers=127.0.0.1"), "--workers: '127.0.0.1' is not host:port"),
+    Case("train-worker-failure-timeout", "train", (NEW, "--worker_failure_timeout=0"), "must be > 0 seconds"),
+    Case("train-on-worker-failure", "train", (NEW, "--on_worker_failure=wait"), "--on_worker_failure"),
     # train: the configuration's rules
     Case("train-num-clients-zero", "train", (NEW, "--num_clients=0"), "num_clients must be at least 1"),
     Case("train-batch-size-zero", "train", (NEW, "--batch_size=0"), "batch_size must be at least 1"),

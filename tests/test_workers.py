@@ -59,14 +59,25 @@ def test_parse_address():
 
 def test_workers_flag_validators():
     fv = flags.FlagValues()
-    for name in ("workers", "worker_timeout"):
+    for name in ("workers", "worker_timeout", "worker_failure_timeout", "on_worker_failure"):
         fv[name] = flags.FLAGS[name]
-    fv(["prog", "--workers=127.0.0.1:1,h:2", "--worker_timeout=5"])
+    fv(
+        [
+            "prog",
+            "--workers=127.0.0.1:1,h:2",
+            "--worker_timeout=5",
+            "--worker_failure_timeout=9",
+            "--on_worker_failure=stop",
+        ]
+    )
     assert fv.workers == ["127.0.0.1:1", "h:2"]
+    assert (fv.worker_failure_timeout, fv.on_worker_failure) == (9.0, "stop")
     for argv, message in (
         (["--workers=h:1,nohost"], "'nohost' is not host:port"),
         (["--workers=h:1,h:1"], "lists an address twice"),
         (["--worker_timeout=0"], "must be > 0"),
+        (["--worker_failure_timeout=-1"], "--worker_failure_timeout must be > 0"),
+        (["--on_worker_failure=wait"], "value should be one of <retry|stop>"),
     ):
         with pytest.raises(flags.IllegalFlagValueError, match=message):
             fv(["prog", *argv])
@@ -171,7 +182,7 @@ def test_fedavg_on_one_and_two_workers_matches_local(two_workers):
 
 
 class _RecordingStub:
-    """Wraps a RemoteExecutorGrpcStub: keeps every value sent to (CreateValue) and received from
+    """Wraps a worker's executor stub: keeps every value sent to (CreateValue) and received from
     (Compute) its worker, as protos."""
 
     def __init__(self, stub):
@@ -218,10 +229,10 @@ def test_private_client_state_stays_with_its_client_on_two_workers(two_workers, 
     import tensorflow_federated as tff
 
     stubs = []
-    grpc_stub = tff.framework.RemoteExecutorGrpcStub
+    watched_stub = contexts._WatchedStub
 
-    def recording_stub(channel):
-        stubs.append(_RecordingStub(grpc_stub(channel)))
+    def recording_stub(channel, watch):
+        stubs.append(_RecordingStub(watched_stub(channel, watch)))
         return stubs[-1]
 
     @tff.tensorflow.computation(np.float32, np.float32)
@@ -242,9 +253,10 @@ def test_private_client_state_stays_with_its_client_on_two_workers(two_workers, 
 
     private = [7001.5, 7002.5, 7003.5, 7004.5]
     steps = [3000.0, 2000.0, 1.0, 2.0]
-    monkeypatch.setattr(tff.framework, "RemoteExecutorGrpcStub", recording_stub)
+    monkeypatch.setattr(contexts, "_WatchedStub", recording_stub)
     contexts.install_context(workers=two_workers)
     new_private, server_mean = round_fn(private, steps)
+    assert len(stubs) == 2
 
     assert new_private == [p + 1.0 for p in private]
     assert server_mean == pytest.approx(10.0 * np.mean(steps))

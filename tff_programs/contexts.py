@@ -4,18 +4,22 @@
 TFF's own local C++ context runs it, but started so that it ends with this process, even when this
 process is killed (TFF's own worker outlives a killed parent, holding its port and any inherited
 stdout pipe). With `--workers=host:port,...` it installs a context that runs every computation on
-those running TFF workers (`python -m tff_programs.worker`; see docs/workers.md). `shutdown()` stops
-every worker_binary child of this process by PID and closes the connections to remote workers;
-`ignore_tff_exit_noise()` hides the harmless error TFF prints at interpreter exit.
+those running TFF workers (`python -m tff_programs.worker`; see docs/workers.md), noticing within
+`--worker_failure_timeout` seconds a worker that stops answering and, by default, running its share of
+the call again on the others. `shutdown()` stops every worker_binary child of this process by PID and
+closes the connections to remote workers; `ignore_tff_exit_noise()` hides the harmless error TFF prints
+at interpreter exit.
 """
 
 import asyncio
+import functools
 import os
 import subprocess
 import sys
+import threading
 import time
 
-from absl import flags
+from absl import flags, logging
 import psutil
 
 from tff_programs import common
@@ -39,8 +43,25 @@ _WORKERS = flags.DEFINE_list(
 _WORKER_TIMEOUT = flags.DEFINE_float(
     "worker_timeout", 30.0, "Seconds to wait for each --workers address to accept a connection."
 )
+_WORKER_FAILURE_TIMEOUT = flags.DEFINE_float(
+    "worker_failure_timeout",
+    60.0,
+    "Seconds a --workers worker may leave its health probes unanswered (killed, hung or cut off) "
+    "before it counts as failed.",
+)
+_ON_WORKER_FAILURE = flags.DEFINE_enum(
+    "on_worker_failure",
+    "retry",
+    ["retry", "stop"],
+    "When a --workers worker fails: retry = run its clients again on the remaining workers (N workers "
+    "survive N-1 failures; a worker that comes back is used again); stop = end the run, which the same "
+    "command resumes from the last complete round.",
+)
 
-_open_channels = []
+# Health probes of remote workers: at most this far apart; calls check their worker's health this often.
+_PROBE_INTERVAL_SECONDS = 5.0
+_POLL_SECONDS = 0.5
+_remote_workers = []
 _local_workers = []
 # Run by the child of _ending_with_this_thread: SIGKILL when its parent thread ends (PR_SET_PDEATHSIG = 1),
 # unless the parent died already; execve keeps the setting.
@@ -55,6 +76,14 @@ _SET_DEATH_SIGNAL_AND_EXEC = (
 
 class WorkerUnavailableError(RuntimeError):
     """A TFF worker did not accept a connection in time."""
+
+
+class WorkerFailedError(RuntimeError):
+    """A TFF worker stopped answering during a run (and, with `on_failure="retry"`, no other is left)."""
+
+    def __init__(self, address, message):
+        super().__init__(message)
+        self.address = address
 
 
 def parse_address(address):
@@ -78,14 +107,21 @@ def _check_workers(addresses):
 
 flags.register_validator("workers", _check_workers)
 flags.register_validator("worker_timeout", lambda seconds: seconds > 0, message="--worker_timeout must be > 0 seconds")
+flags.register_validator(
+    "worker_failure_timeout", lambda seconds: seconds > 0, message="--worker_failure_timeout must be > 0 seconds"
+)
 
 
-def install_context(max_concurrent_computation_calls=-1, workers=None, worker_timeout=None):
+def install_context(
+    max_concurrent_computation_calls=-1, workers=None, worker_timeout=None, failure_timeout=None, on_failure=None
+):
     """Installs the default TFF execution context for a run and returns it.
 
-    `workers` (a list of host:port; default: the --workers flag) empty: a new LocalWorker (the previous one
-    stops) with `max_concurrent_computation_calls`. One worker: a synchronous context on it. Several: TFF's
-    mergeable-computation context, which splits the clients of each round evenly between them.
+    `workers` (a list of host:port; default: the --workers flag, as are the other arguments) empty: a new
+    LocalWorker (the previous one stops) with `max_concurrent_computation_calls`. Otherwise TFF's
+    mergeable-computation context on them, which splits the clients of each call evenly between them and
+    survives failed workers as `_failover_context` says (`failure_timeout`: seconds without an answer before
+    a worker counts as failed; `on_failure`: "retry" or "stop"); `WorkerFailedError` when it cannot.
     An unreachable worker raises `WorkerUnavailableError` naming it; when the addresses come from
     the flags, it ends the program with that one error line instead.
     """
@@ -94,6 +130,7 @@ def install_context(max_concurrent_computation_calls=-1, workers=None, worker_ti
     from_flags = workers is None
     if from_flags:
         workers, worker_timeout = _flag_value(_WORKERS), _flag_value(_WORKER_TIMEOUT)
+        failure_timeout, on_failure = _flag_value(_WORKER_FAILURE_TIMEOUT), _flag_value(_ON_WORKER_FAILURE)
     if not workers:
         while _local_workers:
             _local_workers.pop().stop()
@@ -103,7 +140,12 @@ def install_context(max_concurrent_computation_calls=-1, workers=None, worker_ti
         context = tff.framework.SyncExecutionContext(**_context_args(worker.stub))
     else:
         try:
-            context = _remote_context(workers, worker_timeout or _WORKER_TIMEOUT.default)
+            context = _remote_context(
+                workers,
+                worker_timeout or _WORKER_TIMEOUT.default,
+                failure_timeout or _WORKER_FAILURE_TIMEOUT.default,
+                on_failure or _ON_WORKER_FAILURE.default,
+            )
         except WorkerUnavailableError as e:
             if from_flags:
                 common.fail(str(e))
@@ -187,35 +229,278 @@ def _flag_value(flag_holder):
     return flag_holder.value if flags.FLAGS.is_parsed() else flag_holder.default
 
 
-def _remote_context(addresses, timeout):
-    import tensorflow_federated as tff
+def _remote_context(addresses, connect_timeout, failure_timeout, on_failure):
+    workers = [_RemoteWorker(address, connect_timeout, failure_timeout) for address in addresses]
+    _remote_workers.extend(workers)
+    return _failover_context(workers, on_failure)
 
-    channels = [connect(address, timeout) for address in addresses]
-    _open_channels.extend(channels)
-    stubs = [tff.framework.RemoteExecutorGrpcStub(channel) for channel in channels]
-    if len(stubs) == 1:
-        return tff.framework.SyncExecutionContext(**_context_args(lambda: stubs[0]))
-    async_contexts = [tff.framework.AsyncExecutionContext(**_context_args(lambda stub=stub: stub)) for stub in stubs]
-    return _ordered_mergeable_context(async_contexts)
+
+class WorkerWatch:
+    """Health of one TFF worker: a probe (an empty Dispose RPC) every few seconds on a channel of its own.
+
+    The worker counts as failed once no probe has been answered for `timeout` seconds: SIGKILLed, hung
+    (SIGSTOP), or cut off from the network alike. Probing goes on after that, so a worker that comes back at
+    the same address is seen answering again.
+    """
+
+    def __init__(self, address, timeout):
+        import grpc
+        from tensorflow_federated.proto.v0 import executor_pb2, executor_pb2_grpc
+
+        self.address = address
+        self.timeout = timeout
+        self._interval = min(_PROBE_INTERVAL_SECONDS, timeout / 4)
+        self._channel = grpc.insecure_channel(_target(address), _GRPC_OPTIONS)
+        self._probe = functools.partial(
+            executor_pb2_grpc.ExecutorGroupStub(self._channel).Dispose,
+            executor_pb2.DisposeRequest(executor=executor_pb2.ExecutorId(id="tfkl-health-probe")),
+            timeout=self._interval,
+        )
+        self.last_answer = time.monotonic()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"watch {address}", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        import grpc
+
+        while not self._closed.is_set():
+            sent = time.monotonic()
+            try:
+                self._probe()
+                self.last_answer = sent
+            except grpc.RpcError:
+                pass
+            self._closed.wait(max(0.0, self._interval - (time.monotonic() - sent)))
+
+    @property
+    def failed(self):
+        return time.monotonic() - self.last_answer > self.timeout
+
+    def error(self):
+        return WorkerFailedError(
+            self.address, f"TFF worker {self.address} stopped answering (no reply for {self.timeout:g} s)"
+        )
+
+    def wait_for_answer(self, since):
+        """Returns once a probe sent after `since` (time.monotonic()) was answered; WorkerFailedError if the
+        worker fails first."""
+        while self.last_answer <= since:
+            if self.failed:
+                raise self.error()
+            time.sleep(_POLL_SECONDS)
+
+    def close(self):
+        self._closed.set()
+        self._channel.close()  # ends a probe in flight
+        self._thread.join()
+
+
+class _WatchedStub:
+    """TFF's executor stub for one worker (the methods of `RemoteExecutorGrpcStub`), whose calls end with
+    WorkerFailedError once the worker's watch says it failed: TFF itself retries a call to a lost worker
+    forever, and a hung worker's call never returns."""
+
+    def __init__(self, channel, watch):
+        from tensorflow_federated.proto.v0 import executor_pb2_grpc
+
+        self._rpcs = executor_pb2_grpc.ExecutorGroupStub(channel)
+        self._watch = watch
+
+    def _call(self, rpc, request):
+        import grpc
+        from tensorflow_federated.python.core.impl.executors import executors_errors
+
+        if self._watch.failed:
+            raise self._watch.error()
+        call = rpc.future(request)
+        while True:
+            try:
+                return call.result(timeout=_POLL_SECONDS)
+            except grpc.FutureTimeoutError:
+                if self._watch.failed:
+                    call.cancel()
+                    raise self._watch.error() from None
+            except grpc.RpcError as error:
+                if error.code() not in executors_errors.get_grpc_retryable_error_codes():
+                    raise
+                # Lost connection: TFF retries the whole call once the worker answers again (e.g. restarted).
+                self._watch.wait_for_answer(since=time.monotonic())
+                raise executors_errors.RetryableGRPCError(error) from None
+
+    def get_executor(self, request):
+        return self._call(self._rpcs.GetExecutor, request)
+
+    def create_value(self, request):
+        return self._call(self._rpcs.CreateValue, request)
+
+    def create_struct(self, request):
+        return self._call(self._rpcs.CreateStruct, request)
+
+    def create_call(self, request):
+        return self._call(self._rpcs.CreateCall, request)
+
+    def create_selection(self, request):
+        return self._call(self._rpcs.CreateSelection, request)
+
+    def compute(self, request):
+        return self._call(self._rpcs.Compute, request)
+
+    def dispose(self, request):
+        return self._call(self._rpcs.Dispose, request)
+
+    def dispose_executor(self, request):
+        return self._call(self._rpcs.DisposeExecutor, request)
+
+    @property
+    def is_ready(self):
+        return not self._watch.failed
+
+
+class _RemoteWorker:
+    """One TFF worker: its channel, watch and TFF async execution context; `live` until it fails."""
+
+    def __init__(self, address, connect_timeout, failure_timeout):
+        import tensorflow_federated as tff
+
+        self.address = address
+        self.channel = connect(address, connect_timeout)
+        self.watch = WorkerWatch(address, failure_timeout)
+        stub = _WatchedStub(self.channel, self.watch)
+        self.context = tff.framework.AsyncExecutionContext(**_context_args(lambda: stub))
+        self.live = True
+        self.failed_at = None
+
+    def close(self):
+        self.watch.close()
+        self.channel.close()
+
+
+def _failover_context(workers, on_failure):
+    """TFF's mergeable-computation context over `workers` (_RemoteWorker), which survives failed workers.
+
+    Each call's clients are split into one part per worker (a contiguous block each), whatever the number
+    of live workers, so a run's arithmetic does not depend on failures: the part of a failed worker runs
+    again on a live one (`on_failure="retry"`), or the call ends with WorkerFailedError
+    (`on_failure="stop"`, or no worker left). A failed worker that answers again is used from the next
+    call. The partial results are merged in part order and the clients' results returned in client order
+    (TFF 0.87's own context uses the order in which workers finish: with two workers client 0 could be
+    handed client 2's private state; docs/workers.md).
+    """
+    import tensorflow_federated as tff
+    from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as mergeable
+
+    def all_equal(type_spec):
+        return not isinstance(type_spec, tff.FederatedType) or type_spec.all_equal
+
+    def live_worker(part):
+        """The worker of `part`, or the live worker it falls to when its own has failed."""
+        if workers[part].live:
+            return workers[part]
+        live = [worker for worker in workers if worker.live]
+        return live[part % len(live)]
+
+    def fail(worker, error):
+        if worker.live:
+            worker.live, worker.failed_at = False, time.monotonic()
+            left = [w.address for w in workers if w.live]
+            if on_failure == "retry" and left:
+                logging.warning("%s; its clients run again on %s", error, ", ".join(left))
+        if on_failure == "stop":
+            raise WorkerFailedError(worker.address, f"{error}; the run stops (--on_worker_failure=stop)")
+        if not any(w.live for w in workers):
+            raise WorkerFailedError(worker.address, f"{error}, and no other worker is left")
+
+    def readmit():
+        for worker in workers:
+            if not worker.live and worker.watch.last_answer > worker.failed_at:
+                worker.live = True
+                logging.warning("TFF worker %s answers again: in use from this call", worker.address)
+
+    async def on_a_live_worker(part, invoke):
+        while True:
+            worker = live_worker(part)
+            try:
+                return await invoke(worker.context)
+            except WorkerFailedError as error:
+                fail(worker, error)
+
+    async def gather(*calls):
+        """asyncio.gather that cancels the other calls when one fails (as they would go on after it)."""
+        tasks = [asyncio.ensure_future(call) for call in calls]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+
+    async def run(comp, arg_list):
+        partials = await gather(
+            *(
+                on_a_live_worker(part, lambda context, x=x: context.invoke(comp.up_to_merge, x))
+                for part, x in enumerate(arg_list)
+            )
+        )
+        merged = partials[0]
+        for partial in partials[1:]:
+            merged = await on_a_live_worker(
+                0, lambda context, a=merged, b=partial: context.invoke(comp.merge, tff.structure.Struct.unnamed(a, b))
+            )
+
+        def after_merge(part, x):
+            arg = merged if x is None else tff.structure.Struct.unnamed(x, merged)
+            return on_a_live_worker(part, lambda context: context.invoke(comp.after_merge, arg))
+
+        result_type = comp.after_merge.type_signature.result
+        if tff.types.contains_only(result_type, all_equal):
+            return await after_merge(0, arg_list[0])
+        results = await gather(*(after_merge(part, x) for part, x in enumerate(arg_list)))
+        return mergeable._repackage_partitioned_values(list(results), result_type)  # pylint: disable=protected-access
+
+    class FailoverMergeableContext(mergeable.MergeableCompExecutionContext):
+        """`MergeableCompExecutionContext` that runs a failed worker's part on a live one, in client order."""
+
+        def invoke(self, comp, arg=None):
+            if not isinstance(comp, mergeable.MergeableCompForm):
+                comp = self._compiler_pipeline.compile(comp)  # pylint: disable=protected-access
+            readmit()
+            if arg is None:
+                arg_list = [None] * len(workers)
+            else:
+                arg_list = mergeable.MergeableCompExecutionContextValue(
+                    arg, comp.up_to_merge.type_signature.parameter, len(workers)
+                ).value()
+            result = self._async_runner.run_coro_and_return_result(run(comp, arg_list))  # pylint: disable=protected-access
+            return tff.types.type_to_py_container(result, comp.after_merge.type_signature.result)
+
+    return FailoverMergeableContext(
+        [worker.context for worker in workers], compiler_fn=tff.backends.native.compile_to_mergeable_comp_form
+    )
 
 
 def connect(address, timeout):
     """An open gRPC channel to the TFF worker at `address`; WorkerUnavailableError after `timeout` s."""
     import grpc
 
-    host, port = parse_address(address)
-    channel = grpc.insecure_channel(f"{host}:{port}", _GRPC_OPTIONS)
+    channel = grpc.insecure_channel(_target(address), _GRPC_OPTIONS)
     ready = grpc.channel_ready_future(channel)
     try:
         ready.result(timeout=timeout)
     except grpc.FutureTimeoutError:
         ready.cancel()  # unsubscribes it: gRPC's polling thread stops before the channel closes
         channel.close()
+        host, port = parse_address(address)
         raise WorkerUnavailableError(
             f"TFF worker {address} did not accept a connection within {timeout:g} s "
             f"(start it with `python -m tff_programs.worker --port={port}` on {host})"
         ) from None
     return channel
+
+
+def _target(address):
+    host, port = parse_address(address)
+    return f"{host}:{port}"
 
 
 def _context_args(get_stub):
@@ -236,51 +521,6 @@ def _context_args(get_stub):
         transform_args=tff.tensorflow.transform_args,
         transform_result=tff.tensorflow.transform_result,
     )
-
-
-def _ordered_mergeable_context(async_contexts):
-    """TFF's mergeable-computation context over `async_contexts`, returning clients in order.
-
-    TFF 0.87 concatenates the subrounds' CLIENTS-placed results in the order the workers *finish*
-    (`_invoke_after_merge_in_async_pool`), so with two workers client 0 could be handed client 2's
-    private state. This runs the same steps but gathers the subrounds' results in client order.
-    """
-    import tensorflow_federated as tff
-    from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as mergeable
-
-    def all_equal(type_spec):
-        return not isinstance(type_spec, tff.FederatedType) or type_spec.all_equal
-
-    async def run(comp, arg):
-        arg_list = arg.value() if arg is not None else [None] * len(async_contexts)
-        merged, merge_context = await mergeable._invoke_merge_in_async_pool(  # pylint: disable=protected-access
-            comp, arg_list, async_contexts
-        )
-        result_type = comp.after_merge.type_signature.result
-        if tff.types.contains_only(result_type, all_equal):
-            return await mergeable._compute_after_merged(comp, arg_list[0], merged, merge_context)  # pylint: disable=protected-access
-        results = await asyncio.gather(
-            *(
-                mergeable._compute_after_merged(comp, part, merged, context)  # pylint: disable=protected-access
-                for part, context in zip(arg_list, async_contexts)
-            )
-        )
-        return mergeable._repackage_partitioned_values(list(results), result_type)  # pylint: disable=protected-access
-
-    class OrderedMergeableContext(mergeable.MergeableCompExecutionContext):
-        """`MergeableCompExecutionContext` whose CLIENTS-placed results keep client order."""
-
-        def invoke(self, comp, arg=None):
-            if not isinstance(comp, mergeable.MergeableCompForm):
-                comp = self._compiler_pipeline.compile(comp)  # pylint: disable=protected-access
-            if arg is not None:
-                arg = mergeable.MergeableCompExecutionContextValue(
-                    arg, comp.up_to_merge.type_signature.parameter, len(async_contexts)
-                )
-            result = self._async_runner.run_coro_and_return_result(run(comp, arg))  # pylint: disable=protected-access
-            return tff.types.type_to_py_container(result, comp.after_merge.type_signature.result)
-
-    return OrderedMergeableContext(async_contexts, compiler_fn=tff.backends.native.compile_to_mergeable_comp_form)
 
 
 def worker_processes():
@@ -330,6 +570,10 @@ def shutdown():
     """Closes the connections to remote workers and stops the TFF workers this process started."""
     while _local_workers:
         _local_workers.pop().stop()
-    while _open_channels:
-        _open_channels.pop().close()
+    _close_remote_workers()
     stop_processes(worker_processes())
+
+
+def _close_remote_workers():
+    while _remote_workers:
+        _remote_workers.pop().close()

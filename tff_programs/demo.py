@@ -163,7 +163,7 @@ def main(argv):
                 algorithm: capture_victim_round(_ROOT_DIR.value, algorithm, dataset)
                 for algorithm in ("fedavg", "fedkl")
             }
-    except ProgramError as e:
+    except (ProgramError, contexts.WorkerFailedError) as e:
         common.fail(str(e))
     finally:
         contexts.shutdown()

@@ -211,6 +211,11 @@ def main(argv):
         metrics = program.train(_ROOT_DIR.value, config, run_options(), dataset=dataset)
     except config_lib.ProgramError as e:
         common.fail(str(e))
+    except contexts.WorkerFailedError as e:
+        common.fail(
+            f"{e}; with the worker running again (or left out of --workers), the same command resumes "
+            "from the last complete round"
+        )
     finally:
         contexts.shutdown()
     if metrics is not None:

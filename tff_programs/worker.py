@@ -51,9 +51,13 @@ def worker_binary():
 
 
 def check_port_free(port):
-    """Ends the program with one line if `port` is taken (the worker itself would only log it)."""
+    """Ends the program with one line if `port` is taken (the worker itself would only log it).
+
+    SO_REUSEADDR, as the worker's own socket: connections a killed worker left in TIME_WAIT do not make the
+    port taken (a worker restarted at once on its address starts), a listening socket still does."""
     family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("::" if family == socket.AF_INET6 else "", port))
         except OSError as e:

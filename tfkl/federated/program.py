@@ -109,55 +109,60 @@ def train_rounds(root_dir, process, config, options, dataset, partition, restore
     )
     progress.update(min(start, options.rounds))
     metrics = None
-    for round_num in range(start + 1, options.rounds + 1):
-        started = time.time()
-        sampled = simulation.sample_clients(config.num_clients, config.clients_per_round, config.seed, round_num)
-        seeds = {c: simulation.data_seed(config.seed, round_num, c) for c in sampled}
+    try:
+        for round_num in range(start + 1, options.rounds + 1):
+            started = time.time()
+            sampled = simulation.sample_clients(config.num_clients, config.clients_per_round, config.seed, round_num)
+            seeds = {c: simulation.data_seed(config.seed, round_num, c) for c in sampled}
 
-        def client_data(client_id, round_num=round_num, seeds=seeds):
-            return client_dataset(
-                config,
-                dataset,
-                partition[int(client_id)],
-                seeds[client_id],
-                cache_dir,
-                client_id,
-                poison=(round_num, client_id) in nan_at,
-                fail=(round_num, client_id) in fail_at,
-            )
+            def client_data(client_id, round_num=round_num, seeds=seeds):
+                return client_dataset(
+                    config,
+                    dataset,
+                    partition[int(client_id)],
+                    seeds[client_id],
+                    cache_dir,
+                    client_id,
+                    poison=(round_num, client_id) in nan_at,
+                    fail=(round_num, client_id) in fail_at,
+                )
 
-        learning_rate = config.round_learning_rate(round_num)
-        global_t, global_n = process.global_weights(server_state)
-        try:
-            server_state, new_client_states, metrics, reports = simulation.run_round(
-                process, server_state, client_states, sampled, client_data, learning_rate
-            )
-        except simulation.RoundFailed as e:
-            raise ProgramError(f"round {round_num}: {e}; fix the cause and run the same command again") from None
-        client_states = {**client_states, **new_client_states}
-        if capture and capture_lib.captures_round(options.capture_rounds, round_num):
-            capture_lib.save_round_captures(
-                root_dir,
+            learning_rate = config.round_learning_rate(round_num)
+            global_t, global_n = process.global_weights(server_state)
+            try:
+                server_state, new_client_states, metrics, reports = simulation.run_round(
+                    process, server_state, client_states, sampled, client_data, learning_rate
+                )
+            except simulation.RoundFailed as e:
+                raise ProgramError(f"round {round_num}: {e}; fix the cause and run the same command again") from None
+            client_states = {**client_states, **new_client_states}
+            if capture and capture_lib.captures_round(options.capture_rounds, round_num):
+                capture_lib.save_round_captures(
+                    root_dir,
+                    round_num,
+                    layout,
+                    global_t,
+                    global_n,
+                    reports,
+                    capture_lib.run_meta_fn(config, dataset.name, learning_rate, seeds, partition),
+                )
+            metrics = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in metrics.items()}
+            metrics.update(learning_rate=float(learning_rate), seconds=time.time() - started)
+            # Released before the state is saved: a resumed round releases again, replacing its rows.
+            asyncio.run(metrics_manager.release(metrics, round_num))
+            state_manager.save(round_num, server_state, client_states, changed=set(new_client_states))
+            progress.update(
                 round_num,
-                layout,
-                global_t,
-                global_n,
-                reports,
-                capture_lib.run_meta_fn(config, dataset.name, learning_rate, seeds, partition),
+                [
+                    ("loss", metrics["loss"]),
+                    ("accuracy", metrics["accuracy"]),
+                    ("rejected", metrics["clients_rejected"]),
+                    ("dropped", metrics["clients_dropped"]),
+                    ("s/round", metrics["seconds"]),
+                ],
             )
-        metrics = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in metrics.items()}
-        metrics.update(learning_rate=float(learning_rate), seconds=time.time() - started)
-        # Released before the state is saved: a resumed round releases again, replacing its rows.
-        asyncio.run(metrics_manager.release(metrics, round_num))
-        state_manager.save(round_num, server_state, client_states, changed=set(new_client_states))
-        progress.update(
-            round_num,
-            [
-                ("loss", metrics["loss"]),
-                ("accuracy", metrics["accuracy"]),
-                ("rejected", metrics["clients_rejected"]),
-                ("dropped", metrics["clients_dropped"]),
-                ("s/round", metrics["seconds"]),
-            ],
-        )
+    except BaseException:
+        if options.progress:
+            print(flush=True)  # ends the progress bar's line: the error that follows gets a line of its own
+        raise
     return metrics
