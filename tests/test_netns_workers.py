@@ -235,8 +235,9 @@ def test_skip_reason_without_root(monkeypatch):
 
 @pytest.mark.slow
 def test_fedkl_rounds_on_workers_in_namespaces_match_local(netns_workers):
-    """Two FedKL rounds over the veths: same shared weights and each client's own state as locally, and
-    the driver's gRPC connections run between 10.213.k.1 (host side) and 10.213.k.2:P (the worker)."""
+    """Two FedKL rounds over the veths: same shared weights and each client's own state as locally; the
+    driver's gRPC connections run between 10.213.k.1 (host side) and 10.213.k.2:P (the worker), and the
+    driver itself listens on no port."""
     before = [ns.counters() for ns in netns_workers.namespaces]
     results = fedkl_rounds({"local": [], "2 workers in namespaces": netns_workers.addresses})
     after = [ns.counters() for ns in netns_workers.namespaces]
@@ -244,11 +245,13 @@ def test_fedkl_rounds_on_workers_in_namespaces_match_local(netns_workers):
     print(f"\nmax |w - w_local| over the shared weights: {max_diff:.3g}")
 
     port = netns_workers.port
+    connections = psutil.Process().net_connections(kind="inet")
     driver = [  # gRPC's sockets are IPv6, their IPv4 peers IPv4-mapped
         (_unmapped(c.laddr.ip), _unmapped(c.raddr.ip), c.raddr.port)
-        for c in psutil.Process().net_connections(kind="tcp")
+        for c in connections
         if c.status == psutil.CONN_ESTABLISHED and c.raddr
     ]
+    assert not [c for c in connections if c.status == psutil.CONN_LISTEN]  # the driver serves no port
     for ns, process, b, a in zip(netns_workers.namespaces, netns_workers.processes, before, after):
         # The driver's end: from the host side of this worker's veth to the worker's address.
         assert (ns.host_address, ns.address, port) in driver, driver
