@@ -1,7 +1,6 @@
 """Remote TFF workers: --workers flag handling, tff_programs.worker, and rounds on two workers on
 127.0.0.1 matching TFF's local context, with private client state kept per client."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,20 +11,8 @@ import portpicker
 import psutil
 import pytest
 
+from tests.helpers import REPO, assert_same_fedkl_results, fedkl_rounds, start_worker
 from tff_programs import contexts
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def start_worker(port, log_path):
-    """`python -m tff_programs.worker --port=port` in the background; returns its Popen."""
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tff_programs.worker", f"--port={port}"],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
 
 
 @pytest.fixture(scope="module")
@@ -279,37 +266,8 @@ def _placed_numbers_all(value_protos):
 
 def test_fedkl_rounds_on_two_workers_match_local(two_workers):
     """Two FedKL rounds: same shared weights, and each client's own key and lock, as on one machine."""
-    import tfkl
-    from tfkl import data, models, optimizers
-    from tfkl.federated import build_fedkl_process
-
-    shape = (16, 16, 1)
-    digits = data.load("digits")
-    process = build_fedkl_process(
-        lambda: models.build("lenet", shape, 10, lock=True, seed=3, key_dim=16), optimizers.TorchSGD(0.05)
-    )
-    datasets = [
-        data.make_dataset(digits.x_train[20 * i : 20 * i + 20], digits.y_train[20 * i : 20 * i + 20], shape, 10)
-        for i in range(4)
-    ]
-    keys = [tfkl.generate_key(16, seed=100 + i) for i in range(4)]
-    results = {}
-    for name, workers in (("local", []), ("2 workers", two_workers)):
-        contexts.install_context(workers=workers)
-        server_state = process.initialize()
-        client_states = [process.initial_client_state(key) for key in keys]
-        for _ in range(2):
-            server_state, client_states, _, _ = process.next(server_state, np.float32(0.05), datasets, client_states)
-        results[name] = (process.global_weights(server_state)[0], client_states)
-
-    (local_shared, local_clients), (remote_shared, remote_clients) = results["local"], results["2 workers"]
-    for got, want in zip(remote_shared, local_shared):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    for client, (got, want) in enumerate(zip(remote_clients, local_clients)):
-        np.testing.assert_array_equal(got["key"][0], want["key"][0], err_msg=f"client {client}")
-        for got_lock, want_lock in zip(got["lock"], want["lock"]):
-            np.testing.assert_allclose(got_lock, want_lock, rtol=1e-4, atol=1e-5, err_msg=f"client {client}")
-    assert not np.allclose(local_clients[0]["lock"][0], local_clients[1]["lock"][0])  # locks are per client
+    results = fedkl_rounds({"local": [], "2 workers": two_workers})
+    assert_same_fedkl_results(results["2 workers"], results["local"])
 
 
 @pytest.mark.slow
