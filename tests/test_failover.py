@@ -13,7 +13,7 @@ import psutil
 import pytest
 import tensorflow as tf
 
-from tests.test_workers import start_worker
+from tests.helpers import start_worker
 from tff_programs import contexts
 from tfkl import data
 from tfkl.federated import program, run_dir
