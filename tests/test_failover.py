@@ -56,10 +56,12 @@ class Workers:
             self.processes[index].wait()
 
     def stop_all(self):
-        running = [p for p in self.processes if p is not None and p.poll() is None]
+        """SIGTERM (SIGKILL after 10 s); SIGKILL at once for a hung worker, which would not act on SIGTERM."""
+        running = [psutil.Process(p.pid) for p in self.processes if p is not None and p.poll() is None]
         for process in running:
-            os.kill(process.pid, signal.SIGCONT)  # a hung (SIGSTOPped) worker cannot act on SIGTERM
-        contexts.stop_processes([psutil.Process(p.pid) for p in running])
+            if process.status() == psutil.STATUS_STOPPED:
+                process.kill()
+        contexts.stop_processes(running)
 
 
 @pytest.fixture
@@ -68,9 +70,9 @@ def workers(tmp_path):
     try:
         yield started
     finally:
+        started.stop_all()  # first: shutdown() would SIGTERM a hung one too, and wait 10 s
         contexts.install_context(workers=[])
         contexts.shutdown()
-        started.stop_all()
 
 
 @pytest.fixture(scope="module")

@@ -278,5 +278,9 @@ def test_workers_benchmark_runs_and_agrees_with_local(tmp_path):
     results = payload["results"]
     assert set(results["median_seconds_per_round"]) == {"local", "1 worker", "2 workers"}
     assert all(len(t) == payload["settings"]["repeats"] for t in results["seconds_per_round"].values())
-    assert max(results["max_abs_diff_shared_weights_vs_local"].values()) < 1e-5
+    assert max(results["max_abs_diff_shared_weights_vs_local"].values()) < 1e-5  # the failover run's too
+    failover = results["failover"]
+    assert (failover["failures_named"], failover["returns_named"]) == (1, 1)
+    timeout = workers.FAILURE_TIMEOUT
+    assert timeout - min(5.0, timeout / 4) <= failover["detection_seconds"] <= timeout + 2.0
     assert not contexts.worker_processes()
