@@ -32,6 +32,12 @@ _GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE_BYTES),
 ]
+# Remote workers: reconnect within a second of a worker's return (gRPC's default backoff grows to 2 minutes).
+_REMOTE_GRPC_OPTIONS = _GRPC_OPTIONS + [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 _WORKERS = flags.DEFINE_list(
     "workers",
@@ -250,7 +256,7 @@ class WorkerWatch:
         self.address = address
         self.timeout = timeout
         self._interval = min(_PROBE_INTERVAL_SECONDS, timeout / 4)
-        self._channel = grpc.insecure_channel(_target(address), _GRPC_OPTIONS)
+        self._channel = grpc.insecure_channel(_target(address), _REMOTE_GRPC_OPTIONS)
         self._probe = functools.partial(
             executor_pb2_grpc.ExecutorGroupStub(self._channel).Dispose,
             executor_pb2.DisposeRequest(executor=executor_pb2.ExecutorId(id="tfkl-health-probe")),
@@ -361,15 +367,19 @@ class _RemoteWorker:
     """One TFF worker: its channel, watch and TFF async execution context; `live` until it fails."""
 
     def __init__(self, address, connect_timeout, failure_timeout):
-        import tensorflow_federated as tff
-
         self.address = address
         self.channel = connect(address, connect_timeout)
         self.watch = WorkerWatch(address, failure_timeout)
-        stub = _WatchedStub(self.channel, self.watch)
-        self.context = tff.framework.AsyncExecutionContext(**_context_args(lambda: stub))
+        self.new_context()
         self.live = True
         self.failed_at = None
+
+    def new_context(self):
+        """A TFF context of its own: executors created on a worker that has since restarted are gone."""
+        import tensorflow_federated as tff
+
+        stub = _WatchedStub(self.channel, self.watch)
+        self.context = tff.framework.AsyncExecutionContext(**_context_args(lambda: stub))
 
     def close(self):
         self.watch.close()
@@ -415,6 +425,7 @@ def _failover_context(workers, on_failure):
         for worker in workers:
             if not worker.live and worker.watch.last_answer > worker.failed_at:
                 worker.live = True
+                worker.new_context()
                 logging.warning("TFF worker %s answers again: in use from this call", worker.address)
 
     async def on_a_live_worker(part, invoke):
@@ -483,7 +494,7 @@ def connect(address, timeout):
     """An open gRPC channel to the TFF worker at `address`; WorkerUnavailableError after `timeout` s."""
     import grpc
 
-    channel = grpc.insecure_channel(_target(address), _GRPC_OPTIONS)
+    channel = grpc.insecure_channel(_target(address), _REMOTE_GRPC_OPTIONS)
     ready = grpc.channel_ready_future(channel)
     try:
         ready.result(timeout=timeout)
