@@ -275,7 +275,7 @@ class WorkerWatch:
             try:
                 self._probe()
                 self.last_answer = sent
-            except grpc.RpcError:
+            except (grpc.RpcError, ValueError):  # ValueError: the channel was closed by close()
                 pass
             self._closed.wait(max(0.0, self._interval - (time.monotonic() - sent)))
 
@@ -357,10 +357,6 @@ class _WatchedStub:
 
     def dispose_executor(self, request):
         return self._call(self._rpcs.DisposeExecutor, request)
-
-    @property
-    def is_ready(self):
-        return not self._watch.failed
 
 
 class _RemoteWorker:
