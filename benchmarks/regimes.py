@@ -67,8 +67,7 @@ class Regime:
     iterations: int = 2000
     restarts: int = 4
     label_hypotheses: int = 4  # restarts assume the most plausible label counts (batches; see attacks.labels)
-    order_screening: int = 0  # updates: label orders tried for `screening_iterations` before the full search
-    screening_iterations: int = 300
+    label_search_iterations: int = 0  # updates: a joint search (label logits with the images) finds each step's labels
     clients_per_call: int = 10
 
     @property
@@ -89,9 +88,11 @@ class Regime:
         return dict(IG if self.attack == "ig" else {}, **options)
 
 
-# Update regimes: 16 label orders (2 count hypotheses, each sorted and in 7 random orders) screened for 300
-# iterations, then 2 restarts of the full search with the order the loss preferred.
-UNKNOWN_ORDER = dict(restarts=2, label_hypotheses=2, order_screening=16)
+# Update regimes: which labels each local step saw is unknown (the counting rule gives at best the multiset, and 16
+# screened orders of it never found the steps' labels). A joint search first (DLG's label logits, optimised with
+# the images by the same loss, 2 restarts) reads each slot's label off its logits; the full search then runs
+# with those labels, given. Within a step the order of the slots does not matter: the images are free.
+UNKNOWN_ORDER = dict(restarts=2, label_hypotheses=1, label_search_iterations=2000)
 
 
 def _regimes():
@@ -306,14 +307,13 @@ def run_cell(regime, seed, threat, out_dir, data_dir=None, log=print):
     n = regime.images_per_client
     attacker = model_lib.AttackerModel(payload.view, threat_model(threat), secret=secret, seed=seed + 7)
     options = dict(regime.attack_options(), seed=seed)
-    screen = None
-    if regime.order_screening and threat != ORDER_ORACLE:
-        # The local steps' label order is unknown: a short search over orders (and count hypotheses) first,
-        # the attack's loss picks one per client, and the full search runs with it.
-        screen_options = dict(options, iterations=regime.screening_iterations, restarts=regime.order_screening)
-        options["label_hypotheses"] = 1
-        screen = experiment.build_attack(regime.attack, attacker, **screen_options)
-    if screen or threat == ORDER_ORACLE:
+    search = None
+    if regime.label_search_iterations and threat != ORDER_ORACLE:
+        # Each local step's labels are unknown: a joint search over images and label logits finds them (restart
+        # chosen by its own loss), and the full search runs with them.
+        search_options = dict(options, iterations=regime.label_search_iterations, label_mode="joint")
+        search = experiment.build_attack(regime.attack, attacker, **search_options)
+    if search or threat == ORDER_ORACLE:
         options["label_mode"] = "given"
     attack = experiment.build_attack(regime.attack, attacker, **options)
     for chunk in range(0, len(pending), regime.clients_per_call):
@@ -322,8 +322,8 @@ def run_cell(regime, seed, threat, out_dir, data_dir=None, log=print):
         curves = {c: [] for c in clients}
         start = time.perf_counter()
         given = None
-        if screen:
-            given = np.stack([rec.labels for rec in screen.reconstruct(targets)])
+        if search:
+            given = np.stack([rec.labels for rec in search.reconstruct(targets)])
         elif threat == ORDER_ORACLE:  # the labels of each local step, in the order the client trained
             given = np.stack([truth.labels[c * n : (c + 1) * n] for c in clients])
         reconstructions = attack.reconstruct(

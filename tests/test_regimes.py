@@ -65,8 +65,7 @@ TINY = dataclasses.replace(
     batch_size=2,
     iterations=2,
     restarts=1,
-    order_screening=3,
-    screening_iterations=2,
+    label_search_iterations=2,
 )
 
 
