@@ -48,8 +48,9 @@ class DLG(base.Attack):
         restarts: int = 1,
         seed: int = 0,
         label_hypotheses: int = 1,
+        adaptive_strategy: str = base.DEFAULT_ADAPTIVE_STRATEGY,
     ) -> None:
-        super().__init__(attacker, label_mode, restarts, seed, label_hypotheses)
+        super().__init__(attacker, label_mode, restarts, seed, label_hypotheses, adaptive_strategy)
         if distance not in base.DISTANCES:
             raise ValueError(f"distance must be one of {base.DISTANCES}, got {distance!r}")
         if optimizer not in OPTIMIZERS:
