@@ -17,6 +17,7 @@ import tensorflow as tf
 from attacks import labels as labels_lib
 from attacks import targets as targets_lib
 from attacks.model import DEAD_LATENT
+from tfkl import names
 
 if TYPE_CHECKING:
     from attacks.model import AttackerModel
@@ -31,8 +32,10 @@ ADAPTIVE_STRATEGIES = {
     "mixed": (("prior", "uniform"), False),
     "relearn": (("prior",), True),
     "relearn-mixed": (("prior", "uniform"), True),
+    "relearn-uniform": (("uniform",), True),
 }
 DEFAULT_ADAPTIVE_STRATEGY = "relearn"
+assert tuple(ADAPTIVE_STRATEGIES) == names.ADAPTIVE_STRATEGIES
 
 
 @dataclasses.dataclass
@@ -116,10 +119,12 @@ class Attack:
         'mixed' (restarts alternate 'prior' and 'uniform' starts); 'relearn' / 'relearn-mixed' (as 'prior' /
         'mixed', and the channels whose kernel gradient is zero in the captured single-step gradient are
         fixed at gamma = 0, the rest optimised). The restart kept is always the one with the lowest
-        objective. Ignored under the other threats.
+        objective. Ignored under the other threats. None: the attack's `default_adaptive_strategy`, the
+        strongest measured for it (benchmarks.adaptive_attacker).
     """
 
     name = "attack"
+    default_adaptive_strategy = DEFAULT_ADAPTIVE_STRATEGY  # the strongest measured for this attack
 
     def __init__(
         self,
@@ -128,8 +133,9 @@ class Attack:
         restarts: int = 1,
         seed: int = 0,
         label_hypotheses: int = 1,
-        adaptive_strategy: str = DEFAULT_ADAPTIVE_STRATEGY,
+        adaptive_strategy: str | None = None,
     ) -> None:
+        adaptive_strategy = adaptive_strategy or self.default_adaptive_strategy
         if adaptive_strategy not in ADAPTIVE_STRATEGIES:
             raise ValueError(
                 f"adaptive_strategy must be one of {tuple(ADAPTIVE_STRATEGIES)}, got {adaptive_strategy!r}"

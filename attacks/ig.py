@@ -94,7 +94,7 @@ class InvertingGradients(base.Attack):
         restarts: int = 4,
         seed: int = 0,
         label_hypotheses: int = 1,
-        adaptive_strategy: str = base.DEFAULT_ADAPTIVE_STRATEGY,
+        adaptive_strategy: str | None = None,
         lock_learning_rate: float | None = None,
     ) -> None:
         super().__init__(attacker, label_mode, restarts, seed, label_hypotheses, adaptive_strategy)
