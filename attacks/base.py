@@ -16,11 +16,26 @@ import tensorflow as tf
 
 from attacks import labels as labels_lib
 from attacks import targets as targets_lib
+from attacks.model import DEAD_LATENT
+from tfkl import names
 
 if TYPE_CHECKING:
     from attacks.model import AttackerModel
 
 DISTANCES = ("l2", "l2_sum", "cosine", "grnn")
+# The adaptive attacker's strategies (threat 'adaptive' only): name -> (the lock latents' start schemes,
+# cycled over the restarts (`AttackerModel.initial_lock_latent`); whether channels whose gamma must be 0,
+# read from the captured gradient (`AttackerModel.dead_lock_channels`), are fixed at gamma = 0).
+ADAPTIVE_STRATEGIES = {
+    "joint": (("uniform",), False),
+    "prior": (("prior",), False),
+    "mixed": (("prior", "uniform"), False),
+    "relearn": (("prior",), True),
+    "relearn-mixed": (("prior", "uniform"), True),
+    "relearn-uniform": (("uniform",), True),
+}
+DEFAULT_ADAPTIVE_STRATEGY = "relearn"
+assert tuple(ADAPTIVE_STRATEGIES) == names.ADAPTIVE_STRATEGIES
 
 
 @dataclasses.dataclass
@@ -46,6 +61,15 @@ class Snapshot:
     seconds: float
     images: np.ndarray
     losses: np.ndarray
+
+
+def check_lock_learning_rate(value):
+    """`value` (None or a positive float) or one clear ValueError."""
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"lock_learning_rate must be None or a positive number, got {value!r}")
+    return float(value)
 
 
 def total_variation(images):
@@ -89,9 +113,18 @@ class Attack:
         plausible label counts (`labels.label_hypotheses`); on updates, restarts beyond them try other
         orders of the labels over the local steps.
       seed: seeds the starting points.
+      adaptive_strategy: under threat 'adaptive', how the unknown gamma/beta are searched (one of
+        ADAPTIVE_STRATEGIES): 'joint' (the first adaptive attacker: every restart starts at gamma ~ U(0.5,
+        1.5), beta ~ U(0, 0.5)); 'prior' (restarts start from gamma/beta drawn as a fresh lock makes them);
+        'mixed' (restarts alternate 'prior' and 'uniform' starts); 'relearn' / 'relearn-mixed' (as 'prior' /
+        'mixed', and the channels whose kernel gradient is zero in the captured single-step gradient are
+        fixed at gamma = 0, the rest optimised). The restart kept is always the one with the lowest
+        objective. Ignored under the other threats. None: the attack's `default_adaptive_strategy`, the
+        strongest measured for it (benchmarks.adaptive_attacker).
     """
 
     name = "attack"
+    default_adaptive_strategy = DEFAULT_ADAPTIVE_STRATEGY  # the strongest measured for this attack
 
     def __init__(
         self,
@@ -100,7 +133,13 @@ class Attack:
         restarts: int = 1,
         seed: int = 0,
         label_hypotheses: int = 1,
+        adaptive_strategy: str | None = None,
     ) -> None:
+        adaptive_strategy = adaptive_strategy or self.default_adaptive_strategy
+        if adaptive_strategy not in ADAPTIVE_STRATEGIES:
+            raise ValueError(
+                f"adaptive_strategy must be one of {tuple(ADAPTIVE_STRATEGIES)}, got {adaptive_strategy!r}"
+            )
         if label_mode not in ("infer", "joint", "given"):
             raise ValueError(f"label_mode must be 'infer', 'joint' or 'given', got {label_mode!r}")
         if restarts < 1:
@@ -109,6 +148,41 @@ class Attack:
             raise ValueError("label_hypotheses must be at least 1")
         self.attacker, self.label_mode, self.restarts, self.seed = attacker, label_mode, int(restarts), seed
         self.label_hypotheses = int(label_hypotheses)
+        self.adaptive_strategy = adaptive_strategy
+
+    @property
+    def adaptive(self):
+        """True when the threat is 'adaptive' and its strategy is not the first attacker's ('joint')."""
+        return self.attacker.threat == "adaptive" and self.adaptive_strategy != "joint"
+
+    def _lock_schemes(self, problems):
+        """The lock latents' start scheme of each problem (problem p is restart p % restarts)."""
+        if self.attacker.threat != "adaptive":
+            return ["uniform"] * problems
+        schemes = ADAPTIVE_STRATEGIES[self.adaptive_strategy][0]
+        return [schemes[(p % self.restarts) % len(schemes)] for p in range(problems)]
+
+    def _fixes_dead_channels(self, target):
+        return (
+            self.attacker.threat == "adaptive"
+            and ADAPTIVE_STRATEGIES[self.adaptive_strategy][1]
+            and target.kind == "gradient"
+        )
+
+    def _lock_latent(self, latent, target_values, target):
+        """The lock latents as the model uses them: under the 'relearn' strategies (single gradients) the
+        gamma latents of channels the captured gradient shows dead are replaced by a constant (gamma = 0
+        exactly, no gradient to them)."""
+        if not self._fixes_dead_channels(target):
+            return latent
+        dead = self.attacker.dead_lock_channels(target_values)
+        return tf.where(dead, tf.constant(DEAD_LATENT, latent.dtype), latent)
+
+    def _lock_rate_scale(self, target, lock_ratio):
+        """[position size] multipliers of an optimiser's step: 1 on images and labels, `lock_ratio` on the
+        lock latents."""
+        image_size, label_size, lock_size = self._layout(target)
+        return tf.concat([tf.ones([image_size + label_size]), tf.fill([lock_size], float(lock_ratio))], 0)
 
     # -- layout ----------------------------------------------------------------------------
     def _layout(self, target):
@@ -129,7 +203,7 @@ class Attack:
         parts = [self._initial_images(rng, problems, image_size)]
         if label_size:
             parts.append(rng.standard_normal((problems, label_size)))
-        parts.append(self.attacker.initial_lock_latent(problems, seed).numpy())
+        parts.append(self.attacker.initial_lock_latent(problems, seed, self._lock_schemes(problems)).numpy())
         return tf.constant(np.concatenate(parts, axis=1), tf.float32)
 
     def _initial_images(self, rng, problems, size):
@@ -150,6 +224,7 @@ class Attack:
         if transform is not None:
             images = transform(images)
         labels = label_logits if self.label_mode == "joint" else fixed_labels
+        latent = self._lock_latent(latent, target_values, target)
         predicted = targets_lib.simulate(self.attacker, target, images, labels, latent)
         return images, [p * _scale(target) for p in predicted]
 
@@ -273,6 +348,12 @@ class Attack:
             label_mode=self.label_mode,
         )
         if self.attacker.threat == "adaptive":
+            info["adaptive_strategy"] = self.adaptive_strategy
+            if self._fixes_dead_channels(target):
+                info["dead_channels"] = int(
+                    tf.reduce_sum(tf.cast(self.attacker.dead_lock_channels(target.values), tf.int32))
+                )
+            latent = self._lock_latent(latent, list(target.values), target)
             locks = self.attacker.lock_values(latent)
             info["lock_estimate"] = {k: [g.numpy().tolist(), b.numpy().tolist()] for k, (g, b) in locks.items()}
         raw = images.numpy()

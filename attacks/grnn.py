@@ -15,6 +15,8 @@ from attacks import base
 from attacks.ig import run_adam
 from attacks.model import AttackerModel
 
+ADAPTIVE_LOCK_LEARNING_RATE = 0.01  # the lock latents' step under the adaptive strategies (see GRNN)
+
 
 class GRNN(base.Attack):
     """GRNN with the gradient distance 'grnn' (or 'l2'/'cosine'), Adam on the generator weights.
@@ -25,6 +27,10 @@ class GRNN(base.Attack):
       code_dim, width: the generator's random code length and base width.
       label_mode: 'infer' (iDLG labels; default: the joint branch got stuck on a wrong label in
         our runs) or 'joint' (the generator's label branch, as GRNN).
+      lock_learning_rate: the lock latents' Adam step size (None: ADAPTIVE_LOCK_LEARNING_RATE under
+        threat 'adaptive' with a strategy other than 'joint', else `learning_rate`). At the generator's
+        1e-3 the latents barely leave their start in a few thousand steps, which left the first
+        adaptive GRNN at 0 %.
     """
 
     name = "grnn"
@@ -43,8 +49,11 @@ class GRNN(base.Attack):
         restarts: int = 1,
         seed: int = 0,
         label_hypotheses: int = 1,
+        adaptive_strategy: str | None = None,
+        lock_learning_rate: float | None = None,
     ) -> None:
-        super().__init__(attacker, label_mode, restarts, seed, label_hypotheses)
+        super().__init__(attacker, label_mode, restarts, seed, label_hypotheses, adaptive_strategy)
+        self.lock_learning_rate = base.check_lock_learning_rate(lock_learning_rate)
         height, width_px, _ = attacker.input_shape
         if height != width_px or height % 4 or (height // 4) & (height // 4 - 1):
             raise ValueError(f"GRNN's generator needs square inputs of 4 * 2^k pixels, got {attacker.input_shape}")
@@ -79,7 +88,7 @@ class GRNN(base.Attack):
             fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
             bound = math.sqrt(6.0 / fan_in) if len(shape) > 1 else 0.0
             parts.append(rng.uniform(-bound, bound, (problems, int(np.prod(shape)))))
-        parts.append(self.attacker.initial_lock_latent(problems, seed).numpy())
+        parts.append(self.attacker.initial_lock_latent(problems, seed, self._lock_schemes(problems)).numpy())
         self._codes = tf.constant(
             np.random.default_rng(seed + 1).standard_normal((target.num_examples, self.code_dim)), tf.float32
         )
@@ -101,6 +110,10 @@ class GRNN(base.Attack):
 
     def _optimize(self, target, initial, target_values, fixed_labels, progress, monitor):
         value_and_gradients = self._batched_value_and_gradients(target)
+        lock_rate = self.lock_learning_rate
+        if lock_rate is None:
+            lock_rate = ADAPTIVE_LOCK_LEARNING_RATE if self.adaptive else self.learning_rate
+        scale = self._lock_rate_scale(target, lock_rate / self.learning_rate)
 
         return run_adam(
             self,
@@ -109,7 +122,7 @@ class GRNN(base.Attack):
             initial,
             target_values,
             fixed_labels,
-            lambda step: self.learning_rate,
+            lambda step: scale * self.learning_rate,
             False,
             lambda p: p,
             progress,

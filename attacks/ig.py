@@ -74,6 +74,8 @@ class InvertingGradients(base.Attack):
       boxed: project the images to [0, 1] after each step.
       distance: 'cosine' (IG) or 'l2'.
       chunk: iterations per compiled call, between progress reports.
+      lock_learning_rate: the adaptive attackers' step size for the lock latents (None: `learning_rate`;
+        it follows the same decay).
     """
 
     name = "ig"
@@ -92,10 +94,13 @@ class InvertingGradients(base.Attack):
         restarts: int = 4,
         seed: int = 0,
         label_hypotheses: int = 1,
+        adaptive_strategy: str | None = None,
+        lock_learning_rate: float | None = None,
     ) -> None:
-        super().__init__(attacker, label_mode, restarts, seed, label_hypotheses)
+        super().__init__(attacker, label_mode, restarts, seed, label_hypotheses, adaptive_strategy)
         if distance not in base.DISTANCES:
             raise ValueError(f"distance must be one of {base.DISTANCES}, got {distance!r}")
+        self.lock_learning_rate = base.check_lock_learning_rate(lock_learning_rate)
         self.iterations, self.learning_rate, self.tv = int(iterations), float(learning_rate), float(tv)
         self.signed, self.boxed, self.distance, self.chunk = bool(signed), bool(boxed), distance, int(chunk)
 
@@ -107,9 +112,11 @@ class InvertingGradients(base.Attack):
         image_size = self._layout(target)[0]
         total = float(self.iterations)
         milestones = tf.constant([3 / 8 * total, 5 / 8 * total, 7 / 8 * total])
+        lock_rate = self.learning_rate if self.lock_learning_rate is None else self.lock_learning_rate
+        scale = self._lock_rate_scale(target, lock_rate / self.learning_rate)
 
         def learning_rate(step):
-            return self.learning_rate * 0.1 ** tf.reduce_sum(tf.cast(step >= milestones, tf.float32))
+            return scale * self.learning_rate * 0.1 ** tf.reduce_sum(tf.cast(step >= milestones, tf.float32))
 
         def project(position):
             if not self.boxed:

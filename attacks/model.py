@@ -82,6 +82,27 @@ def _inverse_softplus(y):
     return float(np.log(np.expm1(y)))
 
 
+# Start values of the adaptive attacker's lock latents (`AttackerModel.initial_lock_latent`).
+LOCK_INITS = ("uniform", "prior")
+PRIOR_FLOOR = 1e-3  # a 'prior' draw of 0 starts at this (softplus cannot reach 0)
+DEAD_TOLERANCE = 1e-6  # a channel's kernel gradient norm at most this times the largest counts as zero
+DEAD_LATENT = -1e4  # softplus and sigmoid of it are exactly 0 in float32, with a zero gradient
+
+
+def _prior_lock_values(rng, lock, problems):
+    """[problems, channels] gamma and beta of freshly initialised locks: act(key @ W + b), key ~ U[0, 1),
+    W and b ~ U(+-1/sqrt(key_dim)) (PyTorch's Linear init, the paper's)."""
+    bound = 1.0 / np.sqrt(lock.key_dim)
+    act = (lambda z: np.maximum(z, 0.0)) if lock.activation == "relu" else (lambda z: 1.0 / (1.0 + np.exp(-z)))
+    keys = rng.uniform(0.0, 1.0, (problems, lock.key_dim))
+    values = []
+    for _ in range(2):
+        kernel = rng.uniform(-bound, bound, (problems, lock.key_dim, lock.channels))
+        bias = rng.uniform(-bound, bound, (problems, lock.channels))
+        values.append(act(np.einsum("pk,pkc->pc", keys, kernel) + bias))
+    return values
+
+
 class AttackerModel:
     """The model as an attacker evaluates it under one threat model.
 
@@ -162,9 +183,16 @@ class AttackerModel:
             return sum(lock.key_dim for lock in self.locks)
         return sum(2 * lock.channels for lock in self.locks) if self.threat == "adaptive" else 0
 
-    def initial_lock_latent(self, problems, seed=0):
-        """[problems, lock_latent_size] start values: gamma ~ U(0.5, 1.5), beta ~ U(0, 0.5) (ReLU locks);
-        for 'adaptive-key' a key ~ U(0.05, 0.95)."""
+    def initial_lock_latent(self, problems, seed=0, schemes=("uniform",)):
+        """[problems, lock_latent_size] start values; problem p starts from scheme schemes[p % len(schemes)]
+        (see LOCK_INITS). 'uniform': gamma ~ U(0.5, 1.5), beta ~ U(0, 0.5) (ReLU locks); 'prior': gamma and
+        beta drawn as a freshly initialised lock makes them, act(key @ W + b) with a key ~ U[0, 1) and
+        PyTorch's Linear init for W and b (what the architecture and the published init imply, no secret:
+        about half of a ReLU lock's values are 0, the rest ~0.3); for 'adaptive-key' a key ~ U(0.05, 0.95)
+        whatever the scheme."""
+        unknown = sorted(set(schemes) - set(LOCK_INITS))
+        if unknown or not schemes:
+            raise ValueError(f"lock init schemes must be among {LOCK_INITS}, got {list(schemes)}")
         size = self.lock_latent_size()
         if not size:
             return tf.zeros([problems, 0])
@@ -172,17 +200,56 @@ class AttackerModel:
         if self.threat == "adaptive-key":
             key = rng.uniform(0.05, 0.95, (problems, size))
             return tf.constant(np.log(key / (1 - key)), tf.float32)
+        chosen = np.array([schemes[p % len(schemes)] for p in range(problems)])
         parts = []
         for lock in self.locks:
             gamma = rng.uniform(0.5, 1.5, (problems, lock.channels))
             beta = rng.uniform(0.0, 0.5, (problems, lock.channels))
+            if "prior" in schemes:  # drawn only then: 'uniform' alone keeps its earlier start values
+                prior_gamma, prior_beta = _prior_lock_values(rng, lock, problems)
+                gamma = np.where((chosen == "prior")[:, None], prior_gamma, gamma)
+                beta = np.where((chosen == "prior")[:, None], prior_beta, beta)
             if lock.activation == "relu":
+                floor = np.where((chosen == "prior")[:, None], PRIOR_FLOOR, 0.0)
+                gamma, beta = np.maximum(gamma, floor), np.maximum(beta, floor)
                 to_latent = np.vectorize(_inverse_softplus)
             else:
                 gamma, beta = np.clip(gamma, 0.05, 0.95), np.clip(beta, 0.05, 0.95)
                 to_latent = lambda p: np.log(p / (1 - p))  # noqa: E731
             parts += [to_latent(gamma), to_latent(beta)]
         return tf.constant(np.concatenate(parts, axis=1), tf.float32)
+
+    def lock_sources(self):
+        """Per lock (in order), the index into a target's values (the trainable shared variables) of the
+        kernel of the Conv2D/Dense layer that feeds it directly, or None. A channel whose gamma is 0 gets
+        an exactly zero gradient in that kernel (train-mode normalisation passes gamma * ... back), which
+        is what the 'relearn' strategies read from the captured gradient."""
+        trainable_index = {i: k for k, i in enumerate(i for i, t in enumerate(self.trainable) if t)}
+        sources = []
+        for lock in self.locks:
+            inbound = [layer for node in lock._inbound_nodes for layer in tf.nest.flatten(node.inbound_layers)]
+            source = None
+            if len(inbound) == 1 and isinstance(inbound[0], (tf.keras.layers.Conv2D, tf.keras.layers.Dense)):
+                position = self._index.get(id(inbound[0].kernel))
+                source = trainable_index.get(position)
+            sources.append(source)
+        return sources
+
+    def dead_lock_channels(self, target_values, tolerance=DEAD_TOLERANCE):
+        """[lock_latent_size] bools for 'adaptive': True at the gamma latents of channels whose source
+        kernel's gradient in `target_values` (one problem's, a list per trainable variable) is zero up to
+        `tolerance` times the largest channel's norm, i.e. whose gamma must be 0; False elsewhere (betas,
+        locks without a source). Reads only the captured gradient."""
+        parts = []
+        for lock, source in zip(self.locks, self.lock_sources()):
+            if source is None:
+                dead = tf.zeros([lock.channels], tf.bool)
+            else:
+                kernel = tf.convert_to_tensor(target_values[source], tf.float32)
+                norms = tf.sqrt(tf.reduce_sum(tf.square(tf.reshape(kernel, [-1, lock.channels])), 0))
+                dead = norms <= tolerance * tf.reduce_max(norms)
+            parts += [dead, tf.zeros([lock.channels], tf.bool)]
+        return tf.concat(parts, 0) if parts else tf.zeros([0], tf.bool)
 
     def lock_values(self, latent=None, lock_weights=None):
         """{lock name: (gamma, beta)} under this threat; `latent` for 'adaptive', `lock_weights`

@@ -12,9 +12,25 @@ from attacks import cases, experiment, grids
 from tfkl import data, models, optimizers, training
 
 
-def attack_options(attack, iterations=None, restarts=None, learning_rate=None, tv=None, distance=None, labels=None):
+def attack_options(
+    attack,
+    iterations=None,
+    restarts=None,
+    learning_rate=None,
+    tv=None,
+    distance=None,
+    labels=None,
+    adaptive_strategy=None,
+    lock_learning_rate=None,
+):
     """The attack's keyword options from the optional flag values."""
     options = {}
+    if adaptive_strategy:
+        options["adaptive_strategy"] = adaptive_strategy
+    if lock_learning_rate is not None:
+        if attack in ("dlg", "idlg"):
+            raise ValueError("--lock_learning_rate applies to ig and grnn (L-BFGS has none)")
+        options["lock_learning_rate"] = lock_learning_rate
     if iterations:
         options["iterations"] = iterations
     if restarts:
@@ -138,6 +154,10 @@ def run(
         true_labels=labels.tolist(),
         total_seconds=time.perf_counter() - start,
     )
+    if "adaptive" in threats:  # the strategy the adaptive attacker ran (results before it existed ran 'joint')
+        settings["adaptive_strategy"] = (options or {}).get("adaptive_strategy") or experiment.ATTACKS[
+            attack
+        ].default_adaptive_strategy
     table = experiment.format_table([(f"{attack}/{t}", r["summary"], r["seconds"]) for t, r in results.items()])
     log(table)
     report = dict(settings=settings, results=experiment.json_ready(results), table=table)

@@ -241,6 +241,14 @@ def _cached_report(name, kwargs, seed):
     for key in ("options", "update_options"):  # study.run records None as {}
         wanted[key] = wanted[key] or {}
     settings = doc.get("settings", {})
+    if "adaptive" in settings.get("threats", []):
+        # Results stored before adaptive_strategy existed ran the first adaptive attacker ('joint').
+        from attacks import experiment
+
+        default = experiment.ATTACKS[wanted["attack"]].default_adaptive_strategy
+        stored = settings.get("adaptive_strategy", "joint")
+        if stored != ((wanted["options"] or {}).get("adaptive_strategy") or default):
+            return None
     # A setting added since a result was stored counts as its default there.
     if any(
         json.dumps(settings.get(k, defaults.get(k)), sort_keys=True) != json.dumps(wanted.get(k), sort_keys=True)

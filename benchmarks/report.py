@@ -33,6 +33,14 @@ SECTIONS = (
         None,
     ),
     Topic(
+        "The strongest adaptive attacker (issue 12, section 1)",
+        ("adaptive_attacker",),
+        "Each attack under 'none', 'oracle', the first adaptive attacker ('joint') and the new adaptive strategies "
+        "(attacks/README.md), batch 1, untrained LeNet, Fashion-MNIST, the stored results' images and seeds. Success "
+        "rates first; rows marked UPPER BOUND pick the best per image by the truth and are no attacker's rate.",
+        "python -m benchmarks.adaptive_attacker",
+    ),
+    Topic(
         "Attacks in realistic regimes",
         ("regimes",),
         "Batches of 8, multi-step FedAvg updates, a real run's global model over its rounds and ResNet-20, under "

@@ -59,6 +59,13 @@ _LEARNING_RATE = flags.DEFINE_float("learning_rate", None, "Attack step size (ig
 _TV = flags.DEFINE_float("tv", None, "Total-variation weight (default: the attack's).")
 _DISTANCE = flags.DEFINE_enum("distance", None, ("l2", "cosine", "grnn"), "Gradient distance (default: the attack's).")
 _LABELS = flags.DEFINE_enum("labels", None, ("infer", "joint"), "Label handling (default: the attack's).")
+_ADAPTIVE_STRATEGY = flags.DEFINE_enum(
+    "adaptive_strategy",
+    None,
+    names.ADAPTIVE_STRATEGIES,
+    "How the 'adaptive' threat searches gamma/beta (default: the attack's, 'relearn'; see attacks/README.md).",
+)
+_LOCK_LR = flags.DEFINE_float("lock_learning_rate", None, "Step size of the adaptive lock latents (ig, grnn).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the victims' weights and the attacks' starts.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "runs/attack", "Output directory.")
 
@@ -70,6 +77,7 @@ flags.register_validator(
 flags.register_validator("client_learning_rate", lambda v: v > 0, "--client_learning_rate must be positive")
 flags.register_validator("learning_rate", lambda v: v is None or v > 0, "--learning_rate must be positive")
 flags.register_validator("tv", lambda v: v is None or v >= 0, "--tv must be non-negative")
+flags.register_validator("lock_learning_rate", lambda v: v is None or v > 0, "--lock_learning_rate must be positive")
 flags.register_multi_flags_validator(
     ["num_images", "batch_size"],
     lambda v: v["num_images"] % v["batch_size"] == 0,
@@ -92,6 +100,8 @@ def main(argv):
             _TV.value,
             _DISTANCE.value,
             _LABELS.value,
+            _ADAPTIVE_STRATEGY.value,
+            _LOCK_LR.value,
         )
     except ValueError as e:
         common.fail(str(e))

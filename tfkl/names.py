@@ -14,3 +14,4 @@ STATISTICS = ("average", "local")  # tfkl.federated.algorithms
 CLIENT_WEIGHTINGS = ("num_examples", "uniform")  # tfkl.federated.algorithms
 ATTACKS = ("dlg", "idlg", "ig", "grnn")  # attacks.experiment
 THREATS = ("none", "fixed-key", "adaptive", "adaptive-key", "oracle")  # attacks.model
+ADAPTIVE_STRATEGIES = ("joint", "prior", "mixed", "relearn", "relearn-mixed", "relearn-uniform")  # attacks.base
