@@ -17,16 +17,18 @@ its table (results/key_table.md) are rewritten after every finished run, labelle
 every requested run is done.
 """
 
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import numpy as np
 
 from benchmarks import common
+from tff_programs import launch
 
 # name: (label, tff_programs.train flags beyond the common ones)
 CONFIGS = {
@@ -57,6 +59,16 @@ _CONFIGS = flags.DEFINE_list("key_table_configs", list(CONFIGS), f"Configuration
 _RUN_DIR = flags.DEFINE_string("key_table_dir", None, "Runs and caches (default runs/key_table[_quick]).")
 _OUT = flags.DEFINE_string(
     "key_table_out", None, "JSON output (default results/key_table.json; quick: in the run dir)."
+)
+flags.register_validator(
+    "key_table_seeds",
+    lambda v: bool(v) and all(s.isdigit() for s in v),
+    "--key_table_seeds takes comma-separated non-negative integers",
+)
+flags.register_validator(
+    "key_table_configs",
+    lambda v: bool(v) and set(v) <= set(CONFIGS),
+    f"--key_table_configs takes a comma-separated list of {list(CONFIGS)}",
 )
 
 
@@ -294,7 +306,7 @@ def markdown(doc):
     return "\n".join(lines) + "\n"
 
 
-def run(quick=False, seeds=(0,), names=tuple(CONFIGS), run_dir=None, out=None, log=print):
+def run_table(quick=False, seeds=(0,), names=tuple(CONFIGS), run_dir=None, out=None, log=print):
     """Runs (or resumes) every requested configuration and seed, seed by seed, rewriting the JSON and
     the markdown after each finished run; returns the JSON's path."""
     setting = QUICK if quick else SETTING
@@ -328,17 +340,17 @@ def run(quick=False, seeds=(0,), names=tuple(CONFIGS), run_dir=None, out=None, l
 
 
 def main(argv):
-    del argv
-    unknown = sorted(set(_CONFIGS.value) - set(CONFIGS))
-    if unknown:
-        raise app.UsageError(f"unknown --key_table_configs {unknown}; known: {list(CONFIGS)}")
-    if not all(s.isdigit() for s in _SEEDS.value):
-        raise app.UsageError("--key_table_seeds takes comma-separated non-negative integers")
+    del argv  # launch.parse_flags refused positional arguments
     names = [name for name in CONFIGS if name in _CONFIGS.value]
-    path = run(flags.FLAGS.quick, [int(s) for s in _SEEDS.value], names, _RUN_DIR.value, _OUT.value)
-    print(f"wrote {path}")
+    seeds = [int(s) for s in _SEEDS.value]
+    log = functools.partial(print, flush=True)
+    try:
+        path = run_table(flags.FLAGS.quick, seeds, names, _RUN_DIR.value, _OUT.value, log=log)
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"error: {' '.join(e.cmd[2:4])} failed (exit {e.returncode}); see the log next to its root dir")
+    print(f"wrote {path} and {os.path.splitext(path)[0]}.md")
 
 
 if __name__ == "__main__":
     flags.DEFINE_bool("quick", False, "Smoke size (digits, 2 rounds, key_dim 16) into runs/key_table_quick.")
-    app.run(main)
+    launch.run(main)
