@@ -45,6 +45,9 @@ CONFIGS = {
 SETTING = dict(model="lenet", dataset="fashion_mnist", rounds=20, public_sizes=(100, 1000), recovery_steps=300)
 QUICK = dict(model="lenet", dataset="digits", rounds=2, public_sizes=(20, 100), recovery_steps=20, key_dim=16)
 NUM_CLIENTS = 3
+# Bumped when tff_programs.evaluate's entries change: cached evaluations of another version run again
+# (their training runs are complete: `train` has nothing to do). 2: lock recovery also fits gamma/beta directly.
+EVALUATION_VERSION = 2
 TARGET_RANDOM_KEY_PP = 10  # random key + own lock <= chance + 10 pp
 TARGET_RECOVERY_PP = 5  # lock recovery minus from scratch <= 5 pp at the smallest public size
 ENTRIES = (
@@ -103,7 +106,7 @@ def run_cached(argvs, out, log=print):
     was made by the same commands; returns `out`'s JSON. A training command rerun after a kill
     resumes its run. Output goes to out + '.log' (a file: TFF's worker can outlive a pipe's reader)."""
     stamp = out + ".commands"
-    recorded = json.dumps(argvs)
+    recorded = json.dumps({"commands": argvs, "evaluation": EVALUATION_VERSION})
     if os.path.exists(out) and os.path.exists(stamp):
         with open(stamp) as f:
             if f.read() == recorded:
@@ -232,8 +235,9 @@ def payload(setting, seeds, names, rows, seconds, missing, quick):
         "client's own lock under a fresh random key of the run's own key distribution; (c) the next client's "
         "key and lock in this client's model; (d) the global model as the server holds it, lock weights zero; lock "
         "recovery: the global model with a fresh lock and a random key, the lock layers fine-tuned on N public "
-        "labelled test examples (Adam 0.01, "
-        f"{setting['recovery_steps']} steps; the better of server or re-estimated statistics); from "
+        "labelled test examples (from that fresh lock, and from zero kernels with gamma/beta fitted directly "
+        "as the lock biases; Adam 0.01, "
+        f"{setting['recovery_steps']} steps each; the best of the four with server or re-estimated statistics); from "
         "scratch: the same locked model from model_fn's initial weights with a random key, every weight trained on "
         "the same N examples alone (Adam 1e-3, batch 32, max(300 steps, 30 epochs), fixed before any run). "
         "FedAvg rows have no key: their 'own key' column is the global model's accuracy.",
