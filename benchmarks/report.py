@@ -54,6 +54,15 @@ SECTIONS = (
         None,
     ),
     Topic(
+        "A key that matters (issue 12, section 2)",
+        ("key_table",),
+        "Does the shared model need the client's key? FedKL with the paper's uniform keys, zero-mean gaussian and "
+        "rademacher keys, and uniform keys with the random-key penalty, against the FedAvg control (the lock "
+        "blocks replaced by a learned affine); each run's key table, lock recovery beside the same model trained "
+        "from scratch on the same public examples.",
+        "python -m benchmarks.key_table",
+    ),
+    Topic(
         "Cost of the key-lock block",
         ("keylock_overhead",),
         "Training step and forward pass of the same backbone with and without the lock.",

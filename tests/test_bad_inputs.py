@@ -197,6 +197,7 @@ CASES = [
     Case("train-model", "train", (NEW, "--model=lenet5"), "--model"),
     Case("train-dataset", "train", (NEW, "--dataset=svhn"), "--dataset"),
     Case("train-key-dim-zero", "train", (NEW, "--key_dim=0"), "--key_dim"),
+    Case("train-key-distribution", "train", (NEW, "--key_distribution=laplace"), "--key_distribution"),
     Case("train-keep-rounds-zero", "train", (NEW, "--keep_rounds=0"), "--keep_rounds"),
     Case("train-lr-milestones", "train", (NEW, "--lr_milestones=a,b"), "--lr_milestones must be a list"),
     Case("train-capture-rounds", "train", (NEW, "--capture_rounds=last"), "--capture_rounds must be 'all'"),
@@ -214,6 +215,18 @@ CASES = [
     Case("train-nesterov-without-momentum", "train", (NEW, "--momentum=0"), "nesterov needs momentum"),
     Case("train-dp-clip-weighting", "train", (NEW, "--dp_clip=1.0"), "client_weighting=uniform"),
     Case("train-prune-fraction", "train", (NEW, "--prune_fraction=1.5"), "prune_fraction must be in [0, 1)"),
+    Case(
+        "train-negative-random-key-penalty",
+        "train",
+        (NEW, "--random_key_penalty=-1"),
+        "random_key_penalty must not be negative",
+    ),
+    Case(
+        "train-random-key-penalty-without-key",
+        "train",
+        (NEW, "--algorithm=fedavg-norm", "--random_key_penalty=1"),
+        "random_key_penalty needs algorithm=fedkl",
+    ),
     Case("train-more-clients-than-examples", "train", (NEW, "--num_clients=5000"), "cannot split the data"),
     # train: data and root dir
     Case("train-mnist-offline", "train", (NEW, "--dataset=mnist"), "on a connected machine download"),
@@ -299,6 +312,9 @@ CASES = [
     Case("regimes-unknown-regime", "benchmarks.regimes", ("--regimes=G8,G9",), "--regimes takes a comma-separated"),
     Case("regimes-unknown-threat", "benchmarks.regimes", ("--threats=none,foo",), "--threats takes a comma-separated"),
     Case("regimes-seeds", "benchmarks.regimes", ("--seeds=0,a",), "--seeds takes comma-separated non-negative"),
+    # the key table benchmark
+    Case("key-table-configs", "benchmarks.key_table", ("--key_table_configs=fedkl,foo",), "--key_table_configs takes"),
+    Case("key-table-seeds", "benchmarks.key_table", ("--key_table_seeds=0,-1",), "--key_table_seeds takes"),
     # demo
     Case("demo-rounds-zero", "demo", ("--rounds=0",), "--rounds"),
     Case("demo-positional-argument", "demo", ("now",), "unexpected arguments: now"),
@@ -365,6 +381,8 @@ PAST_FLAG_PARSING = (
     "train-nesterov-without-momentum",
     "train-dp-clip-weighting",
     "train-prune-fraction",
+    "train-negative-random-key-penalty",
+    "train-random-key-penalty-without-key",
     "train-more-clients-than-examples",
     "train-mnist-offline",
     "train-cifar10-offline",

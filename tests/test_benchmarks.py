@@ -331,3 +331,73 @@ def test_table6_payload_pools_seeds_and_merges_the_threat_experiments():
     assert cells["adaptive-key"] == "13.0 ± 0.0 (0.50) [1]" and cells["oracle"] == "–"
     assert cells["adaptive-key (private lock)"] == "11.0 ± 0.0 (0.50) [1]"
     assert payload["results"]["dlg_x"]["none"]["psnr"]["seed_means"] == [65.0, 85.0]
+
+
+def _key_table_row(own, random_key, recovery, scratch):
+    from benchmarks import key_table
+
+    row = {key: own for _, key in key_table.ENTRIES}
+    row.update(b_own_lock_random_key=random_key, own=own)
+    for size in key_table.SETTING["public_sizes"]:
+        row.update({f"recovery_{size}": recovery, f"scratch_{size}": scratch, f"gain_{size}": recovery - scratch})
+    return row
+
+
+def test_key_table_payload_marks_targets_and_partial_runs():
+    from benchmarks import key_table
+
+    rows = {
+        "fedkl_uniform": {0: _key_table_row(0.81, 0.82, 0.79, 0.66)},
+        "fedkl_gaussian": {0: _key_table_row(0.80, 0.15, 0.68, 0.66), 1: _key_table_row(0.80, 0.35, 0.70, 0.66)},
+        "fedavg_norm": {0: {"own": 0.84}},
+    }
+    names = ["fedkl_uniform", "fedkl_gaussian", "fedavg_norm", "fedkl_rademacher"]
+    payload = key_table.payload(
+        key_table.SETTING, [0, 1], names, rows, {"fedkl_uniform": 5.0}, ["fedkl_rademacher seed 0"], quick=False
+    )
+    payload = common.validate_payload("key_table", payload)
+    table = payload["tables"][0]
+    assert "PARTIAL" in table["title"] and payload["results"]["partial"]
+    assert any("fedkl_rademacher seed 0" in note and "--key_table_seeds=0,1" in note for note in payload["notes"])
+    by_label = {row[0]: row for row in table["rows"]}
+    uniform = by_label[key_table.CONFIGS["fedkl_uniform"][0]]
+    gaussian = by_label[key_table.CONFIGS["fedkl_gaussian"][0]]
+    assert uniform[-2:] == ["not reached", "not reached"]  # 82 % > 20 %; +13 pp > 5 pp
+    assert gaussian[1] == 2 and gaussian[3] == "25.0 ± 10.0" and gaussian[-2:] == ["not reached", "reached"]
+    assert by_label[key_table.CONFIGS["fedavg_norm"][0]][2] == "84.0"
+    comparisons = payload["results"]["comparisons"]
+    assert comparisons["fedkl_uniform_minus_control_pp"] == pytest.approx(-3.0)
+    assert {item["metric"]: item["met"] for item in payload["headline"]}[
+        "fedkl_gaussian: lock recovery - from scratch, 100 public examples"
+    ]
+
+
+@pytest.mark.slow
+def test_key_table_command_on_a_tiny_setting(tmp_path):
+    """The command end to end (digits, 2 rounds, key_dim 16): two configurations, then a rerun from the cache."""
+    from benchmarks import key_table
+
+    out = tmp_path / "key_table.json"
+    argv = [
+        "-m",
+        "benchmarks.key_table",
+        "--quick",
+        "--key_table_configs=fedkl_gaussian,fedavg_norm",
+        f"--key_table_dir={tmp_path / 'runs'}",
+        f"--key_table_out={out}",
+    ]
+    env = dict(os.environ, PYTHONPATH=common.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    with open(tmp_path / "log", "w") as log:
+        code = subprocess.run([os.sys.executable, *argv], cwd=common.REPO_ROOT, env=env, stdout=log, stderr=log)
+    assert code.returncode == 0, (tmp_path / "log").read_text()[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "key_table" and not doc["results"]["partial"] and doc["quick"]
+    rows = doc["tables"][0]["rows"]
+    assert [row[0] for row in rows] == [key_table.CONFIGS[n][0] for n in ("fedkl_gaussian", "fedavg_norm")]
+    entry = doc["results"]["per_run"]["fedkl_gaussian"]["0"]
+    assert {"a_own_key_and_lock", "b_own_lock_random_key", "recovery_20", "scratch_20", "gain_100"} <= set(entry)
+    assert (tmp_path / "key_table.md").read_text().startswith("# Key table")
+    started = len([line for line in (tmp_path / "log").read_text().splitlines() if line.startswith("tff_programs")])
+    with open(tmp_path / "log2", "w") as log:
+        subprocess.run([os.sys.executable, *argv], cwd=common.REPO_ROOT, env=env, stdout=log, stderr=log, check=True)
+    assert started == 4 and "tff_programs" not in (tmp_path / "log2").read_text()  # all cached

@@ -214,3 +214,73 @@ def test_round_metrics_average_over_accepted_examples():
         )
     )
     assert (float(nobody["loss"]), float(nobody["accuracy"])) == (0.0, 0.0)
+
+
+def test_uniform_divergence_is_zero_only_for_uniform_predictions():
+    assert abs(float(client_work.uniform_divergence(tf.zeros((4, 10))))) < 1e-6
+    assert float(client_work.uniform_divergence(tf.constant([[5.0, 0.0, 0.0]]))) > 0.5
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "gaussian", "rademacher"])
+def test_throwaway_keys_follow_the_distribution_and_the_seed(distribution):
+    seed = tf.constant([3, 4], tf.int64)
+    key = client_work.throwaway_key(4000, seed, distribution).numpy()
+    np.testing.assert_array_equal(key, client_work.throwaway_key(4000, seed, distribution).numpy())
+    assert not np.array_equal(key, client_work.throwaway_key(4000, seed + 1, distribution).numpy())
+    if distribution == "uniform":
+        assert key.min() >= 0 and key.max() < 1
+    else:
+        assert abs(key.mean()) < 0.1 and abs(key.var() - 1) < 0.1
+    if distribution == "rademacher":
+        assert set(np.unique(key)) == {-1.0, 1.0}
+
+
+def test_random_key_penalty_changes_the_update_only_when_positive():
+    model = tiny_model()
+    global_weights = shared_weights(model)
+    state = client_work.initial_client_state(
+        model, tfkl.generate_key(KEY_DIM, seed=7), persist_optimizer_state=True, keep_statistics=False
+    )
+    images, labels = batch()
+
+    def update(**options):
+        trained = tiny_model()
+        output = client_work.client_update(
+            trained,
+            plain_sgd(),
+            global_weights,
+            LEARNING_RATE,
+            dataset_of(images, labels),
+            state,
+            weight_by_examples=True,
+            **options,
+        )
+        return output, trained
+
+    plain, _ = update()
+    zero, _ = update(random_key_penalty=0.0, key_distribution="gaussian")
+    penalized, trained = update(random_key_penalty=1.0, key_distribution="gaussian")
+    for a, b in zip(tf.nest.flatten(plain), tf.nest.flatten(zero)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(plain.update["trainable"][0], penalized.update["trainable"][0])
+    assert not np.allclose(plain.client_state["lock"][0], penalized.client_state["lock"][0])
+    # The reported loss is the classification loss; the key and the moving statistics are put back
+    # after the extra pass (one batch: the statistics of the main pass alone, as without the penalty).
+    np.testing.assert_allclose(plain.metrics["loss_sum"], penalized.metrics["loss_sum"], rtol=1e-6)
+    np.testing.assert_array_equal(penalized.client_state["key"][0], state["key"][0])
+    np.testing.assert_array_equal(tfkl.get_key(trained), state["key"][0])
+    for a, b in zip(plain.update["non_trainable"], penalized.update["non_trainable"]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="needs a model with a key"):
+        client_work.client_update(
+            tiny_model(locked=False),
+            plain_sgd(),
+            shared_weights(tiny_model(locked=False)),
+            LEARNING_RATE,
+            dataset_of(images, labels),
+            client_work.initial_client_state(
+                tiny_model(locked=False), persist_optimizer_state=False, keep_statistics=False
+            ),
+            weight_by_examples=True,
+            random_key_penalty=1.0,
+        )

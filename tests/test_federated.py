@@ -1,6 +1,7 @@
 """FedKL/FedAvg in TFF: nothing private leaves a client (types and values), faults, resume."""
 
 import collections
+import dataclasses
 import glob
 import os
 import shutil
@@ -254,6 +255,49 @@ def test_fedavg_baseline_has_no_private_state_but_momentum(digits, tmp_path):
     assert any(np.abs(b).sum() > 0 for b in state["optimizer"])
 
 
+def test_fedavg_control_has_a_learned_affine_and_no_key_or_lock(digits, tmp_path):
+    config = make_config(algorithm="fedavg-norm")
+    model = config.model_fn()()
+    assert not tfkl.private_variables(model) and not tfkl.lock_layers(model)
+    norms = [layer for layer in model.layers if isinstance(layer, tfkl.AffineNorm)]
+    assert [layer.name for layer in norms] == ["conv1_norm"]
+    # The same backbone as FedKL's: the locked model's shared weights plus the control's gamma and beta.
+    locked = make_config().model_fn()()
+    assert sorted(v.name.replace("_keylock", "_norm") for v in tfkl.shared_variables(locked)) == sorted(
+        v.name for v in model.variables if "gamma" not in v.name and "beta" not in v.name
+    )
+    metrics = program.train(str(tmp_path), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
+    assert metrics["clients_accepted"] == 3 and np.isfinite(metrics["loss"])
+    process = build_process(config)
+    server_state, client_states, _ = run_dir.restore(str(tmp_path), config, process)
+    assert not client_states["0"]["key"] and not client_states["0"]["lock"]
+    gamma = server_state["trainable"][[v.name for v in model.trainable_variables].index("conv1_norm/gamma:0")]
+    assert not np.allclose(gamma, 1.0)  # trained and averaged like every shared weight
+    with pytest.raises(ValueError, match="random_key_penalty needs algorithm=fedkl"):
+        make_config(algorithm="fedavg-norm", random_key_penalty=1.0)
+
+
+def test_key_distribution_and_penalty_are_part_of_the_run(digits, tmp_path):
+    config = make_config(key_distribution="rademacher", random_key_penalty=0.5)
+    metrics = program.train(str(tmp_path), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
+    assert metrics["clients_accepted"] == 3 and np.isfinite(metrics["loss"])
+    _, client_states, _ = run_dir.restore(str(tmp_path), config, build_process(config))
+    for state in client_states.values():
+        assert set(np.unique(state["key"][0])) == {-1.0, 1.0}
+    for changed in (dict(key_distribution="uniform"), dict(random_key_penalty=0.0)):
+        with pytest.raises(ProgramError, match="another run"):
+            program.train(
+                str(tmp_path),
+                dataclasses.replace(config, **changed),
+                program.RunOptions(rounds=2, progress=False),
+                dataset=digits,
+            )
+    assert (
+        config.random_key(seed=[0, 1]).tolist()
+        == tfkl.generate_key(KEY_DIM, seed=[0, 1], distribution="rademacher").tolist()
+    )
+
+
 def test_sampling_and_private_state_with_many_clients(digits, tmp_path):
     config = make_config(num_clients=20, clients_per_round=4, split="dirichlet")
     program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
@@ -378,8 +422,20 @@ def test_evaluation_matrix(digits, tmp_path):
     assert set(result["e_lock_recovery"]) == {"10", "20"}
     recovery = result["e_lock_recovery"]["20"]
     assert recovery["examples"] == 20 and set(recovery["by_statistics"]) == set(evaluation.RECOVERY_STATISTICS)
-    assert recovery["accuracy"] == max(recovery["by_statistics"].values())
+    assert set(recovery["affine_by_statistics"]) == set(evaluation.RECOVERY_STATISTICS)
+    assert recovery["accuracy"] == max(
+        list(recovery["by_statistics"].values()) + list(recovery["affine_by_statistics"].values())
+    )
     assert "a_own_key_and_lock" in evaluation.format_matrix(result)
+    assert "e_from_scratch_20" in evaluation.format_matrix(result)
+    scratch = result["e_from_scratch"]["20"]
+    assert set(result["e_from_scratch"]) == {"10", "20"} and scratch["steps"] == evaluation.scratch_steps(20) == 300
+    assert 0 <= scratch["accuracy"] <= 1
+    assert scratch["recovery_minus_scratch"] == pytest.approx(recovery["accuracy"] - scratch["accuracy"])
+    # The yardstick trains every weight of model_fn's model on the public examples alone: it learns them.
+    eval_ds = data.make_dataset(digits.x_test[:20], digits.y_test[:20], SHAPE, 20)
+    fitted = evaluation.train_from_scratch(config, digits.x_test[:20], digits.y_test[:20], eval_ds, seed=0)
+    assert fitted >= 0.9
     # Only the 'public' recovery re-estimates the moving statistics (on the public examples).
     process = build_process(config)
     server_state, _, _ = run_dir.restore(str(tmp_path), config, process)
@@ -390,6 +446,15 @@ def test_evaluation_matrix(digits, tmp_path):
         after = [v.numpy() for v in evaluator.statistics_vars]
         changed = any(not np.array_equal(a, b) for a, b in zip(after, evaluator.global_statistics))
         assert changed == moves, statistics
+    # From the affine start only the biases move: gamma = relu(scale bias), beta = relu(shift bias), any key.
+    evaluator.set_secret(tfkl.generate_key(KEY_DIM), evaluation.affine_start(evaluator.lock_vars))
+    biases = evaluator.lock_vars[1::2]
+    evaluation._recover_lock(evaluator, digits.x_test[:20], digits.y_test[:20], SHAPE, 3, 0, "server", variables=biases)
+    scale_kernel, scale_bias, shift_kernel, shift_bias = [v.numpy() for v in evaluator.lock_vars]
+    assert not scale_kernel.any() and not shift_kernel.any() and not np.allclose(scale_bias, 1.0)
+    gamma, beta = evaluator.model.get_layer("conv1_keylock").lock_parameters()
+    np.testing.assert_allclose(gamma, np.maximum(scale_bias, 0))
+    np.testing.assert_allclose(beta, np.maximum(shift_bias, 0))
 
 
 def test_accuracy_by_round_covers_every_kept_round(digits, tmp_path):

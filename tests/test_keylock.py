@@ -290,6 +290,59 @@ def test_generate_key_is_uniform_and_seedable():
 
 
 @pytest.mark.parametrize(
+    "distribution, mean, variance",
+    [("uniform", 0.5, 1 / 12), ("gaussian", 0.0, 1.0), ("rademacher", 0.0, 1.0)],
+)
+def test_key_distributions_come_from_the_csprng(distribution, mean, variance, monkeypatch):
+    from tfkl import keys
+
+    calls = []
+    urandom = os.urandom
+    monkeypatch.setattr(keys.os, "urandom", lambda n: calls.append(n) or urandom(n))
+    key = tfkl.generate_key(20000, distribution=distribution)
+    assert calls and sum(calls) >= 4 * 20000  # every draw from os.urandom, 32 bits (or more) an entry
+    assert key.dtype == np.float32 and key.shape == (20000,) and np.all(np.isfinite(key))
+    assert abs(key.mean() - mean) < 0.03 and abs(key.var() - variance) < 0.05 * variance + 0.01
+    if distribution == "rademacher":
+        assert set(np.unique(key)) == {-1.0, 1.0}
+    if distribution == "gaussian":
+        assert abs(np.mean(key**4) - 3.0) < 0.3  # a normal's fourth moment, not a uniform's (1.8)
+    calls.clear()
+    seeded = tfkl.generate_key(8, seed=[1, 2], distribution=distribution)
+    assert not calls  # a seed (experiments only) bypasses the CSPRNG, and reproduces
+    np.testing.assert_array_equal(seeded, tfkl.generate_key(8, seed=[1, 2], distribution=distribution))
+    assert not np.array_equal(key[:8], tfkl.generate_key(8, distribution=distribution))
+
+
+def test_unknown_key_distribution_is_one_clear_error():
+    with pytest.raises(tfkl.KeyFormatError, match="key distribution must be one of"):
+        tfkl.generate_key(8, distribution="laplace")
+
+
+def test_affine_norm_is_the_lock_block_with_a_learned_affine():
+    from tfkl.keylock import AffineNorm
+
+    x = tf.random.stateless_normal((4, 5, 5, 3), seed=(1, 2))
+    norm = AffineNorm(momentum=0.8)
+    norm(x, training=True)
+    names = [v.name.split("/")[-1] for v in norm.weights]
+    assert names == ["gamma:0", "beta:0", "moving_mean:0", "moving_variance:0"]
+    assert [v.trainable for v in norm.weights] == [True, True, False, False]
+    norm.gamma.assign([1.0, 2.0, 3.0])
+    norm.beta.assign([0.5, 0.0, -0.5])
+    want, _ = keylock_apply(x, norm.gamma, norm.beta, (norm.moving_mean, norm.moving_variance), training=False)
+    np.testing.assert_allclose(norm(x), want, rtol=1e-6)
+    clone = AffineNorm.from_config(norm.get_config())
+    assert clone.momentum == 0.8 and clone.normalization == "batch"
+    model = tfkl.models.build("lenet", (32, 32, 1), 10, lock=False, control=True, seed=0)
+    assert not tfkl.lock_layers(model) and [layer.name for layer in model.layers if "norm" in layer.name] == [
+        "conv1_norm"
+    ]
+    with pytest.raises(ValueError, match="needs lock=False"):
+        tfkl.models.build("lenet", (32, 32, 1), 10, lock=True, control=True)
+
+
+@pytest.mark.parametrize(
     "initializer, bound", [(None, 1 / np.sqrt(8)), (tf.keras.initializers.RandomUniform(-0.5, 0.5), 0.5)]
 )
 def test_private_lock_weights_are_fresh_and_within_the_initialisers_range(initializer, bound):

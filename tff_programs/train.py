@@ -14,7 +14,13 @@ from tff_programs import common, contexts, launch
 from tfkl import names
 
 _ROOT_DIR = flags.DEFINE_string("root_dir", None, "Directory of the run (state, metrics, captures).")
-_ALGORITHM = flags.DEFINE_enum("algorithm", "fedkl", names.ALGORITHMS, "FedKL or the FedAvg baseline (no lock).")
+_ALGORITHM = flags.DEFINE_enum(
+    "algorithm",
+    "fedkl",
+    names.ALGORITHMS,
+    "FedKL; the FedAvg baseline (the backbone without the lock); or fedavg-norm, the FedAvg control (the "
+    "lock blocks replaced by a plain --normalization with a learned affine: no key, no lock).",
+)
 _MODEL = flags.DEFINE_enum("model", "lenet", names.MODELS, "Zoo model.")
 _DATASET = flags.DEFINE_enum("dataset", "digits", names.DATASETS, "Data set.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data set's files are.")
@@ -47,7 +53,22 @@ _WEIGHTING = flags.DEFINE_enum(
     "client_weighting", "num_examples", names.CLIENT_WEIGHTINGS, "Weight of each client's update in the mean."
 )
 _KEY_DIM = flags.DEFINE_integer("key_dim", 1024, "Key length (FedKL).", lower_bound=1)
-_NORMALIZATION = flags.DEFINE_enum("normalization", "batch", names.NORMALIZATIONS, "Lock normalisation.")
+_KEY_DISTRIBUTION = flags.DEFINE_enum(
+    "key_distribution",
+    "uniform",
+    names.KEY_DISTRIBUTIONS,
+    "FedKL: distribution of the clients' keys (CSPRNG): uniform in [0, 1) (the paper's), zero-mean unit-variance "
+    "gaussian, or rademacher (+-1). The evaluation's random keys come from it too.",
+)
+_RANDOM_KEY_PENALTY = flags.DEFINE_float(
+    "random_key_penalty",
+    0.0,
+    "FedKL: weight of a training term that pushes the predictions under a fresh random key (one extra "
+    "forward pass per step) towards uniform; 0 leaves it out.",
+)
+_NORMALIZATION = flags.DEFINE_enum(
+    "normalization", "batch", names.NORMALIZATIONS, "Lock normalisation (fedavg-norm: the control's)."
+)
 _INIT = flags.DEFINE_enum("init", "pytorch", names.INITS, "Weight initialisation scheme.")
 _LOCK_WHERE = flags.DEFINE_enum(
     "lock_where",
@@ -163,6 +184,8 @@ def config_from_flags(dataset):
         statistics=_STATISTICS.value,
         client_weighting=_WEIGHTING.value,
         key_dim=_KEY_DIM.value,
+        key_distribution=_KEY_DISTRIBUTION.value,
+        random_key_penalty=_RANDOM_KEY_PENALTY.value,
         normalization=_NORMALIZATION.value,
         init=_INIT.value,
         seed=_SEED.value,

@@ -17,6 +17,7 @@ if "tensorflow" in sys.modules or os.environ["TF_USE_LEGACY_KERAS"] not in ("1",
     from tfkl import _keras  # Keras 3 may be loaded already or chosen: refuse it now, in one line
 
 _API = {
+    "AffineNorm": "tfkl.keylock",
     "KeyLock": "tfkl.keylock",
     "KeyFormatError": "tfkl.keys",
     "generate_key": "tfkl.keys",
@@ -30,6 +31,7 @@ _API = {
     "private_variables": "tfkl.private",
     "set_key": "tfkl.private",
     "shared_variables": "tfkl.private",
+    "add_affine_normalization": "tfkl.secure",
     "secure": "tfkl.secure",
 }
 _SUBMODULES = ("data", "models", "optimizers", "training")

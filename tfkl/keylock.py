@@ -288,3 +288,87 @@ class KeyLock(tf.keras.layers.Layer):
         serialized = tf.keras.initializers.serialize(self.lock_initializer)
         serialized["config"] = {k: v for k, v in serialized["config"].items() if k != "seed"}
         return serialized
+
+
+@tf.keras.utils.register_keras_serializable(package="tfkl")
+class AffineNorm(tf.keras.layers.Layer):
+    """The FedAvg control's block: KeyLock's normalisation with a learned affine and no key.
+
+    `gamma * normalize(x) + beta` through the same `keylock_apply` as `KeyLock` (same normalisation,
+    statistics, momentum and epsilon), with `gamma` (initially 1) and `beta` (initially 0) plain
+    trainable weights, shared like any other: a model with these blocks in place of its KeyLock
+    blocks differs from the locked one by where gamma and beta come from, nothing else.
+
+    Args:
+      normalization, groups, momentum, epsilon: as `KeyLock`'s.
+
+    Call arguments:
+      inputs, training: as `KeyLock`'s.
+    """
+
+    def __init__(self, normalization="batch", groups=None, momentum=0.9, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        self.normalization = normalization
+        self.groups = groups
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.input_spec = tf.keras.layers.InputSpec(min_ndim=2)
+
+    def build(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError("AffineNorm needs a known channel (last) dimension")
+        self.channels = int(channels)
+        if self.normalization == "group":
+            resolve_groups(self.channels, self.groups)
+        self.input_spec = tf.keras.layers.InputSpec(ndim=input_shape.rank, axes={-1: self.channels})
+        self.gamma = self.add_weight(name="gamma", shape=(self.channels,), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(self.channels,), initializer="zeros")
+        if self.normalization == "batch":
+            self.moving_mean = self.add_weight(
+                name="moving_mean",
+                shape=(self.channels,),
+                initializer="zeros",
+                trainable=False,
+                experimental_autocast=False,
+            )
+            self.moving_variance = self.add_weight(
+                name="moving_variance",
+                shape=(self.channels,),
+                initializer="ones",
+                trainable=False,
+                experimental_autocast=False,
+            )
+        super().build(input_shape)
+
+    def call(self, inputs, training=None):
+        training = bool(training) and self.trainable
+        statistics = (self.moving_mean, self.moving_variance) if self.normalization == "batch" else None
+        outputs, moved = keylock_apply(
+            inputs,
+            self.gamma,
+            self.beta,
+            statistics,
+            normalization=self.normalization,
+            training=training,
+            momentum=self.momentum,
+            groups=self.groups,
+            epsilon=self.epsilon,
+        )
+        if training and statistics is not None:
+            self.moving_mean.assign(moved[0])
+            self.moving_variance.assign(moved[1])
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            normalization=self.normalization, groups=self.groups, momentum=self.momentum, epsilon=self.epsilon
+        )
+        return config

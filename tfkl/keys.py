@@ -15,6 +15,7 @@ import struct
 import numpy as np
 
 from tfkl.files import atomic_write
+from tfkl.names import KEY_DISTRIBUTIONS
 
 _MAGIC_V1 = b"TFKLKEY1"
 _HEADER_V1 = struct.Struct("<8sI")
@@ -27,27 +28,67 @@ class KeyFormatError(ValueError):
     """A key or key file that cannot be used (wrong shape, dtype, non-finite, corrupt)."""
 
 
+def _random_bits(size, seed=None) -> np.ndarray:
+    """`size` uint32 values from the operating system's CSPRNG (`os.urandom`), or from a seeded NumPy
+    generator when `seed` is given (reproducible experiments only, never a real deployment)."""
+    if seed is None:
+        return np.frombuffer(os.urandom(4 * size), dtype=np.uint32)
+    return np.random.default_rng(seed).integers(0, 2**32, size=size, dtype=np.uint32)
+
+
+def _unit_interval(bits) -> np.ndarray:
+    """float32 values in [0, 1) from uint32 bits: 24 random bits each, exactly representable."""
+    return (bits >> 8).astype(np.float32) / np.float32(2**24)
+
+
 def secret_uniform(shape, seed=None) -> np.ndarray:
     """float32 values uniform in [0, 1) of `shape`, from the operating system's CSPRNG (`os.urandom`);
     a seed is only for reproducible experiments and must never be used for a real deployment."""
     shape = tuple(int(d) for d in np.atleast_1d(shape))
+    return _unit_interval(_random_bits(int(np.prod(shape)), seed)).reshape(shape)
+
+
+def secret_gaussian(shape, seed=None) -> np.ndarray:
+    """float32 values from N(0, 1) of `shape`, from the CSPRNG (Box-Muller on `os.urandom` bits);
+    a seed as `secret_uniform`."""
+    shape = tuple(int(d) for d in np.atleast_1d(shape))
     size = int(np.prod(shape))
-    if seed is None:
-        bits = np.frombuffer(os.urandom(4 * size), dtype=np.uint32)
-    else:
-        bits = np.random.default_rng(seed).integers(0, 2**32, size=size, dtype=np.uint32)
-    # 24 random bits per entry give exactly representable float32 values in [0, 1).
-    return ((bits >> 8).astype(np.float32) / np.float32(2**24)).reshape(shape)
+    bits = _random_bits(2 * size, seed)
+    radius = 1.0 - _unit_interval(bits[:size]).astype(np.float64)  # in (0, 1]: the logarithm stays finite
+    angle = _unit_interval(bits[size:]).astype(np.float64)
+    values = np.sqrt(-2.0 * np.log(radius)) * np.cos(2.0 * np.pi * angle)
+    return values.astype(np.float32).reshape(shape)
 
 
-def generate_key(dim: int, seed=None) -> np.ndarray:
-    """Draws a key uniform in [0, 1)^dim, as the paper does, from the CSPRNG (see `secret_uniform`)."""
+def secret_rademacher(shape, seed=None) -> np.ndarray:
+    """float32 values -1 or +1 with equal probability of `shape`, from the CSPRNG (the top bit of
+    `os.urandom` words); a seed as `secret_uniform`."""
+    shape = tuple(int(d) for d in np.atleast_1d(shape))
+    bits = _random_bits(int(np.prod(shape)), seed)
+    return (2.0 * (bits >> 31).astype(np.float32) - 1.0).reshape(shape)
+
+
+_SAMPLERS = {"uniform": secret_uniform, "gaussian": secret_gaussian, "rademacher": secret_rademacher}
+assert tuple(_SAMPLERS) == KEY_DISTRIBUTIONS
+
+
+def generate_key(dim: int, seed=None, distribution: str = "uniform") -> np.ndarray:
+    """Draws a key of length `dim` from the CSPRNG (see `secret_uniform`).
+
+    `distribution`: 'uniform' in [0, 1) (the paper's), 'gaussian' (N(0, 1)) or 'rademacher'
+    (+-1). Every uniform key is 0.5 plus a zero-mean part, so its projection through a lock
+    layer, `key @ kernel`, shares the term `0.5 * sum(kernel rows)` with every other key: a lock
+    trained on one key can answer any key alike. Zero-mean keys share no such term: two keys'
+    projections are uncorrelated.
+    """
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
         raise KeyFormatError(f"key dimension must be an integer, got {dim!r}")
     dim = int(dim)
     if dim < 1:
         raise KeyFormatError(f"key dimension must be positive, got {dim}")
-    return secret_uniform((dim,), seed)
+    if distribution not in _SAMPLERS:
+        raise KeyFormatError(f"key distribution must be one of {KEY_DISTRIBUTIONS}, got {distribution!r}")
+    return _SAMPLERS[distribution]((dim,), seed)
 
 
 def validate_key(key, dim: int | None = None) -> np.ndarray:

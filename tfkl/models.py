@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from tfkl.keylock import TorchLinearUniform
 from tfkl.names import INITS, MODELS
-from tfkl.secure import secure
+from tfkl.secure import add_affine_normalization, secure
 
 # PyTorch BatchNorm2d defaults (momentum 0.1 there is 0.9 in Keras' convention).
 _BN = dict(momentum=0.9, epsilon=1e-5)
@@ -167,6 +167,7 @@ def build(
     normalization: str = "batch",
     key: np.ndarray | None = None,
     where: str | Sequence[str] = "first",
+    control: bool = False,
 ) -> tf.keras.Model:
     """Builds a zoo model; with `lock=True` its first conv layer (or those `where` names) carries a KeyLock block.
 
@@ -180,6 +181,9 @@ def build(
       seed: seeds every initialiser (distinct per layer) for reproducible experiments.
       key_dim, activation, normalization, key: the KeyLock's options (see `tfkl.KeyLock`).
       where: the layers to lock, as `tfkl.secure` takes it: 'first' (the paper's), 'all' or names.
+      control: with `lock=False`, the FedAvg control instead of the plain backbone: a
+        `tfkl.AffineNorm` (the lock's `normalization` with a learned affine, no key) where the lock
+        blocks would be (`tfkl.add_affine_normalization`).
     """
     if name not in _ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
@@ -190,6 +194,10 @@ def build(
     builder = _Builder(init, seed, vgg=(name == "vgg16"))
     inputs = tf.keras.Input(shape=tuple(input_shape), name="images")
     model = tf.keras.Model(inputs, _ARCHITECTURES[name](inputs, num_classes, builder), name=name)
+    if control and lock:
+        raise ValueError("control=True replaces the lock blocks: it needs lock=False")
+    if control:
+        return add_affine_normalization(model, where, normalization, name=f"{name}_norm")
     if not lock:
         return model
     lock_initializer = None

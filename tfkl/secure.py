@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfkl.keylock import KeyLock
+from tfkl.keylock import AffineNorm, KeyLock
 from tfkl.keys import generate_key, validate_key
 
 _LOCKABLE = (
@@ -39,8 +39,8 @@ def _graph_model(model):
             f"secure() supports Sequential and functional models; {type(model).__name__!r} is subclassed "
             "(or a Sequential without an input shape): insert tfkl.KeyLock in its call() instead"
         )
-    if any(isinstance(layer, KeyLock) for layer in model.submodules):
-        raise ValueError(f"model {model.name!r} is already secured (it has KeyLock layers); secure the original model")
+    if any(isinstance(layer, (KeyLock, AffineNorm)) for layer in model.submodules):
+        raise ValueError(f"model {model.name!r} already has KeyLock (or AffineNorm) blocks; secure the original model")
     return model
 
 
@@ -118,10 +118,49 @@ def secure(
       key: the client key (shape (key_dim,)); default a fresh CSPRNG key, shared by all locks.
       name: name of the new model (default: the original's name + '_locked').
     """
+    key = generate_key(key_dim) if key is None else validate_key(key, key_dim)
+    locks = []
+
+    def new_lock(name, **options):
+        lock = KeyLock(
+            key_dim,
+            activation,
+            normalization,
+            lock_initializer=_per_lock(lock_initializer, len(locks)),
+            key=key,
+            name=f"{name}_keylock",
+            **options,
+        )
+        locks.append(lock)
+        return lock
+
+    return _insert_blocks(model, where, new_lock, name or f"{model.name}_locked")
+
+
+def add_affine_normalization(
+    model: tf.keras.Model,
+    where: str | Sequence[str] = "first",
+    normalization: str = "batch",
+    name: str | None = None,
+) -> tf.keras.Model:
+    """The FedAvg control of `secure`: a copy of `model` with a `tfkl.AffineNorm` block (the same
+    normalisation with a learned affine, no key, no lock) wherever `secure` would put a KeyLock.
+
+    Args as `secure`'s; name: default the original's name + '_norm'.
+    """
+    return _insert_blocks(
+        model,
+        where,
+        lambda block_name, **options: AffineNorm(normalization, name=f"{block_name}_norm", **options),
+        name or f"{model.name}_norm",
+    )
+
+
+def _insert_blocks(model, where, new_block, name):
+    """A copy of `model` with `new_block(name, **options)` after each chosen conv/dense layer (see `secure`)."""
     model = _graph_model(model)
     targets = {id(layer) for layer in _select(model, where)}
     consumers = _consumers(model)
-    key = generate_key(key_dim) if key is None else validate_key(key, key_dim)
 
     def replaces_batch_norm(node):
         """True for a BatchNormalization node that directly and only follows a chosen layer."""
@@ -140,20 +179,7 @@ def secure(
         for t in model.inputs
     ]
     tensors = {str(id(old)): new for old, new in zip(model.inputs, new_inputs)}
-    clones, locks = {}, []
-
-    def new_lock(name, **options):
-        lock = KeyLock(
-            key_dim,
-            activation,
-            normalization,
-            lock_initializer=_per_lock(lock_initializer, len(locks)),
-            key=key,
-            name=name,
-            **options,
-        )
-        locks.append(lock)
-        return lock
+    clones = {}
 
     for depth in sorted(model._nodes_by_depth, reverse=True):
         for node in model._nodes_by_depth[depth]:
@@ -162,7 +188,7 @@ def secure(
                 continue
             args, kwargs = _map_arguments(node, tensors)
             if replaces_batch_norm(node):
-                outputs = new_lock(f"{layer.name}_keylock", momentum=layer.momentum, epsilon=layer.epsilon)(*args)
+                outputs = new_block(layer.name, momentum=layer.momentum, epsilon=layer.epsilon)(*args)
             elif id(layer) in targets:
                 fused = layer.get_config().get("activation", "linear")
                 if id(layer) not in clones:
@@ -170,7 +196,7 @@ def secure(
                 outputs = clones[id(layer)](*args, **kwargs)
                 followers = consumers.get(node.flat_output_ids[0], [])
                 if not (len(followers) == 1 and replaces_batch_norm(followers[0])):
-                    outputs = new_lock(f"{layer.name}_keylock")(outputs)
+                    outputs = new_block(layer.name)(outputs)
                     if fused != "linear":
                         outputs = tf.keras.layers.Activation(fused, name=f"{layer.name}_activation")(outputs)
             else:
@@ -181,7 +207,7 @@ def secure(
                 tensors[tensor_id] = tensor
 
     new_outputs = tf.nest.pack_sequence_as(model._nested_outputs, [tensors[str(id(t))] for t in model.outputs])
-    secured = tf.keras.Model(new_inputs, new_outputs, name=name or f"{model.name}_locked")
+    secured = tf.keras.Model(new_inputs, new_outputs, name=name)
     for layer in model.layers:
         if id(layer) in clones:
             clones[id(layer)].set_weights(layer.get_weights())

@@ -15,7 +15,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tfkl.federated import client_work
-from tfkl.names import CLIENT_WEIGHTINGS, STATISTICS
+from tfkl.names import CLIENT_WEIGHTINGS, KEY_DISTRIBUTIONS, STATISTICS
 from tfkl.optimizers import TorchSGD
 
 
@@ -110,6 +110,8 @@ def build_stateful_clients_process(
     return_client_updates: bool = False,
     model_aggregator: tff.aggregators.AggregationFactory | None = None,
     client_update_transform: Callable | None = None,
+    random_key_penalty: float = 0.0,
+    key_distribution: str = "uniform",
 ) -> StatefulClientsProcess:
     """Builds FedKL (`locked`) or FedAvg with stateful clients: only shared updates reach the server.
 
@@ -146,6 +148,9 @@ def build_stateful_clients_process(
         `DifferentiallyPrivateFactory.gaussian_fixed`) needs client_weighting='uniform'.
       client_update_transform: a TF function applied to each client's shared update (a structure of
         tensors) before it is sent, e.g. `prune_smallest(0.9)`.
+      random_key_penalty, key_distribution: FedKL: the weight of the term that pushes each step's
+        predictions under a fresh key of `key_distribution` towards uniform
+        (`client_work.client_update`); 0 (default) trains without it.
 
     Returns:
       A `StatefulClientsProcess`.
@@ -163,6 +168,10 @@ def build_stateful_clients_process(
             "FedKL needs a model with a KeyLock layer" if locked else "FedAvg takes a model without a KeyLock layer"
         )
     keep_statistics = statistics == "local"
+    if key_distribution not in KEY_DISTRIBUTIONS:
+        raise ValueError(f"key_distribution must be one of {KEY_DISTRIBUTIONS}, got {key_distribution!r}")
+    if random_key_penalty < 0 or (random_key_penalty > 0 and not locked):
+        raise ValueError(f"random_key_penalty must be >= 0, and 0 without a lock; got {random_key_penalty}")
 
     shared_t, shared_n, key_vars, lock_vars = parts.split(probe)
     data_type = tff.SequenceType(
@@ -214,6 +223,8 @@ def build_stateful_clients_process(
             state,
             weight_by_examples=weighting is tff.learning.ClientWeighting.NUM_EXAMPLES,
             update_transform=client_update_transform,
+            random_key_penalty=float(random_key_penalty),
+            key_distribution=key_distribution,
         )
         sent = output.update if return_client_updates else collections.OrderedDict(trainable=[], non_trainable=[])
         return output._replace(report=collections.OrderedDict(**output.report, update=sent))
@@ -249,6 +260,8 @@ def build_stateful_clients_process(
         statistics=statistics,
         persist_optimizer_state=persist_optimizer_state,
         locked=locked,
+        random_key_penalty=float(random_key_penalty),
+        key_distribution=key_distribution,
     )
     initial_client_state = functools.partial(
         client_work.initial_client_state,

@@ -70,6 +70,37 @@ def initial_client_state(model, key=None, lock=None, *, persist_optimizer_state,
     )
 
 
+def throwaway_key(dim, seed, distribution):
+    """A key of the run's `distribution` (see `tfkl.generate_key`) from TF's stateless RNG under `seed`
+    (shape [2] int64): the random-key penalty's fresh keys, drawn inside the client computation.
+    Not secrets (never stored, never sent), so a stateless RNG is enough; the CSPRNG is for keys that are."""
+    if distribution == "gaussian":
+        return tf.random.stateless_normal([dim], seed)
+    if distribution == "rademacher":
+        return 2.0 * tf.cast(tf.random.stateless_uniform([dim], seed, 0, 2, tf.int32), tf.float32) - 1.0
+    if distribution == "uniform":
+        return tf.random.stateless_uniform([dim], seed)
+    raise ValueError(f"key distribution must be one of {keys.KEY_DISTRIBUTIONS}, got {distribution!r}")
+
+
+def uniform_divergence(logits):
+    """Mean over the batch of KL(uniform || softmax(logits)): 0 when every prediction is uniform.
+
+    Its gradient in the logits, `softmax(logits) - 1/C`, does not vanish for confident predictions
+    (the entropy's does), so it keeps pushing a confident answer under a wrong key towards chance.
+    """
+    log_probs = tf.nn.log_softmax(logits)
+    classes = tf.cast(tf.shape(logits)[-1], logits.dtype)
+    return -tf.reduce_mean(log_probs) - tf.math.log(classes)
+
+
+def _penalty_seed(key, global_weights):
+    """The stateless seed of a client's round: distinct per client (its key) and round (the broadcast
+    shared weights), reproducible with seeded keys; steps fold their index in."""
+    parts = [tf.reshape(key, [1, -1]), tf.reshape(global_weights["trainable"][0], [1, -1])]
+    return tf.concat([tf.bitcast(tf.fingerprint(p), tf.int64) for p in parts], axis=0)
+
+
 class ClientOutput(NamedTuple):
     """What `client_update` returns.
 
@@ -91,7 +122,17 @@ class ClientOutput(NamedTuple):
 
 @tf.function  # automatic control dependencies order the assignments, the steps and the reads
 def client_update(
-    model, optimizer, global_weights, learning_rate, dataset, state, *, weight_by_examples, update_transform=None
+    model,
+    optimizer,
+    global_weights,
+    learning_rate,
+    dataset,
+    state,
+    *,
+    weight_by_examples,
+    update_transform=None,
+    random_key_penalty=0.0,
+    key_distribution="uniform",
 ):
     """Trains `model` on `dataset` from the server's shared weights with the client's private `state`.
 
@@ -105,6 +146,11 @@ def client_update(
         the momentum buffers persist and whether the moving statistics stay local.
       weight_by_examples: weight the update by the client's examples (else 1).
       update_transform: applied to the shared update before it is sent (e.g. `prune_smallest`).
+      random_key_penalty: FedKL: with a positive weight, each step adds weight x
+        `uniform_divergence` of a second train-mode forward pass under a fresh key of
+        `key_distribution` (`throwaway_key`, seeded per client, round and step), so that the model
+        learns to answer a key not its own with chance; the moving statistics that pass moves are
+        put back. The reported loss stays the classification loss.
 
     Returns:
       A `ClientOutput`. A client whose update, new state or loss is not finite is rejected: zero
@@ -127,6 +173,10 @@ def client_update(
         buffers = list(state["optimizer"])
     else:
         buffers = optimizer.initialize([tf.TensorSpec(v.shape, v.dtype) for v in variables])[MOMENTUM_BUFFERS]
+    penalized = random_key_penalty > 0
+    if penalized and not key_vars:
+        raise ValueError("random_key_penalty needs a model with a key (FedKL)")
+    penalty_seed = _penalty_seed(state["key"][0], global_weights) if penalized else None
 
     def step(carry, batch):
         buffers, loss_sum, correct, count, steps = carry
@@ -134,7 +184,21 @@ def client_update(
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             loss = loss_fn(labels, logits)
-        gradients = tape.gradient(loss, variables)
+            objective = loss
+            if penalized:
+                seed = tf.random.experimental.stateless_fold_in(penalty_seed, steps)
+                fresh = throwaway_key(key_vars[0].shape[0], seed, key_distribution)
+                with tf.control_dependencies([logits]):
+                    moved = [v.read_value() for v in non_trainable]  # after the main pass moved them
+                with tf.control_dependencies(moved):
+                    assigned = [v.assign(fresh) for v in key_vars]
+                with tf.control_dependencies(assigned):
+                    wrong_logits = model(images, training=True)
+                with tf.control_dependencies([wrong_logits]):
+                    restored = [v.assign(w) for v, w in zip(key_vars + non_trainable, own_keys + moved)]
+                with tf.control_dependencies(restored):
+                    objective = loss + random_key_penalty * uniform_divergence(wrong_logits)
+        gradients = tape.gradient(objective, variables)
         opt_state = {LEARNING_RATE: learning_rate, MOMENTUM_BUFFERS: buffers}
         opt_state, new_weights = optimizer.next(opt_state, [v.read_value() for v in variables], gradients)
         with tf.control_dependencies([v.assign(w) for v, w in zip(variables, new_weights)]):

@@ -49,6 +49,8 @@ class Config:
     statistics: str = "average"
     client_weighting: str = "num_examples"
     key_dim: int = 1024
+    key_distribution: str = "uniform"  # FedKL: the clients' keys (tfkl.generate_key); the evaluation's random keys too
+    random_key_penalty: float = 0.0  # FedKL: weight of the term pushing predictions under fresh random keys to uniform
     normalization: str = "batch"
     init: str = "pytorch"
     seed: int = 0
@@ -72,6 +74,7 @@ class Config:
             ("client_weighting", names.CLIENT_WEIGHTINGS),
             ("normalization", names.NORMALIZATIONS),
             ("init", names.INITS),
+            ("key_distribution", names.KEY_DISTRIBUTIONS),
             ("lock_where", names.LOCK_WHERES),
             ("lock_init", names.LOCK_INITS),
         ):
@@ -80,13 +83,17 @@ class Config:
             _check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("alpha", "learning_rate", "lr_gamma", "server_learning_rate"):
             _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("momentum", "weight_decay", "dp_noise_multiplier"):
+        for name in ("momentum", "weight_decay", "dp_noise_multiplier", "random_key_penalty"):
             _check(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
         _check(
             self.clients_per_round <= self.num_clients,
             f"clients_per_round cannot exceed num_clients ({self.clients_per_round} > {self.num_clients})",
         )
         _check(not self.nesterov or self.momentum > 0, "nesterov needs momentum > 0")
+        _check(
+            self.random_key_penalty == 0 or self.locked,
+            f"random_key_penalty needs algorithm=fedkl (a model with a key), got algorithm={self.algorithm!r}",
+        )
         if self.dp_clip is not None:
             _check(self.dp_clip > 0, f"dp_clip must be positive, got {self.dp_clip}")
             _check(
@@ -103,11 +110,19 @@ class Config:
     def locked(self):
         return self.algorithm == "fedkl"
 
+    @property
+    def control(self):
+        """The FedAvg control ('fedavg-norm'): the lock blocks replaced by a plain normalisation with a
+        learned affine (shared like every other weight), trained by FedAvg."""
+        return self.algorithm == "fedavg-norm"
+
     def model_fn(self):
         shape, classes, seed = tuple(self.input_shape), self.num_classes, self.seed
         options = dict(init=self.init, seed=seed)
+        if self.locked or self.control:
+            options.update(normalization=self.normalization, where=self.lock_where, control=self.control)
         if self.locked:
-            options.update(key_dim=self.key_dim, normalization=self.normalization, where=self.lock_where)
+            options.update(key_dim=self.key_dim)
         return lambda: models.build(self.model, shape, classes, lock=self.locked, **options)
 
     def client_optimizer(self):
@@ -128,9 +143,15 @@ class Config:
         return optimizers.multistep_learning_rate(self.learning_rate, self.lr_milestones, self.lr_gamma, round_num - 1)
 
     def client_key(self, client_id):
-        """A fresh CSPRNG key; with `seeded_keys` (experiments only) derived from the seed."""
+        """A fresh CSPRNG key of the run's `key_distribution`; with `seeded_keys` (experiments only)
+        derived from the seed."""
         seed = [self.seed, int(client_id), 0x6B6579] if self.seeded_keys else None
-        return keys_lib.generate_key(self.key_dim, seed=seed)
+        return keys_lib.generate_key(self.key_dim, seed=seed, distribution=self.key_distribution)
+
+    def random_key(self, seed=None):
+        """A key of the run's `key_distribution` that belongs to no client (an attacker's guess); a
+        seed for reproducible evaluations (such keys are not secrets)."""
+        return keys_lib.generate_key(self.key_dim, seed=seed, distribution=self.key_distribution)
 
     def client_lock_fn(self):
         """client id -> the client's initial lock weights: None (model_fn's, lock_init='shared') or
@@ -170,6 +191,8 @@ _DRIVER_FIELDS = dict(
 def build_process(config, return_client_updates=False):
     """The run's process (cached: building traces the model and takes seconds)."""
     driver_fields = dict(_DRIVER_FIELDS)
+    if config.random_key_penalty == 0:  # the clients draw no key in their computation then
+        driver_fields.update(key_distribution="uniform")
     if config.dp_clip is not None:  # DP's mean divides by clients_per_round
         driver_fields.update(num_clients=config.clients_per_round, clients_per_round=config.clients_per_round)
     return _build_process(dataclasses.replace(config, **driver_fields), bool(return_client_updates))
@@ -190,4 +213,9 @@ def _build_process(config, return_client_updates):
         client_update_transform=None
         if config.prune_fraction is None
         else algorithms.prune_smallest(config.prune_fraction),
+        **(
+            dict(random_key_penalty=config.random_key_penalty, key_distribution=config.key_distribution)
+            if config.locked
+            else {}
+        ),
     )

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfkl import data as data_lib
-from tfkl import keys as keys_lib
+from tfkl import private
 from tfkl.federated import run_dir
 from tfkl.federated.client_data import client_partition
 from tfkl.federated.client_store import ClientStore
@@ -21,7 +21,7 @@ from tfkl.training import accuracy, classification_loss
 ENTRIES = {
     "a_own_key_and_lock": "each client: global shared weights + its own key and lock weights (the paper's FedKL "
     "accuracy)",
-    "b_own_lock_random_key": "each client's own lock weights under a fresh random key",
+    "b_own_lock_random_key": "each client's own lock weights under a fresh random key (of the run's key distribution)",
     "c_own_lock_other_key": "each client's own lock weights under the next client's key",
     "c_other_key_and_lock": "the next client's key and lock weights in this client's model (same as that client's "
     "model unless statistics are kept local)",
@@ -31,10 +31,14 @@ ENTRIES = {
     "f_own_secret_own_statistics": "each client: entry (a) after re-estimating the moving statistics on its own "
     "training data (train-mode forward passes, no weight changes), as a client can "
     "before deploying",
-    "e_lock_recovery": "an attacker holding the global model fine-tunes the lock layers (fresh init, random key) "
-    "on N public labelled test examples (held out from the evaluation examples), once with "
-    "the server's moving statistics and once re-estimating them on those examples; the "
-    "better of the two",
+    "e_lock_recovery": "an attacker holding the global model fine-tunes the lock layers on N public labelled test "
+    "examples (held out from the evaluation examples), from a fresh lock with a random key and from zero kernels "
+    "(gamma and beta fitted directly: `affine_start`), each once with the server's moving statistics and once "
+    "re-estimating them on those examples; the best of the four",
+    "e_from_scratch": "the yardstick of (e): the run's model as model_fn builds it (its initial weights, a "
+    "random key), every weight trained on the same N public examples alone (fixed budget: "
+    "Adam 1e-3, batch 32, max(300 steps, 30 epochs)); recovery minus this is what the shared "
+    "weights give a thief beyond its own data",
 }
 
 
@@ -88,13 +92,65 @@ def _cycled_batches(images, labels, input_shape, batch_size, seed):
 
 
 RECOVERY_STATISTICS = ("server", "public")
+# The from-scratch yardstick's fixed budget (chosen before any run, never tuned on the evaluation examples).
+SCRATCH_LEARNING_RATE = 1e-3
+SCRATCH_BATCH_SIZE = 32
+SCRATCH_MIN_STEPS = 300
+SCRATCH_EPOCHS = 30
 
 
-def _recover_lock(evaluator, images, labels, input_shape, steps, seed, statistics, learning_rate=0.01, batch_size=32):
-    """Fine-tunes the lock layers on a small labelled set. With statistics='server' the model runs
-    in inference mode on the server's moving statistics; with 'public' it trains in train mode, so
-    the moving statistics follow the public batches (they matter when clients keep theirs local)."""
+def scratch_steps(examples):
+    """The from-scratch budget in steps for `examples` public examples: max(300 steps, 30 epochs)."""
+    return max(SCRATCH_MIN_STEPS, -(-SCRATCH_EPOCHS * int(examples) // SCRATCH_BATCH_SIZE))
+
+
+def train_from_scratch(config, images, labels, eval_ds, seed, steps=None):
+    """Accuracy on `eval_ds` of the run's model (model_fn's initial weights; FedKL: a random key of
+    the run's distribution and model_fn's lock) after training every weight on (`images`, `labels`)
+    alone: Adam(SCRATCH_LEARNING_RATE), batches of SCRATCH_BATCH_SIZE in train mode, `steps`
+    (default `scratch_steps`)."""
+    model = config.model_fn()()
+    if config.locked:
+        for lock in private.lock_layers(model):
+            lock.key.assign(config.random_key(seed=[seed, 3]))
+    steps = scratch_steps(len(labels)) if steps is None else int(steps)
+    optimizer = tf.keras.optimizers.Adam(SCRATCH_LEARNING_RATE)
+    loss_fn = classification_loss()
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return loss
+
+    shape = tuple(config.input_shape)
+    for x, y in _cycled_batches(images, labels, shape, SCRATCH_BATCH_SIZE, seed).take(steps):
+        step(x, y)
+    return float(accuracy(model, eval_ds))
+
+
+def affine_start(lock_vars):
+    """Lock weights that make every lock a plain affine whatever the key: zero kernels, so gamma and beta
+    are act(bias); scale biases 1 and shift biases 0.1 (positive: ReLU passes their gradient). Fitting
+    the biases alone then fits the 2 x channels numbers (gamma, beta) of each lock directly."""
+    values = []
+    for index, variable in enumerate(lock_vars):
+        fill = {0: 0.0, 1: 1.0, 2: 0.0, 3: 0.1}[index % 4]  # (scale kernel, scale bias, shift kernel, shift bias)
+        values.append(np.full(variable.shape, fill, np.float32))
+    return values
+
+
+def _recover_lock(
+    evaluator, images, labels, input_shape, steps, seed, statistics, learning_rate=0.01, batch_size=32, variables=None
+):
+    """Fine-tunes the lock layers (or `variables`, some of them) on a small labelled set. With
+    statistics='server' the model runs in inference mode on the server's moving statistics; with
+    'public' it trains in train mode, so the moving statistics follow the public batches (they
+    matter when clients keep theirs local)."""
     model = evaluator.model
+    variables = evaluator.lock_vars if variables is None else variables
     optimizer = tf.keras.optimizers.Adam(learning_rate)
     loss_fn = classification_loss()
     training = statistics == "public"
@@ -103,8 +159,8 @@ def _recover_lock(evaluator, images, labels, input_shape, steps, seed, statistic
     def step(x, y):
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=training))
-        gradients = tape.gradient(loss, evaluator.lock_vars)
-        optimizer.apply_gradients(zip(gradients, evaluator.lock_vars))
+        gradients = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(gradients, variables))
         return loss
 
     for x, y in _cycled_batches(images, labels, input_shape, batch_size, seed).take(steps):
@@ -195,6 +251,8 @@ def evaluate(
         model=config.model,
         dataset=config.dataset,
         num_clients=config.num_clients,
+        key_distribution=config.key_distribution,
+        random_key_penalty=config.random_key_penalty,
         evaluation_examples=int(len(held_out)),
         public_examples=int(len(public)),
     )
@@ -213,7 +271,7 @@ def evaluate(
         report(f"(b, c) random and other clients' secrets: client {cid}")
         state = client_states[cid]
         other = client_states[client_ids[(index + 1) % len(client_ids)]]
-        random_key = keys_lib.generate_key(config.key_dim, seed=[seed, 1, int(cid)])
+        random_key = config.random_key(seed=[seed, 1, int(cid)])
         evaluator.use_client(state)
         for name, key, lock in (
             ("b_own_lock_random_key", random_key, state["lock"]),
@@ -235,7 +293,7 @@ def evaluate(
 
     report("(d) the global model alone")
     evaluator.set_statistics(evaluator.global_statistics)
-    random_key = keys_lib.generate_key(config.key_dim, seed=[seed, 2])
+    random_key = config.random_key(seed=[seed, 2])
     evaluator.set_secret(random_key, [np.zeros(v.shape, np.float32) for v in evaluator.lock_vars])
     result["d_global_zero_lock"] = evaluator.accuracy(eval_ds)
     fresh_lock = [v.numpy() for v in process.parts.split(config.model_fn()())[3]]
@@ -243,24 +301,39 @@ def evaluate(
     result["d_global_fresh_lock_random_key"] = evaluator.accuracy(eval_ds)
 
     recovery = {}
+    biases = [v for index, v in enumerate(evaluator.lock_vars) if index % 2]
     for size in public_sizes:
         usable = public[: min(int(size), len(public))]
-        by_statistics = {}
-        for statistics in RECOVERY_STATISTICS:
-            report(f"(e) lock recovery on {len(usable)} public examples, {statistics} statistics")
-            evaluator.set_statistics(evaluator.global_statistics)
-            evaluator.set_secret(random_key, fresh_lock)
-            _recover_lock(
-                evaluator, dataset.x_test[usable], dataset.y_test[usable], shape, recovery_steps, seed, statistics
-            )
-            by_statistics[statistics] = evaluator.accuracy(eval_ds)
+        by_start = {"fresh_lock": {}, "affine": {}}
+        for start, lock, variables in (
+            ("fresh_lock", fresh_lock, None),
+            ("affine", affine_start(evaluator.lock_vars), biases),
+        ):
+            for statistics in RECOVERY_STATISTICS:
+                report(f"(e) lock recovery on {len(usable)} public examples, from {start}, {statistics} statistics")
+                evaluator.set_statistics(evaluator.global_statistics)
+                evaluator.set_secret(random_key, lock)
+                images, labels = dataset.x_test[usable], dataset.y_test[usable]
+                _recover_lock(evaluator, images, labels, shape, recovery_steps, seed, statistics, variables=variables)
+                by_start[start][statistics] = evaluator.accuracy(eval_ds)
         recovery[str(int(size))] = dict(
             examples=int(len(usable)),
             steps=int(recovery_steps),
-            accuracy=max(by_statistics.values()),
-            by_statistics=by_statistics,
+            accuracy=max(max(values.values()) for values in by_start.values()),
+            by_statistics=by_start["fresh_lock"],
+            affine_by_statistics=by_start["affine"],
         )
     result["e_lock_recovery"] = recovery
+    scratch = {}
+    for size in public_sizes:
+        usable = public[: min(int(size), len(public))]
+        report(f"(e) from scratch on the {len(usable)} public examples alone")
+        value = train_from_scratch(config, dataset.x_test[usable], dataset.y_test[usable], eval_ds, seed)
+        gained = recovery[str(int(size))]["accuracy"] - value
+        scratch[str(int(size))] = dict(
+            examples=int(len(usable)), steps=scratch_steps(len(usable)), accuracy=value, recovery_minus_scratch=gained
+        )
+    result["e_from_scratch"] = scratch
     return result
 
 
@@ -285,8 +358,17 @@ def format_matrix(result):
         lines.append(f"  {name:32s} {result[name]:.4f}")
     for size, entry in result["e_lock_recovery"].items():
         by_statistics = ", ".join(f"{k} statistics {v:.4f}" for k, v in entry["by_statistics"].items())
+        if "affine_by_statistics" in entry:
+            by_statistics += "; gamma/beta fitted directly: " + ", ".join(
+                f"{k} statistics {v:.4f}" for k, v in entry["affine_by_statistics"].items()
+            )
         lines.append(
             f"  {'e_lock_recovery_' + size:32s} {entry['accuracy']:.4f}  ({entry['examples']} examples, "
             f"{entry['steps']} steps; {by_statistics})"
+        )
+    for size, entry in result.get("e_from_scratch", {}).items():
+        lines.append(
+            f"  {'e_from_scratch_' + size:32s} {entry['accuracy']:.4f}  ({entry['steps']} steps; recovery minus "
+            f"from scratch {100 * entry['recovery_minus_scratch']:+.1f} pp)"
         )
     return "\n".join(lines)
