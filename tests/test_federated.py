@@ -259,15 +259,110 @@ def test_sampling_and_private_state_with_many_clients(digits, tmp_path):
     program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
     initial = ClientStore(str(tmp_path / "clients")).load(0, KEY_DIM)
     final = ClientStore(str(tmp_path / "clients")).load(2, KEY_DIM)
-    changed = {c for c in final if any(not np.array_equal(a, b) for a, b in zip(final[c]["lock"], initial[c]["lock"]))}
     sampled = {c for r in (1, 2) for c in simulation.sample_clients(20, 4, config.seed, r)}
-    assert changed == sampled and 4 <= len(changed) <= 8
+    # A client exists from its first sampling on: manifest 0 lists every client's initial state.
+    assert set(initial) == set(final) == sampled and 4 < len(sampled) <= 8
+    changed = {c for c in final if any(not np.array_equal(a, b) for a, b in zip(final[c]["lock"], initial[c]["lock"]))}
+    assert changed == sampled
     last = ClientStore(str(tmp_path / "clients")).last_update_rounds(2)
     assert {c for c, r in last.items() if r == 2} == set(simulation.sample_clients(20, 4, config.seed, 2))
     assert {c for c, r in last.items() if r > 0} == sampled
-    assert len({final[c]["key"][0].tobytes() for c in final}) == 20
+    assert len({final[c]["key"][0].tobytes() for c in final}) == len(sampled)
+    assert {p.name for p in (tmp_path / "clients").iterdir() if p.is_dir()} == sampled  # none for the others
     for cid in final:
         assert os.stat(tmp_path / "clients" / cid / "key").st_mode & 0o777 == 0o600
+        assert os.stat(tmp_path / "clients" / cid).st_mode & 0o777 == 0o700
+        for state_file in (tmp_path / "clients" / cid).glob("state_*.npz"):
+            assert state_file.stat().st_mode & 0o777 == 0o600
+
+
+def _count_state_reads(monkeypatch):
+    """The client ids whose state files ClientStore reads, in order."""
+    reads = []
+    read_state = ClientStore._load_state
+
+    def counting(self, cid, entry, key_dim):
+        reads.append(cid)
+        return read_state(self, cid, entry, key_dim)
+
+    monkeypatch.setattr(ClientStore, "_load_state", counting)
+    return reads
+
+
+def test_the_driver_reads_only_the_sampled_clients_states(digits, tmp_path, monkeypatch):
+    config = make_config(num_clients=40, clients_per_round=3)
+    reads = _count_state_reads(monkeypatch)
+    program.train(str(tmp_path), config, program.RunOptions(rounds=3, keep_rounds=1, progress=False), dataset=digits)
+    sampled = [simulation.sample_clients(40, 3, config.seed, r) for r in (1, 2, 3)]
+    assert reads == [c for ids in sampled for c in ids]  # each round its 3 sampled clients, nothing else
+    reads.clear()
+    program.train(str(tmp_path), config, program.RunOptions(rounds=4, keep_rounds=1, progress=False), dataset=digits)
+    round_4 = simulation.sample_clients(40, 3, config.seed, 4)
+    existed = {c for ids in sampled for c in ids}
+    # Resuming reads the next round's existing clients (checked before anything is written), then the round's.
+    assert reads == [c for c in round_4 if c in existed] + round_4
+    existing = existed | set(round_4)
+    store = ClientStore(str(tmp_path / "clients"))
+    assert set(store.client_ids(4)) == existing
+    # Pruned to rounds 0 and 4: exactly the state files those manifests list remain, each readable.
+    assert store.rounds() == [0, 4]
+    listed = {e["file"] for r in (0, 4) for e in store._read_manifest(r).values()}
+    on_disk = {f"{p.parent.name}/{p.name}" for p in (tmp_path / "clients").glob("*/state_*")}
+    assert on_disk == listed
+    assert set(store.load(4, KEY_DIM)) == existing
+
+
+def test_a_client_created_on_its_first_sampling_keeps_its_state(digits, tmp_path):
+    """A new client's key and initial state are on disk before its first round: a round interrupted and
+    run again, or a resumed run, uses them (CSPRNG keys, private locks); run to the end, the result is
+    an uninterrupted run's."""
+    config = make_config(num_clients=12, clients_per_round=3, seeded_keys=False, lock_init="private")
+    root = str(tmp_path / "run")
+    program.train(root, config, program.RunOptions(rounds=1, progress=False), dataset=digits)
+    process = build_process(config)
+    manager = run_dir.RunStateManager(root)
+    round_2 = simulation.sample_clients(12, 3, config.seed, 2)
+    new = [c for c in round_2 if c not in simulation.sample_clients(12, 3, config.seed, 1)]
+    assert new
+    # Round 2 starts (its new clients are created), and the run is killed before round 2 is saved.
+    before, created = manager.client_states(config, process, 1, round_2)
+    assert created == new and set(before) == set(round_2)
+    again, created = run_dir.RunStateManager(root).client_states(config, process, 1, round_2)
+    assert created == []
+    for cid in round_2:
+        for a, b in zip(tf.nest.flatten(before[cid]), tf.nest.flatten(again[cid])):
+            np.testing.assert_array_equal(a, b)
+    # An addition interrupted after manifest 0 but before manifest 1 listed the client keeps manifest 0's state.
+    manifest_1 = manager.clients._read_manifest(1)
+    del manifest_1[new[0]]
+    manager.clients._write_manifest(1, manifest_1)
+    third, created = run_dir.RunStateManager(root).client_states(config, process, 1, [new[0]])
+    assert created == []
+    for a, b in zip(tf.nest.flatten(before[new[0]]), tf.nest.flatten(third[new[0]])):
+        np.testing.assert_array_equal(a, b)
+    program.train(root, config, program.RunOptions(rounds=2, progress=False), dataset=digits)
+    store = ClientStore(str(tmp_path / "run" / "clients"))
+    initial, after = store.load(0, KEY_DIM), store.load(2, KEY_DIM)
+    for cid in new:
+        np.testing.assert_array_equal(after[cid]["key"][0], before[cid]["key"][0])
+        for a, b in zip(initial[cid]["lock"], before[cid]["lock"]):
+            np.testing.assert_array_equal(a, b)
+    assert store.last_update_rounds(1)[new[0]] == 0 and store.last_update_rounds(2)[new[0]] == 2
+
+    # Seeded keys: an interrupted and resumed run equals an uninterrupted one, state for state.
+    config = make_config(num_clients=12, clients_per_round=3)
+    program.train(str(tmp_path / "full"), config, program.RunOptions(rounds=3, progress=False), dataset=digits)
+    resumed = str(tmp_path / "resumed")
+    program.train(resumed, config, program.RunOptions(rounds=1, progress=False), dataset=digits)
+    run_dir.RunStateManager(resumed).client_states(
+        config, build_process(config), 1, simulation.sample_clients(12, 3, config.seed, 2)
+    )
+    program.train(resumed, config, program.RunOptions(rounds=3, progress=False), dataset=digits)
+    process = build_process(config)
+    full, back = run_dir.restore(str(tmp_path / "full"), config, process), run_dir.restore(resumed, config, process)
+    assert full[2] == back[2] == 3 and set(full[1]) == set(back[1])
+    for a, b in zip(tf.nest.flatten(full[:2]), tf.nest.flatten(back[:2])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_nan_update_rejected_and_dropout_tolerated(digits, tmp_path):
