@@ -8,7 +8,6 @@ by thin TFF wiring. Only the shared update crosses to SERVER, through a TFF aggr
 
 import collections
 from collections.abc import Callable
-import functools
 
 import numpy as np
 import tensorflow as tf
@@ -250,11 +249,8 @@ def build_stateful_clients_process(
         persist_optimizer_state=persist_optimizer_state,
         locked=locked,
     )
-    initial_client_state = functools.partial(
-        client_work.initial_client_state,
-        probe,
-        persist_optimizer_state=persist_optimizer_state,
-        keep_statistics=keep_statistics,
+    initial_client_state = client_work.initial_client_state_fn(
+        probe, persist_optimizer_state=persist_optimizer_state, keep_statistics=keep_statistics
     )
     return StatefulClientsProcess(
         initialize_fn,
