@@ -2,6 +2,7 @@
 
 import collections
 import glob
+import json
 import os
 import shutil
 
@@ -306,7 +307,7 @@ def test_the_driver_reads_only_the_sampled_clients_states(digits, tmp_path, monk
     assert set(store.client_ids(4)) == existing
     # Pruned to rounds 0 and 4: exactly the state files those manifests list remain, each readable.
     assert store.rounds() == [0, 4]
-    listed = {e["file"] for r in (0, 4) for e in store._read_manifest(r).values()}
+    listed = store.files(0) | store.files(4)
     on_disk = {f"{p.parent.name}/{p.name}" for p in (tmp_path / "clients").glob("*/state_*")}
     assert on_disk == listed
     assert set(store.load(4, KEY_DIM)) == existing
@@ -448,6 +449,20 @@ def test_client_state_round_trip_keeps_structure(tmp_path):
     for a, b in zip(tf.nest.flatten(loaded), tf.nest.flatten(state)):
         np.testing.assert_array_equal(a, b)
     assert store.rounds() == [3]
+    # A manifest in format 1 (an object per client: tfkl 0.2.0 and earlier) reads the same.
+    with open(store.manifest_path(3)) as f:
+        entry = json.load(f)["clients"]["0"].split(" ")
+    counts = dict(zip(("lock", "optimizer", "statistics"), map(int, entry[2:5])))
+    old = {"file": "0/state_00003.npz", "sha256": entry[1], "counts": counts, "has_key": True}
+    with open(store.manifest_path(3), "w") as f:
+        json.dump({"round": 3, "clients": {"0": old}}, f, indent=1)
+    for a, b in zip(tf.nest.flatten(store.load(3, 4)["0"]), tf.nest.flatten(state)):
+        np.testing.assert_array_equal(a, b)
+    assert store.last_update_rounds(3) == {"0": 3} and store.files(3) == {"0/state_00003.npz"}
+    with open(store.manifest_path(3), "w") as f:
+        json.dump({"format": 3, "round": 3, "clients": {}}, f)
+    with pytest.raises(ClientStateError, match="format 3 is newer"):
+        store.load(3, 4)
 
 
 def test_evaluation_matrix(digits, tmp_path):
