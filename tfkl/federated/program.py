@@ -35,11 +35,12 @@ class RunOptions:
     cache_client_data: bool = True  # each client's examples as a tf.data snapshot under root_dir/client_data
 
 
-def train(root_dir, config, options, dataset=None, partition=None):
+def train(root_dir, config, options, dataset=None, partition=None, metrics_manager=None):
     """Runs (or resumes) training in `root_dir` to `options.rounds`; returns the final round's metrics
     (None when the run has already reached `options.rounds`: nothing to do).
 
     `partition[i]`: client i's example indices in `dataset` (default: the config's split of it).
+    `metrics_manager`: where each round's metrics go (default: run_dir.metrics_manager(root_dir)).
     """
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
     if partition is None:
@@ -71,7 +72,7 @@ def train(root_dir, config, options, dataset=None, partition=None):
         partition,
         restored,
         state_manager=state_manager,
-        metrics_manager=run_dir.metrics_manager(root_dir),
+        metrics_manager=metrics_manager or run_dir.metrics_manager(root_dir),
     )
 
 
