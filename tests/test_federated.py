@@ -313,6 +313,17 @@ def test_the_driver_reads_only_the_sampled_clients_states(digits, tmp_path, monk
     assert set(store.load(4, KEY_DIM)) == existing
 
 
+def test_evaluation_reads_only_the_evaluated_clients_states(digits, tmp_path, monkeypatch):
+    from tfkl.federated import evaluation
+
+    config = make_config(num_clients=40, clients_per_round=3)
+    program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
+    reads = _count_state_reads(monkeypatch)
+    result = evaluation.evaluate(str(tmp_path), public_sizes=(20,), max_clients=2, recovery_steps=1, dataset=digits)
+    round_2 = simulation.sample_clients(40, 3, config.seed, 2)
+    assert result["evaluated_clients"] == round_2[:2] and reads == round_2[:2]  # the 2 most recent, no other
+
+
 def test_a_client_created_on_its_first_sampling_keeps_its_state(digits, tmp_path):
     """A new client's key and initial state are on disk before its first round: a round interrupted and
     run again, or a resumed run, uses them (CSPRNG keys, private locks); run to the end, the result is

@@ -218,6 +218,15 @@ class RunStateManager:
             raise ProgramError(f"client states of round {round_num} do not match --num_clients={config.num_clients}")
         return server_state, self._checked(process, client_states, round_num), int(round_num)
 
+    def load_clients(self, config, process, round_num, client_ids):
+        """The states after `round_num` of those of `client_ids` that exist then; ProgramError if one is
+        missing, corrupt or does not fit the process."""
+        try:
+            states = self.clients.load(round_num, _key_dim(config), client_ids)
+        except ClientStateError as e:
+            raise ProgramError(str(e)) from None
+        return self._checked(process, states, round_num)
+
     def client_states(self, config, process, round_num, client_ids, create=None):
         """The states after `round_num` of `client_ids` (a round's sampled clients); a client is created
         on its first sampling by `create` (default: `initial_state_fn`) and kept on disk from then on.
@@ -235,10 +244,9 @@ class RunStateManager:
         writes anything. The other clients' states are verified when they are sampled."""
         try:
             self.clients.check_files(round_num)
-            states = self.clients.load(round_num, _key_dim(config), client_ids)
         except ClientStateError as e:
             raise ProgramError(str(e)) from None
-        self._checked(process, states, round_num)
+        self.load_clients(config, process, round_num, client_ids)
 
     @staticmethod
     def _checked(process, client_states, round_num):
