@@ -4,7 +4,7 @@ Each population runs in a fresh process (`python -m benchmarks.scale --scale_pop
 --scale_out=...`) through the training program's own loop, `tfkl.federated.program.train` (what
 `python -m tff_programs.train` runs): locked LeNet 32x32x1, CSPRNG keys, persistent client optimizer
 state, 10 clients sampled per round on TFF's local C++ context, metrics.csv and TensorBoard, tf.data
-snapshots of the clients' data, and the client states in the run's ClientStore on disk: each client's
+files of the clients' data, and the client states in the run's ClientStore on disk: each client's
 created on its first sampling, only the round's sampled clients read. Every client holds 64
 examples drawn from one synthetic pool of 640, so the data set does not grow with the population and
 every round trains the same amount: the figures isolate the cost of the population itself.
@@ -40,7 +40,7 @@ _POPULATION = flags.DEFINE_integer("scale_population", 10, "Number of clients.",
 _CLIENTS_PER_ROUND = flags.DEFINE_integer("scale_clients_per_round", 10, "Clients sampled per round.", lower_bound=1)
 _ROUNDS = flags.DEFINE_integer("scale_rounds", 8, "Rounds to run (the first includes TFF's tracing).", lower_bound=2)
 _MODE = flags.DEFINE_enum("scale_mode", "train", ["train", "store"], "What to measure (see the module's doc).")
-_CACHE = flags.DEFINE_bool("scale_cache_client_data", True, "train: RunOptions.cache_client_data (tf.data snapshots).")
+_CACHE = flags.DEFINE_bool("scale_cache_client_data", True, "train: RunOptions.cache_client_data (client data files).")
 _OUT = flags.DEFINE_string("scale_out", None, "JSON file for this population's measurements.")
 _DIR = flags.DEFINE_string("scale_dir", None, "Directory for the run (deleted by the parent).")
 flags.register_validator("scale_out", lambda path: path is not None, "--scale_out is required")
@@ -142,7 +142,7 @@ def measure_population(population, clients_per_round, rounds, root_dir, cache_cl
     from tfkl.federated.config import Config
 
     # Where a round's time goes: its clients' states (read, or created on a first sampling), their data
-    # pipelines (with the cache, a first sampling writes the client's snapshot), saving the round, and
+    # pipelines (with the cache, a first sampling writes the client's data file), saving the round, and
     # the garbage collector.
     spent = collections.Counter()
     _timed(run_dir.RunStateManager, "client_states", spent, "client_states_s")
@@ -341,7 +341,7 @@ def _pool(runs):
 
 
 def _data_label(cache_client_data):
-    return "snapshots (default)" if cache_client_data else "inline (--nocache_client_data)"
+    return "files (default)" if cache_client_data else "inline (--nocache_client_data)"
 
 
 def _train_rows(pooled):
@@ -474,7 +474,7 @@ def run(quick):
         "Client states live in the run's ClientStore on disk; a round reads its sampled clients' states only "
         "and creates a client's on its first sampling, so with 1,000 or 10,000 clients most rounds create "
         "their clients (a key file and an initial state file each; with the data cache, the client's tf.data "
-        "snapshot too) while with 10 clients every client exists after round 1: that first-sampling work is "
+        "data file too) while with 10 clients every client exists after round 1: that first-sampling work is "
         "part of the larger populations' round time ('client states s', 'client data s').",
         "The store table: the index (one manifest per round, about 150 bytes per client with a state) is "
         "read and written whole, so its per-round cost grows with the clients that have a state, not with "

@@ -586,6 +586,15 @@ def test_cached_client_data_equals_in_memory(digits, tmp_path):
             np.testing.assert_array_equal(x, x2)
             np.testing.assert_array_equal(y, y2)
     assert not np.array_equal(batches[0][0][1], batches[0][3][1])  # reshuffled each epoch
+    # A new client's file written and read adds no function to the process (tf.data's Dataset.save and
+    # load added some per call, kept for good: the driver's memory grew with every client).
+    from tensorflow.python.eager import context as eager_context
+
+    functions = len(eager_context.context().list_function_names())
+    for client in range(4, 8):
+        client_data.client_dataset(config, digits, indices, client, str(tmp_path), str(client))
+    assert len(eager_context.context().list_function_names()) == functions
+    assert sorted(os.listdir(tmp_path)) == [f"client_{c}.tfrecord" for c in range(3, 8)]
 
 
 def test_interrupted_initialisation_keeps_the_saved_keys(digits, tmp_path):

@@ -32,7 +32,7 @@ class RunOptions:
     inject_nan: tuple = ()  # ((round, client_id), ...): the client's data become NaN
     inject_failure: tuple = ()  # ((round, client_id), ...): the client's computation fails mid-epoch
     progress: bool = True
-    cache_client_data: bool = True  # each client's examples as a tf.data snapshot under root_dir/client_data
+    cache_client_data: bool = True  # each client's examples in a file under root_dir/client_data
 
 
 def train(root_dir, config, options, dataset=None, partition=None, metrics_manager=None):
@@ -90,7 +90,7 @@ def train_rounds(root_dir, process, config, options, dataset, partition, restore
     """Trains from `restored` ((server_state, client_states, round); None: a new run) to `options.rounds`.
 
     Each round is saved through `state_manager` (a run_dir.RunStateManager) and its metrics released
-    through `metrics_manager` (a tff.program.ReleaseManager); captures and client data snapshots go
+    through `metrics_manager` (a tff.program.ReleaseManager); captures and client data files go
     under `root_dir`. Client states stay on disk: a round reads its sampled clients' states only,
     each client's created on its first sampling, and writes back the ones that changed (the client
     states in `restored` are not used). Returns the final round's metrics.

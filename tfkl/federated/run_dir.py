@@ -7,7 +7,7 @@ Under `root_dir`:
   clients/             tfkl.federated.client_store.ClientStore: private client states per round
   metrics.csv, tensorboard/   per-round metrics (CSV and TensorBoard release managers)
   captures/            optional: what a curious server received (tfkl.capture format)
-  client_data/         each client's examples as a tf.data snapshot (the round ships their path)
+  client_data/         each client's examples in a file (the round ships its path)
 Client states are saved before the server state, so a round is complete when both exist; a resumed
 run starts from the last complete round and gives the same result as an uninterrupted one. A client's
 state is created on its first sampling and read only when it is sampled: the driver's memory does
