@@ -13,9 +13,10 @@ every round trains the same amount: the figures isolate the cost of the populati
 Round time is the time between two rounds' metrics releases (all a round costs: reading and creating
 the sampled clients' states, the TFF round, saving the round); the first round (TFF's tracing) is
 reported apart. The driver's peak RSS comes from `os.wait4` (getrusage of the finished child); the
-TFF C++ worker's RSS is sampled at each round. The populations run one after the other, in passes of
-alternating order (10, 1,000, 10,000, then 10,000, 1,000, 10), so that other load on the machine
-falls on all of them; ratios compare runs of the same invocation.
+TFF C++ worker's RSS is sampled at each round. The populations run one after the other, in 3 passes of
+rotated order (10, 1,000, 10,000; 1,000, 10,000, 10; 10,000, 10, 1,000), each with and without the data
+cache in turn, so that other load on the machine falls on all of them; ratios compare runs of the same
+invocation.
 
 A fresh run creates few clients per round, so its client index (the per-round manifest) is small. The
 `store` part (`--scale_mode=store`, its own process per population) measures that index's cost late
@@ -60,7 +61,7 @@ def _settings(quick):
         "populations": [10, 30] if quick else list(POPULATIONS),
         "clients_per_round": CLIENTS_PER_ROUND,
         "rounds": 3 if quick else 8,
-        "passes": 1 if quick else 2,
+        "passes": 1 if quick else 3,
         "cache_client_data": [True] if quick else [True, False],
         "model": "locked LeNet (key_dim 1024)",
         "input_shape": list(INPUT_SHAPE),
@@ -139,7 +140,7 @@ def measure_population(population, clients_per_round, rounds, root_dir, cache_cl
     import tensorflow_federated as tff
 
     from tff_programs import contexts
-    from tfkl.federated import program, run_dir
+    from tfkl.federated import program, run_dir, simulation
     from tfkl.federated.client_store import ClientStore
     from tfkl.federated.config import Config
 
@@ -150,6 +151,7 @@ def measure_population(population, clients_per_round, rounds, root_dir, cache_cl
     _timed(run_dir.RunStateManager, "client_states", spent, "client_states_s")
     _timed(program, "client_dataset", spent, "client_data_s")
     _timed(run_dir.RunStateManager, "save", spent, "save_s")
+    _timed(simulation, "run_round", spent, "run_round_s")  # the TFF round, with its clients' data pipelines
     import gc
 
     gc.callbacks.append(_gc_clock(spent))
@@ -191,7 +193,7 @@ def measure_population(population, clients_per_round, rounds, root_dir, cache_cl
     contexts.shutdown()
     times = [start] + [r["time"] for r in releases]
     round_s = [b - a for a, b in zip(times, times[1:])]
-    parts = ("client_states_s", "client_data_s", "save_s", "gc_s", "gc_full_passes")
+    parts = ("client_states_s", "client_data_s", "run_round_s", "save_s", "gc_s", "gc_full_passes")
     store = ClientStore(os.path.join(root_dir, "clients"))
     return {
         "population": population,
@@ -353,7 +355,7 @@ def _train_rows(pooled):
     base = next((r for r in pooled if "error" not in r), None)
     for r in pooled:
         if "error" in r:
-            rows.append([r["population"], None, r["error"]] + [None] * 13)
+            rows.append([r["population"], None, r["error"]] + [None] * 14)
             continue
         parts = r["steady_breakdown_s"]
         rows.append(
@@ -365,6 +367,7 @@ def _train_rows(pooled):
                 r["steady_round_s"] / base["steady_round_s"],
                 parts["client_states_s"],
                 parts["client_data_s"],
+                parts["run_round_s"] - parts["client_data_s"],
                 parts["save_s"],
                 parts["gc_s"],
                 r["gc_full_passes_per_round"],
@@ -413,8 +416,10 @@ def run(quick):
     populations = settings["populations"]
     runs = {(cache, p): [] for cache in settings["cache_client_data"] for p in populations}
     for index in range(settings["passes"]):
-        for cache in settings["cache_client_data"]:
-            for population in populations if index % 2 == 0 else populations[::-1]:
+        # Pass i starts at the i-th population (a Latin square: each population runs first, second and
+        # third once in 3 passes), each population with and without the data cache in turn.
+        for population in populations[index % len(populations) :] + populations[: index % len(populations)]:
+            for cache in settings["cache_client_data"][:: 1 if index % 2 == 0 else -1]:
                 runs[cache, population].append(run_child(population, settings, cache_client_data=cache))
     pooled = {cache: [_pool(runs[cache, p]) for p in populations] for cache in settings["cache_client_data"]}
     store = [run_child(p, settings, mode="store") for p in populations]
@@ -435,8 +440,8 @@ def run(quick):
     tables = [
         {
             "title": f"FedKL rounds through program.train, {CLIENTS_PER_ROUND} clients per round, locked LeNet "
-            "32x32x1 (later rounds: medians; client states / client data / save / GC: the seconds of a round "
-            "spent there)",
+            "32x32x1 (later rounds: medians; client states / client data / TFF round / save / GC: the seconds "
+            "of a round spent there)",
             "columns": [
                 "clients",
                 "client data",
@@ -445,6 +450,7 @@ def run(quick):
                 "round time vs smallest",
                 "client states s",
                 "client data s",
+                "TFF round s",
                 "save s",
                 "GC s",
                 "full GC passes per round",
@@ -473,7 +479,7 @@ def run(quick):
     ]
     notes = [
         common.SHARED_MACHINE_NOTE,
-        "Each population runs in its own process, in passes of alternating order; 'vs smallest' ratios "
+        "Each population runs in its own process, in passes of rotated order; 'vs smallest' ratios "
         "compare runs of the same invocation. Later-round times pool every pass's rounds after the first.",
         "Client states live in the run's ClientStore on disk; a round reads its sampled clients' states only "
         "and creates a client's on its first sampling, so with 1,000 or 10,000 clients most rounds create "
