@@ -178,7 +178,7 @@ def run(quick):
         "notes": [
             common.SHARED_MACHINE_NOTE,
             "A round ships each client's tf.data pipeline to the TFF worker (reading the client's "
-            "examples from a snapshot file, as `train` does; '_inline_data': the examples serialised "
+            "examples from a file, as `train` does; '_inline_data': the examples serialised "
             "into the pipeline), builds the client model there, moves private state in and out and "
             "applies the server update; Keras fit runs in-process on an already built model.",
             "Keras fit uses Keras SGD (no weight decay); the round uses TorchSGD with coupled weight decay.",

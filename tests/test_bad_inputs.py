@@ -91,7 +91,8 @@ def reshape_client_state(run, tmp):
     with open(manifest) as f:
         entries = json.load(f)
     with open(path, "rb") as f:
-        entries["clients"]["0"]["sha256"] = hashlib.sha256(f.read()).hexdigest()
+        fields = entries["clients"]["0"].split(" ")  # "round sha256 counts... has_key"
+        entries["clients"]["0"] = " ".join([fields[0], hashlib.sha256(f.read()).hexdigest(), *fields[2:]])
     with open(manifest, "w") as f:
         json.dump(entries, f)
 

@@ -3,6 +3,7 @@
 import collections
 import dataclasses
 import glob
+import json
 import os
 import shutil
 
@@ -303,15 +304,121 @@ def test_sampling_and_private_state_with_many_clients(digits, tmp_path):
     program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
     initial = ClientStore(str(tmp_path / "clients")).load(0, KEY_DIM)
     final = ClientStore(str(tmp_path / "clients")).load(2, KEY_DIM)
-    changed = {c for c in final if any(not np.array_equal(a, b) for a, b in zip(final[c]["lock"], initial[c]["lock"]))}
     sampled = {c for r in (1, 2) for c in simulation.sample_clients(20, 4, config.seed, r)}
-    assert changed == sampled and 4 <= len(changed) <= 8
+    # A client exists from its first sampling on: manifest 0 lists every client's initial state.
+    assert set(initial) == set(final) == sampled and 4 < len(sampled) <= 8
+    changed = {c for c in final if any(not np.array_equal(a, b) for a, b in zip(final[c]["lock"], initial[c]["lock"]))}
+    assert changed == sampled
     last = ClientStore(str(tmp_path / "clients")).last_update_rounds(2)
     assert {c for c, r in last.items() if r == 2} == set(simulation.sample_clients(20, 4, config.seed, 2))
     assert {c for c, r in last.items() if r > 0} == sampled
-    assert len({final[c]["key"][0].tobytes() for c in final}) == 20
+    assert len({final[c]["key"][0].tobytes() for c in final}) == len(sampled)
+    assert {p.name for p in (tmp_path / "clients").iterdir() if p.is_dir()} == sampled  # none for the others
     for cid in final:
         assert os.stat(tmp_path / "clients" / cid / "key").st_mode & 0o777 == 0o600
+        assert os.stat(tmp_path / "clients" / cid).st_mode & 0o777 == 0o700
+        for state_file in (tmp_path / "clients" / cid).glob("state_*.npz"):
+            assert state_file.stat().st_mode & 0o777 == 0o600
+
+
+def _count_state_reads(monkeypatch):
+    """The client ids whose state files ClientStore reads, in order."""
+    reads = []
+    read_state = ClientStore._load_state
+
+    def counting(self, cid, entry, key_dim):
+        reads.append(cid)
+        return read_state(self, cid, entry, key_dim)
+
+    monkeypatch.setattr(ClientStore, "_load_state", counting)
+    return reads
+
+
+def test_the_driver_reads_only_the_sampled_clients_states(digits, tmp_path, monkeypatch):
+    config = make_config(num_clients=40, clients_per_round=3)
+    reads = _count_state_reads(monkeypatch)
+    program.train(str(tmp_path), config, program.RunOptions(rounds=3, keep_rounds=1, progress=False), dataset=digits)
+    sampled = [simulation.sample_clients(40, 3, config.seed, r) for r in (1, 2, 3)]
+    assert reads == [c for ids in sampled for c in ids]  # each round its 3 sampled clients, nothing else
+    reads.clear()
+    program.train(str(tmp_path), config, program.RunOptions(rounds=4, keep_rounds=1, progress=False), dataset=digits)
+    round_4 = simulation.sample_clients(40, 3, config.seed, 4)
+    existed = {c for ids in sampled for c in ids}
+    # Resuming reads the next round's existing clients (checked before anything is written), then the round's.
+    assert reads == [c for c in round_4 if c in existed] + round_4
+    existing = existed | set(round_4)
+    store = ClientStore(str(tmp_path / "clients"))
+    assert set(store.client_ids(4)) == existing
+    # Pruned to rounds 0 and 4: exactly the state files those manifests list remain, each readable.
+    assert store.rounds() == [0, 4]
+    listed = store.files(0) | store.files(4)
+    on_disk = {f"{p.parent.name}/{p.name}" for p in (tmp_path / "clients").glob("*/state_*")}
+    assert on_disk == listed
+    assert set(store.load(4, KEY_DIM)) == existing
+
+
+def test_evaluation_reads_only_the_evaluated_clients_states(digits, tmp_path, monkeypatch):
+    from tfkl.federated import evaluation
+
+    config = make_config(num_clients=40, clients_per_round=3)
+    program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
+    reads = _count_state_reads(monkeypatch)
+    result = evaluation.evaluate(str(tmp_path), public_sizes=(20,), max_clients=2, recovery_steps=1, dataset=digits)
+    round_2 = simulation.sample_clients(40, 3, config.seed, 2)
+    assert result["evaluated_clients"] == round_2[:2] and reads == round_2[:2]  # the 2 most recent, no other
+
+
+def test_a_client_created_on_its_first_sampling_keeps_its_state(digits, tmp_path):
+    """A new client's key and initial state are on disk before its first round: a round interrupted and
+    run again, or a resumed run, uses them (CSPRNG keys, private locks); run to the end, the result is
+    an uninterrupted run's."""
+    config = make_config(num_clients=12, clients_per_round=3, seeded_keys=False, lock_init="private")
+    root = str(tmp_path / "run")
+    program.train(root, config, program.RunOptions(rounds=1, progress=False), dataset=digits)
+    process = build_process(config)
+    manager = run_dir.RunStateManager(root)
+    round_2 = simulation.sample_clients(12, 3, config.seed, 2)
+    new = [c for c in round_2 if c not in simulation.sample_clients(12, 3, config.seed, 1)]
+    assert new
+    # Round 2 starts (its new clients are created), and the run is killed before round 2 is saved.
+    before, created = manager.client_states(config, process, 1, round_2)
+    assert created == new and set(before) == set(round_2)
+    again, created = run_dir.RunStateManager(root).client_states(config, process, 1, round_2)
+    assert created == []
+    for cid in round_2:
+        for a, b in zip(tf.nest.flatten(before[cid]), tf.nest.flatten(again[cid])):
+            np.testing.assert_array_equal(a, b)
+    # An addition interrupted after manifest 0 but before manifest 1 listed the client keeps manifest 0's state.
+    manifest_1 = manager.clients._read_manifest(1)
+    del manifest_1[new[0]]
+    manager.clients._write_manifest(1, manifest_1)
+    third, created = run_dir.RunStateManager(root).client_states(config, process, 1, [new[0]])
+    assert created == []
+    for a, b in zip(tf.nest.flatten(before[new[0]]), tf.nest.flatten(third[new[0]])):
+        np.testing.assert_array_equal(a, b)
+    program.train(root, config, program.RunOptions(rounds=2, progress=False), dataset=digits)
+    store = ClientStore(str(tmp_path / "run" / "clients"))
+    initial, after = store.load(0, KEY_DIM), store.load(2, KEY_DIM)
+    for cid in new:
+        np.testing.assert_array_equal(after[cid]["key"][0], before[cid]["key"][0])
+        for a, b in zip(initial[cid]["lock"], before[cid]["lock"]):
+            np.testing.assert_array_equal(a, b)
+    assert store.last_update_rounds(1)[new[0]] == 0 and store.last_update_rounds(2)[new[0]] == 2
+
+    # Seeded keys: an interrupted and resumed run equals an uninterrupted one, state for state.
+    config = make_config(num_clients=12, clients_per_round=3)
+    program.train(str(tmp_path / "full"), config, program.RunOptions(rounds=3, progress=False), dataset=digits)
+    resumed = str(tmp_path / "resumed")
+    program.train(resumed, config, program.RunOptions(rounds=1, progress=False), dataset=digits)
+    run_dir.RunStateManager(resumed).client_states(
+        config, build_process(config), 1, simulation.sample_clients(12, 3, config.seed, 2)
+    )
+    program.train(resumed, config, program.RunOptions(rounds=3, progress=False), dataset=digits)
+    process = build_process(config)
+    full, back = run_dir.restore(str(tmp_path / "full"), config, process), run_dir.restore(resumed, config, process)
+    assert full[2] == back[2] == 3 and set(full[1]) == set(back[1])
+    for a, b in zip(tf.nest.flatten(full[:2]), tf.nest.flatten(back[:2])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_nan_update_rejected_and_dropout_tolerated(digits, tmp_path):
@@ -397,6 +504,20 @@ def test_client_state_round_trip_keeps_structure(tmp_path):
     for a, b in zip(tf.nest.flatten(loaded), tf.nest.flatten(state)):
         np.testing.assert_array_equal(a, b)
     assert store.rounds() == [3]
+    # A manifest in format 1 (an object per client: tfkl 0.2.0 and earlier) reads the same.
+    with open(store.manifest_path(3)) as f:
+        entry = json.load(f)["clients"]["0"].split(" ")
+    counts = dict(zip(("lock", "optimizer", "statistics"), map(int, entry[2:5])))
+    old = {"file": "0/state_00003.npz", "sha256": entry[1], "counts": counts, "has_key": True}
+    with open(store.manifest_path(3), "w") as f:
+        json.dump({"round": 3, "clients": {"0": old}}, f, indent=1)
+    for a, b in zip(tf.nest.flatten(store.load(3, 4)["0"]), tf.nest.flatten(state)):
+        np.testing.assert_array_equal(a, b)
+    assert store.last_update_rounds(3) == {"0": 3} and store.files(3) == {"0/state_00003.npz"}
+    with open(store.manifest_path(3), "w") as f:
+        json.dump({"format": 3, "round": 3, "clients": {}}, f)
+    with pytest.raises(ClientStateError, match="format 3 is newer"):
+        store.load(3, 4)
 
 
 def test_evaluation_matrix(digits, tmp_path):
@@ -530,6 +651,15 @@ def test_cached_client_data_equals_in_memory(digits, tmp_path):
             np.testing.assert_array_equal(x, x2)
             np.testing.assert_array_equal(y, y2)
     assert not np.array_equal(batches[0][0][1], batches[0][3][1])  # reshuffled each epoch
+    # A new client's file written and read adds no function to the process (tf.data's Dataset.save and
+    # load added some per call, kept for good: the driver's memory grew with every client).
+    from tensorflow.python.eager import context as eager_context
+
+    functions = len(eager_context.context().list_function_names())
+    for client in range(4, 8):
+        client_data.client_dataset(config, digits, indices, client, str(tmp_path), str(client))
+    assert len(eager_context.context().list_function_names()) == functions
+    assert sorted(os.listdir(tmp_path)) == [f"client_{c}.tfrecord" for c in range(3, 8)]
 
 
 def test_interrupted_initialisation_keeps_the_saved_keys(digits, tmp_path):

@@ -109,7 +109,7 @@ _CAPTURE = flags.DEFINE_list(
 _CACHE = flags.DEFINE_bool(
     "cache_client_data",
     True,
-    "Keep each client's examples as a tf.data snapshot under "
+    "Keep each client's examples in a file under "
     "root_dir/client_data: rounds ship a path, not the examples (about 2x faster).",
 )
 _KEEP = flags.DEFINE_integer("keep_rounds", 5, "Complete rounds of state kept on disk.", lower_bound=1)

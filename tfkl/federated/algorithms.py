@@ -8,7 +8,6 @@ by thin TFF wiring. Only the shared update crosses to SERVER, through a TFF aggr
 
 import collections
 from collections.abc import Callable
-import functools
 
 import numpy as np
 import tensorflow as tf
@@ -263,11 +262,8 @@ def build_stateful_clients_process(
         random_key_penalty=float(random_key_penalty),
         key_distribution=key_distribution,
     )
-    initial_client_state = functools.partial(
-        client_work.initial_client_state,
-        probe,
-        persist_optimizer_state=persist_optimizer_state,
-        keep_statistics=keep_statistics,
+    initial_client_state = client_work.initial_client_state_fn(
+        probe, persist_optimizer_state=persist_optimizer_state, keep_statistics=keep_statistics
     )
     return StatefulClientsProcess(
         initialize_fn,

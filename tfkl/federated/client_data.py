@@ -1,7 +1,6 @@
 """Each client's local data: its share of the training set, its per-round pipeline, and fault injection."""
 
 import functools
-import multiprocessing
 import os
 
 import numpy as np
@@ -18,21 +17,18 @@ def client_partition(config, dataset):
 def client_dataset(config, dataset, indices, shuffle_seed, cache_dir=None, client_id=None, poison=False, fail=False):
     """One client's local data for one round: shuffled, batched per epoch, repeated `local_epochs`.
 
-    With `cache_dir` the client's examples are read from a tf.data snapshot there (written once):
-    the round then ships a file path to the TFF worker instead of the examples. `poison` turns the
-    images into NaN and `fail` makes the local training raise mid-epoch (fault injection).
+    With `cache_dir` the client's examples are read from a file there (written on its first use): the
+    round then ships a file path to the TFF worker instead of the examples. `poison` turns the images
+    into NaN and `fail` makes the local training raise mid-epoch (fault injection).
     """
     if cache_dir is None:
         examples = tf.data.Dataset.from_tensor_slices((dataset.x_train[indices], dataset.y_train[indices]))
     else:
-        path = os.path.join(cache_dir, f"client_{client_id}")
-        if not os.path.isdir(path):
-            tmp = f"{path}.tmp"
-            if os.path.isdir(tmp):
-                tf.io.gfile.rmtree(tmp)
-            tf.data.Dataset.from_tensor_slices((dataset.x_train[indices], dataset.y_train[indices])).save(tmp)
-            os.replace(tmp, path)
-        examples = tf.data.Dataset.load(path, reader_func=_snapshot_reader)
+        path = os.path.join(cache_dir, f"client_{client_id}.tfrecord")
+        if not os.path.exists(path):
+            _write_examples(path, dataset.x_train[indices], dataset.y_train[indices])
+        x, y = dataset.x_train, dataset.y_train
+        examples = _examples_reader(x.shape[1:], x.dtype.name, y.dtype.name)(tf.constant(path))
     examples = examples.shuffle(len(indices), seed=shuffle_seed, reshuffle_each_iteration=True)
     batches = _batcher(config.batch_size, config.local_epochs, tuple(config.input_shape))(examples)
     if poison:
@@ -42,12 +38,40 @@ def client_dataset(config, dataset, indices, shuffle_seed, cache_dir=None, clien
     return batches.with_options(_CLIENT_DATA_OPTIONS)
 
 
-# Dataset.load's default reader, traced once: tf.data would trace a new one for every client.
-_snapshot_reader = tf.function(
-    lambda shards: shards.interleave(
-        lambda shard: shard, cycle_length=multiprocessing.cpu_count(), num_parallel_calls=tf.data.AUTOTUNE
-    )
-)
+def _write_examples(path, images, labels):
+    """A client's examples as a TFRecord file: per chunk of `_CHUNK` examples, a record of its images
+    and one of its labels (serialized tensors); written atomically. (tf.data's Dataset.save and
+    Dataset.load, used before, keep every call's functions in the process: 0.36 MB per client saved,
+    0.1 MB per client read, each round.)"""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for start in range(0, len(labels), _CHUNK):
+            for array in (images[start : start + _CHUNK], labels[start : start + _CHUNK]):
+                writer.write(tf.make_tensor_proto(array).SerializeToString())
+    os.replace(tmp, path)
+
+
+_CHUNK = 1024  # examples per record pair: a large client's file is read as it goes, not parsed whole first
+
+
+@functools.lru_cache(maxsize=8)
+def _examples_reader(image_shape, image_dtype, label_dtype):
+    """path -> the examples of a file `_write_examples` wrote; traced once per layout, so that reading
+    a client's file adds nothing to the process (a tf.data function made per call would stay)."""
+    image_shape = tuple(image_shape)
+    image_dtype, label_dtype = tf.dtypes.as_dtype(image_dtype), tf.dtypes.as_dtype(label_dtype)
+
+    def parse(records):
+        images = tf.ensure_shape(tf.io.parse_tensor(records[0], image_dtype), (None,) + image_shape)
+        labels = tf.ensure_shape(tf.io.parse_tensor(records[1], label_dtype), (None,))
+        return images, labels
+
+    @tf.function(input_signature=[tf.TensorSpec((), tf.string)])
+    def read(path):
+        return tf.data.TFRecordDataset(path).batch(2).map(parse).unbatch()
+
+    return read
 
 
 @functools.lru_cache(maxsize=8)

@@ -51,23 +51,36 @@ class ModelParts:
 def initial_client_state(model, key=None, lock=None, *, persist_optimizer_state, keep_statistics):
     """A client's first private state (numpy): its `key` (FedKL), `lock` weights of its own or else
     `model`'s (as in the paper), zero momentum buffers and `model`'s statistics (when it keeps them)."""
+    return initial_client_state_fn(
+        model, persist_optimizer_state=persist_optimizer_state, keep_statistics=keep_statistics
+    )(key, lock)
+
+
+def initial_client_state_fn(model, *, persist_optimizer_state, keep_statistics):
+    """`initial_client_state` of `model` as a function of (key, lock): `model` is read once (its lock
+    weights and statistics, its buffers' shapes), not per client (that costs milliseconds each)."""
     _, shared_n, key_vars, lock_vars = ModelParts(model).split(model)
-    if bool(key_vars) == (key is None):
-        raise ValueError("a FedKL client needs a key" if key_vars else "a FedAvg client has no key")
+    key_dim = key_vars[0].shape[0] if key_vars else None
     model_lock = [v.numpy() for v in lock_vars]
-    if lock is not None and [np.shape(w) for w in lock] != [w.shape for w in model_lock]:
-        raise ValueError(
-            f"lock weights of shapes {[np.shape(w) for w in lock]} do not fit the model's "
-            f"{[w.shape for w in model_lock]}"
+    buffers = [(v.shape, v.dtype.as_numpy_dtype) for v in model.trainable_variables] if persist_optimizer_state else []
+    statistics = [v.numpy() for v in shared_n] if keep_statistics else []
+
+    def initial(key=None, lock=None):
+        if bool(key_vars) == (key is None):
+            raise ValueError("a FedKL client needs a key" if key_vars else "a FedAvg client has no key")
+        if lock is not None and [np.shape(w) for w in lock] != [w.shape for w in model_lock]:
+            raise ValueError(
+                f"lock weights of shapes {[np.shape(w) for w in lock]} do not fit the model's "
+                f"{[w.shape for w in model_lock]}"
+            )
+        return collections.OrderedDict(
+            key=[keys.validate_key(key, key_dim)] if key_vars else [],
+            lock=[np.array(a, np.float32) for a in (model_lock if lock is None else lock)],
+            optimizer=[np.zeros(shape, dtype) for shape, dtype in buffers],
+            statistics=[np.array(a) for a in statistics],
         )
-    return collections.OrderedDict(
-        key=[keys.validate_key(key, key_vars[0].shape[0])] if key_vars else [],
-        lock=[np.array(a, np.float32) for a in (model_lock if lock is None else lock)],
-        optimizer=[np.zeros(v.shape, v.dtype.as_numpy_dtype) for v in model.trainable_variables]
-        if persist_optimizer_state
-        else [],
-        statistics=[v.numpy() for v in shared_n] if keep_statistics else [],
-    )
+
+    return initial
 
 
 def throwaway_key(dim, seed, distribution):

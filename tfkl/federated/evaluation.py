@@ -5,7 +5,6 @@ and the evaluation part every accuracy is measured on, so the two never overlap.
 """
 
 import functools
-import os
 
 import numpy as np
 import tensorflow as tf
@@ -14,7 +13,6 @@ from tfkl import data as data_lib
 from tfkl import private
 from tfkl.federated import run_dir
 from tfkl.federated.client_data import client_partition
-from tfkl.federated.client_store import ClientStore
 from tfkl.federated.config import ProgramError, build_process
 from tfkl.training import accuracy, classification_loss
 
@@ -177,18 +175,21 @@ def _evaluation_setup(root_dir, public_size, seed, dataset):
     return config, dataset, process, public, held_out, eval_ds
 
 
-def _restore(root_dir, config, process, round_num):
-    restored = run_dir.restore(root_dir, config, process, round_num)
+def _restore(root_dir, config, process, round_num, max_clients):
+    """(server state, client states, round, client ids, their last update rounds) of a run's round (None:
+    the last complete one). Only the states of the `max_clients` clients that took part most recently
+    (by id among equals: the others still hold initial locks) are read (FedKL; FedAvg: none)."""
+    manager = run_dir.RunStateManager(root_dir)
+    restored = manager.load(config, process, round_num, client_ids=())
     if restored is None:
         raise ProgramError(f"{root_dir} has no complete round to evaluate")
-    return restored
-
-
-def _recent_clients(root_dir, client_states, round_num, max_clients):
-    """The clients that took part most recently (by id among equals): the others still hold initial locks."""
-    last_round = ClientStore(os.path.join(root_dir, "clients")).last_update_rounds(round_num)
-    client_ids = sorted(sorted(client_states, key=int), key=lambda c: -last_round[c])[:max_clients]
-    return client_ids, {c: last_round[c] for c in client_ids}
+    server_state, _, round_num = restored
+    if not config.locked:
+        return server_state, {}, round_num, [], {}
+    last_round = manager.clients.last_update_rounds(round_num)
+    client_ids = sorted(sorted(last_round, key=int), key=lambda c: -last_round[c])[:max_clients]
+    client_states = manager.load_clients(config, process, round_num, client_ids)
+    return server_state, client_states, round_num, client_ids, {c: last_round[c] for c in client_ids}
 
 
 def _own_secret_accuracy(evaluator, client_states, client_ids, eval_ds):
@@ -214,10 +215,9 @@ def accuracy_by_round(root_dir, public_size=1000, max_clients=10, seed=0, datase
     curve = {}
     for round_num in run_dir.complete_rounds(root_dir):
         report(f"accuracy by round: round {round_num}")
-        server_state, client_states, _ = _restore(root_dir, config, process, round_num)
+        server_state, client_states, _, client_ids, _ = _restore(root_dir, config, process, round_num, max_clients)
         evaluator = _Evaluator(config, process, server_state)
         if config.locked:
-            client_ids, _ = _recent_clients(root_dir, client_states, round_num, max_clients)
             curve[round_num] = float(
                 np.mean(list(_own_secret_accuracy(evaluator, client_states, client_ids, eval_ds).values()))
             )
@@ -241,7 +241,9 @@ def evaluate(
     report = _reporter(progress)
     # The first line comes once the run has been read: a run that cannot be evaluated gets its error line alone.
     config, dataset, process, public, held_out, eval_ds = _evaluation_setup(root_dir, max(public_sizes), seed, dataset)
-    server_state, client_states, round_num = _restore(root_dir, config, process, round_num)
+    server_state, client_states, round_num, client_ids, last_update = _restore(
+        root_dir, config, process, round_num, max_clients
+    )
     report(f"evaluating {root_dir}: round {round_num} restored; {len(held_out)} evaluation examples")
     shape = tuple(config.input_shape)
     result = dict(
@@ -262,7 +264,6 @@ def evaluate(
         result["global"] = evaluator.accuracy(eval_ds)
         return result
 
-    client_ids, last_update = _recent_clients(root_dir, client_states, round_num, max_clients)
     result.update(evaluated_clients=client_ids, last_update_round=last_update, descriptions=ENTRIES)
     report(f"(a) own key and lock: clients {', '.join(client_ids)}")
     rows = {"a_own_key_and_lock": _own_secret_accuracy(evaluator, client_states, client_ids, eval_ds)}

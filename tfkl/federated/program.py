@@ -32,28 +32,35 @@ class RunOptions:
     inject_nan: tuple = ()  # ((round, client_id), ...): the client's data become NaN
     inject_failure: tuple = ()  # ((round, client_id), ...): the client's computation fails mid-epoch
     progress: bool = True
-    cache_client_data: bool = True  # each client's examples as a tf.data snapshot under root_dir/client_data
+    cache_client_data: bool = True  # each client's examples in a file under root_dir/client_data
 
 
-def train(root_dir, config, options, dataset=None):
+def train(root_dir, config, options, dataset=None, partition=None, metrics_manager=None):
     """Runs (or resumes) training in `root_dir` to `options.rounds`; returns the final round's metrics
-    (None when the run has already reached `options.rounds`: nothing to do)."""
+    (None when the run has already reached `options.rounds`: nothing to do).
+
+    `partition[i]`: client i's example indices in `dataset` (default: the config's split of it).
+    `metrics_manager`: where each round's metrics go (default: run_dir.metrics_manager(root_dir)).
+    """
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
-    try:
-        partition = client_partition(config, dataset)
-    except ValueError as e:
-        raise ProgramError(f"cannot split the data among the clients: {e}") from None
+    if partition is None:
+        try:
+            partition = client_partition(config, dataset)
+        except ValueError as e:
+            raise ProgramError(f"cannot split the data among the clients: {e}") from None
     run_dir.check_config(root_dir, config)
     process = build_process(config, return_client_updates=bool(options.capture_rounds))
     state_manager = run_dir.RunStateManager(root_dir, options.keep_rounds)
     rerun = state_manager.check_states()
-    restored = state_manager.load(config, process)  # before a release manager writes into root_dir
+    restored = state_manager.load(config, process, client_ids=())  # before a release manager writes into root_dir
     if restored is not None:
         start = restored[2]
         if start >= options.rounds:
             if options.progress:
                 print(f"nothing to do: {root_dir} has trained {start} rounds already (--rounds={options.rounds})")
             return None
+        next_clients = simulation.sample_clients(config.num_clients, config.clients_per_round, config.seed, start + 1)
+        state_manager.check_clients(config, process, start, next_clients)
         if options.progress:
             print(f"resuming {root_dir} after round {start}{_resume_reason(root_dir, rerun)}")
     return train_rounds(
@@ -65,7 +72,7 @@ def train(root_dir, config, options, dataset=None):
         partition,
         restored,
         state_manager=state_manager,
-        metrics_manager=run_dir.metrics_manager(root_dir),
+        metrics_manager=metrics_manager or run_dir.metrics_manager(root_dir),
     )
 
 
@@ -83,21 +90,19 @@ def train_rounds(root_dir, process, config, options, dataset, partition, restore
     """Trains from `restored` ((server_state, client_states, round); None: a new run) to `options.rounds`.
 
     Each round is saved through `state_manager` (a run_dir.RunStateManager) and its metrics released
-    through `metrics_manager` (a tff.program.ReleaseManager); captures and client data snapshots go
-    under `root_dir`. Returns the final round's metrics.
+    through `metrics_manager` (a tff.program.ReleaseManager); captures and client data files go
+    under `root_dir`. Client states stay on disk: a round reads its sampled clients' states only,
+    each client's created on its first sampling, and writes back the ones that changed (the client
+    states in `restored` are not used). Returns the final round's metrics.
     """
     if restored is None:
         server_state = process.initialize()
-        client_lock = config.client_lock_fn()
-        client_states = {
-            str(c): process.initial_client_state(state_manager.initial_key(config, c), client_lock(c))
-            for c in range(config.num_clients)
-        }
         start = 0
-        state_manager.save(0, server_state, client_states, changed=set(client_states))
+        state_manager.save(0, server_state, {}, changed=set())
     else:
-        server_state, client_states, start = restored
+        server_state, _, start = restored
         logger.info("resuming %s after round %d", root_dir, start)
+    create_client = state_manager.initial_state_fn(config, process)
     capture = bool(options.capture_rounds)
     layout = capture_lib.SharedLayout(config.model_fn()(), process.parts)
     cache_dir = run_dir.client_data_dir(root_dir) if options.cache_client_data else None
@@ -113,6 +118,7 @@ def train_rounds(root_dir, process, config, options, dataset, partition, restore
         for round_num in range(start + 1, options.rounds + 1):
             started = time.time()
             sampled = simulation.sample_clients(config.num_clients, config.clients_per_round, config.seed, round_num)
+            client_states, _ = state_manager.client_states(config, process, round_num - 1, sampled, create_client)
             seeds = {c: simulation.data_seed(config.seed, round_num, c) for c in sampled}
 
             def client_data(client_id, round_num=round_num, seeds=seeds):
@@ -135,7 +141,7 @@ def train_rounds(root_dir, process, config, options, dataset, partition, restore
                 )
             except simulation.RoundFailed as e:
                 raise ProgramError(f"round {round_num}: {e}; fix the cause and run the same command again") from None
-            client_states = {**client_states, **new_client_states}
+            client_states.update(new_client_states)
             if capture and capture_lib.captures_round(options.capture_rounds, round_num):
                 capture_lib.save_round_captures(
                     root_dir,

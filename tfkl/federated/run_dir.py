@@ -7,9 +7,11 @@ Under `root_dir`:
   clients/             tfkl.federated.client_store.ClientStore: private client states per round
   metrics.csv, tensorboard/   per-round metrics (CSV and TensorBoard release managers)
   captures/            optional: what a curious server received (tfkl.capture format)
-  client_data/         each client's examples as a tf.data snapshot (the round ships their path)
+  client_data/         each client's examples in a file (the round ships its path)
 Client states are saved before the server state, so a round is complete when both exist; a resumed
-run starts from the last complete round and gives the same result as an uninterrupted one.
+run starts from the last complete round and gives the same result as an uninterrupted one. A client's
+state is created on its first sampling and read only when it is sampled: the driver's memory does
+not grow with --num_clients.
 """
 
 import asyncio
@@ -150,8 +152,8 @@ class RunStateManager:
         return [r for r in clients if complete and r > complete[-1]]
 
     def initial_key(self, config, client_id):
-        """A new client's key; one already on disk comes from an initialisation interrupted before the
-        server state was saved, and is kept."""
+        """A new client's key; one already on disk (its creation was interrupted before its state was
+        listed, or the run starts again without server states) is kept: a secret is never redrawn."""
         if not config.locked:
             return None
         try:
@@ -160,16 +162,34 @@ class RunStateManager:
             raise ProgramError(str(e)) from None
         return config.client_key(client_id) if saved is None else saved
 
+    def initial_state_fn(self, config, process):
+        """client id -> a new client's initial state: its key (`initial_key`) and its lock weights
+        (config.client_lock_fn, set up when the first client is created)."""
+        client_lock = None
+
+        def create(client_id):
+            nonlocal client_lock
+            if client_lock is None:
+                client_lock = config.client_lock_fn()  # lock_init='private' builds a model for it
+            return process.initial_client_state(self.initial_key(config, client_id), client_lock(client_id))
+
+        return create
+
     def save(self, round_num, server_state, client_states, changed):
-        """Saves a round: the `changed` clients' states, then the server state; prunes old rounds."""
+        """Saves a round: the `changed` clients' states (the others in `client_states` that the last
+        round does not list yet as well), then the server state; prunes old rounds."""
         self.clients.save(round_num, client_states, changed=changed)
         asyncio.run(self.server.save(server_state, round_num))
         if self.keep_rounds is not None:
             rounds = self.clients.rounds()
             self.clients.prune(set(rounds[-self.keep_rounds :]) | {0})  # the rounds the server manager keeps
 
-    def load(self, config, process, round_num=None):
-        """(server_state, client_states, round) of the last complete round (or `round_num`); None if none."""
+    def load(self, config, process, round_num=None, client_ids=None):
+        """(server_state, client_states, round) of the last complete round (or `round_num`); None if none.
+
+        `client_ids`: the clients whose states to load (None: every client the round lists; an id it
+        does not list, a client that did not exist yet, has no entry).
+        """
         root_dir = self.root_dir
         template = process.initialize()
         if round_num is None:
@@ -189,11 +209,48 @@ class RunStateManager:
         if [np.shape(x) for x in _flat(server_state)] != [np.shape(x) for x in _flat(template)]:
             raise ProgramError(f"server state of round {round_num} does not fit the model in {CONFIG_FILE}")
         try:
-            client_states = self.clients.load(round_num, config.key_dim if config.locked else None)
+            stored = self.clients.client_ids(round_num)
+            client_states = self.clients.load(round_num, _key_dim(config), client_ids)
         except ClientStateError as e:
             raise ProgramError(str(e)) from None
-        if sorted(client_states, key=int) != [str(i) for i in range(config.num_clients)]:
+        valid = {str(i) for i in range(config.num_clients)}
+        if not set(stored) <= valid:
             raise ProgramError(f"client states of round {round_num} do not match --num_clients={config.num_clients}")
+        return server_state, self._checked(process, client_states, round_num), int(round_num)
+
+    def load_clients(self, config, process, round_num, client_ids):
+        """The states after `round_num` of those of `client_ids` that exist then; ProgramError if one is
+        missing, corrupt or does not fit the process."""
+        try:
+            states = self.clients.load(round_num, _key_dim(config), client_ids)
+        except ClientStateError as e:
+            raise ProgramError(str(e)) from None
+        return self._checked(process, states, round_num)
+
+    def client_states(self, config, process, round_num, client_ids, create=None):
+        """The states after `round_num` of `client_ids` (a round's sampled clients); a client is created
+        on its first sampling by `create` (default: `initial_state_fn`) and kept on disk from then on.
+        Only these clients' files are read. Returns (states by client id, the ids created now)."""
+        create = create or self.initial_state_fn(config, process)
+        try:
+            states, created = self.clients.load_or_create(round_num, client_ids, create, _key_dim(config))
+        except ClientStateError as e:
+            raise ProgramError(str(e)) from None
+        return self._checked(process, states, round_num), created
+
+    def check_clients(self, config, process, round_num, client_ids):
+        """Raises ProgramError if a client file `round_num` lists is missing, or if the state of one of
+        `client_ids` (the next round's) is corrupt or does not fit: a resumed run stops before it
+        writes anything. The other clients' states are verified when they are sampled."""
+        try:
+            self.clients.check_files(round_num)
+        except ClientStateError as e:
+            raise ProgramError(str(e)) from None
+        self.load_clients(config, process, round_num, client_ids)
+
+    @staticmethod
+    def _checked(process, client_states, round_num):
+        """`client_states` as numpy structures; ProgramError if one does not fit the process."""
         template_client = process.client_state_type
         for cid, state in client_states.items():
             client_states[cid] = collections.OrderedDict(
@@ -208,7 +265,11 @@ class RunStateManager:
                             f"client {cid}'s state of round {round_num} does not fit the model: {k}[{i}] is "
                             f"{array.dtype}{list(array.shape)}, the model needs {spec.dtype}{list(spec.shape)}"
                         )
-        return server_state, client_states, int(round_num)
+        return client_states
+
+
+def _key_dim(config):
+    return config.key_dim if config.locked else None
 
 
 def _flat(structure):
@@ -220,6 +281,6 @@ def complete_rounds(root_dir):
     return RunStateManager(root_dir).complete_rounds()
 
 
-def restore(root_dir, config, process, round_num=None):
+def restore(root_dir, config, process, round_num=None, client_ids=None):
     """(server_state, client_states, round) of the run in `root_dir`: see `RunStateManager.load`."""
-    return RunStateManager(root_dir).load(config, process, round_num)
+    return RunStateManager(root_dir).load(config, process, round_num, client_ids)
