@@ -469,7 +469,7 @@ def _library_cases():
         tfkl.export_shared(secured(), directory)
 
     return {
-        "secure-twice": (lambda d: tfkl.secure(secured()), ValueError, "already secured"),
+        "secure-twice": (lambda d: tfkl.secure(secured()), ValueError, "already has KeyLock"),
         "load-shared-corrupt": (corrupt_export, ValueError, "not a readable export_shared directory"),
         "load-shared-missing": (lambda d: tfkl.load_shared(d), ValueError, "not a readable export_shared directory"),
         "export-shared-to-a-file": (export_to_file, ValueError, "is a file"),
