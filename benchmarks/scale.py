@@ -13,10 +13,10 @@ every round trains the same amount: the figures isolate the cost of the populati
 Round time is the time between two rounds' metrics releases (all a round costs: reading and creating
 the sampled clients' states, the TFF round, saving the round); the first round (TFF's tracing) is
 reported apart. The driver's peak RSS comes from `os.wait4` (getrusage of the finished child); the
-TFF C++ worker's RSS is sampled at each round. The populations run one after the other, in 3 passes of
-rotated order (10, 1,000, 10,000; 1,000, 10,000, 10; 10,000, 10, 1,000), each with and without the data
-cache in turn, so that other load on the machine falls on all of them; ratios compare runs of the same
-invocation.
+TFF C++ worker's RSS is sampled at each round. The populations run one after the other, in 4 passes of
+rotated order (10, 1,000, 10,000; 1,000, 10,000, 10; 10,000, 10, 1,000; ...), each with and without the
+data cache in turn, so that other load on the machine falls on all of them; ratios compare runs of the
+same invocation.
 
 A fresh run creates few clients per round, so its client index (the per-round manifest) is small. The
 `store` part (`--scale_mode=store`, its own process per population) measures that index's cost late
@@ -60,8 +60,8 @@ def _settings(quick):
     return {
         "populations": [10, 30] if quick else list(POPULATIONS),
         "clients_per_round": CLIENTS_PER_ROUND,
-        "rounds": 3 if quick else 8,
-        "passes": 1 if quick else 3,
+        "rounds": 3 if quick else 10,
+        "passes": 1 if quick else 4,
         "cache_client_data": [True] if quick else [True, False],
         "model": "locked LeNet (key_dim 1024)",
         "input_shape": list(INPUT_SHAPE),
@@ -346,6 +346,18 @@ def _pool(runs):
     }
 
 
+def _per_pass_ratios(top_runs, base_runs):
+    """Round time ratio (medians of the rounds after the first) of the two populations within each pass."""
+    import numpy as np
+
+    return [
+        float(np.median(top["round_s"][1:]) / np.median(base["round_s"][1:]))
+        if "error" not in top and "error" not in base
+        else None
+        for top, base in zip(top_runs, base_runs)
+    ]
+
+
 def _data_label(cache_client_data):
     return "files (default)" if cache_client_data else "inline (--nocache_client_data)"
 
@@ -416,12 +428,18 @@ def run(quick):
     populations = settings["populations"]
     runs = {(cache, p): [] for cache in settings["cache_client_data"] for p in populations}
     for index in range(settings["passes"]):
-        # Pass i starts at the i-th population (a Latin square: each population runs first, second and
-        # third once in 3 passes), each population with and without the data cache in turn.
+        # Pass i starts at population i mod 3 (each population runs first, second and third in turn),
+        # each population with and without the data cache, in alternating order.
         for population in populations[index % len(populations) :] + populations[: index % len(populations)]:
             for cache in settings["cache_client_data"][:: 1 if index % 2 == 0 else -1]:
                 runs[cache, population].append(run_child(population, settings, cache_client_data=cache))
     pooled = {cache: [_pool(runs[cache, p]) for p in populations] for cache in settings["cache_client_data"]}
+    per_pass = {
+        f"{populations[-1]}_vs_{populations[0]}_{'files' if cache else 'inline'}": _per_pass_ratios(
+            runs[cache, populations[-1]], runs[cache, populations[0]]
+        )
+        for cache in settings["cache_client_data"]
+    }
     store = [run_child(p, settings, mode="store") for p in populations]
     store_rows = [
         [s["population"], s.get("error")] + [None] * 5
@@ -480,7 +498,9 @@ def run(quick):
     notes = [
         common.SHARED_MACHINE_NOTE,
         "Each population runs in its own process, in passes of rotated order; 'vs smallest' ratios "
-        "compare runs of the same invocation. Later-round times pool every pass's rounds after the first.",
+        "compare runs of the same invocation. Later-round times pool every pass's rounds after the first; "
+        "results.round_time_ratio_per_pass has the largest population's ratio within each pass (its spread "
+        "shows how much the machine's other load moves one run).",
         "Client states live in the run's ClientStore on disk; a round reads its sampled clients' states only "
         "and creates a client's on its first sampling, so with 1,000 or 10,000 clients most rounds create "
         "their clients (a key file and an initial state file each; with the data cache, the client's data "
@@ -500,6 +520,7 @@ def run(quick):
             "populations": [r for cache in settings["cache_client_data"] for r in pooled[cache]],
             "runs": [r for key in runs for r in runs[key]],
             "store": store,
+            "round_time_ratio_per_pass": per_pass,
         },
         "tables": tables,
         "headline": [h for cache in settings["cache_client_data"] for h in _headline(pooled[cache])],

@@ -106,19 +106,20 @@ class ClientStore:
         """The states after `round_num` of `client_ids`, creating the clients that do not exist yet.
 
         `create(client_id)` gives a new client's initial state; it is written (key file and
-        state_00000.npz) and listed in manifest 0, then in manifest `round_num`, before it is
-        returned, so a round that is interrupted and run again, or a run resumed from `round_num`,
-        finds the same state. A client manifest 0 lists but `round_num`'s does not (an addition
-        interrupted between the two) keeps the initial state listed there. Both manifests must
-        exist. Returns (states by client id, the ids created now).
+        state_00000.npz) and listed in manifest 0, then in manifest `round_num`, before it is returned
+        (as `create` gave it, not read back), so that a round interrupted and run again, or a run
+        resumed from `round_num`, finds the same state. A client manifest 0 lists but `round_num`'s
+        does not (an addition interrupted between the two) keeps the initial state listed there.
+        Both manifests must exist. Returns (states by client id, the ids created now).
         """
         ids = [str(c) for c in client_ids]
         entries = self._read_manifest(round_num)
         initial = self._read_manifest(0) if int(round_num) else entries
         missing = [c for c in ids if c not in entries]
         created = [c for c in missing if c not in initial]
+        new = {c: create(c) for c in created}
         if missing:
-            added = {c: self._write_state(c, 0, create(c)) for c in created}
+            added = {c: self._write_state(c, 0, state) for c, state in new.items()}
             if added:
                 initial = {**initial, **added}
                 self._write_manifest(0, initial)
@@ -127,7 +128,7 @@ class ClientStore:
                 self._write_manifest(round_num, entries)
             else:
                 entries = initial
-        return {c: self._load_state(c, entries[c], key_dim) for c in ids}, created
+        return {c: new[c] if c in new else self._load_state(c, entries[c], key_dim) for c in ids}, created
 
     def _write_state(self, cid, round_num, state):
         """Writes one client's state file (and its key file if it has none yet); returns its manifest entry."""
