@@ -225,8 +225,10 @@ class Attack:
             images = transform(images)
         labels = label_logits if self.label_mode == "joint" else fixed_labels
         latent = self._lock_latent(latent, target_values, target)
-        predicted = targets_lib.simulate(self.attacker, target, images, labels, latent)
-        return images, [p * _scale(target) for p in predicted]
+        predicted = [p * _scale(target) for p in targets_lib.simulate(self.attacker, target, images, labels, latent)]
+        if target.pruned:  # the pruned entries say nothing: compare the kept ones
+            predicted = [tf.where(t != 0, p, tf.zeros_like(p)) for p, t in zip(predicted, target_values)]
+        return images, predicted
 
     def _batched_value_and_gradients(self, target):
         """f(positions [P, n], target values [P, ...], labels [P, N]) -> (values [P], grads [P, n]).

@@ -90,15 +90,15 @@ DEAD_LATENT = -1e4  # softplus and sigmoid of it are exactly 0 in float32, with 
 
 
 def _prior_lock_values(rng, lock, problems):
-    """[problems, channels] gamma and beta of freshly initialised locks: act(key @ W + b), key ~ U[0, 1),
+    """[problems, affine size] gamma and beta of freshly initialised locks: act(key @ W + b), key ~ U[0, 1),
     W and b ~ U(+-1/sqrt(key_dim)) (PyTorch's Linear init, the paper's)."""
     bound = 1.0 / np.sqrt(lock.key_dim)
     act = (lambda z: np.maximum(z, 0.0)) if lock.activation == "relu" else (lambda z: 1.0 / (1.0 + np.exp(-z)))
     keys = rng.uniform(0.0, 1.0, (problems, lock.key_dim))
     values = []
     for _ in range(2):
-        kernel = rng.uniform(-bound, bound, (problems, lock.key_dim, lock.channels))
-        bias = rng.uniform(-bound, bound, (problems, lock.channels))
+        kernel = rng.uniform(-bound, bound, (problems, lock.key_dim, lock.affine_size))
+        bias = rng.uniform(-bound, bound, (problems, lock.affine_size))
         values.append(act(np.einsum("pk,pkc->pc", keys, kernel) + bias))
     return values
 
@@ -168,20 +168,20 @@ class AttackerModel:
             key = tf.constant(keys_lib.generate_key(lock.key_dim, seed=int(rng.integers(2**31))), tf.float32)
             weights[lock.name] = (
                 key,
-                draw(lock.key_dim, lock.channels),
-                draw(lock.channels),
-                draw(lock.key_dim, lock.channels),
-                draw(lock.channels),
+                draw(lock.key_dim, lock.affine_size),
+                draw(lock.affine_size),
+                draw(lock.key_dim, lock.affine_size),
+                draw(lock.affine_size),
             )
         return weights
 
     # -- lock parameters -------------------------------------------------------------------
     def lock_latent_size(self):
-        """Length of the adaptive attackers' free lock parameters: 2 * channels ('adaptive') or the
-        key ('adaptive-key') per lock."""
+        """Length of the adaptive attackers' free lock parameters: 2 * the lock's affine size (channels,
+        or positions x channels for a spatial lock; 'adaptive') or the key ('adaptive-key') per lock."""
         if self.threat == "adaptive-key":
             return sum(lock.key_dim for lock in self.locks)
-        return sum(2 * lock.channels for lock in self.locks) if self.threat == "adaptive" else 0
+        return sum(2 * lock.affine_size for lock in self.locks) if self.threat == "adaptive" else 0
 
     def initial_lock_latent(self, problems, seed=0, schemes=("uniform",)):
         """[problems, lock_latent_size] start values; problem p starts from scheme schemes[p % len(schemes)]
@@ -203,8 +203,8 @@ class AttackerModel:
         chosen = np.array([schemes[p % len(schemes)] for p in range(problems)])
         parts = []
         for lock in self.locks:
-            gamma = rng.uniform(0.5, 1.5, (problems, lock.channels))
-            beta = rng.uniform(0.0, 0.5, (problems, lock.channels))
+            gamma = rng.uniform(0.5, 1.5, (problems, lock.affine_size))
+            beta = rng.uniform(0.0, 0.5, (problems, lock.affine_size))
             if "prior" in schemes:  # drawn only then: 'uniform' alone keeps its earlier start values
                 prior_gamma, prior_beta = _prior_lock_values(rng, lock, problems)
                 gamma = np.where((chosen == "prior")[:, None], prior_gamma, gamma)
@@ -239,16 +239,17 @@ class AttackerModel:
         """[lock_latent_size] bools for 'adaptive': True at the gamma latents of channels whose source
         kernel's gradient in `target_values` (one problem's, a list per trainable variable) is zero up to
         `tolerance` times the largest channel's norm, i.e. whose gamma must be 0; False elsewhere (betas,
-        locks without a source). Reads only the captured gradient."""
+        locks without a source, spatial locks: a zero gamma at one position leaves the kernel's gradient
+        from the others). Reads only the captured gradient."""
         parts = []
         for lock, source in zip(self.locks, self.lock_sources()):
-            if source is None:
-                dead = tf.zeros([lock.channels], tf.bool)
+            if source is None or lock.affine == "spatial":
+                dead = tf.zeros([lock.affine_size], tf.bool)
             else:
                 kernel = tf.convert_to_tensor(target_values[source], tf.float32)
                 norms = tf.sqrt(tf.reduce_sum(tf.square(tf.reshape(kernel, [-1, lock.channels])), 0))
                 dead = norms <= tolerance * tf.reduce_max(norms)
-            parts += [dead, tf.zeros([lock.channels], tf.bool)]
+            parts += [dead, tf.zeros([lock.affine_size], tf.bool)]
         return tf.concat(parts, 0) if parts else tf.zeros([0], tf.bool)
 
     def lock_values(self, latent=None, lock_weights=None):
@@ -258,15 +259,20 @@ class AttackerModel:
         for lock in self.locks:
             if self.threat == "adaptive":
                 squash = tf.nn.softplus if lock.activation == "relu" else tf.sigmoid
-                c = lock.channels
-                values[lock.name] = (squash(latent[offset : offset + c]), squash(latent[offset + c : offset + 2 * c]))
-                offset += 2 * c
+                size, shape = lock.affine_size, lock.affine_shape
+                values[lock.name] = (
+                    tf.reshape(squash(latent[offset : offset + size]), shape),
+                    tf.reshape(squash(latent[offset + size : offset + 2 * size]), shape),
+                )
+                offset += 2 * size
             else:
                 key, sk, sb, hk, hb = (lock_weights or self.lock_weights)[lock.name]
                 if self.threat == "adaptive-key":
                     key = tf.sigmoid(latent[offset : offset + lock.key_dim])
                     offset += lock.key_dim
-                values[lock.name] = lock_affine(tf.cast(key, tf.float32), sk, sb, hk, hb, lock.activation)
+                values[lock.name] = lock_affine(
+                    tf.cast(key, tf.float32), sk, sb, hk, hb, lock.activation, lock.affine_shape
+                )
         return values
 
     def trainable_lock_weights(self):

@@ -22,7 +22,9 @@ class Target:
 
     `values` covers the trainable shared variables only (the view's `trainable` mask selects them).
     For updates, `batch_size`, `local_epochs` and the SGD settings describe the client's local
-    training as the attacker assumes it (momentum buffers start at zero)."""
+    training as the attacker assumes it (momentum buffers start at zero). `pruned`: the client zeroed
+    the smallest entries of what it sent (gradient pruning); the attacker, who knows the protocol,
+    matches the entries it kept (the nonzero ones) only."""
 
     kind: str
     values: tuple
@@ -33,6 +35,7 @@ class Target:
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
+    pruned: bool = False
 
     @property
     def steps_per_epoch(self):

@@ -75,8 +75,9 @@ flags.register_validator(
 )
 
 
-def commands(name, seed, setting, run_dir):
-    """(train argv, evaluate argv, evaluation JSON) of configuration `name` and `seed`."""
+def commands(name, seed, setting, run_dir, config_flags=None):
+    """(train argv, evaluate argv, evaluation JSON) of configuration `name` (its flags, or `config_flags`)
+    and `seed`."""
     root = os.path.join(run_dir, f"seed_{seed}", name)
     out = root + "_evaluation.json"
     train = [
@@ -90,7 +91,7 @@ def commands(name, seed, setting, run_dir):
         f"--root_dir={root}",
     ]
     train += [f"--key_dim={setting['key_dim']}"] if "key_dim" in setting else []
-    train += CONFIGS[name][1]
+    train += CONFIGS[name][1] if config_flags is None else config_flags
     evaluate = [
         "tff_programs.evaluate",
         f"--root_dir={root}",
@@ -105,13 +106,9 @@ def run_cached(argvs, out, log=print):
     """Runs `argvs` (module argument lists) in order, each in its own process, unless `out` exists and
     was made by the same commands; returns `out`'s JSON. A training command rerun after a kill
     resumes its run. Output goes to out + '.log' (a file: TFF's worker can outlive a pipe's reader)."""
-    stamp = out + ".commands"
-    recorded = json.dumps({"commands": argvs, "evaluation": EVALUATION_VERSION})
-    if os.path.exists(out) and os.path.exists(stamp):
-        with open(stamp) as f:
-            if f.read() == recorded:
-                with open(out) as f:
-                    return json.load(f)
+    doc = cached_doc(argvs, out)
+    if doc is not None:
+        return doc
     os.makedirs(os.path.dirname(out), exist_ok=True)
     env = dict(os.environ, PYTHONPATH=common.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     start = time.perf_counter()
@@ -132,9 +129,25 @@ def run_cached(argvs, out, log=print):
         f.seek(0)
         json.dump(doc, f, indent=1)
         f.truncate()
-    with open(stamp, "w") as f:
-        f.write(recorded)
+    with open(out + ".commands", "w") as f:
+        f.write(_stamp(argvs))
     return doc
+
+
+def _stamp(argvs):
+    return json.dumps({"commands": argvs, "evaluation": EVALUATION_VERSION})
+
+
+def cached_doc(argvs, out):
+    """`out`'s JSON if the same commands made it (see `run_cached`), else None."""
+    stamp = out + ".commands"
+    if not (os.path.exists(out) and os.path.exists(stamp)):
+        return None
+    with open(stamp) as f:
+        if f.read() != _stamp(argvs):
+            return None
+    with open(out) as f:
+        return json.load(f)
 
 
 def round_seconds(root_dir):

@@ -199,6 +199,8 @@ CASES = [
     Case("train-dataset", "train", (NEW, "--dataset=svhn"), "--dataset"),
     Case("train-key-dim-zero", "train", (NEW, "--key_dim=0"), "--key_dim"),
     Case("train-key-distribution", "train", (NEW, "--key_distribution=laplace"), "--key_distribution"),
+    Case("train-lock-affine", "train", (NEW, "--lock_affine=pixel"), "--lock_affine"),
+    Case("train-lock-where", "train", (NEW, "--lock_where=first-three"), "--lock_where"),
     Case("train-keep-rounds-zero", "train", (NEW, "--keep_rounds=0"), "--keep_rounds"),
     Case("train-lr-milestones", "train", (NEW, "--lr_milestones=a,b"), "--lr_milestones must be a list"),
     Case("train-capture-rounds", "train", (NEW, "--capture_rounds=last"), "--capture_rounds must be 'all'"),
@@ -316,6 +318,8 @@ CASES = [
     # the key table benchmark
     Case("key-table-configs", "benchmarks.key_table", ("--key_table_configs=fedkl,foo",), "--key_table_configs takes"),
     Case("key-table-seeds", "benchmarks.key_table", ("--key_table_seeds=0,-1",), "--key_table_seeds takes"),
+    Case("candidates-names", "benchmarks.candidates", ("--cand_names=paper,best",), "--cand_names: from"),
+    Case("candidates-parts", "benchmarks.candidates", ("--cand_parts=lenet,cifar",), "--cand_parts: from"),
     # demo
     Case("demo-rounds-zero", "demo", ("--rounds=0",), "--rounds"),
     Case("demo-positional-argument", "demo", ("now",), "unexpected arguments: now"),

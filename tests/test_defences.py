@@ -93,3 +93,21 @@ def test_every_lock_stays_private(digits, tmp_path):
     shared_shapes = sorted(tuple(v.shape) for v in tfkl.shared_variables(model))
     assert sorted(np.shape(a) for a in server_state["trainable"] + server_state["non_trainable"]) == shared_shapes
     assert (KEY_DIM, 12) not in shared_shapes
+
+
+def test_a_spatial_lock_stays_private(digits, tmp_path):
+    config = make_config(lock_affine="spatial")
+    model = config.model_fn()()
+    (lock,) = tfkl.private.lock_layers(model)
+    assert lock.scale_kernel.shape == (KEY_DIM, 8 * 8 * 12)  # conv1 (stride 2) of 16x16 inputs
+    server_state, client_states, _ = _train(tmp_path, config, digits, rounds=1)
+    server_arrays = [np.asarray(a) for a in tf.nest.flatten(server_state)]
+    for state in client_states.values():
+        assert [np.shape(a) for a in state["lock"]] == [(KEY_DIM, 768), (768,)] * 2
+        for secret in state["key"] + state["lock"]:
+            # 12,288 float32 lock values meet a few equal values among the shared weights by chance
+            # (~1 per array): a leak would put the secret's values there, not one in a thousand.
+            values = np.asarray(secret).ravel()
+            assert max(np.isin(values, a.ravel()).mean() for a in server_arrays) < 1e-3
+    shared_shapes = sorted(tuple(v.shape) for v in tfkl.shared_variables(model))
+    assert sorted(np.shape(a) for a in server_state["trainable"] + server_state["non_trainable"]) == shared_shapes

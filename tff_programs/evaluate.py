@@ -17,7 +17,9 @@ from tff_programs import common, contexts, launch
 _ROOT_DIR = flags.DEFINE_string("root_dir", None, "Root dir of a training run.")
 _ROUND = flags.DEFINE_integer("round", None, "Round to evaluate (default: the last complete one).", lower_bound=0)
 _PUBLIC_SIZES = flags.DEFINE_list(
-    "public_sizes", ["100", "1000"], "Public labelled examples of the lock-recovery attacker."
+    "public_sizes",
+    ["100", "1000"],
+    "Public labelled examples of the lock-recovery attacker (empty: no entry (e), every test example evaluates).",
 )
 _MAX_CLIENTS = flags.DEFINE_integer(
     "max_clients", 10, "Clients evaluated (those that took part most recently).", lower_bound=1

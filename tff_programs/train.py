@@ -74,7 +74,13 @@ _LOCK_WHERE = flags.DEFINE_enum(
     "lock_where",
     "first",
     names.LOCK_WHERES,
-    "FedKL: lock the first conv layer (the paper's) or every conv layer, all with the client's one key.",
+    "FedKL: lock the first conv layer (the paper's), the first two or every conv layer, all with the client's one key.",
+)
+_LOCK_AFFINE = flags.DEFINE_enum(
+    "lock_affine",
+    "channel",
+    names.LOCK_AFFINES,
+    "FedKL: the lock's gamma/beta per channel (the paper's) or per position and channel (spatial).",
 )
 _LOCK_INIT = flags.DEFINE_enum(
     "lock_init",
@@ -192,6 +198,7 @@ def config_from_flags(dataset):
         seeded_keys=_SEEDED_KEYS.value,
         lock_where=_LOCK_WHERE.value,
         lock_init=_LOCK_INIT.value,
+        lock_affine=_LOCK_AFFINE.value,
         dp_clip=_DP_CLIP.value,
         dp_noise_multiplier=_DP_NOISE.value,
         prune_fraction=_PRUNE.value,

@@ -2,12 +2,14 @@
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 from tfkl import keys as keys_lib
 from tfkl.names import NORMALIZATIONS
 
 ACTIVATIONS = ("relu", "sigmoid")
+AFFINES = ("channel", "spatial")
 PRIVATE_WEIGHT_NAMES = ("key", "scale_kernel", "scale_bias", "shift_kernel", "shift_bias")
 _HALF_PRECISION = (tf.float16, tf.bfloat16)
 
@@ -35,17 +37,20 @@ class TorchLinearUniform(tf.keras.initializers.Initializer):
         return {"fan_in": self.fan_in, "seed": self.seed}
 
 
-def lock_affine(key, scale_kernel, scale_bias, shift_kernel, shift_bias, activation="relu"):
+def lock_affine(key, scale_kernel, scale_bias, shift_kernel, shift_bias, activation="relu", shape=None):
     """The lock's (gamma, beta) for `key`: `act(key @ kernel + bias)` for the scale and the shift.
 
-    Both come from one projection of the key onto the two kernels side by side. Differentiable in
-    every argument (the attacks optimise the key or the lock weights through it).
+    Both come from one projection of the key onto the two kernels side by side, flat, or reshaped to
+    `shape` (a spatial lock's (height, width, channels)). Differentiable in every argument (the
+    attacks optimise the key or the lock weights through it).
     """
     act = tf.nn.relu if activation == "relu" else tf.sigmoid
     kernel = tf.concat([scale_kernel, shift_kernel], axis=1)
     bias = tf.concat([scale_bias, shift_bias], axis=0)
     projection = act(tf.nn.bias_add(tf.matmul(tf.reshape(key, [1, -1]), kernel), bias))
     gamma, beta = tf.split(tf.reshape(projection, [-1]), 2)
+    if shape is not None:
+        gamma, beta = tf.reshape(gamma, shape), tf.reshape(beta, shape)
     return gamma, beta
 
 
@@ -74,8 +79,8 @@ def keylock_apply(
     """The lock's forward pass `gamma * normalize(inputs) + beta`, as a pure function.
 
     `KeyLock.call` and the attacker's functional model (`attacks.model.AttackerModel`) both run it.
-    `gamma` and `beta` (per channel, e.g. from `lock_affine`) broadcast over the batch and spatial
-    axes of channels-last `inputs`.
+    `gamma` and `beta` (per channel, e.g. from `lock_affine`, or per position and channel for a
+    spatial lock) broadcast over the batch (and spatial) axes of channels-last `inputs`.
 
     normalization='batch' takes the moving `statistics` (mean, variance): in training it normalises
     with the batch's own statistics and returns the moving ones moved towards them (by `1 -
@@ -89,7 +94,13 @@ def keylock_apply(
       (outputs, statistics): outputs of the dtype of `inputs`, and the (moved) moving statistics.
     """
     if normalization == "batch":
-        return _batch_lock(inputs, gamma, beta, statistics, training, momentum, epsilon)
+        if gamma.shape.rank == 1:
+            return _batch_lock(inputs, gamma, beta, statistics, training, momentum, epsilon)
+        channels = inputs.shape[-1]
+        outputs, statistics = _batch_lock(
+            inputs, tf.ones([channels]), tf.zeros([channels]), statistics, training, momentum, epsilon
+        )
+        return tf.cast(gamma, outputs.dtype) * outputs + tf.cast(beta, outputs.dtype), statistics
     x = tf.cast(inputs, tf.float32) if inputs.dtype in _HALF_PRECISION else inputs
     if normalization == "layer":
         mean, variance = tf.nn.moments(x, list(range(1, x.shape.rank)), keepdims=True)
@@ -152,6 +163,9 @@ class KeyLock(tf.keras.layers.Layer):
         variance epsilon.
       lock_initializer: initialiser of the lock kernels and biases; default PyTorch's Linear default.
       key: optional initial key (array-like of shape (key_dim,)); default a fresh CSPRNG key.
+      affine: 'channel' (the paper's: one gamma and beta per channel) or 'spatial' (one per position
+        and channel: the lock's unknowns then outnumber the input image's pixels; needs inputs of a
+        fixed spatial size, and the kernels grow to key_dim x height x width x channels).
 
     Call arguments:
       inputs: channels-last features of rank >= 2.
@@ -169,9 +183,12 @@ class KeyLock(tf.keras.layers.Layer):
         epsilon=1e-5,
         lock_initializer=None,
         key=None,
+        affine="channel",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if affine not in AFFINES:
+            raise ValueError(f"affine must be one of {AFFINES}, got {affine!r}")
         if int(key_dim) < 1:
             raise ValueError(f"key_dim must be a positive integer, got {key_dim}")
         if activation not in ACTIVATIONS:
@@ -179,6 +196,7 @@ class KeyLock(tf.keras.layers.Layer):
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.key_dim = int(key_dim)
+        self.affine = affine
         self.activation = activation
         self.normalization = normalization
         self.groups = groups
@@ -196,6 +214,11 @@ class KeyLock(tf.keras.layers.Layer):
         self.channels = int(channels)
         if self.normalization == "group":
             resolve_groups(self.channels, self.groups)
+        self.affine_shape = (self.channels,)
+        if self.affine == "spatial":
+            if not input_shape[1:].is_fully_defined():
+                raise ValueError(f"a spatial KeyLock needs a fixed input size, got {input_shape}")
+            self.affine_shape = tuple(int(d) for d in input_shape[1:])
         self.input_spec = tf.keras.layers.InputSpec(ndim=input_shape.rank, axes={-1: self.channels})
         initial_key = self._initial_key
         if initial_key is None:
@@ -203,11 +226,12 @@ class KeyLock(tf.keras.layers.Layer):
         self.key = self.add_weight(
             name="key", shape=(self.key_dim,), initializer=tf.constant_initializer(initial_key), trainable=False
         )
-        lock_shape = (self.key_dim, self.channels)
+        lock_shape = (self.key_dim, self.affine_size)
+        bias_shape = (self.affine_size,)
         self.scale_kernel = self.add_weight(name="scale_kernel", shape=lock_shape, initializer=self._lock_init(0))
-        self.scale_bias = self.add_weight(name="scale_bias", shape=(self.channels,), initializer=self._lock_init(1))
+        self.scale_bias = self.add_weight(name="scale_bias", shape=bias_shape, initializer=self._lock_init(1))
         self.shift_kernel = self.add_weight(name="shift_kernel", shape=lock_shape, initializer=self._lock_init(2))
-        self.shift_bias = self.add_weight(name="shift_bias", shape=(self.channels,), initializer=self._lock_init(3))
+        self.shift_bias = self.add_weight(name="shift_bias", shape=bias_shape, initializer=self._lock_init(3))
         if self.normalization == "batch":
             # Read in float32 under mixed precision, as Keras' BatchNormalization reads its statistics.
             self.moving_mean = self.add_weight(
@@ -236,14 +260,27 @@ class KeyLock(tf.keras.layers.Layer):
         return self.lock_initializer.__class__.from_config(config)
 
     @property
+    def affine_size(self):
+        """The number of gamma values (and of beta values): channels, or positions x channels."""
+        return int(np.prod(self.affine_shape))
+
+    @property
     def private_weights(self):
         """The client's secret: the key and the lock weights."""
         return [getattr(self, name) for name in PRIVATE_WEIGHT_NAMES]
 
     def lock_parameters(self, key=None):
-        """Returns (gamma, beta), each of shape (channels,), for `key` (default the layer's own)."""
+        """Returns (gamma, beta), each of shape `affine_shape`, for `key` (default the layer's own)."""
         key = self.key if key is None else tf.convert_to_tensor(key, self.compute_dtype)
-        return lock_affine(key, self.scale_kernel, self.scale_bias, self.shift_kernel, self.shift_bias, self.activation)
+        return lock_affine(
+            key,
+            self.scale_kernel,
+            self.scale_bias,
+            self.shift_kernel,
+            self.shift_bias,
+            self.activation,
+            self.affine_shape,
+        )
 
     def call(self, inputs, training=None):
         training = bool(training) and self.trainable  # a frozen layer runs in inference mode
@@ -277,6 +314,7 @@ class KeyLock(tf.keras.layers.Layer):
             momentum=self.momentum,
             epsilon=self.epsilon,
             lock_initializer=self._serialized_lock_initializer(),
+            affine=self.affine,
         )
         return config
 

@@ -166,8 +166,9 @@ def build(
     activation: str = "relu",
     normalization: str = "batch",
     key: np.ndarray | None = None,
-    where: str | Sequence[str] = "first",
+    where: str | int | Sequence[str] = "first",
     control: bool = False,
+    affine: str = "channel",
 ) -> tf.keras.Model:
     """Builds a zoo model; with `lock=True` its first conv layer (or those `where` names) carries a KeyLock block.
 
@@ -179,8 +180,9 @@ def build(
       init: 'pytorch' (PyTorch's default initialisers, the paper's), 'dlg' (U(-0.5, 0.5) on every
         weight and bias, as DLG attacks use) or 'keras' (Keras defaults).
       seed: seeds every initialiser (distinct per layer) for reproducible experiments.
-      key_dim, activation, normalization, key: the KeyLock's options (see `tfkl.KeyLock`).
-      where: the layers to lock, as `tfkl.secure` takes it: 'first' (the paper's), 'all' or names.
+      key_dim, activation, normalization, key, affine: the KeyLock's options (see `tfkl.KeyLock`).
+      where: the layers to lock, as `tfkl.secure` takes it: 'first' (the paper's), 'all', a number
+        of layers or names.
       control: with `lock=False`, the FedAvg control instead of the plain backbone: a
         `tfkl.AffineNorm` (the lock's `normalization` with a learned affine, no key) where the lock
         blocks would be (`tfkl.add_affine_normalization`).
@@ -214,4 +216,5 @@ def build(
         key=key,
         lock_initializer=lock_initializer,
         name=f"{name}_locked",
+        affine=affine,
     )

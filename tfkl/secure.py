@@ -52,8 +52,12 @@ def _select(model, where):
         return [candidates[0]]
     if where == "all":
         return candidates
+    if isinstance(where, (int, np.integer)) and not isinstance(where, bool):
+        if not 1 <= where <= len(candidates):
+            raise ValueError(f"where={where}: model {model.name!r} has {len(candidates)} lockable layers")
+        return candidates[:where]
     if isinstance(where, str):
-        raise ValueError(f"where must be 'first', 'all' or a list of layer names, got {where!r}")
+        raise ValueError(f"where must be 'first', 'all', a number of layers or a list of layer names, got {where!r}")
     by_name = {layer.name: layer for layer in candidates}
     unknown = [name for name in where if name not in by_name]
     if unknown or not where:
@@ -104,6 +108,7 @@ def secure(
     key: np.ndarray | None = None,
     lock_initializer: tf.keras.initializers.Initializer | None = None,
     name: str | None = None,
+    affine: str = "channel",
 ) -> tf.keras.Model:
     """Returns a copy of `model` with a KeyLock block after each chosen conv/dense layer.
 
@@ -113,8 +118,9 @@ def secure(
 
     Args:
       model: a built Sequential or functional Keras model.
-      where: 'first', 'all' (every conv/dense layer but the outputs), or a list of layer names.
-      key_dim, activation, normalization, lock_initializer: passed to each `tfkl.KeyLock`.
+      where: 'first', 'all' (every conv/dense layer but the outputs), a number n (the first n of
+        them), or a list of layer names.
+      key_dim, activation, normalization, lock_initializer, affine: passed to each `tfkl.KeyLock`.
       key: the client key (shape (key_dim,)); default a fresh CSPRNG key, shared by all locks.
       name: name of the new model (default: the original's name + '_locked').
     """
@@ -128,6 +134,7 @@ def secure(
             normalization,
             lock_initializer=_per_lock(lock_initializer, len(locks)),
             key=key,
+            affine=affine,
             name=f"{name}_keylock",
             **options,
         )

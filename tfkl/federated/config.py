@@ -55,7 +55,8 @@ class Config:
     init: str = "pytorch"
     seed: int = 0
     seeded_keys: bool = False
-    lock_where: str = "first"  # FedKL: the layers to lock ('first', 'all'; see tfkl.secure)
+    lock_where: str = "first"  # FedKL: the layers to lock ('first', 'first-two', 'all'; see tfkl.secure)
+    lock_affine: str = "channel"  # FedKL: a gamma/beta per channel (the paper's) or per position and channel
     lock_init: str = "shared"  # FedKL: clients start from model_fn's lock weights (the paper) or
     # 'private' ones each draws from the CSPRNG (the server cannot know them)
     dp_clip: float = None  # DP-FedAvg (TFF's gaussian_fixed): clip of each client's update
@@ -77,6 +78,7 @@ class Config:
             ("key_distribution", names.KEY_DISTRIBUTIONS),
             ("lock_where", names.LOCK_WHERES),
             ("lock_init", names.LOCK_INITS),
+            ("lock_affine", names.LOCK_AFFINES),
         ):
             _check(getattr(self, name) in choices, f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("num_clients", "clients_per_round", "local_epochs", "batch_size", "key_dim"):
@@ -120,9 +122,10 @@ class Config:
         shape, classes, seed = tuple(self.input_shape), self.num_classes, self.seed
         options = dict(init=self.init, seed=seed)
         if self.locked or self.control:
-            options.update(normalization=self.normalization, where=self.lock_where, control=self.control)
+            where = {"first-two": 2}.get(self.lock_where, self.lock_where)
+            options.update(normalization=self.normalization, where=where, control=self.control)
         if self.locked:
-            options.update(key_dim=self.key_dim)
+            options.update(key_dim=self.key_dim, affine=self.lock_affine)
         return lambda: models.build(self.model, shape, classes, lock=self.locked, **options)
 
     def client_optimizer(self):

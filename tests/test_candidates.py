@@ -1,0 +1,151 @@
+"""The key-lock candidates of issue 12 (benchmarks.candidates): their layers, the attacker's view of them, the table."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from attacks import base, cases, targets
+from attacks import model as attacks_model
+from benchmarks import candidates
+import tfkl
+from tfkl.federated.config import Config
+
+SHAPE = (32, 32, 1)
+
+
+def _config(name, **overrides):
+    """The training Config of candidate `name` (its tff_programs.train flags, on a small key)."""
+    fields = {}
+    for flag in candidates.CANDIDATES[name].train_flags:
+        key, value = flag[2:].split("=")
+        fields[key] = float(value) if key == "prune_fraction" else value
+    return Config(model="lenet", input_shape=SHAPE, key_dim=16, seed=1, **{**fields, **overrides})
+
+
+@pytest.mark.parametrize("name", list(candidates.CANDIDATES))
+def test_every_candidate_round_trips_get_config_and_saves_and_loads(name, tmp_path):
+    model = _config(name).model_fn()()
+    locks = tfkl.private.lock_layers(model)
+    assert locks
+    x = tf.constant(np.random.default_rng(0).random((2,) + SHAPE, np.float32))
+    rebuilt = tf.keras.Model.from_config(model.get_config())
+    assert [lock.get_config() for lock in tfkl.private.lock_layers(rebuilt)] == [lock.get_config() for lock in locks]
+    rebuilt.set_weights(model.get_weights())
+    np.testing.assert_allclose(rebuilt(x).numpy(), model(x).numpy(), rtol=1e-6)
+    path = str(tmp_path / f"{name}.keras")
+    model.save(path)
+    loaded = tf.keras.models.load_model(path)
+    np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-6)
+
+
+def test_candidates_lock_what_they_say():
+    layers = {name: tfkl.private.lock_layers(_config(name).model_fn()()) for name in candidates.CANDIDATES}
+    assert [lock.name for lock in layers["paper"]] == ["conv1_keylock"]
+    assert [lock.name for lock in layers["first_two"]] == ["conv1_keylock", "conv2_keylock"]
+    assert len(layers["every_conv"]) == 3
+    assert layers["group"][0].normalization == "group"
+    spatial = layers["spatial"][0]
+    assert spatial.affine_shape == (16, 16, 12) and spatial.scale_kernel.shape == (16, 16 * 16 * 12)
+    assert _config("every_conv").statistics == "local" and _config("pruned").prune_fraction == 0.9
+    assert _config("spatial_gaussian").key_distribution == "gaussian"
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_spatial_lock_is_gamma_times_normalized_plus_beta_per_position(training):
+    lock = tfkl.KeyLock(key_dim=8, affine="spatial", key=np.linspace(0, 1, 8))
+    x = tf.constant(np.random.default_rng(1).normal(size=(4, 5, 6, 3)), tf.float32)
+    outputs = lock(x, training=training)
+    gamma, beta = lock.lock_parameters()
+    assert gamma.shape == beta.shape == (5, 6, 3)
+    if training:
+        mean, variance = tf.nn.moments(x, [0, 1, 2])
+    else:
+        mean, variance = tf.zeros([3]), tf.ones([3])
+    expected = gamma * (x - mean) / tf.sqrt(variance + lock.epsilon) + beta
+    np.testing.assert_allclose(outputs.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(gamma[0, 0].numpy(), gamma[1, 1].numpy())  # it varies over space
+
+
+def test_spatial_lock_bad_inputs_are_one_clear_error():
+    with pytest.raises(ValueError, match="affine must be one of"):
+        tfkl.KeyLock(affine="pixel")
+    with pytest.raises(ValueError, match="spatial KeyLock needs a fixed input size"):
+        tfkl.KeyLock(key_dim=4, affine="spatial")(tf.keras.Input((None, None, 3)))
+
+
+def test_secure_locks_the_first_n_layers_and_refuses_other_counts():
+    backbone = tfkl.models.build("lenet", SHAPE, 10, lock=False, seed=0)
+    secured = tfkl.secure(backbone, where=2, key_dim=4)
+    assert [lock.name for lock in tfkl.private.lock_layers(secured)] == ["conv1_keylock", "conv2_keylock"]
+    for where in (0, 4):
+        with pytest.raises(ValueError, match="lockable layers"):
+            tfkl.secure(backbone, where=where, key_dim=4)
+
+
+def test_layer_and_attacker_run_the_same_spatial_lock_forward():
+    victim = tfkl.models.build("lenet", (8, 8, 1), 4, lock=True, seed=3, key_dim=8, affine="spatial")
+    x = tf.constant(np.random.default_rng(9).random((4, 8, 8, 1), np.float32))
+    view = attacks_model.ServerView.from_model(victim)
+    oracle = attacks_model.AttackerModel(view, "oracle", secret=attacks_model.extract_secret(victim))
+    predicted = oracle(oracle.weights, x, oracle.lock_values(), training=True)
+    np.testing.assert_allclose(predicted.numpy(), victim(x, training=True).numpy(), rtol=1e-5, atol=1e-6)
+    adaptive = attacks_model.AttackerModel(view, "adaptive")
+    assert adaptive.lock_latent_size() == 2 * 4 * 4 * 12  # gamma and beta at every position and channel
+    latent = adaptive.initial_lock_latent(1)[0]
+    gamma, beta = adaptive.lock_values(latent)["conv1_keylock"]
+    assert gamma.shape == beta.shape == (4, 4, 12)
+    # A zero gamma at one position leaves the kernel's gradient from the others: no channel is read as dead.
+    trainable = [np.zeros(w.shape) for w, t in zip(view.weights, view.trainable) if t]
+    assert not np.any(adaptive.dead_lock_channels(trainable).numpy())
+
+
+def test_a_pruned_target_is_matched_on_its_kept_entries_only():
+    victim = tfkl.models.build("lenet", (8, 8, 1), 4, lock=False, seed=3)
+    images = np.random.default_rng(2).random((1, 8, 8, 1)).astype(np.float32)
+    gradient = cases.client_gradient(victim, images, np.array([1]))
+    kept = [np.where(np.abs(g) >= np.quantile(np.abs(g), 0.9), g, 0.0) for g in gradient.values]
+    pruned = dataclasses.replace(gradient, values=tuple(kept), pruned=True)
+    attacker = attacks_model.AttackerModel(attacks_model.ServerView.from_model(victim), "none")
+    attack = base.Attack(attacker)
+    attack.distance, attack.tv = "l2", 0.0
+    position = tf.constant(images.reshape(-1))
+    labels = tf.constant([1])
+    values = [tf.constant(v) for v in kept]
+    # The true image explains every kept entry exactly; unpruned matching would count the zeroed ones.
+    assert float(attack.objective(position, values, labels, pruned)) < 1e-10
+    assert float(attack.objective(position, values, labels, dataclasses.replace(pruned, pruned=False))) > 0.01
+    assert targets.Target("gradient", (), 1, 1).pruned is False
+
+
+def _entry(ssim):
+    return {"aligned_ssim": ssim, "aligned_psnr": 30.0 if ssim >= 0.6 else 10.0}
+
+
+def test_the_table_applies_every_ship_target(tmp_path, monkeypatch):
+    names = ["paper", "spatial"]
+    recovered = {"paper": 9, "spatial": 0, "none": 10, "none_pruned": 10}
+    for name, count in recovered.items():
+        for attack in candidates.ATTACKS:
+            for image in range(candidates.NUM_IMAGES):
+                path = candidates.image_path(str(tmp_path), name, attack, 0, image)
+                candidates.common.write_json(path, _entry(0.9 if image < count else 0.1))
+    row = lambda own, random_key: {  # noqa: E731
+        "own": own,
+        "b_own_lock_random_key": random_key,
+        "gain_100": 0.16,
+    }
+    training = {
+        "lenet": {"control": {0: {"own": 0.85}}, "paper": {0: row(0.84, 0.84)}, "spatial": {0: row(0.845, 0.15)}},
+        "resnet": {},
+    }
+    payload = candidates.tabulate(names, [0], str(tmp_path), training, None)
+    summary = payload["results"]["by_configuration"]
+    assert summary["paper"]["meets_target"] is False and summary["paper"]["checks"]["privacy"] is False
+    # 0/10 has a Wilson upper bound of 28 % > 15 %: ten images cannot show the target.
+    assert summary["spatial"]["checks"] == {"privacy": False, "accuracy": True, "random_key": True}
+    assert summary["none"]["success"]["grnn"]["ssim"]["recovered"] == 10
+    assert payload["results"]["best_trade_off"] == "spatial"
+    candidates.frontier_figure(payload, str(tmp_path / "frontier.png"))
+    assert (tmp_path / "frontier.png").stat().st_size > 0
