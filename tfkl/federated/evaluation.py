@@ -240,7 +240,9 @@ def evaluate(
     prints a line per stage and client as it goes."""
     report = _reporter(progress)
     # The first line comes once the run has been read: a run that cannot be evaluated gets its error line alone.
-    config, dataset, process, public, held_out, eval_ds = _evaluation_setup(root_dir, max(public_sizes, default=0), seed, dataset)
+    config, dataset, process, public, held_out, eval_ds = _evaluation_setup(
+        root_dir, max(public_sizes, default=0), seed, dataset
+    )
     server_state, client_states, round_num, client_ids, last_update = _restore(
         root_dir, config, process, round_num, max_clients
     )
