@@ -21,7 +21,7 @@ lock with 90 % update pruning, and the paper's lock with gaussian keys (section 
 - overhead: seconds per LeNet train step (batch 64) of each candidate's model over the control's,
   interleaved in one process.
 
-Writes results/candidates.json, .md and candidates_frontier.png. Ship target (issue 12): adaptive success
+Writes results/candidates.json, .md and docs/figures/candidates_frontier.png. Ship target (issue 12): adaptive success
 <= 5 % with the Wilson upper bound <= 15 % for every attack, own-key accuracy within 1 pp of the control,
 random key <= chance + 10 pp.
 """
@@ -607,8 +607,10 @@ def main(argv):
 
     markdown = os.path.join(os.path.dirname(path), f"{NAME}.md")
     tables.write_markdown(markdown, NAME, common.load_results(os.path.dirname(path))[NAME])
-    frontier_figure(payload, os.path.join(os.path.dirname(path), f"{NAME}_frontier.png"))
-    print(f"wrote {path}, {markdown} and the frontier figure")
+    figure = os.path.join(common.FIGURES_DIR, f"{NAME}_frontier.png")
+    os.makedirs(common.FIGURES_DIR, exist_ok=True)
+    frontier_figure(payload, figure)
+    print(f"wrote {path}, {markdown} and {figure}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 - accuracy_curves.png: test accuracy per epoch (central) and per round (FedAvg, FedKL) of table1.json;
 - privacy_utility.png: accuracy against the strongest attack's SSIM and aligned PSNR per defence
   (privacy_utility.json);
+- candidates_frontier.png: each key-lock candidate's adaptive attack success against its accuracy minus the
+  FedAvg control's (candidates.json);
 - privacy_over_rounds.png: attack success against the round of a real run's global model, FedAvg vs
   FedKL (regimes.json, the T regimes);
 - grid_regime_<regime>.png: seed 0's labelled grid of each realistic regime (runs/regimes/<regime>/);
@@ -126,6 +128,13 @@ def privacy_over_rounds(doc, path):
 SEED_GRIDS = ("grnn_fashion_mnist_adaptive_key_seed2",)
 
 
+def candidates_frontier(doc, path):
+    """The key-lock candidates' privacy-accuracy frontier (benchmarks.candidates)."""
+    from benchmarks import candidates
+
+    candidates.frontier_figure(doc, path)
+
+
 def draw_all(
     results_dir=None, figures_dir=common.FIGURES_DIR, grid_sources=GRID_SOURCES, regime_grids=REGIME_GRIDS, log=print
 ):
@@ -133,9 +142,18 @@ def draw_all(
     docs = common.load_results(results_dir)
     os.makedirs(figures_dir, exist_ok=True)
     written = []
-    drawings = (("table1", accuracy_curves), ("privacy_utility", privacy_utility), ("regimes", privacy_over_rounds))
+    drawings = (
+        ("table1", accuracy_curves),
+        ("privacy_utility", privacy_utility),
+        ("regimes", privacy_over_rounds),
+        ("candidates", candidates_frontier),
+    )
     for name, draw in drawings:
-        file_name = {"table1": "accuracy_curves.png", "regimes": "privacy_over_rounds.png"}.get(name, f"{name}.png")
+        file_name = {
+            "table1": "accuracy_curves.png",
+            "regimes": "privacy_over_rounds.png",
+            "candidates": "candidates_frontier.png",
+        }.get(name, f"{name}.png")
         target = os.path.join(figures_dir, file_name)
         if name not in docs:
             log(f"skipped {os.path.basename(target)}: no {name}.json")

@@ -63,6 +63,14 @@ SECTIONS = (
         "python -m benchmarks.key_table",
     ),
     Topic(
+        "Key-lock candidates: a configuration that holds? (issue 12, section 3)",
+        ("candidates",),
+        "Each candidate configuration against the strongest adaptive attacker (GRNN and IG, batch 1), its accuracy "
+        "against the FedAvg control (LeNet Fashion-MNIST, ResNet-20 digits), its key table and its train-step "
+        "cost; the frontier figure is candidates_frontier.png.",
+        "python -m benchmarks.candidates",
+    ),
+    Topic(
         "Cost of the key-lock block",
         ("keylock_overhead",),
         "Training step and forward pass of the same backbone with and without the lock.",
