@@ -141,8 +141,88 @@ def _batch_lock(inputs, gamma, beta, statistics, training, momentum, epsilon):
     return outputs, ((mean, variance) if training else statistics)
 
 
+class _AffineNormalization(tf.keras.layers.Layer):
+    """What KeyLock and AffineNorm share: `gamma * normalize(x) + beta` through `keylock_apply`, with
+    the moving statistics of normalization='batch'. A subclass creates its affine weights in
+    `_build_affine` and says what gamma and beta are in `affine_parameters`."""
+
+    def __init__(self, normalization="batch", groups=None, momentum=0.9, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        self.normalization = normalization
+        self.groups = groups
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.input_spec = tf.keras.layers.InputSpec(min_ndim=2)
+
+    def build(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError(f"{type(self).__name__} needs a known channel (last) dimension")
+        self.channels = int(channels)
+        if self.normalization == "group":
+            resolve_groups(self.channels, self.groups)
+        self.input_spec = tf.keras.layers.InputSpec(ndim=input_shape.rank, axes={-1: self.channels})
+        self._build_affine(input_shape)
+        if self.normalization == "batch":
+            # Read in float32 under mixed precision, as Keras' BatchNormalization reads its statistics.
+            self.moving_mean = self.add_weight(
+                name="moving_mean",
+                shape=(self.channels,),
+                initializer="zeros",
+                trainable=False,
+                experimental_autocast=False,
+            )
+            self.moving_variance = self.add_weight(
+                name="moving_variance",
+                shape=(self.channels,),
+                initializer="ones",
+                trainable=False,
+                experimental_autocast=False,
+            )
+        super().build(input_shape)
+
+    def _build_affine(self, input_shape):
+        """Creates the weights gamma and beta come from (before the moving statistics)."""
+        raise NotImplementedError
+
+    def affine_parameters(self):
+        """(gamma, beta) as the layer applies them."""
+        raise NotImplementedError
+
+    def call(self, inputs, training=None):
+        training = bool(training) and self.trainable  # a frozen layer runs in inference mode
+        statistics = (self.moving_mean, self.moving_variance) if self.normalization == "batch" else None
+        outputs, moved = keylock_apply(
+            inputs,
+            *self.affine_parameters(),
+            statistics,
+            normalization=self.normalization,
+            training=training,
+            momentum=self.momentum,
+            groups=self.groups,
+            epsilon=self.epsilon,
+        )
+        if training and statistics is not None:
+            self.moving_mean.assign(moved[0])
+            self.moving_variance.assign(moved[1])
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            normalization=self.normalization, groups=self.groups, momentum=self.momentum, epsilon=self.epsilon
+        )
+        return config
+
+
 @tf.keras.utils.register_keras_serializable(package="tfkl")
-class KeyLock(tf.keras.layers.Layer):
+class KeyLock(_AffineNormalization):
     """Key-lock block of FedKL: `gamma * normalize(x) + beta` (`keylock_apply`).
 
     `gamma = act(key @ scale_kernel + scale_bias)` and `beta = act(key @ shift_kernel + shift_bias)`,
@@ -186,40 +266,25 @@ class KeyLock(tf.keras.layers.Layer):
         affine="channel",
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(normalization, groups, momentum, epsilon, **kwargs)
         if affine not in AFFINES:
             raise ValueError(f"affine must be one of {AFFINES}, got {affine!r}")
         if int(key_dim) < 1:
             raise ValueError(f"key_dim must be a positive integer, got {key_dim}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.key_dim = int(key_dim)
         self.affine = affine
         self.activation = activation
-        self.normalization = normalization
-        self.groups = groups
-        self.momentum = float(momentum)
-        self.epsilon = float(epsilon)
         self.lock_initializer = tf.keras.initializers.get(lock_initializer) if lock_initializer else None
         self._initial_key = None if key is None else keys_lib.validate_key(key, self.key_dim)
-        self.input_spec = tf.keras.layers.InputSpec(min_ndim=2)
 
-    def build(self, input_shape):
-        input_shape = tf.TensorShape(input_shape)
-        channels = input_shape[-1]
-        if channels is None:
-            raise ValueError("KeyLock needs a known channel (last) dimension")
-        self.channels = int(channels)
-        if self.normalization == "group":
-            resolve_groups(self.channels, self.groups)
+    def _build_affine(self, input_shape):
         self.affine_shape = (self.channels,)
         if self.affine == "spatial":
             if not input_shape[1:].is_fully_defined():
                 raise ValueError(f"a spatial KeyLock needs a fixed input size, got {input_shape}")
             self.affine_shape = tuple(int(d) for d in input_shape[1:])
-        self.input_spec = tf.keras.layers.InputSpec(ndim=input_shape.rank, axes={-1: self.channels})
         initial_key = self._initial_key
         if initial_key is None:
             initial_key = keys_lib.generate_key(self.key_dim)
@@ -232,23 +297,6 @@ class KeyLock(tf.keras.layers.Layer):
         self.scale_bias = self.add_weight(name="scale_bias", shape=bias_shape, initializer=self._lock_init(1))
         self.shift_kernel = self.add_weight(name="shift_kernel", shape=lock_shape, initializer=self._lock_init(2))
         self.shift_bias = self.add_weight(name="shift_bias", shape=bias_shape, initializer=self._lock_init(3))
-        if self.normalization == "batch":
-            # Read in float32 under mixed precision, as Keras' BatchNormalization reads its statistics.
-            self.moving_mean = self.add_weight(
-                name="moving_mean",
-                shape=(self.channels,),
-                initializer="zeros",
-                trainable=False,
-                experimental_autocast=False,
-            )
-            self.moving_variance = self.add_weight(
-                name="moving_variance",
-                shape=(self.channels,),
-                initializer="ones",
-                trainable=False,
-                experimental_autocast=False,
-            )
-        super().build(input_shape)
 
     def _lock_init(self, index):
         """The lock weights' initialiser; a seeded one is re-seeded per weight so they differ."""
@@ -282,26 +330,8 @@ class KeyLock(tf.keras.layers.Layer):
             self.affine_shape,
         )
 
-    def call(self, inputs, training=None):
-        training = bool(training) and self.trainable  # a frozen layer runs in inference mode
-        statistics = (self.moving_mean, self.moving_variance) if self.normalization == "batch" else None
-        outputs, moved = keylock_apply(
-            inputs,
-            *self.lock_parameters(),
-            statistics,
-            normalization=self.normalization,
-            training=training,
-            momentum=self.momentum,
-            groups=self.groups,
-            epsilon=self.epsilon,
-        )
-        if training and statistics is not None:
-            self.moving_mean.assign(moved[0])
-            self.moving_variance.assign(moved[1])
-        return outputs
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
+    def affine_parameters(self):
+        return self.lock_parameters()
 
     def get_config(self):
         # The key is a secret: it travels with the weights (client checkpoints), never in the config.
@@ -309,10 +339,6 @@ class KeyLock(tf.keras.layers.Layer):
         config.update(
             key_dim=self.key_dim,
             activation=self.activation,
-            normalization=self.normalization,
-            groups=self.groups,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
             lock_initializer=self._serialized_lock_initializer(),
             affine=self.affine,
         )
@@ -329,7 +355,7 @@ class KeyLock(tf.keras.layers.Layer):
 
 
 @tf.keras.utils.register_keras_serializable(package="tfkl")
-class AffineNorm(tf.keras.layers.Layer):
+class AffineNorm(_AffineNormalization):
     """The FedAvg control's block: KeyLock's normalisation with a learned affine and no key.
 
     `gamma * normalize(x) + beta` through the same `keylock_apply` as `KeyLock` (same normalisation,
@@ -344,69 +370,9 @@ class AffineNorm(tf.keras.layers.Layer):
       inputs, training: as `KeyLock`'s.
     """
 
-    def __init__(self, normalization="batch", groups=None, momentum=0.9, epsilon=1e-5, **kwargs):
-        super().__init__(**kwargs)
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        self.normalization = normalization
-        self.groups = groups
-        self.momentum = float(momentum)
-        self.epsilon = float(epsilon)
-        self.input_spec = tf.keras.layers.InputSpec(min_ndim=2)
-
-    def build(self, input_shape):
-        input_shape = tf.TensorShape(input_shape)
-        channels = input_shape[-1]
-        if channels is None:
-            raise ValueError("AffineNorm needs a known channel (last) dimension")
-        self.channels = int(channels)
-        if self.normalization == "group":
-            resolve_groups(self.channels, self.groups)
-        self.input_spec = tf.keras.layers.InputSpec(ndim=input_shape.rank, axes={-1: self.channels})
+    def _build_affine(self, input_shape):
         self.gamma = self.add_weight(name="gamma", shape=(self.channels,), initializer="ones")
         self.beta = self.add_weight(name="beta", shape=(self.channels,), initializer="zeros")
-        if self.normalization == "batch":
-            self.moving_mean = self.add_weight(
-                name="moving_mean",
-                shape=(self.channels,),
-                initializer="zeros",
-                trainable=False,
-                experimental_autocast=False,
-            )
-            self.moving_variance = self.add_weight(
-                name="moving_variance",
-                shape=(self.channels,),
-                initializer="ones",
-                trainable=False,
-                experimental_autocast=False,
-            )
-        super().build(input_shape)
 
-    def call(self, inputs, training=None):
-        training = bool(training) and self.trainable
-        statistics = (self.moving_mean, self.moving_variance) if self.normalization == "batch" else None
-        outputs, moved = keylock_apply(
-            inputs,
-            self.gamma,
-            self.beta,
-            statistics,
-            normalization=self.normalization,
-            training=training,
-            momentum=self.momentum,
-            groups=self.groups,
-            epsilon=self.epsilon,
-        )
-        if training and statistics is not None:
-            self.moving_mean.assign(moved[0])
-            self.moving_variance.assign(moved[1])
-        return outputs
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            normalization=self.normalization, groups=self.groups, momentum=self.momentum, epsilon=self.epsilon
-        )
-        return config
+    def affine_parameters(self):
+        return self.gamma, self.beta
