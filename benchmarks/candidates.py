@@ -7,7 +7,8 @@
 Candidates: the paper's lock (conv1, batch norm, model_fn's lock weights), a private lock init, locks
 on the first two convs and on every conv (local statistics), group norm in the lock, a spatial lock
 (gamma/beta per position and channel: 2 x 16 x 16 x 12 unknowns against a 32 x 32 image), the paper's
-lock with 90 % update pruning, and the paper's lock with gaussian keys (section 2's best key). Parts:
+lock with 90 % update pruning, the paper's lock with gaussian keys (section 2's best key), and the spatial
+lock with gaussian keys, with model_fn's and with private lock weights. Parts:
 
 - lenet: LeNet Fashion-MNIST, 3 clients, 20 rounds, seeds 0-2 (benchmarks.key_table's runs, whose
   cache the paper's, gaussian and control rows share): own-key accuracy against the FedAvg control
@@ -16,8 +17,9 @@ lock with 90 % update pruning, and the paper's lock with gaussian keys (section 
   normalises after the lock): own-key accuracy against the control.
 - attacks: batch-1 gradients of the untrained LeNet (images 0-9 of Fashion-MNIST, victims of seeds 0-2,
   benchmarks.adaptive_attacker's), GRNN and Inverting Gradients (the two strongest adaptive attacks)
-  under 'adaptive' with each attack's strongest strategy, and under 'none' (no lock) with and without
-  pruning as references. One process per (candidate, attack, seed) cell, one cache file per image.
+  under 'adaptive' with each attack's strongest strategy at every seed, under 'oracle' and 'adaptive-key'
+  at the first seed, and under 'none' (no lock) with and without pruning as references. One process
+  per (configuration, attack, seed, threat) cell, one cache file per image.
 - overhead: seconds per LeNet train step (batch 64) of each candidate's model over the control's,
   interleaved in one process.
 
@@ -43,6 +45,7 @@ from tff_programs import launch
 NAME = "candidates"
 DATASET, MODEL, NUM_IMAGES = "fashion_mnist", "lenet", 10
 ATTACKS = ("grnn", "ig")  # the strongest adaptive attacks (benchmarks.adaptive_attacker)
+EXTRA_THREATS = ("oracle", "adaptive-key")  # each candidate at the first seed, beside 'adaptive' at every seed
 PARTS = ("lenet", "resnet", "attacks", "overhead")
 RESNET = dict(model="resnet20", dataset="digits", rounds=10, seed=0)
 TARGET_SUCCESS, TARGET_UPPER, TARGET_ACCURACY_PP, TARGET_RANDOM_KEY_PP = 0.05, 0.15, 1.0, 10.0
@@ -107,6 +110,13 @@ CANDIDATES = {
         ("--algorithm=fedkl", "--lock_affine=spatial", "--key_distribution=gaussian"),
         victim=dict(affine="spatial"),
         key_distribution="gaussian",
+    ),
+    "spatial_gaussian_private": Candidate(
+        "conv1, spatial lock, gaussian keys, private lock init",
+        ("--algorithm=fedkl", "--lock_affine=spatial", "--key_distribution=gaussian", "--lock_init=private"),
+        victim=dict(affine="spatial"),
+        key_distribution="gaussian",
+        lock_init="private",
     ),
 }
 # References: the FedAvg control (accuracy) and the unprotected client (attacks), with and without pruning.
@@ -204,15 +214,16 @@ def attack_names(names):
     return [*names, *REFERENCES]
 
 
-def image_path(run_dir, name, attack, seed, image, oracle=False):
-    cell = f"{attack}_oracle" if oracle else attack
+def image_path(run_dir, name, attack, seed, image, threat=None):
+    """A cached image's file; `threat` None is the configuration's own ('adaptive', or 'none' for references)."""
+    cell = f"{attack}_{threat}" if threat else attack
     return os.path.join(run_dir, "attacks", name, cell, f"seed{seed}", f"{image:03d}.json")
 
 
-def cached_images(run_dir, name, attack, seed, oracle=False):
+def cached_images(run_dir, name, attack, seed, threat=None):
     entries = {}
     for image in range(NUM_IMAGES):
-        path = image_path(run_dir, name, attack, seed, image, oracle)
+        path = image_path(run_dir, name, attack, seed, image, threat)
         if os.path.exists(path):
             with open(path) as f:
                 entries[image] = json.load(f)
@@ -220,9 +231,9 @@ def cached_images(run_dir, name, attack, seed, oracle=False):
 
 
 def victim_payload(name, seed, images, labels, input_shape, num_classes):
-    """(the server's payload of `name`'s clients, one image each; the victim): the victims of
-    benchmarks.adaptive_attacker (weights of `seed`, key of seed + 1), built with the candidate's
-    options; pruned targets carry `pruned` (the attacker knows the protocol)."""
+    """(the server's payload of `name`'s clients, one image each; the victim; the lock weights a server
+    knows, model_fn's): the victims of benchmarks.adaptive_attacker (weights of `seed`, key of seed + 1),
+    built with the candidate's options; pruned targets carry `pruned` (the attacker knows the protocol)."""
     from attacks import cases
     from tfkl import keys, models
     from tfkl.federated import algorithms
@@ -233,8 +244,9 @@ def victim_payload(name, seed, images, labels, input_shape, num_classes):
         key = keys.generate_key(1024, seed=seed + 1, distribution=candidate.key_distribution)
         options.update(key=key, **candidate.victim)
     victim = models.build(MODEL, input_shape, num_classes, lock=candidate.locked, **options)
+    server_lock_weights = None
     if candidate.lock_init == "private":
-        cases.privatize_lock(victim, seed)
+        server_lock_weights = cases.privatize_lock(victim, seed)
     payload, _ = cases.simulate_clients(victim, images, labels, 1)
     if candidate.prune_fraction:
         prune = algorithms.prune_smallest(candidate.prune_fraction)
@@ -243,62 +255,65 @@ def victim_payload(name, seed, images, labels, input_shape, num_classes):
             for t in payload.targets
         )
         payload = dataclasses.replace(payload, targets=targets)
-    return payload, victim
+    return payload, victim, server_lock_weights
 
 
-def run_cell(run_dir, name, attack, seed, oracle=False, log=print):
+def run_cell(run_dir, name, attack, seed, threat=None, log=print):
     """Attacks the cell's images not cached yet (one batched call) and caches each image's metrics: under
-    'adaptive' (a candidate) or 'none' (a reference), or with `oracle` under 'oracle' (the victim's key
-    and lock given: does the attack work on this configuration at all?)."""
+    'adaptive' (a candidate) or 'none' (a reference), or under `threat`: 'oracle' (the victim's key and
+    lock given: does the attack work on this configuration at all?) or 'adaptive-key' (model_fn's lock
+    weights known, the key optimised: a round-1 server when clients start from model_fn's lock)."""
     import tensorflow as tf
 
     from attacks import cases, experiment, study
 
     tf.get_logger().setLevel("ERROR")
-    missing = [i for i in range(NUM_IMAGES) if i not in cached_images(run_dir, name, attack, seed, oracle)]
+    missing = [i for i in range(NUM_IMAGES) if i not in cached_images(run_dir, name, attack, seed, threat)]
     if not missing:
         return
     data_set, input_shape, images, labels = study.load_images(DATASET, MODEL, NUM_IMAGES)
-    payload, victim = victim_payload(name, seed, images[missing], labels[missing], input_shape, data_set.num_classes)
-    threat = "oracle" if oracle else ("adaptive" if _candidate(name).locked else "none")
-    secret = cases.threat_secret(threat, victim)
+    payload, victim, server_lock_weights = victim_payload(
+        name, seed, images[missing], labels[missing], input_shape, data_set.num_classes
+    )
+    cell_threat = threat or ("adaptive" if _candidate(name).locked else "none")
+    secret = cases.threat_secret(cell_threat, victim, server_lock_weights)
     options = adaptive_attacker.BASE_OPTIONS[attack]
 
     def progress(done, total, losses):
-        log(f"[{name}/{attack}/{threat}/seed {seed}] {done}/{total} best loss median {np.median(losses):.3g}")
+        log(f"[{name}/{attack}/{cell_threat}/seed {seed}] {done}/{total} best loss median {np.median(losses):.3g}")
 
     # The attack sees the payload (and the secret its threat assumes) only; the truth is read after it returns.
-    reconstructions, seconds = experiment.run_attack(attack, payload, threat, secret, options, seed, progress)
+    reconstructions, seconds = experiment.run_attack(attack, payload, cell_threat, secret, options, seed, progress)
     per_image = experiment.evaluate(reconstructions, images[missing], labels[missing], 1)
     for k, image in enumerate(missing):
         entry = {metric: values[k] for metric, values in per_image.items()}
         entry.update(
-            threat=threat,
+            threat=cell_threat,
             loss=reconstructions[k].loss,
             adaptive_strategy=reconstructions[k].info.get("adaptive_strategy"),
             options=options,
             seconds_per_image=seconds / len(missing),
             git_commit=common.git_commit(),
         )
-        path = image_path(run_dir, name, attack, seed, image, oracle)
+        path = image_path(run_dir, name, attack, seed, image, threat)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         common.write_json(path, entry)
 
 
 def attack_cells(names, seeds):
-    """(name, attack, seed, oracle) of every attack cell: each configuration under its threat at every
-    seed, then each candidate under 'oracle' at the first seed."""
-    cells = [(name, attack, seed, False) for name in attack_names(names) for attack in ATTACKS for seed in seeds]
-    return cells + [(name, attack, seeds[0], True) for name in names for attack in ATTACKS]
+    """(name, attack, seed, threat) of every attack cell: each configuration under its own threat at every
+    seed, then each candidate under the EXTRA_THREATS at the first seed."""
+    cells = [(name, attack, seed, None) for name in attack_names(names) for attack in ATTACKS for seed in seeds]
+    return cells + [(name, attack, seeds[0], t) for t in EXTRA_THREATS for name in names for attack in ATTACKS]
 
 
 def run_attacks(names, seeds, run_dir, log):
     """Runs every missing attack cell, each in its own process (a killed run resumes per image)."""
     env = dict(os.environ, PYTHONPATH=common.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    for name, attack, seed, oracle in attack_cells(names, seeds):
-        if len(cached_images(run_dir, name, attack, seed, oracle)) == NUM_IMAGES:
+    for name, attack, seed, threat in attack_cells(names, seeds):
+        if len(cached_images(run_dir, name, attack, seed, threat)) == NUM_IMAGES:
             continue
-        cell = f"{name}|{attack}|{seed}" + ("|oracle" if oracle else "")
+        cell = f"{name}|{attack}|{seed}" + (f"|{threat}" if threat else "")
         log(f"== attack cell {cell}")
         argv = [sys.executable, "-m", "benchmarks.candidates", f"--cand_cell={cell}", f"--cand_dir={run_dir}"]
         with open(os.path.join(run_dir, "attacks.log"), "a") as logfile:
@@ -379,16 +394,17 @@ def _pct(value, signed=False):
 
 def tabulate(names, seeds, run_dir, training, overhead):
     """The payload of results/candidates.json from what the parts produced (missing parts show n/a)."""
-    success, oracle = {}, {}
+    success, extra = {}, {}
     for name in attack_names(names):
         for attack in ATTACKS:
             entries = [e for s in seeds for e in cached_images(run_dir, name, attack, s).values()]
             complete = all(len(cached_images(run_dir, name, attack, s)) == NUM_IMAGES for s in seeds)
             if entries:
                 success.setdefault(name, {})[attack] = dict(adaptive_attacker.score(entries), complete=complete)
-            oracle_entries = list(cached_images(run_dir, name, attack, seeds[0], oracle=True).values())
-            if oracle_entries:
-                oracle.setdefault(name, {})[attack] = adaptive_attacker.score(oracle_entries)
+            for threat in EXTRA_THREATS:
+                threat_entries = list(cached_images(run_dir, name, attack, seeds[0], threat).values())
+                if threat_entries:
+                    extra.setdefault(name, {}).setdefault(threat, {})[attack] = adaptive_attacker.score(threat_entries)
     lenet, resnet = training["lenet"], training["resnet"]
     control = _mean([r["own"] for r in lenet.get("control", {}).values()])
     resnet_control = _mean([r["own"] for r in resnet.get("control", {}).values()])
@@ -415,7 +431,7 @@ def tabulate(names, seeds, run_dir, training, overhead):
             label=candidate.label,
             flags=list(candidate.train_flags),
             success=by_attack,
-            oracle_first_seed=oracle.get(name, {}),
+            first_seed_threats=extra.get(name, {}),
             lenet_own=own,
             lenet_minus_control=None if own is None or control is None else own - control,
             lenet_seeds=len(runs),
@@ -439,13 +455,17 @@ def tabulate(names, seeds, run_dir, training, overhead):
             )
             for attack in ATTACKS
         ]
-        oracle_cell = ", ".join(
-            f"{a.upper()} {e['ssim']['recovered']}/{e['n']}" for a, e in oracle.get(name, {}).items()
-        )
+        extra_cells = [
+            ", ".join(
+                f"{a.upper()} {e['ssim']['recovered']}/{e['n']}" for a, e in extra.get(name, {}).get(t, {}).items()
+            )
+            or "–"
+            for t in EXTRA_THREATS
+        ]
         own_cell = "n/a" if own is None else f"{100 * own:.1f} ± {100 * np.std([r['own'] for r in runs]):.1f}"
         ratio = summary[name]["step_time_ratio"]
         rows.append(
-            [candidate.label, *attack_cells, oracle_cell or "–"]
+            [candidate.label, *attack_cells, *extra_cells]
             + [
                 own_cell,
                 _pct(summary[name]["lenet_minus_control"], True),
@@ -462,7 +482,8 @@ def tabulate(names, seeds, run_dir, training, overhead):
     columns = [
         "configuration",
         *[f"{a.upper()} adaptive: recovered, n, [95 % CI]" for a in ATTACKS],
-        f"oracle, seed {seeds[0]} (the attack works?)",
+        f"oracle, seed {seeds[0]} (does the attack work?)",
+        f"adaptive-key, seed {seeds[0]} (model_fn's lock known)",
         "LeNet FMNIST own key (%)",
         "- control (pp)",
         "random key + own lock (%)",
@@ -581,8 +602,8 @@ def main(argv):
     log = functools.partial(print, flush=True)
     run_dir = _RUN_DIR.value
     if _CELL.value:
-        name, attack, seed, *oracle = _CELL.value.split("|")
-        run_cell(run_dir, name, attack, int(seed), oracle == ["oracle"], log=log)
+        name, attack, seed, *threat = _CELL.value.split("|")
+        run_cell(run_dir, name, attack, int(seed), threat[0] if threat else None, log=log)
         return
     seeds, names, parts = [int(s) for s in _SEEDS.value], _NAMES.value, _PARTS.value
     start = time.perf_counter()
