@@ -191,7 +191,7 @@ def run_training(names, seeds, run_dir, parts, log, run=True):
     """Runs (or resumes) the LeNet and ResNet-20 training runs of `parts`; returns {part: {name: {seed:
     row}}}. With run=False only what is cached already, nothing runs."""
     results = {"lenet": {}, "resnet": {}}
-    cells = [("lenet", name, seed) for name in ["control", *names] for seed in seeds]
+    cells = [("lenet", name, seed) for seed in seeds for name in ["control", *names]]
     cells += [("resnet", name, RESNET["seed"]) for name in ["control", *names]]
     for part, name, seed in cells:
         if part not in parts:
