@@ -325,53 +325,56 @@ def run_attacks(names, seeds, run_dir, log):
 
 
 # -- overhead: train-step time over the control's, interleaved -------------------------------------
-def measure_overhead(names, run_dir, steps=20, repeats=5, log=print):
+def measure_overhead(names, run_dir, steps=20, repeats=15, log=print):
     """Median seconds per LeNet train step (batch 64, 32x32x1, the clients' SGD) of each candidate's model
-    and of the control's, measured in turns in this process; written to run_dir/overhead.json."""
+    and of the control's, measured in turns in this process (candidates with the same model, such as
+    those differing in keys or pruning only, share one measurement); written to run_dir/overhead.json."""
     import tensorflow as tf
 
     from tfkl import models, optimizers, training
 
+    tf.get_logger().setLevel("ERROR")  # one trace per model, not a retracing problem
+    where = {"first-two": 2, "all": "all"}
     builds = {"control": dict(lock=False, control=True)}
     for name in names:
-        candidate = CANDIDATES[name]
-        where = {"first-two": 2, "all": "all"}
-        options = dict(lock=True, **candidate.victim)
-        for flag in candidate.train_flags:
+        options = dict(lock=True, **CANDIDATES[name].victim)
+        for flag in CANDIDATES[name].train_flags:
             if flag.startswith("--lock_where="):
                 options["where"] = where[flag.split("=")[1]]
         builds[name] = options
+    models_of = {}  # one measurement per distinct model
+    for name, options in builds.items():
+        models_of.setdefault(json.dumps(options, sort_keys=True), []).append(name)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.random((64, 32, 32, 1)), tf.float32)
     y = tf.constant(rng.integers(0, 10, 64))
+    loss_fn = training.classification_loss()
     step_fns = {}
-    for name, options in builds.items():
-        model = models.build(MODEL, (32, 32, 1), 10, init="pytorch", seed=0, **options)
+    for key in models_of:
+        model = models.build(MODEL, (32, 32, 1), 10, init="pytorch", seed=0, **json.loads(key))
         optimizer = optimizers.TorchSGD(0.01, 0.9, True, 5e-4)
         variables = model.trainable_variables
-        state = [optimizer.initialize([tf.TensorSpec(v.shape, v.dtype) for v in variables])]
-        loss_fn = training.classification_loss()
+        state = optimizer.initialize([tf.TensorSpec(v.shape, v.dtype) for v in variables])
 
         @tf.function
-        def step(model=model, variables=variables, optimizer=optimizer, state=state, loss_fn=loss_fn):
+        def step(model=model, variables=variables, optimizer=optimizer, state=state):
             with tf.GradientTape() as tape:
                 loss = loss_fn(y, model(x, training=True))
-            grads = tape.gradient(loss, variables)
-            _, new = optimizer.next(state[0], variables, grads)
-            for v, n in zip(variables, new):
-                v.assign(n)
+            _, new = optimizer.next(state, variables, tape.gradient(loss, variables))
+            for variable, value in zip(variables, new):
+                variable.assign(value)
             return loss
 
         step()  # trace
-        step_fns[name] = step
-    times = {name: [] for name in step_fns}
+        step_fns[key] = step
+    times = {key: [] for key in step_fns}
     for _ in range(repeats):
-        for name, step in step_fns.items():
+        for key, step in step_fns.items():
             start = time.perf_counter()
             for _ in range(steps):
                 step()
-            times[name].append((time.perf_counter() - start) / steps)
-    seconds = {name: float(np.median(t)) for name, t in times.items()}
+            times[key].append((time.perf_counter() - start) / steps)
+    seconds = {name: float(np.median(times[key])) for key, group in models_of.items() for name in group}
     result = {
         "seconds_per_step": seconds,
         "ratio_to_control": {name: seconds[name] / seconds["control"] for name in names},
