@@ -46,6 +46,8 @@ NAME = "candidates"
 DATASET, MODEL, NUM_IMAGES = "fashion_mnist", "lenet", 10
 ATTACKS = ("grnn", "ig")  # the strongest adaptive attacks (benchmarks.adaptive_attacker)
 EXTRA_THREATS = ("oracle", "adaptive-key")  # each candidate at the first seed, beside 'adaptive' at every seed
+# Spatial locks also face the first adaptive attacker's start ('joint'): their 'relearn' reads no dead channel.
+SPATIAL_EXTRA_THREATS = ("adaptive:joint",)
 PARTS = ("lenet", "resnet", "attacks", "overhead")
 RESNET = dict(model="resnet20", dataset="digits", rounds=10, seed=0)
 TARGET_SUCCESS, TARGET_UPPER, TARGET_ACCURACY_PP, TARGET_RANDOM_KEY_PP = 0.05, 0.15, 1.0, 10.0
@@ -218,7 +220,7 @@ def attack_names(names):
 
 def image_path(run_dir, name, attack, seed, image, threat=None):
     """A cached image's file; `threat` None is the configuration's own ('adaptive', or 'none' for references)."""
-    cell = f"{attack}_{threat}" if threat else attack
+    cell = f"{attack}_{threat.replace(':', '_')}" if threat else attack
     return os.path.join(run_dir, "attacks", name, cell, f"seed{seed}", f"{image:03d}.json")
 
 
@@ -277,9 +279,9 @@ def run_cell(run_dir, name, attack, seed, threat=None, log=print):
     payload, victim, server_lock_weights = victim_payload(
         name, seed, images[missing], labels[missing], input_shape, data_set.num_classes
     )
-    cell_threat = threat or ("adaptive" if _candidate(name).locked else "none")
+    cell_threat, _, strategy = (threat or ("adaptive" if _candidate(name).locked else "none")).partition(":")
     secret = cases.threat_secret(cell_threat, victim, server_lock_weights)
-    options = adaptive_attacker.BASE_OPTIONS[attack]
+    options = dict(adaptive_attacker.BASE_OPTIONS[attack], **({"adaptive_strategy": strategy} if strategy else {}))
 
     def progress(done, total, losses):
         log(f"[{name}/{attack}/{cell_threat}/seed {seed}] {done}/{total} best loss median {np.median(losses):.3g}")
@@ -290,7 +292,7 @@ def run_cell(run_dir, name, attack, seed, threat=None, log=print):
     for k, image in enumerate(missing):
         entry = {metric: values[k] for metric, values in per_image.items()}
         entry.update(
-            threat=cell_threat,
+            threat=threat or cell_threat,
             loss=reconstructions[k].loss,
             adaptive_strategy=reconstructions[k].info.get("adaptive_strategy"),
             options=options,
@@ -306,7 +308,13 @@ def attack_cells(names, seeds):
     """(name, attack, seed, threat) of every attack cell: each configuration under its own threat at every
     seed, then each candidate under the EXTRA_THREATS at the first seed."""
     cells = [(name, attack, seed, None) for name in attack_names(names) for attack in ATTACKS for seed in seeds]
-    return cells + [(name, attack, seeds[0], t) for t in EXTRA_THREATS for name in names for attack in ATTACKS]
+    return cells + [(name, attack, seeds[0], t) for name in names for t in extra_threats(name) for attack in ATTACKS]
+
+
+def extra_threats(name):
+    """The threats candidate `name` is attacked under at the first seed, beside its own."""
+    spatial = CANDIDATES[name].victim.get("affine") == "spatial"
+    return EXTRA_THREATS + (SPATIAL_EXTRA_THREATS if spatial else ())
 
 
 def run_attacks(names, seeds, run_dir, log):
@@ -406,7 +414,7 @@ def tabulate(names, seeds, run_dir, training, overhead):
             complete = all(len(cached_images(run_dir, name, attack, s)) == NUM_IMAGES for s in seeds)
             if entries:
                 success.setdefault(name, {})[attack] = dict(adaptive_attacker.score(entries), complete=complete)
-            for threat in EXTRA_THREATS:
+            for threat in EXTRA_THREATS + SPATIAL_EXTRA_THREATS:
                 threat_entries = list(cached_images(run_dir, name, attack, seeds[0], threat).values())
                 if threat_entries:
                     extra.setdefault(name, {}).setdefault(threat, {})[attack] = adaptive_attacker.score(threat_entries)
@@ -472,7 +480,7 @@ def tabulate(names, seeds, run_dir, training, overhead):
                 f"{a.upper()} {e['ssim']['recovered']}/{e['n']}" for a, e in extra.get(name, {}).get(t, {}).items()
             )
             or "–"
-            for t in EXTRA_THREATS
+            for t in EXTRA_THREATS + SPATIAL_EXTRA_THREATS
         ]
         own_cell = "n/a"
         if own is not None:
@@ -502,6 +510,7 @@ def tabulate(names, seeds, run_dir, training, overhead):
         *[f"{a.upper()} adaptive: recovered, n, [95 % CI]" for a in ATTACKS],
         f"oracle, seed {seeds[0]} (does the attack work?)",
         f"adaptive-key, seed {seeds[0]} (model_fn's lock known)",
+        f"adaptive, 'joint' starts, seed {seeds[0]} (spatial locks)",
         "LeNet FMNIST own key (%)",
         "- control, same seeds (pp)",
         "random key + own lock (%)",
