@@ -446,7 +446,7 @@ def tabulate(names, seeds, run_dir, training, overhead):
             if random_key is None or not all_seeds
             else 100 * (random_key - CHANCE) <= TARGET_RANDOM_KEY_PP,
         )
-        meets = None if None in checks.values() else all(checks.values())
+        meets = False if False in checks.values() else (None if None in checks.values() else True)
         summary[name] = dict(
             label=candidate.label,
             flags=list(candidate.train_flags),
