@@ -499,9 +499,9 @@ def tabulate(names, seeds, run_dir, training, overhead):
                 _pct(gain, True),
                 resnet_cell,
                 "n/a" if ratio is None else f"{ratio:.2f}x",
-                {None: "–" if name in REFERENCES or name == "control" else "incomplete", True: "MEETS", False: "no"}[
-                    meets
-                ],
+                "–"
+                if name in REFERENCES or name == "control"
+                else {None: "incomplete", True: "MEETS", False: "no"}[meets],
             ]
         )
     best = _best_trade_off(summary, names)
