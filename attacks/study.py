@@ -27,18 +27,15 @@ def attack_options(
     options = {}
     if adaptive_strategy:
         options["adaptive_strategy"] = adaptive_strategy
-    if lock_learning_rate is not None:
-        if attack in ("dlg", "idlg"):
-            raise ValueError("--lock_learning_rate applies to ig and grnn (L-BFGS has none)")
-        options["lock_learning_rate"] = lock_learning_rate
+    for name, value in (("lock_learning_rate", lock_learning_rate), ("learning_rate", learning_rate)):
+        if value is not None:
+            if attack in ("dlg", "idlg"):
+                raise ValueError(f"--{name} applies to ig and grnn (L-BFGS has none)")
+            options[name] = value
     if iterations:
         options["iterations"] = iterations
     if restarts:
         options["restarts"] = restarts
-    if learning_rate is not None:
-        if attack in ("dlg", "idlg"):
-            raise ValueError("--learning_rate applies to ig and grnn (L-BFGS has none)")
-        options["learning_rate"] = learning_rate
     if tv is not None:
         options["tv"] = tv
     if distance:

@@ -410,8 +410,9 @@ def tabulate(names, seeds, run_dir, training, overhead):
     success, extra = {}, {}
     for name in attack_names(names):
         for attack in ATTACKS:
-            entries = [e for s in seeds for e in cached_images(run_dir, name, attack, s).values()]
-            complete = all(len(cached_images(run_dir, name, attack, s)) == NUM_IMAGES for s in seeds)
+            cells = [cached_images(run_dir, name, attack, s) for s in seeds]
+            entries = [e for cell in cells for e in cell.values()]
+            complete = all(len(cell) == NUM_IMAGES for cell in cells)
             if entries:
                 success.setdefault(name, {})[attack] = dict(adaptive_attacker.score(entries), complete=complete)
             for threat in EXTRA_THREATS + SPATIAL_EXTRA_THREATS:
