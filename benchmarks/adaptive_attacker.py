@@ -133,7 +133,7 @@ def run_cell(cache, attack, variant, seed, log=print):
     """Attacks the cell's images not cached yet (one batched call) and caches each image's metrics."""
     import tensorflow as tf
 
-    from attacks import cases, experiment, study
+    from attacks import cases, study
 
     tf.get_logger().setLevel("ERROR")  # pfor's per-op fallback warnings would flood the log
     threat, _ = VARIANTS[variant]
@@ -148,16 +148,32 @@ def run_cell(cache, attack, variant, seed, log=print):
     victim = victims["plain" if threat == "none" else "locked"]
     payload, _ = cases.simulate_clients(victim, images[missing], labels[missing], 1)
     secret = cases.threat_secret(threat, victim)
-    start = time.perf_counter()
 
     def progress(done, total, losses):
         log(f"[{attack}/{variant}/seed {seed}] {done}/{total} best loss median {np.median(losses):.3g}")
 
-    # The attack sees only the payload (and the secret its threat assumes); the truth is read after.
-    reconstructions, seconds = experiment.run_attack(attack, payload, threat, secret, options, seed, progress)
-    per_image = experiment.evaluate(reconstructions, images[missing], labels[missing], 1)
-    for k, image in enumerate(missing):
-        rec = reconstructions[k]
+    entries = attack_entries(attack, payload, threat, secret, options, seed, images[missing], labels[missing], progress)
+    for image, entry in zip(missing, entries):
+        _write_entry(cache, attack, variant, seed, image, dict(entry, source="benchmarks.adaptive_attacker"))
+    seconds = entries[0]["seconds_per_image"] * len(missing)
+    log(f"[{attack}/{variant}/seed {seed}] {len(missing)} images in {seconds:.0f} s")
+
+
+def attack_entries(
+    attack, payload, threat, secret, options, seed, images, labels, progress=None, per_client=1, given_labels=None
+):
+    """Attacks `payload` (the attack sees it and the secret its threat assumes, never the truth), then scores
+    each client's reconstruction against its `per_client` true images (Hungarian-matched); returns one cache
+    entry per image, in the images' order (`given_labels`: see experiment.run_attack)."""
+    from attacks import experiment
+
+    reconstructions, seconds = experiment.run_attack(
+        attack, payload, threat, secret, options, seed, progress, labels=given_labels
+    )
+    per_image = experiment.evaluate(reconstructions, images, labels, per_client)
+    entries = []
+    for k in range(len(images)):
+        rec = reconstructions[k // per_client]
         entry = {name: values[k] for name, values in per_image.items()}
         entry.update(
             loss=rec.loss,
@@ -165,14 +181,14 @@ def run_cell(cache, attack, variant, seed, log=print):
             best_restart=rec.info["best_restart"],
             dead_channels=rec.info.get("dead_channels"),
             lock_estimate=rec.info.get("lock_estimate"),
+            adaptive_strategy=rec.info.get("adaptive_strategy"),
             options=options,
-            images_in_call=len(missing),
-            seconds_per_image=seconds / len(missing),
-            source="benchmarks.adaptive_attacker",
+            images_in_call=len(images),
+            seconds_per_image=seconds / len(images),
             git_commit=common.git_commit(),
         )
-        _write_entry(cache, attack, variant, seed, image, entry)
-    log(f"[{attack}/{variant}/seed {seed}] {len(missing)} images in {time.perf_counter() - start:.0f} s")
+        entries.append(entry)
+    return entries
 
 
 def score(entries):

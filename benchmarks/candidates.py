@@ -34,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import flags
@@ -45,9 +46,22 @@ from tff_programs import launch
 NAME = "candidates"
 DATASET, MODEL, NUM_IMAGES = "fashion_mnist", "lenet", 10
 ATTACKS = ("grnn", "ig")  # the strongest adaptive attacks (benchmarks.adaptive_attacker)
-EXTRA_THREATS = ("oracle", "adaptive-key")  # each candidate at the first seed, beside 'adaptive' at every seed
-# Spatial locks also face the first adaptive attacker's start ('joint'): their 'relearn' reads no dead channel.
+# The candidates whose adaptive attacks fail also face, at the first seed, 'oracle' (does the attack work on
+# them at all?) and 'adaptive-key'; the others are rebuilt under 'adaptive' already. Spatial locks also face the
+# first adaptive attacker's start ('joint'): their 'relearn' reads no dead channel.
+EXTRA_THREATS = ("oracle", "adaptive-key")
 SPATIAL_EXTRA_THREATS = ("adaptive:joint",)
+HOLDING = ("pruned", "spatial", "spatial_gaussian", "spatial_gaussian_private")
+# The multi-step regime U8 of benchmarks.regimes (one local epoch over 8 images in 4 steps of 2 at the paper's
+# lr), attacked by Inverting Gradients with each local step's labels given: an oracle on the order, labelled so.
+# Without it even the unprotected client leaks 8 % there (results/regimes.md), too little to test a lock.
+UPDATE_ATTACK = "ig-u8"
+UPDATE = dict(clients=2, images_per_client=8)
+UPDATE_TRAINING = dict(batch_size=2, local_epochs=1, learning_rate=0.01)
+UPDATE_OPTIONS = dict(
+    adaptive_attacker.BASE_OPTIONS["ig"], iterations=2000, restarts=2, label_hypotheses=1, label_mode="given"
+)
+NONE_SUCCEEDS = 0.5  # the ship target holds in every regime where the unprotected client leaks this share
 PARTS = ("lenet", "resnet", "attacks", "overhead")
 RESNET = dict(model="resnet20", dataset="digits", rounds=10, seed=0)
 TARGET_SUCCESS, TARGET_UPPER, TARGET_ACCURACY_PP, TARGET_RANDOM_KEY_PP = 0.05, 0.15, 1.0, 10.0
@@ -224,9 +238,13 @@ def image_path(run_dir, name, attack, seed, image, threat=None):
     return os.path.join(run_dir, "attacks", name, cell, f"seed{seed}", f"{image:03d}.json")
 
 
+def num_images(attack):
+    return UPDATE["clients"] * UPDATE["images_per_client"] if attack == UPDATE_ATTACK else NUM_IMAGES
+
+
 def cached_images(run_dir, name, attack, seed, threat=None):
     entries = {}
-    for image in range(NUM_IMAGES):
+    for image in range(num_images(attack)):
         path = image_path(run_dir, name, attack, seed, image, threat)
         if os.path.exists(path):
             with open(path) as f:
@@ -234,10 +252,11 @@ def cached_images(run_dir, name, attack, seed, threat=None):
     return entries
 
 
-def victim_payload(name, seed, images, labels, input_shape, num_classes):
-    """(the server's payload of `name`'s clients, one image each; the victim; the lock weights a server
-    knows, model_fn's): the victims of benchmarks.adaptive_attacker (weights of `seed`, key of seed + 1),
-    built with the candidate's options; pruned targets carry `pruned` (the attacker knows the protocol)."""
+def victim_payload(name, seed, images, labels, input_shape, num_classes, capture_dir=None):
+    """(the server's payload of `name`'s clients; the victim; the lock weights a server knows, model_fn's):
+    the victims of benchmarks.adaptive_attacker (weights of `seed`, key of seed + 1), built with the
+    candidate's options. Each client sends one image's gradient, or with `capture_dir` the update of
+    UPDATE's local epoch over its images; pruned targets carry `pruned` (the attacker knows the protocol)."""
     from attacks import cases
     from tfkl import keys, models
     from tfkl.federated import algorithms
@@ -251,7 +270,12 @@ def victim_payload(name, seed, images, labels, input_shape, num_classes):
     server_lock_weights = None
     if candidate.lock_init == "private":
         server_lock_weights = cases.privatize_lock(victim, seed)
-    payload, _ = cases.simulate_clients(victim, images, labels, 1)
+    if capture_dir is None:
+        payload, _ = cases.simulate_clients(victim, images, labels, 1)
+    else:
+        payload, _ = cases.simulate_clients(
+            victim, images, labels, UPDATE["images_per_client"], "update", capture_dir, **UPDATE_TRAINING
+        )
     if candidate.prune_fraction:
         prune = algorithms.prune_smallest(candidate.prune_fraction)
         targets = tuple(
@@ -263,56 +287,59 @@ def victim_payload(name, seed, images, labels, input_shape, num_classes):
 
 
 def run_cell(run_dir, name, attack, seed, threat=None, log=print):
-    """Attacks the cell's images not cached yet (one batched call) and caches each image's metrics: under
-    'adaptive' (a candidate) or 'none' (a reference), or under `threat`: 'oracle' (the victim's key and
-    lock given: does the attack work on this configuration at all?) or 'adaptive-key' (model_fn's lock
-    weights known, the key optimised: a round-1 server when clients start from model_fn's lock)."""
+    """Attacks the cell's images not cached yet (one batched call; update cells whole clients) and caches
+    each image's metrics: under 'adaptive' (a candidate) or 'none' (a reference), or under `threat`:
+    'oracle' (the victim's key and lock given: does the attack work on this configuration at all?) or
+    'adaptive-key' (model_fn's lock weights known, the key optimised: a round-1 server when clients start
+    from model_fn's lock). Update cells are given each local step's labels (the order oracle)."""
     import tensorflow as tf
 
-    from attacks import cases, experiment, study
+    from attacks import cases, study
 
     tf.get_logger().setLevel("ERROR")
-    missing = [i for i in range(NUM_IMAGES) if i not in cached_images(run_dir, name, attack, seed, threat)]
-    if not missing:
+    cached = cached_images(run_dir, name, attack, seed, threat)
+    per_client = UPDATE["images_per_client"] if attack == UPDATE_ATTACK else 1
+    clients = sorted({i // per_client for i in range(num_images(attack)) if i not in cached})
+    if not clients:
         return
-    data_set, input_shape, images, labels = study.load_images(DATASET, MODEL, NUM_IMAGES)
-    payload, victim, server_lock_weights = victim_payload(
-        name, seed, images[missing], labels[missing], input_shape, data_set.num_classes
-    )
+    indices = [c * per_client + k for c in clients for k in range(per_client)]
+    data_set, input_shape, images, labels = study.load_images(DATASET, MODEL, num_images(attack))
+    images, labels = images[indices], labels[indices]
+    with tempfile.TemporaryDirectory() as capture_dir:
+        payload, victim, server_lock_weights = victim_payload(
+            name, seed, images, labels, input_shape, data_set.num_classes, capture_dir if per_client > 1 else None
+        )
     cell_threat, _, strategy = (threat or ("adaptive" if _candidate(name).locked else "none")).partition(":")
     secret = cases.threat_secret(cell_threat, victim, server_lock_weights)
-    options = dict(adaptive_attacker.BASE_OPTIONS[attack], **({"adaptive_strategy": strategy} if strategy else {}))
+    options = dict(UPDATE_OPTIONS if attack == UPDATE_ATTACK else adaptive_attacker.BASE_OPTIONS[attack])
+    options.update({"adaptive_strategy": strategy} if strategy else {})
+    given = labels.reshape(len(clients), per_client) if attack == UPDATE_ATTACK else None
 
     def progress(done, total, losses):
         log(f"[{name}/{attack}/{cell_threat}/seed {seed}] {done}/{total} best loss median {np.median(losses):.3g}")
 
-    # The attack sees the payload (and the secret its threat assumes) only; the truth is read after it returns.
-    reconstructions, seconds = experiment.run_attack(attack, payload, cell_threat, secret, options, seed, progress)
-    per_image = experiment.evaluate(reconstructions, images[missing], labels[missing], 1)
-    for k, image in enumerate(missing):
-        entry = {metric: values[k] for metric, values in per_image.items()}
-        entry.update(
-            threat=threat or cell_threat,
-            loss=reconstructions[k].loss,
-            adaptive_strategy=reconstructions[k].info.get("adaptive_strategy"),
-            options=options,
-            seconds_per_image=seconds / len(missing),
-            git_commit=common.git_commit(),
-        )
+    entries = adaptive_attacker.attack_entries(
+        attack.split("-")[0], payload, cell_threat, secret, options, seed, images, labels, progress, per_client, given
+    )
+    for image, entry in zip(indices, entries):
+        entry.pop("lock_estimate")  # a spatial lock's is 6,144 numbers per image
         path = image_path(run_dir, name, attack, seed, image, threat)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        common.write_json(path, entry)
+        common.write_json(path, dict(entry, threat=threat or cell_threat))
 
 
 def attack_cells(names, seeds):
     """(name, attack, seed, threat) of every attack cell: each configuration under its own threat at every
-    seed, then each candidate under the EXTRA_THREATS at the first seed."""
+    seed, the candidates that hold under the EXTRA_THREATS at the first seed, then the update cells."""
     cells = [(name, attack, seed, None) for name in attack_names(names) for attack in ATTACKS for seed in seeds]
-    return cells + [(name, attack, seeds[0], t) for name in names for t in extra_threats(name) for attack in ATTACKS]
+    cells += [(name, attack, seeds[0], t) for name in names for t in extra_threats(name) for attack in ATTACKS]
+    return cells + [(name, UPDATE_ATTACK, seed, None) for seed in seeds for name in [*REFERENCES, *names]]
 
 
 def extra_threats(name):
     """The threats candidate `name` is attacked under at the first seed, beside its own."""
+    if name not in HOLDING:
+        return ()
     spatial = CANDIDATES[name].victim.get("affine") == "spatial"
     return EXTRA_THREATS + (SPATIAL_EXTRA_THREATS if spatial else ())
 
@@ -321,7 +348,7 @@ def run_attacks(names, seeds, run_dir, log):
     """Runs every missing attack cell, each in its own process (a killed run resumes per image)."""
     env = dict(os.environ, PYTHONPATH=common.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     for name, attack, seed, threat in attack_cells(names, seeds):
-        if len(cached_images(run_dir, name, attack, seed, threat)) == NUM_IMAGES:
+        if len(cached_images(run_dir, name, attack, seed, threat)) == num_images(attack):
             continue
         cell = f"{name}|{attack}|{seed}" + (f"|{threat}" if threat else "")
         log(f"== attack cell {cell}")
@@ -409,13 +436,13 @@ def tabulate(names, seeds, run_dir, training, overhead):
     """The payload of results/candidates.json from what the parts produced (missing parts show n/a)."""
     success, extra = {}, {}
     for name in attack_names(names):
-        for attack in ATTACKS:
+        for attack in (*ATTACKS, UPDATE_ATTACK):
             cells = [cached_images(run_dir, name, attack, s) for s in seeds]
             entries = [e for cell in cells for e in cell.values()]
-            complete = all(len(cell) == NUM_IMAGES for cell in cells)
+            complete = all(len(cell) == num_images(attack) for cell in cells)
             if entries:
                 success.setdefault(name, {})[attack] = dict(adaptive_attacker.score(entries), complete=complete)
-            for threat in EXTRA_THREATS + SPATIAL_EXTRA_THREATS:
+            for threat in EXTRA_THREATS + SPATIAL_EXTRA_THREATS if attack in ATTACKS else ():
                 threat_entries = list(cached_images(run_dir, name, attack, seeds[0], threat).values())
                 if threat_entries:
                     extra.setdefault(name, {}).setdefault(threat, {})[attack] = adaptive_attacker.score(threat_entries)
@@ -423,7 +450,8 @@ def tabulate(names, seeds, run_dir, training, overhead):
     control_runs = lenet.get("control", {})
     control = _mean([r["own"] for r in control_runs.values()])
     resnet_control = _mean([r["own"] for r in resnet.get("control", {}).values()])
-    rows, summary = [], {}
+    sizes = key_table.SETTING["public_sizes"]
+    rows, key_rows, summary = [], [], {}
     for name in ["control", *attack_names(names)]:
         candidate = _candidate(name)
         runs = list(lenet.get(name, {}).values())
@@ -432,16 +460,15 @@ def tabulate(names, seeds, run_dir, training, overhead):
         paired = [r["own"] - control_runs[s]["own"] for s, r in lenet.get(name, {}).items() if s in control_runs]
         minus_control = _mean(paired)
         all_seeds = len(runs) == len(seeds)
-        random_key = _mean([r.get("b_own_lock_random_key") for r in runs])
-        gain = _mean([r.get("gain_100") for r in runs])
+        random_key = gain = None
+        if runs:
+            key_row, figures = key_table.table_row(candidate.label, runs, sizes, CHANCE)
+            key_rows.append(key_row)
+            random_key, gain = (figures["random_key"], figures["gain"]) if figures else (None, None)
         resnet_own = _mean([r["own"] for r in resnet.get(name, {}).values()])
         by_attack = success.get(name, {})
         checks = dict(
-            privacy=None
-            if len(by_attack) < len(ATTACKS) or not all(e["complete"] for e in by_attack.values())
-            else all(
-                e["ssim"]["rate"] <= TARGET_SUCCESS and e["ssim"]["high"] <= TARGET_UPPER for e in by_attack.values()
-            ),
+            privacy=privacy_check(by_attack, success.get("none", {})),
             accuracy=None if minus_control is None or not all_seeds else -100 * minus_control <= TARGET_ACCURACY_PP,
             random_key=None
             if random_key is None or not all_seeds
@@ -474,7 +501,7 @@ def tabulate(names, seeds, run_dir, training, overhead):
                 f"{100 * by_attack[attack]['ssim']['high']:.0f}]"
                 + ("" if by_attack[attack]["complete"] else " (partial)")
             )
-            for attack in ATTACKS
+            for attack in (*ATTACKS, UPDATE_ATTACK)
         ]
         extra_cells = [
             ", ".join(
@@ -512,6 +539,7 @@ def tabulate(names, seeds, run_dir, training, overhead):
     columns = [
         "configuration",
         *[f"{a.upper()} adaptive: recovered, n, [95 % CI]" for a in ATTACKS],
+        "IG adaptive on U8 updates, step labels known (order oracle): recovered, n, [95 % CI]",
         f"oracle, seed {seeds[0]} (does the attack work?)",
         f"adaptive-key, seed {seeds[0]} (model_fn's lock known)",
         f"adaptive, 'joint' starts, seed {seeds[0]} (spatial locks)",
@@ -527,6 +555,13 @@ def tabulate(names, seeds, run_dir, training, overhead):
         "settings": dict(
             attacks={a: adaptive_attacker.BASE_OPTIONS[a] for a in ATTACKS},
             attack_images=f"Fashion-MNIST training images 0-{NUM_IMAGES - 1}, batch 1, untrained LeNet",
+            update_attack=dict(
+                attack="ig",
+                options=UPDATE_OPTIONS,
+                client_training=UPDATE_TRAINING,
+                images=f"Fashion-MNIST training images 0-{num_images(UPDATE_ATTACK) - 1}",
+                **UPDATE,
+            ),
             seeds=[int(s) for s in seeds],
             lenet=dict(
                 key_table.SETTING, public_sizes=list(key_table.SETTING["public_sizes"]), clients=key_table.NUM_CLIENTS
@@ -557,7 +592,12 @@ def tabulate(names, seeds, run_dir, training, overhead):
                 ),
                 "columns": columns,
                 "rows": rows,
-            }
+            },
+            {
+                "title": "The key table of each candidate (LeNet Fashion-MNIST, mean ± std over the seeds, %)",
+                "columns": key_table.table_columns(sizes),
+                "rows": key_rows,
+            },
         ],
         "headline": headline(summary, names),
         "notes": [
@@ -566,6 +606,12 @@ def tabulate(names, seeds, run_dir, training, overhead):
             "attacks. 'adaptive': gamma/beta unknown and optimised with the image, each attack's strongest strategy "
             "(attacks.base: 'relearn'); restarts are chosen by the attack's own loss. The references are attacked "
             "under 'none' (no lock). Pruned targets are matched on their kept entries only.",
+            f"U8 updates: each client trains one local epoch over {UPDATE['images_per_client']} images in steps of "
+            f"{UPDATE_TRAINING['batch_size']} (SGD lr {UPDATE_TRAINING['learning_rate']}, benchmarks.regimes' U8) on "
+            f"the same victims, {UPDATE['clients']} clients per seed; Inverting Gradients simulates the steps and is "
+            "given each step's labels (an oracle on the order: without it the unprotected client leaks 8 %, "
+            "results/regimes.md); reconstructions are Hungarian-matched to the client's images. The ship target "
+            f"applies to a regime only where the unprotected client leaks at least {100 * NONE_SUCCEEDS:.0f} %.",
             "Accuracy: mean over the LeNet seeds of each client's own key and lock (entry a of "
             "tff_programs.evaluate); the control is `--algorithm=fedavg-norm` (the lock blocks replaced by a learned "
             f"affine, no key). ResNet-20 digits: {RESNET['rounds']} rounds, seed {RESNET['seed']}, local statistics "
@@ -573,12 +619,29 @@ def tabulate(names, seeds, run_dir, training, overhead):
             "Train step / control: median seconds per LeNet train step (batch 64) over the control's, measured in "
             "turns in one process (benchmarks.candidates' overhead part); the spatial lock's kernels are "
             "1024 x 3072 each.",
+            "Key table: tff_programs.evaluate's entries as in results/key_table.md (the paper's, gaussian and "
+            "control rows are that table's runs).",
             "A configuration ships only if it meets every target; the privacy target is checked per attack. The best "
             "trade-off (results.best_trade_off) is the candidate with the lowest worst-attack success among those "
             "within 1 pp of the control, else the lowest overall.",
             common.SHARED_MACHINE_NOTE,
         ],
     }
+
+
+def privacy_check(by_attack, reference):
+    """Whether a candidate meets the privacy target in every regime (attack) where the unprotected client
+    (`reference`'s cells) leaks at least NONE_SUCCEEDS; None while a cell it needs is incomplete."""
+    verdicts = []
+    for attack in (*ATTACKS, UPDATE_ATTACK):
+        leak, cell = reference.get(attack), by_attack.get(attack)
+        if leak and leak["complete"] and leak["ssim"]["rate"] < NONE_SUCCEEDS:
+            continue
+        if not (leak and leak["complete"] and cell and cell["complete"]):
+            verdicts.append(None)
+        else:
+            verdicts.append(cell["ssim"]["rate"] <= TARGET_SUCCESS and cell["ssim"]["high"] <= TARGET_UPPER)
+    return False if False in verdicts else (None if None in verdicts else True)
 
 
 def headline(summary, names):

@@ -186,61 +186,77 @@ def _cell(values, scale=100.0, signed=False):
     return text + (f" ± {array.std():.1f}" if len(array) > 1 else "")
 
 
+def table_columns(sizes):
+    """The key table's columns (`table_row`'s cells) for public-example counts `sizes`."""
+    columns = ["configuration", "seeds"] + [label for label, _ in ENTRIES]
+    for size in sizes:
+        columns += [f"lock recovery, {size}", f"from scratch, {size}", f"recovery - scratch, {size} (pp)"]
+    return columns + [
+        f"random key <= chance + {TARGET_RANDOM_KEY_PP} pp",
+        f"recovery - scratch <= {TARGET_RECOVERY_PP} pp",
+    ]
+
+
+def table_row(label, values, sizes, chance=0.1):
+    """(key-table row, figures) of one configuration's runs (`row_of`, one per seed): figures holds the mean
+    random-key accuracy, the gain (recovery - from scratch) at sizes[0] and whether each meets its target;
+    None for a run without a key (FedAvg), whose row fills its own accuracy only."""
+    if "a_own_key_and_lock" not in values[0]:
+        row = [label, len(values), _cell([v["own"] for v in values])]
+        return row + ["no key"] * (len(table_columns(sizes)) - 3), None
+    cells = [_cell([v[key] for v in values]) for _, key in ENTRIES]
+    for size in sizes:
+        cells += [
+            _cell([v[f"recovery_{size}"] for v in values]),
+            _cell([v[f"scratch_{size}"] for v in values]),
+            _cell([v[f"gain_{size}"] for v in values], signed=True),
+        ]
+    random_key = float(np.mean([v["b_own_lock_random_key"] for v in values]))
+    gains = [v[f"gain_{sizes[0]}"] for v in values if v[f"gain_{sizes[0]}"] is not None]
+    gain = float(np.mean(gains)) if gains else None
+    key_met = random_key <= chance + TARGET_RANDOM_KEY_PP / 100
+    gain_met = None if gain is None else gain <= TARGET_RECOVERY_PP / 100
+    cells += [
+        "reached" if key_met else "not reached",
+        "n/a" if gain_met is None else ("reached" if gain_met else "not reached"),
+    ]
+    return [label, len(values)] + cells, dict(random_key=random_key, gain=gain, key_met=key_met, gain_met=gain_met)
+
+
 def payload(setting, seeds, names, rows, seconds, missing, quick):
     """The benchmark payload from the finished runs' rows: {name: {seed: row}}."""
     sizes = setting["public_sizes"]
     chance = 0.1
-    columns = ["configuration", "seeds"] + [label for label, _ in ENTRIES]
-    for size in sizes:
-        columns += [f"lock recovery, {size}", f"from scratch, {size}", f"recovery - scratch, {size} (pp)"]
-    columns += [f"random key <= chance + {TARGET_RANDOM_KEY_PP} pp", f"recovery - scratch <= {TARGET_RECOVERY_PP} pp"]
+    columns = table_columns(sizes)
     table_rows, headline, by_config = [], [], {}
     for name in names:
         done = rows.get(name, {})
         if not done:
             continue
         values = list(done.values())
-        label = CONFIGS[name][0]
-        if "a_own_key_and_lock" not in values[0]:
-            own = _cell([v["own"] for v in values])
-            table_rows.append([label, len(values), own] + ["no key"] * (len(columns) - 3))
-            by_config[name] = dict(own=float(np.mean([v["own"] for v in values])))
+        row, figures = table_row(CONFIGS[name][0], values, sizes, chance)
+        table_rows.append(row)
+        by_config[name] = dict(own=float(np.mean([v["own"] for v in values])))
+        if figures is None:
             continue
-        cells = [_cell([v[key] for v in values]) for _, key in ENTRIES]
-        for size in sizes:
-            cells += [
-                _cell([v[f"recovery_{size}"] for v in values]),
-                _cell([v[f"scratch_{size}"] for v in values]),
-                _cell([v[f"gain_{size}"] for v in values], signed=True),
-            ]
-        random_key = float(np.mean([v["b_own_lock_random_key"] for v in values]))
-        gains = [v[f"gain_{sizes[0]}"] for v in values if v[f"gain_{sizes[0]}"] is not None]
-        gain = float(np.mean(gains)) if gains else None
-        key_met = random_key <= chance + TARGET_RANDOM_KEY_PP / 100
-        gain_met = None if gain is None else gain <= TARGET_RECOVERY_PP / 100
-        cells += [
-            "reached" if key_met else "not reached",
-            "n/a" if gain_met is None else ("reached" if gain_met else "not reached"),
-        ]
-        table_rows.append([label, len(values)] + cells)
-        by_config[name] = dict(own=float(np.mean([v["own"] for v in values])), random_key=random_key, gain=gain)
+        by_config[name].update(random_key=figures["random_key"], gain=figures["gain"])
         headline.append(
             dict(
                 metric=f"{name}: random key + own lock",
-                value=round(100 * random_key, 1),
+                value=round(100 * figures["random_key"], 1),
                 unit="%",
                 target=f"<= chance + {TARGET_RANDOM_KEY_PP} pp ({100 * chance + TARGET_RANDOM_KEY_PP:.0f} %)",
-                met=key_met,
+                met=figures["key_met"],
             )
         )
-        if gain is not None:
+        if figures["gain"] is not None:
             headline.append(
                 dict(
                     metric=f"{name}: lock recovery - from scratch, {sizes[0]} public examples",
-                    value=round(100 * gain, 1),
+                    value=round(100 * figures["gain"], 1),
                     unit="pp",
                     target=f"<= {TARGET_RECOVERY_PP} pp",
-                    met=gain_met,
+                    met=figures["gain_met"],
                 )
             )
     notes = [

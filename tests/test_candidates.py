@@ -1,14 +1,15 @@
 """The key-lock candidates of issue 12 (benchmarks.candidates): their layers, the attacker's view of them, the table."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from attacks import base, cases, targets
+from attacks import base, cases, experiment, targets
 from attacks import model as attacks_model
-from benchmarks import candidates
+from benchmarks import adaptive_attacker, candidates, regimes
 import tfkl
 from tfkl.federated.config import Config
 
@@ -132,10 +133,13 @@ def test_the_table_applies_every_ship_target(tmp_path, monkeypatch):
             for image in range(candidates.NUM_IMAGES):
                 path = candidates.image_path(str(tmp_path), name, attack, 0, image)
                 candidates.common.write_json(path, _entry(0.9 if image < count else 0.1))
-    row = lambda own, random_key: {  # noqa: E731
+    row = lambda own, random_key: {  # noqa: E731  (key_table.row_of's fields)
         "own": own,
+        "a_own_key_and_lock": own,
         "b_own_lock_random_key": random_key,
-        "gain_100": 0.16,
+        "c_other_key_and_lock": own,
+        "d_global_zero_lock": 0.1,
+        **{f"{k}_{size}": v for size in (100, 1000) for k, v in (("recovery", 0.8), ("scratch", 0.64), ("gain", 0.16))},
     }
     training = {
         "lenet": {"control": {0: {"own": 0.85}}, "paper": {0: row(0.84, 0.84)}, "spatial": {0: row(0.845, 0.15)}},
@@ -148,5 +152,60 @@ def test_the_table_applies_every_ship_target(tmp_path, monkeypatch):
     assert summary["spatial"]["checks"] == {"privacy": False, "accuracy": True, "random_key": True}
     assert summary["none"]["success"]["grnn"]["ssim"]["recovered"] == 10
     assert payload["results"]["best_trade_off"] == "spatial"
+    key_rows = payload["tables"][1]["rows"]
+    assert [r[0] for r in key_rows] == [candidates.CONTROL.label] + [candidates.CANDIDATES[n].label for n in names]
+    assert key_rows[2][3] == "15.0" and key_rows[2][-2:] == ["reached", "not reached"]  # gain 16 pp > 5 pp
     candidates.frontier_figure(payload, str(tmp_path / "frontier.png"))
     assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def _score(recovered, n, complete=True):
+    entries = [_entry(0.9 if i < recovered else 0.1) for i in range(n)]
+    return dict(adaptive_attacker.score(entries), complete=complete)
+
+
+def test_the_ship_target_applies_only_where_the_unprotected_client_leaks():
+    update = candidates.UPDATE_ATTACK
+    held = {attack: _score(0, 100) for attack in candidates.ATTACKS}  # 0/100: Wilson upper bound 3.7 %
+    leaks = {attack: _score(100, 100) for attack in candidates.ATTACKS}
+    rebuilt_updates = dict(held, **{update: _score(50, 100)})
+    assert candidates.privacy_check(rebuilt_updates, dict(leaks, **{update: _score(8, 100)})) is True
+    assert candidates.privacy_check(rebuilt_updates, dict(leaks, **{update: _score(60, 100)})) is False
+    assert candidates.privacy_check(held, dict(leaks, **{update: _score(60, 100)})) is None  # its update cell is due
+    assert candidates.privacy_check(rebuilt_updates, dict(leaks, **{update: _score(8, 100, complete=False)})) is None
+    assert candidates.privacy_check(dict(held, **{update: _score(0, 100)}), dict(leaks, **{update: _score(60, 100)}))
+
+
+def test_the_update_cells_are_the_regimes_u8_with_the_step_labels_given():
+    u8 = regimes.REGIMES["U8"]
+    assert candidates.UPDATE_TRAINING == u8.update_options()
+    assert (candidates.UPDATE["clients"], candidates.UPDATE["images_per_client"]) == (u8.clients, u8.images_per_client)
+    options = dict(candidates.UPDATE_OPTIONS)
+    assert options.pop("label_mode") == "given" and options == u8.attack_options()
+
+
+def test_an_update_cell_attacks_whole_clients_caches_each_image_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(candidates, "DATASET", "digits")
+    monkeypatch.setattr(candidates, "UPDATE", dict(clients=2, images_per_client=4))
+    monkeypatch.setattr(candidates, "UPDATE_OPTIONS", dict(candidates.UPDATE_OPTIONS, iterations=4))
+    attacked = []
+    run_attack = experiment.run_attack
+
+    def recording(attack, payload, threat, *args, labels=None, **kwargs):
+        attacked.append((threat, [t.kind for t in payload.targets], labels))
+        return run_attack(attack, payload, threat, *args, labels=labels, **kwargs)
+
+    monkeypatch.setattr(experiment, "run_attack", recording)
+    run_dir, update = str(tmp_path), candidates.UPDATE_ATTACK
+    candidates.run_cell(run_dir, "pruned", update, 0, log=lambda *_: None)
+    entries = candidates.cached_images(run_dir, "pruned", update, 0)
+    assert sorted(entries) == list(range(8))
+    threat, kinds, labels = attacked[0]
+    assert threat == "adaptive" and kinds == ["update", "update"] and labels.shape == (2, 4)
+    assert all(e["label_accuracy"] == 1.0 and e["threat"] == "adaptive" for e in entries.values())
+    assert {e["aligned_ssim"] for e in entries.values()} and all(0 <= e["aligned_ssim"] <= 1 for e in entries.values())
+    candidates.run_cell(run_dir, "pruned", update, 0, log=lambda *_: None)
+    assert len(attacked) == 1  # everything cached: nothing runs
+    os.remove(candidates.image_path(run_dir, "pruned", update, 0, 5))
+    candidates.run_cell(run_dir, "pruned", update, 0, log=lambda *_: None)
+    assert len(attacked[1][1]) == 1 and len(candidates.cached_images(run_dir, "pruned", update, 0)) == 8
