@@ -165,29 +165,37 @@ def _score(recovered, n, complete=True):
 
 
 def test_the_ship_target_applies_only_where_the_unprotected_client_leaks():
-    update = candidates.UPDATE_ATTACK
+    ig, grnn = candidates.UPDATE_ATTACKS
     held = {attack: _score(0, 100) for attack in candidates.ATTACKS}  # 0/100: Wilson upper bound 3.7 %
     leaks = {attack: _score(100, 100) for attack in candidates.ATTACKS}
-    rebuilt_updates = dict(held, **{update: _score(50, 100)})
-    assert candidates.privacy_check(rebuilt_updates, dict(leaks, **{update: _score(8, 100)})) is True
-    assert candidates.privacy_check(rebuilt_updates, dict(leaks, **{update: _score(60, 100)})) is False
-    assert candidates.privacy_check(held, dict(leaks, **{update: _score(60, 100)})) is None  # its update cell is due
-    assert candidates.privacy_check(rebuilt_updates, dict(leaks, **{update: _score(8, 100, complete=False)})) is None
-    assert candidates.privacy_check(dict(held, **{update: _score(0, 100)}), dict(leaks, **{update: _score(60, 100)}))
+    rebuilt_updates = dict(held, **{ig: _score(50, 100), grnn: _score(0, 100)})
+    check = candidates.privacy_check
+    assert check(rebuilt_updates, dict(leaks, **{ig: _score(8, 100), grnn: _score(40, 100)})) is True
+    assert check(rebuilt_updates, dict(leaks, **{ig: _score(8, 100), grnn: _score(60, 100)})) is False
+    assert check(rebuilt_updates, dict(leaks, **{ig: _score(8, 100)})) is None  # GRNN's reference is due
+    assert check(held, dict(leaks, **{ig: _score(8, 100), grnn: _score(60, 100)})) is None  # its update cells are due
+    all_held = dict(held, **{ig: _score(0, 100), grnn: _score(0, 100)})
+    assert check(all_held, dict(leaks, **{ig: _score(60, 100), grnn: _score(90, 100)})) is True
+    assert check(dict(all_held, **{candidates.ATTACKS[0]: _score(9, 100)}), leaks) is False  # batch 1 fails first
 
 
 def test_the_update_cells_are_the_regimes_u8_with_the_step_labels_given():
     u8 = regimes.REGIMES["U8"]
     assert candidates.UPDATE_TRAINING == u8.update_options()
     assert (candidates.UPDATE["clients"], candidates.UPDATE["images_per_client"]) == (u8.clients, u8.images_per_client)
-    options = dict(candidates.UPDATE_OPTIONS)
-    assert options.pop("label_mode") == "given" and options == u8.attack_options()
+    for name, options in candidates.UPDATE_ATTACKS.items():
+        attack = name.split("-")[0]
+        assert options["label_mode"] == "given"
+        assert dataclasses.replace(u8, attack=attack).attack_options().items() <= options.items()
+    names = candidates.update_names("grnn-u8", list(candidates.CANDIDATES))
+    assert names[:2] == ["none", "none_pruned"] and sorted(names[2:]) == sorted(candidates.HOLDING)
 
 
 def test_an_update_cell_attacks_whole_clients_caches_each_image_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(candidates, "DATASET", "digits")
     monkeypatch.setattr(candidates, "UPDATE", dict(clients=2, images_per_client=4))
-    monkeypatch.setattr(candidates, "UPDATE_OPTIONS", dict(candidates.UPDATE_OPTIONS, iterations=4))
+    update = "grnn-u8"
+    monkeypatch.setitem(candidates.UPDATE_ATTACKS, update, dict(candidates.UPDATE_ATTACKS[update], iterations=4))
     attacked = []
     run_attack = experiment.run_attack
 
@@ -196,7 +204,7 @@ def test_an_update_cell_attacks_whole_clients_caches_each_image_and_resumes(tmp_
         return run_attack(attack, payload, threat, *args, labels=labels, **kwargs)
 
     monkeypatch.setattr(experiment, "run_attack", recording)
-    run_dir, update = str(tmp_path), candidates.UPDATE_ATTACK
+    run_dir = str(tmp_path)
     candidates.run_cell(run_dir, "pruned", update, 0, log=lambda *_: None)
     entries = candidates.cached_images(run_dir, "pruned", update, 0)
     assert sorted(entries) == list(range(8))
