@@ -4,13 +4,15 @@
   python -m benchmarks.regimes --regimes=G8,U8 --threats=none,oracle --seeds=0
   python -m benchmarks.regimes --tabulate_only          # tables and grids from what is stored
 
-Regimes (LeNet and ResNet-20 untrained unless stated, Fashion-MNIST, Inverting Gradients):
+Regimes (LeNet and ResNet-20 untrained unless stated, Fashion-MNIST, Inverting Gradients unless stated):
   G8   one single-step gradient of a batch of 8 (labels counted from the last layer)
   U8   a FedAvg client update: 1 local epoch over 8 images in 4 steps of 2 (lr 0.01, the paper's SGD)
   U16  the same over 16 images in 4 steps of 4
   T<r>, T<r>-U8  batch 1 / U8 on the global model a real tff_programs.train run sends its clients in round r
        (captured in the capture format; round 1 is the initial model)
   R    ResNet-20 (32x32), batch 1 (a short budget: see the budget curve in the results)
+  G8-GRNN, U8-GRNN  G8 and U8 attacked by GRNN instead (the same images, victims and labels): the stronger
+       attack at batch 1, and on G8 and U8 (step labels known) in a pilot on other images (seed 5)
 Each seed sets the victim's weights, key and lock (T regimes: those of the training run, seed 0), the
 attack's starts, and which images (distinct per seed). Every cell (regime, seed, threat) runs in its own
 process and stores each client's result under --out_dir as soon as it is attacked; a rerun skips what is
@@ -98,7 +100,9 @@ UNKNOWN_ORDER = dict(restarts=2, label_hypotheses=1, label_search_iterations=200
 def _regimes():
     regimes = [
         Regime("G8", "one gradient of a batch of 8", 8, 2, iterations=3000),
+        Regime("G8-GRNN", "G8, attacked by GRNN", 8, 2, iterations=3000, restarts=2, attack="grnn"),
         Regime("U8", "update: 8 images, 4 steps of 2", 8, 2, "update", 2, **UNKNOWN_ORDER),
+        Regime("U8-GRNN", "U8, attacked by GRNN", 8, 2, "update", 2, attack="grnn", **UNKNOWN_ORDER),
         Regime("U16", "update: 16 images, 4 steps of 4", 16, 1, "update", 4, **UNKNOWN_ORDER),
     ]
     for round_num in (1, 5, 20):
