@@ -25,15 +25,18 @@ if TYPE_CHECKING:
 DISTANCES = ("l2", "l2_sum", "cosine", "grnn")
 # The adaptive attacker's strategies (threat 'adaptive' only): name -> (the lock latents' start schemes,
 # cycled over the restarts (`AttackerModel.initial_lock_latent`); whether channels whose gamma must be 0,
-# read from the captured gradient (`AttackerModel.dead_lock_channels`), are fixed at gamma = 0).
+# read from the captured gradient (`AttackerModel.dead_lock_channels`), are fixed at gamma = 0; whether the
+# images and the lock latents take turns, ALTERNATION_STEPS steps each, instead of moving together).
 ADAPTIVE_STRATEGIES = {
-    "joint": (("uniform",), False),
-    "prior": (("prior",), False),
-    "mixed": (("prior", "uniform"), False),
-    "relearn": (("prior",), True),
-    "relearn-mixed": (("prior", "uniform"), True),
-    "relearn-uniform": (("uniform",), True),
+    "joint": (("uniform",), False, False),
+    "prior": (("prior",), False, False),
+    "mixed": (("prior", "uniform"), False, False),
+    "relearn": (("prior",), True, False),
+    "relearn-mixed": (("prior", "uniform"), True, False),
+    "relearn-uniform": (("uniform",), True, False),
+    "relearn-alternating": (("prior",), True, True),
 }
+ALTERNATION_STEPS = 50
 DEFAULT_ADAPTIVE_STRATEGY = "relearn"
 assert tuple(ADAPTIVE_STRATEGIES) == names.ADAPTIVE_STRATEGIES
 
@@ -118,7 +121,8 @@ class Attack:
         1.5), beta ~ U(0, 0.5)); 'prior' (restarts start from gamma/beta drawn as a fresh lock makes them);
         'mixed' (restarts alternate 'prior' and 'uniform' starts); 'relearn' / 'relearn-mixed' (as 'prior' /
         'mixed', and the channels whose kernel gradient is zero in the captured single-step gradient are
-        fixed at gamma = 0, the rest optimised). The restart kept is always the one with the lowest
+        fixed at gamma = 0, the rest optimised); 'relearn-alternating' (as 'relearn', the images and the
+        lock taking turns: block-coordinate descent). The restart kept is always the one with the lowest
         objective. Ignored under the other threats. None: the attack's `default_adaptive_strategy`, the
         strongest measured for it (benchmarks.adaptive_attacker).
     """
@@ -179,10 +183,19 @@ class Attack:
         return tf.where(dead, tf.constant(DEAD_LATENT, latent.dtype), latent)
 
     def _lock_rate_scale(self, target, lock_ratio):
-        """[position size] multipliers of an optimiser's step: 1 on images and labels, `lock_ratio` on the
-        lock latents."""
+        """step -> [position size] multipliers of an optimiser's step: 1 on images and labels, `lock_ratio`
+        on the lock latents; under an alternating strategy one side is 0 in turn (images first)."""
         image_size, label_size, lock_size = self._layout(target)
-        return tf.concat([tf.ones([image_size + label_size]), tf.fill([lock_size], float(lock_ratio))], 0)
+        scale = tf.concat([tf.ones([image_size + label_size]), tf.fill([lock_size], float(lock_ratio))], 0)
+        if not (self.attacker.threat == "adaptive" and ADAPTIVE_STRATEGIES[self.adaptive_strategy][2]):
+            return lambda step: scale
+        lock_part = tf.concat([tf.zeros([image_size + label_size]), tf.ones([lock_size])], 0)
+
+        def alternating(step):
+            lock_turn = tf.math.floormod(tf.floor((step - 1.0) / ALTERNATION_STEPS), 2.0)
+            return scale * (lock_turn * lock_part + (1.0 - lock_turn) * (1.0 - lock_part))
+
+        return alternating
 
     # -- layout ----------------------------------------------------------------------------
     def _layout(self, target):

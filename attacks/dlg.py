@@ -54,6 +54,10 @@ class DLG(base.Attack):
         adaptive_strategy: str | None = None,
     ) -> None:
         super().__init__(attacker, label_mode, restarts, seed, label_hypotheses, adaptive_strategy)
+        if base.ADAPTIVE_STRATEGIES[self.adaptive_strategy][2]:
+            raise ValueError(
+                f"L-BFGS moves every coordinate at once: {self.name} cannot use {self.adaptive_strategy!r}"
+            )
         if distance not in base.DISTANCES:
             raise ValueError(f"distance must be one of {base.DISTANCES}, got {distance!r}")
         if optimizer not in OPTIMIZERS:

@@ -122,7 +122,7 @@ class GRNN(base.Attack):
             initial,
             target_values,
             fixed_labels,
-            lambda step: scale * self.learning_rate,
+            lambda step: scale(step) * self.learning_rate,
             False,
             lambda p: p,
             progress,

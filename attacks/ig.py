@@ -116,7 +116,7 @@ class InvertingGradients(base.Attack):
         scale = self._lock_rate_scale(target, lock_rate / self.learning_rate)
 
         def learning_rate(step):
-            return scale * self.learning_rate * 0.1 ** tf.reduce_sum(tf.cast(step >= milestones, tf.float32))
+            return scale(step) * self.learning_rate * 0.1 ** tf.reduce_sum(tf.cast(step >= milestones, tf.float32))
 
         def project(position):
             if not self.boxed:

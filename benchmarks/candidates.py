@@ -50,10 +50,10 @@ DATASET, MODEL, NUM_IMAGES = "fashion_mnist", "lenet", 10
 ATTACKS = ("grnn", "ig")  # the strongest adaptive attacks (benchmarks.adaptive_attacker)
 # The candidates that hold at batch 1 (adaptive GRNN 0/30: the pruned and the spatial locks) also face, at the
 # first seed, 'oracle' (does the attack work on them at all?) and 'adaptive-key'; the others lose most images
-# under 'adaptive' already. Spatial locks also face the first adaptive attacker's start ('joint'): their
-# 'relearn' reads no dead channel.
+# under 'adaptive' already. Spatial locks also face the first adaptive attacker's start ('joint': their
+# 'relearn' reads no dead channel) and block-coordinate descent (images and lock in turns).
 EXTRA_THREATS = ("oracle", "adaptive-key")
-SPATIAL_EXTRA_THREATS = ("adaptive:joint",)
+SPATIAL_EXTRA_THREATS = ("adaptive:joint", "adaptive:relearn-alternating")
 HOLDING = ("pruned", "spatial", "spatial_gaussian", "spatial_gaussian_private")
 # The multi-step regime U8 of benchmarks.regimes (one local epoch over 8 images in 4 steps of 2 at the paper's
 # lr), attacked with each local step's labels given: an oracle on the order, labelled so. Without it even the
@@ -566,6 +566,7 @@ def tabulate(names, seeds, run_dir, training, overhead):
         f"oracle, seed {seeds[0]} (does the attack work?)",
         f"adaptive-key, seed {seeds[0]} (model_fn's lock known)",
         f"adaptive, 'joint' starts, seed {seeds[0]} (spatial locks)",
+        f"adaptive, images and lock in turns, seed {seeds[0]} (spatial locks)",
         "LeNet FMNIST own key (%)",
         "- control, same seeds (pp)",
         "random key + own lock (%)",

@@ -46,10 +46,14 @@ def test_dead_channels_are_read_from_the_gradient_alone_and_are_the_zero_gammas(
     assert not dead[channels:].any()  # betas are never fixed
 
 
-CASES = [("ig", strategy) for strategy in base.ADAPTIVE_STRATEGIES] + [
-    (attack, "relearn-mixed")
-    for attack in ("grnn", "idlg", "dlg")  # both start schemes and the dead channels
-]
+CASES = (
+    [("ig", strategy) for strategy in base.ADAPTIVE_STRATEGIES]
+    + [
+        (attack, "relearn-mixed")
+        for attack in ("grnn", "idlg", "dlg")  # both start schemes and the dead channels
+    ]
+    + [("grnn", "relearn-alternating")]
+)
 
 
 @pytest.mark.parametrize("attack,strategy", CASES)
@@ -93,6 +97,25 @@ def test_prior_starts_look_like_a_fresh_lock_and_uniform_keeps_its_old_values():
     assert np.mean(gamma[0::2] < 0.01) > 0.2  # prior: many (floored) zeros, as relu(key @ W + b)
 
 
+def test_the_alternating_strategy_moves_the_images_and_the_lock_in_turns():
+    _, payload, _ = _case()
+    target = payload.targets[0]
+    for threat, strategy, turns in (("adaptive", "relearn-alternating", True), ("adaptive", "relearn", False)):
+        attack = experiment.build_attack(
+            "ig", model_lib.AttackerModel(payload.view, threat), adaptive_strategy=strategy
+        )
+        image_size, label_size, lock_size = attack._layout(target)
+        scale = attack._lock_rate_scale(target, 0.5)
+        for step, lock_turn in ((1, False), (base.ALTERNATION_STEPS, False), (base.ALTERNATION_STEPS + 1, True)):
+            values = scale(tf.constant(float(step))).numpy()
+            images, lock = values[: image_size + label_size], values[image_size + label_size :]
+            assert len(lock) == lock_size > 0
+            if turns:
+                assert (images == (0.0 if lock_turn else 1.0)).all() and (lock == (0.5 if lock_turn else 0.0)).all()
+            else:
+                assert (images == 1.0).all() and (lock == 0.5).all()
+
+
 def test_bad_adaptive_parameters_give_one_clear_error():
     _, payload, _ = _case()
     attacker = model_lib.AttackerModel(payload.view, "adaptive")
@@ -103,6 +126,8 @@ def test_bad_adaptive_parameters_give_one_clear_error():
             experiment.build_attack("grnn", attacker, lock_learning_rate=value)
     with pytest.raises(ValueError, match="lock init schemes must be among"):
         attacker.initial_lock_latent(2, schemes=["gaussian"])
+    with pytest.raises(ValueError, match="L-BFGS moves every coordinate at once"):
+        experiment.build_attack("dlg", attacker, adaptive_strategy="relearn-alternating")
     with pytest.raises(ValueError, match="unknown variant"):
         adaptive_attacker.options_of("ig", "adaptive:best")
     with pytest.raises(ValueError, match="unknown attack"):

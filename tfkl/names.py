@@ -16,4 +16,12 @@ STATISTICS = ("average", "local")  # tfkl.federated.algorithms
 CLIENT_WEIGHTINGS = ("num_examples", "uniform")  # tfkl.federated.algorithms
 ATTACKS = ("dlg", "idlg", "ig", "grnn")  # attacks.experiment
 THREATS = ("none", "fixed-key", "adaptive", "adaptive-key", "oracle")  # attacks.model
-ADAPTIVE_STRATEGIES = ("joint", "prior", "mixed", "relearn", "relearn-mixed", "relearn-uniform")  # attacks.base
+ADAPTIVE_STRATEGIES = (  # attacks.base
+    "joint",
+    "prior",
+    "mixed",
+    "relearn",
+    "relearn-mixed",
+    "relearn-uniform",
+    "relearn-alternating",
+)
