@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from attacks import cases, experiment, grids
+from attacks import base, cases, experiment, grids
 from tfkl import data, models, optimizers, training
 
 
@@ -26,6 +26,8 @@ def attack_options(
     """The attack's keyword options from the optional flag values."""
     options = {}
     if adaptive_strategy:
+        if attack in ("dlg", "idlg") and base.ADAPTIVE_STRATEGIES[adaptive_strategy][2]:
+            raise ValueError(f"--adaptive_strategy={adaptive_strategy} applies to ig and grnn (L-BFGS has no turns)")
         options["adaptive_strategy"] = adaptive_strategy
     for name, value in (("lock_learning_rate", lock_learning_rate), ("learning_rate", learning_rate)):
         if value is not None:
