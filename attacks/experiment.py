@@ -95,14 +95,17 @@ def run_threats(
     return results
 
 
-def run_attack(attack_name, payload, threat, secret=None, attack_options=None, seed=0, progress=None, labels=None):
+def run_attack(
+    attack_name, payload, threat, secret=None, attack_options=None, seed=0, progress=None, oracle_labels=None
+):
     """Attacks a `cases.Payload` (the server's view, one target per client) under one threat (`secret`:
     see `cases.threat_secret`); returns (reconstructions, seconds). It never sees the clients' data
-    (`labels`: each target's labels in training order, only with label_mode='given', an oracle)."""
+    (`oracle_labels`: an oracle a caller opts into by name, each target's true labels in training order, with
+    label_mode='given')."""
     attacker = model_lib.AttackerModel(payload.view, threat, secret=secret, seed=seed + 7)
     attack = build_attack(attack_name, attacker, seed=seed, **(attack_options or {}))
     start = time.perf_counter()
-    reconstructions = attack.reconstruct(list(payload.targets), labels=labels, progress=progress)
+    reconstructions = attack.reconstruct(list(payload.targets), labels=oracle_labels, progress=progress)
     return reconstructions, time.perf_counter() - start
 
 

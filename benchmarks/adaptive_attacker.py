@@ -160,15 +160,15 @@ def run_cell(cache, attack, variant, seed, log=print):
 
 
 def attack_entries(
-    attack, payload, threat, secret, options, seed, images, labels, progress=None, per_client=1, given_labels=None
+    attack, payload, threat, secret, options, seed, images, labels, progress=None, per_client=1, oracle_labels=None
 ):
     """Attacks `payload` (the attack sees it and the secret its threat assumes, never the truth), then scores
     each client's reconstruction against its `per_client` true images (Hungarian-matched); returns one cache
-    entry per image, in the images' order (`given_labels`: see experiment.run_attack)."""
+    entry per image, in the images' order (`oracle_labels`: see experiment.run_attack)."""
     from attacks import experiment
 
     reconstructions, seconds = experiment.run_attack(
-        attack, payload, threat, secret, options, seed, progress, labels=given_labels
+        attack, payload, threat, secret, options, seed, progress, oracle_labels=oracle_labels
     )
     per_image = experiment.evaluate(reconstructions, images, labels, per_client)
     entries = []

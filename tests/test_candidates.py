@@ -199,9 +199,9 @@ def test_an_update_cell_attacks_whole_clients_caches_each_image_and_resumes(tmp_
     attacked = []
     run_attack = experiment.run_attack
 
-    def recording(attack, payload, threat, *args, labels=None, **kwargs):
-        attacked.append((threat, [t.kind for t in payload.targets], labels))
-        return run_attack(attack, payload, threat, *args, labels=labels, **kwargs)
+    def recording(attack, payload, threat, *args, oracle_labels=None, **kwargs):
+        attacked.append((threat, [t.kind for t in payload.targets], oracle_labels))
+        return run_attack(attack, payload, threat, *args, oracle_labels=oracle_labels, **kwargs)
 
     monkeypatch.setattr(experiment, "run_attack", recording)
     run_dir = str(tmp_path)

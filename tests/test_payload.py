@@ -102,6 +102,7 @@ def test_a_cases_payload_holds_no_ground_truth(kind, tmp_path):
     if kind == "update":
         for path in sorted(tmp_path.glob("*.npz")):
             assert "ground_truth" not in capture_lib.load_capture(str(path)).meta
-    # The attack entry point takes the payload (and a secret); the truth only reaches scoring.
+    # The attack entry point takes the payload (and a secret); the truth only reaches scoring (or an attack
+    # handed the step labels, `oracle_labels`, which callers opt into by name and label as an oracle).
     parameters = inspect.signature(experiment.run_attack).parameters
     assert "payload" in parameters and not {"images", "labels", "truth"} & set(parameters)
