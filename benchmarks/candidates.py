@@ -305,7 +305,8 @@ def run_cell(run_dir, name, attack, seed, threat=None, log=print):
 
     tf.get_logger().setLevel("ERROR")
     cached = cached_images(run_dir, name, attack, seed, threat)
-    per_client = UPDATE["images_per_client"] if attack in UPDATE_ATTACKS else 1
+    update = attack in UPDATE_ATTACKS
+    per_client = UPDATE["images_per_client"] if update else 1
     clients = sorted({i // per_client for i in range(num_images(attack)) if i not in cached})
     if not clients:
         return
@@ -314,13 +315,13 @@ def run_cell(run_dir, name, attack, seed, threat=None, log=print):
     images, labels = images[indices], labels[indices]
     with tempfile.TemporaryDirectory() as capture_dir:
         payload, victim, server_lock_weights = victim_payload(
-            name, seed, images, labels, input_shape, data_set.num_classes, capture_dir if per_client > 1 else None
+            name, seed, images, labels, input_shape, data_set.num_classes, capture_dir if update else None
         )
     cell_threat, _, strategy = (threat or ("adaptive" if _candidate(name).locked else "none")).partition(":")
     secret = cases.threat_secret(cell_threat, victim, server_lock_weights)
     options = dict(UPDATE_ATTACKS.get(attack) or adaptive_attacker.BASE_OPTIONS[attack])
     options.update({"adaptive_strategy": strategy} if strategy else {})
-    given = labels.reshape(len(clients), per_client) if attack in UPDATE_ATTACKS else None
+    given = labels.reshape(len(clients), per_client) if update else None
 
     def progress(done, total, losses):
         log(f"[{name}/{attack}/{cell_threat}/seed {seed}] {done}/{total} best loss median {np.median(losses):.3g}")
@@ -582,7 +583,7 @@ def tabulate(names, seeds, run_dir, training, overhead):
             update_attacks=dict(
                 options=UPDATE_ATTACKS,
                 client_training=UPDATE_TRAINING,
-                images=f"Fashion-MNIST training images 0-{UPDATE['clients'] * UPDATE['images_per_client'] - 1}",
+                images=f"Fashion-MNIST training images 0-{num_images(next(iter(UPDATE_ATTACKS))) - 1}",
                 **UPDATE,
             ),
             seeds=[int(s) for s in seeds],
