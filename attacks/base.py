@@ -113,8 +113,8 @@ class Attack:
         optimised with the image, DLG) or 'given' (labels passed to `reconstruct`).
       restarts: independent starts per target; the one with the lowest objective is kept.
       label_hypotheses: with label_mode='infer' on batches, restart r assumes the (r mod this)-th most
-        plausible label counts (`labels.label_hypotheses`); on updates, restarts beyond them try other
-        orders of the labels over the local steps.
+        plausible label counts, on multi-step updates the (r mod this)-th most plausible labels of each
+        local step (`labels.label_hypotheses`).
       seed: seeds the starting points.
       adaptive_strategy: under threat 'adaptive', how the unknown gamma/beta are searched (one of
         ADAPTIVE_STRATEGIES): 'joint' (the first adaptive attacker: every restart starts at gamma ~ U(0.5,
@@ -291,38 +291,21 @@ class Attack:
             raise ValueError("all targets of one reconstruct call need the same kind and number of examples")
         if (labels is not None) != (self.label_mode == "given"):
             raise ValueError("labels are passed exactly when label_mode='given'")
-        if self.label_mode == "infer":
-            labels = np.stack([labels_lib.infer_labels(self.attacker, t) for t in targets])
-        elif self.label_mode == "joint":
+        if self.label_mode == "joint":
             labels = np.zeros((len(targets), template.num_examples), np.int64)
-        labels = np.asarray(labels, np.int64).reshape(len(targets), template.num_examples)
         problems = len(targets) * self.restarts
         repeat = lambda a: np.repeat(np.asarray(a)[None], self.restarts, 0)  # noqa: E731
         target_values = [
             tf.constant(np.concatenate([repeat(t.values[i]) for t in targets]) * _scale(template))
             for i in range(len(template.values))
         ]
-        fixed_labels = np.repeat(labels, self.restarts, 0)
-        hypotheses = min(self.label_hypotheses, self.restarts)
-        if self.label_mode == "infer" and template.num_examples > 1 and hypotheses > 1:
-            for t, target in enumerate(targets):
-                labelings = labels_lib.label_hypotheses(self.attacker, target, hypotheses)
-                for r in range(self.restarts):
-                    fixed_labels[t * self.restarts + r] = labelings[r % len(labelings)]
-        if template.kind == "update" and template.num_examples > 1 and self.label_mode != "given":
-            # Local steps see the examples in an unknown order: further restarts try other label orders.
-            rng = np.random.default_rng(self.seed)
-            for t in range(len(targets)):
-                tried = [fixed_labels[t * self.restarts + r].copy() for r in range(hypotheses)]
-                for r in range(hypotheses, self.restarts):
-                    labeling = fixed_labels[t * self.restarts + r]
-                    order = rng.permutation(labeling)
-                    for _ in range(20):  # prefer an order not tried yet
-                        if not any(np.array_equal(order, o) for o in tried):
-                            break
-                        order = rng.permutation(labeling)
-                    tried.append(order)
-                    fixed_labels[t * self.restarts + r] = order
+        if self.label_mode == "infer":  # restart r assumes the (r mod hypotheses)-th most plausible labels
+            hypotheses = min(self.label_hypotheses, self.restarts)
+            labelings = [labels_lib.label_hypotheses(self.attacker, t, hypotheses) for t in targets]
+            fixed_labels = np.stack([h[r % len(h)] for h in labelings for r in range(self.restarts)])
+        else:
+            labels = np.asarray(labels, np.int64).reshape(len(targets), template.num_examples)
+            fixed_labels = np.repeat(labels, self.restarts, 0)
         fixed_labels = tf.constant(fixed_labels)
         start = time.perf_counter()
         positions, losses, history, stats = self._optimize(

@@ -1,17 +1,31 @@
-"""iDLG analytic label recovery from the last (logits) layer's gradient or update.
+"""Label recovery from the last (logits) layer's gradient or update.
 
 For mean cross-entropy on logits, the logits bias gradient is mean_i(softmax_i - onehot_i): at
 batch 1 only the true class is negative (iDLG). Without a bias, the kernel's column sums carry the
 same sign when the layer's inputs are non-negative (sigmoid/ReLU features). A FedAvg update moves
 against the gradient, so its sign is flipped first (exact for one step, a first-order proxy for many).
+
+A multi-step update mixes its steps' labels with unequal weights (momentum) while the model learns
+them (the softmax mass moves to the classes seen), so counting fails there; `step_assignments`
+instead searches which labels each local step saw by replaying the client's steps.
 """
 
 import numpy as np
 import tensorflow as tf
 
+from attacks import targets as targets_lib
+
 
 def last_layer_signal(attacker, target):
     """The per-class signal (bias gradient, or kernel column sums) of the logits layer."""
+    signal = np.asarray(_logits_signal(attacker)(target.values))
+    if target.kind == "update":  # in gradient units: minus the update per learning rate and step
+        return -signal / (target.learning_rate * target.num_steps)
+    return signal
+
+
+def _logits_signal(attacker):
+    """values -> the logits layer's per-class signal in them (its bias, or its kernel's column sums)."""
     model = attacker.model
     producers = [
         layer
@@ -23,21 +37,31 @@ def last_layer_signal(attacker, target):
         raise ValueError(f"label recovery needs a Dense logits layer, got {type(layer).__name__}")
     trainable_position = np.cumsum(attacker.trainable) - 1
     if layer.use_bias:
-        signal = np.asarray(target.values[trainable_position[attacker._index[id(layer.bias)]]])
-    else:
-        signal = np.asarray(target.values[trainable_position[attacker._index[id(layer.kernel)]]]).sum(axis=0)
-    if target.kind == "update":  # in gradient units: minus the update per learning rate and step
-        return -signal / (target.learning_rate * target.num_steps)
-    return signal
+        position = trainable_position[attacker._index[id(layer.bias)]]
+        return lambda values: values[position]
+    position = trainable_position[attacker._index[id(layer.kernel)]]
+    return lambda values: tf.reduce_sum(values[position], axis=0)
 
 
 def infer_labels(attacker, target):
-    """Labels of the target's examples: batch 1 by the iDLG rule; batches by counting.
+    """Labels of the target's examples: batch 1 by the iDLG rule; batches by counting; multi-step
+    updates, in the order the client trained, by `step_assignments`.
 
     For N examples: classes with a negative signal are present; their counts are estimated as
     N * (p - s_c), with p the mean signal of the absent classes (the average softmax mass an
     untrained model puts on a class), and allocated greedily so that they add up to N."""
+    if _has_steps(target):
+        return step_assignments(attacker, target, 1)[0]
+    return count_labels(attacker, target)
+
+
+def count_labels(attacker, target):
+    """The counting rule's labels (sorted) from the logits layer's signal alone (see `infer_labels`)."""
     return _counting_rule(last_layer_signal(attacker, target), target.num_examples)
+
+
+def _has_steps(target):
+    return target.kind == "update" and target.num_steps > 1 and target.num_examples > 1
 
 
 def _count_estimates(signal, n):
@@ -65,7 +89,10 @@ def label_hypotheses(attacker, target, count):
     """Up to `count` label multisets of a batch, most plausible first: `infer_labels`' counts, then the
     count vectors one example away from them (one example moved to another class), ranked by their squared
     distance to the per-class estimates N * (p - s_c). An attack tries them as restarts and keeps the one
-    its loss prefers: one wrong label is enough to make a batch reconstruction fail."""
+    its loss prefers: one wrong label is enough to make a batch reconstruction fail. Multi-step updates:
+    `step_assignments`."""
+    if _has_steps(target):
+        return step_assignments(attacker, target, count)
     signal, n = last_layer_signal(attacker, target), target.num_examples
     first = _counting_rule(signal, n)
     if n == 1 or count <= 1:
@@ -82,3 +109,81 @@ def label_hypotheses(attacker, target, count):
                 neighbours.append((float(np.sum((moved - estimate) ** 2)), source, destination, moved))
     neighbours.sort(key=lambda item: item[:3])
     return [first] + [np.repeat(np.arange(len(signal)), moved) for *_, moved in neighbours[: count - 1]]
+
+
+def step_assignments(attacker, target, count, starts_per_round=16, max_starts=128, seed=0):
+    """Up to `count` label sequences of a multi-step update (example i in step i // batch_size), best first.
+
+    Each candidate is scored by replaying the client's local steps on blank images (`targets.simulate`)
+    and comparing the replayed logits-layer signal with the update's: what the labels do to that layer
+    barely depends on the images (the softmax of an untrained model hardly does), while it records when
+    each class was seen (momentum weights the steps unequally, and later steps' softmax has learnt the
+    earlier classes). Steepest descent over single-label changes, swaps across steps and two classes
+    trading places runs from rounds of `starts_per_round` starts (first the counting rule's labels, then
+    seeded draws from the classes its signal says are present) until a round finds no better score or
+    `max_starts` have run; the distinct assignments scored are returned by score. Blank images and the
+    adaptive attacker's start lock stand in for what the attacker does not know; no truth is read."""
+    n, batch_size = target.num_examples, target.batch_size
+    logits_signal = _logits_signal(attacker)
+    observed = tf.constant(logits_signal(target.values), tf.float32)
+    blank = tf.zeros((n,) + attacker.input_shape, tf.float32)
+    latent = tf.constant(attacker.initial_lock_latent(1, seed)[0], tf.float32)
+
+    @tf.function(reduce_retracing=True)
+    def mismatch(labels):
+        replayed = logits_signal(targets_lib.simulate(attacker, target, blank, labels, latent))
+        return tf.reduce_sum(tf.square((replayed - observed) / target.learning_rate))
+
+    scores = {}
+
+    def score(labels):
+        key = tuple(tuple(sorted(labels[s : s + batch_size])) for s in range(0, n, batch_size))
+        if key not in scores:  # the order within a step does not matter
+            scores[key] = float(mismatch(tf.constant(labels, tf.int64)))
+        return scores[key]
+
+    signal = last_layer_signal(attacker, target)
+    present = np.flatnonzero(signal < 0) if np.any(signal < 0) else np.arange(attacker.num_classes)
+    rng = np.random.default_rng(seed)
+    starts = [_counting_rule(signal, n)] + [rng.choice(present, n) for _ in range(starts_per_round - 1)]
+    best, tried = np.inf, 0
+    while starts:
+        round_best = min(_descend(start, score, batch_size, attacker.num_classes) for start in starts)
+        tried += len(starts)
+        if round_best >= best or tried >= max_starts:
+            break
+        best = round_best
+        starts = [rng.choice(present, n) for _ in range(min(starts_per_round, max_starts - tried))]
+    ranked = sorted(scores, key=scores.get)[:count]
+    return [np.array([c for step in key for c in step], np.int64) for key in ranked]
+
+
+def _descend(labels, score, batch_size, classes):
+    """Steepest descent of `score` from `labels` (see `step_assignments`); returns the score reached."""
+    current, current_score = labels.copy(), score(labels)
+    while True:
+        moves = []
+        for i in range(len(current)):
+            moves += [_with(current, {i: c}) for c in range(classes) if c != current[i]]
+            moves += [
+                _with(current, {i: current[j], j: current[i]})
+                for j in range(i + 1, len(current))
+                if i // batch_size != j // batch_size and current[i] != current[j]
+            ]
+        for a in np.unique(current):  # two classes trade places everywhere
+            moves += [
+                np.where(current == a, b, np.where(current == b, a, current))
+                for b in range(classes)
+                if b != a and not (b in current and b < a)
+            ]
+        best = min(moves, key=score)
+        if score(best) >= current_score:
+            return current_score
+        current, current_score = best, score(best)
+
+
+def _with(labels, changes):
+    changed = labels.copy()
+    for i, c in changes.items():
+        changed[i] = c
+    return changed

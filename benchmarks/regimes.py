@@ -69,7 +69,6 @@ class Regime:
     iterations: int = 2000
     restarts: int = 4
     label_hypotheses: int = 4  # restarts assume the most plausible label counts (batches; see attacks.labels)
-    label_search_iterations: int = 0  # updates: a joint search (label logits with the images) finds each step's labels
     clients_per_call: int = 10
 
     @property
@@ -90,11 +89,10 @@ class Regime:
         return dict(IG if self.attack == "ig" else {}, **options)
 
 
-# Update regimes: which labels each local step saw is unknown (the counting rule gives at best the multiset, and 16
-# screened orders of it never found the steps' labels). A joint search first (DLG's label logits, optimised with
-# the images by the same loss, 2 restarts) reads each slot's label off its logits; the full search then runs
-# with those labels, given. Within a step the order of the slots does not matter: the images are free.
-UNKNOWN_ORDER = dict(restarts=2, label_hypotheses=1, label_search_iterations=2000)
+# Update regimes: which labels each local step saw is unknown; the attacks take the step search's best labels
+# (`attacks.labels.step_assignments`: the client's steps replayed on blank images, scored on the logits layer)
+# in both restarts, as the order oracle takes the true ones.
+UNKNOWN_ORDER = dict(restarts=2, label_hypotheses=1)
 
 
 def _regimes():
@@ -313,13 +311,7 @@ def run_cell(regime, seed, threat, out_dir, data_dir=None, log=print):
     n = regime.images_per_client
     attacker = model_lib.AttackerModel(payload.view, threat_model(threat), secret=secret, seed=seed + 7)
     options = dict(regime.attack_options(), seed=seed)
-    search = None
-    if regime.label_search_iterations and threat != ORDER_ORACLE:
-        # Each local step's labels are unknown: a joint search over images and label logits finds them (restart
-        # chosen by its own loss), and the full search runs with them.
-        search_options = dict(options, iterations=regime.label_search_iterations, label_mode="joint")
-        search = experiment.build_attack(regime.attack, attacker, **search_options)
-    if search or threat == ORDER_ORACLE:
+    if threat == ORDER_ORACLE:
         options["label_mode"] = "given"
     attack = experiment.build_attack(regime.attack, attacker, **options)
     for chunk in range(0, len(pending), regime.clients_per_call):
@@ -328,9 +320,7 @@ def run_cell(regime, seed, threat, out_dir, data_dir=None, log=print):
         curves = {c: [] for c in clients}
         start = time.perf_counter()
         given = None
-        if search:
-            given = np.stack([rec.labels for rec in search.reconstruct(targets)])
-        elif threat == ORDER_ORACLE:  # the labels of each local step, in the order the client trained
+        if threat == ORDER_ORACLE:  # the labels of each local step, in the order the client trained
             given = np.stack([truth.labels[c * n : (c + 1) * n] for c in clients])
         reconstructions = attack.reconstruct(
             targets,
@@ -383,6 +373,7 @@ def _store(out_dir, regime, seed, threat, client, rec, truth, seconds, chunk_siz
         recovered_labels=np.sort(rec.labels).tolist(),
         label_accuracy=metrics.label_accuracy(rec.labels, true_labels),
         label_counts_exact=bool(np.array_equal(np.sort(rec.labels), np.sort(true_labels))),
+        step_labels=rec.labels.tolist(),  # in the order the attack assumed the client trained
         seconds=seconds,
         iterations=rec.info["iterations"],
         optimizer_seconds=rec.info["optimizer_seconds"] / chunk_size,  # the optimiser's time, compiling excluded
@@ -426,13 +417,16 @@ def _cell_row(regime, threat, seeds, results):
 
     entry = success_rates.score([r["per_image"] for r in results])
     exact = sum(r["label_counts_exact"] for r in results)
+    steps_exact = _steps_exact(regime, results)
     label_accuracy = float(np.mean([r["label_accuracy"] for r in results]))
     seconds_per_image = sum(r["seconds"] for r in results) / entry["n"]
     optimizer_seconds = sum(r["optimizer_seconds"] for r in results)
     iterations_per_second = sum(r["iterations"] for r in results) / optimizer_seconds if optimizer_seconds else None
     peak_rss_gb = max((r["peak_rss_gb"] for r in results if "peak_rss_gb" in r), default=None)
     cells = success_rates.row(regime.name, THREAT_LABELS.get(threat, threat), seeds, entry) + [
-        f"{100 * label_accuracy:.0f} % ({exact}/{len(results)} exact)",
+        f"{100 * label_accuracy:.0f} % ({exact}/{len(results)} exact"
+        + ("" if steps_exact is None else f"; every step's labels: {steps_exact}/{len(results)}")
+        + ")",
         round(seconds_per_image, 1),
         None if iterations_per_second is None else round(iterations_per_second, 1),
         "not recorded" if peak_rss_gb is None else round(peak_rss_gb, 2),
@@ -445,12 +439,25 @@ def _cell_row(regime, threat, seeds, results):
         **{k: dict(mean=entry[k]["mean"], std=entry[k]["std"]) for k in ("aligned_ssim", "aligned_psnr")},
         label_accuracy=label_accuracy,
         label_counts_exact=exact,
+        step_labels_exact=steps_exact,
         seconds_per_image=seconds_per_image,
         iterations_per_second=iterations_per_second,
         peak_rss_gb=peak_rss_gb,
         budget_curve=_pooled_curve(results),
     )
     return cells, summary
+
+
+def _steps_exact(regime, results):
+    """Clients whose every local step the attack gave the right labels (update regimes whose results
+    record the attack's labels in step order; None otherwise)."""
+    if regime.kind != "update" or not all("step_labels" in r for r in results):
+        return None
+
+    def steps(labels):
+        return [sorted(labels[s : s + regime.batch_size]) for s in range(0, len(labels), regime.batch_size)]
+
+    return sum(steps(r["step_labels"]) == steps(r["true_labels"]) for r in results)
 
 
 def _pooled_curve(results):
@@ -483,7 +490,7 @@ def count_rule(regime, seed, out_dir, data_dir=None):
     attacker = model_lib.AttackerModel(payload.view, "none")
     n = regime.images_per_client
     return [
-        (labels_lib.infer_labels(attacker, t), truth.labels[c * n : (c + 1) * n]) for c, t in enumerate(payload.targets)
+        (labels_lib.count_labels(attacker, t), truth.labels[c * n : (c + 1) * n]) for c, t in enumerate(payload.targets)
     ]
 
 
@@ -574,8 +581,9 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 rows=[_cost_row(out_dir, regime, seeds) for regime in regimes],
             ),
             dict(
-                title="label counts from the last layer by the counting rule alone, under 'none' (the attacks try "
-                "the rule's and the nearest other count vectors as restarts; their loss picks)",
+                title="label counts from the last layer by the counting rule alone, under 'none' (batch attacks try "
+                "the rule's and the nearest other count vectors as restarts, their loss picks; update attacks use "
+                "the step search instead, see the labels column above)",
                 columns=["regime", "clients", "count vector exact", "labels right (multiset overlap)"],
                 rows=count_rows,
             ),
@@ -611,8 +619,10 @@ NOTES = [
     "recovered: aligned SSIM >= 0.6 (FedKL's threshold), separately aligned PSNR >= 20 dB (Dimitrov et al.'s); "
     "Wilson 95 % intervals over the n images of all seeds. Batches are scored after a one-to-one (Hungarian) "
     "matching of reconstructions to true images by MSE; restarts are chosen by the attack's loss.",
-    "Labels: counted from the last layer's gradient (update: minus the update per lr and step); 'labels right' is "
-    "the multiset overlap, 'exact' the clients whose whole count vector is right.",
+    "Labels: batches counted from the last layer's gradient; multi-step updates by the step search (the client's "
+    "steps replayed on blank images with candidate labels, scored on the logits layer); 'labels right' is the "
+    "multiset overlap, 'exact' the clients whose whole count vector is right, 'every step's labels' the clients "
+    "whose labels the attack put in the right local steps.",
     "order-oracle: 'none' given the true labels of each local step in the client's order: an oracle.",
     common.SHARED_MACHINE_NOTE,
 ]

@@ -103,6 +103,24 @@ def test_only_the_oracle_gets_a_secret_and_others_never_read_the_victim():
         assert labels.infer_labels(attacker, target).tolist() == y.tolist()
 
 
+@pytest.mark.parametrize("lock,threat", [(False, "none"), (True, "adaptive")])
+def test_step_search_finds_which_labels_each_local_step_saw(lock, threat, tmp_path):
+    victim = _victim(lock)
+    x, _ = _images(8)
+    y = np.array([3, 1, 0, 3, 2, 2, 1, 0])  # 4 steps of 2; the counting rule alone cannot order them
+    capture = cases.client_update_capture(victim, x, y, str(tmp_path / "c.npz"), batch_size=2)
+    target = targets.from_capture(capture)
+    attacker = model_lib.AttackerModel(model_lib.ServerView.from_capture(capture), threat)
+
+    def steps(labels):
+        return [sorted(labels[s : s + 2]) for s in range(0, 8, 2)]
+
+    hypotheses = labels.step_assignments(attacker, target, 3)
+    assert len({tuple(map(tuple, steps(h))) for h in hypotheses}) == 3
+    assert steps(hypotheses[0].tolist()) == steps(y.tolist())
+    assert steps(labels.infer_labels(attacker, target).tolist()) == steps(y.tolist())
+
+
 def test_adaptive_key_attacker_knows_the_lock_weights_but_never_the_key():
     victim = _victim(True)
     view = model_lib.ServerView.from_model(victim)

@@ -65,7 +65,6 @@ TINY = dataclasses.replace(
     batch_size=2,
     iterations=2,
     restarts=1,
-    label_search_iterations=2,
 )
 
 
