@@ -120,9 +120,11 @@ def step_assignments(attacker, target, count, starts_per_round=16, max_starts=12
     each class was seen (momentum weights the steps unequally, and later steps' softmax has learnt the
     earlier classes). Steepest descent over single-label changes, swaps across steps and two classes
     trading places runs from rounds of `starts_per_round` starts (first the counting rule's labels, then
-    seeded draws from the classes its signal says are present) until a round finds no better score or
-    `max_starts` have run; the distinct assignments scored are returned by score. Blank images and the
-    adaptive attacker's start lock stand in for what the attacker does not know; no truth is read."""
+    seeded draws from the classes its signal says are present) until the best score is within what the
+    unknown images could explain (twice the mismatch between its labels' replays on blank and on
+    uniform-noise images) or `max_starts` have run; the distinct assignments scored are returned by
+    score. Blank images and the adaptive attacker's start lock stand in for what the attacker does not
+    know; no truth is read."""
     n, batch_size = target.num_examples, target.batch_size
     logits_signal = _logits_signal(attacker)
     observed = tf.constant(logits_signal(target.values), tf.float32)
@@ -130,29 +132,34 @@ def step_assignments(attacker, target, count, starts_per_round=16, max_starts=12
     latent = tf.constant(attacker.initial_lock_latent(1, seed)[0], tf.float32)
 
     @tf.function(reduce_retracing=True)
-    def mismatch(labels):
-        replayed = logits_signal(targets_lib.simulate(attacker, target, blank, labels, latent))
-        return tf.reduce_sum(tf.square((replayed - observed) / target.learning_rate))
+    def replay(images, labels):
+        return logits_signal(targets_lib.simulate(attacker, target, images, labels, latent)) / target.learning_rate
+
+    def mismatch(labels, images=blank, reference=observed / target.learning_rate):
+        return float(tf.reduce_sum(tf.square(replay(images, labels) - reference)))
 
     scores = {}
 
     def score(labels):
         key = tuple(tuple(sorted(labels[s : s + batch_size])) for s in range(0, n, batch_size))
         if key not in scores:  # the order within a step does not matter
-            scores[key] = float(mismatch(tf.constant(labels, tf.int64)))
+            scores[key] = mismatch(tf.constant(labels, tf.int64))
         return scores[key]
 
     signal = last_layer_signal(attacker, target)
     present = np.flatnonzero(signal < 0) if np.any(signal < 0) else np.arange(attacker.num_classes)
     rng = np.random.default_rng(seed)
     starts = [_counting_rule(signal, n)] + [rng.choice(present, n) for _ in range(starts_per_round - 1)]
-    best, tried = np.inf, 0
+    tried = 0
     while starts:
-        round_best = min(_descend(start, score, batch_size, attacker.num_classes) for start in starts)
+        for start in starts:
+            _descend(start, score, batch_size, attacker.num_classes)
         tried += len(starts)
-        if round_best >= best or tried >= max_starts:
+        best = min(scores, key=scores.get)
+        labels = tf.constant([c for step in best for c in step], tf.int64)
+        noise = [tf.random.stateless_uniform(blank.shape, (seed, draw)) for draw in range(2)]
+        if scores[best] <= 2 * max(mismatch(labels, images, replay(blank, labels)) for images in noise):
             break
-        best = round_best
         starts = [rng.choice(present, n) for _ in range(min(starts_per_round, max_starts - tried))]
     ranked = sorted(scores, key=scores.get)[:count]
     return [np.array([c for step in key for c in step], np.int64) for key in ranked]
