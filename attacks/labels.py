@@ -135,8 +135,10 @@ def step_assignments(attacker, target, count, starts_per_round=16, max_starts=12
     def replay(images, labels):
         return logits_signal(targets_lib.simulate(attacker, target, images, labels, latent)) / target.learning_rate
 
+    kept = tf.cast(observed != 0, tf.float32) if target.pruned else tf.ones_like(observed)  # as the attacks do
+
     def mismatch(labels, images=blank, reference=observed / target.learning_rate):
-        return float(tf.reduce_sum(tf.square(replay(images, labels) - reference)))
+        return float(tf.reduce_sum(kept * tf.square(replay(images, labels) - reference)))
 
     scores = {}
 

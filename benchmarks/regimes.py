@@ -11,8 +11,8 @@ Regimes (LeNet and ResNet-20 untrained unless stated, Fashion-MNIST, Inverting G
   T<r>, T<r>-U8  batch 1 / U8 on the global model a real tff_programs.train run sends its clients in round r
        (captured in the capture format; round 1 is the initial model)
   R    ResNet-20 (32x32), batch 1 (a short budget: see the budget curve in the results)
-  G8-GRNN, U8-GRNN  G8 and U8 attacked by GRNN instead (the same images, victims and labels): the stronger
-       attack at batch 1, and on G8 and U8 (step labels known) in a pilot on other images (seed 5)
+  G8-GRNN, U8-GRNN, U16-GRNN  G8, U8 and U16 attacked by GRNN instead (the same images, victims and labels): the
+       stronger attack at batch 1, and on G8 and U8 (step labels known) in a pilot on other images (seed 5)
 Each seed sets the victim's weights, key and lock (T regimes: those of the training run, seed 0), the
 attack's starts, and which images (distinct per seed). Every cell (regime, seed, threat) runs in its own
 process and stores each client's result under --out_dir as soon as it is attacked; a rerun skips what is
@@ -104,6 +104,7 @@ def _regimes():
         Regime("U8", "update: 8 images, 4 steps of 2", 8, 2, "update", 2, **UNKNOWN_ORDER),
         Regime("U8-GRNN", "U8, attacked by GRNN", 8, 2, "update", 2, attack="grnn", **UNKNOWN_ORDER),
         Regime("U16", "update: 16 images, 4 steps of 4", 16, 1, "update", 4, **UNKNOWN_ORDER),
+        Regime("U16-GRNN", "U16, attacked by GRNN", 16, 1, "update", 4, attack="grnn", **UNKNOWN_ORDER),
     ]
     for round_num in (1, 5, 20):
         regimes.append(
