@@ -6,6 +6,7 @@ the image counts as recovered (aligned SSIM >= 0.6, attacks.metrics.CRITERIA['ss
 """
 
 import os
+import textwrap
 
 from matplotlib.figure import Figure
 import numpy as np
@@ -17,6 +18,7 @@ from tfkl.files import atomic_write
 # divides pixel sizes into inches exactly).
 DPI = 64
 LABEL_WIDTH = 110
+LABEL_CHARACTERS = 14  # row labels are wrapped to this many characters per line
 CAPTION_HEIGHT = 28
 FOOTER_HEIGHT = 20
 PAD = 6
@@ -81,6 +83,7 @@ def save_labelled_grid(path, truth, rows, truth_labels=None, scale=4, align=True
 
     def label(row, text):
         top = PAD + row * cell_height + height * scale / 2
+        text = textwrap.fill(text, LABEL_CHARACTERS, break_on_hyphens=False)  # inside the label column
         figure.text(
             PAD / grid_width, 1 - top / grid_height, text, ha="left", va="center", fontsize=FONT_SIZE + 1, weight="bold"
         )
