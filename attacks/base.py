@@ -129,6 +129,7 @@ class Attack:
 
     name = "attack"
     default_adaptive_strategy = DEFAULT_ADAPTIVE_STRATEGY  # the strongest measured for this attack
+    takes_turns = True  # its optimiser can move the images and the lock in turns (alternating strategies)
 
     def __init__(
         self,
@@ -144,6 +145,8 @@ class Attack:
             raise ValueError(
                 f"adaptive_strategy must be one of {tuple(ADAPTIVE_STRATEGIES)}, got {adaptive_strategy!r}"
             )
+        if ADAPTIVE_STRATEGIES[adaptive_strategy][2] and not self.takes_turns:
+            raise ValueError(f"L-BFGS moves every coordinate at once: {self.name} cannot use {adaptive_strategy!r}")
         if label_mode not in ("infer", "joint", "given"):
             raise ValueError(f"label_mode must be 'infer', 'joint' or 'given', got {label_mode!r}")
         if restarts < 1:

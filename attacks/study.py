@@ -26,8 +26,9 @@ def attack_options(
     """The attack's keyword options from the optional flag values."""
     options = {}
     if adaptive_strategy:
-        if attack in ("dlg", "idlg") and base.ADAPTIVE_STRATEGIES[adaptive_strategy][2]:
-            raise ValueError(f"--adaptive_strategy={adaptive_strategy} applies to ig and grnn (L-BFGS has no turns)")
+        if base.ADAPTIVE_STRATEGIES[adaptive_strategy][2] and not experiment.ATTACKS[attack].takes_turns:
+            turns = " and ".join(name for name, cls in experiment.ATTACKS.items() if cls.takes_turns)
+            raise ValueError(f"--adaptive_strategy={adaptive_strategy} applies to {turns} (L-BFGS has no turns)")
         options["adaptive_strategy"] = adaptive_strategy
     for name, value in (("lock_learning_rate", lock_learning_rate), ("learning_rate", learning_rate)):
         if value is not None:
