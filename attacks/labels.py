@@ -143,7 +143,7 @@ def step_assignments(attacker, target, count, starts_per_round=16, max_starts=12
     scores = {}
 
     def score(labels):
-        key = tuple(tuple(sorted(labels[s : s + batch_size])) for s in range(0, n, batch_size))
+        key = step_multisets(labels, batch_size)
         if key not in scores:  # the order within a step does not matter
             scores[key] = mismatch(tf.constant(labels, tf.int64))
         return scores[key]
@@ -151,6 +151,7 @@ def step_assignments(attacker, target, count, starts_per_round=16, max_starts=12
     signal = last_layer_signal(attacker, target)
     present = np.flatnonzero(signal < 0) if np.any(signal < 0) else np.arange(attacker.num_classes)
     rng = np.random.default_rng(seed)
+    noise = [tf.random.stateless_uniform(blank.shape, (seed, draw)) for draw in range(2)]
     starts = [_counting_rule(signal, n)] + [rng.choice(present, n) for _ in range(starts_per_round - 1)]
     tried = 0
     while starts:
@@ -158,13 +159,16 @@ def step_assignments(attacker, target, count, starts_per_round=16, max_starts=12
             _descend(start, score, batch_size, attacker.num_classes)
         tried += len(starts)
         best = min(scores, key=scores.get)
-        labels = tf.constant([c for step in best for c in step], tf.int64)
-        noise = [tf.random.stateless_uniform(blank.shape, (seed, draw)) for draw in range(2)]
+        labels = tf.constant(np.concatenate(best), tf.int64)
         if scores[best] <= 2 * max(mismatch(labels, images, replay(blank, labels)) for images in noise):
             break
         starts = [rng.choice(present, n) for _ in range(min(starts_per_round, max_starts - tried))]
-    ranked = sorted(scores, key=scores.get)[:count]
-    return [np.array([c for step in key for c in step], np.int64) for key in ranked]
+    return [np.concatenate(key).astype(np.int64) for key in sorted(scores, key=scores.get)[:count]]
+
+
+def step_multisets(labels, batch_size):
+    """Each local step's labels, sorted (the order within a step is not identifiable): a tuple per step."""
+    return tuple(tuple(sorted(int(c) for c in labels[s : s + batch_size])) for s in range(0, len(labels), batch_size))
 
 
 def _descend(labels, score, batch_size, classes):

@@ -22,6 +22,7 @@ loss, never by the truth.
 """
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -452,12 +453,11 @@ def _cell_row(regime, threat, seeds, results):
 def _steps_exact(regime, results):
     """Clients whose every local step the attack gave the right labels (update regimes whose results
     record the attack's labels in step order; None otherwise)."""
+    from attacks import labels as labels_lib
+
     if regime.kind != "update" or not all("step_labels" in r for r in results):
         return None
-
-    def steps(labels):
-        return [sorted(labels[s : s + regime.batch_size]) for s in range(0, len(labels), regime.batch_size)]
-
+    steps = functools.partial(labels_lib.step_multisets, batch_size=regime.batch_size)
     return sum(steps(r["step_labels"]) == steps(r["true_labels"]) for r in results)
 
 
