@@ -56,9 +56,9 @@ EXTRA_THREATS = ("oracle", "adaptive-key")
 SPATIAL_EXTRA_THREATS = ("adaptive:joint", "adaptive:relearn-alternating")
 HOLDING = ("pruned", "spatial", "spatial_gaussian", "spatial_gaussian_private")
 # The multi-step regime U8 of benchmarks.regimes (one local epoch over 8 images in 4 steps of 2 at the paper's
-# lr), attacked with each local step's labels given: an oracle on the order, labelled so. Without it even the
-# unprotected client leaks 8 % there (results/regimes.md), too little to test a lock. Inverting Gradients
-# attacks every configuration; GRNN (with the step labels known the stronger on U8: 71 % against IG's 38 %,
+# lr), attacked with each local step's labels given: an oracle on the order, labelled so (these cells came before
+# the step search with which benchmarks.regimes' U8 attacks find them themselves; not rerun with it). Inverting
+# Gradients attacks every configuration; GRNN (with the step labels known the stronger on U8: 71 % against IG's 38 %,
 # results/regimes.md) the unprotected client and the candidates that hold.
 UPDATE_ATTACKS = {
     f"{attack}-u8": dict(
@@ -633,11 +633,11 @@ def tabulate(names, seeds, run_dir, training, overhead):
             f"U8 updates: each client trains one local epoch over {UPDATE['images_per_client']} images in steps of "
             f"{UPDATE_TRAINING['batch_size']} (SGD lr {UPDATE_TRAINING['learning_rate']}, benchmarks.regimes' U8) on "
             f"the same victims, {UPDATE['clients']} clients per seed; the attack simulates the steps and is given "
-            "each step's labels (an oracle on the order: without it the unprotected client leaks 8 % to IG, "
-            "results/regimes.md); reconstructions are Hungarian-matched to the client's images. IG attacks every "
-            "configuration, GRNN the references and the candidates that hold at batch 1 ('–': not run). The ship "
-            "target applies to a regime (batch 1, U8) only where the unprotected client leaks at least "
-            f"{100 * NONE_SUCCEEDS:.0f} % to some attack, and then to every attack.",
+            "each step's labels (an oracle on the order; these cells came before the step search with which "
+            "benchmarks.regimes' U8 attacks find the labels themselves); reconstructions are Hungarian-matched to the "
+            "client's images. IG attacks every configuration, GRNN the references and the candidates that hold "
+            "at batch 1 ('–': not run). The ship target applies to a regime (batch 1, U8) only where the "
+            f"unprotected client leaks at least {100 * NONE_SUCCEEDS:.0f} % to some attack, and then to every attack.",
             "Accuracy: mean over the LeNet seeds of each client's own key and lock (entry a of "
             "tff_programs.evaluate); the control is `--algorithm=fedavg-norm` (the lock blocks replaced by a learned "
             f"affine, no key). ResNet-20 digits: {RESNET['rounds']} rounds, seed {RESNET['seed']}, local statistics "
