@@ -16,8 +16,9 @@ import tensorflow as tf
 from attacks import model as model_lib
 from attacks import targets as targets_lib
 from tfkl import capture as capture_lib
-from tfkl import data, models, private, training
+from tfkl import data, models, private
 from tfkl import keys as keys_lib
+from tfkl import training as training_lib
 from tfkl.optimizers import TorchSGD
 
 
@@ -93,20 +94,20 @@ def threat_secret(threat, victim, server_lock_weights=None):
     return extract(victim) if extract else None
 
 
-def client_gradient(model, images, labels):
+def client_gradient(model, images, labels, training=True):
     """The victim's single-step gradient of the clients' loss on its shared trainable variables.
 
-    Computed in train mode, as clients train; the model's moving statistics are restored after."""
+    Computed in train mode, as clients train (`training=False`: inference mode, see `Target.training`);
+    the model's moving statistics are restored after."""
     state = [v.numpy() for v in model.non_trainable_variables]
     variables = [v for v in private.shared_variables(model) if v.trainable]
     with tf.GradientTape() as tape:
-        loss = training.classification_loss()(labels, model(images, training=True))
+        loss = training_lib.classification_loss()(labels, model(images, training=training))
     gradients = tape.gradient(loss, variables)
     for variable, value in zip(model.non_trainable_variables, state):
         variable.assign(value)
-    return targets_lib.Target(
-        "gradient", tuple(g.numpy() for g in gradients), int(images.shape[0]), int(images.shape[0])
-    )
+    n = int(images.shape[0])
+    return targets_lib.Target("gradient", tuple(g.numpy() for g in gradients), n, n, training=training)
 
 
 def client_update_capture(
@@ -132,7 +133,7 @@ def client_update_capture(
         if momentum
         else TorchSGD(learning_rate, 0.0, False, weight_decay)
     )
-    trainer = training.Trainer(client, optimizer)
+    trainer = training_lib.Trainer(client, optimizer)
     global_weights = [v.numpy() for v in private.shared_variables(model)]
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
     for _ in range(local_epochs):
@@ -155,17 +156,21 @@ def client_update_capture(
     return capture_lib.load_capture(path)
 
 
-def simulate_clients(victim, images, labels, per_client, kind="gradient", capture_dir=None, **update_options):
+def simulate_clients(
+    victim, images, labels, per_client, kind="gradient", capture_dir=None, training=True, **update_options
+):
     """The case of `victim`'s clients, each holding `per_client` consecutive images: (Payload, UserData).
 
-    Each client sends a single-step gradient (kind 'gradient', one batch), or the update of locally
-    simulated steps written as a capture file under `capture_dir` (`update_options`: see
-    `client_update_capture`)."""
+    Each client sends a single-step gradient (kind 'gradient', one batch; `training`: see
+    `Target.training`), or the update of locally simulated steps (which train: `training` stays True)
+    written as a capture file under `capture_dir` (`update_options`: see `client_update_capture`)."""
+    if kind != "gradient" and not training:
+        raise ValueError("clients train in training mode: training=False applies to kind 'gradient' only")
     client_targets = []
     for index, start in enumerate(range(0, len(images), per_client)):
         x, y = images[start : start + per_client], labels[start : start + per_client]
         if kind == "gradient":
-            client_targets.append(client_gradient(victim, x, y))
+            client_targets.append(client_gradient(victim, x, y, training))
         else:
             path = os.path.join(capture_dir, f"client_{index:03d}.npz")
             capture = client_update_capture(victim, x, y, path, **update_options)

@@ -24,7 +24,9 @@ class Target:
     For updates, `batch_size`, `local_epochs` and the SGD settings describe the client's local
     training as the attacker assumes it (momentum buffers start at zero). `pruned`: the client zeroed
     the smallest entries of what it sent (gradient pruning); the attacker, who knows the protocol,
-    matches the entries it kept (the nonzero ones) only."""
+    matches the entries it kept (the nonzero ones) only. `training`: the client's model ran in training
+    mode (BatchNorm normalises by the batch's statistics), as clients train; False: inference mode (the
+    moving statistics), as Inverting Gradients computes its victims' gradients (`model.eval()`)."""
 
     kind: str
     values: tuple
@@ -36,6 +38,7 @@ class Target:
     nesterov: bool = False
     weight_decay: float = 0.0
     pruned: bool = False
+    training: bool = True
 
     @property
     def steps_per_epoch(self):
@@ -86,7 +89,7 @@ def simulate(attacker, target, images, labels, latent):
             for i, w in zip(index, weights):
                 full[i] = w
             locks = attacker.lock_values(latent, attacker.pack_lock_weights(lock_weights) if lock_weights else None)
-            loss = client_loss(y, attacker(full, x, locks))
+            loss = client_loss(y, attacker(full, x, locks, training=target.training))
         return tape.gradient(loss, weights + lock_weights)
 
     if target.kind == "gradient":

@@ -45,6 +45,7 @@ BENCHMARKS = (
     "attack_quality",
     "privacy_utility",
     "success_rates",
+    "gradient_sharpness",
     "workers",
     "startup",
 )

@@ -56,7 +56,9 @@ class Regime:
 
     `images_per_client` images per client, `clients` clients per seed; kind 'gradient' (one step on all of
     them) or 'update' (one local epoch in batches of `batch_size`); `round`: the victim is the global model a
-    tff_programs.train run sends its clients in that round (see `load_trained`; None: untrained, per seed)."""
+    tff_programs.train run sends its clients in that round (see `load_trained`; None: untrained, per seed);
+    `training`: the client's gradient in training mode (BatchNorm by the batch's statistics) or not (see
+    `attacks.targets.Target.training`)."""
 
     name: str
     description: str
@@ -69,6 +71,7 @@ class Regime:
     attack: str = "ig"
     iterations: int = 2000
     restarts: int = 4
+    training: bool = True
     label_hypotheses: int = 4  # restarts assume the most plausible label counts (batches; see attacks.labels)
     clients_per_call: int = 10
 
@@ -292,7 +295,9 @@ def _case(regime, seed, threat, out_dir, capture_dir, data_dir=None):
     input_shape, images, labels = _seed_images(regime, seed, data_dir)
     victim, secret = _victim(regime, seed, threat, input_shape, out_dir)
     kind, n = regime.kind, regime.images_per_client
-    payload, truth = cases.simulate_clients(victim, images, labels, n, kind, capture_dir, **regime.update_options())
+    payload, truth = cases.simulate_clients(
+        victim, images, labels, n, kind, capture_dir, regime.training, **regime.update_options()
+    )
     return payload, truth, secret
 
 
@@ -425,10 +430,12 @@ def _cell_row(regime, threat, seeds, results):
     optimizer_seconds = sum(r["optimizer_seconds"] for r in results)
     iterations_per_second = sum(r["iterations"] for r in results) / optimizer_seconds if optimizer_seconds else None
     peak_rss_gb = max((r["peak_rss_gb"] for r in results if "peak_rss_gb" in r), default=None)
+    final_loss = float(np.median([min(r["restart_losses"]) for r in results]))  # of the restart it returns
     cells = success_rates.row(regime.name, THREAT_LABELS.get(threat, threat), seeds, entry) + [
         f"{100 * label_accuracy:.0f} % ({exact}/{len(results)} exact"
         + ("" if steps_exact is None else f"; every step's labels: {steps_exact}/{len(results)}")
         + ")",
+        f"{final_loss:.2g}",
         round(seconds_per_image, 1),
         None if iterations_per_second is None else round(iterations_per_second, 1),
         "not recorded" if peak_rss_gb is None else round(peak_rss_gb, 2),
@@ -442,6 +449,7 @@ def _cell_row(regime, threat, seeds, results):
         label_accuracy=label_accuracy,
         label_counts_exact=exact,
         step_labels_exact=steps_exact,
+        final_loss=final_loss,
         seconds_per_image=seconds_per_image,
         iterations_per_second=iterations_per_second,
         peak_rss_gb=peak_rss_gb,
@@ -476,7 +484,13 @@ def _pooled_curve(results):
 
 
 # After benchmarks.success_rates' columns (its "setting" being the regime here).
-RUN_COLUMNS = ["labels right (count vectors exact)", "seconds per image", "iterations/s", "peak RSS (GB)"]
+RUN_COLUMNS = [
+    "labels right (count vectors exact)",
+    "attack's final loss (median)",
+    "seconds per image",
+    "iterations/s",
+    "peak RSS (GB)",
+]
 
 
 def count_rule(regime, seed, out_dir, data_dir=None):

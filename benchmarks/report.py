@@ -42,9 +42,11 @@ SECTIONS = (
     ),
     Topic(
         "Attacks in realistic regimes",
-        ("regimes",),
+        ("regimes", "gradient_sharpness"),
         "Batches of 8, multi-step FedAvg updates, a real run's global model over its rounds and ResNet-20, under "
-        "every threat: where the attacks succeed without a defence, and what the lock changes there.",
+        "every threat: where the attacks succeed without a defence, and what the lock changes there; then how "
+        "sharply each victim's gradient depends on its image (what limits the attacks on ResNet-20; "
+        "`python -m benchmarks.run --only=gradient_sharpness`).",
         "python -m benchmarks.regimes",
     ),
     Topic(

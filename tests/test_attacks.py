@@ -41,6 +41,26 @@ def test_attacker_model_reproduces_the_client_gradient_without_touching_the_vict
         np.testing.assert_allclose(p.numpy(), t, atol=1e-5)
 
 
+def test_attacker_model_reproduces_an_inference_mode_gradient():
+    victim = models.build("resnet20", SHAPE, 4, lock=False, init="pytorch", seed=3)
+    rng = np.random.default_rng(1)
+    for layer in victim.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.5, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2, layer.moving_variance.shape))
+    x, y = _images(1)
+    target = cases.client_gradient(victim, x, y, training=False)
+    batch_statistics = cases.client_gradient(victim, x, y)
+    assert (target.training, batch_statistics.training) == (False, True)
+    assert max(np.abs(a - b).max() for a, b in zip(target.values, batch_statistics.values)) > 1e-3
+    attacker = model_lib.AttackerModel(model_lib.ServerView.from_model(victim), "none")
+    predicted = targets.simulate(attacker, target, tf.constant(x), tf.constant(y), tf.zeros([0]))
+    for p, t in zip(predicted, target.values):
+        np.testing.assert_allclose(p.numpy(), t, atol=1e-5)
+    with pytest.raises(ValueError, match="training mode"):
+        cases.simulate_clients(victim, x, y, 1, "update", training=False, batch_size=1)
+
+
 def test_simulated_local_steps_reproduce_a_captured_update(tmp_path):
     victim = _victim(True)
     x, y = _images(4)

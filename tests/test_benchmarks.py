@@ -6,6 +6,7 @@ import subprocess
 import types
 
 from absl import flags
+import numpy as np
 import pytest
 
 from benchmarks import common, report, run, tables, torch_dlg_reference
@@ -402,3 +403,19 @@ def test_key_table_command_on_a_tiny_setting(tmp_path):
     with open(tmp_path / "log2", "w") as log:
         subprocess.run([os.sys.executable, *argv], cwd=common.REPO_ROOT, env=env, stdout=log, stderr=log, check=True)
     assert started == 4 and "tff_programs" not in (tmp_path / "log2").read_text()  # all cached
+
+
+def test_gradient_sharpness_measures_distances_from_the_true_image():
+    import tensorflow as tf
+
+    from benchmarks import gradient_sharpness
+
+    assert gradient_sharpness.cosine_distance([np.ones(3)], [np.ones(3)]) == 0.0
+    assert gradient_sharpness.cosine_distance([np.array([1.0, 0])], [np.array([0, 2.0])]) == pytest.approx(1.0)
+    smooth = np.random.default_rng(0).uniform(0, 1, (2, 4, 4, 1)).astype(np.float32)
+    images, labels = tf.image.resize(smooth, (32, 32)).numpy(), np.array([1, 3])
+    batch_statistics = gradient_sharpness.distances("resnet20", True, images, labels)
+    moving_statistics = gradient_sharpness.distances("resnet20", False, images, labels)
+    assert batch_statistics.shape == (2, len(gradient_sharpness.NOISE_LEVELS) + 1)
+    assert np.all(np.diff(batch_statistics[:, :-1], axis=1) > 0)  # noisier images, farther gradients
+    assert np.all(batch_statistics[:, 0] > 10 * moving_statistics[:, 0])
