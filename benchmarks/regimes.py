@@ -11,6 +11,8 @@ Regimes (LeNet and ResNet-20 untrained unless stated, Fashion-MNIST, Inverting G
   T<r>, T<r>-U8  batch 1 / U8 on the global model a real tff_programs.train run sends its clients in round r
        (captured in the capture format; round 1 is the initial model)
   R    ResNet-20 (32x32), batch 1 (a short budget: see the budget curve in the results)
+  R-inference  R with the client's gradient in inference mode (BatchNorm by its moving statistics), as
+       Inverting Gradients computes its victims' gradients (`model.eval()`)
   G8-GRNN, U8-GRNN, U16-GRNN  G8, U8 and U16 attacked by GRNN instead (the same images, victims and labels): the
        stronger attack at batch 1, and on G8 and U8 (step labels known) in a pilot on other images (seed 5)
 Each seed sets the victim's weights, key and lock (T regimes: those of the training run, seed 0), the
@@ -134,10 +136,10 @@ def _regimes():
                 **UNKNOWN_ORDER,
             )
         )
+    resnet = dict(model="resnet20", iterations=2000, restarts=1, clients_per_call=2)
+    regimes.append(Regime("R", "ResNet-20 32x32, batch 1", 1, 10, **resnet))
     regimes.append(
-        Regime(
-            "R", "ResNet-20 32x32, batch 1", 1, 10, model="resnet20", iterations=2000, restarts=1, clients_per_call=2
-        )
+        Regime("R-inference", "R, the client's BatchNorm in inference mode", 1, 10, training=False, **resnet)
     )
     return {r.name: r for r in regimes}
 
