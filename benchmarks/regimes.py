@@ -432,7 +432,7 @@ def _cell_row(regime, threat, seeds, results):
     optimizer_seconds = sum(r["optimizer_seconds"] for r in results)
     iterations_per_second = sum(r["iterations"] for r in results) / optimizer_seconds if optimizer_seconds else None
     peak_rss_gb = max((r["peak_rss_gb"] for r in results if "peak_rss_gb" in r), default=None)
-    final_loss = float(np.median([min(r["restart_losses"]) for r in results]))  # of the restart it returns
+    final_loss = float(np.median([np.nanmin(r["restart_losses"]) for r in results]))  # the restart it returns
     cells = success_rates.row(regime.name, THREAT_LABELS.get(threat, threat), seeds, entry) + [
         f"{100 * label_accuracy:.0f} % ({exact}/{len(results)} exact"
         + ("" if steps_exact is None else f"; every step's labels: {steps_exact}/{len(results)}")
