@@ -39,14 +39,11 @@ def distances(model, training, images, labels, seed=0):
     rng = np.random.default_rng(seed)
     rows = []
     for x, y in zip(images, labels):
-        truth = cases.client_gradient(victim, x[None], y[None], training).values
-        row = []
-        for level in NOISE_LEVELS:
-            noisy = np.clip(x + level * rng.standard_normal(x.shape), 0, 1).astype(np.float32)
-            row.append(cosine_distance(truth, cases.client_gradient(victim, noisy[None], y[None], training).values))
+        gradient = lambda image, y=y: cases.client_gradient(victim, image[None], y[None], training).values  # noqa: E731
+        truth = gradient(x)
+        noisy = [np.clip(x + level * rng.standard_normal(x.shape), 0, 1).astype(np.float32) for level in NOISE_LEVELS]
         start = rng.uniform(0, 1, x.shape).astype(np.float32)
-        row.append(cosine_distance(truth, cases.client_gradient(victim, start[None], y[None], training).values))
-        rows.append(row)
+        rows.append([cosine_distance(truth, gradient(image)) for image in noisy + [start]])
     return np.array(rows)
 
 
