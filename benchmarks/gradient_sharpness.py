@@ -24,15 +24,10 @@ VICTIMS = (  # (label, model, training)
 )
 
 
-def cosine_distance(a, b):
-    a, b = np.concatenate([v.ravel() for v in a]), np.concatenate([v.ravel() for v in b])
-    return max(0.0, float(1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))  # rounding can dip below 0
-
-
 def distances(model, training, images, labels, seed=0):
     """[images, noise levels + 1] distances between the gradient of each image and those of its noisy
     copies, then that of a uniform-noise image (where the attacks start)."""
-    from attacks import cases
+    from attacks import base, cases
     from tfkl import models
 
     victim = models.build(model, images.shape[1:], 10, lock=False, init="pytorch", seed=seed)
@@ -43,7 +38,10 @@ def distances(model, training, images, labels, seed=0):
         truth = gradient(x)
         noisy = [np.clip(x + level * rng.standard_normal(x.shape), 0, 1).astype(np.float32) for level in NOISE_LEVELS]
         start = rng.uniform(0, 1, x.shape).astype(np.float32)
-        rows.append([cosine_distance(truth, gradient(image)) for image in noisy + [start]])
+        # float32 rounding can leave the distance a hair below 0
+        rows.append(
+            [max(0.0, float(base.gradient_distance(gradient(image), truth, "cosine"))) for image in noisy + [start]]
+        )
     return np.array(rows)
 
 
