@@ -381,8 +381,9 @@ def run_attacks(names, seeds, run_dir, log):
 # -- overhead: train-step time over the control's, interleaved -------------------------------------
 def measure_overhead(names, run_dir, steps=20, repeats=15, log=print):
     """Median seconds per LeNet train step (batch 64, 32x32x1, the clients' SGD) of each candidate's model
-    and of the control's, measured in turns in this process (candidates with the same model, such as
-    those differing in keys or pruning only, share one measurement); written to run_dir/overhead.json."""
+    and of the control's, timed interleaved in this process (`common.interleaved_timings`; candidates with
+    the same model, such as those differing in keys or pruning only, share one measurement); written to
+    run_dir/overhead.json."""
     import tensorflow as tf
 
     from tfkl import models, optimizers, training
@@ -419,15 +420,8 @@ def measure_overhead(names, run_dir, steps=20, repeats=15, log=print):
                 variable.assign(value)
             return loss
 
-        step()  # trace
         step_fns[key] = step
-    times = {key: [] for key in step_fns}
-    for _ in range(repeats):
-        for key, step in step_fns.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            times[key].append((time.perf_counter() - start) / steps)
+    times = common.interleaved_timings(step_fns, repeats, steps, warmup_steps=2, rng=np.random.default_rng(0))
     seconds = {name: float(np.median(times[key])) for key, group in models_of.items() for name in group}
     result = {
         "seconds_per_step": seconds,

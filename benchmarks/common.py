@@ -220,3 +220,23 @@ def summarize(values):
         "max": float(values.max()),
         "n": int(values.size),
     }
+
+
+def interleaved_timings(steps_by_variant, repeats, steps_per_block, warmup_steps, rng):
+    """Per-variant lists of seconds per call: after `warmup_steps` calls each, blocks of `steps_per_block`
+    calls, the variants in a random order each repeat (a shared machine's drift falls on all of them).
+    A step returns a tensor or array; the last one of a block is fetched, so the work is done."""
+    import numpy as np
+
+    for step in steps_by_variant.values():
+        for _ in range(warmup_steps):
+            np.asarray(step())
+    times = {name: [] for name in steps_by_variant}
+    for _ in range(repeats):
+        for name in rng.permutation(list(steps_by_variant)):
+            start = time.perf_counter()
+            for _ in range(steps_per_block):
+                out = steps_by_variant[name]()
+            np.asarray(out)
+            times[name].append((time.perf_counter() - start) / steps_per_block)
+    return times

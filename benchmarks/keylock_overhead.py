@@ -37,27 +37,6 @@ def _settings(quick):
     }
 
 
-def _timed_block(step, steps):
-    """Seconds per call of `step` over `steps` calls (the result is fetched, so the work is done)."""
-    start = tf.timestamp()
-    for _ in range(steps):
-        out = step()
-    out.numpy()
-    return float(tf.timestamp() - start) / steps
-
-
-def _interleaved(steps_by_variant, repeats, steps_per_block, warmup_steps, rng):
-    """Per-variant lists of seconds/call, the variants alternating in random order each repeat."""
-    for step in steps_by_variant.values():
-        for _ in range(warmup_steps):
-            step().numpy()
-    times = {name: [] for name in steps_by_variant}
-    for _ in range(repeats):
-        for name in rng.permutation(list(steps_by_variant)):
-            times[name].append(_timed_block(steps_by_variant[name], steps_per_block))
-    return times
-
-
 # Variant name -> models.build options; "locked_no_norm" (the key's affine alone, without the
 # lock's normalisation) splits the lock's cost into its two parts.
 VARIANTS = {
@@ -124,7 +103,7 @@ def measure(architecture, settings, seed=0):
         }
     result = {"trainable_parameters": params, "graph_ops": graph_ops}
     for phase, steps in (("train_step", train_steps), ("forward", forward_steps)):
-        times = _interleaved(
+        times = common.interleaved_timings(
             steps,
             settings["repeats"][architecture],
             settings["steps_per_block"][architecture],

@@ -217,3 +217,12 @@ def test_an_update_cell_attacks_whole_clients_caches_each_image_and_resumes(tmp_
     os.remove(candidates.image_path(run_dir, "pruned", update, 0, 5))
     candidates.run_cell(run_dir, "pruned", update, 0, log=lambda *_: None)
     assert len(attacked[1][1]) == 1 and len(candidates.cached_images(run_dir, "pruned", update, 0)) == 8
+
+
+def test_overhead_times_each_distinct_model_against_the_control(tmp_path):
+    names = ["paper", "private_init", "every_conv"]  # the first two share one model
+    result = candidates.measure_overhead(names, str(tmp_path), steps=1, repeats=2, log=lambda *_: None)
+    assert set(result["ratio_to_control"]) == set(names) and result["repeats"] == 2
+    assert result["seconds_per_step"]["paper"] == result["seconds_per_step"]["private_init"]
+    assert all(r > 0 for r in result["ratio_to_control"].values())
+    assert os.path.exists(tmp_path / "overhead.json")
