@@ -49,7 +49,6 @@ THREAT_LABELS = {
     "adaptive-key-private": "adaptive-key (private lock)",
     ORDER_ORACLE: "none, known step order (oracle)",
 }
-IG = dict(tv=1e-4, learning_rate=0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +59,7 @@ class Regime:
     them) or 'update' (one local epoch in batches of `batch_size`); `round`: the victim is the global model a
     tff_programs.train run sends its clients in that round (see `load_trained`; None: untrained, per seed);
     `training`: the client's gradient in training mode (BatchNorm by the batch's statistics) or not (see
-    `attacks.targets.Target.training`)."""
+    `attacks.targets.Target.training`); `tv`: Inverting Gradients' total-variation weight."""
 
     name: str
     description: str
@@ -74,6 +73,7 @@ class Regime:
     iterations: int = 2000
     restarts: int = 4
     training: bool = True
+    tv: float = 1e-4
     label_hypotheses: int = 4  # restarts assume the most plausible label counts (batches; see attacks.labels)
     clients_per_call: int = 10
 
@@ -92,7 +92,7 @@ class Regime:
 
     def attack_options(self):
         options = dict(iterations=self.iterations, restarts=self.restarts, label_hypotheses=self.label_hypotheses)
-        return dict(IG if self.attack == "ig" else {}, **options)
+        return dict(dict(tv=self.tv, learning_rate=0.1) if self.attack == "ig" else {}, **options)
 
 
 # Update regimes: which labels each local step saw is unknown; the attacks take the step search's best labels

@@ -105,3 +105,27 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
     assert summary["n"] == 8 and summary["success"]["ssim"]["n"] == 8 and 0 <= summary["success"]["ssim"]["low"]
     assert os.path.exists(os.path.join(out, "U8", "grid_seed0.png"))
     assert not os.path.exists(os.path.join(out, "U8", "grid_seed1.png"))  # seed 1 has nothing stored
+
+
+def test_the_r_ablation_changes_one_setting_per_variant_and_tabulates_each(fashion_dir, tmp_path, monkeypatch):
+    from benchmarks import r_ablation
+
+    base = dataclasses.asdict(r_ablation.BASE)
+    changes = [
+        {k for k, v in dataclasses.asdict(variant).items() if v != base[k]} - {"name", "description"}
+        for variant in r_ablation.VARIANTS
+    ]
+    assert changes == [set(), {"restarts"}, {"tv"}, {"iterations"}, {"attack"}]
+    assert r_ablation.BASE.training is False and r_ablation.SEED not in (0, 1, 2)  # not the table's seeds
+    assert r_ablation.VARIANTS[2].attack_options()["tv"] == 1e-3 and "tv" not in r_ablation.VARIANTS[4].attack_options()
+    tiny = tuple(dataclasses.replace(v, model="lenet", clients=1, iterations=2) for v in r_ablation.VARIANTS[:2])
+    monkeypatch.setattr(r_ablation, "VARIANTS", tiny)
+    monkeypatch.setattr(r_ablation, "SEED", 0)
+    out = str(tmp_path)
+    for variant in tiny:
+        regimes.run_cell(variant, 0, "none", out, fashion_dir, log=lambda line: None)
+    payload = r_ablation.tabulate(out, fashion_dir, log=lambda line: None)
+    compact = payload["tables"][0]
+    assert [row[0] for row in compact["rows"]] == [v.name for v in tiny] and compact["columns"][2] == "none"
+    assert not any("label counts" in table["title"] for table in payload["tables"])  # batch 1: nothing counted
+    assert payload["results"][tiny[1].name]["none"]["n"] == 1
