@@ -48,13 +48,12 @@ from tff_programs import launch
 NAME = "candidates"
 DATASET, MODEL, NUM_IMAGES = "fashion_mnist", "lenet", 10
 ATTACKS = ("grnn", "ig")  # the strongest adaptive attacks (benchmarks.adaptive_attacker)
-# The candidates that hold at batch 1 (adaptive GRNN 0/30: the pruned and the spatial locks) also face, at the
+# The candidates that hold at batch 1 (`holding`: adaptive GRNN recovers none of their images) also face, at the
 # first seed, 'oracle' (does the attack work on them at all?) and 'adaptive-key'; the others lose most images
 # under 'adaptive' already. Spatial locks also face the first adaptive attacker's start ('joint': their
 # 'relearn' reads no dead channel) and block-coordinate descent (images and lock in turns).
 EXTRA_THREATS = ("oracle", "adaptive-key")
 SPATIAL_EXTRA_THREATS = ("adaptive:joint", "adaptive:relearn-alternating")
-HOLDING = ("pruned", "spatial", "spatial_gaussian", "spatial_gaussian_private")
 # The multi-step regime U8 of benchmarks.regimes (one local epoch over 8 images in 4 steps of 2 at the paper's
 # lr), attacked with each local step's labels given: an oracle on the order, labelled so (these cells came before
 # the step search with which benchmarks.regimes' U8 attacks find them themselves; not rerun with it). Inverting
@@ -336,46 +335,67 @@ def run_cell(run_dir, name, attack, seed, threat=None, log=print):
         common.write_json(path, dict(entry, threat=threat or cell_threat))
 
 
-def attack_cells(names, seeds):
-    """(name, attack, seed, threat) of every attack cell: each configuration under its own threat at every
-    seed, the candidates that hold under the EXTRA_THREATS at the first seed, then the update cells."""
-    cells = [(name, attack, seed, None) for name in attack_names(names) for attack in ATTACKS for seed in seeds]
-    cells += [(name, attack, seeds[0], t) for name in names for t in extra_threats(name) for attack in ATTACKS]
+def holding(names, seeds, run_dir):
+    """The candidates among `names` that hold at batch 1: adaptive GRNN (their own threat), its cells complete
+    at every seed, recovers none of their images (aligned SSIM >= 0.6)."""
+
+    def holds(name):
+        cells = [cached_images(run_dir, name, "grnn", seed) for seed in seeds]
+        complete = all(len(cell) == num_images("grnn") for cell in cells)
+        entries = [entry for cell in cells for entry in cell.values()]
+        return complete and adaptive_attacker.score(entries)["ssim"]["recovered"] == 0
+
+    return [name for name in names if name in CANDIDATES and holds(name)]
+
+
+def batch_cells(names, seeds):
+    """(name, attack, seed, threat) of the batch-1 cells: each configuration under its own threat, every seed."""
+    return [(name, attack, seed, None) for name in attack_names(names) for attack in ATTACKS for seed in seeds]
+
+
+def follow_up_cells(names, seeds, held):
+    """The cells that depend on which candidates hold (`held`): those under the EXTRA_THREATS at the first
+    seed, then the update cells."""
+    cells = [(name, attack, seeds[0], t) for name in held for t in extra_threats(name) for attack in ATTACKS]
     return cells + [
         (name, attack, seed, None)
         for attack in UPDATE_ATTACKS
         for seed in seeds
-        for name in update_names(attack, names)
+        for name in update_names(attack, names, held)
     ]
 
 
-def update_names(attack, names):
+def update_names(attack, names, held):
     """The configurations attacked by `attack` on updates: the references first (they decide whether the
     regime counts), then every candidate (IG) or those that hold at batch 1 (GRNN)."""
-    return [*REFERENCES, *(n for n in names if attack == "ig-u8" or n in HOLDING)]
+    return [*REFERENCES, *(n for n in names if attack == "ig-u8" or n in held)]
 
 
 def extra_threats(name):
-    """The threats candidate `name` is attacked under at the first seed, beside its own."""
-    if name not in HOLDING:
-        return ()
+    """The threats a candidate that holds is attacked under at the first seed, beside its own."""
     spatial = CANDIDATES[name].victim.get("affine") == "spatial"
     return EXTRA_THREATS + (SPATIAL_EXTRA_THREATS if spatial else ())
 
 
 def run_attacks(names, seeds, run_dir, log):
-    """Runs every missing attack cell, each in its own process (a killed run resumes per image)."""
+    """Runs every missing attack cell, each in its own process (a killed run resumes per image): the batch-1
+    cells, then those that depend on which candidates hold there."""
     env = dict(os.environ, PYTHONPATH=common.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    for name, attack, seed, threat in attack_cells(names, seeds):
-        if len(cached_images(run_dir, name, attack, seed, threat)) == num_images(attack):
-            continue
-        cell = f"{name}|{attack}|{seed}" + (f"|{threat}" if threat else "")
-        log(f"== attack cell {cell}")
-        argv = [sys.executable, "-m", "benchmarks.candidates", f"--cand_cell={cell}", f"--cand_dir={run_dir}"]
-        with open(os.path.join(run_dir, "attacks.log"), "a") as logfile:
-            code = subprocess.call(argv, env=env, stdout=logfile, stderr=subprocess.STDOUT)
-        if code:
-            raise SystemExit(f"error: attack cell {cell} failed (exit {code}); see {logfile.name}")
+
+    def run(cells):
+        for name, attack, seed, threat in cells:
+            if len(cached_images(run_dir, name, attack, seed, threat)) == num_images(attack):
+                continue
+            cell = f"{name}|{attack}|{seed}" + (f"|{threat}" if threat else "")
+            log(f"== attack cell {cell}")
+            argv = [sys.executable, "-m", "benchmarks.candidates", f"--cand_cell={cell}", f"--cand_dir={run_dir}"]
+            with open(os.path.join(run_dir, "attacks.log"), "a") as logfile:
+                code = subprocess.call(argv, env=env, stdout=logfile, stderr=subprocess.STDOUT)
+            if code:
+                raise SystemExit(f"error: attack cell {cell} failed (exit {code}); see {logfile.name}")
+
+    run(batch_cells(names, seeds))
+    run(follow_up_cells(names, seeds, holding(names, seeds, run_dir)))
 
 
 # -- overhead: train-step time over the control's, interleaved -------------------------------------
@@ -447,7 +467,7 @@ def _pct(value, signed=False):
 
 def tabulate(names, seeds, run_dir, training, overhead):
     """The payload of results/candidates.json from what the parts produced (missing parts show n/a)."""
-    success, extra = {}, {}
+    success, extra, held = {}, {}, holding(names, seeds, run_dir)
     for name in attack_names(names):
         for attack in (*ATTACKS, *UPDATE_ATTACKS):
             cells = [cached_images(run_dir, name, attack, s) for s in seeds]
@@ -507,7 +527,7 @@ def tabulate(names, seeds, run_dir, training, overhead):
         )
         attack_cells = [
             "–"
-            if attack in UPDATE_ATTACKS and name in CANDIDATES and name not in update_names(attack, [name])
+            if attack in UPDATE_ATTACKS and name in CANDIDATES and name not in update_names(attack, [name], held)
             else "n/a"
             if attack not in by_attack
             else (

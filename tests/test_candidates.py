@@ -1,6 +1,7 @@
 """The key-lock candidates of issue 12 (benchmarks.candidates): their layers, the attacker's view of them, the table."""
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -187,8 +188,25 @@ def test_the_update_cells_are_the_regimes_u8_with_the_step_labels_given():
         attack = name.split("-")[0]
         assert options["label_mode"] == "given"
         assert dataclasses.replace(u8, attack=attack).attack_options().items() <= options.items()
-    names = candidates.update_names("grnn-u8", list(candidates.CANDIDATES))
-    assert names[:2] == ["none", "none_pruned"] and sorted(names[2:]) == sorted(candidates.HOLDING)
+    names = candidates.update_names("grnn-u8", list(candidates.CANDIDATES), ["spatial"])
+    assert names == ["none", "none_pruned", "spatial"]
+    ig_names = candidates.update_names("ig-u8", ["paper", "spatial"], ["spatial"])
+    assert ig_names == ["none", "none_pruned", "paper", "spatial"]
+
+
+def test_a_candidate_holds_once_adaptive_grnn_recovers_none_of_its_images_at_every_seed(tmp_path):
+    def store(name, seeds, ssim):
+        for seed in seeds:
+            for image in range(candidates.NUM_IMAGES):
+                path = candidates.image_path(str(tmp_path), name, "grnn", seed, image)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    json.dump({"aligned_ssim": ssim(seed, image), "aligned_psnr": 10.0}, f)
+
+    store("spatial", [0, 1], lambda seed, image: 0.3)
+    store("paper", [0, 1], lambda seed, image: 0.9 if (seed, image) == (1, 3) else 0.3)  # one image recovered
+    store("pruned", [0], lambda seed, image: 0.3)  # seed 1 not attacked yet
+    assert candidates.holding(["paper", "spatial", "pruned", "none"], [0, 1], str(tmp_path)) == ["spatial"]
 
 
 def test_an_update_cell_attacks_whole_clients_caches_each_image_and_resumes(tmp_path, monkeypatch):
