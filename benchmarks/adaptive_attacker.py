@@ -378,11 +378,9 @@ def main(argv):
                     if code:
                         raise SystemExit(f"cell {attack}/{variant}/seed {seed} failed (exit {code}); rerun to resume")
     payload = tabulate(cache, _ATTACKS.value, seeds, _TABLE_VARIANTS.value or None)
-    path = common.write_result(NAME, payload, quick=False, duration_s=time.perf_counter() - start)
     from benchmarks import tables
 
-    markdown = os.path.join(os.path.dirname(path), f"{NAME}.md")
-    tables.write_markdown(markdown, NAME, common.load_results(os.path.dirname(path))[NAME])
+    path, markdown = tables.write_result_and_page(NAME, payload, time.perf_counter() - start)
     print(f"wrote {path} and {markdown}")
 
 

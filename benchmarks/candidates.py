@@ -816,11 +816,9 @@ def main(argv):
         with open(overhead_path) as f:
             overhead = json.load(f)
     payload = tabulate(names, seeds, run_dir, training, overhead)
-    path = common.write_result(NAME, payload, quick=False, duration_s=time.perf_counter() - start)
     from benchmarks import tables
 
-    markdown = os.path.join(os.path.dirname(path), f"{NAME}.md")
-    tables.write_markdown(markdown, NAME, common.load_results(os.path.dirname(path))[NAME])
+    path, markdown = tables.write_result_and_page(NAME, payload, time.perf_counter() - start)
     figure = os.path.join(common.FIGURES_DIR, f"{NAME}_frontier.png")
     os.makedirs(common.FIGURES_DIR, exist_ok=True)
     frontier_figure(payload, figure)

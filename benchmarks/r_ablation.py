@@ -83,12 +83,9 @@ def main(argv):
             run_variants(_DIR.value, data_dir, log)
         except RuntimeError as e:
             sys.exit(f"error: {e}")
-    payload = tabulate(_DIR.value, data_dir, log)
-    doc = common.envelope(NAME, payload, quick=False, duration_s=time.perf_counter() - start)
-    path = common.result_path(NAME)
-    common.write_json(path, doc)
-    markdown = os.path.splitext(path)[0] + ".md"
-    tables.write_markdown(markdown, NAME, doc)
+    path, markdown = tables.write_result_and_page(
+        NAME, tabulate(_DIR.value, data_dir, log), time.perf_counter() - start
+    )
     print(f"wrote {path} and {markdown}")
 
 

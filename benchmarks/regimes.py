@@ -693,11 +693,7 @@ def main(argv):
         except RuntimeError as e:
             sys.exit(f"error: {e}")
     payload = tabulate(_OUT_DIR.value, regimes, seeds, _THREATS.value, _DATA_DIR.value)
-    doc = common.envelope(NAME, payload, quick=False, duration_s=time.perf_counter() - start)
-    path = common.result_path(NAME)
-    common.write_json(path, doc)
-    markdown = os.path.splitext(path)[0] + ".md"
-    tables.write_markdown(markdown, NAME, doc)
+    path, markdown = tables.write_result_and_page(NAME, payload, time.perf_counter() - start)
     print(f"wrote {path} and {markdown}")
 
 

@@ -10,7 +10,6 @@ _seed1, _seed2, ...) when their settings agree apart from the seed; every file a
 Rows taking the best of several attacks per image are labelled as an upper bound.
 """
 
-import os
 import re
 import time
 
@@ -304,11 +303,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     start = time.perf_counter()
     results_dir = _RESULTS_DIR.value
-    doc = common.envelope(NAME, tabulate(results_dir), quick=False, duration_s=time.perf_counter() - start)
-    path = common.result_path(NAME, results_dir)
-    common.write_json(path, doc)
-    markdown = os.path.join(results_dir, f"{NAME}.md")
-    tables.write_markdown(markdown, NAME, doc)
+    path, markdown = tables.write_result_and_page(NAME, tabulate(results_dir), time.perf_counter() - start, results_dir)
     print(f"wrote {path} and {markdown}")
 
 

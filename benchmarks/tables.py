@@ -5,6 +5,7 @@ regenerated at any time from results/*.json. The summary is the README.md of the
 summarises (results/, or runs/bench_quick/ for a quick run), so it always describes the JSONs next to it.
 """
 
+import json
 import math
 import os
 
@@ -166,15 +167,25 @@ def loose_table(docs):
     return markdown_table(["file"] + columns, rows)
 
 
+def write_markdown(path, name, doc):
+    """Writes benchmark `name`'s result document `doc` as a Markdown page (its tables and notes) to `path`."""
+    with atomic_write(path, binary=False) as f:
+        f.write(benchmark_section(name, doc, level=1))
+
+
+def write_result_and_page(name, payload, duration_s, results_dir=None):
+    """Writes results/<name>.json (`common.write_result`) and, from the JSON as written, its Markdown page
+    <name>.md beside it; returns both paths."""
+    path = common.write_result(name, payload, quick=False, results_dir=results_dir, duration_s=duration_s)
+    markdown = os.path.splitext(path)[0] + ".md"
+    with open(path) as f:
+        write_markdown(markdown, name, json.load(f))
+    return path, markdown
+
+
 def main():
     print(write_summary())
 
 
 if __name__ == "__main__":
     main()
-
-
-def write_markdown(path, name, doc):
-    """Writes benchmark `name`'s result document `doc` as a Markdown page (its tables and notes) to `path`."""
-    with atomic_write(path, binary=False) as f:
-        f.write(benchmark_section(name, doc, level=1))
