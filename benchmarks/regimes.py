@@ -519,14 +519,33 @@ def _count_rule_row(regime, pairs):
     return [regime.name, len(pairs), f"{exact}/{len(pairs)}", f"{100 * overlap:.0f} %"]
 
 
-def _cost_row(out_dir, regime, seeds):
-    cells = [(seed, threat) for threat in regime.threats for seed in seeds]
-    done = [load_cell(out_dir, regime, seed, threat) for seed, threat in cells]
-    minutes = [sum(r["seconds"] for r in cell) / 60 for cell in done if len(cell) == regime.clients]
-    if not minutes:
-        return [regime.name, f"0/{len(cells)}", 0, None, None]
-    mean = sum(minutes) / len(minutes)
-    return [regime.name, f"{len(minutes)}/{len(cells)}", round(sum(minutes)), round(mean, 1), round(mean * len(cells))]
+def _cost_rows(out_dir, regimes, seeds):
+    """Cells done, their minutes (the clients' wall seconds), minutes per cell and the minutes all cells would
+    take (a missing cell at its regime's mean): per regime, per threat over all regimes, and in all."""
+    cells = [(regime, threat, seed) for regime in regimes for threat in regime.threats for seed in seeds]
+    done = {}
+    for regime, threat, seed in cells:
+        stored = load_cell(out_dir, regime, seed, threat)
+        if len(stored) == regime.clients:
+            done[regime.name, threat, seed] = sum(r["seconds"] for r in stored) / 60
+    means = {}
+    for regime in regimes:
+        minutes = [m for (name, _, _), m in done.items() if name == regime.name]
+        means[regime.name] = sum(minutes) / len(minutes) if minutes else None
+
+    def row(label, selected):
+        minutes = [done[r.name, t, s] for r, t, s in selected if (r.name, t, s) in done]
+        missing = [means[r.name] for r, t, s in selected if (r.name, t, s) not in done]
+        projected = None if None in missing else round(sum(minutes) + sum(missing))
+        per_cell = round(sum(minutes) / len(minutes), 1) if minutes else None
+        return [label, f"{len(minutes)}/{len(selected)}", round(sum(minutes)), per_cell, projected]
+
+    threats = dict.fromkeys(t for regime in regimes for t in regime.threats)
+    return (
+        [row(regime.name, [c for c in cells if c[0] is regime]) for regime in regimes]
+        + [row(f"all regimes: {THREAT_LABELS.get(t, t)}", [c for c in cells if c[1] == t]) for t in threats]
+        + [row("all regimes, all threats", cells)]
+    )
 
 
 def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
@@ -593,9 +612,10 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
             ),
             dict(
                 title="cost: cells done (regime x seed x threat), their time (the clients' wall seconds, attack and "
-                "compilation), and the time all cells would take at the same mean",
-                columns=["regime", "cells done", "minutes done", "minutes per cell", "projected minutes, all cells"],
-                rows=[_cost_row(out_dir, regime, seeds) for regime in regimes],
+                "compilation), and the time all cells would take (a missing cell at its regime's mean); by regime, "
+                "by threat, in all",
+                columns=["cells", "cells done", "minutes done", "minutes per cell", "projected minutes, all cells"],
+                rows=_cost_rows(out_dir, regimes, seeds),
             ),
             dict(
                 title="label counts from the last layer by the counting rule alone, under 'none' (batch attacks try "
