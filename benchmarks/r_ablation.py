@@ -17,6 +17,7 @@ import sys
 import time
 
 from absl import flags
+import numpy as np
 
 from benchmarks import common, regimes, tables
 from tff_programs import launch
@@ -61,6 +62,16 @@ def tabulate(out_dir, data_dir=None, log=print):
     """benchmarks.regimes' tables and grids over the stored variants."""
     payload = regimes.tabulate(out_dir, list(VARIANTS), [SEED], ["none"], data_dir, log=log)
     payload["tables"] = [table for table in payload["tables"] if table["rows"]]  # no label counting at batch 1
+    per_image = [_per_image_row(out_dir, variant) for variant in VARIANTS]
+    payload["tables"].insert(
+        1,
+        dict(
+            title="per victim: aligned SSIM of the image the attack returns (the attack's final loss; IG: 1 - cos "
+            "+ TV, GRNN: its own loss): does a lower loss mean a better image?",
+            columns=["variant"] + [f"victim {client}" for client in range(VARIANTS[0].clients)],
+            rows=[row for row in per_image if row],
+        ),
+    )
     payload["notes"] = regimes.NOTES[:1] + [
         f"Seed {SEED}: the victims' weights and images {SEED * BASE.images_per_seed}-"
         f"{(SEED + 1) * BASE.images_per_seed - 1} of the Fashion-MNIST training set, outside the table's seeds.",
@@ -68,6 +79,16 @@ def tabulate(out_dir, data_dir=None, log=print):
         common.SHARED_MACHINE_NOTE,
     ]
     return payload
+
+
+def _per_image_row(out_dir, variant):
+    results = regimes.load_cell(out_dir, variant, SEED, "none")
+    if not results:
+        return None
+    cells = {}
+    for r in results:
+        cells[r["client"]] = f"{r['per_image']['aligned_ssim'][0]:.2f} ({np.nanmin(r['restart_losses']):.2g})"
+    return [variant.name] + [cells.get(client, "not run") for client in range(variant.clients)]
 
 
 def main(argv):

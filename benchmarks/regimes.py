@@ -519,10 +519,10 @@ def _count_rule_row(regime, pairs):
     return [regime.name, len(pairs), f"{exact}/{len(pairs)}", f"{100 * overlap:.0f} %"]
 
 
-def _cost_rows(out_dir, regimes, seeds):
+def _cost_rows(out_dir, regimes, seeds, threats):
     """Cells done, their minutes (the clients' wall seconds), minutes per cell and the minutes all cells would
     take (a missing cell at its regime's mean): per regime, per threat over all regimes, and in all."""
-    cells = [(regime, threat, seed) for regime in regimes for threat in regime.threats for seed in seeds]
+    cells = [(r, threat, seed) for r in regimes for threat in r.threats if threat in threats for seed in seeds]
     done = {}
     for regime, threat, seed in cells:
         stored = load_cell(out_dir, regime, seed, threat)
@@ -540,10 +540,10 @@ def _cost_rows(out_dir, regimes, seeds):
         per_cell = round(sum(minutes) / len(minutes), 1) if minutes else None
         return [label, f"{len(minutes)}/{len(selected)}", round(sum(minutes)), per_cell, projected]
 
-    threats = dict.fromkeys(t for regime in regimes for t in regime.threats)
+    present = dict.fromkeys(threat for _, threat, _ in cells)
     return (
         [row(regime.name, [c for c in cells if c[0] is regime]) for regime in regimes]
-        + [row(f"all regimes: {THREAT_LABELS.get(t, t)}", [c for c in cells if c[1] == t]) for t in threats]
+        + [row(f"all regimes: {THREAT_LABELS.get(t, t)}", [c for c in cells if c[1] == t]) for t in present]
         + [row("all regimes, all threats", cells)]
     )
 
@@ -615,7 +615,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 "compilation), and the time all cells would take (a missing cell at its regime's mean); by regime, "
                 "by threat, in all",
                 columns=["cells", "cells done", "minutes done", "minutes per cell", "projected minutes, all cells"],
-                rows=_cost_rows(out_dir, regimes, seeds),
+                rows=_cost_rows(out_dir, regimes, seeds, threats),
             ),
             dict(
                 title="label counts from the last layer by the counting rule alone, under 'none' (batch attacks try "
