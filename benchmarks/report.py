@@ -42,12 +42,12 @@ SECTIONS = (
     ),
     Topic(
         "Attacks in realistic regimes",
-        ("regimes", "gradient_sharpness", "r_ablation"),
+        ("regimes", "gradient_sharpness", "ablations"),
         "Batches of 8, multi-step FedAvg updates, a real run's global model over its rounds and ResNet-20, under "
         "every threat: where the attacks succeed without a defence, and what the lock changes there; then how "
         "sharply each victim's gradient depends on its image (what limits the attacks on ResNet-20; "
-        "`python -m benchmarks.run --only=gradient_sharpness`), and R-inference with one attack setting changed "
-        "at a time (`python -m benchmarks.r_ablation`).",
+        "`python -m benchmarks.run --only=gradient_sharpness`), and R-inference and U16 with one attack setting "
+        "changed at a time (`python -m benchmarks.ablations`).",
         "python -m benchmarks.regimes",
     ),
     Topic(

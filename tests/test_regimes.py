@@ -115,29 +115,32 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
     assert not os.path.exists(os.path.join(out, "U8", "grid_seed1.png"))  # seed 1 has nothing stored
 
 
-def test_the_r_ablation_changes_one_setting_per_variant_and_tabulates_each(fashion_dir, tmp_path, monkeypatch):
-    from benchmarks import r_ablation
+def test_each_ablation_changes_one_setting_per_variant_off_the_tables_seeds(fashion_dir, tmp_path, monkeypatch):
+    from benchmarks import ablations
 
-    base = dataclasses.asdict(r_ablation.BASE)
-    changes = [
-        {k for k, v in dataclasses.asdict(variant).items() if v != base[k]} - {"name", "description"}
-        for variant in r_ablation.VARIANTS
-    ]
-    assert changes == [set(), {"restarts"}, {"tv"}, {"iterations"}, {"attack"}]
-    assert r_ablation.BASE.training is False and r_ablation.SEED not in (0, 1, 2)  # not the table's seeds
-    assert r_ablation.VARIANTS[2].attack_options()["tv"] == 1e-3 and "tv" not in r_ablation.VARIANTS[4].attack_options()
-    tiny = tuple(dataclasses.replace(v, model="lenet", clients=1, iterations=2) for v in r_ablation.VARIANTS[:2])
-    monkeypatch.setattr(r_ablation, "VARIANTS", tiny)
-    monkeypatch.setattr(r_ablation, "SEED", 0)
+    for ablation in ablations.ABLATIONS.values():
+        assert not set(ablation.seeds) & {0, 1, 2}  # victims outside the table's seeds
+        configured = {v.name: v for v in ablation.variants if v.name in regimes.REGIMES}  # as the table runs them
+        for name, variant in configured.items():
+            table = regimes.REGIMES[name]
+            assert dataclasses.replace(variant, clients=table.clients, description=table.description) == table
+        for variant in ablation.variants:
+            base = configured[max((n for n in configured if variant.name.startswith(n)), key=len)]
+            changed = {k for k, v in dataclasses.asdict(variant).items() if v != dataclasses.asdict(base)[k]}
+            assert len(changed - {"name", "description"}) <= 1
+    r_variants = ablations.ABLATIONS["R-inference"].variants
+    assert r_variants[0].training is False and r_variants[2].attack_options()["tv"] == 1e-3
+    assert "tv" not in r_variants[4].attack_options()  # GRNN
+    tiny = tuple(dataclasses.replace(v, model="lenet", clients=1, iterations=2) for v in r_variants[:2])
+    monkeypatch.setattr(ablations, "ABLATIONS", {"R-inference": ablations.Ablation((0,), tiny)})
     out = str(tmp_path)
     for variant in tiny:
         regimes.run_cell(variant, 0, "none", out, fashion_dir, log=lambda line: None)
-    payload = r_ablation.tabulate(out, fashion_dir, log=lambda line: None)
-    compact = payload["tables"][0]
+    payload = ablations.tabulate(out, fashion_dir, log=lambda line: None)
+    compact, per_victim, detailed, curves = payload["tables"]
     assert [row[0] for row in compact["rows"]] == [v.name for v in tiny] and compact["columns"][2] == "none"
-    assert not any("label counts" in table["title"] for table in payload["tables"])  # batch 1: nothing counted
-    assert payload["results"][tiny[1].name]["none"]["n"] == 1
-    per_victim = payload["tables"][1]
+    assert compact["title"].startswith("R-inference: images recovered")
     assert per_victim["columns"] == ["variant", "victim 0"] and [row[0] for row in per_victim["rows"]] == [
         v.name for v in tiny
     ]
+    assert len(detailed["rows"]) == 2 and payload["results"][tiny[1].name]["none"]["n"] == 1
