@@ -13,8 +13,6 @@ runs in its own process and stores each client's result as benchmarks.regimes do
 """
 
 import dataclasses
-import os
-import subprocess
 import sys
 import time
 
@@ -91,17 +89,9 @@ def run_ablation(ablation, out_dir, data_dir=None, log=print):
     """Runs each pending (variant, seed) in its own process; raises RuntimeError naming one that fails."""
     for variant in ablation.variants:
         for seed in ablation.seeds:
-            if not regimes.pending_clients(out_dir, variant, seed, "none"):
-                continue
-            directory = regimes.cell_dir(out_dir, variant.name, seed, "none")
-            os.makedirs(directory, exist_ok=True)
-            log(f"== {variant.name} seed {seed}")
             command = [sys.executable, "-m", "benchmarks.ablations", f"--ablation_cell={variant.name}/{seed}"]
             command += [f"--ablation_dir={out_dir}"] + ([f"--data_dir={data_dir}"] if data_dir else [])
-            with open(os.path.join(directory, "log.txt"), "a") as log_file:
-                code = subprocess.call(command, stdout=log_file, stderr=subprocess.STDOUT)
-            if code:
-                raise RuntimeError(f"{variant.name} seed {seed} failed (exit {code}); see {directory}/log.txt")
+            regimes.run_cell_process(command, variant, seed, "none", out_dir, log)
 
 
 def tabulate(out_dir, data_dir=None, log=print):

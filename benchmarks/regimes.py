@@ -672,26 +672,27 @@ def _cell_command(regime, seed, threat, out_dir, data_dir):
 
 def run_cells(regimes, seeds, threats, out_dir, data_dir=None, log=print):
     """Runs every pending cell in its own process (memory stays that of one cell), threat by threat in the
-    order of `threats` (all regimes under 'none' first: the targets), its log in the cell's log.txt.
-    Raises RuntimeError naming the first cell that fails."""
+    order of `threats` (all regimes under 'none' first: the targets). Raises RuntimeError naming the first
+    cell that fails."""
     for threat in threats:
         for regime in [r for r in regimes if threat in r.threats]:
             for seed in seeds:
-                if not pending_clients(out_dir, regime, seed, threat):
-                    continue
-                directory = cell_dir(out_dir, regime.name, seed, threat)
-                os.makedirs(directory, exist_ok=True)
-                log(f"== {regime.name} seed {seed} {threat}")
-                with open(os.path.join(directory, "log.txt"), "a") as log_file:
-                    code = subprocess.call(
-                        _cell_command(regime.name, seed, threat, out_dir, data_dir),
-                        stdout=log_file,
-                        stderr=subprocess.STDOUT,
-                    )
-                if code:
-                    raise RuntimeError(
-                        f"cell {regime.name}/{seed}/{threat} failed (exit {code}); see {directory}/log.txt"
-                    )
+                command = _cell_command(regime.name, seed, threat, out_dir, data_dir)
+                run_cell_process(command, regime, seed, threat, out_dir, log)
+
+
+def run_cell_process(command, regime, seed, threat, out_dir, log=print):
+    """Runs `command`, which attacks one cell, in its own process unless the cell is done, its output in the
+    cell's log.txt; raises RuntimeError naming the cell if it fails."""
+    if not pending_clients(out_dir, regime, seed, threat):
+        return
+    directory = cell_dir(out_dir, regime.name, seed, threat)
+    os.makedirs(directory, exist_ok=True)
+    log(f"== {regime.name} seed {seed} {threat}")
+    with open(os.path.join(directory, "log.txt"), "a") as log_file:
+        code = subprocess.call(command, stdout=log_file, stderr=subprocess.STDOUT)
+    if code:
+        raise RuntimeError(f"cell {regime.name}/{seed}/{threat} failed (exit {code}); see {directory}/log.txt")
 
 
 def main(argv):
