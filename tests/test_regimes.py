@@ -144,3 +144,41 @@ def test_each_ablation_changes_one_setting_per_variant_off_the_tables_seeds(fash
         v.name for v in tiny
     ]
     assert len(detailed["rows"]) == 2 and payload["results"][tiny[1].name]["none"]["n"] == 1
+
+
+def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_without_it(tmp_path, monkeypatch):
+    out, launched, lines = str(tmp_path), [], []
+    monkeypatch.setattr(regimes, "run_cell_process", lambda command, regime, seed, threat, *_: launched.append(threat))
+
+    def store(threat, ssim):
+        for client in range(TINY.clients):
+            path = regimes.client_path(out, "U8", 0, threat, client)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(dict(client=client, per_image=dict(aligned_ssim=[ssim, 0.1, 0.1, 0.1]), seconds=60.0), f)
+
+    def run():
+        launched.clear()
+        lines.clear()
+        regimes.run_cells([TINY], [0], ["none", "oracle", regimes.ORDER_ORACLE, "adaptive"], out, log=lines.append)
+        return launched
+
+    store("none", 0.59)  # below the threshold: nothing recovered
+    assert run() == ["none", regimes.ORDER_ORACLE]
+    assert lines == [
+        "== U8 oracle: not run, the attack recovers nothing under none",
+        "== U8 adaptive: not run, the attack recovers nothing under none",
+    ]
+    assert regimes._compact_cell(None, TINY, "adaptive", out, [0]) == "not run: none recovers nothing"
+    assert regimes._compact_cell(None, TINY, "adaptive", out, [0, 1]) == "not run yet"  # seed 1 not stored
+    assert regimes._compact_cell(None, regimes.REGIMES["G8"], regimes.ORDER_ORACLE, out, [0]) == "does not apply"
+    assert [row[:2] for row in regimes._cost_rows(out, [TINY], [0], ("none", "oracle", "adaptive"))][0] == ["U8", "1/1"]
+
+    store("none", 0.6)  # one image per client recovered: 'oracle' runs, and 'adaptive' until 'oracle' is known
+    assert run() == ["none", "oracle", regimes.ORDER_ORACLE, "adaptive"]
+    store("oracle", 0.2)
+    assert run() == ["none", "oracle", regimes.ORDER_ORACLE] and lines == [
+        "== U8 adaptive: not run, the attack recovers nothing under oracle"
+    ]
+    store("adaptive", 0.2)  # stored cells are tabulated and counted whatever the rule says now
+    assert [row[:2] for row in regimes._cost_rows(out, [TINY], [0], ("none", "oracle", "adaptive"))][0] == ["U8", "3/3"]
