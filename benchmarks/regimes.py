@@ -537,6 +537,16 @@ def count_rule(regime, seed, out_dir, data_dir=None):
     ]
 
 
+def _sizes_row(regime, input_shape):
+    """[regime, pixel values per client, numbers in its update (the plain model's trainable weights)]."""
+    from tfkl import models
+
+    victim = models.build(regime.model, input_shape, 10, lock=False)
+    numbers = sum(int(np.prod(v.shape)) for v in victim.trainable_variables)
+    pixels = regime.images_per_client * int(np.prod(input_shape))
+    return [regime.name, pixels, numbers, float(f"{pixels / numbers:.2g}")]
+
+
 def _count_rule_row(regime, pairs):
     from attacks import metrics
 
@@ -587,7 +597,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
     from attacks import grids
     from benchmarks import success_rates
 
-    rows, curve_rows, count_rows, results = [], [], [], {}
+    rows, curve_rows, count_rows, size_rows, results = [], [], [], [], {}
     regimes_by_name = {r.name: r for r in regimes}
     for regime in regimes:
         counted = [s for s in seeds if load_cell(out_dir, regime, s, "none")]
@@ -618,7 +628,9 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 per_image = {k: [v for r in cell for v in r["per_image"][k]] for k in ("aligned_psnr", "aligned_ssim")}
                 grid_rows.append((THREAT_LABELS.get(threat, threat), images, per_image))
             if grid_rows:
-                _, truth, labels = _seed_images(regime, seed, data_dir)
+                input_shape, truth, labels = _seed_images(regime, seed, data_dir)
+                if not size_rows or size_rows[-1][0] != regime.name:
+                    size_rows.append(_sizes_row(regime, input_shape))
                 path = os.path.join(out_dir, regime.name, f"grid_seed{seed}.png")
                 grids.save_labelled_grid(path, truth, grid_rows, truth_labels=labels)
                 log(f"grid: {path}")
@@ -658,6 +670,14 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 "the step search instead, see the labels column above)",
                 columns=["regime", "clients", "count vector exact", "labels right (multiset overlap)"],
                 rows=count_rows,
+            ),
+            dict(
+                title="what an update can determine: a client's unknown pixel values against the numbers its update "
+                "has (the plain model's trainable weights). Where the pixel values are more, by counting a family "
+                "of image sets of at least the difference in dimensions sends the same update: the attack's prior, "
+                "not the update, chooses among them",
+                columns=["regime", "pixel values per client", "numbers in the update", "pixel values per number"],
+                rows=size_rows,
             ),
             dict(
                 title="budget curves: images recovered (aligned SSIM >= 0.6) after so many iterations, at the "

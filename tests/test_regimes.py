@@ -92,7 +92,7 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
     for threat in ("none", "oracle"):
         regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lambda line: None)
     payload = regimes.tabulate(out, [TINY], [0, 1], ("none", "oracle", "adaptive"), fashion_dir, log=lambda line: None)
-    compact, detailed, cost, counts, curves = payload["tables"]
+    compact, detailed, cost, counts, sizes, curves = payload["tables"]
     assert [row[:2] for row in cost["rows"]] == [  # the threats asked for
         ["U8", "2/6"],
         ["all regimes: none", "1/2"],
@@ -103,6 +103,8 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
     assert cost["rows"][-1][2:] == cost["rows"][0][2:]  # one regime: its cells are all the cells
     assert cost["rows"][3][2] == 0 and cost["rows"][3][4] is not None  # adaptive projected at U8's mean
     assert counts["rows"] == [["U8", 2, counts["rows"][0][2], counts["rows"][0][3]]]
+    (size,) = sizes["rows"]  # 4 images of 32 x 32 against LeNet's 15,226 weights
+    assert size == ["U8", 4096, 15226, 0.27]
     assert compact["columns"] == ["regime", "client", "none", "oracle"] and compact["rows"][0][:2] == [
         "U8",
         TINY.description,
