@@ -567,22 +567,25 @@ def _cost_rows(out_dir, regimes, seeds, threats):
         for seed in seeds
         if not nothing_to_measure(out_dir, r, seeds, threat) or load_cell(out_dir, r, seed, threat)
     ]
-    done = {}
+    done, optimizing = {}, {}
     for regime, threat, seed in cells:
         stored = load_cell(out_dir, regime, seed, threat)
         if len(stored) == regime.clients:
             done[regime.name, threat, seed] = sum(r["seconds"] for r in stored) / 60
+            optimizing[regime.name, threat, seed] = sum(r["optimizer_seconds"] for r in stored) / 60
     means = {}
     for regime in regimes:
         minutes = [m for (name, _, _), m in done.items() if name == regime.name]
         means[regime.name] = sum(minutes) / len(minutes) if minutes else None
 
     def row(label, selected):
-        minutes = [done[r.name, t, s] for r, t, s in selected if (r.name, t, s) in done]
+        keys = [(r.name, t, s) for r, t, s in selected if (r.name, t, s) in done]
+        minutes = [done[key] for key in keys]
         missing = [means[r.name] for r, t, s in selected if (r.name, t, s) not in done]
         projected = None if None in missing else round(sum(minutes) + sum(missing))
         per_cell = round(sum(minutes) / len(minutes), 1) if minutes else None
-        return [label, f"{len(minutes)}/{len(selected)}", round(sum(minutes)), per_cell, projected]
+        share = f"{100 * sum(optimizing[key] for key in keys) / sum(minutes):.0f} %" if minutes else None
+        return [label, f"{len(minutes)}/{len(selected)}", round(sum(minutes)), per_cell, share, projected]
 
     present = dict.fromkeys(threat for _, threat, _ in cells)
     return (
@@ -658,10 +661,17 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 rows=rows,
             ),
             dict(
-                title="cost: cells done (regime x seed x threat), their time (the clients' wall seconds, attack and "
-                "compilation), and the time all cells would take (a missing cell at its regime's mean); by regime, "
-                "by threat, in all",
-                columns=["cells", "cells done", "minutes done", "minutes per cell", "projected minutes, all cells"],
+                title="cost: cells done (regime x seed x threat), their time (the clients' wall seconds: label "
+                "search, compilation and the attack's optimiser, whose share is given), and the time all cells "
+                "would take (a missing cell at its regime's mean); by regime, by threat, in all",
+                columns=[
+                    "cells",
+                    "cells done",
+                    "minutes done",
+                    "minutes per cell",
+                    "optimiser's share",
+                    "projected minutes, all cells",
+                ],
                 rows=_cost_rows(out_dir, regimes, seeds, threats),
             ),
             dict(

@@ -101,7 +101,8 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
         ["all regimes, all threats", "2/6"],
     ]
     assert cost["rows"][-1][2:] == cost["rows"][0][2:]  # one regime: its cells are all the cells
-    assert cost["rows"][3][2] == 0 and cost["rows"][3][4] is not None  # adaptive projected at U8's mean
+    assert cost["rows"][3][2] == 0 and cost["rows"][3][5] is not None  # adaptive projected at U8's mean
+    assert cost["rows"][1][4].endswith(" %") and cost["rows"][3][4] is None  # the optimiser's share of what ran
     assert counts["rows"] == [["U8", 2, counts["rows"][0][2], counts["rows"][0][3]]]
     (size,) = sizes["rows"]  # 4 images of 32 x 32 against LeNet's 15,226 weights
     assert size == ["U8", 4096, 15226, 0.27]
@@ -157,7 +158,15 @@ def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_wit
             path = regimes.client_path(out, "U8", 0, threat, client)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
-                json.dump(dict(client=client, per_image=dict(aligned_ssim=[ssim, 0.1, 0.1, 0.1]), seconds=60.0), f)
+                json.dump(
+                    dict(
+                        client=client,
+                        per_image=dict(aligned_ssim=[ssim, 0.1, 0.1, 0.1]),
+                        seconds=60.0,
+                        optimizer_seconds=15.0,
+                    ),
+                    f,
+                )
 
     def run():
         launched.clear()
@@ -174,7 +183,7 @@ def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_wit
     assert regimes._compact_cell(None, TINY, "adaptive", out, [0]) == "not run: none recovers nothing"
     assert regimes._compact_cell(None, TINY, "adaptive", out, [0, 1]) == "not run yet"  # seed 1 not stored
     assert regimes._compact_cell(None, regimes.REGIMES["G8"], regimes.ORDER_ORACLE, out, [0]) == "does not apply"
-    assert [row[:2] for row in regimes._cost_rows(out, [TINY], [0], ("none", "oracle", "adaptive"))][0] == ["U8", "1/1"]
+    assert regimes._cost_rows(out, [TINY], [0], ("none", "oracle", "adaptive"))[0] == ["U8", "1/1", 2, 2.0, "25 %", 2]
 
     store("none", 0.6)  # one image per client recovered: 'oracle' runs, and 'adaptive' until 'oracle' is known
     assert run() == ["none", "oracle", regimes.ORDER_ORACLE, "adaptive"]
