@@ -559,14 +559,11 @@ def _cost_rows(out_dir, regimes, seeds, threats):
     """Cells done, their minutes (the clients' wall seconds), minutes per cell and the minutes all cells would
     take (a missing cell at its regime's mean; cells that would measure nothing are not run): per regime, per
     threat over all regimes, and in all."""
-    cells = [
-        (r, threat, seed)
-        for r in regimes
-        for threat in r.threats
-        if threat in threats
-        for seed in seeds
-        if not nothing_to_measure(out_dir, r, seeds, threat) or load_cell(out_dir, r, seed, threat)
-    ]
+    cells = []
+    for regime in regimes:
+        for threat in [t for t in regime.threats if t in threats]:
+            runs = not nothing_to_measure(out_dir, regime, seeds, threat)
+            cells += [(regime, threat, seed) for seed in seeds if runs or load_cell(out_dir, regime, seed, threat)]
     done, optimizing = {}, {}
     for regime, threat, seed in cells:
         stored = load_cell(out_dir, regime, seed, threat)
