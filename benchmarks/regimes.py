@@ -45,6 +45,7 @@ NAME = "regimes"
 DATASET = "fashion_mnist"
 ATTACK_THREATS = ("none", "oracle", "fixed-key", "adaptive", "adaptive-key", "adaptive-key-private")
 ORDER_ORACLE = "order-oracle"
+LABEL_FLOOR = "labels alone: class mean (a floor)"
 THREAT_LABELS = {
     "adaptive-key-private": "adaptive-key (private lock)",
     ORDER_ORACLE: "none, known step order (oracle)",
@@ -469,11 +470,9 @@ def _cell_row(regime, threat, seeds, results):
         "not recorded" if peak_rss_gb is None else round(peak_rss_gb, 2),
     ]
     summary = dict(
-        n=entry["n"],
+        _scores(entry),
         clients=len(results),
         seeds=list(seeds),
-        success={criterion: entry[criterion] for criterion in ("ssim", "psnr")},
-        **{k: dict(mean=entry[k]["mean"], std=entry[k]["std"]) for k in ("aligned_ssim", "aligned_psnr")},
         label_accuracy=label_accuracy,
         label_counts_exact=exact,
         step_labels_exact=steps_exact,
@@ -484,6 +483,15 @@ def _cell_row(regime, threat, seeds, results):
         budget_curve=_pooled_curve(results),
     )
     return cells, summary
+
+
+def _scores(entry):
+    """The success rates and aligned scores of a benchmarks.success_rates.score entry, for the JSON."""
+    return dict(
+        n=entry["n"],
+        success={criterion: entry[criterion] for criterion in ("ssim", "psnr")},
+        **{k: dict(mean=entry[k]["mean"], std=entry[k]["std"]) for k in ("aligned_ssim", "aligned_psnr")},
+    )
 
 
 def _steps_exact(regime, results):
@@ -535,6 +543,25 @@ def count_rule(regime, seed, out_dir, data_dir=None):
     return [
         (labels_lib.count_labels(attacker, t), truth.labels[c * n : (c + 1) * n]) for c, t in enumerate(payload.targets)
     ]
+
+
+def label_floor(regime, seeds, data_dir=None):
+    """The success rates and aligned scores of the guess that knows only the labels (which the attacks recover): each
+    image of `seeds` replaced by its class's mean over the test split, which no client trains on. A floor for
+    the success rates: an attack near it has shown little beyond the labels."""
+    from attacks import metrics, study
+    from benchmarks import success_rates
+    from tfkl import data
+
+    test = study.load_data(DATASET, data_dir)
+    per_image, means = [], None
+    for seed in seeds:
+        input_shape, images, labels = _seed_images(regime, seed, data_dir)
+        if means is None:
+            means = metrics.class_means(data.preprocess(test.x_test, input_shape).numpy(), test.y_test, 10)
+        scores = metrics.image_metrics(means[labels], images)
+        per_image.append({k: scores[k] for k in ("aligned_ssim", "aligned_psnr")})
+    return dict(_scores(success_rates.score(per_image)), seeds=list(seeds))
 
 
 def _sizes_row(regime, input_shape):
@@ -597,10 +624,12 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
     from attacks import grids
     from benchmarks import success_rates
 
-    rows, curve_rows, count_rows, size_rows, results = [], [], [], [], {}
+    rows, curve_rows, count_rows, size_rows, results, floors = [], [], [], [], {}, {}
     regimes_by_name = {r.name: r for r in regimes}
     for regime in regimes:
         counted = [s for s in seeds if load_cell(out_dir, regime, s, "none")]
+        if counted:
+            floors[regime.name] = label_floor(regime, counted, data_dir)
         if regime.images_per_client > 1 and counted:
             count_rows.append(
                 _count_rule_row(regime, [p for s in counted for p in count_rule(regime, s, out_dir, data_dir)])
@@ -636,7 +665,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 log(f"grid: {path}")
     threat_order = [t for t in threats if any(t in by_threat for by_threat in results.values())]
     compact = [
-        [name, regimes_by_name[name].description]
+        [name, regimes_by_name[name].description, _compact_cell(floors.get(name), regimes_by_name[name])]
         + [_compact_cell(by_threat.get(t), regimes_by_name[name], t, out_dir, seeds) for t in threat_order]
         for name, by_threat in results.items()
     ]
@@ -646,10 +675,12 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
             for r in regimes
         },
         results=results,
+        label_floor=floors,
         tables=[
             dict(
-                title="images recovered (aligned SSIM >= 0.6): share [Wilson 95 % interval] (count)",
-                columns=["regime", "client"] + [THREAT_LABELS.get(t, t) for t in threat_order],
+                title="images recovered (aligned SSIM >= 0.6): share [Wilson 95 % interval] (count); first what "
+                "the labels alone give (each image's class mean: a floor, not an attack)",
+                columns=["regime", "client", LABEL_FLOOR] + [THREAT_LABELS.get(t, t) for t in threat_order],
                 rows=compact,
             ),
             dict(
@@ -706,7 +737,8 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
     )
 
 
-def _compact_cell(summary, regime, threat, out_dir, seeds):
+def _compact_cell(summary, regime, threat=None, out_dir=None, seeds=()):
+    """A table cell: the success rate of `summary` (a cell's, or `label_floor`'s), or why there is none."""
     if summary is None:
         if threat not in regime.threats:
             return "does not apply"
@@ -726,6 +758,9 @@ NOTES = [
     "multiset overlap, 'exact' the clients whose whole count vector is right, 'every step's labels' the clients "
     "whose labels the attack put in the right local steps.",
     "order-oracle: 'none' given the true labels of each local step in the client's order: an oracle.",
+    f"{LABEL_FLOOR}: each image replaced by the mean image of its class over the test split (no client trains on "
+    "it), scored as a reconstruction: what an attacker that knows only the labels, as every attack here does, "
+    "gets without the update. Not an attack; success rates near it show little beyond the labels.",
     "A threat facing the lock runs only where the attack recovers some image without it ('none') and, for those "
     "that do not know the lock, with it known ('oracle'); elsewhere it would measure nothing ('not run: ...'). "
     "T regimes: the training run's clients start from model_fn's lock, so 'adaptive-key' is the private-lock case "

@@ -106,10 +106,10 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
     assert counts["rows"] == [["U8", 2, counts["rows"][0][2], counts["rows"][0][3]]]
     (size,) = sizes["rows"]  # 4 images of 32 x 32 against LeNet's 15,226 weights
     assert size == ["U8", 4096, 15226, 0.27]
-    assert compact["columns"] == ["regime", "client", "none", "oracle"] and compact["rows"][0][:2] == [
-        "U8",
-        TINY.description,
-    ]
+    assert compact["columns"] == ["regime", "client", regimes.LABEL_FLOOR, "none", "oracle"]
+    assert compact["rows"][0][:2] == ["U8", TINY.description] and compact["rows"][0][2].endswith("/8)")
+    floor = payload["label_floor"]["U8"]  # seed 0's 8 images as their class means
+    assert floor["n"] == 8 and floor["seeds"] == [0] and 0 < floor["aligned_ssim"]["mean"] < 1
     assert [row[:4] for row in detailed["rows"]] == [["U8", "none", "0", 8], ["U8", "oracle", "0", 8]]
     assert detailed["columns"][4] == "recovered: aligned SSIM >= 0.6" and len(curves["rows"]) == 2
     summary = payload["results"]["U8"]["none"]
@@ -141,7 +141,8 @@ def test_each_ablation_changes_one_setting_per_variant_off_the_tables_seeds(fash
         regimes.run_cell(variant, 0, "none", out, fashion_dir, log=lambda line: None)
     payload = ablations.tabulate(out, fashion_dir, log=lambda line: None)
     compact, per_victim, detailed, curves = payload["tables"]
-    assert [row[0] for row in compact["rows"]] == [v.name for v in tiny] and compact["columns"][2] == "none"
+    assert [row[0] for row in compact["rows"]] == [v.name for v in tiny]
+    assert compact["columns"][2:] == [regimes.LABEL_FLOOR, "none"]
     assert compact["title"].startswith("R-inference: images recovered")
     assert per_victim["columns"] == ["variant", "victim 0"] and [row[0] for row in per_victim["rows"]] == [
         v.name for v in tiny

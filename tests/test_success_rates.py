@@ -22,6 +22,12 @@ def test_recovered_at_and_around_both_thresholds():
         metrics.recovered(ssim, "lpips")
 
 
+def test_class_means_average_each_class_and_fall_back_to_the_overall_mean():
+    images = np.stack([np.full((2, 2, 1), v, np.float32) for v in (0.0, 0.2, 1.0, 0.6)])
+    means = metrics.class_means(images, np.array([0, 0, 2, 2]), 3)
+    np.testing.assert_allclose(means[:, 0, 0, 0], [0.1, 0.45, 0.8])  # class 1 has no image: the overall mean
+
+
 def test_wilson_interval_on_hand_computed_values():
     # Hand-computed with z = 1.95996: centre (p + z^2/2n) / (1 + z^2/n), half-width
     # z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
