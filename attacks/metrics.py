@@ -75,8 +75,7 @@ def image_metrics(reconstructed, truth, raw=None):
 
 
 def class_means(images, labels, num_classes):
-    """[num_classes, H, W, C]: each class's mean image (the mean of all `images` for a class they lack): the
-    guess of an attacker that knows only the labels, against which success rates are read."""
+    """[num_classes, H, W, C]: each class's mean image (the mean of all `images` for a class they lack)."""
     images, labels = np.asarray(images, np.float32), np.asarray(labels)
     overall = images.mean(0)
     return np.stack([images[labels == c].mean(0) if np.any(labels == c) else overall for c in range(num_classes)])

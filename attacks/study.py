@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from attacks import base, cases, experiment, grids
+from attacks import base, cases, experiment, grids, metrics
 from tfkl import data, models, optimizers, training
 
 
@@ -56,11 +56,27 @@ def load_data(dataset_name, data_dir=None):
 def load_images(dataset_name, model_name, num_images, offset=0, data_dir=None):
     """(dataset, input_shape, images [N, H, W, C] in [0, 1], labels [N]) from the training split."""
     dataset = load_data(dataset_name, data_dir)
+    return (dataset, *training_images(dataset, model_name, num_images, offset))
+
+
+def training_images(dataset, model_name, num_images, offset=0):
+    """(input_shape, images [N, H, W, C] in [0, 1], labels [N]) of `dataset`'s training split, as `model_name`
+    takes them."""
     input_shape = models.input_shape(model_name, dataset)
     if offset + num_images > len(dataset.x_train):
         raise ValueError(f"offset + num_images exceeds the {len(dataset.x_train)} training images")
     images = data.preprocess(dataset.x_train[offset : offset + num_images], input_shape).numpy()
-    return dataset, input_shape, images, dataset.y_train[offset : offset + num_images]
+    return input_shape, images, dataset.y_train[offset : offset + num_images]
+
+
+def label_floor(dataset, input_shape, images, labels):
+    """Per-image metrics of the guess that knows only the labels: each image's class mean over the test split,
+    which no client trains on. A floor for success rates: an attack near it has shown little beyond the labels
+    (which the attacks here recover)."""
+    means = metrics.class_means(
+        data.preprocess(dataset.x_test, input_shape).numpy(), dataset.y_test, dataset.num_classes
+    )
+    return metrics.image_metrics(means[np.asarray(labels)], images)
 
 
 def train_victims(victims, dataset, input_shape, epochs, examples, seed, log=print):

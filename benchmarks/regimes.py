@@ -45,10 +45,12 @@ NAME = "regimes"
 DATASET = "fashion_mnist"
 ATTACK_THREATS = ("none", "oracle", "fixed-key", "adaptive", "adaptive-key", "adaptive-key-private")
 ORDER_ORACLE = "order-oracle"
+LABEL_FLOOR_KEY = "label_floor"  # beside the threats in the JSON's results: see `label_floor`
 LABEL_FLOOR = "labels alone: class mean (a floor)"
 THREAT_LABELS = {
     "adaptive-key-private": "adaptive-key (private lock)",
     ORDER_ORACLE: "none, known step order (oracle)",
+    LABEL_FLOOR_KEY: LABEL_FLOOR,
 }
 
 
@@ -546,21 +548,15 @@ def count_rule(regime, seed, out_dir, data_dir=None):
 
 
 def label_floor(regime, seeds, data_dir=None):
-    """The success rates and aligned scores of the guess that knows only the labels (which the attacks recover): each
-    image of `seeds` replaced by its class's mean over the test split, which no client trains on. A floor for
-    the success rates: an attack near it has shown little beyond the labels."""
-    from attacks import metrics, study
+    """The success rates and aligned scores of `attacks.study.label_floor` on the images of `seeds`."""
+    from attacks import study
     from benchmarks import success_rates
-    from tfkl import data
 
-    test = study.load_data(DATASET, data_dir)
-    per_image, means = [], None
+    dataset, per_image = study.load_data(DATASET, data_dir), []
     for seed in seeds:
         input_shape, images, labels = _seed_images(regime, seed, data_dir)
-        if means is None:
-            means = metrics.class_means(data.preprocess(test.x_test, input_shape).numpy(), test.y_test, 10)
-        scores = metrics.image_metrics(means[labels], images)
-        per_image.append({k: scores[k] for k in ("aligned_ssim", "aligned_psnr")})
+        scores = study.label_floor(dataset, input_shape, images, labels)
+        per_image.append({k: scores[k] for k in success_rates.SCORES})
     return dict(_scores(success_rates.score(per_image)), seeds=list(seeds))
 
 
@@ -624,12 +620,12 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
     from attacks import grids
     from benchmarks import success_rates
 
-    rows, curve_rows, count_rows, size_rows, results, floors = [], [], [], [], {}, {}
+    rows, curve_rows, count_rows, size_rows, results = [], [], [], [], {}
     regimes_by_name = {r.name: r for r in regimes}
     for regime in regimes:
         counted = [s for s in seeds if load_cell(out_dir, regime, s, "none")]
         if counted:
-            floors[regime.name] = label_floor(regime, counted, data_dir)
+            results.setdefault(regime.name, {})[LABEL_FLOOR_KEY] = label_floor(regime, counted, data_dir)
         if regime.images_per_client > 1 and counted:
             count_rows.append(
                 _count_rule_row(regime, [p for s in counted for p in count_rule(regime, s, out_dir, data_dir)])
@@ -665,7 +661,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 log(f"grid: {path}")
     threat_order = [t for t in threats if any(t in by_threat for by_threat in results.values())]
     compact = [
-        [name, regimes_by_name[name].description, _compact_cell(floors.get(name), regimes_by_name[name])]
+        [name, regimes_by_name[name].description, _compact_cell(by_threat.get(LABEL_FLOOR_KEY), regimes_by_name[name])]
         + [_compact_cell(by_threat.get(t), regimes_by_name[name], t, out_dir, seeds) for t in threat_order]
         for name, by_threat in results.items()
     ]
@@ -675,7 +671,6 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
             for r in regimes
         },
         results=results,
-        label_floor=floors,
         tables=[
             dict(
                 title="images recovered (aligned SSIM >= 0.6): share [Wilson 95 % interval] (count); first what "
@@ -726,7 +721,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
         ],
         headline=[
             dict(
-                metric=f"{name} {threat}: recovered (aligned SSIM >= 0.6)",
+                metric=f"{name} {THREAT_LABELS.get(threat, threat)}: recovered (aligned SSIM >= 0.6)",
                 value=round(100 * s["success"]["ssim"]["rate"], 1),
                 unit="%",
             )

@@ -26,6 +26,7 @@ _RESULTS_DIR = flags.DEFINE_string(
 PREFIX = "attacks_"
 SEED_SUFFIX = re.compile(r"_seed(\d+)$")
 UPPER_BOUND = "upper bound (best of attacks per image, oracle choice)"
+LABEL_FLOOR = "labels alone: class mean (a floor)"
 # Settings that may differ between the seed files of one setting, or between the attacks of an upper bound.
 PER_RUN_SETTINGS = ("seed", "total_seconds")
 PER_ATTACK_SETTINGS = ("attack", "options", "threats", "total_seconds")
@@ -49,6 +50,9 @@ NOTES = [
     "Batches (batch_size > 1, the *update* settings) were scored at attack time after a one-to-one (Hungarian) "
     "matching of reconstructions to true images by MSE (attacks.experiment.evaluate); the JSON files hold no "
     "reconstructions, so they are not re-matched here. Restarts are chosen by the attack's own loss.",
+    f"{LABEL_FLOOR}: each attacked image replaced by the mean image of its class over the test split (no client "
+    "trains on it), scored as a reconstruction: what an attacker that knows only the labels gets without the "
+    "update. Not an attack; success rates near it show little beyond the labels.",
     "*_adaptive_key: the adaptive-key attacker against clients starting from model_fn's lock weights (shared lock "
     "init); *_private_lock: against clients that drew their lock weights privately (it knows only model_fn's).",
 ]
@@ -189,6 +193,38 @@ def upper_bounds(runs, pooled):
     return bounds
 
 
+def label_floors(runs, pooled):
+    """({setting: score entry} of `attacks.study.label_floor` on the images a setting's files attacked, notes on
+    the settings it cannot score: their data is not on disk, or is not the images the files name)."""
+    from attacks import study
+    from tfkl import data
+
+    floors, notes, datasets = {}, set(), {}
+    for setting, stems in pooled.items():
+        per_image = []
+        for stem in stems:
+            settings = runs[stem]["settings"]
+            if not all(k in settings for k in ("dataset", "model", "num_images", "offset", "true_labels")):
+                break
+            name = settings["dataset"]
+            try:
+                datasets[name] = datasets.get(name) or study.load_data(name)
+                input_shape, images, labels = study.training_images(
+                    datasets[name], settings["model"], settings["num_images"], settings["offset"]
+                )
+            except (data.DataUnavailableError, ValueError) as e:
+                notes.add(f"{LABEL_FLOOR}: not scored for {name} ({e})")
+                break
+            if list(labels) != list(settings["true_labels"]):
+                notes.add(f"{LABEL_FLOOR}: not scored where the files' labels are not those of {name} on disk")
+                break
+            scores = study.label_floor(datasets[name], input_shape, images, labels)
+            per_image.append({k: scores[k] for k in SCORES})
+        else:
+            floors[setting] = dict(score(per_image), seeds=[runs[stem]["seed"] for stem in stems])
+    return floors, sorted(notes)
+
+
 def privacy_utility(doc):
     """Per defence and server view of privacy_utility.json: each attack/threat's success, and the best of the
     attacks and threats without the key per image (an upper bound); (results, table rows)."""
@@ -222,8 +258,12 @@ def tabulate(results_dir):
     runs = load_runs(docs)
     pooled, notes = group_settings(runs)
     by_setting, setting_rows, file_rows, headline, shared = {}, [], [], [], []
+    floors, floor_notes = label_floors(runs, pooled)
+    notes += floor_notes
     for setting, stems in sorted(pooled.items()):
         seeds = [runs[s]["seed"] for s in stems]
+        if setting in floors:
+            setting_rows.append(row(setting, LABEL_FLOOR, seeds, floors[setting]))
         threats = list(dict.fromkeys(t for s in stems for t in runs[s]["per_threat"]))
         for threat in threats:
             entry = dict(
@@ -269,7 +309,13 @@ def tabulate(results_dir):
             "interval": "Wilson score, 95 %",
             "files": len(runs),
         },
-        "results": {"by_setting": by_setting, "by_file": by_file, "upper_bound": bounds, "privacy_utility": privacy},
+        "results": {
+            "by_setting": by_setting,
+            "by_file": by_file,
+            "upper_bound": bounds,
+            "label_floor": floors,
+            "privacy_utility": privacy,
+        },
         "tables": [
             {"title": "Attack success by setting (seed files pooled)", "columns": COLUMNS, "rows": setting_rows},
             {"title": UPPER_BOUND + ", seeds pooled", "columns": COLUMNS, "rows": bound_rows},

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from attacks import cases, experiment, labels, targets
 from attacks import model as model_lib
-from benchmarks import regimes
+from benchmarks import common, regimes
 from tests.helpers import write_idx
 from tfkl import data, models
 
@@ -92,6 +92,7 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
     for threat in ("none", "oracle"):
         regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lambda line: None)
     payload = regimes.tabulate(out, [TINY], [0, 1], ("none", "oracle", "adaptive"), fashion_dir, log=lambda line: None)
+    common.validate_payload("regimes", payload)
     compact, detailed, cost, counts, sizes, curves = payload["tables"]
     assert [row[:2] for row in cost["rows"]] == [  # the threats asked for
         ["U8", "2/6"],
@@ -108,7 +109,7 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
     assert size == ["U8", 4096, 15226, 0.27]
     assert compact["columns"] == ["regime", "client", regimes.LABEL_FLOOR, "none", "oracle"]
     assert compact["rows"][0][:2] == ["U8", TINY.description] and compact["rows"][0][2].endswith("/8)")
-    floor = payload["label_floor"]["U8"]  # seed 0's 8 images as their class means
+    floor = payload["results"]["U8"]["label_floor"]  # seed 0's 8 images as their class means
     assert floor["n"] == 8 and floor["seeds"] == [0] and 0 < floor["aligned_ssim"]["mean"] < 1
     assert [row[:4] for row in detailed["rows"]] == [["U8", "none", "0", 8], ["U8", "oracle", "0", 8]]
     assert detailed["columns"][4] == "recovered: aligned SSIM >= 0.6" and len(curves["rows"]) == 2

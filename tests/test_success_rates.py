@@ -209,6 +209,33 @@ def test_tabulation_pools_seed_files_and_labels_the_upper_bound(results_dir):
     ][:5]
 
 
+def test_the_label_floor_scores_class_means_of_the_attacked_images_only(results_dir, monkeypatch):
+    from attacks import study
+    from tfkl import data
+
+    rng = np.random.default_rng(0)
+    fake = data.Dataset(
+        "fashion_mnist",
+        rng.integers(0, 256, (5, 28, 28, 1)).astype(np.uint8),
+        np.array([1, 2, 3, 3, 1]),  # the files' true labels [1, 2, 3] first
+        rng.integers(0, 256, (30, 28, 28, 1)).astype(np.uint8),
+        np.arange(30) % 10,
+        10,
+    )
+    monkeypatch.setattr(study, "load_data", lambda name, data_dir=None: fake)
+    payload = success_rates.tabulate(results_dir)
+    floor = payload["results"]["label_floor"]["ig_fm"]
+    input_shape, images, labels = study.training_images(fake, "lenet", 3)
+    expected = study.label_floor(fake, input_shape, images, labels)["aligned_ssim"]
+    assert floor["n"] == 6 and floor["seeds"] == [0, 1]  # the same 3 images under both seed files
+    assert floor["aligned_ssim"]["mean"] == pytest.approx(float(np.mean(expected)))
+    rows = payload["tables"][0]["rows"]
+    assert [r[:2] for r in rows[:3]] == [["capture", "none"], ["dlg_fm", success_rates.LABEL_FLOOR], ["dlg_fm", "none"]]
+    fake = fake._replace(y_train=np.array([4, 4, 4, 4, 4]))  # not the images the files name: no floor, a note
+    payload = success_rates.tabulate(results_dir)
+    assert payload["results"]["label_floor"] == {} and any("not scored" in n for n in payload["notes"])
+
+
 def test_binary_writes_the_envelope_and_markdown(results_dir):
     try:
         flags.FLAGS(["success_rates", f"--results_dir={results_dir}"])
