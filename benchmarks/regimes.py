@@ -193,26 +193,32 @@ def pending_clients(out_dir, regime, seed, threat):
 
 
 # An evaluation says something about the lock only where the attack recovers images without it and, knowing
-# the lock, with it: a threat runs only where the threats it needs recovered some image.
+# the lock, with it: a threat runs only where the threats it needs recovered more images than the labels alone.
 PREREQUISITES = {
     "oracle": ("none",),
     **{t: ("none", "oracle") for t in ("adaptive", "fixed-key", "adaptive-key", "adaptive-key-private")},
 }
 
 
-def nothing_to_measure(out_dir, regime, seeds, threat):
-    """The threat `threat` needs (PREREQUISITES) whose cells over `seeds` are all stored and recovered no image
-    (aligned SSIM >= 0.6): `threat` would measure nothing there and is not run. None when it has none such."""
+def nothing_to_measure(out_dir, regime, seeds, threat, data_dir=None):
+    """The threat `threat` needs (PREREQUISITES) whose cells over `seeds` are all stored and recovered (aligned
+    SSIM >= 0.6) no more images than the labels alone do (`label_floor`): `threat` would measure nothing there
+    and is not run. None when it has none such."""
     from attacks import metrics
 
     key, threshold = metrics.CRITERIA["ssim"]
     for needed in PREREQUISITES.get(threat, ()):
         cells = [load_cell(out_dir, regime, seed, needed) for seed in seeds]
-        if all(len(cell) == regime.clients for cell in cells) and not any(
-            v >= threshold for cell in cells for r in cell for v in r["per_image"][key]
-        ):
-            return needed
+        if all(len(cell) == regime.clients for cell in cells):
+            recovered = sum(v >= threshold for cell in cells for r in cell for v in r["per_image"][key])
+            if recovered <= _floor_recovered(regime, tuple(seeds), data_dir):
+                return needed
     return None
+
+
+@functools.cache
+def _floor_recovered(regime, seeds, data_dir):
+    return label_floor(regime, seeds, data_dir)["success"]["ssim"]["recovered"]
 
 
 def _victim(regime, seed, threat, input_shape, out_dir):
@@ -578,14 +584,14 @@ def _count_rule_row(regime, pairs):
     return [regime.name, len(pairs), f"{exact}/{len(pairs)}", f"{100 * overlap:.0f} %"]
 
 
-def _cost_rows(out_dir, regimes, seeds, threats):
+def _cost_rows(out_dir, regimes, seeds, threats, data_dir=None):
     """Cells done, their minutes (the clients' wall seconds), minutes per cell and the minutes all cells would
     take (a missing cell at its regime's mean; cells that would measure nothing are not run): per regime, per
     threat over all regimes, and in all."""
     cells = []
     for regime in regimes:
         for threat in [t for t in regime.threats if t in threats]:
-            runs = not nothing_to_measure(out_dir, regime, seeds, threat)
+            runs = not nothing_to_measure(out_dir, regime, seeds, threat, data_dir)
             cells += [(regime, threat, seed) for seed in seeds if runs or load_cell(out_dir, regime, seed, threat)]
     done, optimizing = {}, {}
     for regime, threat, seed in cells:
@@ -662,7 +668,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
     threat_order = [t for t in threats if any(t in by_threat for by_threat in results.values())]
     compact = [
         [name, regimes_by_name[name].description, _compact_cell(by_threat.get(LABEL_FLOOR_KEY), regimes_by_name[name])]
-        + [_compact_cell(by_threat.get(t), regimes_by_name[name], t, out_dir, seeds) for t in threat_order]
+        + [_compact_cell(by_threat.get(t), regimes_by_name[name], t, out_dir, seeds, data_dir) for t in threat_order]
         for name, by_threat in results.items()
     ]
     return dict(
@@ -695,7 +701,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                     "optimiser's share",
                     "projected minutes, all cells",
                 ],
-                rows=_cost_rows(out_dir, regimes, seeds, threats),
+                rows=_cost_rows(out_dir, regimes, seeds, threats, data_dir),
             ),
             dict(
                 title="label counts from the last layer by the counting rule alone, under 'none' (batch attacks try "
@@ -732,13 +738,13 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
     )
 
 
-def _compact_cell(summary, regime, threat=None, out_dir=None, seeds=()):
+def _compact_cell(summary, regime, threat=None, out_dir=None, seeds=(), data_dir=None):
     """A table cell: the success rate of `summary` (a cell's, or `label_floor`'s), or why there is none."""
     if summary is None:
         if threat not in regime.threats:
             return "does not apply"
-        needed = nothing_to_measure(out_dir, regime, seeds, threat)
-        return f"not run: {THREAT_LABELS.get(needed, needed)} recovers nothing" if needed else "not run yet"
+        needed = nothing_to_measure(out_dir, regime, seeds, threat, data_dir)
+        return f"not run: {THREAT_LABELS.get(needed, needed)} does not beat the floor" if needed else "not run yet"
     rate = summary["success"]["ssim"]
     interval = f"[{100 * rate['low']:.0f}, {100 * rate['high']:.0f}]"
     return f"**{100 * rate['rate']:.0f} %** {interval} ({rate['recovered']}/{rate['n']})"
@@ -756,8 +762,9 @@ NOTES = [
     f"{LABEL_FLOOR}: each image replaced by the mean image of its class over the test split (no client trains on "
     "it), scored as a reconstruction: what an attacker that knows only the labels, as every attack here does, "
     "gets without the update. Not an attack; success rates near it show little beyond the labels.",
-    "A threat facing the lock runs only where the attack recovers some image without it ('none') and, for those "
-    "that do not know the lock, with it known ('oracle'); elsewhere it would measure nothing ('not run: ...'). "
+    "A threat facing the lock runs only where the attack recovers more images than the labels alone without the "
+    "lock ('none') and, for those that do not know the lock, with it known ('oracle'); elsewhere it would "
+    "measure nothing ('not run: none does not beat the floor'). "
     "T regimes: the training run's clients start from model_fn's lock, so 'adaptive-key' is the private-lock case "
     "there ('does not apply').",
     common.SHARED_MACHINE_NOTE,
@@ -775,9 +782,9 @@ def run_cells(regimes, seeds, threats, out_dir, data_dir=None, log=print):
     nothing (`nothing_to_measure`). Raises RuntimeError naming the first cell that fails."""
     for threat in threats:
         for regime in [r for r in regimes if threat in r.threats]:
-            needed = nothing_to_measure(out_dir, regime, seeds, threat)
+            needed = nothing_to_measure(out_dir, regime, seeds, threat, data_dir)
             if needed and any(pending_clients(out_dir, regime, s, threat) for s in seeds):
-                log(f"== {regime.name} {threat}: not run, the attack recovers nothing under {needed}")
+                log(f"== {regime.name} {threat}: not run, {needed} recovers no more images than the labels alone")
                 continue
             for seed in seeds:
                 command = _cell_command(regime.name, seed, threat, out_dir, data_dir)

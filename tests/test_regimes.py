@@ -154,6 +154,7 @@ def test_each_ablation_changes_one_setting_per_variant_off_the_tables_seeds(fash
 def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_without_it(tmp_path, monkeypatch):
     out, launched, lines = str(tmp_path), [], []
     monkeypatch.setattr(regimes, "run_cell_process", lambda command, regime, seed, threat, *_: launched.append(threat))
+    monkeypatch.setattr(regimes, "_floor_recovered", lambda regime, seeds, data_dir: 1)  # the labels alone: 1 image
 
     def store(threat, ssim):
         for client in range(TINY.clients):
@@ -176,22 +177,22 @@ def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_wit
         regimes.run_cells([TINY], [0], ["none", "oracle", regimes.ORDER_ORACLE, "adaptive"], out, log=lines.append)
         return launched
 
-    store("none", 0.59)  # below the threshold: nothing recovered
+    store("none", 0.59)  # below the threshold: nothing recovered, fewer than the labels alone
     assert run() == ["none", regimes.ORDER_ORACLE]
     assert lines == [
-        "== U8 oracle: not run, the attack recovers nothing under none",
-        "== U8 adaptive: not run, the attack recovers nothing under none",
+        "== U8 oracle: not run, none recovers no more images than the labels alone",
+        "== U8 adaptive: not run, none recovers no more images than the labels alone",
     ]
-    assert regimes._compact_cell(None, TINY, "adaptive", out, [0]) == "not run: none recovers nothing"
+    assert regimes._compact_cell(None, TINY, "adaptive", out, [0]) == "not run: none does not beat the floor"
     assert regimes._compact_cell(None, TINY, "adaptive", out, [0, 1]) == "not run yet"  # seed 1 not stored
     assert regimes._compact_cell(None, regimes.REGIMES["G8"], regimes.ORDER_ORACLE, out, [0]) == "does not apply"
     assert regimes._cost_rows(out, [TINY], [0], ("none", "oracle", "adaptive"))[0] == ["U8", "1/1", 2, 2.0, "25 %", 2]
 
-    store("none", 0.6)  # one image per client recovered: 'oracle' runs, and 'adaptive' until 'oracle' is known
+    store("none", 0.6)  # 2 images recovered, 1 by the labels alone: 'oracle' runs, 'adaptive' until 'oracle' is known
     assert run() == ["none", "oracle", regimes.ORDER_ORACLE, "adaptive"]
     store("oracle", 0.2)
     assert run() == ["none", "oracle", regimes.ORDER_ORACLE] and lines == [
-        "== U8 adaptive: not run, the attack recovers nothing under oracle"
+        "== U8 adaptive: not run, oracle recovers no more images than the labels alone"
     ]
     store("adaptive", 0.2)  # stored cells are tabulated and counted whatever the rule says now
     assert [row[:2] for row in regimes._cost_rows(out, [TINY], [0], ("none", "oracle", "adaptive"))][0] == ["U8", "3/3"]
