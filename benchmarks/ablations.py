@@ -100,7 +100,7 @@ def tabulate(out_dir, data_dir=None, log=print):
     payload = dict(settings={}, results={}, tables=[], headline=[], notes=regimes.NOTES[:1])
     for name, ablation in ABLATIONS.items():
         part = regimes.tabulate(out_dir, list(ablation.variants), list(ablation.seeds), ["none"], data_dir, log=log)
-        compact, detailed, *_, curves = part["tables"]  # cost: see the seconds per image; no label counting
+        compact, _, detailed, *_, curves = part["tables"]  # cost: see the seconds per image; no label counting
         if not part["results"]:
             continue
         for table in (compact, detailed, curves):

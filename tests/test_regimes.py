@@ -93,7 +93,7 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
         regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lambda line: None)
     payload = regimes.tabulate(out, [TINY], [0, 1], ("none", "oracle", "adaptive"), fashion_dir, log=lambda line: None)
     common.validate_payload("regimes", payload)
-    compact, detailed, cost, counts, sizes, curves = payload["tables"]
+    compact, beyond, detailed, cost, counts, sizes, curves = payload["tables"]
     assert [row[:2] for row in cost["rows"]] == [  # the threats asked for
         ["U8", "2/6"],
         ["all regimes: none", "1/2"],
@@ -111,6 +111,9 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
     assert compact["rows"][0][:2] == ["U8", TINY.description] and compact["rows"][0][2].endswith("/8)")
     floor = payload["results"]["U8"]["label_floor"]  # seed 0's 8 images as their class means
     assert floor["n"] == 8 and floor["seeds"] == [0] and 0 < floor["aligned_ssim"]["mean"] < 1
+    assert beyond["columns"] == ["regime", "none", "oracle"] and beyond["rows"][0][0] == "U8"
+    success = payload["results"]["U8"]["none"]["success"]
+    assert success["beyond_floor"]["n"] == 8 and success["beyond_floor"]["recovered"] <= success["ssim"]["recovered"]
     assert [row[:4] for row in detailed["rows"]] == [["U8", "none", "0", 8], ["U8", "oracle", "0", 8]]
     assert detailed["columns"][4] == "recovered: aligned SSIM >= 0.6" and len(curves["rows"]) == 2
     summary = payload["results"]["U8"]["none"]
@@ -196,3 +199,17 @@ def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_wit
     ]
     store("adaptive", 0.2)  # stored cells are tabulated and counted whatever the rule says now
     assert [row[:2] for row in regimes._cost_rows(out, [TINY], [0], ("none", "oracle", "adaptive"))][0] == ["U8", "3/3"]
+
+
+def test_an_image_is_recovered_beyond_its_label_only_above_its_class_means_score(monkeypatch):
+    floor = {0: [0.7, 0.2, 0.5, 0.9], 1: [0.1, 0.1, 0.1, 0.1]}  # per seed, the class means' aligned SSIM
+    monkeypatch.setattr(regimes, "_floor_per_image", lambda regime, seed, data_dir: {"aligned_ssim": floor[seed]})
+    regime = dataclasses.replace(TINY, images_per_client=2)
+    stored = {  # client 1 of seed 0: images 2 and 3
+        0: [dict(client=1, per_image=dict(aligned_ssim=[0.6, 0.95]))],
+        1: [dict(client=0, per_image=dict(aligned_ssim=[0.59, 0.61]))],
+    }
+    rate = regimes.beyond_floor(regime, stored)
+    assert (rate["recovered"], rate["n"]) == (3, 4)  # 0.6 > 0.5, 0.95 > 0.9, 0.61 > 0.1; 0.59 is not recovered
+    floor[0][3] = 0.95  # as good as the class mean: not beyond it
+    assert regimes.beyond_floor(regime, stored)["recovered"] == 2
