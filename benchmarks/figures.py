@@ -91,7 +91,10 @@ def privacy_utility(doc, path):
 
 def privacy_over_rounds(doc, path):
     """Attack success (aligned SSIM >= 0.6, Wilson 95 % interval) against the round whose global model the
-    client trains, FedAvg's run ('none') and FedKL's (the locked threats); one panel per client regime."""
+    client trains, FedAvg's run ('none') and FedKL's (the locked threats), and what the labels alone give (a
+    dashed floor); one panel per client regime."""
+    from benchmarks import regimes
+
     results = doc["results"]
     panels = [("batch 1", ""), ("update: 8 images, 4 steps of 2", "-U8")]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
@@ -109,6 +112,9 @@ def privacy_over_rounds(doc, path):
                 [max(0.0, 100 * (p["rate"] - p["low"])) for _, p in points],
                 [max(0.0, 100 * (p["high"] - p["rate"])) for _, p in points],
             ]
+            if threat == regimes.LABEL_FLOOR_KEY:  # the same images as their class means: no model, no attack
+                ax.plot(rounds, rates, linestyle="--", color="grey", label=regimes.LABEL_FLOOR)
+                continue
             # 'none' and the known-order oracle attack FedAvg's run, the other threats FedKL's.
             label = f"FedAvg, {threat}" if threat in ("none", "order-oracle") else f"FedKL, {threat}"
             ax.errorbar(rounds, rates, yerr=errors, marker="o", capsize=3, label=label)

@@ -315,7 +315,10 @@ def test_privacy_over_rounds_and_regime_grids_come_from_regimes_json(tmp_path):
     results, grids = tmp_path / "results", tmp_path / "regimes"
     results.mkdir()
     rate = {"ssim": {"rate": 0.5, "low": 0.3, "high": 0.7}}
-    regimes = {name: {"none": {"success": rate}, "adaptive": {"success": rate}} for name in ("T1", "T5", "T1-U8")}
+    regimes = {
+        name: {"label_floor": {"success": rate}, "none": {"success": rate}, "adaptive": {"success": rate}}
+        for name in ("T1", "T5", "T1-U8")
+    }
     regimes["G8"] = {"none": {"success": rate}}
     _write(str(results), "regimes", {"results": regimes})
     (grids / "G8").mkdir(parents=True)
