@@ -136,17 +136,30 @@ def step_assignments(attacker, target, count, starts_per_round=16, max_starts=12
         return logits_signal(targets_lib.simulate(attacker, target, images, labels, latent)) / target.learning_rate
 
     kept = tf.cast(observed != 0, tf.float32) if target.pruned else tf.ones_like(observed)  # as the attacks do
+    reference = observed / target.learning_rate
 
-    def mismatch(labels, images=blank, reference=observed / target.learning_rate):
-        return float(tf.reduce_sum(kept * tf.square(replay(images, labels) - reference)))
+    def distance(replayed, reference):
+        return tf.reduce_sum(kept * tf.square(replayed - reference))
+
+    def mismatch(labels, images, reference):
+        return float(distance(replay(images, labels), reference))
+
+    @tf.function(reduce_retracing=True)
+    def blank_mismatches(candidates):  # [K, n] labels -> [K]: one call scores a descent step's moves
+        one = lambda labels: distance(replay(blank, labels), reference)  # noqa: E731
+        return tf.map_fn(one, candidates, fn_output_signature=tf.float32, parallel_iterations=16)
 
     scores = {}
 
-    def score(labels):
-        key = step_multisets(labels, batch_size)
-        if key not in scores:  # the order within a step does not matter
-            scores[key] = mismatch(tf.constant(labels, tf.int64))
-        return scores[key]
+    def score(candidates):
+        """The scores of label sequences, each step's labels as a multiset (their order within a step does not
+        matter); those not scored yet in one call."""
+        keys = [step_multisets(c, batch_size) for c in candidates]
+        new = {k: c for k, c in zip(keys, candidates) if k not in scores}
+        if new:
+            values = blank_mismatches(tf.constant(np.stack(list(new.values())), tf.int64)).numpy()
+            scores.update(zip(new, (float(v) for v in values)))
+        return [scores[k] for k in keys]
 
     signal = last_layer_signal(attacker, target)
     present = np.flatnonzero(signal < 0) if np.any(signal < 0) else np.arange(attacker.num_classes)
@@ -172,8 +185,9 @@ def step_multisets(labels, batch_size):
 
 
 def _descend(labels, score, batch_size, classes):
-    """Steepest descent of `score` from `labels` (see `step_assignments`); returns the score reached."""
-    current, current_score = labels.copy(), score(labels)
+    """Steepest descent from `labels` of `score` (label sequences -> their scores; see `step_assignments`);
+    returns the score reached."""
+    current, (current_score,) = labels.copy(), score([labels])
     while True:
         moves = []
         for i in range(len(current)):
@@ -189,10 +203,11 @@ def _descend(labels, score, batch_size, classes):
                 for b in range(classes)
                 if b != a and not (b in current and b < a)
             ]
-        best = min(moves, key=score)
-        if score(best) >= current_score:
+        values = score(moves)
+        best = int(np.argmin(values))  # the first of the lowest, as min() takes it
+        if values[best] >= current_score:
             return current_score
-        current, current_score = best, score(best)
+        current, current_score = moves[best], values[best]
 
 
 def _with(labels, changes):
