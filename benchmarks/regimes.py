@@ -207,11 +207,10 @@ def nothing_to_measure(out_dir, regime, seeds, threat, data_dir=None):
     and is not run. None when it has none such."""
     from attacks import metrics
 
-    key, threshold = metrics.CRITERIA["ssim"]
     for needed in PREREQUISITES.get(threat, ()):
         cells = [load_cell(out_dir, regime, seed, needed) for seed in seeds]
         if all(len(cell) == regime.clients for cell in cells):
-            recovered = sum(v >= threshold for cell in cells for r in cell for v in r["per_image"][key])
+            recovered = sum(int(metrics.recovered(r["per_image"]).sum()) for cell in cells for r in cell)
             if recovered <= _floor_recovered(regime, tuple(seeds), data_dir):
                 return needed
     return None
@@ -578,13 +577,13 @@ def beyond_floor(regime, stored, data_dir=None):
     (`label_floor`): the reconstruction shows more of the image than its label. `stored`: {seed: client results}."""
     from attacks import metrics
 
-    key, threshold = metrics.CRITERIA["ssim"]
+    key = metrics.CRITERIA["ssim"][0]
     n, flags = regime.images_per_client, []
     for seed, results in stored.items():
         floor = np.asarray(_floor_per_image(regime, seed, data_dir)[key])
         for r in results:
-            values = np.asarray(r["per_image"][key], float)
-            flags += list((values >= threshold) & (values > floor[r["client"] * n : (r["client"] + 1) * n]))
+            above = np.asarray(r["per_image"][key], float) > floor[r["client"] * n : (r["client"] + 1) * n]
+            flags += list(metrics.recovered(r["per_image"]) & above)
     return metrics.success_rate(flags)
 
 
@@ -689,19 +688,23 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 grids.save_labelled_grid(path, truth, grid_rows, truth_labels=labels)
                 log(f"grid: {path}")
     threat_order = [t for t in threats if any(t in by_threat for by_threat in results.values())]
+    missing = {
+        (name, t): _missing_cell(regimes_by_name[name], t, out_dir, seeds, data_dir)
+        for name, by_threat in results.items()
+        for t in threat_order
+        if t not in by_threat
+    }
+
+    def threat_cells(name, by_threat, criterion):
+        return [_compact_cell(by_threat[t], criterion) if t in by_threat else missing[name, t] for t in threat_order]
+
     compact = [
-        [name, regimes_by_name[name].description, _compact_cell(by_threat.get(LABEL_FLOOR_KEY), regimes_by_name[name])]
-        + [_compact_cell(by_threat.get(t), regimes_by_name[name], t, out_dir, seeds, data_dir) for t in threat_order]
+        [name, regimes_by_name[name].description]
+        + [_compact_cell(by_threat[LABEL_FLOOR_KEY]) if LABEL_FLOOR_KEY in by_threat else "does not apply"]
+        + threat_cells(name, by_threat, "ssim")
         for name, by_threat in results.items()
     ]
-    beyond = [
-        [name]
-        + [
-            _compact_cell(by_threat.get(t), regimes_by_name[name], t, out_dir, seeds, data_dir, BEYOND_FLOOR)
-            for t in threat_order
-        ]
-        for name, by_threat in results.items()
-    ]
+    beyond = [[name] + threat_cells(name, by_threat, BEYOND_FLOOR) for name, by_threat in results.items()]
     return dict(
         settings={
             r.name: dict(dataclasses.asdict(r), update_options=r.update_options(), attack_options=r.attack_options())
@@ -775,14 +778,16 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
     )
 
 
-def _compact_cell(summary, regime, threat=None, out_dir=None, seeds=(), data_dir=None, criterion="ssim"):
-    """A table cell: the success rate of `summary` (a cell's, or `label_floor`'s) under `criterion`, or why there
-    is none."""
-    if summary is None:
-        if threat not in regime.threats:
-            return "does not apply"
-        needed = nothing_to_measure(out_dir, regime, seeds, threat, data_dir)
-        return f"not run: {THREAT_LABELS.get(needed, needed)} does not beat the floor" if needed else "not run yet"
+def _missing_cell(regime, threat, out_dir, seeds, data_dir=None):
+    """Why a table has no result for `threat` on `regime`."""
+    if threat not in regime.threats:
+        return "does not apply"
+    needed = nothing_to_measure(out_dir, regime, seeds, threat, data_dir)
+    return f"not run: {THREAT_LABELS.get(needed, needed)} does not beat the floor" if needed else "not run yet"
+
+
+def _compact_cell(summary, criterion="ssim"):
+    """A table cell: the success rate of `summary` (a cell's, or `label_floor`'s) under `criterion`."""
     rate = summary["success"][criterion]
     interval = f"[{100 * rate['low']:.0f}, {100 * rate['high']:.0f}]"
     return f"**{100 * rate['rate']:.0f} %** {interval} ({rate['recovered']}/{rate['n']})"

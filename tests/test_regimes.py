@@ -186,9 +186,9 @@ def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_wit
         "== U8 oracle: not run, none recovers no more images than the labels alone",
         "== U8 adaptive: not run, none recovers no more images than the labels alone",
     ]
-    assert regimes._compact_cell(None, TINY, "adaptive", out, [0]) == "not run: none does not beat the floor"
-    assert regimes._compact_cell(None, TINY, "adaptive", out, [0, 1]) == "not run yet"  # seed 1 not stored
-    assert regimes._compact_cell(None, regimes.REGIMES["G8"], regimes.ORDER_ORACLE, out, [0]) == "does not apply"
+    assert regimes._missing_cell(TINY, "adaptive", out, [0]) == "not run: none does not beat the floor"
+    assert regimes._missing_cell(TINY, "adaptive", out, [0, 1]) == "not run yet"  # seed 1 not stored
+    assert regimes._missing_cell(regimes.REGIMES["G8"], regimes.ORDER_ORACLE, out, [0]) == "does not apply"
     assert regimes._cost_rows(out, [TINY], [0], ("none", "oracle", "adaptive"))[0] == ["U8", "1/1", 2, 2.0, "25 %", 2]
 
     store("none", 0.6)  # 2 images recovered, 1 by the labels alone: 'oracle' runs, 'adaptive' until 'oracle' is known
