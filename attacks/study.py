@@ -69,14 +69,19 @@ def training_images(dataset, model_name, num_images, offset=0):
     return input_shape, images, dataset.y_train[offset : offset + num_images]
 
 
-def label_floor(dataset, input_shape, images, labels):
-    """Per-image metrics of the guess that knows only the labels: each image's class mean over the test split,
-    which no client trains on. A floor for success rates: an attack near it has shown little beyond the labels
-    (which the attacks here recover)."""
-    means = metrics.class_means(
+def test_class_means(dataset, input_shape):
+    """[classes, H, W, C]: each class's mean image over `dataset`'s test split (which no client trains on), as a
+    model of `input_shape` takes it."""
+    return metrics.class_means(
         data.preprocess(dataset.x_test, input_shape).numpy(), dataset.y_test, dataset.num_classes
     )
-    return metrics.image_metrics(means[np.asarray(labels)], images)
+
+
+def label_floor(class_means, images, labels):
+    """Per-image metrics of the guess that knows only the labels: each image's class mean (`test_class_means`).
+    A floor for success rates: an attack near it has shown little beyond the labels (which the attacks here
+    recover)."""
+    return metrics.image_metrics(class_means[np.asarray(labels)], images)
 
 
 def train_victims(victims, dataset, input_shape, epochs, examples, seed, log=print):

@@ -315,14 +315,20 @@ def threat_model(threat):
     return {"adaptive-key-private": "adaptive-key", ORDER_ORACLE: "none"}.get(threat, threat)
 
 
+@functools.cache
+def _dataset(data_dir=None):
+    """The data set, loaded once per process (tabulating reads it for every regime and seed)."""
+    from attacks import study
+
+    return study.load_data(DATASET, data_dir)
+
+
 def _seed_images(regime, seed, data_dir=None):
     """(input shape, images, labels) of a seed: its own `images_per_seed` training images."""
     from attacks import study
 
-    _, input_shape, images, labels = study.load_images(
-        DATASET, regime.model, regime.images_per_seed, seed * regime.images_per_seed, data_dir
-    )
-    return input_shape, images, labels
+    n = regime.images_per_seed
+    return study.training_images(_dataset(data_dir), regime.model, n, seed * n)
 
 
 def _case(regime, seed, threat, out_dir, capture_dir, data_dir=None):
@@ -568,8 +574,15 @@ def _floor_per_image(regime, seed, data_dir):
     from benchmarks import success_rates
 
     input_shape, images, labels = _seed_images(regime, seed, data_dir)
-    scores = study.label_floor(study.load_data(DATASET, data_dir), input_shape, images, labels)
+    scores = study.label_floor(_test_class_means(input_shape, data_dir), images, labels)
     return {k: scores[k] for k in success_rates.SCORES}
+
+
+@functools.cache
+def _test_class_means(input_shape, data_dir):
+    from attacks import study
+
+    return study.test_class_means(_dataset(data_dir), input_shape)
 
 
 def beyond_floor(regime, stored, data_dir=None):
@@ -587,10 +600,11 @@ def beyond_floor(regime, stored, data_dir=None):
     return metrics.success_rate(flags)
 
 
-def _sizes_row(regime, input_shape):
+def _sizes_row(regime, data_dir=None):
     """[regime, pixel values per client, numbers in its update (the plain model's trainable weights)]."""
     from tfkl import models
 
+    input_shape = models.input_shape(regime.model, _dataset(data_dir))
     victim = models.build(regime.model, input_shape, 10, lock=False)
     numbers = sum(int(np.prod(v.shape)) for v in victim.trainable_variables)
     pixels = regime.images_per_client * int(np.prod(input_shape))
@@ -653,6 +667,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
         counted = [s for s in seeds if load_cell(out_dir, regime, s, "none")]
         if counted:
             results.setdefault(regime.name, {})[LABEL_FLOOR_KEY] = label_floor(regime, counted, data_dir)
+            size_rows.append(_sizes_row(regime, data_dir))
         if regime.images_per_client > 1 and counted:
             count_rows.append(
                 _count_rule_row(regime, [p for s in counted for p in count_rule(regime, s, out_dir, data_dir)])
@@ -681,9 +696,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                 per_image = {k: [v for r in cell for v in r["per_image"][k]] for k in ("aligned_psnr", "aligned_ssim")}
                 grid_rows.append((THREAT_LABELS.get(threat, threat), images, per_image))
             if grid_rows:
-                input_shape, truth, labels = _seed_images(regime, seed, data_dir)
-                if not size_rows or size_rows[-1][0] != regime.name:
-                    size_rows.append(_sizes_row(regime, input_shape))
+                _, truth, labels = _seed_images(regime, seed, data_dir)
                 path = os.path.join(out_dir, regime.name, f"grid_seed{seed}.png")
                 grids.save_labelled_grid(path, truth, grid_rows, truth_labels=labels)
                 log(f"grid: {path}")

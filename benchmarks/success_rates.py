@@ -199,7 +199,7 @@ def label_floors(runs, pooled):
     from attacks import study
     from tfkl import data
 
-    floors, notes, datasets = {}, set(), {}
+    floors, notes, datasets, class_means = {}, set(), {}, {}
     for setting, stems in pooled.items():
         per_image = []
         for stem in stems:
@@ -218,7 +218,9 @@ def label_floors(runs, pooled):
             if list(labels) != list(settings["true_labels"]):
                 notes.add(f"{LABEL_FLOOR}: not scored where the files' labels are not those of {name} on disk")
                 break
-            scores = study.label_floor(datasets[name], input_shape, images, labels)
+            if (name, input_shape) not in class_means:
+                class_means[name, input_shape] = study.test_class_means(datasets[name], input_shape)
+            scores = study.label_floor(class_means[name, input_shape], images, labels)
             per_image.append({k: scores[k] for k in SCORES})
         else:
             floors[setting] = dict(score(per_image), seeds=[runs[stem]["seed"] for stem in stems])
