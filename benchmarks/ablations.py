@@ -7,12 +7,14 @@
 Each ablation takes a regime of benchmarks.regimes as configured there and changes one setting of the attack at
 a time, on victims of seeds outside the table's 0-2 (their own weights and images), under 'none'. Restarts are
 chosen by the attack's loss; the budget curves and scores read the truth only to score. Every (variant, seed)
-runs in its own process and stores each client's result as benchmarks.regimes does, so a rerun resumes.
+runs in its own process and stores each client's result as benchmarks.regimes does (a JSON record under
+--ablation_records_dir, kept in the repository; the rest under --ablation_dir), so a rerun resumes.
   R-inference  ResNet-20, batch 1, the client's BatchNorm in inference mode: 4 victims of seed 10
   U16          FedAvg updates over 16 images in 4 steps of 4, GRNN and IG: 1 client of 16 images per seed 5, 6, 7
 """
 
 import dataclasses
+import os
 import sys
 import time
 
@@ -75,7 +77,14 @@ ABLATIONS = {
 _VARIANTS = {v.name: v for ablation in ABLATIONS.values() for v in ablation.variants}
 
 _ABLATIONS = flags.DEFINE_list("ablations", list(ABLATIONS), f"Ablations to run, from {', '.join(ABLATIONS)}.")
-_DIR = flags.DEFINE_string("ablation_dir", "runs/ablations", "Where each variant's client results go.")
+_RECORDS_DIR = flags.DEFINE_string(
+    "ablation_records_dir",
+    os.path.join(common.RESULTS_DIR, "ablations_cells"),
+    "Where each variant's client result records go (kept in the repository; the tables' only input).",
+)
+_DIR = flags.DEFINE_string(
+    "ablation_dir", "runs/ablations", "Where reconstructions, captured updates, logs and grids go."
+)
 _TABULATE_ONLY = flags.DEFINE_bool("ablation_tabulate_only", False, "Run nothing: tabulate what is stored.")
 _CELL = flags.DEFINE_string("ablation_cell", None, "Internal: run one 'variant/seed' in this process.")
 flags.register_validator(
@@ -85,21 +94,22 @@ flags.register_validator(
 )
 
 
-def run_ablation(ablation, out_dir, data_dir=None, log=print):
+def run_ablation(ablation, store, data_dir=None, log=print):
     """Runs each pending (variant, seed) in its own process; raises RuntimeError naming one that fails."""
     for variant in ablation.variants:
         for seed in ablation.seeds:
             command = [sys.executable, "-m", "benchmarks.ablations", f"--ablation_cell={variant.name}/{seed}"]
-            command += [f"--ablation_dir={out_dir}"] + ([f"--data_dir={data_dir}"] if data_dir else [])
-            regimes.run_cell_process(command, variant, seed, "none", out_dir, log)
+            command += [f"--ablation_records_dir={store.records}", f"--ablation_dir={store.work}"]
+            command += [f"--data_dir={data_dir}"] if data_dir else []
+            regimes.run_cell_process(command, variant, seed, "none", store, log)
 
 
-def tabulate(out_dir, data_dir=None, log=print):
+def tabulate(store, data_dir=None, log=print):
     """Per ablation with results stored, benchmarks.regimes' success, detail and budget-curve tables over its
-    variants (and at batch 1 each victim's image and final loss); grids under out_dir."""
+    variants (and at batch 1 each victim's image and final loss); grids under store.work."""
     payload = dict(settings={}, results={}, tables=[], headline=[], notes=regimes.NOTES[:1])
     for name, ablation in ABLATIONS.items():
-        part = regimes.tabulate(out_dir, list(ablation.variants), list(ablation.seeds), ["none"], data_dir, log=log)
+        part = regimes.tabulate(store, list(ablation.variants), list(ablation.seeds), ["none"], data_dir, log=log)
         compact, _, detailed, *_, curves = part["tables"]  # cost: see the seconds per image; no label counting
         if not part["results"]:
             continue
@@ -107,7 +117,7 @@ def tabulate(out_dir, data_dir=None, log=print):
             table["title"] = f"{name}: {table['title']}"
         per_victim = []
         if ablation.variants[0].images_per_client == 1:
-            per_victim = [_per_victim_table(out_dir, name, ablation)]
+            per_victim = [_per_victim_table(store, name, ablation)]
         payload["tables"] += [compact, *per_victim, detailed, curves]
         for key in ("settings", "results"):
             payload[key].update(part[key])
@@ -123,11 +133,11 @@ def tabulate(out_dir, data_dir=None, log=print):
     return payload
 
 
-def _per_victim_table(out_dir, name, ablation):
+def _per_victim_table(store, name, ablation):
     seed, clients = ablation.seeds[0], ablation.variants[0].clients
     rows = []
     for variant in ablation.variants:
-        results = {r["client"]: r for r in regimes.load_cell(out_dir, variant, seed, "none")}
+        results = {r["client"]: r for r in regimes.load_cell(store, variant, seed, "none")}
         if results:
             rows.append([variant.name] + [_ssim_and_loss(results.get(client)) for client in range(clients)])
     return dict(
@@ -148,19 +158,20 @@ def main(argv):
     del argv
     log = lambda line: print(line, flush=True)  # noqa: E731
     data_dir = flags.FLAGS.data_dir  # benchmarks.regimes' flag
+    store = regimes.Store(_RECORDS_DIR.value, _DIR.value)
     if _CELL.value:
         variant, seed = _CELL.value.split("/")
-        regimes.run_cell(_VARIANTS[variant], int(seed), "none", _DIR.value, data_dir, log=log)
+        regimes.run_cell(_VARIANTS[variant], int(seed), "none", store, data_dir, log=log)
         return
     start = time.perf_counter()
-    if not _TABULATE_ONLY.value:
-        try:
+    try:
+        if not _TABULATE_ONLY.value:
             for name in _ABLATIONS.value:
-                run_ablation(ABLATIONS[name], _DIR.value, data_dir, log)
-        except RuntimeError as e:
-            sys.exit(f"error: {e}")
-    payload = tabulate(_DIR.value, data_dir, log)
-    path, markdown = tables.write_result_and_page(NAME, payload, time.perf_counter() - start)
+                run_ablation(ABLATIONS[name], store, data_dir, log)
+        payload = tabulate(store, data_dir, log)
+        path, markdown = tables.write_keeping_results(NAME, payload, time.perf_counter() - start, store.records)
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
     print(f"wrote {path} and {markdown}")
 
 

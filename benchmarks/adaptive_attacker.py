@@ -380,7 +380,10 @@ def main(argv):
     payload = tabulate(cache, _ATTACKS.value, seeds, _TABLE_VARIANTS.value or None)
     from benchmarks import tables
 
-    path, markdown = tables.write_result_and_page(NAME, payload, time.perf_counter() - start)
+    try:
+        path, markdown = tables.write_keeping_results(NAME, payload, time.perf_counter() - start, cache)
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
     print(f"wrote {path} and {markdown}")
 
 

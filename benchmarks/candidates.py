@@ -818,7 +818,10 @@ def main(argv):
     payload = tabulate(names, seeds, run_dir, training, overhead)
     from benchmarks import tables
 
-    path, markdown = tables.write_result_and_page(NAME, payload, time.perf_counter() - start)
+    try:
+        path, markdown = tables.write_keeping_results(NAME, payload, time.perf_counter() - start, run_dir)
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
     figure = os.path.join(common.FIGURES_DIR, f"{NAME}_frontier.png")
     os.makedirs(common.FIGURES_DIR, exist_ok=True)
     frontier_figure(payload, figure)

@@ -17,8 +17,10 @@ Regimes (LeNet and ResNet-20 untrained unless stated, Fashion-MNIST, Inverting G
        stronger attack at batch 1, and on G8 and U8 (step labels known) in a pilot on other images (seed 5)
 Each seed sets the victim's weights, key and lock (T regimes: those of the training run, seed 0), the
 attack's starts, and which images (distinct per seed). Every cell (regime, seed, threat) runs in its own
-process and stores each client's result under --out_dir as soon as it is attacked; a rerun skips what is
-stored, so a killed run loses at most the clients being attacked. `order-oracle` (U only) is `none` with
+process and stores each client's result as soon as it is attacked: a small JSON record under --records_dir
+(kept in the repository: the tables are made from the records alone, so a fresh clone re-tabulates them), the
+rest (reconstructions, captured updates, logs, grids, training runs) under --out_dir. A rerun skips the clients
+whose record is stored, so a killed run loses at most the clients being attacked. `order-oracle` (U only) is `none` with
 the true labels of each local step given: an oracle, labelled so. Restarts are chosen by the attack's
 loss, never by the truth.
 """
@@ -160,8 +162,13 @@ _THREATS = flags.DEFINE_list(
     "threats", list(THREAT_ORDER), "Threats to run, in this order (per regime: those that apply)."
 )
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (victim weights, key, lock, images, attack starts).")
+_RECORDS_DIR = flags.DEFINE_string(
+    "records_dir",
+    os.path.join(common.RESULTS_DIR, "regimes_cells"),
+    "Where each client's result record goes (small JSON files kept in the repository; the tables' only input).",
+)
 _OUT_DIR = flags.DEFINE_string(
-    "out_dir", "runs/regimes", "Where each client's result, the grids and the training runs go."
+    "out_dir", "runs/regimes", "Where reconstructions, captured updates, logs, grids and the training runs go."
 )
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data sets are (default: tfkl.data's).")
 _TABULATE_ONLY = flags.DEFINE_bool("tabulate_only", False, "Run nothing: tabulate what is stored.")
@@ -181,16 +188,29 @@ flags.register_validator(
 )
 
 
-def cell_dir(out_dir, regime, seed, threat):
-    return os.path.join(out_dir, regime, f"seed{seed}", threat)
+@dataclasses.dataclass(frozen=True)
+class Store:
+    """Where cells go: `records` the clients' result records (the tables' only input), `work` the rest."""
+
+    records: str
+    work: str
 
 
-def client_path(out_dir, regime, seed, threat, client):
-    return os.path.join(cell_dir(out_dir, regime, seed, threat), f"client_{client:02d}.json")
+def cell_dir(root, regime, seed, threat):
+    return os.path.join(root, regime, f"seed{seed}", threat)
 
 
-def pending_clients(out_dir, regime, seed, threat):
-    return [c for c in range(regime.clients) if not os.path.exists(client_path(out_dir, regime.name, seed, threat, c))]
+def client_path(store, regime, seed, threat, client):
+    """A client's result record; written last, it marks the client as done."""
+    return os.path.join(cell_dir(store.records, regime, seed, threat), f"client_{client:02d}.json")
+
+
+def reconstruction_path(store, regime, seed, threat, client):
+    return os.path.join(cell_dir(store.work, regime, seed, threat), f"client_{client:02d}.npy")
+
+
+def pending_clients(store, regime, seed, threat):
+    return [c for c in range(regime.clients) if not os.path.exists(client_path(store, regime.name, seed, threat, c))]
 
 
 # An evaluation says something about the lock only where the attack recovers images without it and, knowing
@@ -201,14 +221,14 @@ PREREQUISITES = {
 }
 
 
-def nothing_to_measure(out_dir, regime, seeds, threat, data_dir=None):
+def nothing_to_measure(store, regime, seeds, threat, data_dir=None):
     """The threat `threat` needs (PREREQUISITES) whose cells over `seeds` are all stored and recovered (aligned
     SSIM >= 0.6) no more images than the labels alone do (`label_floor`): `threat` would measure nothing there
     and is not run. None when it has none such."""
     from attacks import metrics
 
     for needed in PREREQUISITES.get(threat, ()):
-        cells = [load_cell(out_dir, regime, seed, needed) for seed in seeds]
+        cells = [load_cell(store, regime, seed, needed) for seed in seeds]
         if all(len(cell) == regime.clients for cell in cells):
             recovered = sum(int(metrics.recovered(r["per_image"]).sum()) for cell in cells for r in cell)
             if recovered <= _floor_recovered(regime, tuple(seeds), data_dir):
@@ -221,7 +241,7 @@ def _floor_recovered(regime, seeds, data_dir):
     return label_floor(regime, seeds, data_dir)["success"]["ssim"]["recovered"]
 
 
-def _victim(regime, seed, threat, input_shape, out_dir):
+def _victim(regime, seed, threat, input_shape, store):
     """(victim model, secret under `threat`) of a seed: the backbone without the lock for 'none' and the
     order oracle, with it otherwise (its lock drawn privately for 'adaptive-key-private'); for T regimes the
     global model of the training run (see `load_trained`)."""
@@ -234,7 +254,7 @@ def _victim(regime, seed, threat, input_shape, out_dir):
     victim = victims["plain" if attacker_threat == "none" else "locked"]
     server_lock_weights = None
     if regime.round is not None:
-        server_lock_weights = load_trained(victim, out_dir, regime.round)
+        server_lock_weights = load_trained(victim, store.work, regime.round)
     elif threat == "adaptive-key-private":
         server_lock_weights = cases.privatize_lock(victim, seed=seed + 2)
     return victim, cases.threat_secret(attacker_threat, victim, server_lock_weights)
@@ -252,14 +272,14 @@ TRAIN_FLAGS = (
 )
 
 
-def train_dir(out_dir, algorithm):
-    return os.path.join(out_dir, "train", algorithm)
+def train_dir(work_dir, algorithm):
+    return os.path.join(work_dir, "train", algorithm)
 
 
-def train_runs(out_dir, data_dir=None, log=print):
+def train_runs(store, data_dir=None, log=print):
     """The FedAvg and FedKL runs whose global models the T regimes attack (tff_programs.train, resumable)."""
     for algorithm in ("fedavg", "fedkl"):
-        root = train_dir(out_dir, algorithm)
+        root = train_dir(store.work, algorithm)
         if _round_captures(root, 20):
             continue
         log(f"== training {algorithm} for the T regimes ({root})")
@@ -276,7 +296,7 @@ def _round_captures(root, round_num):
     return sorted(glob.glob(os.path.join(root, "captures", f"round_{round_num:05d}_client_*.npz")))
 
 
-def load_trained(victim, out_dir, round_num):
+def load_trained(victim, work_dir, round_num):
     """Sets `victim` to the global model the run's clients received in `round_num` (FedAvg's run for the
     plain victim, FedKL's for the locked one, whose key and lock become those of the round's first captured
     client). Returns model_fn's lock weights (all a server knows of them; None for the plain victim)."""
@@ -286,7 +306,7 @@ def load_trained(victim, out_dir, round_num):
     from tfkl.federated.client_store import ClientStore
 
     locks = private.lock_layers(victim)
-    root = train_dir(out_dir, "fedkl" if locks else "fedavg")
+    root = train_dir(work_dir, "fedkl" if locks else "fedavg")
     paths = _round_captures(root, round_num)
     if not paths:
         raise RuntimeError(f"{root} has no capture of round {round_num}: run the training runs first")
@@ -295,9 +315,9 @@ def load_trained(victim, out_dir, round_num):
         variable.assign(value)
     if not locks:
         return None
-    store = ClientStore(os.path.join(root, "clients"))
-    initial = store.load(0)[capture.meta["client_id"]]
-    state = store.load(round_num - 1)[capture.meta["client_id"]]
+    clients = ClientStore(os.path.join(root, "clients"))
+    initial = clients.load(0)[capture.meta["client_id"]]
+    state = clients.load(round_num - 1)[capture.meta["client_id"]]
     lock_weights = [
         w for lock in locks for w in (lock.scale_kernel, lock.scale_bias, lock.shift_kernel, lock.shift_bias)
     ]
@@ -331,12 +351,12 @@ def _seed_images(regime, seed, data_dir=None):
     return study.training_images(_dataset(data_dir), regime.model, n, seed * n)
 
 
-def _case(regime, seed, threat, out_dir, capture_dir, data_dir=None):
+def _case(regime, seed, threat, store, capture_dir, data_dir=None):
     """(payload, true data, secret) of a seed's clients under `threat`; updates are written to `capture_dir`."""
     from attacks import cases
 
     input_shape, images, labels = _seed_images(regime, seed, data_dir)
-    victim, secret = _victim(regime, seed, threat, input_shape, out_dir)
+    victim, secret = _victim(regime, seed, threat, input_shape, store)
     kind, n = regime.kind, regime.images_per_client
     payload, truth = cases.simulate_clients(
         victim, images, labels, n, kind, capture_dir, regime.training, **regime.update_options()
@@ -344,7 +364,7 @@ def _case(regime, seed, threat, out_dir, capture_dir, data_dir=None):
     return payload, truth, secret
 
 
-def run_cell(regime, seed, threat, out_dir, data_dir=None, log=print):
+def run_cell(regime, seed, threat, store, data_dir=None, log=print):
     """Attacks the pending clients of one cell and stores each client's result (metrics and reconstruction)."""
     import tensorflow as tf
 
@@ -352,12 +372,13 @@ def run_cell(regime, seed, threat, out_dir, data_dir=None, log=print):
     from attacks import model as model_lib
 
     tf.get_logger().setLevel("ERROR")
-    pending = pending_clients(out_dir, regime, seed, threat)
+    pending = pending_clients(store, regime, seed, threat)
     if not pending:
         return
-    directory = cell_dir(out_dir, regime.name, seed, threat)
+    directory = cell_dir(store.work, regime.name, seed, threat)
     os.makedirs(directory, exist_ok=True)
-    payload, truth, secret = _case(regime, seed, threat, out_dir, os.path.join(directory, "captures"), data_dir)
+    os.makedirs(cell_dir(store.records, regime.name, seed, threat), exist_ok=True)
+    payload, truth, secret = _case(regime, seed, threat, store, os.path.join(directory, "captures"), data_dir)
     n = regime.images_per_client
     attacker = model_lib.AttackerModel(payload.view, threat_model(threat), secret=secret, seed=seed + 7)
     options = dict(regime.attack_options(), seed=seed)
@@ -380,7 +401,7 @@ def run_cell(regime, seed, threat, out_dir, data_dir=None, log=print):
         )
         seconds = (time.perf_counter() - start) / len(clients)
         for client, rec in zip(clients, reconstructions):
-            _store(out_dir, regime, seed, threat, client, rec, truth, seconds, len(clients), curves[client], log)
+            _store(store, regime, seed, threat, client, rec, truth, seconds, len(clients), curves[client], log)
 
 
 def _budget_curve(curves, regime, truth):
@@ -404,7 +425,7 @@ def _budget_curve(curves, regime, truth):
     return monitor
 
 
-def _store(out_dir, regime, seed, threat, client, rec, truth, seconds, chunk_size, curve, log):
+def _store(store, regime, seed, threat, client, rec, truth, seconds, chunk_size, curve, log):
     """Scores one client's reconstruction (Hungarian-matched to its true images) and stores it."""
     from attacks import metrics
 
@@ -431,9 +452,8 @@ def _store(out_dir, regime, seed, threat, client, rec, truth, seconds, chunk_siz
         budget_curve=curve,  # [iterations done, aligned SSIM per image] between chunks
         peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the cell's process so far
     )
-    directory = cell_dir(out_dir, regime.name, seed, threat)
-    np.save(os.path.join(directory, f"client_{client:02d}.npy"), rec.raw_images[order])
-    with atomic_write(client_path(out_dir, regime.name, seed, threat, client), binary=False) as f:
+    np.save(reconstruction_path(store, regime.name, seed, threat, client), rec.raw_images[order])
+    with atomic_write(client_path(store, regime.name, seed, threat, client), binary=False) as f:
         json.dump(result, f, indent=1)  # written last: it marks the client as done
     ssim = ", ".join(f"{v:.2f}" for v in per_image["aligned_ssim"])
     log(f"{regime.name} seed {seed} {threat} client {client}: aligned SSIM {ssim} ({seconds:.0f} s)")
@@ -449,9 +469,9 @@ def _progress(log, regime, seed, threat, clients):
     return progress
 
 
-def load_cell(out_dir, regime, seed, threat):
+def load_cell(store, regime, seed, threat):
     """The stored client results of a cell, in client order."""
-    paths = [client_path(out_dir, regime.name, seed, threat, c) for c in range(regime.clients)]
+    paths = [client_path(store, regime.name, seed, threat, c) for c in range(regime.clients)]
     results = []
     for path in paths:
         if os.path.exists(path):
@@ -543,7 +563,7 @@ RUN_COLUMNS = [
 ]
 
 
-def count_rule(regime, seed, out_dir, data_dir=None):
+def count_rule(regime, seed, store, data_dir=None):
     """[(the counting rule's labels, the true labels)] of each client of a seed under 'none', before any
     attack: how accurate the counts from the last layer are on their own (an attack then tries
     `label_hypotheses` of them and its loss picks)."""
@@ -551,7 +571,7 @@ def count_rule(regime, seed, out_dir, data_dir=None):
     from attacks import model as model_lib
 
     with tempfile.TemporaryDirectory() as captures:
-        payload, truth, _ = _case(regime, seed, "none", out_dir, captures, data_dir)
+        payload, truth, _ = _case(regime, seed, "none", store, captures, data_dir)
     attacker = model_lib.AttackerModel(payload.view, "none")
     n = regime.images_per_client
     return [
@@ -619,18 +639,18 @@ def _count_rule_row(regime, pairs):
     return [regime.name, len(pairs), f"{exact}/{len(pairs)}", f"{100 * overlap:.0f} %"]
 
 
-def _cost_rows(out_dir, regimes, seeds, threats, data_dir=None):
+def _cost_rows(store, regimes, seeds, threats, data_dir=None):
     """Cells done, their minutes (the clients' wall seconds), minutes per cell and the minutes all cells would
     take (a missing cell at its regime's mean; cells that would measure nothing are not run): per regime, per
     threat over all regimes, and in all."""
     cells = []
     for regime in regimes:
         for threat in [t for t in regime.threats if t in threats]:
-            runs = not nothing_to_measure(out_dir, regime, seeds, threat, data_dir)
-            cells += [(regime, threat, seed) for seed in seeds if runs or load_cell(out_dir, regime, seed, threat)]
+            runs = not nothing_to_measure(store, regime, seeds, threat, data_dir)
+            cells += [(regime, threat, seed) for seed in seeds if runs or load_cell(store, regime, seed, threat)]
     done, optimizing = {}, {}
     for regime, threat, seed in cells:
-        stored = load_cell(out_dir, regime, seed, threat)
+        stored = load_cell(store, regime, seed, threat)
         if len(stored) == regime.clients:
             done[regime.name, threat, seed] = sum(r["seconds"] for r in stored) / 60
             optimizing[regime.name, threat, seed] = sum(r["optimizer_seconds"] for r in stored) / 60
@@ -656,7 +676,7 @@ def _cost_rows(out_dir, regimes, seeds, threats, data_dir=None):
     )
 
 
-def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
+def tabulate(store, regimes, seeds, threats, data_dir=None, log=print):
     """The results payload over what is stored, and one labelled grid per regime and seed."""
     from attacks import grids
     from benchmarks import success_rates
@@ -664,16 +684,16 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
     rows, curve_rows, count_rows, size_rows, results = [], [], [], [], {}
     regimes_by_name = {r.name: r for r in regimes}
     for regime in regimes:
-        counted = [s for s in seeds if load_cell(out_dir, regime, s, "none")]
+        counted = [s for s in seeds if load_cell(store, regime, s, "none")]
         if counted:
             results.setdefault(regime.name, {})[LABEL_FLOOR_KEY] = label_floor(regime, counted, data_dir)
             size_rows.append(_sizes_row(regime, data_dir))
         if regime.images_per_client > 1 and counted:
             count_rows.append(
-                _count_rule_row(regime, [p for s in counted for p in count_rule(regime, s, out_dir, data_dir)])
+                _count_rule_row(regime, [p for s in counted for p in count_rule(regime, s, store, data_dir)])
             )
         for threat in [t for t in regime.threats if t in threats]:
-            stored = {seed: load_cell(out_dir, regime, seed, threat) for seed in seeds}
+            stored = {seed: load_cell(store, regime, seed, threat) for seed in seeds}
             stored = {seed: r for seed, r in stored.items() if r}
             if not stored:
                 continue
@@ -686,23 +706,21 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
         for seed in seeds:
             grid_rows = []
             for threat in [t for t in regime.threats if t in threats]:
-                cell = load_cell(out_dir, regime, seed, threat)
-                if len(cell) != regime.clients:
-                    continue
-                directory = cell_dir(out_dir, regime.name, seed, threat)
-                images = np.concatenate(
-                    [np.load(os.path.join(directory, f"client_{c:02d}.npy")) for c in range(regime.clients)]
-                )
+                cell = load_cell(store, regime, seed, threat)
+                paths = [reconstruction_path(store, regime.name, seed, threat, c) for c in range(regime.clients)]
+                if len(cell) != regime.clients or not all(os.path.exists(p) for p in paths):
+                    continue  # a grid shows the cells whose reconstructions are here (records alone have none)
+                images = np.concatenate([np.load(p) for p in paths])
                 per_image = {k: [v for r in cell for v in r["per_image"][k]] for k in ("aligned_psnr", "aligned_ssim")}
                 grid_rows.append((THREAT_LABELS.get(threat, threat), images, per_image))
             if grid_rows:
                 _, truth, labels = _seed_images(regime, seed, data_dir)
-                path = os.path.join(out_dir, regime.name, f"grid_seed{seed}.png")
+                path = os.path.join(store.work, regime.name, f"grid_seed{seed}.png")
                 grids.save_labelled_grid(path, truth, grid_rows, truth_labels=labels)
                 log(f"grid: {path}")
     threat_order = [t for t in threats if any(t in by_threat for by_threat in results.values())]
     missing = {
-        (name, t): _missing_cell(regimes_by_name[name], t, out_dir, seeds, data_dir)
+        (name, t): _missing_cell(regimes_by_name[name], t, store, seeds, data_dir)
         for name, by_threat in results.items()
         for t in threat_order
         if t not in by_threat
@@ -754,7 +772,7 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
                     "optimiser's share",
                     "projected minutes, all cells",
                 ],
-                rows=_cost_rows(out_dir, regimes, seeds, threats, data_dir),
+                rows=_cost_rows(store, regimes, seeds, threats, data_dir),
             ),
             dict(
                 title="label counts from the last layer by the counting rule alone, under 'none' (batch attacks try "
@@ -791,11 +809,11 @@ def tabulate(out_dir, regimes, seeds, threats, data_dir=None, log=print):
     )
 
 
-def _missing_cell(regime, threat, out_dir, seeds, data_dir=None):
+def _missing_cell(regime, threat, store, seeds, data_dir=None):
     """Why a table has no result for `threat` on `regime`."""
     if threat not in regime.threats:
         return "does not apply"
-    needed = nothing_to_measure(out_dir, regime, seeds, threat, data_dir)
+    needed = nothing_to_measure(store, regime, seeds, threat, data_dir)
     return f"not run: {THREAT_LABELS.get(needed, needed)} does not beat the floor" if needed else "not run yet"
 
 
@@ -829,32 +847,33 @@ NOTES = [
 ]
 
 
-def _cell_command(regime, seed, threat, out_dir, data_dir):
-    command = [sys.executable, "-m", "benchmarks.regimes", f"--cell={regime}/{seed}/{threat}", f"--out_dir={out_dir}"]
+def _cell_command(regime, seed, threat, store, data_dir):
+    command = [sys.executable, "-m", "benchmarks.regimes", f"--cell={regime}/{seed}/{threat}"]
+    command += [f"--records_dir={store.records}", f"--out_dir={store.work}"]
     return command + ([f"--data_dir={data_dir}"] if data_dir else [])
 
 
-def run_cells(regimes, seeds, threats, out_dir, data_dir=None, log=print):
+def run_cells(regimes, seeds, threats, store, data_dir=None, log=print):
     """Runs every pending cell in its own process (memory stays that of one cell), threat by threat in the
     order of `threats` (all regimes under 'none' first: the targets), except where a threat would measure
     nothing (`nothing_to_measure`). Raises RuntimeError naming the first cell that fails."""
     for threat in threats:
         for regime in [r for r in regimes if threat in r.threats]:
-            needed = nothing_to_measure(out_dir, regime, seeds, threat, data_dir)
-            if needed and any(pending_clients(out_dir, regime, s, threat) for s in seeds):
+            needed = nothing_to_measure(store, regime, seeds, threat, data_dir)
+            if needed and any(pending_clients(store, regime, s, threat) for s in seeds):
                 log(f"== {regime.name} {threat}: not run, {needed} recovers no more images than the labels alone")
                 continue
             for seed in seeds:
-                command = _cell_command(regime.name, seed, threat, out_dir, data_dir)
-                run_cell_process(command, regime, seed, threat, out_dir, log)
+                command = _cell_command(regime.name, seed, threat, store, data_dir)
+                run_cell_process(command, regime, seed, threat, store, log)
 
 
-def run_cell_process(command, regime, seed, threat, out_dir, log=print):
+def run_cell_process(command, regime, seed, threat, store, log=print):
     """Runs `command`, which attacks one cell, in its own process unless the cell is done, its output in the
     cell's log.txt; raises RuntimeError naming the cell if it fails."""
-    if not pending_clients(out_dir, regime, seed, threat):
+    if not pending_clients(store, regime, seed, threat):
         return
-    directory = cell_dir(out_dir, regime.name, seed, threat)
+    directory = cell_dir(store.work, regime.name, seed, threat)
     os.makedirs(directory, exist_ok=True)
     log(f"== {regime.name} seed {seed} {threat}")
     with open(os.path.join(directory, "log.txt"), "a") as log_file:
@@ -865,25 +884,24 @@ def run_cell_process(command, regime, seed, threat, out_dir, log=print):
 
 def main(argv):
     del argv
+    store = Store(_RECORDS_DIR.value, _OUT_DIR.value)
     if _CELL.value:
         name, seed, threat = _CELL.value.split("/")
-        run_cell(
-            REGIMES[name], int(seed), threat, _OUT_DIR.value, _DATA_DIR.value, log=lambda line: print(line, flush=True)
-        )
+        run_cell(REGIMES[name], int(seed), threat, store, _DATA_DIR.value, log=lambda line: print(line, flush=True))
         return
     seeds = [int(s) for s in _SEEDS.value]
     regimes = [REGIMES[r] for r in _REGIMES.value]
     start = time.perf_counter()
-    if not _TABULATE_ONLY.value:
-        try:
+    try:
+        if not _TABULATE_ONLY.value:
             if any(r.round is not None for r in regimes):
-                train_runs(_OUT_DIR.value, _DATA_DIR.value)
-            run_cells(regimes, seeds, _THREATS.value, _OUT_DIR.value, _DATA_DIR.value)
-        except RuntimeError as e:
-            sys.exit(f"error: {e}")
-    # Every regime and threat stored for these seeds: a run on a few cells does not drop the others' rows.
-    payload = tabulate(_OUT_DIR.value, list(REGIMES.values()), seeds, THREAT_ORDER, _DATA_DIR.value)
-    path, markdown = tables.write_result_and_page(NAME, payload, time.perf_counter() - start)
+                train_runs(store, _DATA_DIR.value)
+            run_cells(regimes, seeds, _THREATS.value, store, _DATA_DIR.value)
+        # Every regime and threat stored for these seeds: a run on a few cells does not drop the others' rows.
+        payload = tabulate(store, list(REGIMES.values()), seeds, THREAT_ORDER, _DATA_DIR.value)
+        path, markdown = tables.write_keeping_results(NAME, payload, time.perf_counter() - start, store.records)
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
     print(f"wrote {path} and {markdown}")
 
 

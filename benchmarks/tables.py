@@ -183,6 +183,40 @@ def write_result_and_page(name, payload, duration_s, results_dir=None):
     return path, markdown
 
 
+def dropped_results(name, payload, results_dir=None):
+    """The results in results/<name>.json scored over more images (a result: a dict with an integer `n`) than
+    in `payload`, which lacks them or has fewer: ["path: n images, now m"]."""
+    path = common.result_path(name, results_dir)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        previous = dict(_counted(json.load(f)["results"]))
+    now = dict(_counted(payload["results"]))
+    return [f"{'/'.join(key)}: {n} images, now {now.get(key, 0)}" for key, n in previous.items() if now.get(key, 0) < n]
+
+
+def _counted(tree, path=()):
+    if isinstance(tree, dict):
+        if isinstance(tree.get("n"), int):
+            yield path, tree["n"]
+            return
+        for key, value in tree.items():
+            yield from _counted(value, (*path, str(key)))
+
+
+def write_keeping_results(name, payload, duration_s, source):
+    """`write_result_and_page` for a benchmark tabulated from what `source` holds (its cache or records), unless
+    that would drop results (`dropped_results`): then raises RuntimeError and writes nothing."""
+    dropped = dropped_results(name, payload)
+    if dropped:
+        more = f" and {len(dropped) - 1} more" if len(dropped) > 1 else ""
+        raise RuntimeError(
+            f"{source} lacks what results/{name}.json was made from ({dropped[0]}{more}); "
+            f"not rewriting it: restore {source}, rerun them, or delete results/{name}.json"
+        )
+    return write_result_and_page(name, payload, duration_s)
+
+
 def main():
     print(write_summary())
 

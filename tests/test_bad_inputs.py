@@ -321,6 +321,24 @@ CASES = [
     Case("regimes-unknown-regime", "benchmarks.regimes", ("--regimes=G8,G9",), "--regimes takes a comma-separated"),
     Case("regimes-unknown-threat", "benchmarks.regimes", ("--threats=none,foo",), "--threats takes a comma-separated"),
     Case("regimes-seeds", "benchmarks.regimes", ("--seeds=0,a",), "--seeds takes comma-separated non-negative"),
+    Case(
+        "regimes-tables-from-missing-records",
+        "benchmarks.regimes",
+        ("--tabulate_only", "--records_dir={tmp}/records", "--out_dir={tmp}/work"),
+        "lacks what",
+    ),
+    Case(
+        "adaptive-attacker-tables-from-missing-cache",
+        "benchmarks.adaptive_attacker",
+        ("--aa_tabulate_only", "--aa_cache={tmp}/cache"),
+        "lacks what",
+    ),
+    Case(
+        "candidates-tables-from-missing-runs",
+        "benchmarks.candidates",
+        ("--cand_tabulate_only", "--cand_dir={tmp}/runs"),
+        "lacks what",
+    ),
     # the key table benchmark
     Case("key-table-configs", "benchmarks.key_table", ("--key_table_configs=fedkl,foo",), "--key_table_configs takes"),
     Case("key-table-seeds", "benchmarks.key_table", ("--key_table_seeds=0,-1",), "--key_table_seeds takes"),

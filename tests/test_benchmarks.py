@@ -434,3 +434,25 @@ def test_gradient_sharpness_measures_distances_from_the_true_image():
     assert batch_statistics.shape == (2, len(gradient_sharpness.NOISE_LEVELS) + 1)
     assert np.all(np.diff(batch_statistics[:, :-1], axis=1) > 0)  # noisier images, farther gradients
     assert np.all(batch_statistics[:, 0] > 10 * moving_statistics[:, 0])
+
+
+def test_tables_are_not_rewritten_from_fewer_results_than_they_hold(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
+    summary = dict(n=8, seeds=[0])
+    payload = dict(results={"U8": {"none": summary, "oracle": summary}}, tables=[], headline=[], notes=[])
+    tables.write_keeping_results("bench", payload, 1.0, "records")
+    with open(tmp_path / "bench.json", "rb") as f:
+        before = f.read()
+    fewer = dict(payload, results={"U8": {"none": summary, "oracle": dict(n=4, seeds=[0])}})
+    with pytest.raises(
+        RuntimeError, match=r"records lacks what results/bench.json was made from \(U8/oracle: 8 images, now 4\);"
+    ):
+        tables.write_keeping_results("bench", fewer, 1.0, "records")
+    with pytest.raises(RuntimeError, match=r"U8/oracle: 8 images, now 0"):
+        tables.write_keeping_results("bench", dict(payload, results={"U8": {"none": summary}}), 1.0, "records")
+    with open(tmp_path / "bench.json", "rb") as f:
+        assert f.read() == before  # nothing lost
+    more = dict(payload, results={"U8": {"none": dict(n=16, seeds=[0, 1]), "oracle": summary}})
+    tables.write_keeping_results("bench", more, 1.0, "records")  # more images, or the same: written
+    with open(tmp_path / "bench.json") as f:
+        assert json.load(f)["results"]["U8"]["none"]["n"] == 16

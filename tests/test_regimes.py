@@ -70,13 +70,15 @@ TINY = dataclasses.replace(
 
 @pytest.mark.parametrize("threat", ["none", regimes.ORDER_ORACLE, "adaptive-key-private"])
 def test_a_cell_stores_each_client_and_a_rerun_attacks_only_what_is_missing(threat, fashion_dir, tmp_path):
-    out, lines = str(tmp_path), []
+    out, lines = _store(tmp_path), []
     regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lines.append)
     paths = [regimes.client_path(out, "U8", 0, threat, c) for c in range(2)]
+    assert all(p.startswith(out.records) for p in paths)  # the records apart from the rest: kept in the repository
+    assert sorted(os.listdir(os.path.dirname(paths[0]))) == ["client_00.json", "client_01.json"]
     results = [json.load(open(p)) for p in paths]
     assert [r["client"] for r in results] == [0, 1] and all(len(r["per_image"]["aligned_ssim"]) == 4 for r in results)
     assert all(len(r["recovered_labels"]) == 4 and r["iterations"] == 2 for r in results)
-    assert np.load(os.path.join(regimes.cell_dir(out, "U8", 0, threat), "client_01.npy")).shape == (4, 32, 32, 1)
+    assert np.load(regimes.reconstruction_path(out, "U8", 0, threat, 1)).shape == (4, 32, 32, 1)
     before = [os.stat(p).st_mtime_ns for p in paths]
     lines.clear()
     regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lines.append)
@@ -87,8 +89,12 @@ def test_a_cell_stores_each_client_and_a_rerun_attacks_only_what_is_missing(thre
     assert any("client 1:" in line for line in lines) and not any("client 0:" in line for line in lines)
 
 
+def _store(tmp_path):
+    return regimes.Store(str(tmp_path / "records"), str(tmp_path / "work"))
+
+
 def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir, tmp_path):
-    out = str(tmp_path)
+    out = _store(tmp_path)
     for threat in ("none", "oracle"):
         regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lambda line: None)
     payload = regimes.tabulate(out, [TINY], [0, 1], ("none", "oracle", "adaptive"), fashion_dir, log=lambda line: None)
@@ -118,8 +124,14 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
     assert detailed["columns"][4] == "recovered: aligned SSIM >= 0.6" and len(curves["rows"]) == 2
     summary = payload["results"]["U8"]["none"]
     assert summary["n"] == 8 and summary["success"]["ssim"]["n"] == 8 and 0 <= summary["success"]["ssim"]["low"]
-    assert os.path.exists(os.path.join(out, "U8", "grid_seed0.png"))
-    assert not os.path.exists(os.path.join(out, "U8", "grid_seed1.png"))  # seed 1 has nothing stored
+    assert os.path.exists(os.path.join(out.work, "U8", "grid_seed0.png"))
+    assert not os.path.exists(os.path.join(out.work, "U8", "grid_seed1.png"))  # seed 1 has nothing stored
+    # A fresh clone has the records alone: the same tables, no grid.
+    records_only = regimes.Store(out.records, str(tmp_path / "clone"))
+    lines = []
+    again = regimes.tabulate(records_only, [TINY], [0, 1], ("none", "oracle", "adaptive"), fashion_dir, lines.append)
+    assert again["tables"] == payload["tables"] and again["results"] == payload["results"]
+    assert lines == [] and not os.path.exists(records_only.work)
 
 
 def test_each_ablation_changes_one_setting_per_variant_off_the_tables_seeds(fashion_dir, tmp_path, monkeypatch):
@@ -140,7 +152,7 @@ def test_each_ablation_changes_one_setting_per_variant_off_the_tables_seeds(fash
     assert "tv" not in r_variants[4].attack_options()  # GRNN
     tiny = tuple(dataclasses.replace(v, model="lenet", clients=1, iterations=2) for v in r_variants[:2])
     monkeypatch.setattr(ablations, "ABLATIONS", {"R-inference": ablations.Ablation((0,), tiny)})
-    out = str(tmp_path)
+    out = _store(tmp_path)
     for variant in tiny:
         regimes.run_cell(variant, 0, "none", out, fashion_dir, log=lambda line: None)
     payload = ablations.tabulate(out, fashion_dir, log=lambda line: None)
@@ -155,7 +167,7 @@ def test_each_ablation_changes_one_setting_per_variant_off_the_tables_seeds(fash
 
 
 def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_without_it(tmp_path, monkeypatch):
-    out, launched, lines = str(tmp_path), [], []
+    out, launched, lines = _store(tmp_path), [], []
     monkeypatch.setattr(regimes, "run_cell_process", lambda command, regime, seed, threat, *_: launched.append(threat))
     monkeypatch.setattr(regimes, "_floor_recovered", lambda regime, seeds, data_dir: 1)  # the labels alone: 1 image
 
