@@ -25,6 +25,7 @@ the true labels of each local step given: an oracle, labelled so. Restarts are c
 loss, never by the truth.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 import glob
@@ -171,6 +172,9 @@ _OUT_DIR = flags.DEFINE_string(
     "out_dir", "runs/regimes", "Where reconstructions, captured updates, logs, grids and the training runs go."
 )
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data sets are (default: tfkl.data's).")
+_PARALLEL = flags.DEFINE_integer(
+    "parallel_cells", 1, "Cells run at a time, each in its own process (of one threat; see run_cells).", lower_bound=1
+)
 _TABULATE_ONLY = flags.DEFINE_bool("tabulate_only", False, "Run nothing: tabulate what is stored.")
 _CELL = flags.DEFINE_string("cell", None, "Internal: run one cell 'regime/seed/threat' in this process.")
 flags.register_validator(
@@ -853,19 +857,23 @@ def _cell_command(regime, seed, threat, store, data_dir):
     return command + ([f"--data_dir={data_dir}"] if data_dir else [])
 
 
-def run_cells(regimes, seeds, threats, store, data_dir=None, log=print):
-    """Runs every pending cell in its own process (memory stays that of one cell), threat by threat in the
-    order of `threats` (all regimes under 'none' first: the targets), except where a threat would measure
-    nothing (`nothing_to_measure`). Raises RuntimeError naming the first cell that fails."""
+def run_cells(regimes, seeds, threats, store, data_dir=None, parallel=1, log=print):
+    """Runs every pending cell in its own process (memory stays that of one cell), `parallel` at a time,
+    threat by threat in the order of `threats` (all regimes under 'none' first: the targets; a threat's cells
+    start once the threats before it are done), except where a threat would measure nothing
+    (`nothing_to_measure`). Raises RuntimeError naming the first cell that fails, once the others are done."""
     for threat in threats:
+        cells = []
         for regime in [r for r in regimes if threat in r.threats]:
             needed = nothing_to_measure(store, regime, seeds, threat, data_dir)
             if needed and any(pending_clients(store, regime, s, threat) for s in seeds):
                 log(f"== {regime.name} {threat}: not run, {needed} recovers no more images than the labels alone")
                 continue
-            for seed in seeds:
-                command = _cell_command(regime.name, seed, threat, store, data_dir)
-                run_cell_process(command, regime, seed, threat, store, log)
+            cells += [(_cell_command(regime.name, seed, threat, store, data_dir), regime, seed) for seed in seeds]
+        with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+            runs = [pool.submit(run_cell_process, command, r, seed, threat, store, log) for command, r, seed in cells]
+        for run in runs:
+            run.result()
 
 
 def run_cell_process(command, regime, seed, threat, store, log=print):
@@ -896,7 +904,7 @@ def main(argv):
         if not _TABULATE_ONLY.value:
             if any(r.round is not None for r in regimes):
                 train_runs(store, _DATA_DIR.value)
-            run_cells(regimes, seeds, _THREATS.value, store, _DATA_DIR.value)
+            run_cells(regimes, seeds, _THREATS.value, store, _DATA_DIR.value, _PARALLEL.value)
         # Every regime and threat stored for these seeds: a run on a few cells does not drop the others' rows.
         payload = tabulate(store, list(REGIMES.values()), seeds, THREAT_ORDER, _DATA_DIR.value)
         path, markdown = tables.write_keeping_results(NAME, payload, time.perf_counter() - start, store.records)

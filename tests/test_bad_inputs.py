@@ -321,6 +321,7 @@ CASES = [
     Case("regimes-unknown-regime", "benchmarks.regimes", ("--regimes=G8,G9",), "--regimes takes a comma-separated"),
     Case("regimes-unknown-threat", "benchmarks.regimes", ("--threats=none,foo",), "--threats takes a comma-separated"),
     Case("regimes-seeds", "benchmarks.regimes", ("--seeds=0,a",), "--seeds takes comma-separated non-negative"),
+    Case("regimes-parallel-cells", "benchmarks.regimes", ("--parallel_cells=0",), "--parallel_cells"),
     Case(
         "regimes-tables-from-missing-records",
         "benchmarks.regimes",

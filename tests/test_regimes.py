@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -211,6 +213,27 @@ def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_wit
     ]
     store("adaptive", 0.2)  # stored cells are tabulated and counted whatever the rule says now
     assert [row[:2] for row in regimes._cost_rows(out, [TINY], [0], ("none", "oracle", "adaptive"))][0] == ["U8", "3/3"]
+
+
+def test_cells_run_parallel_at_a_time_and_a_failure_is_raised_once_the_others_are_done(tmp_path, monkeypatch):
+    running, most, finished, lock = set(), [0], [], threading.Lock()
+
+    def run_cell_process(command, regime, seed, threat, *_):
+        with lock:
+            running.add((regime.name, seed, threat))
+            most[0] = max(most[0], len(running))
+        time.sleep(0.2)
+        with lock:
+            running.discard((regime.name, seed, threat))
+            finished.append((regime.name, seed, threat))
+        if (regime.name, seed) == ("U8", 0):
+            raise RuntimeError("cell U8/0/none failed")
+
+    monkeypatch.setattr(regimes, "run_cell_process", run_cell_process)
+    other = dataclasses.replace(TINY, name="G8")
+    with pytest.raises(RuntimeError, match="cell U8/0/none failed"):
+        regimes.run_cells([TINY, other], [0, 1, 2], ["none"], _store(tmp_path), parallel=2, log=lambda line: None)
+    assert most[0] == 2 and len(finished) == 6  # the others ran to their end
 
 
 def test_an_image_is_recovered_beyond_its_label_only_above_its_class_means_score(monkeypatch):
