@@ -34,7 +34,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl import flags
@@ -373,6 +372,7 @@ def run_cell(regime, seed, threat, store, data_dir=None, log=print):
     import tensorflow as tf
 
     from attacks import experiment
+    from attacks import labels as labels_lib
     from attacks import model as model_lib
 
     tf.get_logger().setLevel("ERROR")
@@ -389,6 +389,10 @@ def run_cell(regime, seed, threat, store, data_dir=None, log=print):
     if threat == ORDER_ORACLE:
         options["label_mode"] = "given"
     attack = experiment.build_attack(regime.attack, attacker, **options)
+    counted = {}
+    if threat == "none" and n > 1:  # the counting rule alone, before any attack (see `_count_rule_row`)
+        plain = model_lib.AttackerModel(payload.view, "none")
+        counted = {c: labels_lib.count_labels(plain, payload.targets[c]).tolist() for c in pending}
     for chunk in range(0, len(pending), regime.clients_per_call):
         clients = pending[chunk : chunk + regime.clients_per_call]
         targets = [payload.targets[c] for c in clients]
@@ -405,7 +409,8 @@ def run_cell(regime, seed, threat, store, data_dir=None, log=print):
         )
         seconds = (time.perf_counter() - start) / len(clients)
         for client, rec in zip(clients, reconstructions):
-            _store(store, regime, seed, threat, client, rec, truth, seconds, len(clients), curves[client], log)
+            extra = dict(budget_curve=curves[client], count_rule_labels=counted.get(client))
+            _store(store, regime, seed, threat, client, rec, truth, seconds, len(clients), extra, log)
 
 
 def _budget_curve(curves, regime, truth):
@@ -429,8 +434,10 @@ def _budget_curve(curves, regime, truth):
     return monitor
 
 
-def _store(store, regime, seed, threat, client, rec, truth, seconds, chunk_size, curve, log):
-    """Scores one client's reconstruction (Hungarian-matched to its true images) and stores it."""
+def _store(store, regime, seed, threat, client, rec, truth, seconds, chunk_size, extra, log):
+    """Scores one client's reconstruction (Hungarian-matched to its true images) and stores it with `extra`:
+    its budget curve ([iterations done, aligned SSIM per image] between chunks) and under 'none' the labels
+    the counting rule gives alone."""
     from attacks import metrics
 
     n = regime.images_per_client
@@ -453,7 +460,7 @@ def _store(store, regime, seed, threat, client, rec, truth, seconds, chunk_size,
         iterations=rec.info["iterations"],
         optimizer_seconds=rec.info["optimizer_seconds"] / chunk_size,  # the optimiser's time, compiling excluded
         restart_losses=rec.info["restart_losses"],
-        budget_curve=curve,  # [iterations done, aligned SSIM per image] between chunks
+        **extra,
         peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the cell's process so far
     )
     np.save(reconstruction_path(store, regime.name, seed, threat, client), rec.raw_images[order])
@@ -567,22 +574,6 @@ RUN_COLUMNS = [
 ]
 
 
-def count_rule(regime, seed, store, data_dir=None):
-    """[(the counting rule's labels, the true labels)] of each client of a seed under 'none', before any
-    attack: how accurate the counts from the last layer are on their own (an attack then tries
-    `label_hypotheses` of them and its loss picks)."""
-    from attacks import labels as labels_lib
-    from attacks import model as model_lib
-
-    with tempfile.TemporaryDirectory() as captures:
-        payload, truth, _ = _case(regime, seed, "none", store, captures, data_dir)
-    attacker = model_lib.AttackerModel(payload.view, "none")
-    n = regime.images_per_client
-    return [
-        (labels_lib.count_labels(attacker, t), truth.labels[c * n : (c + 1) * n]) for c, t in enumerate(payload.targets)
-    ]
-
-
 def label_floor(regime, seeds, data_dir=None):
     """The success rates and aligned scores of `attacks.study.label_floor` on the images of `seeds`."""
     from benchmarks import success_rates
@@ -693,9 +684,8 @@ def tabulate(store, regimes, seeds, threats, data_dir=None, log=print):
             results.setdefault(regime.name, {})[LABEL_FLOOR_KEY] = label_floor(regime, counted, data_dir)
             size_rows.append(_sizes_row(regime, data_dir))
         if regime.images_per_client > 1 and counted:
-            count_rows.append(
-                _count_rule_row(regime, [p for s in counted for p in count_rule(regime, s, store, data_dir)])
-            )
+            stored = [r for s in counted for r in load_cell(store, regime, s, "none")]
+            count_rows.append(_count_rule_row(regime, [(r["count_rule_labels"], r["true_labels"]) for r in stored]))
         for threat in [t for t in regime.threats if t in threats]:
             stored = {seed: load_cell(store, regime, seed, threat) for seed in seeds}
             stored = {seed: r for seed, r in stored.items() if r}

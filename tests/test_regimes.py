@@ -80,6 +80,8 @@ def test_a_cell_stores_each_client_and_a_rerun_attacks_only_what_is_missing(thre
     results = [json.load(open(p)) for p in paths]
     assert [r["client"] for r in results] == [0, 1] and all(len(r["per_image"]["aligned_ssim"]) == 4 for r in results)
     assert all(len(r["recovered_labels"]) == 4 and r["iterations"] == 2 for r in results)
+    counted = [r["count_rule_labels"] for r in results]  # the counting rule alone, under 'none' only
+    assert all(len(c) == 4 for c in counted) if threat == "none" else counted == [None, None]
     assert np.load(regimes.reconstruction_path(out, "U8", 0, threat, 1)).shape == (4, 32, 32, 1)
     before = [os.stat(p).st_mtime_ns for p in paths]
     lines.clear()
@@ -95,7 +97,7 @@ def _store(tmp_path):
     return regimes.Store(str(tmp_path / "records"), str(tmp_path / "work"))
 
 
-def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir, tmp_path):
+def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir, tmp_path, monkeypatch):
     out = _store(tmp_path)
     for threat in ("none", "oracle"):
         regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lambda line: None)
@@ -128,8 +130,9 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
     assert summary["n"] == 8 and summary["success"]["ssim"]["n"] == 8 and 0 <= summary["success"]["ssim"]["low"]
     assert os.path.exists(os.path.join(out.work, "U8", "grid_seed0.png"))
     assert not os.path.exists(os.path.join(out.work, "U8", "grid_seed1.png"))  # seed 1 has nothing stored
-    # A fresh clone has the records alone: the same tables, no grid.
+    # A fresh clone has the records alone (no training run, no update): the same tables, no grid.
     records_only = regimes.Store(out.records, str(tmp_path / "clone"))
+    monkeypatch.setattr(regimes, "_victim", lambda *_: pytest.fail("tabulating rebuilt a victim"))
     lines = []
     again = regimes.tabulate(records_only, [TINY], [0, 1], ("none", "oracle", "adaptive"), fashion_dir, lines.append)
     assert again["tables"] == payload["tables"] and again["results"] == payload["results"]
