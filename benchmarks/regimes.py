@@ -31,6 +31,7 @@ import functools
 import glob
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -175,6 +176,9 @@ _PARALLEL = flags.DEFINE_integer(
     "parallel_cells", 1, "Cells run at a time, each in its own process (of one threat; see run_cells).", lower_bound=1
 )
 _TABULATE_ONLY = flags.DEFINE_bool("tabulate_only", False, "Run nothing: tabulate what is stored.")
+_RESULTS_NAME = flags.DEFINE_string(
+    "results_name", NAME, "The tables go to results/<this>.json and .md (e.g. one set of records apart)."
+)
 _CELL = flags.DEFINE_string("cell", None, "Internal: run one cell 'regime/seed/threat' in this process.")
 flags.register_validator(
     "regimes",
@@ -185,6 +189,9 @@ flags.register_validator(
     "threats",
     lambda v: bool(v) and set(v) <= set(ATTACK_THREATS) | {ORDER_ORACLE},
     f"--threats takes a comma-separated list from {', '.join(ATTACK_THREATS + (ORDER_ORACLE,))}",
+)
+flags.register_validator(
+    "results_name", lambda v: bool(re.fullmatch(r"[a-z0-9_]+", v)), "--results_name takes [a-z0-9_]+"
 )
 flags.register_validator(
     "seeds", lambda v: bool(v) and all(s.isdigit() for s in v), "--seeds takes comma-separated non-negative integers"
@@ -897,7 +904,9 @@ def main(argv):
             run_cells(regimes, seeds, _THREATS.value, store, _DATA_DIR.value, _PARALLEL.value)
         # Every regime and threat stored for these seeds: a run on a few cells does not drop the others' rows.
         payload = tabulate(store, list(REGIMES.values()), seeds, THREAT_ORDER, _DATA_DIR.value)
-        path, markdown = tables.write_keeping_results(NAME, payload, time.perf_counter() - start, store.records)
+        path, markdown = tables.write_keeping_results(
+            _RESULTS_NAME.value, payload, time.perf_counter() - start, store.records
+        )
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {path} and {markdown}")

@@ -42,7 +42,7 @@ SECTIONS = (
     ),
     Topic(
         "Attacks in realistic regimes",
-        ("regimes", "gradient_sharpness", "ablations"),
+        ("regimes", "regimes_rerun", "gradient_sharpness", "ablations"),
         "Batches of 8, multi-step FedAvg updates, a real run's global model over its rounds and ResNet-20, under "
         "every threat: where the attacks succeed without a defence, and what the lock changes there; then how "
         "sharply each victim's gradient depends on its image (what limits the attacks on ResNet-20; "

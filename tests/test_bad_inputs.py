@@ -322,6 +322,7 @@ CASES = [
     Case("regimes-unknown-threat", "benchmarks.regimes", ("--threats=none,foo",), "--threats takes a comma-separated"),
     Case("regimes-seeds", "benchmarks.regimes", ("--seeds=0,a",), "--seeds takes comma-separated non-negative"),
     Case("regimes-parallel-cells", "benchmarks.regimes", ("--parallel_cells=0",), "--parallel_cells"),
+    Case("regimes-results-name", "benchmarks.regimes", ("--results_name=../x",), "--results_name takes [a-z0-9_]+"),
     Case(
         "regimes-tables-from-missing-records",
         "benchmarks.regimes",
