@@ -183,10 +183,10 @@ def write_result_and_page(name, payload, duration_s, results_dir=None):
     return path, markdown
 
 
-def dropped_results(name, payload, results_dir=None):
+def dropped_results(name, payload):
     """The results in results/<name>.json scored over more images (a result: a dict with an integer `n`) than
     in `payload`, which lacks them or has fewer: ["path: n images, now m"]."""
-    path = common.result_path(name, results_dir)
+    path = common.result_path(name)
     if not os.path.exists(path):
         return []
     with open(path) as f:
