@@ -209,7 +209,7 @@ def write_keeping_results(name, payload, duration_s, source):
     that would drop results (`dropped_results`): then raises RuntimeError and writes nothing."""
     dropped = dropped_results(name, payload)
     if dropped:
-        more = f" and {len(dropped) - 1} more" if len(dropped) > 1 else ""
+        more = f"; and {len(dropped) - 1} more" if len(dropped) > 1 else ""
         raise RuntimeError(
             f"{source} lacks what results/{name}.json was made from ({dropped[0]}{more}); "
             f"not rewriting it: restore {source}, rerun them, or delete results/{name}.json"
