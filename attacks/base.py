@@ -22,8 +22,7 @@ from tfkl import names
 if TYPE_CHECKING:
     from attacks.model import AttackerModel
 
-DISTANCES = ("l2", "l2_sum", "cosine", "grnn", "cosine-layers", "grnn-layers")
-PER_LAYER = "-layers"
+DISTANCES = ("l2", "l2_sum", "cosine", "grnn")
 # The adaptive attacker's strategies (threat 'adaptive' only): name -> (the lock latents' start schemes,
 # cycled over the restarts (`AttackerModel.initial_lock_latent`); whether channels whose gamma must be 0,
 # read from the captured gradient (`AttackerModel.dead_lock_channels`), are fixed at gamma = 0; whether the
@@ -76,13 +75,6 @@ def check_lock_learning_rate(value):
     return float(value)
 
 
-def check_distance(value):
-    """`value` (one of DISTANCES) or one clear ValueError."""
-    if value not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {value!r}")
-    return value
-
-
 def total_variation(images):
     """Mean absolute difference of neighbouring pixels (IG's TV), summed over both axes."""
     dy = tf.reduce_mean(tf.abs(images[:, 1:] - images[:, :-1]))
@@ -94,14 +86,7 @@ def gradient_distance(predicted, target, distance):
     """'l2_sum': sum of squared differences (the original DLG's); 'l2': the same divided by the
     target's squared norm (the same minimiser, at a scale tfp's L-BFGS handles well); 'cosine':
     1 - cosine similarity of the concatenations (IG's); 'grnn': squared L2 plus L2, divided as 'l2'
-    (GRNN's, without its TV term). '<distance>-layers': the same after dividing each variable's prediction
-    and target by the target's norm, so that every variable has an equal say (otherwise the largest, the
-    logits layer's, dominates); a variable the client sent as all zeros is left out."""
-    if distance.endswith(PER_LAYER):
-        scales = [tf.math.divide_no_nan(1.0, tf.norm(t)) for t in target]
-        predicted = [p * s for p, s in zip(predicted, scales)]
-        target = [t * s for t, s in zip(target, scales)]
-        distance = distance[: -len(PER_LAYER)]
+    (GRNN's, without its TV term)."""
     norm_t = tf.add_n([tf.reduce_sum(tf.square(t)) for t in target]) + 1e-30
     if distance == "cosine":
         dot = tf.add_n([tf.reduce_sum(p * t) for p, t in zip(predicted, target)])

@@ -27,7 +27,7 @@ class DLG(base.Attack):
         or torch L-BFGS steps (optimizer 'torch', up to 20 evaluations each; the original DLG runs 300).
       chunk: per compiled call, between progress reports: iterations ('tfp') or objective
         evaluations ('torch').
-      distance: 'l2' (DLG's, normalised), 'l2_sum' (DLG's as written), 'cosine' or another of base.DISTANCES.
+      distance: 'l2' (DLG's, normalised), 'l2_sum' (DLG's as written) or 'cosine'.
       tv: weight of a total-variation prior (0 in DLG).
       history_size: L-BFGS correction pairs (PyTorch's default 100).
       optimizer: 'tfp' or 'torch' (see the module docstring).
@@ -55,9 +55,11 @@ class DLG(base.Attack):
         adaptive_strategy: str | None = None,
     ) -> None:
         super().__init__(attacker, label_mode, restarts, seed, label_hypotheses, adaptive_strategy)
+        if distance not in base.DISTANCES:
+            raise ValueError(f"distance must be one of {base.DISTANCES}, got {distance!r}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        self.iterations, self.chunk, self.distance = int(iterations), int(chunk), base.check_distance(distance)
+        self.iterations, self.chunk, self.distance = int(iterations), int(chunk), distance
         self.tv, self.history_size, self.optimizer = float(tv), int(history_size), optimizer
 
     def _optimize(self, target, initial, target_values, fixed_labels, progress, monitor):

@@ -62,7 +62,6 @@ ABLATIONS = {
             regimes.REGIMES["U16-GRNN"],
             (
                 ((), "GRNN as benchmarks.regimes runs it: 2,000 iterations, 2 restarts", {}),
-                (("layers",), "GRNN, every layer an equal say in its distance", dict(distance="grnn-layers")),
                 (("4-restarts",), "GRNN with 4 restarts (the attack's loss picks one)", dict(restarts=4)),
             ),
         )
@@ -70,7 +69,6 @@ ABLATIONS = {
             regimes.REGIMES["U16"],
             (
                 ((), "IG as benchmarks.regimes runs it: TV 1e-4, 2,000 iterations, 2 restarts", {}),
-                (("layers",), "IG, every layer an equal say in its distance", dict(distance="cosine-layers")),
                 (("TV-1e-3",), "IG with ten times the TV weight", dict(tv=1e-3)),
             ),
         ),

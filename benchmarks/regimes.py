@@ -66,8 +66,7 @@ class Regime:
     them) or 'update' (one local epoch in batches of `batch_size`); `round`: the victim is the global model a
     tff_programs.train run sends its clients in that round (see `load_trained`; None: untrained, per seed);
     `training`: the client's gradient in training mode (BatchNorm by the batch's statistics) or not (see
-    `attacks.targets.Target.training`); `tv`: Inverting Gradients' total-variation weight; `distance`: the
-    attack's gradient distance (None: its own)."""
+    `attacks.targets.Target.training`); `tv`: Inverting Gradients' total-variation weight."""
 
     name: str
     description: str
@@ -82,7 +81,6 @@ class Regime:
     restarts: int = 4
     training: bool = True
     tv: float = 1e-4
-    distance: str | None = None
     label_hypotheses: int = 4  # restarts assume the most plausible label counts (batches; see attacks.labels)
     clients_per_call: int = 10
 
@@ -101,7 +99,6 @@ class Regime:
 
     def attack_options(self):
         options = dict(iterations=self.iterations, restarts=self.restarts, label_hypotheses=self.label_hypotheses)
-        options.update(dict(distance=self.distance) if self.distance else {})
         return dict(dict(tv=self.tv, learning_rate=0.1) if self.attack == "ig" else {}, **options)
 
 

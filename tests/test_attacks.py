@@ -289,37 +289,6 @@ def test_gradient_distances_and_tv():
     assert float(base.total_variation(flat)) == 0.0
 
 
-def test_per_layer_distances_give_every_variable_an_equal_say():
-    target = [tf.constant([1.0, 2.0]), tf.constant([[100.0, 0.0], [0.0, 200.0]])]
-    predicted = [target[0], tf.constant([[100.0, 0.0], [0.0, 300.0]])]
-    # Each variable divided by its target's norm: the second becomes [0.447, 0, 0, 1.342] against
-    # [0.447, 0, 0, 0.894], and the two variables weigh alike, so cos = 2.4 / sqrt(3 * 2).
-    assert float(base.gradient_distance(predicted, target, "cosine-layers")) == pytest.approx(1 - 2.4 / 6**0.5, 1e-5)
-    assert float(base.gradient_distance(predicted, target, "grnn-layers")) == pytest.approx(0.1 + 0.1**0.5, 1e-5)
-    # Scaling one variable (prediction and target alike) changes the plain distances, not the per-layer ones.
-    scaled = lambda values: [values[0] * 1000.0, values[1]]  # noqa: E731
-    for distance in ("cosine", "grnn"):
-        plain, layers = (
-            float(base.gradient_distance(scaled(predicted), scaled(target), d))
-            for d in (distance, distance + "-layers")
-        )
-        assert plain != pytest.approx(float(base.gradient_distance(predicted, target, distance)), rel=1e-3)
-        assert layers == pytest.approx(float(base.gradient_distance(predicted, target, distance + "-layers")), 1e-5)
-    # A variable sent as all zeros is left out.
-    zero = [target[0], tf.zeros((2, 2))]
-    assert float(base.gradient_distance([target[0], tf.ones((2, 2))], zero, "cosine-layers")) == pytest.approx(
-        0.0, abs=1e-6
-    )
-
-
-@pytest.mark.parametrize("attack", ["dlg", "ig", "grnn"])
-def test_unknown_distance_is_one_value_error(attack):
-    with pytest.raises(ValueError, match="distance must be one of"):
-        experiment.build_attack(
-            attack, model_lib.AttackerModel(model_lib.ServerView.from_model(_victim(False)), "none"), distance="x"
-        )
-
-
 @pytest.mark.slow
 def test_attack_captures_writes_grid_and_table(tmp_path):
     x, y = _images(1)

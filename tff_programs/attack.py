@@ -57,12 +57,7 @@ _ITERATIONS = flags.DEFINE_integer("iterations", None, "Attack iterations (defau
 _RESTARTS = flags.DEFINE_integer("restarts", None, "Restarts per image (default: the attack's).", lower_bound=1)
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", None, "Attack step size (ig, grnn).")
 _TV = flags.DEFINE_float("tv", None, "Total-variation weight (default: the attack's).")
-_DISTANCE = flags.DEFINE_enum(
-    "distance",
-    None,
-    ("l2", "cosine", "grnn", "cosine-layers", "grnn-layers"),
-    "Gradient distance (default: the attack's; '-layers': each layer normalised to an equal say).",
-)
+_DISTANCE = flags.DEFINE_enum("distance", None, ("l2", "cosine", "grnn"), "Gradient distance (default: the attack's).")
 _LABELS = flags.DEFINE_enum("labels", None, ("infer", "joint"), "Label handling (default: the attack's).")
 _ADAPTIVE_STRATEGY = flags.DEFINE_enum(
     "adaptive_strategy",
