@@ -75,6 +75,13 @@ def check_lock_learning_rate(value):
     return float(value)
 
 
+def check_distance(value):
+    """`value` (one of DISTANCES) or one clear ValueError."""
+    if value not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {value!r}")
+    return value
+
+
 def total_variation(images):
     """Mean absolute difference of neighbouring pixels (IG's TV), summed over both axes."""
     dy = tf.reduce_mean(tf.abs(images[:, 1:] - images[:, :-1]))

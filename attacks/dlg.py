@@ -55,11 +55,9 @@ class DLG(base.Attack):
         adaptive_strategy: str | None = None,
     ) -> None:
         super().__init__(attacker, label_mode, restarts, seed, label_hypotheses, adaptive_strategy)
-        if distance not in base.DISTANCES:
-            raise ValueError(f"distance must be one of {base.DISTANCES}, got {distance!r}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        self.iterations, self.chunk, self.distance = int(iterations), int(chunk), distance
+        self.iterations, self.chunk, self.distance = int(iterations), int(chunk), base.check_distance(distance)
         self.tv, self.history_size, self.optimizer = float(tv), int(history_size), optimizer
 
     def _optimize(self, target, initial, target_values, fixed_labels, progress, monitor):

@@ -58,7 +58,12 @@ class GRNN(base.Attack):
         if height != width_px or height % 4 or (height // 4) & (height // 4 - 1):
             raise ValueError(f"GRNN's generator needs square inputs of 4 * 2^k pixels, got {attacker.input_shape}")
         self.iterations, self.learning_rate, self.tv = int(iterations), float(learning_rate), float(tv)
-        self.distance, self.code_dim, self.width, self.chunk = distance, int(code_dim), int(width), int(chunk)
+        self.distance, self.code_dim, self.width, self.chunk = (
+            base.check_distance(distance),
+            int(code_dim),
+            int(width),
+            int(chunk),
+        )
         self.blocks = int(math.log2(height // 4))
 
     def _shapes(self):

@@ -98,11 +98,14 @@ class InvertingGradients(base.Attack):
         lock_learning_rate: float | None = None,
     ) -> None:
         super().__init__(attacker, label_mode, restarts, seed, label_hypotheses, adaptive_strategy)
-        if distance not in base.DISTANCES:
-            raise ValueError(f"distance must be one of {base.DISTANCES}, got {distance!r}")
         self.lock_learning_rate = base.check_lock_learning_rate(lock_learning_rate)
         self.iterations, self.learning_rate, self.tv = int(iterations), float(learning_rate), float(tv)
-        self.signed, self.boxed, self.distance, self.chunk = bool(signed), bool(boxed), distance, int(chunk)
+        self.signed, self.boxed, self.distance, self.chunk = (
+            bool(signed),
+            bool(boxed),
+            base.check_distance(distance),
+            int(chunk),
+        )
 
     def _initial_images(self, rng, problems, size):
         return rng.uniform(0.0, 1.0, (problems, size)) if self.boxed else rng.standard_normal((problems, size))

@@ -289,6 +289,13 @@ def test_gradient_distances_and_tv():
     assert float(base.total_variation(flat)) == 0.0
 
 
+@pytest.mark.parametrize("attack", ["dlg", "ig", "grnn"])
+def test_unknown_distance_is_one_value_error(attack):
+    attacker = model_lib.AttackerModel(model_lib.ServerView.from_model(_victim(False)), "none")
+    with pytest.raises(ValueError, match="distance must be one of"):
+        experiment.build_attack(attack, attacker, distance="cosine-layers")
+
+
 @pytest.mark.slow
 def test_attack_captures_writes_grid_and_table(tmp_path):
     x, y = _images(1)
