@@ -1,4 +1,5 @@
-"""Gradient-inversion attacks on captured FedAvg/FedKL updates: DLG, iDLG, Inverting Gradients, GRNN.
+"""Gradient-inversion attacks on captured FedAvg/FedKL updates: DLG, iDLG, Inverting Gradients, GRNN, and a
+generative-prior attack.
 
 Every attack is built from the attacker's view (`AttackerModel(ServerView, threat)`) and its
 hyperparameters; `reconstruct(target)` takes what a curious server holds (the global weights in the
@@ -17,6 +18,7 @@ from attacks.grnn import GRNN
 from attacks.ig import InvertingGradients
 from attacks.labels import infer_labels
 from attacks.model import THREATS, AttackerModel, ServerView, extract_lock_weights, extract_secret
+from attacks.prior import GenerativePrior, train_decoder
 from attacks.targets import Target, from_capture
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "AttackerModel",
     "DLG",
     "GRNN",
+    "GenerativePrior",
     "IDLG",
     "InvertingGradients",
     "Payload",
@@ -42,4 +45,5 @@ __all__ = [
     "infer_labels",
     "run_attack",
     "run_threats",
+    "train_decoder",
 ]

@@ -7,17 +7,22 @@ from attacks import base
 from attacks.model import AttackerModel
 
 
-def adam_chunk(value_and_gradients, position, m, v, step, iterations, learning_rate, signed, project):
-    """`iterations` Adam steps (TF loop, no Python in it) from `position` with moments (m, v)."""
+def adam_chunk(value_and_gradients, position, m, v, step, iterations, learning_rate, signed, project, fresh_at=0):
+    """`iterations` Adam steps (TF loop, no Python in it) from `position` with moments (m, v); after step
+    `fresh_at` (> 0) the moments start again from zero, as a new Adam would."""
     beta_1, beta_2, epsilon = 0.9, 0.999, 1e-8
     for _ in tf.range(iterations):
         _, gradient = value_and_gradients(position)
         if signed:
             gradient = tf.sign(gradient)
         step += 1.0
+        if fresh_at:  # a new Adam from step fresh_at + 1
+            keep = tf.cast(tf.not_equal(step, fresh_at + 1.0), tf.float32)
+            m, v = m * keep, v * keep
+        count = tf.where(step > fresh_at, step - fresh_at, step) if fresh_at else step
         m = beta_1 * m + (1 - beta_1) * gradient
         v = beta_2 * v + (1 - beta_2) * tf.square(gradient)
-        m_hat, v_hat = m / (1 - beta_1**step), v / (1 - beta_2**step)
+        m_hat, v_hat = m / (1 - beta_1**count), v / (1 - beta_2**count)
         position = project(position - learning_rate(step) * m_hat / (tf.sqrt(v_hat) + epsilon))
     return position, m, v, step
 
@@ -34,9 +39,11 @@ def run_adam(
     project,
     progress,
     monitor,
+    fresh_at=0,
 ):
     """Adam from `initial` for `attack.iterations` steps, compiled in chunks of `attack.chunk`
-    (`base.Attack._run_chunks`); returns what `base.Attack._optimize` returns."""
+    (`base.Attack._run_chunks`), its moments started again after step `fresh_at` if given; returns what
+    `base.Attack._optimize` returns."""
 
     @tf.function
     def run(position, m, v, step, iterations):
@@ -50,6 +57,7 @@ def run_adam(
             learning_rate,
             signed,
             project,
+            fresh_at,
         )
 
     position, m, v, step, done = initial, tf.zeros_like(initial), tf.zeros_like(initial), tf.constant(0.0), 0

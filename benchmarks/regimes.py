@@ -15,6 +15,8 @@ Regimes (LeNet and ResNet-20 untrained unless stated, Fashion-MNIST, Inverting G
        Inverting Gradients computes its victims' gradients (`model.eval()`)
   G8-GRNN, U8-GRNN, U16-GRNN  G8, U8 and U16 attacked by GRNN instead (the same images, victims and labels): the
        stronger attack at batch 1, and on G8 and U8 (step labels known) in a pilot on other images (seed 5)
+  U16-prior  U16 attacked by attacks.prior (a stronger attacker: it holds public images of the clients'
+       distribution, the test split, and trains a decoder on them; latent search, then pixel refinement)
 Each seed sets the victim's weights, key and lock (T regimes: those of the training run, seed 0), the
 attack's starts, and which images (distinct per seed). Every cell (regime, seed, threat) runs in its own
 process and stores each client's result as soon as it is attacked: a small JSON record under --records_dir
@@ -118,6 +120,16 @@ def _regimes():
         Regime("U8-GRNN", "U8, attacked by GRNN", 8, 2, "update", 2, attack="grnn", **UNKNOWN_ORDER),
         Regime("U16", "update: 16 images, 4 steps of 4", 16, 1, "update", 4, **UNKNOWN_ORDER),
         Regime("U16-GRNN", "U16, attacked by GRNN", 16, 1, "update", 4, attack="grnn", **UNKNOWN_ORDER),
+        Regime(
+            "U16-prior",
+            "U16, attacked through a decoder trained on public images",
+            16,
+            1,
+            "update",
+            4,
+            attack="prior",
+            **UNKNOWN_ORDER,
+        ),
     ]
     for round_num in (1, 5, 20):
         regimes.append(
@@ -302,6 +314,32 @@ def train_runs(store, data_dir=None, log=print):
                 raise RuntimeError(f"the {algorithm} training run failed; see {log_path}")
 
 
+PRIOR_LATENT_DIM = 32
+
+
+def prior_decoder(store, model_name, data_dir=None, log=print):
+    """The prior attack's decoder for `model_name`'s inputs: trained on the test split (which no client trains
+    on; `attacks.prior.train_decoder`, seed 0) the first time, then loaded from under store.work."""
+    from attacks import prior
+    from tfkl import data, models
+
+    dataset = _dataset(data_dir)
+    input_shape = models.input_shape(model_name, dataset)
+    shape = "x".join(str(d) for d in input_shape)
+    path = os.path.join(store.work, "prior", f"{DATASET}_{shape}_latent{PRIOR_LATENT_DIM}.weights.h5")
+    decoder = prior.build_decoder(input_shape, PRIOR_LATENT_DIM)
+    if os.path.exists(path):
+        decoder.load_weights(path)
+        return decoder
+    log(f"== training the prior attack's decoder on the test split ({path})")
+    decoder = prior.train_decoder(data.preprocess(dataset.x_test, input_shape).numpy(), PRIOR_LATENT_DIM, log=log)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = path[: -len(".weights.h5")] + ".partial.weights.h5"
+    decoder.save_weights(partial)
+    os.replace(partial, path)
+    return decoder
+
+
 def _round_captures(root, round_num):
     return sorted(glob.glob(os.path.join(root, "captures", f"round_{round_num:05d}_client_*.npz")))
 
@@ -378,7 +416,7 @@ def run_cell(regime, seed, threat, store, data_dir=None, log=print):
     """Attacks the pending clients of one cell and stores each client's result (metrics and reconstruction)."""
     import tensorflow as tf
 
-    from attacks import experiment
+    from attacks import experiment, prior
     from attacks import labels as labels_lib
     from attacks import model as model_lib
 
@@ -395,7 +433,10 @@ def run_cell(regime, seed, threat, store, data_dir=None, log=print):
     options = dict(regime.attack_options(), seed=seed)
     if threat == ORDER_ORACLE:
         options["label_mode"] = "given"
-    attack = experiment.build_attack(regime.attack, attacker, **options)
+    if regime.attack == "prior":
+        attack = prior.GenerativePrior(attacker, prior_decoder(store, regime.model, data_dir, log), **options)
+    else:
+        attack = experiment.build_attack(regime.attack, attacker, **options)
     counted = {}
     if threat == "none" and n > 1:  # the counting rule alone, before any attack (see `_count_rule_row`)
         plain = model_lib.AttackerModel(payload.view, "none")
@@ -901,6 +942,8 @@ def main(argv):
         if not _TABULATE_ONLY.value:
             if any(r.round is not None for r in regimes):
                 train_runs(store, _DATA_DIR.value)
+            for model_name in sorted({r.model for r in regimes if r.attack == "prior"}):  # before parallel cells
+                prior_decoder(store, model_name, _DATA_DIR.value)
             run_cells(regimes, seeds, _THREATS.value, store, _DATA_DIR.value, _PARALLEL.value)
         # Every regime and threat stored for these seeds: a run on a few cells does not drop the others' rows.
         payload = tabulate(store, list(REGIMES.values()), seeds, THREAT_ORDER, _DATA_DIR.value)
