@@ -78,8 +78,8 @@ class GenerativePrior(base.Attack):
     Args (beyond `base.Attack`):
       decoder: a Keras model, latent codes [k, latent] -> images [k, *attacker.input_shape] in [0, 1]
         (`train_decoder`).
-      iterations: Adam steps in all; the first `latent_iterations` move the codes (at `learning_rate`), the
-        rest the pixel corrections (at `refine_learning_rate`).
+      iterations: Adam steps in all; the first `latent_iterations` (None: three quarters) move the codes (at
+        `learning_rate`), the rest the pixel corrections (at `refine_learning_rate`).
       latent_weight, tv: weights of the codes' Gaussian prior and of the images' total variation.
       distance: one of base.DISTANCES ('grnn', squared L2 plus L2: it fits updates far closer than IG's
         cosine here).
@@ -94,7 +94,7 @@ class GenerativePrior(base.Attack):
         attacker: AttackerModel,
         decoder: tf.keras.Model,
         iterations: int = 2000,
-        latent_iterations: int = 1500,
+        latent_iterations: int | None = None,
         learning_rate: float = 0.05,
         refine_learning_rate: float = 0.01,
         latent_weight: float = 1e-4,
@@ -115,6 +115,7 @@ class GenerativePrior(base.Attack):
             )
         if label_mode == "joint":
             raise ValueError("the prior attack takes its labels from the update ('infer') or given, not 'joint'")
+        latent_iterations = iterations * 3 // 4 if latent_iterations is None else latent_iterations
         if not 0 <= latent_iterations <= iterations:
             raise ValueError(f"latent_iterations must be in [0, iterations], got {latent_iterations}")
         self.decoder, self.latent_dim = decoder, int(decoder.input_shape[-1])

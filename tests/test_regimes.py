@@ -93,6 +93,27 @@ def test_a_cell_stores_each_client_and_a_rerun_attacks_only_what_is_missing(thre
     assert any("client 1:" in line for line in lines) and not any("client 0:" in line for line in lines)
 
 
+def test_a_prior_cell_trains_its_decoder_once_on_the_test_split_and_attacks_through_it(
+    fashion_dir, tmp_path, monkeypatch
+):
+    from attacks import prior
+
+    trained, train_decoder = [], prior.train_decoder
+    test_images = len(data.load("fashion_mnist", fashion_dir).x_test)
+
+    def quick(images, latent_dim, **_):
+        trained.append(len(images))
+        return train_decoder(images[:64], latent_dim, epochs=1, log=lambda line: None)
+
+    monkeypatch.setattr(prior, "train_decoder", quick)
+    regime, out = dataclasses.replace(TINY, name="U16-prior", attack="prior"), _store(tmp_path)
+    for threat in ("none", "oracle"):
+        regimes.run_cell(regime, 0, threat, out, fashion_dir, log=lambda line: None)
+    assert trained == [test_images]  # once, on the split no client trains on; the second cell loads it
+    record = json.load(open(regimes.client_path(out, "U16-prior", 0, "oracle", 1)))
+    assert record["iterations"] == 2 and len(record["per_image"]["aligned_ssim"]) == 4
+
+
 def _store(tmp_path):
     return regimes.Store(str(tmp_path / "records"), str(tmp_path / "work"))
 
