@@ -44,7 +44,7 @@ LATEST_PYTHON ?= $(shell (python3.13 -c 'import sys; print(sys.executable)' || \
 	PYENV_VERSION=$$(pyenv versions --bare | grep '^3\.13' | tail -1) python3.13 -c 'import sys; print(sys.executable)') \
 	2>/dev/null)
 CORE_TESTS := tests/test_package.py tests/test_keylock.py tests/test_secure_and_models.py tests/test_attacks.py \
-	tests/test_lbfgs.py tests/test_data.py tests/test_attack_binary.py tests/test_train_central.py
+	tests/test_lbfgs.py tests/test_data.py tests/test_attack_binary.py tests/test_train_central.py tests/test_prior.py
 
 $(LATEST_STAMP): requirements-latest.txt pyproject.toml
 	@test -n "$(LATEST_PYTHON)" || { echo "error: no python3.13 found (set LATEST_PYTHON=...)"; exit 1; }
