@@ -875,6 +875,8 @@ NOTES = [
     "multiset overlap, 'exact' the clients whose whole count vector is right, 'every step's labels' the clients "
     "whose labels the attack put in the right local steps.",
     "order-oracle: 'none' given the true labels of each local step in the client's order: an oracle.",
+    "U16-prior: a stronger attacker (attacks.prior): it holds public images of the clients' distribution (the test "
+    "split) and trains a decoder on them before attacking; its rates are those of a server with such images.",
     f"{LABEL_FLOOR}: each image replaced by the mean image of its class over the test split (no client trains on "
     "it), scored as a reconstruction: what an attacker that knows only the labels, as every attack here does, "
     "gets without the update. Not an attack; success rates near it show little beyond the labels. 'Beyond their "
