@@ -81,8 +81,8 @@ class GenerativePrior(base.Attack):
       iterations: Adam steps in all; the first `latent_iterations` (None: three quarters) move the codes (at
         `learning_rate`), the rest the pixel corrections (at `refine_learning_rate`).
       latent_weight, tv: weights of the codes' Gaussian prior and of the images' total variation.
-      distance: one of base.DISTANCES ('grnn', squared L2 plus L2: it fits updates far closer than IG's
-        cosine here).
+      distance: one of base.DISTANCES ('grnn', squared L2 plus L2: in the U16 pilot the latent search with IG's
+        cosine recovered 1 image of 16, with this 8).
       chunk: iterations per compiled call, between progress reports.
       lock_learning_rate: the adaptive attackers' step size for the lock latents (None: `learning_rate`).
     """
