@@ -52,6 +52,10 @@ def test_the_codes_move_first_then_the_pixels():
     assert np.any(latent_only[:codes] != start[:codes]) and np.all(latent_only[codes:] == 0.0)
     start, pixels_only = final_position(3, 0)
     assert np.all(pixels_only[:codes] == start[:codes]) and np.any(pixels_only[codes:] != 0.0)
+    _, two_latent_steps = final_position(2, 2)
+    _, switched = final_position(4, 2)  # two steps on the codes, then two on the pixels
+    np.testing.assert_allclose(switched[:codes], two_latent_steps[:codes], rtol=1e-6)
+    assert np.any(switched[codes:] != 0.0)
 
 
 def test_adam_started_again_forgets_the_first_stage():
