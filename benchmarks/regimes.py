@@ -327,8 +327,8 @@ def prior_decoder(store, model_name, data_dir=None, log=print):
     input_shape = models.input_shape(model_name, dataset)
     shape = "x".join(str(d) for d in input_shape)
     path = os.path.join(store.work, "prior", f"{DATASET}_{shape}_latent{PRIOR_LATENT_DIM}.weights.h5")
-    decoder = prior.build_decoder(input_shape, PRIOR_LATENT_DIM)
     if os.path.exists(path):
+        decoder = prior.build_decoder(input_shape, PRIOR_LATENT_DIM)
         decoder.load_weights(path)
         return decoder
     log(f"== training the prior attack's decoder on the test split ({path})")
