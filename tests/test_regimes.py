@@ -105,11 +105,21 @@ def test_a_prior_cell_trains_its_decoder_once_on_the_test_split_and_attacks_thro
         trained.append(len(images))
         return train_decoder(images[:64], latent_dim, epochs=1, log=lambda line: None)
 
+    distances = []
+
+    class Recorded(prior.GenerativePrior):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            distances.append(self.distance)
+
     monkeypatch.setattr(prior, "train_decoder", quick)
-    regime, out = dataclasses.replace(TINY, name="U16-prior", attack="prior"), _store(tmp_path)
+    monkeypatch.setattr(prior, "GenerativePrior", Recorded)
+    regime = dataclasses.replace(TINY, name="U16-prior", attack="prior", distance="cosine")
+    out = _store(tmp_path)
     for threat in ("none", "oracle"):
         regimes.run_cell(regime, 0, threat, out, fashion_dir, log=lambda line: None)
     assert trained == [test_images]  # once, on the split no client trains on; the second cell loads it
+    assert distances == ["cosine", "cosine"]  # the regime's distance, not the attack's default
     record = json.load(open(regimes.client_path(out, "U16-prior", 0, "oracle", 1)))
     assert record["iterations"] == 2 and len(record["per_image"]["aligned_ssim"]) == 4
 
