@@ -23,7 +23,9 @@ attack's starts, and which images (distinct per seed). Every cell (regime, seed,
 process and stores each client's result as soon as it is attacked: a small JSON record under --records_dir
 (kept in the repository: the tables are made from the records alone, so a fresh clone re-tabulates them), the
 rest (reconstructions, captured updates, logs, grids, training runs) under --out_dir. A rerun skips the clients
-whose record is stored, so a killed run loses at most the clients being attacked. `order-oracle` (U only) is `none` with
+whose record is stored, so a killed run loses at most the clients being attacked. The step search's labels of
+an update's client are kept under --out_dir too and shared by the regimes that attack the same updates (U16,
+U16-GRNN and U16-prior; U8 and U8-GRNN): it runs once per client and threat. `order-oracle` (U only) is `none` with
 the true labels of each local step given: an oracle, labelled so. Restarts are chosen by the attack's
 loss, never by the truth.
 """
@@ -89,9 +91,22 @@ class Regime:
     clients_per_call: int = 10
     distance: str | None = None
 
+    def __post_init__(self):
+        if self.kind == "update" and self.label_hypotheses != 1:
+            raise ValueError(
+                f"{self.name}: an update's attack takes the step search's best labels (label_hypotheses=1)"
+            )
+
     @property
     def images_per_seed(self):
         return self.images_per_client * self.clients
+
+    @property
+    def case(self):
+        """What decides a seed's clients and their updates under a threat: regimes of one case attack the same."""
+        mode = "training" if self.training else "inference"
+        shape = f"{self.images_per_client}x{self.clients}"
+        return f"{self.model}_{self.kind}_{shape}_batch{self.batch_size}_round{self.round}_{mode}"
 
     @property
     def threats(self):
@@ -449,7 +464,8 @@ def run_cell(regime, seed, threat, store, data_dir=None, log=print):
     n = regime.images_per_client
     attacker = model_lib.AttackerModel(payload.view, threat_model(threat), secret=secret, seed=seed + 7)
     options = dict(regime.attack_options(), seed=seed)
-    if threat == ORDER_ORACLE:
+    searched = regime.kind == "update" and threat != ORDER_ORACLE  # labels from the shared step search
+    if threat == ORDER_ORACLE or searched:
         options["label_mode"] = "given"
     if regime.attack == "prior":
         attack = prior.GenerativePrior(attacker, prior_decoder(store, regime.model, data_dir, log), **options)
@@ -467,6 +483,10 @@ def run_cell(regime, seed, threat, store, data_dir=None, log=print):
         given = None
         if threat == ORDER_ORACLE:  # the labels of each local step, in the order the client trained
             given = np.stack([truth.labels[c * n : (c + 1) * n] for c in clients])
+        elif searched:
+            given = np.stack(
+                [step_labels(store, regime, seed, threat, attacker, payload.targets[c], c) for c in clients]
+            )
         reconstructions = attack.reconstruct(
             targets,
             labels=given,
@@ -477,6 +497,27 @@ def run_cell(regime, seed, threat, store, data_dir=None, log=print):
         for client, rec in zip(clients, reconstructions):
             extra = dict(budget_curve=curves[client], count_rule_labels=counted.get(client))
             _store(store, regime, seed, threat, client, rec, truth, seconds, len(clients), extra, log)
+
+
+def step_labels(store, regime, seed, threat, attacker, target, client):
+    """The step search's labels of a client's update (`attacks.labels.infer_labels`), shared by the regimes of
+    its case (`Regime.case`: U16, U16-GRNN and U16-prior attack the same updates), which would each find the
+    same: taken from a record of one of them, or from under store.work where a search keeps them as soon as it
+    ends; the search runs only where neither has them."""
+    from attacks import labels as labels_lib
+
+    directory = os.path.join(store.work, "step_labels", regime.case, f"seed{seed}", threat)
+    path = os.path.join(directory, f"client_{client:02d}.json")
+    siblings = [r.name for r in REGIMES.values() if r.case == regime.case and r.name != regime.name]
+    for stored in [client_path(store, name, seed, threat, client) for name in siblings] + [path]:
+        if os.path.exists(stored):
+            with open(stored) as f:
+                return np.asarray(json.load(f)["step_labels"], np.int64)
+    labels = labels_lib.infer_labels(attacker, target)
+    os.makedirs(directory, exist_ok=True)
+    with atomic_write(path, binary=False) as f:
+        json.dump(dict(step_labels=labels.tolist()), f)  # as in a record
+    return labels
 
 
 def _budget_curve(curves, regime, truth):

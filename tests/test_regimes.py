@@ -93,6 +93,35 @@ def test_a_cell_stores_each_client_and_a_rerun_attacks_only_what_is_missing(thre
     assert any("client 1:" in line for line in lines) and not any("client 0:" in line for line in lines)
 
 
+def test_regimes_of_one_case_share_the_step_search_and_get_its_labels(fashion_dir, tmp_path, monkeypatch):
+    searched, search = [], labels.step_assignments
+
+    def counted(attacker, target, count, **kwargs):
+        searched.append(target)
+        return search(attacker, target, count, **kwargs)
+
+    monkeypatch.setattr(labels, "step_assignments", counted)
+    grnn = dataclasses.replace(TINY, name="U8-GRNN", attack="grnn")
+    monkeypatch.setattr(regimes, "REGIMES", {"U8": TINY, "U8-GRNN": grnn})
+    assert TINY.case == grnn.case != dataclasses.replace(TINY, batch_size=4).case
+    shared, alone = _store(tmp_path / "shared"), _store(tmp_path / "alone")
+    from_records = regimes.Store(shared.records, str(tmp_path / "other_work"))
+
+    def run(regime, out):
+        regimes.run_cell(regime, 0, "oracle", out, fashion_dir, log=lambda line: None)
+        return [json.load(open(regimes.client_path(out, regime.name, 0, "oracle", c)))["step_labels"] for c in (0, 1)]
+
+    first = run(TINY, shared)
+    assert len(searched) == 2  # one search per client
+    assert run(grnn, from_records) == first and len(searched) == 2  # taken from the other regime's records
+    assert run(grnn, alone) == first and len(searched) == 4  # searched again where nothing is stored: the same
+    for c in (0, 1):
+        os.remove(regimes.client_path(alone, "U8-GRNN", 0, "oracle", c))
+    assert run(grnn, alone) == first and len(searched) == 4  # a killed cell's search is kept under its work dir
+    with pytest.raises(ValueError, match="label_hypotheses=1"):
+        dataclasses.replace(TINY, label_hypotheses=2)
+
+
 def test_a_prior_cell_trains_its_decoder_once_on_the_test_split_and_attacks_through_it(
     fashion_dir, tmp_path, monkeypatch
 ):
