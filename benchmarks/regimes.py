@@ -23,9 +23,9 @@ attack's starts, and which images (distinct per seed). Every cell (regime, seed,
 process and stores each client's result as soon as it is attacked: a small JSON record under --records_dir
 (kept in the repository: the tables are made from the records alone, so a fresh clone re-tabulates them), the
 rest (reconstructions, captured updates, logs, grids, training runs) under --out_dir. A rerun skips the clients
-whose record is stored, so a killed run loses at most the clients being attacked. The step search's labels of
-an update's client are kept under --out_dir too and shared by the regimes that attack the same updates (U16,
-U16-GRNN and U16-prior; U8 and U8-GRNN): it runs once per client and threat. `order-oracle` (U only) is `none` with
+whose record is stored, so a killed run loses at most the clients being attacked. The regimes that attack the
+same updates (U16, U16-GRNN and U16-prior; U8 and U8-GRNN) share the step search's labels, from each other's
+records or from under --out_dir: it runs once per client and threat. `order-oracle` (U only) is `none` with
 the true labels of each local step given: an oracle, labelled so. Restarts are chosen by the attack's
 loss, never by the truth.
 """
