@@ -139,18 +139,23 @@ def test_a_prior_cell_trains_its_decoder_once_on_the_test_split_and_attacks_thro
     class Recorded(prior.GenerativePrior):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            distances.append(self.distance)
+            distances.append((self.distance, self.latent_iterations))
 
     monkeypatch.setattr(prior, "train_decoder", quick)
     monkeypatch.setattr(prior, "GenerativePrior", Recorded)
-    regime = dataclasses.replace(TINY, name="U16-prior", attack="prior", distance="cosine")
+    regime = dataclasses.replace(TINY, name="U16-prior", attack="prior", distance="cosine", latent_iterations=2)
     out = _store(tmp_path)
     for threat in ("none", "oracle"):
         regimes.run_cell(regime, 0, threat, out, fashion_dir, log=lambda line: None)
     assert trained == [test_images]  # once, on the split no client trains on; the second cell loads it
-    assert distances == ["cosine", "cosine"]  # the regime's distance, not the attack's default
+    assert distances == [("cosine", 2), ("cosine", 2)]  # the regime's, not the attack's defaults
     record = json.load(open(regimes.client_path(out, "U16-prior", 0, "oracle", 1)))
     assert record["iterations"] == 2 and len(record["per_image"]["aligned_ssim"]) == 4
+
+
+def test_only_a_prior_regime_takes_a_latent_stage():
+    with pytest.raises(ValueError, match="G8: latent_iterations applies to the prior attack only"):
+        dataclasses.replace(regimes.REGIMES["G8"], latent_iterations=100)
 
 
 def _store(tmp_path):
