@@ -134,12 +134,12 @@ def test_a_prior_cell_trains_its_decoder_once_on_the_test_split_and_attacks_thro
         trained.append(len(images))
         return train_decoder(images[:64], latent_dim, epochs=1, log=lambda line: None)
 
-    distances = []
+    settings = []
 
     class Recorded(prior.GenerativePrior):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            distances.append((self.distance, self.latent_iterations))
+            settings.append((self.distance, self.latent_iterations))
 
     monkeypatch.setattr(prior, "train_decoder", quick)
     monkeypatch.setattr(prior, "GenerativePrior", Recorded)
@@ -148,7 +148,7 @@ def test_a_prior_cell_trains_its_decoder_once_on_the_test_split_and_attacks_thro
     for threat in ("none", "oracle"):
         regimes.run_cell(regime, 0, threat, out, fashion_dir, log=lambda line: None)
     assert trained == [test_images]  # once, on the split no client trains on; the second cell loads it
-    assert distances == [("cosine", 2), ("cosine", 2)]  # the regime's, not the attack's defaults
+    assert settings == [("cosine", 2), ("cosine", 2)]  # the regime's, not the attack's defaults
     record = json.load(open(regimes.client_path(out, "U16-prior", 0, "oracle", 1)))
     assert record["iterations"] == 2 and len(record["per_image"]["aligned_ssim"]) == 4
 
