@@ -89,6 +89,12 @@ def privacy_utility(doc, path):
     plt.close(fig)
 
 
+def _threat_rank(threat):
+    from benchmarks import regimes
+
+    return regimes.THREAT_ORDER.index(threat) if threat in regimes.THREAT_ORDER else len(regimes.THREAT_ORDER)
+
+
 def privacy_over_rounds(doc, path):
     """Attack success (aligned SSIM >= 0.6, Wilson 95 % interval) against the round whose global model the
     client trains, FedAvg's run ('none') and FedKL's (the locked threats), and what the labels alone give (a
@@ -104,7 +110,7 @@ def privacy_over_rounds(doc, path):
             if name.startswith("T") and name.endswith(suffix) and (suffix or "-" not in name):
                 for threat, summary in threats.items():
                     by_threat.setdefault(threat, []).append((int(name[1:].split("-")[0]), summary["success"]["ssim"]))
-        for threat, points in sorted(by_threat.items()):
+        for threat, points in sorted(by_threat.items(), key=lambda item: _threat_rank(item[0])):
             points.sort(key=lambda point: point[0])
             rounds = [r for r, _ in points]
             rates = [100 * p["rate"] for _, p in points]
@@ -116,8 +122,10 @@ def privacy_over_rounds(doc, path):
                 ax.plot(rounds, rates, linestyle="--", color="grey", label=regimes.LABEL_FLOOR)
                 continue
             # 'none' and the known-order oracle attack FedAvg's run, the other threats FedKL's.
-            label = f"FedAvg, {threat}" if threat in ("none", "order-oracle") else f"FedKL, {threat}"
-            ax.errorbar(rounds, rates, yerr=errors, marker="o", capsize=3, label=label)
+            run = "FedAvg" if threat in ("none", regimes.ORDER_ORACLE) else "FedKL"
+            label = f"{run}, {regimes.THREAT_LABELS.get(threat, threat)}"
+            color = f"C{_threat_rank(threat)}"  # a threat keeps its colour in both panels
+            ax.errorbar(rounds, rates, yerr=errors, marker="o", capsize=3, color=color, label=label)
         ax.set_title(title)
         ax.set_xlabel("round of the captured global model")
         ax.set_ylabel("images recovered (%)")

@@ -42,12 +42,14 @@ SECTIONS = (
     ),
     Topic(
         "Attacks in realistic regimes",
-        ("regimes", "regimes_rerun", "gradient_sharpness", "ablations"),
+        ("regimes", "regimes_stored", "regimes_heldout", "gradient_sharpness", "ablations"),
         "Batches of 8, multi-step FedAvg updates, a real run's global model over its rounds and ResNet-20, under "
         "every threat: where the attacks succeed without a defence, and what the lock changes there; then how "
         "sharply each victim's gradient depends on its image (what limits the attacks on ResNet-20; "
         "`python -m benchmarks.run --only=gradient_sharpness`), and R-inference and U16 with one attack setting "
-        "changed at a time (`python -m benchmarks.ablations`).",
+        "changed at a time (`python -m benchmarks.ablations`). `regimes` is tabulated from the records in "
+        "results/regimes_cells/; `regimes_stored` is the first measurement (its records lost), kept for comparison; "
+        "`regimes_heldout` the pilot seeds 5-6 behind R-inference-latent.",
         "python -m benchmarks.regimes",
     ),
     Topic(

@@ -328,6 +328,29 @@ def test_privacy_over_rounds_and_regime_grids_come_from_regimes_json(tmp_path):
     assert (results / "figures" / "privacy_over_rounds.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_privacy_over_rounds_gives_a_threat_one_colour_and_label_in_both_panels(tmp_path, monkeypatch):
+    from benchmarks import figures
+
+    rate = {"success": {"ssim": {"rate": 0.5, "low": 0.3, "high": 0.7}}}
+    doc = {
+        "results": {
+            "T1": {"none": rate, "adaptive": rate},
+            "T1-U8": {"order-oracle": rate, "adaptive": rate},  # the update panel has a threat the other lacks
+        }
+    }
+    drawn = []
+    monkeypatch.setattr(figures.plt, "close", drawn.append)  # keep the figure to read its legends
+    figures.privacy_over_rounds(doc, str(tmp_path / "rounds.png"))
+    batch, update = (
+        {label: handle.lines[0].get_color() for handle, label in zip(*axis.get_legend_handles_labels())}
+        for axis in drawn[0].axes
+    )
+    assert list(batch) == ["FedAvg, none", "FedKL, adaptive"]
+    assert list(update) == ["FedAvg, none, known step order (oracle)", "FedKL, adaptive"]
+    assert batch["FedKL, adaptive"] == update["FedKL, adaptive"]
+    assert len({*batch.values(), *update.values()}) == 3
+
+
 def test_table6_payload_pools_seeds_and_merges_the_threat_experiments():
     from benchmarks import attack_quality
 
