@@ -1,4 +1,4 @@
-"""The adaptive attacker's strategies (issue 12, section 1): they run, keep the restart with the lowest
+"""The adaptive attacker's strategies: they run, keep the restart with the lowest
 objective, read only the captured gradient, and the per-image best-of is labelled an upper bound."""
 
 import inspect

@@ -1,5 +1,5 @@
 """Bad inputs to every binary: one `error:` line (the README's promise), a non-zero exit code, no traceback,
-and the run directory's files unchanged (issue 15).
+and the run directory's files unchanged.
 
 The binaries run as subprocesses, `JOBS` at a time; the cases that need a trained run copy one small run
 (digits, 2 clients, 2 rounds, a capture of round 2) trained once per session.

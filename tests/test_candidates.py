@@ -1,4 +1,4 @@
-"""The key-lock candidates of issue 12 (benchmarks.candidates): their layers, the attacker's view of them, the table."""
+"""The key-lock candidates (benchmarks.candidates): their layers, the attacker's view of them, the table."""
 
 import dataclasses
 import json
