@@ -114,6 +114,30 @@ def test_type_signature_only_shared_update_reaches_server():
         assert sorted(s for s in tensor_shapes(state) if s) == sorted(shared_shapes)
 
 
+def test_the_round_is_composed_of_parts_whose_types_fit():
+    model_fn = make_config().model_fn()
+    types = algorithms.round_types(model_fn(), keep_statistics=False, persist_optimizer_state=True)
+    aggregator = tff.aggregators.MeanFactory().create(types.update, tff.TensorType(np.float32))
+    initialize, with_aggregator = algorithms.build_initializer(
+        model_fn, tff.learning.optimizers.build_sgdm(1.0), aggregator
+    )
+    state = initialize.type_signature.result
+    distributor = algorithms.build_distributor(state.member)
+    assert distributor.type_signature.result == tff.FederatedType(types.shared, tff.CLIENTS, all_equal=True)
+    client_update = algorithms.build_client_work(
+        model_fn, optimizers.TorchSGD(0.1), types, return_client_updates=False, weight_by_examples=True
+    )
+    assert client_update.type_signature.parameter[0] == types.shared
+    assert client_update.type_signature.result.client_state == types.client_state
+    finalizer = algorithms.build_finalizer(
+        tff.learning.optimizers.build_sgdm(1.0), state.member, types.update, with_aggregator
+    )
+    assert finalizer.type_signature.result == state
+    next_fn = algorithms.compose_round(distributor, client_update, aggregator, finalizer)
+    assert next_fn.type_signature.parameter.server_state == state
+    assert next_fn.type_signature.result[0] == state
+
+
 def _contains(secret, arrays):
     secret = np.asarray(secret).ravel()
     return any(np.isin(secret, np.asarray(a).ravel()).any() for a in arrays)
