@@ -17,7 +17,7 @@ from tfkl import keys as keys_lib
 from tfkl import private
 from tfkl.keylock import KeyLock, keylock_apply, lock_affine
 from tfkl.names import THREATS
-from tfkl.secure import _map_arguments
+from tfkl.securing import node_call_arguments
 
 _WEIGHTLESS = (
     tf.keras.layers.InputLayer,
@@ -299,7 +299,7 @@ class AttackerModel:
             for node in model._nodes_by_depth[depth]:
                 if node.is_input:
                     continue
-                args, kwargs = _map_arguments(node, tensors)
+                args, kwargs = node_call_arguments(node, tensors)
                 outputs = self._apply(node.layer, args, weights, locks, training)
                 for tensor_id, tensor in zip(node.flat_output_ids, tf.nest.flatten(outputs)):
                     tensors[tensor_id] = tensor

@@ -2,6 +2,7 @@
 
 import ast
 import collections
+import functools
 
 import numpy as np
 import pytest
@@ -284,3 +285,54 @@ def test_random_key_penalty_changes_the_update_only_when_positive():
             weight_by_examples=True,
             random_key_penalty=1.0,
         )
+
+
+def test_reject_non_finite_passes_a_finite_client_and_zeroes_a_diverged_one():
+    update = collections.OrderedDict(trainable=[np.ones(3, np.float32)], non_trainable=[])
+    old = collections.OrderedDict(lock=[np.zeros(2, np.float32)])
+    new = collections.OrderedDict(lock=[np.full(2, 2.0, np.float32)])
+    sent, kept, finite = client_work.reject_non_finite(update, new, old, tf.constant(1.5))
+    assert bool(finite)
+    np.testing.assert_array_equal(sent["trainable"][0], update["trainable"][0])
+    np.testing.assert_array_equal(kept["lock"][0], new["lock"][0])
+    for bad_update, bad_state, loss_sum in (
+        ({**update, "trainable": [np.array([1.0, np.nan, 1.0], np.float32)]}, new, 1.5),
+        (update, collections.OrderedDict(lock=[np.array([np.inf, 2.0], np.float32)]), 1.5),
+        (update, new, np.inf),
+    ):
+        sent, kept, finite = client_work.reject_non_finite(bad_update, bad_state, old, tf.constant(loss_sum))
+        assert not bool(finite)
+        np.testing.assert_array_equal(sent["trainable"][0], np.zeros(3, np.float32))
+        np.testing.assert_array_equal(kept["lock"][0], old["lock"][0])
+
+
+@pytest.mark.parametrize("in_graph", [False, True])
+def test_random_key_divergence_scores_a_fresh_key_and_leaves_the_model_as_it_came(in_graph):
+    model = tiny_model()
+    _, statistics_vars, key_vars, _ = client_work.ModelParts(model).split(model)
+    own_key = key_vars[0].numpy()
+    fresh_key = tfkl.generate_key(KEY_DIM, seed=3)
+    images, _ = batch()
+    model(images, training=True)  # the main pass: moves the statistics
+    statistics = [v.numpy() for v in statistics_vars]
+
+    reference = tiny_model()
+    tfkl.set_key(reference, fresh_key)
+    for variable, value in zip(client_work.ModelParts(reference).split(reference)[1], statistics):
+        variable.assign(value)
+    expected = client_work.uniform_divergence(reference(images, training=True))
+
+    divergence = functools.partial(
+        client_work.random_key_divergence,
+        model,
+        images,
+        fresh_key,
+        key_vars,
+        statistics_vars,
+        tf.constant(own_key),
+    )
+    value = tf.function(divergence)() if in_graph else divergence()
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    np.testing.assert_array_equal(key_vars[0].numpy(), own_key)
+    for variable, before in zip(statistics_vars, statistics):
+        np.testing.assert_array_equal(variable.numpy(), before)

@@ -114,6 +114,30 @@ def test_type_signature_only_shared_update_reaches_server():
         assert sorted(s for s in tensor_shapes(state) if s) == sorted(shared_shapes)
 
 
+def test_the_round_is_composed_of_parts_whose_types_fit():
+    model_fn = make_config().model_fn()
+    types = algorithms.round_types(model_fn(), keep_statistics=False, persist_optimizer_state=True)
+    aggregator = tff.aggregators.MeanFactory().create(types.update, tff.TensorType(np.float32))
+    initialize, with_aggregator = algorithms.build_initializer(
+        model_fn, tff.learning.optimizers.build_sgdm(1.0), aggregator
+    )
+    state = initialize.type_signature.result
+    distributor = algorithms.build_distributor(state.member)
+    assert distributor.type_signature.result == tff.FederatedType(types.shared, tff.CLIENTS, all_equal=True)
+    client_update = algorithms.build_client_work(
+        model_fn, optimizers.TorchSGD(0.1), types, return_client_updates=False, weight_by_examples=True
+    )
+    assert client_update.type_signature.parameter[0] == types.shared
+    assert client_update.type_signature.result.client_state == types.client_state
+    finalizer = algorithms.build_finalizer(
+        tff.learning.optimizers.build_sgdm(1.0), state.member, types.update, with_aggregator
+    )
+    assert finalizer.type_signature.result == state
+    next_fn = algorithms.compose_round(distributor, client_update, aggregator, finalizer)
+    assert next_fn.type_signature.parameter.server_state == state
+    assert next_fn.type_signature.result[0] == state
+
+
 def _contains(secret, arrays):
     secret = np.asarray(secret).ravel()
     return any(np.isin(secret, np.asarray(a).ravel()).any() for a in arrays)
@@ -523,11 +547,14 @@ def test_client_state_round_trip_keeps_structure(tmp_path):
 
 
 def test_evaluation_matrix(digits, tmp_path):
+    from attacks import lock_recovery
     from tfkl.federated import evaluation
 
     config = make_config()
     program.train(str(tmp_path), config, program.RunOptions(rounds=1, progress=False), dataset=digits)
-    result = evaluation.evaluate(str(tmp_path), public_sizes=(10, 20), recovery_steps=3, dataset=digits)
+    result = evaluation.evaluate(
+        str(tmp_path), public_sizes=(10, 20), recovery_steps=3, dataset=digits, lock_recovery=lock_recovery.recover
+    )
     assert result["round"] == 1 and result["public_examples"] == 20 and result["evaluation_examples"] == 40
     for name in (
         "a_own_key_and_lock",
@@ -544,8 +571,8 @@ def test_evaluation_matrix(digits, tmp_path):
     assert result["d_global_zero_lock"] <= top_share + 1e-9
     assert set(result["e_lock_recovery"]) == {"10", "20"}
     recovery = result["e_lock_recovery"]["20"]
-    assert recovery["examples"] == 20 and set(recovery["by_statistics"]) == set(evaluation.RECOVERY_STATISTICS)
-    assert set(recovery["affine_by_statistics"]) == set(evaluation.RECOVERY_STATISTICS)
+    assert recovery["examples"] == 20 and set(recovery["by_statistics"]) == set(lock_recovery.RECOVERY_STATISTICS)
+    assert set(recovery["affine_by_statistics"]) == set(lock_recovery.RECOVERY_STATISTICS)
     assert recovery["accuracy"] == max(
         list(recovery["by_statistics"].values()) + list(recovery["affine_by_statistics"].values())
     )
@@ -562,17 +589,19 @@ def test_evaluation_matrix(digits, tmp_path):
     # Only the 'public' recovery re-estimates the moving statistics (on the public examples).
     process = build_process(config)
     server_state, _, _ = run_dir.restore(str(tmp_path), config, process)
-    evaluator = evaluation._Evaluator(config, process, server_state)
+    evaluator = evaluation.Evaluator(config, process, server_state)
     for statistics, moves in (("server", False), ("public", True)):
         evaluator.set_statistics(evaluator.global_statistics)
-        evaluation._recover_lock(evaluator, digits.x_test[:20], digits.y_test[:20], SHAPE, 3, 0, statistics)
+        lock_recovery.recover_lock(evaluator, digits.x_test[:20], digits.y_test[:20], SHAPE, 3, 0, statistics)
         after = [v.numpy() for v in evaluator.statistics_vars]
         changed = any(not np.array_equal(a, b) for a, b in zip(after, evaluator.global_statistics))
         assert changed == moves, statistics
     # From the affine start only the biases move: gamma = relu(scale bias), beta = relu(shift bias), any key.
-    evaluator.set_secret(tfkl.generate_key(KEY_DIM), evaluation.affine_start(evaluator.lock_vars))
+    evaluator.set_secret(tfkl.generate_key(KEY_DIM), lock_recovery.affine_start(evaluator.lock_vars))
     biases = evaluator.lock_vars[1::2]
-    evaluation._recover_lock(evaluator, digits.x_test[:20], digits.y_test[:20], SHAPE, 3, 0, "server", variables=biases)
+    lock_recovery.recover_lock(
+        evaluator, digits.x_test[:20], digits.y_test[:20], SHAPE, 3, 0, "server", variables=biases
+    )
     scale_kernel, scale_bias, shift_kernel, shift_bias = [v.numpy() for v in evaluator.lock_vars]
     assert not scale_kernel.any() and not shift_kernel.any() and not np.allclose(scale_bias, 1.0)
     gamma, beta = evaluator.model.get_layer("conv1_keylock").lock_parameters()

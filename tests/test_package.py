@@ -102,3 +102,18 @@ def test_keras_3_is_refused_in_one_line():
     result = _python("import tfkl", TF_USE_LEGACY_KERAS="0")
     assert result.returncode != 0
     assert "ImportError: tfkl needs Keras 2 but tf.keras is Keras 3" in result.stderr
+
+
+def test_tfkl_is_the_bottom_layer():
+    """tfkl imports neither the attacks nor the programs (they import tfkl)."""
+    import ast
+    import pathlib
+
+    upper = ("attacks", "tff_programs", "benchmarks", "experiments")
+    found = []
+    for path in sorted(pathlib.Path(tfkl.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in upper]
+    assert not found

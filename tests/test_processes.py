@@ -115,7 +115,7 @@ def test_tfkl_and_its_names_load_without_tensorflow():
     result = _python(
         "import sys\nimport tfkl\nfrom tfkl import names\nprint('tensorflow' in sys.modules)\n"
         "import tensorflow as tf\nprint(isinstance(tfkl.KeyLock(key_dim=4), tf.keras.layers.Layer))\n"
-        "from tfkl import models  # imports the submodule tfkl.secure: tfkl.secure stays the function\n"
+        "from tfkl import models  # imports the submodule tfkl.securing; tfkl.secure is the function\n"
         "print(callable(tfkl.secure))"
     )
     assert result.stdout.split() == ["False", "True", "True"], result.stderr[-2000:]

@@ -392,78 +392,15 @@ def _failover_context(workers, on_failure):
     call. The partial results are merged in part order and the clients' results returned in client order
     (TFF 0.87's own context uses the order in which workers finish: with two workers client 0 could be
     handed client 2's private state; docs/workers.md).
+
+    TFF 0.87 internals used (all here and in `_run_mergeable`): `MergeableCompExecutionContext`'s
+    `_compiler_pipeline` and `_async_runner`, `MergeableCompExecutionContextValue` (splits an argument
+    into parts) and `_repackage_partitioned_values` (joins the clients' results).
     """
     import tensorflow_federated as tff
     from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as mergeable
 
-    def all_equal(type_spec):
-        return not isinstance(type_spec, tff.FederatedType) or type_spec.all_equal
-
-    def live_worker(part):
-        """The worker of `part`, or the live worker it falls to when its own has failed."""
-        if workers[part].live:
-            return workers[part]
-        live = [worker for worker in workers if worker.live]
-        return live[part % len(live)]
-
-    def fail(worker, error):
-        if worker.live:
-            worker.live, worker.failed_at = False, time.monotonic()
-            left = [w.address for w in workers if w.live]
-            if on_failure == "retry" and left:
-                logging.warning("%s; its clients run again on %s", error, ", ".join(left))
-        if on_failure == "stop":
-            raise WorkerFailedError(worker.address, f"{error}; the run stops (--on_worker_failure=stop)")
-        if not any(w.live for w in workers):
-            raise WorkerFailedError(worker.address, f"{error}, and no other worker is left")
-
-    def readmit():
-        for worker in workers:
-            if not worker.live and worker.watch.last_answer > worker.failed_at:
-                worker.live = True
-                worker.new_context()
-                logging.warning("TFF worker %s answers again: in use from this call", worker.address)
-
-    async def on_a_live_worker(part, invoke):
-        while True:
-            worker = live_worker(part)
-            try:
-                return await invoke(worker.context)
-            except WorkerFailedError as error:
-                fail(worker, error)
-
-    async def gather(*calls):
-        """asyncio.gather that cancels the other calls when one fails (as they would go on after it)."""
-        tasks = [asyncio.ensure_future(call) for call in calls]
-        try:
-            return await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
-
-    async def run(comp, arg_list):
-        partials = await gather(
-            *(
-                on_a_live_worker(part, lambda context, x=x: context.invoke(comp.up_to_merge, x))
-                for part, x in enumerate(arg_list)
-            )
-        )
-        merged = partials[0]
-        for partial in partials[1:]:
-            merged = await on_a_live_worker(
-                0, lambda context, a=merged, b=partial: context.invoke(comp.merge, tff.structure.Struct.unnamed(a, b))
-            )
-
-        def after_merge(part, x):
-            arg = merged if x is None else tff.structure.Struct.unnamed(x, merged)
-            return on_a_live_worker(part, lambda context: context.invoke(comp.after_merge, arg))
-
-        result_type = comp.after_merge.type_signature.result
-        if tff.types.contains_only(result_type, all_equal):
-            return await after_merge(0, arg_list[0])
-        results = await gather(*(after_merge(part, x) for part, x in enumerate(arg_list)))
-        return mergeable._repackage_partitioned_values(list(results), result_type)  # pylint: disable=protected-access
+    pool = _WorkerPool(workers, on_failure)
 
     class FailoverMergeableContext(mergeable.MergeableCompExecutionContext):
         """`MergeableCompExecutionContext` that runs a failed worker's part on a live one, in client order."""
@@ -471,19 +408,106 @@ def _failover_context(workers, on_failure):
         def invoke(self, comp, arg=None):
             if not isinstance(comp, mergeable.MergeableCompForm):
                 comp = self._compiler_pipeline.compile(comp)  # pylint: disable=protected-access
-            readmit()
+            pool.readmit()
             if arg is None:
                 arg_list = [None] * len(workers)
             else:
                 arg_list = mergeable.MergeableCompExecutionContextValue(
                     arg, comp.up_to_merge.type_signature.parameter, len(workers)
                 ).value()
-            result = self._async_runner.run_coro_and_return_result(run(comp, arg_list))  # pylint: disable=protected-access
+            result = self._async_runner.run_coro_and_return_result(_run_mergeable(pool, comp, arg_list))  # pylint: disable=protected-access
             return tff.types.type_to_py_container(result, comp.after_merge.type_signature.result)
 
     return FailoverMergeableContext(
         [worker.context for worker in workers], compiler_fn=tff.backends.native.compile_to_mergeable_comp_form
     )
+
+
+class _WorkerPool:
+    """The workers of a failover context: which one runs a part, and which have failed or come back."""
+
+    def __init__(self, workers, on_failure):
+        self.workers = workers
+        self.on_failure = on_failure
+
+    def live_worker(self, part):
+        """The worker of `part`, or the live worker it falls to when its own has failed."""
+        if self.workers[part].live:
+            return self.workers[part]
+        live = [worker for worker in self.workers if worker.live]
+        return live[part % len(live)]
+
+    def fail(self, worker, error):
+        """Marks `worker` failed; WorkerFailedError when the run must stop (`on_failure="stop"`, or none left)."""
+        if worker.live:
+            worker.live, worker.failed_at = False, time.monotonic()
+            left = [w.address for w in self.workers if w.live]
+            if self.on_failure == "retry" and left:
+                logging.warning("%s; its clients run again on %s", error, ", ".join(left))
+        if self.on_failure == "stop":
+            raise WorkerFailedError(worker.address, f"{error}; the run stops (--on_worker_failure=stop)")
+        if not any(w.live for w in self.workers):
+            raise WorkerFailedError(worker.address, f"{error}, and no other worker is left")
+
+    def readmit(self):
+        """Puts back in use the failed workers that have answered a probe since they failed."""
+        for worker in self.workers:
+            if not worker.live and worker.watch.last_answer > worker.failed_at:
+                worker.live = True
+                worker.new_context()
+                logging.warning("TFF worker %s answers again: in use from this call", worker.address)
+
+    async def run(self, part, invoke):
+        """`await invoke(context)` on the live worker of `part`, again on another each time one fails."""
+        while True:
+            worker = self.live_worker(part)
+            try:
+                return await invoke(worker.context)
+            except WorkerFailedError as error:
+                self.fail(worker, error)
+
+
+async def _gather(*calls):
+    """asyncio.gather that cancels the other calls when one fails (as they would go on after it)."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
+async def _run_mergeable(pool, comp, arg_list):
+    """A `MergeableCompForm` on `pool`: `up_to_merge` on each part, the partial results merged in part
+    order, then `after_merge` (once, when its result is all-equal; else on each part, in client order)."""
+    import tensorflow_federated as tff
+    from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as mergeable
+
+    partials = await _gather(
+        *(pool.run(part, lambda context, x=x: context.invoke(comp.up_to_merge, x)) for part, x in enumerate(arg_list))
+    )
+    merged = partials[0]
+    for partial in partials[1:]:
+        merged = await pool.run(
+            0, lambda context, a=merged, b=partial: context.invoke(comp.merge, tff.structure.Struct.unnamed(a, b))
+        )
+
+    def after_merge(part, x):
+        arg = merged if x is None else tff.structure.Struct.unnamed(x, merged)
+        return pool.run(part, lambda context: context.invoke(comp.after_merge, arg))
+
+    result_type = comp.after_merge.type_signature.result
+    if tff.types.contains_only(result_type, _all_equal):
+        return await after_merge(0, arg_list[0])
+    results = await _gather(*(after_merge(part, x) for part, x in enumerate(arg_list)))
+    return mergeable._repackage_partitioned_values(list(results), result_type)  # pylint: disable=protected-access
+
+
+def _all_equal(type_spec):
+    import tensorflow_federated as tff
+
+    return not isinstance(type_spec, tff.FederatedType) or type_spec.all_equal
 
 
 def connect(address, timeout):

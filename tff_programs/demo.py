@@ -62,6 +62,7 @@ def run_federated(root_dir, algorithm="fedkl", rounds=20, dataset=None, progress
     Needs an installed TFF context. Returns a DemoRun; `capture_paths` lists the captured updates
     (tfkl.capture files) of the first and last rounds.
     """
+    from attacks import lock_recovery
     from tfkl import data
     from tfkl.federated import evaluation, program
 
@@ -76,7 +77,12 @@ def run_federated(root_dir, algorithm="fedkl", rounds=20, dataset=None, progress
         dataset=dataset,
     )
     result = evaluation.evaluate(
-        run_dir, round_num=rounds, public_sizes=(100, 1000), dataset=dataset, progress=progress
+        run_dir,
+        round_num=rounds,
+        public_sizes=(100, 1000),
+        dataset=dataset,
+        progress=progress,
+        lock_recovery=lock_recovery.recover,
     )
     with open(os.path.join(run_dir, "evaluation.json"), "w") as f:
         json.dump(result, f, indent=1)

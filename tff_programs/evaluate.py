@@ -43,6 +43,7 @@ flags.register_validator(
 
 
 def main(argv):
+    from attacks import lock_recovery
     from tfkl.federated import evaluation
     from tfkl.federated.config import ProgramError
 
@@ -61,6 +62,7 @@ def main(argv):
             _RECOVERY_STEPS.value,
             _SEED.value,
             progress=True,
+            lock_recovery=lock_recovery.recover,
         )
         if _BY_ROUND.value:
             result["accuracy_by_round"] = evaluation.accuracy_by_round(

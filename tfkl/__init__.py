@@ -7,7 +7,6 @@ Keras 2), so that `tfkl.names` serves the binaries' flags before TensorFlow load
 import importlib
 import os
 import sys
-import types
 
 from tfkl.version import __version__
 
@@ -31,23 +30,12 @@ _API = {
     "private_variables": "tfkl.private",
     "set_key": "tfkl.private",
     "shared_variables": "tfkl.private",
-    "add_affine_normalization": "tfkl.secure",
-    "secure": "tfkl.secure",
+    "add_affine_normalization": "tfkl.securing",
+    "secure": "tfkl.securing",
 }
 _SUBMODULES = ("data", "models", "optimizers", "training")
 
 __all__ = ["__version__", *_API]
-
-
-class _Package(types.ModuleType):
-    """tfkl's module type: importing the submodule tfkl.secure would bind it as `tfkl.secure`, which is the function."""
-
-    def __setattr__(self, name, value):
-        if not (name in _API and isinstance(value, types.ModuleType)):
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name):

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from tfkl.keylock import TorchLinearUniform
 from tfkl.names import INITS, MODELS
-from tfkl.secure import add_affine_normalization, secure
+from tfkl.securing import add_affine_normalization, secure
 
 # PyTorch BatchNorm2d defaults (momentum 0.1 there is 0.9 in Keras' convention).
 _BN = dict(momentum=0.9, epsilon=1e-5)

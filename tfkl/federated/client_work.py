@@ -160,81 +160,31 @@ def client_update(
       weight_by_examples: weight the update by the client's examples (else 1).
       update_transform: applied to the shared update before it is sent (e.g. `prune_smallest`).
       random_key_penalty: FedKL: with a positive weight, each step adds weight x
-        `uniform_divergence` of a second train-mode forward pass under a fresh key of
-        `key_distribution` (`throwaway_key`, seeded per client, round and step), so that the model
-        learns to answer a key not its own with chance; the moving statistics that pass moves are
-        put back. The reported loss stays the classification loss.
+        `random_key_divergence` under a fresh key of `key_distribution` (`throwaway_key`, seeded
+        per client, round and step), so that the model learns to answer a key not its own with
+        chance. The reported loss stays the classification loss.
 
     Returns:
-      A `ClientOutput`. A client whose update, new state or loss is not finite is rejected: zero
-      update and weight, its old state kept.
+      A `ClientOutput`. A client whose update, new state or loss is not finite is rejected
+      (`reject_non_finite`): zero update and weight, its old state kept.
     """
     trainable, non_trainable, key_vars, lock_vars = ModelParts(model).split(model)
     keep_statistics = bool(state["statistics"])
     persist_optimizer_state = bool(state["optimizer"])
-    loss_fn = classification_loss()
-    variables = model.trainable_variables
-    for variable, value in zip(trainable, global_weights["trainable"]):
-        variable.assign(value)
-    own_statistics = state["statistics"] if keep_statistics else global_weights["non_trainable"]
-    own_keys = list(state["key"]) * len(key_vars)
-    for variable, value in zip(
-        non_trainable + key_vars + lock_vars, list(own_statistics) + own_keys + list(state["lock"])
-    ):
-        variable.assign(value)
+    if random_key_penalty > 0 and not key_vars:
+        raise ValueError("random_key_penalty needs a model with a key (FedKL)")
+    _load_client_model(trainable, non_trainable, key_vars, lock_vars, global_weights, state)
     if persist_optimizer_state:
         buffers = list(state["optimizer"])
     else:
-        buffers = optimizer.initialize([tf.TensorSpec(v.shape, v.dtype) for v in variables])[MOMENTUM_BUFFERS]
-    penalized = random_key_penalty > 0
-    if penalized and not key_vars:
-        raise ValueError("random_key_penalty needs a model with a key (FedKL)")
-    penalty_seed = _penalty_seed(state["key"][0], global_weights) if penalized else None
-
-    def step(carry, batch):
-        buffers, loss_sum, correct, count, steps = carry
-        images, labels = batch
-        with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            loss = loss_fn(labels, logits)
-            objective = loss
-            if penalized:
-                seed = tf.random.experimental.stateless_fold_in(penalty_seed, steps)
-                fresh = throwaway_key(key_vars[0].shape[0], seed, key_distribution)
-                with tf.control_dependencies([logits]):
-                    moved = [v.read_value() for v in non_trainable]  # after the main pass moved them
-                with tf.control_dependencies(moved):
-                    assigned = [v.assign(fresh) for v in key_vars]
-                with tf.control_dependencies(assigned):
-                    wrong_logits = model(images, training=True)
-                with tf.control_dependencies([wrong_logits]):
-                    restored = [v.assign(w) for v, w in zip(key_vars + non_trainable, own_keys + moved)]
-                with tf.control_dependencies(restored):
-                    objective = loss + random_key_penalty * uniform_divergence(wrong_logits)
-        gradients = tape.gradient(objective, variables)
-        opt_state = {LEARNING_RATE: learning_rate, MOMENTUM_BUFFERS: buffers}
-        opt_state, new_weights = optimizer.next(opt_state, [v.read_value() for v in variables], gradients)
-        with tf.control_dependencies([v.assign(w) for v, w in zip(variables, new_weights)]):
-            n = tf.shape(labels)[0]
-            predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
-            return (
-                tuple(opt_state[MOMENTUM_BUFFERS]),
-                loss_sum + loss * tf.cast(n, tf.float32),
-                correct + tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.int64)),
-                count + tf.cast(n, tf.int64),
-                steps + 1,
-            )
-
-    buffers, loss_sum, correct, count, steps = dataset.reduce(
-        (
-            tuple(buffers),
-            tf.constant(0.0),
-            tf.constant(0, tf.int64),
-            tf.constant(0, tf.int64),
-            tf.constant(0, tf.int64),
-        ),
-        step,
-    )
+        specs = [tf.TensorSpec(v.shape, v.dtype) for v in model.trainable_variables]
+        buffers = optimizer.initialize(specs)[MOMENTUM_BUFFERS]
+    penalty = None
+    if random_key_penalty > 0:
+        penalty = _random_key_penalty(
+            random_key_penalty, key_distribution, key_vars, non_trainable, state["key"][0], global_weights
+        )
+    buffers, sums = _train(model, optimizer, learning_rate, dataset, buffers, penalty)
     update = collections.OrderedDict(
         trainable=[v - w for v, w in zip(trainable, global_weights["trainable"])],
         non_trainable=[]
@@ -249,23 +199,121 @@ def client_update(
         optimizer=list(buffers) if persist_optimizer_state else [],
         statistics=[v.read_value() for v in non_trainable] if keep_statistics else [],
     )
-    finite = tf.reduce_all(
-        [tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(update) + tf.nest.flatten(new_state) + [loss_sum]]
-    )
+    update, new_state, finite = reject_non_finite(update, new_state, state, sums.loss_sum)
+    weight, metrics, report = _accounting(sums, finite, weight_by_examples)
+    return ClientOutput(update, weight, new_state, metrics, report)
+
+
+def _load_client_model(trainable, non_trainable, key_vars, lock_vars, global_weights, state):
+    """Sets the shared weights from the server and the key, lock and (if it keeps them) statistics of the client."""
+    for variable, value in zip(trainable, global_weights["trainable"]):
+        variable.assign(value)
+    own_statistics = state["statistics"] if state["statistics"] else global_weights["non_trainable"]
+    own_keys = list(state["key"]) * len(key_vars)
+    for variable, value in zip(
+        non_trainable + key_vars + lock_vars, list(own_statistics) + own_keys + list(state["lock"])
+    ):
+        variable.assign(value)
+
+
+class TrainingSums(NamedTuple):
+    """What local training adds up over its steps."""
+
+    loss_sum: tf.Tensor  # the classification loss summed over the examples
+    correct: tf.Tensor
+    num_examples: tf.Tensor
+    num_steps: tf.Tensor
+
+
+def _train(model, optimizer, learning_rate, dataset, buffers, penalty=None):
+    """Local training: one optimizer step per batch of `dataset`, from the momentum `buffers`.
+
+    `penalty(model, images, step)`: a term added to each step's objective (see `_random_key_penalty`).
+    Returns (the new buffers, `TrainingSums`).
+    """
+    loss_fn = classification_loss()
+    variables = model.trainable_variables
+
+    def step(carry, batch):
+        buffers, loss_sum, correct, count, steps = carry
+        images, labels = batch
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            loss = loss_fn(labels, logits)
+            objective = loss if penalty is None else loss + penalty(model, images, steps)
+        gradients = tape.gradient(objective, variables)
+        opt_state = {LEARNING_RATE: learning_rate, MOMENTUM_BUFFERS: buffers}
+        opt_state, new_weights = optimizer.next(opt_state, [v.read_value() for v in variables], gradients)
+        with tf.control_dependencies([v.assign(w) for v, w in zip(variables, new_weights)]):
+            n = tf.shape(labels)[0]
+            predicted = tf.argmax(logits, axis=-1, output_type=labels.dtype)
+            return (
+                tuple(opt_state[MOMENTUM_BUFFERS]),
+                loss_sum + loss * tf.cast(n, tf.float32),
+                correct + tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.int64)),
+                count + tf.cast(n, tf.int64),
+                steps + 1,
+            )
+
+    zero = tf.constant(0, tf.int64)
+    buffers, *sums = dataset.reduce((tuple(buffers), tf.constant(0.0), zero, zero, zero), step)
+    return buffers, TrainingSums(*sums)
+
+
+def _random_key_penalty(weight, distribution, key_vars, statistics_vars, own_key, global_weights):
+    """The random-key penalty of a client's round as `penalty(model, images, step)`: `weight` x
+    `random_key_divergence` under the step's `throwaway_key` (seeded per client, round and step)."""
+    round_seed = _penalty_seed(own_key, global_weights)
+    key_dim = key_vars[0].shape[0]
+
+    def penalty(model, images, step):
+        fresh_key = throwaway_key(key_dim, tf.random.experimental.stateless_fold_in(round_seed, step), distribution)
+        return weight * random_key_divergence(model, images, fresh_key, key_vars, statistics_vars, own_key)
+
+    return penalty
+
+
+def random_key_divergence(model, images, fresh_key, key_vars, statistics_vars, own_key):
+    """`uniform_divergence` of `model`'s train-mode logits of `images` under `fresh_key` (set in `key_vars`).
+
+    That pass moves the moving statistics (`statistics_vars`): they are put back, and the keys set to
+    `own_key` again, so the model leaves as it came (automatic control dependencies order the
+    reads and assignments, in a `tf.function`, as written).
+    """
+    statistics = [v.read_value() for v in statistics_vars]
+    for variable in key_vars:
+        variable.assign(fresh_key)
+    wrong_logits = model(images, training=True)
+    for variable, value in zip(key_vars + statistics_vars, [own_key] * len(key_vars) + statistics):
+        variable.assign(value)
+    return uniform_divergence(wrong_logits)
+
+
+def reject_non_finite(update, new_state, old_state, loss_sum):
+    """(update, state, finite): `update` and `new_state` when they and `loss_sum` are all finite, else
+    a zero update and `old_state` (a client whose training diverged or whose data hold NaN)."""
+    values = tf.nest.flatten(update) + tf.nest.flatten(new_state) + [loss_sum]
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in values])
     update = tf.nest.map_structure(lambda u: tf.where(finite, u, tf.zeros_like(u)), update)
-    new_state = tf.nest.map_structure(lambda n, o: tf.where(finite, n, o), new_state, state)
+    new_state = tf.nest.map_structure(lambda n, o: tf.where(finite, n, o), new_state, old_state)
+    return update, new_state, finite
+
+
+def _accounting(sums, finite, weight_by_examples):
+    """(aggregation weight, metric sums, report) of a client (see `ClientOutput`)."""
+    count = sums.num_examples
     base_weight = tf.cast(count, tf.float32) if weight_by_examples else tf.constant(1.0)
     weight = tf.where(finite & (count > 0), base_weight, 0.0)
     accepted = tf.cast(weight > 0, tf.int64)
     metrics = collections.OrderedDict(
-        loss_sum=tf.where(finite, loss_sum, 0.0) * tf.cast(accepted, tf.float32),
-        correct=correct * accepted,
+        loss_sum=tf.where(finite, sums.loss_sum, 0.0) * tf.cast(accepted, tf.float32),
+        correct=sums.correct * accepted,
         num_examples=count * accepted,
         clients_accepted=accepted,
         clients_rejected=1 - accepted,
     )
-    report = collections.OrderedDict(num_examples=count, num_steps=steps, accepted=accepted > 0)
-    return ClientOutput(update, weight, new_state, metrics, report)
+    report = collections.OrderedDict(num_examples=count, num_steps=sums.num_steps, accepted=accepted > 0)
+    return weight, metrics, report
 
 
 def initial_server_state(model, server_optimizer):

@@ -1,7 +1,8 @@
 """The honest evaluation of a FedKL run: who can use the trained model, with which secret.
 
 The test split is cut once (seeded) into a public part an attacker may hold (for lock recovery)
-and the evaluation part every accuracy is measured on, so the two never overlap.
+and the evaluation part every accuracy is measured on, so the two never overlap. Lock recovery is
+an attack: `evaluate` takes it as an argument (`attacks.lock_recovery.recover`) for entry (e).
 """
 
 import functools
@@ -43,7 +44,10 @@ ENTRIES = {
 STATISTICS_BATCHES = 100  # at momentum 0.9 the old statistics keep a weight of 0.9**100 ~ 3e-5
 
 
-class _Evaluator:
+class Evaluator:
+    """The run's model on the server's shared weights, into which a client's (or an attacker's)
+    statistics, key and lock are put to measure its accuracy."""
+
     def __init__(self, config, process, server_state):
         self.config = config
         self.model = config.model_fn()()
@@ -75,21 +79,20 @@ class _Evaluator:
     def reestimate_statistics(self, images, labels, input_shape, seed, batch_size=64):
         """Moves the moving statistics to `images` by train-mode forward passes (no weight changes),
         cycling the examples for STATISTICS_BATCHES batches."""
-        for x, _ in _cycled_batches(images, labels, input_shape, batch_size, seed).take(STATISTICS_BATCHES):
+        for x, _ in cycled_batches(images, labels, input_shape, batch_size, seed).take(STATISTICS_BATCHES):
             self._forward_training(x)
 
     def accuracy(self, dataset):
         return float(accuracy(self.model, dataset))
 
 
-def _cycled_batches(images, labels, input_shape, batch_size, seed):
+def cycled_batches(images, labels, input_shape, batch_size, seed):
     """Shuffled batches of a small labelled set, repeated without end."""
     return data_lib.make_dataset(
         images, labels, input_shape, min(batch_size, len(labels)), shuffle_seed=seed, repeat=None
     )
 
 
-RECOVERY_STATISTICS = ("server", "public")
 # The from-scratch yardstick's fixed budget (chosen before any run, never tuned on the evaluation examples).
 SCRATCH_LEARNING_RATE = 1e-3
 SCRATCH_BATCH_SIZE = 32
@@ -124,45 +127,9 @@ def train_from_scratch(config, images, labels, eval_ds, seed, steps=None):
         return loss
 
     shape = tuple(config.input_shape)
-    for x, y in _cycled_batches(images, labels, shape, SCRATCH_BATCH_SIZE, seed).take(steps):
+    for x, y in cycled_batches(images, labels, shape, SCRATCH_BATCH_SIZE, seed).take(steps):
         step(x, y)
     return float(accuracy(model, eval_ds))
-
-
-def affine_start(lock_vars):
-    """Lock weights that make every lock a plain affine whatever the key: zero kernels, so gamma and beta
-    are act(bias); scale biases 1 and shift biases 0.1 (positive: ReLU passes their gradient). Fitting
-    the biases alone then fits the 2 x channels numbers (gamma, beta) of each lock directly."""
-    values = []
-    for index, variable in enumerate(lock_vars):
-        fill = {0: 0.0, 1: 1.0, 2: 0.0, 3: 0.1}[index % 4]  # (scale kernel, scale bias, shift kernel, shift bias)
-        values.append(np.full(variable.shape, fill, np.float32))
-    return values
-
-
-def _recover_lock(
-    evaluator, images, labels, input_shape, steps, seed, statistics, learning_rate=0.01, batch_size=32, variables=None
-):
-    """Fine-tunes the lock layers (or `variables`, some of them) on a small labelled set. With
-    statistics='server' the model runs in inference mode on the server's moving statistics; with
-    'public' it trains in train mode, so the moving statistics follow the public batches (they
-    matter when clients keep theirs local)."""
-    model = evaluator.model
-    variables = evaluator.lock_vars if variables is None else variables
-    optimizer = tf.keras.optimizers.Adam(learning_rate)
-    loss_fn = classification_loss()
-    training = statistics == "public"
-
-    @tf.function
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=training))
-        gradients = tape.gradient(loss, variables)
-        optimizer.apply_gradients(zip(gradients, variables))
-        return loss
-
-    for x, y in _cycled_batches(images, labels, input_shape, batch_size, seed).take(steps):
-        step(x, y)
 
 
 def _evaluation_setup(root_dir, public_size, seed, dataset):
@@ -216,7 +183,7 @@ def accuracy_by_round(root_dir, public_size=1000, max_clients=10, seed=0, datase
     for round_num in run_dir.complete_rounds(root_dir):
         report(f"accuracy by round: round {round_num}")
         server_state, client_states, _, client_ids, _ = _restore(root_dir, config, process, round_num, max_clients)
-        evaluator = _Evaluator(config, process, server_state)
+        evaluator = Evaluator(config, process, server_state)
         if config.locked:
             curve[round_num] = float(
                 np.mean(list(_own_secret_accuracy(evaluator, client_states, client_ids, eval_ds).values()))
@@ -235,9 +202,14 @@ def evaluate(
     seed=0,
     dataset=None,
     progress=False,
+    lock_recovery=None,
 ):
     """The accuracy matrix of a run's (last complete, or given) round, as a JSON-ready dict. With `progress`,
-    prints a line per stage and client as it goes."""
+    prints a line per stage and client as it goes.
+
+    `lock_recovery`: the attack of entry (e) (`attacks.lock_recovery.recover`'s arguments and result);
+    None: no entry (e), nor its from-scratch yardstick.
+    """
     report = _reporter(progress)
     # The first line comes once the run has been read: a run that cannot be evaluated gets its error line alone.
     config, dataset, process, public, held_out, eval_ds = _evaluation_setup(
@@ -247,7 +219,6 @@ def evaluate(
         root_dir, config, process, round_num, max_clients
     )
     report(f"evaluating {root_dir}: round {round_num} restored; {len(held_out)} evaluation examples")
-    shape = tuple(config.input_shape)
     result = dict(
         root_dir=root_dir,
         round=round_num,
@@ -261,12 +232,46 @@ def evaluate(
         public_examples=int(len(public)),
     )
     tf.keras.utils.set_random_seed(seed)
-    evaluator = _Evaluator(config, process, server_state)
+    evaluator = Evaluator(config, process, server_state)
     if not config.locked:
         result["global"] = evaluator.accuracy(eval_ds)
         return result
 
     result.update(evaluated_clients=client_ids, last_update_round=last_update, descriptions=ENTRIES)
+    rows = _client_rows(evaluator, config, dataset, client_states, client_ids, eval_ds, seed, report)
+    for name, values in rows.items():
+        result[name] = dict(mean=float(np.mean(list(values.values()))), per_client=values)
+    report("(d) the global model alone")
+    evaluator.set_statistics(evaluator.global_statistics)
+    random_key = config.random_key(seed=[seed, 2])
+    evaluator.set_secret(random_key, [np.zeros(v.shape, np.float32) for v in evaluator.lock_vars])
+    result["d_global_zero_lock"] = evaluator.accuracy(eval_ds)
+    fresh_lock = [v.numpy() for v in process.parts.split(config.model_fn()())[3]]
+    evaluator.set_secret(random_key, fresh_lock)
+    result["d_global_fresh_lock_random_key"] = evaluator.accuracy(eval_ds)
+    if lock_recovery is not None:
+        publics = [(str(int(size)), public[: min(int(size), len(public))]) for size in public_sizes]
+        recovery = {}
+        for size, usable in publics:
+            found = lock_recovery(
+                evaluator,
+                dataset.x_test[usable],
+                dataset.y_test[usable],
+                eval_ds,
+                steps=recovery_steps,
+                seed=seed,
+                random_key=random_key,
+                fresh_lock=fresh_lock,
+                report=report,
+            )
+            recovery[size] = dict(examples=int(len(usable)), steps=int(recovery_steps), **found)
+        result["e_lock_recovery"] = recovery
+        result["e_from_scratch"] = _from_scratch_entries(config, dataset, publics, recovery, eval_ds, seed, report)
+    return result
+
+
+def _client_rows(evaluator, config, dataset, client_states, client_ids, eval_ds, seed, report):
+    """Entries (a), (b), (c) and (f): {entry: {client: accuracy}}."""
     report(f"(a) own key and lock: clients {', '.join(client_ids)}")
     rows = {"a_own_key_and_lock": _own_secret_accuracy(evaluator, client_states, client_ids, eval_ds)}
     rows.update({name: {} for name in ("b_own_lock_random_key", "c_own_lock_other_key", "c_other_key_and_lock")})
@@ -289,55 +294,24 @@ def evaluate(
         report(f"(f) own secret, statistics re-estimated on its data: client {cid}")
         evaluator.use_own_secret(client_states[cid])
         own = partition[int(cid)]
-        evaluator.reestimate_statistics(dataset.x_train[own], dataset.y_train[own], shape, seed)
+        evaluator.reestimate_statistics(dataset.x_train[own], dataset.y_train[own], tuple(config.input_shape), seed)
         rows["f_own_secret_own_statistics"][cid] = evaluator.accuracy(eval_ds)
-    for name, values in rows.items():
-        result[name] = dict(mean=float(np.mean(list(values.values()))), per_client=values)
+    return rows
 
-    report("(d) the global model alone")
-    evaluator.set_statistics(evaluator.global_statistics)
-    random_key = config.random_key(seed=[seed, 2])
-    evaluator.set_secret(random_key, [np.zeros(v.shape, np.float32) for v in evaluator.lock_vars])
-    result["d_global_zero_lock"] = evaluator.accuracy(eval_ds)
-    fresh_lock = [v.numpy() for v in process.parts.split(config.model_fn()())[3]]
-    evaluator.set_secret(random_key, fresh_lock)
-    result["d_global_fresh_lock_random_key"] = evaluator.accuracy(eval_ds)
 
-    recovery = {}
-    biases = [v for index, v in enumerate(evaluator.lock_vars) if index % 2]
-    for size in public_sizes:
-        usable = public[: min(int(size), len(public))]
-        by_start = {"fresh_lock": {}, "affine": {}}
-        for start, lock, variables in (
-            ("fresh_lock", fresh_lock, None),
-            ("affine", affine_start(evaluator.lock_vars), biases),
-        ):
-            for statistics in RECOVERY_STATISTICS:
-                report(f"(e) lock recovery on {len(usable)} public examples, from {start}, {statistics} statistics")
-                evaluator.set_statistics(evaluator.global_statistics)
-                evaluator.set_secret(random_key, lock)
-                images, labels = dataset.x_test[usable], dataset.y_test[usable]
-                _recover_lock(evaluator, images, labels, shape, recovery_steps, seed, statistics, variables=variables)
-                by_start[start][statistics] = evaluator.accuracy(eval_ds)
-        recovery[str(int(size))] = dict(
-            examples=int(len(usable)),
-            steps=int(recovery_steps),
-            accuracy=max(max(values.values()) for values in by_start.values()),
-            by_statistics=by_start["fresh_lock"],
-            affine_by_statistics=by_start["affine"],
-        )
-    result["e_lock_recovery"] = recovery
+def _from_scratch_entries(config, dataset, publics, recovery, eval_ds, seed, report):
+    """Entry (e)'s yardstick on each public set of `publics` ((size, indices) pairs), next to `recovery`'s."""
     scratch = {}
-    for size in public_sizes:
-        usable = public[: min(int(size), len(public))]
+    for size, usable in publics:
         report(f"(e) from scratch on the {len(usable)} public examples alone")
         value = train_from_scratch(config, dataset.x_test[usable], dataset.y_test[usable], eval_ds, seed)
-        gained = recovery[str(int(size))]["accuracy"] - value
-        scratch[str(int(size))] = dict(
-            examples=int(len(usable)), steps=scratch_steps(len(usable)), accuracy=value, recovery_minus_scratch=gained
+        scratch[size] = dict(
+            examples=int(len(usable)),
+            steps=scratch_steps(len(usable)),
+            accuracy=value,
+            recovery_minus_scratch=recovery[size]["accuracy"] - value,
         )
-    result["e_from_scratch"] = scratch
-    return result
+    return scratch
 
 
 def format_matrix(result):

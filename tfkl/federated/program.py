@@ -103,16 +103,9 @@ def train_rounds(root_dir, process, config, options, dataset, partition, restore
         server_state, _, start = restored
         logger.info("resuming %s after round %d", root_dir, start)
     create_client = state_manager.initial_state_fn(config, process)
-    capture = bool(options.capture_rounds)
     layout = capture_lib.SharedLayout(config.model_fn()(), process.parts)
-    cache_dir = run_dir.client_data_dir(root_dir) if options.cache_client_data else None
-    nan_at, fail_at = set(options.inject_nan), set(options.inject_failure)
-    progress = tf.keras.utils.Progbar(
-        options.rounds,
-        stateful_metrics=["loss", "accuracy", "rejected", "dropped", "s/round"],
-        verbose=1 if options.progress else 0,
-    )
-    progress.update(min(start, options.rounds))
+    client_data_fn = _client_data_fn(root_dir, config, options, dataset, partition)
+    progress = _progress_bar(options, start)
     metrics = None
     try:
         for round_num in range(start + 1, options.rounds + 1):
@@ -120,55 +113,73 @@ def train_rounds(root_dir, process, config, options, dataset, partition, restore
             sampled = simulation.sample_clients(config.num_clients, config.clients_per_round, config.seed, round_num)
             client_states, _ = state_manager.client_states(config, process, round_num - 1, sampled, create_client)
             seeds = {c: simulation.data_seed(config.seed, round_num, c) for c in sampled}
-
-            def client_data(client_id, round_num=round_num, seeds=seeds):
-                return client_dataset(
-                    config,
-                    dataset,
-                    partition[int(client_id)],
-                    seeds[client_id],
-                    cache_dir,
-                    client_id,
-                    poison=(round_num, client_id) in nan_at,
-                    fail=(round_num, client_id) in fail_at,
-                )
-
             learning_rate = config.round_learning_rate(round_num)
             global_t, global_n = process.global_weights(server_state)
             try:
                 server_state, new_client_states, metrics, reports = simulation.run_round(
-                    process, server_state, client_states, sampled, client_data, learning_rate
+                    process, server_state, client_states, sampled, client_data_fn(round_num, seeds), learning_rate
                 )
             except simulation.RoundFailed as e:
                 raise ProgramError(f"round {round_num}: {e}; fix the cause and run the same command again") from None
             client_states.update(new_client_states)
-            if capture and capture_lib.captures_round(options.capture_rounds, round_num):
-                capture_lib.save_round_captures(
-                    root_dir,
-                    round_num,
-                    layout,
-                    global_t,
-                    global_n,
-                    reports,
-                    capture_lib.run_meta_fn(config, dataset.name, learning_rate, seeds, partition),
-                )
+            if options.capture_rounds and capture_lib.captures_round(options.capture_rounds, round_num):
+                run_meta = capture_lib.run_meta_fn(config, dataset.name, learning_rate, seeds, partition)
+                capture_lib.save_round_captures(root_dir, round_num, layout, global_t, global_n, reports, run_meta)
             metrics = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in metrics.items()}
             metrics.update(learning_rate=float(learning_rate), seconds=time.time() - started)
             # Released before the state is saved: a resumed round releases again, replacing its rows.
             asyncio.run(metrics_manager.release(metrics, round_num))
             state_manager.save(round_num, server_state, client_states, changed=set(new_client_states))
-            progress.update(
-                round_num,
-                [
-                    ("loss", metrics["loss"]),
-                    ("accuracy", metrics["accuracy"]),
-                    ("rejected", metrics["clients_rejected"]),
-                    ("dropped", metrics["clients_dropped"]),
-                    ("s/round", metrics["seconds"]),
-                ],
-            )
+            _show_round(progress, round_num, metrics)
     except BaseException:
         if options.progress:
             print(flush=True)  # ends the progress bar's line: the error that follows gets a line of its own
         raise
     return metrics
+
+
+def _client_data_fn(root_dir, config, options, dataset, partition):
+    """`client_data_fn(round_num, seeds)`: the round's `client_data(client_id)`, the client's batches
+    (shuffled by `seeds[client_id]`; NaN or failing where `options` inject it)."""
+    cache_dir = run_dir.client_data_dir(root_dir) if options.cache_client_data else None
+    nan_at, fail_at = set(options.inject_nan), set(options.inject_failure)
+
+    def client_data_fn(round_num, seeds):
+        def client_data(client_id):
+            return client_dataset(
+                config,
+                dataset,
+                partition[int(client_id)],
+                seeds[client_id],
+                cache_dir,
+                client_id,
+                poison=(round_num, client_id) in nan_at,
+                fail=(round_num, client_id) in fail_at,
+            )
+
+        return client_data
+
+    return client_data_fn
+
+
+def _progress_bar(options, start):
+    progress = tf.keras.utils.Progbar(
+        options.rounds,
+        stateful_metrics=["loss", "accuracy", "rejected", "dropped", "s/round"],
+        verbose=1 if options.progress else 0,
+    )
+    progress.update(min(start, options.rounds))
+    return progress
+
+
+def _show_round(progress, round_num, metrics):
+    progress.update(
+        round_num,
+        [
+            ("loss", metrics["loss"]),
+            ("accuracy", metrics["accuracy"]),
+            ("rejected", metrics["clients_rejected"]),
+            ("dropped", metrics["clients_dropped"]),
+            ("s/round", metrics["seconds"]),
+        ],
+    )

@@ -1,4 +1,8 @@
-"""`secure()`: put KeyLock blocks into an existing Sequential or functional Keras model."""
+"""Securing a model: `secure()` puts KeyLock blocks into an existing Sequential or functional Keras model.
+
+`node_call_arguments` serves any code that re-runs a functional model's graph node by node (as
+`secure` does here and the attacker's functional model does in attacks/model.py).
+"""
 
 from __future__ import annotations
 
@@ -90,7 +94,9 @@ def _consumers(model):
     return consumers
 
 
-def _map_arguments(node, tensors):
+def node_call_arguments(node, tensors):
+    """The (args, kwargs) that `node` of a functional Keras model calls its layer with, each Keras
+    input tensor replaced by `tensors[tensor_id]` (ids as in `node.flat_input_ids`)."""
     if node._single_positional_tensor_passed:
         return (tensors[node.flat_input_ids[0]],), {}
     flat = list(node._flat_arguments)
@@ -193,7 +199,7 @@ def _insert_blocks(model, where, new_block, name):
             layer = node.layer
             if node.is_input:
                 continue
-            args, kwargs = _map_arguments(node, tensors)
+            args, kwargs = node_call_arguments(node, tensors)
             if replaces_batch_norm(node):
                 outputs = new_block(layer.name, momentum=layer.momentum, epsilon=layer.epsilon)(*args)
             elif id(layer) in targets:
