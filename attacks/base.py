@@ -6,6 +6,7 @@ objective and gradient independently (each with its own batch statistics), so on
 serves them all, on CPU or GPU.
 """
 
+import collections
 from collections.abc import Callable
 import dataclasses
 import time
@@ -17,28 +18,108 @@ import tensorflow as tf
 from attacks import labels as labels_lib
 from attacks import targets as targets_lib
 from attacks.model import DEAD_LATENT
-from tfkl import names
 
 if TYPE_CHECKING:
     from attacks.model import AttackerModel
 
 DISTANCES = ("l2", "l2_sum", "cosine", "grnn")
-# The adaptive attacker's strategies (threat 'adaptive' only): name -> (the lock latents' start schemes,
-# cycled over the restarts (`AttackerModel.initial_lock_latent`); whether channels whose gamma must be 0,
-# read from the captured gradient (`AttackerModel.dead_lock_channels`), are fixed at gamma = 0; whether the
-# images and the lock latents take turns, ALTERNATION_STEPS steps each, instead of moving together).
-ADAPTIVE_STRATEGIES = {
-    "joint": (("uniform",), False, False),
-    "prior": (("prior",), False, False),
-    "mixed": (("prior", "uniform"), False, False),
-    "relearn": (("prior",), True, False),
-    "relearn-mixed": (("prior", "uniform"), True, False),
-    "relearn-uniform": (("uniform",), True, False),
-    "relearn-alternating": (("prior",), True, True),
+LABEL_MODES = ("infer", "joint", "given")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveStrategy:
+    """How the adaptive attacker (threat 'adaptive' only) searches the unknown gamma/beta.
+
+    lock_starts: the lock latents' start schemes, cycled over the restarts (`AttackerModel.initial_lock_latent`).
+    fixes_dead_channels: channels whose gamma must be 0, read from the captured gradient
+      (`AttackerModel.dead_lock_channels`), are fixed at gamma = 0.
+    alternates: the images and the lock latents take turns, ALTERNATION_STEPS steps each, instead of moving
+      together (block-coordinate descent).
+    """
+
+    lock_starts: tuple
+    fixes_dead_channels: bool = False
+    alternates: bool = False
+
+
+ADAPTIVE_STRATEGIES = {  # attacks.names.ADAPTIVE_STRATEGIES, in its order
+    "joint": AdaptiveStrategy(("uniform",)),
+    "prior": AdaptiveStrategy(("prior",)),
+    "mixed": AdaptiveStrategy(("prior", "uniform")),
+    "relearn": AdaptiveStrategy(("prior",), fixes_dead_channels=True),
+    "relearn-mixed": AdaptiveStrategy(("prior", "uniform"), fixes_dead_channels=True),
+    "relearn-uniform": AdaptiveStrategy(("uniform",), fixes_dead_channels=True),
+    "relearn-alternating": AdaptiveStrategy(("prior",), fixes_dead_channels=True, alternates=True),
 }
 ALTERNATION_STEPS = 50
 DEFAULT_ADAPTIVE_STRATEGY = "relearn"
-assert tuple(ADAPTIVE_STRATEGIES) == names.ADAPTIVE_STRATEGIES
+SHARED_FUNCTIONS_KEPT = 16
+_shared_functions = collections.OrderedDict()  # (attack structure, role) -> tf.function (Attack._shared_function)
+
+
+def check_lock_learning_rate(value):
+    """`value` (None or a positive float) or one clear ValueError."""
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"lock_learning_rate must be None or a positive number, got {value!r}")
+    return float(value)
+
+
+def check_distance(value):
+    """`value` (one of DISTANCES) or one clear ValueError."""
+    if value not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """The hyperparameters every attack takes; each attack's config (`DLGConfig`, `IGConfig`, ...) adds its
+    own and sets its defaults. Frozen and validated on creation: a bad value is one clear ValueError.
+
+    iterations: optimiser steps in all; chunk: steps per compiled call, between progress reports.
+    distance: the gradient distance (one of DISTANCES, see `gradient_distance`); tv: total-variation weight.
+    label_mode: 'infer' (iDLG rule from the last layer's gradient/update), 'joint' (label logits optimised with
+      the image, DLG) or 'given' (labels passed to `reconstruct`).
+    restarts: independent starts per target; the one with the lowest objective is kept.
+    label_hypotheses: with label_mode='infer' on batches, restart r assumes the (r mod this)-th most plausible
+      label counts, on multi-step updates the (r mod this)-th most plausible labels of each local step
+      (`labels.label_hypotheses`).
+    seed: seeds the starting points.
+    adaptive_strategy: under threat 'adaptive', how the unknown gamma/beta are searched (a key of
+      ADAPTIVE_STRATEGIES; see attacks/README.md); None: the attack's `default_adaptive_strategy`, the strongest
+      measured for it (benchmarks.adaptive_attacker). The restart kept is always the one with the lowest
+      objective. Ignored under the other threats.
+    """
+
+    iterations: int = 1000
+    chunk: int = 250
+    distance: str = "l2"
+    tv: float = 0.0
+    label_mode: str = "infer"
+    restarts: int = 1
+    label_hypotheses: int = 1
+    seed: int = 0
+    adaptive_strategy: str | None = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):  # 1500.0 iterations, a learning rate of 1: the declared type
+            value = getattr(self, field.name)
+            if field.type in (int, float, bool) and value is not None:
+                object.__setattr__(self, field.name, field.type(value))
+        check_distance(self.distance)
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode must be 'infer', 'joint' or 'given', got {self.label_mode!r}")
+        if self.adaptive_strategy is not None and self.adaptive_strategy not in ADAPTIVE_STRATEGIES:
+            raise ValueError(
+                f"adaptive_strategy must be one of {tuple(ADAPTIVE_STRATEGIES)}, got {self.adaptive_strategy!r}"
+            )
+        for name in ("iterations", "chunk", "restarts", "label_hypotheses"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.tv < 0:
+            raise ValueError(f"tv must be non-negative, got {self.tv}")
 
 
 @dataclasses.dataclass
@@ -64,22 +145,6 @@ class Snapshot:
     seconds: float
     images: np.ndarray
     losses: np.ndarray
-
-
-def check_lock_learning_rate(value):
-    """`value` (None or a positive float) or one clear ValueError."""
-    if value is None:
-        return None
-    if not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"lock_learning_rate must be None or a positive number, got {value!r}")
-    return float(value)
-
-
-def check_distance(value):
-    """`value` (one of DISTANCES) or one clear ValueError."""
-    if value not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {value!r}")
-    return value
 
 
 def total_variation(images):
@@ -112,57 +177,26 @@ def _scale(target):
 
 
 class Attack:
-    """Base of the optimisation attacks.
+    """Base of the optimisation attacks: an attacker (`attacks.AttackerModel`, the server's view under one
+    threat model) and one frozen config of hyperparameters (`Config`, an `AttackConfig`).
 
-    Args:
-      attacker: an `attacks.AttackerModel` (the server's view under one threat model).
-      label_mode: 'infer' (iDLG rule from the last layer's gradient/update), 'joint' (label logits
-        optimised with the image, DLG) or 'given' (labels passed to `reconstruct`).
-      restarts: independent starts per target; the one with the lowest objective is kept.
-      label_hypotheses: with label_mode='infer' on batches, restart r assumes the (r mod this)-th most
-        plausible label counts, on multi-step updates the (r mod this)-th most plausible labels of each
-        local step (`labels.label_hypotheses`).
-      seed: seeds the starting points.
-      adaptive_strategy: under threat 'adaptive', how the unknown gamma/beta are searched (one of
-        ADAPTIVE_STRATEGIES): 'joint' (the first adaptive attacker: every restart starts at gamma ~ U(0.5,
-        1.5), beta ~ U(0, 0.5)); 'prior' (restarts start from gamma/beta drawn as a fresh lock makes them);
-        'mixed' (restarts alternate 'prior' and 'uniform' starts); 'relearn' / 'relearn-mixed' (as 'prior' /
-        'mixed', and the channels whose kernel gradient is zero in the captured single-step gradient are
-        fixed at gamma = 0, the rest optimised); 'relearn-alternating' (as 'relearn', the images and the
-        lock taking turns: block-coordinate descent). The restart kept is always the one with the lowest
-        objective. Ignored under the other threats. None: the attack's `default_adaptive_strategy`, the
-        strongest measured for it (benchmarks.adaptive_attacker).
+    `Attack(attacker, config)`, or `Attack(attacker, **options)` for `Config(**options)`.
     """
 
     name = "attack"
+    Config = AttackConfig
     default_adaptive_strategy = DEFAULT_ADAPTIVE_STRATEGY  # the strongest measured for this attack
     takes_turns = True  # its optimiser can move the images and the lock in turns (alternating strategies)
 
-    def __init__(
-        self,
-        attacker: "AttackerModel",
-        label_mode: str = "infer",
-        restarts: int = 1,
-        seed: int = 0,
-        label_hypotheses: int = 1,
-        adaptive_strategy: str | None = None,
-    ) -> None:
-        adaptive_strategy = adaptive_strategy or self.default_adaptive_strategy
-        if adaptive_strategy not in ADAPTIVE_STRATEGIES:
-            raise ValueError(
-                f"adaptive_strategy must be one of {tuple(ADAPTIVE_STRATEGIES)}, got {adaptive_strategy!r}"
-            )
-        if ADAPTIVE_STRATEGIES[adaptive_strategy][2] and not self.takes_turns:
-            raise ValueError(f"L-BFGS moves every coordinate at once: {self.name} cannot use {adaptive_strategy!r}")
-        if label_mode not in ("infer", "joint", "given"):
-            raise ValueError(f"label_mode must be 'infer', 'joint' or 'given', got {label_mode!r}")
-        if restarts < 1:
-            raise ValueError("restarts must be at least 1")
-        if label_hypotheses < 1:
-            raise ValueError("label_hypotheses must be at least 1")
-        self.attacker, self.label_mode, self.restarts, self.seed = attacker, label_mode, int(restarts), seed
-        self.label_hypotheses = int(label_hypotheses)
-        self.adaptive_strategy = adaptive_strategy
+    def __init__(self, attacker: "AttackerModel", config: AttackConfig | None = None, **options) -> None:
+        if config is not None and options:
+            raise TypeError("pass a config or keyword options, not both")
+        config = self.Config(**options) if config is None else config
+        if type(config) is not self.Config:
+            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, got {type(config).__name__}")
+        self.attacker, self.config = attacker, config
+        self.adaptive_strategy = config.adaptive_strategy or self.default_adaptive_strategy
+        self.strategy = ADAPTIVE_STRATEGIES[self.adaptive_strategy]
 
     @property
     def adaptive(self):
@@ -173,15 +207,11 @@ class Attack:
         """The lock latents' start scheme of each problem (problem p is restart p % restarts)."""
         if self.attacker.threat != "adaptive":
             return ["uniform"] * problems
-        schemes = ADAPTIVE_STRATEGIES[self.adaptive_strategy][0]
-        return [schemes[(p % self.restarts) % len(schemes)] for p in range(problems)]
+        schemes = self.strategy.lock_starts
+        return [schemes[(p % self.config.restarts) % len(schemes)] for p in range(problems)]
 
     def _fixes_dead_channels(self, target):
-        return (
-            self.attacker.threat == "adaptive"
-            and ADAPTIVE_STRATEGIES[self.adaptive_strategy][1]
-            and target.kind == "gradient"
-        )
+        return self.attacker.threat == "adaptive" and self.strategy.fixes_dead_channels and target.kind == "gradient"
 
     def _lock_latent(self, latent, target_values, target):
         """The lock latents as the model uses them: under the 'relearn' strategies (single gradients) the
@@ -197,7 +227,7 @@ class Attack:
         on the lock latents; under an alternating strategy one side is 0 in turn (images first)."""
         image_size, label_size, lock_size = self._layout(target)
         scale = tf.concat([tf.ones([image_size + label_size]), tf.fill([lock_size], float(lock_ratio))], 0)
-        if not (self.attacker.threat == "adaptive" and ADAPTIVE_STRATEGIES[self.adaptive_strategy][2]):
+        if not (self.attacker.threat == "adaptive" and self.strategy.alternates):
             return lambda step: scale
         lock_part = tf.concat([tf.zeros([image_size + label_size]), tf.ones([lock_size])], 0)
 
@@ -211,7 +241,7 @@ class Attack:
     def _layout(self, target):
         n = target.num_examples
         image_size = n * int(np.prod(self.attacker.input_shape))
-        label_size = n * self.attacker.num_classes if self.label_mode == "joint" else 0
+        label_size = n * self.attacker.num_classes if self.config.label_mode == "joint" else 0
         return image_size, label_size, self.attacker.lock_latent_size()
 
     def _split(self, position, target):
@@ -234,19 +264,19 @@ class Attack:
 
     # -- objective -------------------------------------------------------------------------
     def objective(self, position, target_values, fixed_labels, target):
-        """The scalar loss of one problem: the gradient distance (`self.distance`), plus `self.tv` times
+        """The scalar loss of one problem: the gradient distance (`self.config.distance`), plus `self.config.tv` times
         the candidate images' total variation."""
         images, predicted = self._candidate(position, target_values, fixed_labels, target)
-        loss = gradient_distance(predicted, target_values, self.distance)
-        if self.tv:
-            loss += self.tv * total_variation(images)
+        loss = gradient_distance(predicted, target_values, self.config.distance)
+        if self.config.tv:
+            loss += self.config.tv * total_variation(images)
         return loss
 
     def _candidate(self, position, target_values, fixed_labels, target, transform=None):
         images, label_logits, latent = self._split(position, target)
         if transform is not None:
             images = transform(images)
-        labels = label_logits if self.label_mode == "joint" else fixed_labels
+        labels = label_logits if self.config.label_mode == "joint" else fixed_labels
         latent = self._lock_latent(latent, target_values, target)
         predicted = [p * _scale(target) for p in targets_lib.simulate(self.attacker, target, images, labels, latent)]
         if target.pruned:  # the pruned entries say nothing: compare the kept ones
@@ -254,11 +284,13 @@ class Attack:
         return images, predicted
 
     def _batched_value_and_gradients(self, target):
-        """f(positions [P, n], target values [P, ...], labels [P, N]) -> (values [P], grads [P, n]).
+        """f(positions [P, n], target values [P, ...], labels [P, N], model tensors) -> (values [P], grads [P, n]),
+        model tensors being `AttackerModel.tensors()`.
 
         A `tf.function` kept out of line: the optimisers call it from several places (tfp's line search
         has about ten), and each call site would otherwise vectorise the second-order gradient again and
-        have its copy optimised apart; traced and optimised once, every call site runs the same graph."""
+        have its copy optimised apart; traced and optimised once, every call site runs the same graph. Shared
+        by the attacks of one structure (`_shared_function`)."""
 
         def one(args):
             position, target_values, fixed_labels = args
@@ -267,18 +299,39 @@ class Attack:
                 value = self.objective(position, target_values, fixed_labels, target)
             return value, tape.gradient(value, position)
 
-        def batched(positions, target_values, fixed_labels):
-            if target.kind == "gradient":
-                return tf.vectorized_map(one, (positions, target_values, fixed_labels))
-            # Simulated local steps give each problem its own weights, which pfor cannot batch.
-            return tf.map_fn(
-                one,
-                (positions, target_values, fixed_labels),
-                parallel_iterations=4,
-                fn_output_signature=(tf.float32, tf.float32),
-            )
+        def batched(positions, target_values, fixed_labels, model_tensors):
+            with self.attacker.bound(model_tensors):
+                if target.kind == "gradient":
+                    return tf.vectorized_map(one, (positions, target_values, fixed_labels))
+                # Simulated local steps give each problem its own weights, which pfor cannot batch.
+                return tf.map_fn(
+                    one,
+                    (positions, target_values, fixed_labels),
+                    parallel_iterations=4,
+                    fn_output_signature=(tf.float32, tf.float32),
+                )
 
-        return tf.function(batched, experimental_attributes={"_noinline": True})
+        return self._shared_function(
+            target, "value_and_gradients", lambda: tf.function(batched, experimental_attributes={"_noinline": True})
+        )
+
+    def _structure(self, target):
+        """Everything a compiled search of this attack depends on besides the tensors it takes as arguments."""
+        settings = tuple((f.name, getattr(target, f.name)) for f in dataclasses.fields(target) if f.name != "values")
+        return type(self), self.config, self.adaptive_strategy, self.attacker.structure(), settings
+
+    def _shared_function(self, target, role, build):
+        """The compiled function `build()` makes for `role`, shared by every attack of the same structure
+        (`_structure`; e.g. threats 'oracle' and 'fixed-key' on one victim): it takes the attacker's tensors as
+        arguments, so it is traced once for all of them. The SHARED_FUNCTIONS_KEPT most recent are kept."""
+        key = (self._structure(target), role)
+        if key in _shared_functions:
+            _shared_functions.move_to_end(key)
+        else:
+            _shared_functions[key] = build()
+            while len(_shared_functions) > SHARED_FUNCTIONS_KEPT:
+                _shared_functions.popitem(last=False)
+        return _shared_functions[key]
 
     # -- driver ----------------------------------------------------------------------------
     def reconstruct(
@@ -299,31 +352,36 @@ class Attack:
         template = targets[0]
         if any((t.kind, t.num_examples) != (template.kind, template.num_examples) for t in targets):
             raise ValueError("all targets of one reconstruct call need the same kind and number of examples")
-        if (labels is not None) != (self.label_mode == "given"):
+        if (labels is not None) != (self.config.label_mode == "given"):
             raise ValueError("labels are passed exactly when label_mode='given'")
-        if self.label_mode == "joint":
+        if self.config.label_mode == "joint":
             labels = np.zeros((len(targets), template.num_examples), np.int64)
-        problems = len(targets) * self.restarts
-        repeat = lambda a: np.repeat(np.asarray(a)[None], self.restarts, 0)  # noqa: E731
+        problems = len(targets) * self.config.restarts
+        repeat = lambda a: np.repeat(np.asarray(a)[None], self.config.restarts, 0)  # noqa: E731
         target_values = [
             tf.constant(np.concatenate([repeat(t.values[i]) for t in targets]) * _scale(template))
             for i in range(len(template.values))
         ]
-        if self.label_mode == "infer":  # restart r assumes the (r mod hypotheses)-th most plausible labels
-            hypotheses = min(self.label_hypotheses, self.restarts)
+        if self.config.label_mode == "infer":  # restart r assumes the (r mod hypotheses)-th most plausible labels
+            hypotheses = min(self.config.label_hypotheses, self.config.restarts)
             labelings = [labels_lib.label_hypotheses(self.attacker, t, hypotheses) for t in targets]
-            fixed_labels = np.stack([h[r % len(h)] for h in labelings for r in range(self.restarts)])
+            fixed_labels = np.stack([h[r % len(h)] for h in labelings for r in range(self.config.restarts)])
         else:
             labels = np.asarray(labels, np.int64).reshape(len(targets), template.num_examples)
-            fixed_labels = np.repeat(labels, self.restarts, 0)
+            fixed_labels = np.repeat(labels, self.config.restarts, 0)
         fixed_labels = tf.constant(fixed_labels)
         start = time.perf_counter()
         positions, losses, history, stats = self._optimize(
-            template, self._initial(template, problems, self.seed), target_values, fixed_labels, progress, monitor
+            template,
+            self._initial(template, problems, self.config.seed),
+            target_values,
+            fixed_labels,
+            progress,
+            monitor,
         )
         seconds = time.perf_counter() - start
-        losses = np.asarray(losses).reshape(len(targets), self.restarts)
-        positions = np.asarray(positions).reshape(len(targets), self.restarts, -1)
+        losses = np.asarray(losses).reshape(len(targets), self.config.restarts)
+        positions = np.asarray(positions).reshape(len(targets), self.config.restarts, -1)
         results = []
         for t, target in enumerate(targets):
             best = int(np.nanargmin(np.where(np.isfinite(losses[t]), losses[t], np.inf)))
@@ -331,7 +389,7 @@ class Attack:
                 self._result(
                     target,
                     positions[t, best],
-                    fixed_labels[t * self.restarts + best].numpy(),
+                    fixed_labels[t * self.config.restarts + best].numpy(),
                     losses[t],
                     best,
                     history,
@@ -343,7 +401,7 @@ class Attack:
     def _result(self, target, position, fixed_labels, losses, best, history, stats):
         images, label_logits, latent = self._split(tf.constant(position), target)
         images = self._output_images(images, position, target)
-        if self.label_mode == "joint":
+        if self.config.label_mode == "joint":
             labels = np.argmax(label_logits.numpy(), axis=-1)
         else:
             labels = fixed_labels
@@ -353,7 +411,7 @@ class Attack:
             threat=self.attacker.threat,
             restart_losses=[float(v) for v in losses],
             best_restart=best,
-            label_mode=self.label_mode,
+            label_mode=self.config.label_mode,
         )
         if self.attacker.threat == "adaptive":
             info["adaptive_strategy"] = self.adaptive_strategy
@@ -371,18 +429,18 @@ class Attack:
         return images
 
     def _run_chunks(self, target, advance, progress, monitor):
-        """Calls `advance()` -> (done, positions, losses, evaluations, finished) until `self.iterations`
+        """Calls `advance()` -> (done, positions, losses, evaluations, finished) until `self.config.iterations`
         are done, it reports `finished` or the monitor stops it; keeps the history, reports between
         chunks and times the search without the reports. Returns what `_optimize` returns."""
         history, seconds, done, finished = [], 0.0, 0, False
-        while done < self.iterations and not finished:
+        while done < self.config.iterations and not finished:
             start = time.perf_counter()
             done, positions, losses, evaluations, finished = advance()
             losses = np.nan_to_num(np.asarray(losses, np.float64), nan=np.inf)
             history.append({"iteration": int(done), "evaluations": int(evaluations), "loss": losses.tolist()})
             seconds += time.perf_counter() - start
             if progress:
-                progress(done, self.iterations, losses)
+                progress(done, self.config.iterations, losses)
             if monitor and monitor(
                 Snapshot(int(done), int(evaluations), seconds, self._snapshot_images(positions, target), losses)
             ):

@@ -7,6 +7,7 @@ data comes after. `attack_captures` is the demo's entry point: attack captured u
 without the lock) and write a grid and a table.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -14,18 +15,29 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from attacks import cases, dlg, grids, grnn, ig, metrics
+from attacks import base, cases, dlg, grids, grnn, ig, metrics
 from attacks import model as model_lib
 from tfkl import capture as capture_lib
 
-ATTACKS = {"dlg": dlg.DLG, "idlg": dlg.IDLG, "ig": ig.InvertingGradients, "grnn": grnn.GRNN}
+ATTACKS = {"dlg": dlg.DLG, "idlg": dlg.IDLG, "ig": ig.InvertingGradients, "grnn": grnn.GRNN}  # names.ATTACKS
 
 
-def build_attack(name, attacker, **options):
-    """An attack by name ('dlg', 'idlg', 'ig', 'grnn') on `attacker` with its hyperparameters."""
+def attack_config(name, options=None, **overrides):
+    """The config of attack `name` from `options`: its config object, or a plain dict of hyperparameters (as
+    the binaries and benchmarks pass them), with `overrides` set."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose from {tuple(ATTACKS)}")
-    return ATTACKS[name](attacker, **options)
+    config_type = ATTACKS[name].Config
+    if isinstance(options, base.AttackConfig):
+        if type(options) is not config_type:
+            raise TypeError(f"attack {name!r} takes a {config_type.__name__}, got {type(options).__name__}")
+        return dataclasses.replace(options, **overrides)
+    return config_type(**dict(options or {}, **overrides))
+
+
+def build_attack(name, attacker, config=None, **options):
+    """An attack by name ('dlg', 'idlg', 'ig', 'grnn') on `attacker`, with its config or keyword options."""
+    return ATTACKS[name](attacker, attack_config(name, config, **options))
 
 
 def evaluate(reconstructions, images, labels, batch_size):
@@ -103,7 +115,7 @@ def run_attack(
     (`oracle_labels`: an oracle a caller opts into by name, each target's true labels in training order, with
     label_mode='given')."""
     attacker = model_lib.AttackerModel(payload.view, threat, secret=secret, seed=seed + 7)
-    attack = build_attack(attack_name, attacker, seed=seed, **(attack_options or {}))
+    attack = build_attack(attack_name, attacker, attack_config(attack_name, attack_options, seed=seed))
     start = time.perf_counter()
     reconstructions = attack.reconstruct(list(payload.targets), labels=oracle_labels, progress=progress)
     return reconstructions, time.perf_counter() - start
@@ -120,6 +132,7 @@ def attack_targets(
     return {
         "reconstructions": reconstructions,
         "per_image": per_image,
+        "success": success(per_image),
         "summary": metrics.summarize(per_image),
         "seconds": seconds,
         "iterations": info["iterations"],
@@ -156,13 +169,33 @@ def save_grid(path, rows, pad=2):
 TABLE_COLUMNS = ("psnr", "ssim", "aligned_psnr", "aligned_ssim", "paper_rmse", "paper_psnr", "label_accuracy")
 
 
+def success(per_image):
+    """{'n', 'recovered', 'rate', 'low', 'high'}: images recovered (aligned SSIM >= 0.6 after the one-to-one
+    matching `evaluate` made), with the Wilson 95 % interval."""
+    return metrics.success_rate(metrics.recovered(per_image, "ssim"))
+
+
+def format_success(rate):
+    """'3/4 = 75 % [30, 95] %' of a `success` dict."""
+    return (
+        f"{rate['recovered']}/{rate['n']} = {100 * rate['rate']:.0f} % "
+        f"[{100 * rate['low']:.0f}, {100 * rate['high']:.0f}] %"
+    )
+
+
 def format_table(rows):
-    """A plain-text table: rows of (name, summary, seconds) with mean +- std per metric."""
-    header = f"{'setting':<28}" + "".join(f"{c:>17}" for c in TABLE_COLUMNS) + f"{'seconds':>9}"
+    """A plain-text table of rows (name, per-image metrics, seconds): first the images recovered (aligned
+    SSIM >= 0.6) out of n with the Wilson 95 % interval, then mean +- std per metric."""
+    header = (
+        f"{'setting':<28}{'recovered (SSIM >= 0.6), 95 % interval':>40}"
+        + "".join(f"{c:>17}" for c in TABLE_COLUMNS)
+        + f"{'seconds':>9}"
+    )
     lines = [header, "-" * len(header)]
-    for name, summary, seconds in rows:
+    for name, per_image, seconds in rows:
+        summary = metrics.summarize(per_image)
         cells = "".join(f"{summary[c]['mean']:>9.3f}+-{summary[c]['std']:<6.3f}" for c in TABLE_COLUMNS)
-        lines.append(f"{name:<28}{cells}{seconds:>9.1f}")
+        lines.append(f"{name:<28}{format_success(success(per_image)):>40}{cells}{seconds:>9.1f}")
     return "\n".join(lines)
 
 
@@ -189,68 +222,70 @@ def attack_captures(
         lock is attacked under threat 'none'; one with the lock under each of `locked_threats`
         ('oracle' and 'adaptive-key' are impossible from a capture: the server holds no lock weights).
       out_dir: gets `captures_grid.png` (truth on top if given, then one row per setting),
-        `captures_metrics.json` and `captures_table.txt`.
+        `captures_metrics.json` and `captures_table.txt` (with the truth: images recovered first).
       attack, attack_options: see `build_attack`.
       truth_images, truth_labels: the client's data, to score the reconstructions (optional).
-    Returns {setting: {'labels', 'loss', 'seconds', and per-image metrics if the truth is given}}.
+    Returns {setting: {'labels', 'loss', 'seconds', ...; with the truth also 'per_image', 'success' (aligned
+    SSIM >= 0.6, Hungarian-matched, Wilson interval) and 'summary'}}.
     """
     if {"oracle", "adaptive-key"} & set(locked_threats):
         raise ValueError("a capture holds no secret: 'oracle' and 'adaptive-key' cannot attack it")
-    results, grid_rows, table_rows = {}, [], []
+    truth = None if truth_images is None else (np.asarray(truth_images), np.asarray(truth_labels))
+    results, grid_images = {}, {}
     for name, path in captures.items():
         capture = capture_lib.load_capture(path)
         payload = cases.Payload.from_capture(capture)
-        (target,) = payload.targets
         for threat in locked_threats if capture.meta["lock"] else ("none",):
             setting = f"{name}/{threat}"
-            if verbose:
-                print(f"{setting}: compiling the attack", flush=True)
-            (rec,), seconds = run_attack(
-                attack,
-                payload,
-                threat,
-                attack_options=attack_options,
-                seed=seed,
-                progress=(
-                    lambda done, total, loss, s=setting: print(
-                        f"{s}: {done}/{total} loss {np.min(loss):.4g}", flush=True
-                    )
-                )
-                if verbose
-                else None,
+            results[setting], grid_images[setting] = _attack_capture(
+                setting, payload, threat, attack, attack_options, truth, seed, verbose
             )
-            entry = {
-                "labels": rec.labels.tolist(),
-                "loss": rec.loss,
-                "seconds": seconds,
-                "num_examples": target.num_examples,
-                "num_steps": target.num_steps,
-            }
-            images = rec.images
-            if truth_images is not None:
-                per_image = evaluate([rec], np.asarray(truth_images), np.asarray(truth_labels), target.num_examples)
-                order = metrics.match_order(rec.images, np.asarray(truth_images)) if len(images) > 1 else [0]
-                images = rec.images[order]
-                entry.update(per_image=per_image, summary=metrics.summarize(per_image))
-                table_rows.append((setting, entry["summary"], entry["seconds"]))
-            grid_rows.append((setting, images))
-            results[setting] = entry
+    _write_capture_results(out_dir, results, grid_images, truth, verbose)
+    return results
+
+
+def _attack_capture(setting, payload, threat, attack, attack_options, truth, seed, verbose):
+    """(result entry, images in the truth's order if given) of one capture under one threat."""
+    (target,) = payload.targets
+    if verbose:
+        print(f"{setting}: compiling the attack", flush=True)
+
+    def progress(done, total, loss):
+        print(f"{setting}: {done}/{total} loss {np.min(loss):.4g}", flush=True)
+
+    (rec,), seconds = run_attack(
+        attack, payload, threat, attack_options=attack_options, seed=seed, progress=progress if verbose else None
+    )
+    entry = {
+        "labels": rec.labels.tolist(),
+        "loss": rec.loss,
+        "seconds": seconds,
+        "num_examples": target.num_examples,
+        "num_steps": target.num_steps,
+    }
+    if truth is None:
+        return entry, rec.images
+    per_image = evaluate([rec], *truth, target.num_examples)
+    order = metrics.match_order(rec.images, truth[0]) if len(rec.images) > 1 else [0]
+    entry.update(per_image=per_image, success=success(per_image), summary=metrics.summarize(per_image))
+    return entry, rec.images[order]
+
+
+def _write_capture_results(out_dir, results, grid_images, truth, verbose):
+    """Writes captures_grid.png, captures_metrics.json and, with the truth, captures_table.txt."""
     os.makedirs(out_dir, exist_ok=True)
-    if truth_images is not None:
-        grids.save_labelled_grid(
-            os.path.join(out_dir, "captures_grid.png"),
-            truth_images,
-            [(setting, images, results[setting]["per_image"]) for setting, images in grid_rows],
-            truth_labels=truth_labels,
-        )
+    grid_path = os.path.join(out_dir, "captures_grid.png")
+    if truth is None:
+        save_grid(grid_path, list(grid_images.items()))
     else:
-        save_grid(os.path.join(out_dir, "captures_grid.png"), grid_rows)
+        rows = [(setting, images, results[setting]["per_image"]) for setting, images in grid_images.items()]
+        grids.save_labelled_grid(grid_path, truth[0], rows, truth_labels=truth[1])
     with open(os.path.join(out_dir, "captures_metrics.json"), "w") as f:
         json.dump(results, f, indent=2)
-    if table_rows:
-        table = format_table(table_rows)
-        with open(os.path.join(out_dir, "captures_table.txt"), "w") as f:
-            f.write(table + "\n")
-        if verbose:
-            print(table)
-    return results
+    if truth is None:
+        return
+    table = format_table([(setting, r["per_image"], r["seconds"]) for setting, r in results.items()])
+    with open(os.path.join(out_dir, "captures_table.txt"), "w") as f:
+        f.write(table + "\n")
+    if verbose:
+        print(table)

@@ -1,10 +1,11 @@
 """Inverting Gradients (Geiping et al. 2020): cosine gradient distance + total variation, Adam,
 step decay, optional signed gradients, images boxed to [0, 1], several restarts."""
 
+import dataclasses
+
 import tensorflow as tf
 
 from attacks import base
-from attacks.model import AttackerModel
 
 
 def adam_chunk(value_and_gradients, position, m, v, step, iterations, learning_rate, signed, project, fresh_at=0):
@@ -28,122 +29,99 @@ def adam_chunk(value_and_gradients, position, m, v, step, iterations, learning_r
 
 
 def run_adam(
-    attack,
-    target,
-    value_and_gradients,
-    initial,
-    target_values,
-    fixed_labels,
-    learning_rate,
-    signed,
-    project,
-    progress,
-    monitor,
-    fresh_at=0,
+    attack, target, initial, target_values, fixed_labels, learning_rate, signed, project, progress, monitor, fresh_at=0
 ):
-    """Adam from `initial` for `attack.iterations` steps, compiled in chunks of `attack.chunk`
+    """Adam from `initial` for `attack.config.iterations` steps, compiled in chunks of `attack.config.chunk`
     (`base.Attack._run_chunks`), its moments started again after step `fresh_at` if given; returns what
     `base.Attack._optimize` returns."""
+    batched = attack._batched_value_and_gradients(target)
+    arguments = (target_values, fixed_labels, attack.attacker.tensors())
 
-    @tf.function
-    def run(position, m, v, step, iterations):
-        return adam_chunk(
-            lambda p: value_and_gradients(p, target_values, fixed_labels),
-            position,
-            m,
-            v,
-            step,
-            iterations,
-            learning_rate,
-            signed,
-            project,
-            fresh_at,
-        )
+    def build():
+        @tf.function
+        def run(position, m, v, step, iterations, arguments):
+            return adam_chunk(
+                lambda p: batched(p, *arguments),
+                position,
+                m,
+                v,
+                step,
+                iterations,
+                learning_rate,
+                signed,
+                project,
+                fresh_at,
+            )
 
+        return run
+
+    run = attack._shared_function(target, "adam", build)
     position, m, v, step, done = initial, tf.zeros_like(initial), tf.zeros_like(initial), tf.constant(0.0), 0
 
     def advance():
         nonlocal position, m, v, step, done
-        count = min(attack.chunk, attack.iterations - done)
-        position, m, v, step = run(position, m, v, step, tf.constant(count))
+        count = min(attack.config.chunk, attack.config.iterations - done)
+        position, m, v, step = run(position, m, v, step, tf.constant(count), arguments)
         done += count
-        return done, position, value_and_gradients(position, target_values, fixed_labels)[0], done, False
+        return done, position, batched(position, *arguments)[0], done, False
 
     return attack._run_chunks(target, advance, progress, monitor)
 
 
-class InvertingGradients(base.Attack):
-    """IG: 1 - cos(grad', grad) + tv * TV(x'), Adam with learning-rate steps x0.1 at 3/8, 5/8, 7/8.
+@dataclasses.dataclass(frozen=True)
+class IGConfig(base.AttackConfig):
+    """Inverting Gradients' hyperparameters (beyond `base.AttackConfig`).
 
-    Args (beyond `base.Attack`):
-      iterations, learning_rate, tv: Adam steps, initial step size, TV weight (IG: 4800, 0.1, 1e-1
-        at ImageNet scale; 1e-4..1e-2 suits 32x32 here).
-      signed: use the sign of the gradient (IG's 'signed' option).
-      boxed: project the images to [0, 1] after each step.
-      distance: 'cosine' (IG) or 'l2'.
-      chunk: iterations per compiled call, between progress reports.
-      lock_learning_rate: the adaptive attackers' step size for the lock latents (None: `learning_rate`;
-        it follows the same decay).
+    iterations, learning_rate, tv: Adam steps, initial step size, TV weight (IG: 4800, 0.1, 1e-1 at ImageNet
+      scale; 1e-4..1e-2 suits 32x32 here).
+    signed: use the sign of the gradient (IG's 'signed' option).
+    boxed: project the images to [0, 1] after each step.
+    distance: 'cosine' (IG) or 'l2'.
+    lock_learning_rate: the adaptive attackers' step size for the lock latents (None: `learning_rate`; it
+      follows the same decay).
     """
 
-    name = "ig"
+    iterations: int = 2000
+    distance: str = "cosine"
+    tv: float = 1e-3
+    restarts: int = 4
+    learning_rate: float = 0.1
+    signed: bool = True
+    boxed: bool = True
+    lock_learning_rate: float | None = None
 
-    def __init__(
-        self,
-        attacker: AttackerModel,
-        iterations: int = 2000,
-        learning_rate: float = 0.1,
-        tv: float = 1e-3,
-        signed: bool = True,
-        boxed: bool = True,
-        distance: str = "cosine",
-        chunk: int = 250,
-        label_mode: str = "infer",
-        restarts: int = 4,
-        seed: int = 0,
-        label_hypotheses: int = 1,
-        adaptive_strategy: str | None = None,
-        lock_learning_rate: float | None = None,
-    ) -> None:
-        super().__init__(attacker, label_mode, restarts, seed, label_hypotheses, adaptive_strategy)
-        self.lock_learning_rate = base.check_lock_learning_rate(lock_learning_rate)
-        self.iterations, self.learning_rate, self.tv = int(iterations), float(learning_rate), float(tv)
-        self.signed, self.boxed, self.distance, self.chunk = (
-            bool(signed),
-            bool(boxed),
-            base.check_distance(distance),
-            int(chunk),
-        )
+    def __post_init__(self):
+        super().__post_init__()
+        base.check_lock_learning_rate(self.lock_learning_rate)
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+
+class InvertingGradients(base.Attack):
+    """IG: 1 - cos(grad', grad) + tv * TV(x'), Adam with learning-rate steps x0.1 at 3/8, 5/8, 7/8 (`IGConfig`)."""
+
+    name = "ig"
+    Config = IGConfig
 
     def _initial_images(self, rng, problems, size):
-        return rng.uniform(0.0, 1.0, (problems, size)) if self.boxed else rng.standard_normal((problems, size))
+        return rng.uniform(0.0, 1.0, (problems, size)) if self.config.boxed else rng.standard_normal((problems, size))
 
     def _optimize(self, target, initial, target_values, fixed_labels, progress, monitor):
-        value_and_gradients = self._batched_value_and_gradients(target)
+        config = self.config
         image_size = self._layout(target)[0]
-        total = float(self.iterations)
+        total = float(config.iterations)
         milestones = tf.constant([3 / 8 * total, 5 / 8 * total, 7 / 8 * total])
-        lock_rate = self.learning_rate if self.lock_learning_rate is None else self.lock_learning_rate
-        scale = self._lock_rate_scale(target, lock_rate / self.learning_rate)
+        lock_rate = config.learning_rate if config.lock_learning_rate is None else config.lock_learning_rate
+        scale = self._lock_rate_scale(target, lock_rate / config.learning_rate)
 
         def learning_rate(step):
-            return scale(step) * self.learning_rate * 0.1 ** tf.reduce_sum(tf.cast(step >= milestones, tf.float32))
+            return scale(step) * config.learning_rate * 0.1 ** tf.reduce_sum(tf.cast(step >= milestones, tf.float32))
 
         def project(position):
-            if not self.boxed:
+            if not config.boxed:
                 return position
             return tf.concat([tf.clip_by_value(position[:, :image_size], 0.0, 1.0), position[:, image_size:]], 1)
 
         return run_adam(
-            self,
-            target,
-            value_and_gradients,
-            initial,
-            target_values,
-            fixed_labels,
-            learning_rate,
-            self.signed,
-            project,
-            progress,
-            monitor,
+            self, target, initial, target_values, fixed_labels, learning_rate, config.signed, project, progress, monitor
         )

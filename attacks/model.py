@@ -7,16 +7,17 @@ gradients, unrolled local steps and unknown lock parameters without touching any
 Only `extract_secret` reads a victim's private variables; only the `oracle` threat accepts it.
 """
 
+import contextlib
 import dataclasses
 
 import numpy as np
 import tensorflow as tf
 
+from attacks.names import THREATS
 from tfkl import capture as capture_lib
 from tfkl import keys as keys_lib
 from tfkl import private
-from tfkl.keylock import KeyLock, keylock_apply, lock_affine
-from tfkl.names import THREATS
+from tfkl.keylock import AffineNorm, KeyLock, keylock_apply, lock_affine
 from tfkl.securing import node_call_arguments
 
 _WEIGHTLESS = (
@@ -175,6 +176,31 @@ class AttackerModel:
             )
         return weights
 
+    # -- what a compiled attack takes ------------------------------------------------------
+    def tensors(self):
+        """The model's values a compiled attack takes as arguments (see `bound`): the shared weights and the
+        known lock weights (None unless 'fixed-key', 'adaptive-key' or 'oracle')."""
+        return list(self.weights), self.lock_weights
+
+    @contextlib.contextmanager
+    def bound(self, tensors):
+        """Within it the model computes with `tensors` (a compiled attack's symbolic arguments, as `tensors()`
+        gives them) in place of its own, so that one trace serves every model of the same `structure()`."""
+        own = self.weights, self.lock_weights
+        self.weights, self.lock_weights = list(tensors[0]), tensors[1]
+        try:
+            yield
+        finally:
+            self.weights, self.lock_weights = own
+
+    def structure(self):
+        """What a compiled attack on this model depends on besides `tensors()`: the architecture, which
+        variables train, the weights' shapes and how the threat makes gamma/beta ('oracle' and 'fixed-key'
+        alike: from lock weights it knows)."""
+        source = "known lock weights" if self.threat in ("oracle", "fixed-key") else self.threat
+        shapes = tuple(tuple(w.shape) for w in self.weights)
+        return self.view.model_json, tuple(self.trainable), shapes, source
+
     # -- lock parameters -------------------------------------------------------------------
     def lock_latent_size(self):
         """Length of the adaptive attackers' free lock parameters: 2 * the lock's affine size (channels,
@@ -330,13 +356,17 @@ class AttackerModel:
             gamma = self._w(weights, layer.gamma) if layer.scale else None
             beta = self._w(weights, layer.beta) if layer.center else None
             return tf.nn.batch_normalization(x, mean, variance, beta, gamma, layer.epsilon)
-        if isinstance(layer, KeyLock):
+        if isinstance(layer, (KeyLock, AffineNorm)):  # AffineNorm: the FedAvg control's learned, shared affine
             statistics = None
             if layer.normalization == "batch":
                 statistics = self._w(weights, layer.moving_mean), self._w(weights, layer.moving_variance)
+            if isinstance(layer, KeyLock):
+                affine = locks[layer.name]
+            else:
+                affine = self._w(weights, layer.gamma), self._w(weights, layer.beta)
             return keylock_apply(
                 x,
-                *locks[layer.name],
+                *affine,
                 statistics,
                 normalization=layer.normalization,
                 training=training,

@@ -9,12 +9,13 @@ the position is [latent codes (N x latent) | pixel corrections (N x H x W x C) |
 clip(decoder(codes) + corrections, 0, 1)).
 """
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
 from attacks import base
 from attacks.ig import run_adam
-from attacks.model import AttackerModel
 
 UPSAMPLINGS = 3  # the decoder doubles a (H/8, W/8) map three times
 
@@ -71,59 +72,62 @@ def train_decoder(images, latent_dim=32, epochs=15, batch_size=64, seed=0, log=p
     return decoder
 
 
+@dataclasses.dataclass(frozen=True)
+class PriorConfig(base.AttackConfig):
+    """The generative-prior attack's hyperparameters (beyond `base.AttackConfig`).
+
+    iterations: Adam steps in all; the first `latent_iterations` (None: three quarters) move the codes (at
+      `learning_rate`), the rest the pixel corrections (at `refine_learning_rate`).
+    latent_weight, tv: weights of the codes' Gaussian prior and of the images' total variation.
+    distance: one of base.DISTANCES ('grnn', squared L2 plus L2: in the U16 pilot the latent search with IG's
+      cosine recovered 1 image of 16, with this 8).
+    label_mode: 'infer' or 'given' (never 'joint': the decoder makes no labels).
+    lock_learning_rate: the adaptive attackers' step size for the lock latents (None: `learning_rate`).
+    """
+
+    iterations: int = 2000
+    distance: str = "grnn"
+    tv: float = 1e-4
+    restarts: int = 2
+    latent_iterations: int | None = None
+    learning_rate: float = 0.05
+    refine_learning_rate: float = 0.01
+    latent_weight: float = 1e-4
+    lock_learning_rate: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        base.check_lock_learning_rate(self.lock_learning_rate)
+        if self.label_mode == "joint":
+            raise ValueError("the prior attack takes its labels from the update ('infer') or given, not 'joint'")
+        if self.latent_iterations is None:
+            object.__setattr__(self, "latent_iterations", self.iterations * 3 // 4)
+        if not 0 <= int(self.latent_iterations) <= self.iterations:
+            raise ValueError(f"latent_iterations must be in [0, iterations], got {self.latent_iterations}")
+        object.__setattr__(self, "latent_iterations", int(self.latent_iterations))
+
+
 class GenerativePrior(base.Attack):
     """Latent search through a trained decoder, then pixel refinement; distance + latent_weight * mean(code^2)
-    + tv * TV(images), Adam.
+    + tv * TV(images), Adam (`PriorConfig`).
 
-    Args (beyond `base.Attack`):
-      decoder: a Keras model, latent codes [k, latent] -> images [k, *attacker.input_shape] in [0, 1]
-        (`train_decoder`).
-      iterations: Adam steps in all; the first `latent_iterations` (None: three quarters) move the codes (at
-        `learning_rate`), the rest the pixel corrections (at `refine_learning_rate`).
-      latent_weight, tv: weights of the codes' Gaussian prior and of the images' total variation.
-      distance: one of base.DISTANCES ('grnn', squared L2 plus L2: in the U16 pilot the latent search with IG's
-        cosine recovered 1 image of 16, with this 8).
-      chunk: iterations per compiled call, between progress reports.
-      lock_learning_rate: the adaptive attackers' step size for the lock latents (None: `learning_rate`).
+    `decoder`: a Keras model, latent codes [k, latent] -> images [k, *attacker.input_shape] in [0, 1]
+    (`train_decoder`).
     """
 
     name = "prior"
+    Config = PriorConfig
 
-    def __init__(
-        self,
-        attacker: AttackerModel,
-        decoder: tf.keras.Model,
-        iterations: int = 2000,
-        latent_iterations: int | None = None,
-        learning_rate: float = 0.05,
-        refine_learning_rate: float = 0.01,
-        latent_weight: float = 1e-4,
-        tv: float = 1e-4,
-        distance: str = "grnn",
-        chunk: int = 250,
-        label_mode: str = "infer",
-        restarts: int = 2,
-        seed: int = 0,
-        label_hypotheses: int = 1,
-        adaptive_strategy: str | None = None,
-        lock_learning_rate: float | None = None,
-    ) -> None:
-        super().__init__(attacker, label_mode, restarts, seed, label_hypotheses, adaptive_strategy)
+    def __init__(self, attacker, decoder: tf.keras.Model, config: PriorConfig | None = None, **options) -> None:
+        super().__init__(attacker, config, **options)
         if tuple(decoder.output_shape[1:]) != tuple(attacker.input_shape):
             raise ValueError(
                 f"the decoder makes {decoder.output_shape[1:]} images, the model takes {attacker.input_shape}"
             )
-        if label_mode == "joint":
-            raise ValueError("the prior attack takes its labels from the update ('infer') or given, not 'joint'")
-        latent_iterations = iterations * 3 // 4 if latent_iterations is None else latent_iterations
-        if not 0 <= latent_iterations <= iterations:
-            raise ValueError(f"latent_iterations must be in [0, iterations], got {latent_iterations}")
         self.decoder, self.latent_dim = decoder, int(decoder.input_shape[-1])
-        self.iterations, self.latent_iterations = int(iterations), int(latent_iterations)
-        self.learning_rate, self.refine_learning_rate = float(learning_rate), float(refine_learning_rate)
-        self.latent_weight, self.tv, self.chunk = float(latent_weight), float(tv), int(chunk)
-        self.distance = base.check_distance(distance)
-        self.lock_learning_rate = base.check_lock_learning_rate(lock_learning_rate)
+
+    def _structure(self, target):
+        return super()._structure(target) + (self.decoder,)
 
     def _layout(self, target):
         n = target.num_examples
@@ -152,27 +156,26 @@ class GenerativePrior(base.Attack):
     def objective(self, position, target_values, fixed_labels, target):
         loss = super().objective(position, target_values, fixed_labels, target)
         codes = self._codes_and_corrections(position, target)[0]
-        return loss + self.latent_weight * tf.reduce_mean(tf.square(codes))
+        return loss + self.config.latent_weight * tf.reduce_mean(tf.square(codes))
 
     def _optimize(self, target, initial, target_values, fixed_labels, progress, monitor):
-        value_and_gradients = self._batched_value_and_gradients(target)
+        config = self.config
         codes = target.num_examples * self.latent_dim
-        lock_rate = self.learning_rate if self.lock_learning_rate is None else self.lock_learning_rate
-        scale = self._lock_rate_scale(target, lock_rate / self.learning_rate)
+        lock_rate = config.learning_rate if config.lock_learning_rate is None else config.lock_learning_rate
+        scale = self._lock_rate_scale(target, lock_rate / config.learning_rate)
         image_part, _, lock_size = self._layout(target)
         in_codes = tf.concat([tf.ones([codes]), tf.zeros([image_part - codes + lock_size])], 0)
         in_pixels = tf.concat([tf.zeros([codes]), tf.ones([image_part - codes]), tf.zeros([lock_size])], 0)
         in_lock = 1.0 - in_codes - in_pixels
-        refining = in_pixels * (self.refine_learning_rate / self.learning_rate)
+        refining = in_pixels * (config.refine_learning_rate / config.learning_rate)
 
         def learning_rate(step):
-            stage = tf.where(step > self.latent_iterations, refining, in_codes)
-            return scale(step) * (stage + in_lock) * self.learning_rate
+            stage = tf.where(step > config.latent_iterations, refining, in_codes)
+            return scale(step) * (stage + in_lock) * config.learning_rate
 
         return run_adam(
             self,
             target,
-            value_and_gradients,
             initial,
             target_values,
             fixed_labels,
@@ -181,5 +184,5 @@ class GenerativePrior(base.Attack):
             lambda p: p,
             progress,
             monitor,
-            fresh_at=self.latent_iterations,
+            fresh_at=config.latent_iterations,
         )

@@ -234,7 +234,7 @@ def _cached_report(name, kwargs, seed):
 
     defaults = {
         k: p.default
-        for k, p in inspect.signature(study.run).parameters.items()
+        for k, p in inspect.signature(study.StudyConfig).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
     wanted = dict(defaults, **kwargs, seed=int(seed))
@@ -299,7 +299,7 @@ def run_experiments(
             log(f"== {name} seed {seed}")
             start = time.perf_counter()
             grid_dir = os.path.join(out_dir, name if int(seed) == 0 else f"{name}_seed{int(seed)}")
-            report = study.run(out_dir=grid_dir, log=log, seed=int(seed), **kwargs)
+            report = study.run(study.StudyConfig(**kwargs, seed=int(seed)), out_dir=grid_dir, log=log)
             payload = dict(
                 settings=report["settings"],
                 results=report["results"],

@@ -72,7 +72,7 @@ def test_every_strategy_runs_and_keeps_the_restart_with_the_lowest_objective(att
         assert rec.info["best_restart"] == int(np.argmin(own))
         assert rec.loss == pytest.approx(float(np.min(own)), rel=1e-5)
         assert rec.info["adaptive_strategy"] == strategy
-        assert ("dead_channels" in rec.info) == base.ADAPTIVE_STRATEGIES[strategy][1]
+        assert ("dead_channels" in rec.info) == base.ADAPTIVE_STRATEGIES[strategy].fixes_dead_channels
     per_image = experiment.evaluate(reconstructions, truth.images, truth.labels, 1)  # the truth, only now
     assert np.all(np.isfinite(per_image["aligned_psnr"]))
 

@@ -216,7 +216,7 @@ def test_metrics_against_known_values():
 
 
 def _start_psnr(attack, target, truth):
-    start = attack._split(attack._initial(target, 1, attack.seed)[0], target)[0].numpy()
+    start = attack._split(attack._initial(target, 1, attack.config.seed)[0], target)[0].numpy()
     return float(metrics.image_metrics(np.clip(start, 0, 1), truth)["aligned_psnr"][0])
 
 
@@ -274,8 +274,12 @@ def test_grid_png_and_table(tmp_path):
     experiment.save_grid(str(tmp_path / "g.png"), [("truth", x), ("rec", x[::-1])])
     image = tf.io.decode_png(tf.io.read_file(str(tmp_path / "g.png"))).numpy()
     assert image.shape == (2 * (8 + 2) + 2, 3 * (8 + 2) + 2, 3)
-    summary = metrics.summarize(metrics.image_metrics(x, x[::-1]))
-    assert "psnr" in experiment.format_table([("a", {**summary, "label_accuracy": summary["mse"]}, 1.0)])
+    per_image = metrics.image_metrics(x, x[::-1])
+    per_image["aligned_ssim"] = [0.9, 0.1, 0.7]
+    table = experiment.format_table([("a", dict(per_image, label_accuracy=[1.0] * 3), 1.0)])
+    header, _, row = table.splitlines()
+    # The success rate leads (aligned SSIM >= 0.6: 2 of 3, Wilson 95 % interval), then the means.
+    assert header.index("recovered") < header.index("psnr") and "2/3 = 67 % [21, 94] %" in row
 
 
 def test_gradient_distances_and_tv():
@@ -316,6 +320,7 @@ def test_attack_captures_writes_grid_and_table(tmp_path):
     assert set(results) == {"fedavg/none", "fedkl/fixed-key", "fedkl/adaptive"}
     assert (tmp_path / "out" / "captures_grid.png").stat().st_size > 100
     assert "aligned_psnr" in (tmp_path / "out" / "captures_table.txt").read_text()
+    assert all(r["success"]["n"] == 1 and r["success"]["recovered"] in (0, 1) for r in results.values())
     with pytest.raises(ValueError):
         experiment.attack_captures(paths, str(tmp_path / "out"), locked_threats=("oracle",))
 
@@ -367,12 +372,16 @@ def test_tfp_lbfgs_resumes_on_the_same_path():
         return values, tape.gradient(values, positions)
 
     finals = []
+    attacker, target = _dlg_problem()[:2]
+    base._shared_functions.clear()  # the compiled L-BFGS of this structure must call this objective
     for chunk in (40, 3):
-        attack = attacks.DLG(_dlg_problem()[0], iterations=40, chunk=chunk)
-        advance, done, finished = attack._tfp_chunks(rosenbrock, tf.constant([[-1.2, 1.0], [0.5, -0.5]])), 0, False
+        attack = attacks.DLG(attacker, iterations=40, chunk=chunk)
+        start = tf.constant([[-1.2, 1.0], [0.5, -0.5]])
+        advance, done, finished = attack._tfp_chunks(target, lambda p: rosenbrock(p), start, ()), 0, False
         while done < 40 and not finished:
             done, positions, _, evaluations, finished = advance()
         finals.append((positions.numpy(), evaluations))
+    base._shared_functions.clear()
     np.testing.assert_array_equal(finals[0][0], finals[1][0])
     assert finals[0][1] == finals[1][1]
     np.testing.assert_allclose(finals[0][0], 1.0, atol=1e-3)
@@ -393,3 +402,35 @@ def test_dlg_monitor_sees_each_chunk_and_stops_the_search():
     np.testing.assert_array_equal(seen[-1][2], result.raw_images)
     assert 0 < seen[0][1] < seen[1][1] < seen[2][1] == result.info["optimizer_seconds"]
     assert result.info["optimizer_seconds"] + 3 * pause <= result.info["seconds"]
+
+
+@pytest.mark.parametrize(
+    "attack,options",
+    [("idlg", dict(iterations=4, chunk=2)), pytest.param("ig", dict(iterations=4, chunk=2), marks=pytest.mark.slow)],
+)
+def test_threats_of_one_structure_share_one_compiled_attack(attack, options):
+    """'oracle' and 'fixed-key' differ in the lock weights only: the second threat runs the first's traces (fed its
+    own weights as arguments), and finds what an attack compiled afresh finds."""
+    victim = _victim(True)
+    x, y = _images(2)
+    payload, _ = cases.simulate_clients(victim, x, y, 1)
+
+    def attack_under(threat):
+        secret = cases.threat_secret(threat, victim)
+        return experiment.run_attack(attack, payload, threat, secret, attack_options=options)[0]
+
+    def traces():
+        return sum(f.experimental_get_tracing_count() for f in base._shared_functions.values())
+
+    base._shared_functions.clear()
+    oracle = attack_under("oracle")
+    compiled, traced = len(base._shared_functions), traces()
+    assert traced == compiled  # each function traced once, though called from several places
+    shared = attack_under("fixed-key")
+    assert (len(base._shared_functions), traces()) == (compiled, traced)
+    base._shared_functions.clear()
+    fresh = attack_under("fixed-key")
+    for a, b in zip(shared, fresh):
+        np.testing.assert_array_equal(a.raw_images, b.raw_images)
+        assert a.loss == b.loss
+    assert not np.array_equal(oracle[0].raw_images, shared[0].raw_images)  # its own weights, not the oracle's

@@ -111,8 +111,7 @@ def test_a_pruned_target_is_matched_on_its_kept_entries_only():
     kept = [np.where(np.abs(g) >= np.quantile(np.abs(g), 0.9), g, 0.0) for g in gradient.values]
     pruned = dataclasses.replace(gradient, values=tuple(kept), pruned=True)
     attacker = attacks_model.AttackerModel(attacks_model.ServerView.from_model(victim), "none")
-    attack = base.Attack(attacker)
-    attack.distance, attack.tv = "l2", 0.0
+    attack = base.Attack(attacker, base.AttackConfig(distance="l2", tv=0.0))
     position = tf.constant(images.reshape(-1))
     labels = tf.constant([1])
     values = [tf.constant(v) for v in kept]

@@ -172,9 +172,15 @@ def test_demo_trains_evaluates_and_captures(tmp_path):
         text = f.read()
     assert "a_own_key_and_lock" in text and "e_lock_recovery_100" in text and "Traceback" not in text
     assert (root / "fedkl" / "evaluation.json").exists()
-    # The attack step: both captured updates come from the same client; each setting is scored.
+    # The attack step: both captured updates come from the same client (FedKL's and the FedAvg control's round);
+    # each setting is scored, success rates first.
     assert (root / "attack" / "captures_grid.png").exists()
     with open(root / "attack" / "captures_metrics.json") as f:
         settings = json.load(f)
-    assert {"fedavg/none", "fedkl/fixed-key", "fedkl/adaptive"} <= set(settings)
-    assert all("psnr" in entry["summary"] for entry in settings.values())
+    assert set(settings) == {"fedavg-norm/none", "fedkl/fixed-key", "fedkl/adaptive"}
+    assert all(e["success"]["n"] == e["num_examples"] and "psnr" in e["summary"] for e in settings.values())
+    summary = text[text.index("== in short") :]
+    assert "random key with the client's own lock weights" in summary and "from scratch" in summary
+    assert (
+        all(f"{threat} " in summary for threat in ("none", "fixed-key", "adaptive")) and "captures_grid.png" in summary
+    )

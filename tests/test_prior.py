@@ -40,9 +40,10 @@ def test_the_codes_move_first_then_the_pixels():
     codes = 2 * LATENT
 
     def final_position(iterations, latent_iterations):
-        attack = prior.GenerativePrior(
-            attacker, decoder, iterations, latent_iterations, chunk=iterations, label_mode="given"
+        config = prior.PriorConfig(
+            iterations=iterations, latent_iterations=latent_iterations, chunk=iterations, label_mode="given"
         )
+        attack = prior.GenerativePrior(attacker, decoder, config)
         initial = attack._initial(target, 1, seed=0)
         values = [tf.constant(np.asarray(t)[None]) for t in target.values]
         position = attack._optimize(target, initial, values, tf.constant(labels[None]), None, None)[0]

@@ -123,10 +123,18 @@ def test_tfkl_and_its_names_load_without_tensorflow():
 
 def test_names_are_those_the_library_implements():
     import attacks
+    from attacks import base
+    from attacks import names as attack_names
     from tfkl import models
 
     assert names.MODELS == tuple(models._ARCHITECTURES)  # pylint: disable=protected-access
-    assert names.ATTACKS == tuple(attacks.ATTACKS)
+    assert attack_names.ATTACKS == tuple(attacks.ATTACKS)
+    assert attack_names.ADAPTIVE_STRATEGIES == tuple(base.ADAPTIVE_STRATEGIES)
+
+
+def test_the_attack_vocabulary_loads_without_tensorflow():
+    result = _python("import sys\nimport attacks.names\nprint('tensorflow' in sys.modules)\n")
+    assert result.stdout.split() == ["False"], result.stderr[-2000:]
 
 
 def test_tensorflow_import_drops_the_cuda_factory_noise_and_nothing_else(tmp_path):

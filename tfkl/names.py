@@ -1,4 +1,4 @@
-"""The names a user chooses from (zoo models, data sets, normalisations, algorithms, attacks, threats), without
+"""The names a user chooses from (zoo models, data sets, normalisations, algorithms, key distributions), without
 TensorFlow: the binaries validate their flags with them before TensorFlow loads. Each is defined here only; the
 modules that implement them import it."""
 
@@ -14,14 +14,3 @@ LOCK_AFFINES = ("channel", "spatial")  # tfkl.keylock
 LOCK_INITS = ("shared", "private")  # tfkl.federated.config
 STATISTICS = ("average", "local")  # tfkl.federated.algorithms
 CLIENT_WEIGHTINGS = ("num_examples", "uniform")  # tfkl.federated.algorithms
-ATTACKS = ("dlg", "idlg", "ig", "grnn")  # attacks.experiment
-THREATS = ("none", "fixed-key", "adaptive", "adaptive-key", "oracle")  # attacks.model
-ADAPTIVE_STRATEGIES = (  # attacks.base
-    "joint",
-    "prior",
-    "mixed",
-    "relearn",
-    "relearn-mixed",
-    "relearn-uniform",
-    "relearn-alternating",
-)
