@@ -314,3 +314,34 @@ def test_train_binary_survives_a_killed_worker_or_stops_and_resumes(workers, tmp
         got = run_dir.restore(root, config, process)
         assert got[2] == want[2] == 4
         _assert_equal_states(got[:2], want[:2])
+
+
+class _FakeWorker:
+    def __init__(self, address):
+        self.address, self.live, self.failed_at, self.contexts = address, True, None, 0
+        self.watch = type("Watch", (), {"last_answer": 0.0})()
+        self.context = f"context of {address}"
+
+    def new_context(self):
+        self.contexts += 1
+
+
+def test_worker_pool_runs_a_failed_workers_part_on_a_live_one_and_readmits_it(caplog):
+    workers = [_FakeWorker(f"w{i}") for i in range(3)]
+    pool = contexts._WorkerPool(workers, "retry")
+    assert [pool.live_worker(part).address for part in range(3)] == ["w0", "w1", "w2"]
+    with caplog.at_level(logging.WARNING):
+        pool.fail(workers[1], contexts.WorkerFailedError("w1", "TFF worker w1 stopped answering"))
+    assert "its clients run again on w0, w2" in caplog.text
+    assert [pool.live_worker(part).address for part in range(3)] == ["w0", "w2", "w2"]
+    pool.readmit()  # no probe answered since it failed
+    assert not workers[1].live
+    workers[1].watch.last_answer = workers[1].failed_at + 1
+    pool.readmit()
+    assert workers[1].live and workers[1].contexts == 1
+    stopping = contexts._WorkerPool([_FakeWorker("w0")], "stop")
+    with pytest.raises(contexts.WorkerFailedError, match="the run stops"):
+        stopping.fail(stopping.workers[0], contexts.WorkerFailedError("w0", "lost"))
+    last = contexts._WorkerPool([_FakeWorker("w0")], "retry")
+    with pytest.raises(contexts.WorkerFailedError, match="no other worker is left"):
+        last.fail(last.workers[0], contexts.WorkerFailedError("w0", "lost"))

@@ -2,8 +2,10 @@
 
 TFF's learning algorithms keep no per-client state, so the round follows TFF's stateful-clients
 example: the client work and the server update are plain TF functions (`client_work`), placed here
-by thin TFF wiring. Only the shared update crosses to SERVER, through a TFF aggregation factory
-(default: the weighted `tff.aggregators.MeanFactory`) whose state lives in the server state.
+by named TFF parts (initializer, distributor, client work, aggregator, finalizer) that `compose_round`
+puts together, as TFF's `compose_learning_process` does. Only the shared update crosses to SERVER,
+through a TFF aggregation factory (default: the weighted `tff.aggregators.MeanFactory`) whose state
+lives in the server state.
 """
 
 import collections
