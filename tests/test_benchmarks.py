@@ -9,7 +9,10 @@ from absl import flags
 import numpy as np
 import pytest
 
-from benchmarks import common, report, run, tables, torch_dlg_reference
+from experiments import common, run
+from experiments.perf import torch_dlg_reference
+from experiments.report import document as report
+from experiments.report import tables
 
 
 def _payload(value=1.5):
@@ -74,7 +77,7 @@ def test_interleaved_timings_warm_up_then_time_every_variant_each_repeat():
 def test_run_in_process_uses_run_and_writes_json(tmp_path, monkeypatch):
     module = types.SimpleNamespace(run=lambda quick: _payload(2.0 if quick else 3.0))
     monkeypatch.setattr(run.importlib, "import_module", lambda name: module)
-    path = run.run_in_process("fake", True, str(tmp_path), "python -m benchmarks.run --only=fake --quick")
+    path = run.run_in_process("fake", True, str(tmp_path), "python -m experiments.run --only=fake --quick")
     doc = json.load(open(path))
     assert doc["results"] == {"ratio": 2.0} and doc["command"].endswith("--quick") and doc["duration_s"] is not None
 
@@ -99,8 +102,8 @@ def test_main_style_module_must_write_its_json(tmp_path, monkeypatch):
     assert run.run_in_process("selfwriting", False, str(tmp_path), "cmd").endswith("selfwriting.json")
     with pytest.raises(RuntimeError, match="did not write"):
         run.run_in_process("selfwriting", True, str(tmp_path), "cmd")
-    assert calls[0][1:] == ["-m", "benchmarks.selfwriting"]
-    assert calls[1][1:] == ["-m", "benchmarks.selfwriting", "--quick"]
+    assert calls[0][1:] == ["-m", "experiments.perf.selfwriting"]
+    assert calls[1][1:] == ["-m", "experiments.perf.selfwriting", "--quick"]
 
 
 def test_runner_skips_absent_modules_and_writes_the_summary(tmp_path, monkeypatch, capsys):
@@ -111,7 +114,7 @@ def test_runner_skips_absent_modules_and_writes_the_summary(tmp_path, monkeypatc
     finally:
         flags.FLAGS.unparse_flags()
     out = capsys.readouterr().out
-    assert "| workers | skipped | benchmarks/workers.py is not in the tree yet |" in out
+    assert "| workers | skipped | experiments/perf/workers.py is not in the tree yet |" in out
     summary = open(os.path.join(str(tmp_path), tables.SUMMARY_FILE)).read()
     assert "No benchmark has written a result yet." in summary and "`workers`" in summary
 
@@ -194,7 +197,7 @@ _TORCH_MISSING = not os.path.exists(torch_dlg_reference.TORCH_PYTHON)
 def test_torch_port_has_the_same_parameters_as_ours():
     import numpy as np
 
-    from benchmarks import torch_compare
+    from experiments.perf import torch_compare
     from tfkl import models
 
     worker = torch_compare.torch_worker(1, 1)
@@ -225,7 +228,7 @@ def test_torch_dlg_script_writes_per_image_records():
 def test_table1_runs_each_command_once_and_reruns_when_it_changes(tmp_path):
     import sys
 
-    from benchmarks import table1
+    from experiments.studies import table1
 
     out, counter = str(tmp_path / "out.json"), tmp_path / "count"
     code = (
@@ -242,7 +245,7 @@ def test_table1_runs_each_command_once_and_reruns_when_it_changes(tmp_path):
 
 
 def test_table1_payload_aggregates_seeds_and_variants():
-    from benchmarks import table1
+    from experiments.studies import table1
 
     keys = {entry: 0.5 for entry in table1.KEY_ENTRIES}
     keys["e_lock_recovery_100"] = 0.4
@@ -274,7 +277,7 @@ def test_table1_payload_aggregates_seeds_and_variants():
 
 
 def test_table1_variant_is_fedkl_with_its_own_flags_and_directory():
-    from benchmarks import table1
+    from experiments.studies import table1
 
     setting = dict(model="resnet20", dataset="digits", epochs=2, seeds=(0,), variants=("fedkl_local_statistics",))
     commands = table1._commands(setting, 0, "d")
@@ -284,7 +287,7 @@ def test_table1_variant_is_fedkl_with_its_own_flags_and_directory():
 
 
 def test_figures_are_drawn_from_the_results_only(tmp_path):
-    from benchmarks import figures
+    from experiments.report import figures
 
     results, grids = tmp_path / "results", tmp_path / "grids"
     results.mkdir()
@@ -310,7 +313,7 @@ def test_figures_are_drawn_from_the_results_only(tmp_path):
 
 
 def test_privacy_over_rounds_and_regime_grids_come_from_regimes_json(tmp_path):
-    from benchmarks import figures
+    from experiments.report import figures
 
     results, grids = tmp_path / "results", tmp_path / "regimes"
     results.mkdir()
@@ -329,7 +332,7 @@ def test_privacy_over_rounds_and_regime_grids_come_from_regimes_json(tmp_path):
 
 
 def test_privacy_over_rounds_gives_a_threat_one_colour_and_label_in_both_panels(tmp_path, monkeypatch):
-    from benchmarks import figures
+    from experiments.report import figures
 
     rate = {"success": {"ssim": {"rate": 0.5, "low": 0.3, "high": 0.7}}}
     doc = {
@@ -352,7 +355,7 @@ def test_privacy_over_rounds_gives_a_threat_one_colour_and_label_in_both_panels(
 
 
 def test_table6_payload_pools_seeds_and_merges_the_threat_experiments():
-    from benchmarks import attack_quality
+    from experiments.studies import attack_quality
 
     def report(psnr, aligned, threats):
         per_image = {m: [0.5, 0.5] for m in attack_quality.TABLE6_METRICS}
@@ -376,7 +379,7 @@ def test_table6_payload_pools_seeds_and_merges_the_threat_experiments():
 
 
 def _key_table_row(own, random_key, recovery, scratch):
-    from benchmarks import key_table
+    from experiments.studies import key_table
 
     row = {key: own for _, key in key_table.ENTRIES}
     row.update(b_own_lock_random_key=random_key, own=own)
@@ -386,7 +389,7 @@ def _key_table_row(own, random_key, recovery, scratch):
 
 
 def test_key_table_payload_marks_targets_and_partial_runs():
-    from benchmarks import key_table
+    from experiments.studies import key_table
 
     rows = {
         "fedkl_uniform": {0: _key_table_row(0.81, 0.82, 0.79, 0.66)},
@@ -417,12 +420,12 @@ def test_key_table_payload_marks_targets_and_partial_runs():
 @pytest.mark.slow
 def test_key_table_command_on_a_tiny_setting(tmp_path):
     """The command end to end (digits, 2 rounds, key_dim 16): two configurations, then a rerun from the cache."""
-    from benchmarks import key_table
+    from experiments.studies import key_table
 
     out = tmp_path / "key_table.json"
     argv = [
         "-m",
-        "benchmarks.key_table",
+        "experiments.studies.key_table",
         "--quick",
         "--key_table_configs=fedkl_gaussian,fedavg_norm",
         f"--key_table_dir={tmp_path / 'runs'}",
@@ -448,7 +451,7 @@ def test_key_table_command_on_a_tiny_setting(tmp_path):
 def test_gradient_sharpness_measures_distances_from_the_true_image():
     import tensorflow as tf
 
-    from benchmarks import gradient_sharpness
+    from experiments.studies import gradient_sharpness
 
     smooth = np.random.default_rng(0).uniform(0, 1, (2, 4, 4, 1)).astype(np.float32)
     images, labels = tf.image.resize(smooth, (32, 32)).numpy(), np.array([1, 3])

@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from attacks import cases, experiment, labels, targets
 from attacks import model as model_lib
-from benchmarks import common, regimes
+from experiments import common
+from experiments.studies import regimes
 from tests.helpers import write_idx
 from tfkl import data, models
 
@@ -205,7 +206,7 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
 
 
 def test_each_ablation_changes_one_setting_per_variant_off_the_tables_seeds(fashion_dir, tmp_path, monkeypatch):
-    from benchmarks import ablations
+    from experiments.studies import ablations
 
     for ablation in ablations.ABLATIONS.values():
         assert not set(ablation.seeds) & {0, 1, 2}  # victims outside the table's seeds
