@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -56,6 +57,25 @@ SHARED_MACHINE_NOTE = (
     "Measured on a shared machine (other jobs were running on the same cores): "
     "only ratios measured within one run, interleaved, are meaningful."
 )
+
+
+# Results recorded before experiments/ had its own room name their command `python -m benchmarks.<name>`.
+_MOVED = {"run": "run", "tables": "report.tables", "figures": "report.figures", "report": "report.document"}
+
+
+def current_command(command):
+    """`command` with a module of the former benchmarks/ package named as it is now (experiments/...)."""
+
+    def module(match):
+        name = match.group(1)
+        if name in _MOVED:
+            return f"experiments.{_MOVED[name]}"
+        folder = (
+            "studies" if os.path.exists(os.path.join(REPO_ROOT, "experiments", "studies", f"{name}.py")) else "perf"
+        )
+        return f"experiments.{folder}.{name}"
+
+    return re.sub(r"\bbenchmarks\.(\w+)", module, command)
 
 
 def result_path(name, results_dir=None):
@@ -165,14 +185,12 @@ def envelope(name, payload, quick, command=None, duration_s=None):
 def write_json(path, doc):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path, binary=False) as f:
-        json.dump(doc, f, indent=2, sort_keys=False, default=_json_default)
+        json.dump(doc, f, indent=2, sort_keys=False, default=json_default)
         f.write("\n")
 
 
-def _json_default(value):
-    if hasattr(value, "item"):  # NumPy scalars
-        return value.item()
-    if hasattr(value, "tolist"):
+def json_default(value):
+    if hasattr(value, "tolist"):  # NumPy arrays and scalars
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 

@@ -9,7 +9,7 @@ from absl import flags
 import numpy as np
 import pytest
 
-from experiments import common, run
+from experiments import cells, common, run
 from experiments.perf import torch_dlg_reference
 from experiments.report import document as report
 from experiments.report import tables
@@ -217,7 +217,7 @@ def test_torch_dlg_script_writes_per_image_records():
 
     rng = np.random.default_rng(0)
     images, labels = rng.random((2, 28, 28, 1), dtype=np.float32), np.array([3, 7])
-    settings = dict(torch_dlg_reference._settings(quick=True), lbfgs_steps=2)
+    settings = dict(torch_dlg_reference.reference_settings(quick=True), lbfgs_steps=2)
     doc = torch_dlg_reference.run_torch_dlg(images, labels, settings)
     assert [r["position"] for r in doc["records"]] == [0, 1] and doc["image_shape"] == [1, 28, 28]
     for record in doc["records"]:
@@ -466,19 +466,19 @@ def test_tables_are_not_rewritten_from_fewer_results_than_they_hold(tmp_path, mo
     monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
     summary = dict(n=8, seeds=[0])
     payload = dict(results={"U8": {"none": summary, "oracle": summary}}, tables=[], headline=[], notes=[])
-    tables.write_keeping_results("bench", payload, 1.0, "records")
+    cells.publish("bench", payload, 1.0, "records")
     with open(tmp_path / "bench.json", "rb") as f:
         before = f.read()
     fewer = dict(payload, results={"U8": {"none": summary, "oracle": dict(n=4, seeds=[0])}})
     with pytest.raises(
         RuntimeError, match=r"records lacks what results/bench.json was made from \(U8/oracle: 8 images, now 4\);"
     ):
-        tables.write_keeping_results("bench", fewer, 1.0, "records")
+        cells.publish("bench", fewer, 1.0, "records")
     with pytest.raises(RuntimeError, match=r"U8/oracle: 8 images, now 0"):
-        tables.write_keeping_results("bench", dict(payload, results={"U8": {"none": summary}}), 1.0, "records")
+        cells.publish("bench", dict(payload, results={"U8": {"none": summary}}), 1.0, "records")
     with open(tmp_path / "bench.json", "rb") as f:
         assert f.read() == before  # nothing lost
     more = dict(payload, results={"U8": {"none": dict(n=16, seeds=[0, 1]), "oracle": summary}})
-    tables.write_keeping_results("bench", more, 1.0, "records")  # more images, or the same: written
+    cells.publish("bench", more, 1.0, "records")  # more images, or the same: written
     with open(tmp_path / "bench.json") as f:
         assert json.load(f)["results"]["U8"]["none"]["n"] == 16

@@ -1,5 +1,5 @@
 """The first attack a user runs, end to end: wall time of the attack binary before and after its start-up
-fix, interleaved on the same machine (issue 15).
+fix, interleaved on the same machine.
 
   python -m experiments.run --only=attack_startup
 

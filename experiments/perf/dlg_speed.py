@@ -1,5 +1,5 @@
 """Our DLG against the original DLG in PyTorch, interleaved per image: wall time and objective
-evaluations until the reconstruction first reaches 30 dB PSNR (issue #5, target (c)).
+evaluations until the reconstruction first reaches 30 dB PSNR.
 
   python -m experiments.run --only=dlg_speed
 
@@ -108,7 +108,7 @@ def run(quick):
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     settings = dict(
-        reference._settings(quick),
+        reference.reference_settings(quick),
         tf_threads=1,
         variants=VARIANTS,
         target_time_ratio=TARGET_RATIO,
@@ -116,6 +116,12 @@ def run(quick):
     )
     if quick:
         settings["indices"] = settings["indices"][:1]
+    reference_rows, ours = measure(settings)
+    return payload(settings, reference_rows, ours)
+
+
+def measure(settings):
+    """Per image, the PyTorch original and then ours from its starting point: (its rows, {variant: our rows})."""
     dataset = data.load(settings["dataset"])
     reference_rows, ours = [], {variant: [] for variant in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,6 +139,11 @@ def run(quick):
                         f"{record['victim_gradient_max_abs_diff']:.2e}: not the same victim"
                     )
                 ours[variant].append(dict(record, index=index, label=label))
+    return reference_rows, ours
+
+
+def payload(settings, reference_rows, ours):
+    """The benchmark's payload from the measured rows."""
     reference_results = {
         "per_image": reference_rows,
         "success_rate": float(np.mean([r["success"] for r in reference_rows])),
@@ -140,17 +151,40 @@ def run(quick):
     comparisons = {variant: reference.compare_with_reference(reference_results, rows) for variant, rows in ours.items()}
     results = {"reference": reference_results, "ours": ours, "comparison": comparisons}
 
-    columns = [
-        "image",
-        "label",
-        "optimizer",
-        f"s to {TARGET_PSNR:.0f} dB",
-        f"evaluations to {TARGET_PSNR:.0f} dB",
-        "final PSNR dB",
-        "success",
-        "time ratio ours/original",
-        "evaluations ratio ours/original",
+    headline, summary_rows = _summaries(comparisons, ours)
+    tables = [
+        {
+            "title": f"DLG to {TARGET_PSNR:.0f} dB, per image: the PyTorch original and ours from the same start",
+            "columns": COLUMNS,
+            "rows": _image_rows(reference_rows, ours, comparisons),
+        },
+        {
+            "title": "Medians over images, ours / PyTorch original",
+            "columns": [
+                "optimizer",
+                "time ratio",
+                "evaluations ratio",
+                "success ours",
+                "success original",
+                f"target met (<= {TARGET_RATIO}x time, success >= original)",
+            ],
+            "rows": summary_rows,
+        },
     ]
+    notes = [
+        common.SHARED_MACHINE_NOTE,
+        "Each side times only its search: the original from its first closure call, ours the compiled chunks "
+        "plus the driver between them. Tracing and compiling ours (a headline figure; setup_seconds per "
+        "image in results) is not counted: it is longer than the original's whole search, so for a single "
+        "image attacked once ours takes longer end to end.",
+        "Evaluations to 30 dB: those done before the first point at >= 30 dB (the original checks each point "
+        "its closure gets; ours, the point after each chunk: up to 9 evaluations ('torch') or 3 iterations "
+        "('tfp') late). A 'tfp' point has been evaluated by its line search already, which counts it.",
+    ]
+    return {"settings": settings, "results": results, "tables": tables, "headline": headline, "notes": notes}
+
+
+def _image_rows(reference_rows, ours, comparisons):
     rows = []
     for position, r in enumerate(reference_rows):
         rows.append(
@@ -181,6 +215,10 @@ def run(quick):
                     _round(c["evaluations_to_target_ratio"]),
                 ]
             )
+    return rows
+
+
+def _summaries(comparisons, ours):
     headline, summary_rows = [], []
     for variant, c in comparisons.items():
         ratio, success = c["median_seconds_ratio"], c["success_rate_ours"]
@@ -215,36 +253,20 @@ def run(quick):
         summary_rows.append(
             [variant, _round(ratio), _round(c["median_evaluations_ratio"]), success, reference_success, met]
         )
-    tables = [
-        {
-            "title": f"DLG to {TARGET_PSNR:.0f} dB, per image: the PyTorch original and ours from the same start",
-            "columns": columns,
-            "rows": rows,
-        },
-        {
-            "title": "Medians over images, ours / PyTorch original",
-            "columns": [
-                "optimizer",
-                "time ratio",
-                "evaluations ratio",
-                "success ours",
-                "success original",
-                f"target met (<= {TARGET_RATIO}x time, success >= original)",
-            ],
-            "rows": summary_rows,
-        },
-    ]
-    notes = [
-        common.SHARED_MACHINE_NOTE,
-        "Each side times only its search: the original from its first closure call, ours the compiled chunks "
-        "plus the driver between them. Tracing and compiling ours (a headline figure; setup_seconds per "
-        "image in results) is not counted: it is longer than the original's whole search, so for a single "
-        "image attacked once ours takes longer end to end.",
-        "Evaluations to 30 dB: those done before the first point at >= 30 dB (the original checks each point "
-        "its closure gets; ours, the point after each chunk: up to 9 evaluations ('torch') or 3 iterations "
-        "('tfp') late). A 'tfp' point has been evaluated by its line search already, which counts it.",
-    ]
-    return {"settings": settings, "results": results, "tables": tables, "headline": headline, "notes": notes}
+    return headline, summary_rows
+
+
+COLUMNS = [
+    "image",
+    "label",
+    "optimizer",
+    f"s to {TARGET_PSNR:.0f} dB",
+    f"evaluations to {TARGET_PSNR:.0f} dB",
+    "final PSNR dB",
+    "success",
+    "time ratio ours/original",
+    "evaluations ratio ours/original",
+]
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from experiments import common
-from tff_programs import contexts
+from experiments import common, runtime
 from tfkl import data as data_lib
 from tfkl.federated import simulation
 from tfkl.federated.client_data import client_dataset, client_partition
@@ -107,55 +106,68 @@ def run(quick):
     settings = _settings(quick)
     dataset = data_lib.load(settings["dataset"])
     rng = np.random.default_rng(0)
-    contexts.install_context()
-    results, rows, headline = {}, [], []
+    runtime.install_context()
+    results = {}
     try:
         for num_clients, per_round in settings["scenarios"]:
-            scenario = _Scenario(dataset, num_clients, per_round)
-            cache_dir = tempfile.mkdtemp(prefix="federated_round_")
-            variants = {
-                "fedkl_round": lambda s=scenario, d=cache_dir: s.federated_round("fedkl", d),
-                "fedavg_round": lambda s=scenario, d=cache_dir: s.federated_round("fedavg", d),
-                "fedkl_round_inline_data": lambda s=scenario: s.federated_round("fedkl", None),
-                "keras_fit": scenario.keras_fit,
-            }
-            for fn in variants.values():
-                for _ in range(settings["warmup"]):
-                    fn()
-            times = {name: [] for name in variants}
-            for _ in range(settings["repeats"]):
-                for name in rng.permutation(list(variants)):
-                    times[name].append(variants[name]())
-            shutil.rmtree(cache_dir)
-            ratios = {
-                f"{name}_over_fit": [r / f for r, f in zip(times[name], times["keras_fit"])]
-                for name in ("fedkl_round", "fedavg_round", "fedkl_round_inline_data")
-            }
-            key = f"{num_clients}_clients_{per_round}_per_round"
-            results[key] = {
-                "examples_per_round": scenario.num_examples,
-                "seconds": times,
-                "ratios": ratios,
-                "median_ratio": {k: float(np.median(v)) for k, v in ratios.items()},
-            }
-            for name in ("fedkl_round", "fedavg_round", "fedkl_round_inline_data"):
-                r = ratios[f"{name}_over_fit"]
-                rows.append(
-                    [
-                        key,
-                        name,
-                        scenario.num_examples,
-                        round(float(np.median(times[name])), 2),
-                        round(float(np.median(times["keras_fit"])), 2),
-                        round(float(np.median(r)), 2),
-                        f"{min(r):.2f}-{max(r):.2f}",
-                    ]
-                )
-                headline.append(
-                    {"metric": f"{name} / Keras fit, {key}", "value": round(float(np.median(r)), 2), "unit": "x"}
-                )
+            results[f"{num_clients}_clients_{per_round}_per_round"] = measure(
+                _Scenario(dataset, num_clients, per_round), settings, rng
+            )
     finally:
-        contexts.shutdown()
+        runtime.shutdown()
+    return payload(settings, results)
+
+
+ROUNDS = ("fedkl_round", "fedavg_round", "fedkl_round_inline_data")
+
+
+def measure(scenario, settings, rng):
+    """One scenario's round and fit times, interleaved in random order, and their ratios."""
+    cache_dir = tempfile.mkdtemp(prefix="federated_round_")
+    variants = {
+        "fedkl_round": lambda s=scenario, d=cache_dir: s.federated_round("fedkl", d),
+        "fedavg_round": lambda s=scenario, d=cache_dir: s.federated_round("fedavg", d),
+        "fedkl_round_inline_data": lambda s=scenario: s.federated_round("fedkl", None),
+        "keras_fit": scenario.keras_fit,
+    }
+    for fn in variants.values():
+        for _ in range(settings["warmup"]):
+            fn()
+    times = {name: [] for name in variants}
+    for _ in range(settings["repeats"]):
+        for name in rng.permutation(list(variants)):
+            times[name].append(variants[name]())
+    shutil.rmtree(cache_dir)
+    ratios = {f"{name}_over_fit": [r / f for r, f in zip(times[name], times["keras_fit"])] for name in ROUNDS}
+    return {
+        "examples_per_round": scenario.num_examples,
+        "seconds": times,
+        "ratios": ratios,
+        "median_ratio": {k: float(np.median(v)) for k, v in ratios.items()},
+    }
+
+
+def payload(settings, results):
+    """The benchmark's payload from each scenario's measurements."""
+    rows, headline = [], []
+    for key, result in results.items():
+        times = result["seconds"]
+        for name in ROUNDS:
+            r = result["ratios"][f"{name}_over_fit"]
+            rows.append(
+                [
+                    key,
+                    name,
+                    result["examples_per_round"],
+                    round(float(np.median(times[name])), 2),
+                    round(float(np.median(times["keras_fit"])), 2),
+                    round(float(np.median(r)), 2),
+                    f"{min(r):.2f}-{max(r):.2f}",
+                ]
+            )
+            headline.append(
+                {"metric": f"{name} / Keras fit, {key}", "value": round(float(np.median(r)), 2), "unit": "x"}
+            )
     return {
         "settings": settings,
         "results": results,

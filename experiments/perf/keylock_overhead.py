@@ -126,7 +126,11 @@ def measure(architecture, settings, seed=0):
 def run(quick):
     settings = _settings(quick)
     tf.keras.utils.set_random_seed(0)
-    results = {arch: measure(arch, settings) for arch in ARCHITECTURES}
+    return payload(settings, {arch: measure(arch, settings) for arch in ARCHITECTURES})
+
+
+def _rows_and_headline(results):
+    """The overhead table's rows and the headline items of every architecture's measurements."""
     rows, headline = [], []
     for arch, r in results.items():
         for phase in ("train_step", "forward"):
@@ -167,6 +171,12 @@ def run(quick):
                     "unit": "%",
                 }
             )
+    return rows, headline
+
+
+def payload(settings, results):
+    """The benchmark's payload from the measurements of each architecture."""
+    rows, headline = _rows_and_headline(results)
     table = {
         "title": f"Key-lock overhead, batch {BATCH_SIZE}, {INPUT_SHAPE[0]}x{INPUT_SHAPE[1]}x{INPUT_SHAPE[2]}",
         "columns": [

@@ -139,7 +139,7 @@ def measure_population(population, clients_per_round, rounds, root_dir, cache_cl
     import psutil
     import tensorflow_federated as tff
 
-    from tff_programs import contexts
+    from experiments import runtime
     from tfkl.federated import program, run_dir, simulation
     from tfkl.federated.client_store import ClientStore
     from tfkl.federated.config import Config
@@ -166,7 +166,7 @@ def measure_population(population, clients_per_round, rounds, root_dir, cache_cl
                 dict(
                     round=key,
                     time=time.monotonic(),
-                    worker_rss_mb=_rss_mb(contexts.worker_processes()),
+                    worker_rss_mb=_rss_mb(runtime.worker_processes()),
                     driver_rss_mb=_rss_mb([psutil.Process()]),
                     loss=float(value["loss"]),
                     **spent,
@@ -174,7 +174,7 @@ def measure_population(population, clients_per_round, rounds, root_dir, cache_cl
             )
             spent.clear()
 
-    contexts.install_context(workers=[])
+    runtime.install_context(workers=[])
     config = Config(
         model="lenet",
         input_shape=INPUT_SHAPE,
@@ -190,7 +190,7 @@ def measure_population(population, clients_per_round, rounds, root_dir, cache_cl
     start = time.monotonic()
     program.train(root_dir, config, options, _synthetic_dataset(), _Shares(population), managers)
     total_s = time.monotonic() - start
-    contexts.shutdown()
+    runtime.shutdown()
     times = [start] + [r["time"] for r in releases]
     round_s = [b - a for a, b in zip(times, times[1:])]
     parts = ("client_states_s", "client_data_s", "run_round_s", "save_s", "gc_s", "gc_full_passes")
@@ -441,6 +441,12 @@ def run(quick):
         for cache in settings["cache_client_data"]
     }
     store = [run_child(p, settings, mode="store") for p in populations]
+    return payload(settings, pooled, [r for key in runs for r in runs[key]], store, per_pass)
+
+
+def payload(settings, pooled, runs, store, per_pass):
+    """The benchmark's payload: `pooled` {cache_client_data: a row per population}, `runs` every child's
+    result, `store` the store mode's per population, `per_pass` the largest population's ratio per pass."""
     store_rows = [
         [s["population"], s.get("error")] + [None] * 5
         if "error" in s
@@ -495,37 +501,39 @@ def run(quick):
             "rows": store_rows,
         },
     ]
-    notes = [
-        common.SHARED_MACHINE_NOTE,
-        "Each population runs in its own process, in passes of rotated order; 'vs smallest' ratios "
-        "compare runs of the same invocation. Later-round times pool every pass's rounds after the first; "
-        "results.round_time_ratio_per_pass has the largest population's ratio within each pass (its spread "
-        "shows how much the machine's other load moves one run).",
-        "Client states live in the run's ClientStore on disk; a round reads its sampled clients' states only "
-        "and creates a client's on its first sampling, so with 1,000 or 10,000 clients most rounds create "
-        "their clients (a key file and an initial state file each; with the data cache, the client's data "
-        "file too) while with 10 clients every client exists after round 1: that first-sampling work is "
-        "part of the larger populations' round time ('client states s', 'client data s').",
-        "The driver's RSS grows by about 5-7 MB per round at every population (driver_rss_mb_by_round): "
-        "TFF's FileProgramStateManager, which saves the server state as a SavedModel each round, keeps native "
-        "memory per save (4.7 MB for this server state, measured apart); the populations are compared at the "
-        "same number of rounds.",
-        "The store table: the index (one manifest per round, about 85 bytes per client with a state) is "
-        "read and written whole, so its per-round cost grows with the clients that have a state, not with "
-        "the states' size; a fresh run of the first table has few such clients.",
-    ]
     return {
         "settings": settings,
         "results": {
             "populations": [r for cache in settings["cache_client_data"] for r in pooled[cache]],
-            "runs": [r for key in runs for r in runs[key]],
+            "runs": runs,
             "store": store,
             "round_time_ratio_per_pass": per_pass,
         },
         "tables": tables,
         "headline": [h for cache in settings["cache_client_data"] for h in _headline(pooled[cache])],
-        "notes": notes,
+        "notes": NOTES,
     }
+
+
+NOTES = [
+    common.SHARED_MACHINE_NOTE,
+    "Each population runs in its own process, in passes of rotated order; 'vs smallest' ratios "
+    "compare runs of the same invocation. Later-round times pool every pass's rounds after the first; "
+    "results.round_time_ratio_per_pass has the largest population's ratio within each pass (its spread "
+    "shows how much the machine's other load moves one run).",
+    "Client states live in the run's ClientStore on disk; a round reads its sampled clients' states only "
+    "and creates a client's on its first sampling, so with 1,000 or 10,000 clients most rounds create "
+    "their clients (a key file and an initial state file each; with the data cache, the client's data "
+    "file too) while with 10 clients every client exists after round 1: that first-sampling work is "
+    "part of the larger populations' round time ('client states s', 'client data s').",
+    "The driver's RSS grows by about 5-7 MB per round at every population (driver_rss_mb_by_round): "
+    "TFF's FileProgramStateManager, which saves the server state as a SavedModel each round, keeps native "
+    "memory per save (4.7 MB for this server state, measured apart); the populations are compared at the "
+    "same number of rounds.",
+    "The store table: the index (one manifest per round, about 85 bytes per client with a state) is "
+    "read and written whole, so its per-round cost grows with the clients that have a state, not with "
+    "the states' size; a fresh run of the first table has few such clients.",
+]
 
 
 def main(argv):

@@ -21,7 +21,7 @@ DATASET = "fashion_mnist"
 TARGET_PSNR = 30.0
 
 
-def _settings(quick):
+def reference_settings(quick):
     return {
         "dataset": DATASET,
         "split": "test",
@@ -109,7 +109,7 @@ def compare_with_reference(reference, ours):
 def run(quick):
     from tfkl import data  # TensorFlow is needed only to load the images
 
-    settings = _settings(quick)
+    settings = reference_settings(quick)
     dataset = data.load(DATASET)
     indices = settings["indices"]
     doc = run_torch_dlg(dataset.x_test[indices], dataset.y_test[indices], settings)
@@ -141,6 +141,12 @@ def run(quick):
         "torch": doc["torch"],
         "image_shape_chw": doc["image_shape"],
     }
+    return payload(settings, results)
+
+
+def payload(settings, results):
+    """The benchmark's payload from the original DLG's results."""
+    per_image = results["per_image"]
     rows = [
         [
             p["index"],

@@ -26,8 +26,7 @@ import portpicker
 import psutil
 import tensorflow_federated as tff
 
-from experiments import common
-from tff_programs import contexts
+from experiments import common, runtime
 from tfkl import data as data_lib
 from tfkl.federated import simulation
 from tfkl.federated.client_data import client_partition
@@ -69,7 +68,7 @@ def start_workers(count, log_dir):
 def start_worker(address, log_dir):
     """A `tff_programs.worker` on `address`'s port, accepting connections; its Popen."""
     os.makedirs(log_dir, exist_ok=True)
-    port = contexts.parse_address(address)[1]
+    port = runtime.parse_address(address)[1]
     with open(os.path.join(log_dir, f"worker_{port}_{time.time_ns()}.log"), "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "tff_programs.worker", f"--port={port}"],
@@ -77,7 +76,7 @@ def start_worker(address, log_dir):
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    contexts.connect(address, timeout=120).close()
+    runtime.connect(address, timeout=120).close()
     return process
 
 
@@ -138,7 +137,7 @@ def _failover(config, dataset, partition, addresses, processes, rounds, round_se
     events = _FailureLog()
     logging.getLogger().addHandler(events)
     try:
-        context = contexts.install_context(workers=addresses, failure_timeout=FAILURE_TIMEOUT, on_failure="retry")
+        context = runtime.install_context(workers=addresses, failure_timeout=FAILURE_TIMEOUT, on_failure="retry")
         failing = _Run(context, config, dataset, partition)
         seconds, killed_at = [], []
 
@@ -177,7 +176,7 @@ def run(quick, log_dir=None):
     addresses, processes = start_workers(2, log_dir)
     try:
         runs = {
-            name: _Run(contexts.install_context(workers=workers), config, dataset, partition)
+            name: _Run(runtime.install_context(workers=workers), config, dataset, partition)
             for name, workers in (("local", []), ("1 worker", addresses[:1]), ("2 workers", addresses))
         }
         first_round = {name: r.round() for name, r in runs.items()}
@@ -195,9 +194,9 @@ def run(quick, log_dir=None):
             name: max(float(np.abs(a - b).max()) for a, b in zip(r.shared_weights(), local)) for name, r in runs.items()
         }
     finally:
-        contexts.install_context(workers=[])
-        contexts.shutdown()
-        contexts.stop_processes([psutil.Process(p.pid) for p in processes if p.poll() is None])
+        runtime.install_context(workers=[])
+        runtime.shutdown()
+        runtime.stop_processes([psutil.Process(p.pid) for p in processes if p.poll() is None])
     failover = {
         "seconds_per_round": failover_seconds,
         "failures_named": len(events.failed),
@@ -208,6 +207,22 @@ def run(quick, log_dir=None):
         "round_after_return_seconds": failover_seconds[-1],
         "max_abs_diff_shared_weights_vs_local": max_diff["2 workers, one killed"],
     }
+    results = {
+        "seconds_per_round": times,
+        "first_round_seconds": first_round,
+        "median_seconds_per_round": medians,
+        "max_abs_diff_shared_weights_vs_local": max_diff,
+        "failover": failover,
+    }
+    return payload(settings, results)
+
+
+def payload(settings, results):
+    """The benchmark's payload from the measured rounds."""
+    times, first_round = results["seconds_per_round"], results["first_round_seconds"]
+    medians, max_diff = results["median_seconds_per_round"], results["max_abs_diff_shared_weights_vs_local"]
+    failover = results["failover"]
+    failover_seconds = failover["seconds_per_round"]
     rows = [
         [
             name,
@@ -221,13 +236,7 @@ def run(quick, log_dir=None):
     ]
     return {
         "settings": settings,
-        "results": {
-            "seconds_per_round": times,
-            "first_round_seconds": first_round,
-            "median_seconds_per_round": medians,
-            "max_abs_diff_shared_weights_vs_local": max_diff,
-            "failover": failover,
-        },
+        "results": results,
         "headline": [
             {"metric": f"FedKL round, {name} / local", "value": round(medians[name] / medians["local"], 2), "unit": "x"}
             for name in ("1 worker", "2 workers")

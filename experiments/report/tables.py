@@ -5,7 +5,6 @@ regenerated at any time from results/*.json. The summary is the README.md of the
 summarises (results/, or runs/bench_quick/ for a quick run), so it always describes the JSONs next to it.
 """
 
-import json
 import math
 import os
 
@@ -55,7 +54,7 @@ def provenance(doc):
     )
 
 
-def _target_cell(item):
+def target_cell(item):
     if "target" not in item:
         return "–"
     met = item.get("met")
@@ -74,7 +73,7 @@ def headline_rows(name, doc):
             item["metric"],
             item["value"],
             item.get("unit", ""),
-            _target_cell(item),
+            target_cell(item),
             f"{run}, {str(doc.get('date', '?'))[:10]}",
         ]
         for item in doc.get("headline", [])
@@ -137,7 +136,7 @@ def benchmark_section(name, doc, level=3):
         lines += [
             markdown_table(
                 ["metric", "value", "unit", "target"],
-                [[h["metric"], h["value"], h.get("unit", ""), _target_cell(h)] for h in doc["headline"]],
+                [[h["metric"], h["value"], h.get("unit", ""), target_cell(h)] for h in doc["headline"]],
             ),
             "",
         ]
@@ -171,50 +170,6 @@ def write_markdown(path, name, doc):
     """Writes benchmark `name`'s result document `doc` as a Markdown page (its tables and notes) to `path`."""
     with atomic_write(path, binary=False) as f:
         f.write(benchmark_section(name, doc, level=1))
-
-
-def write_result_and_page(name, payload, duration_s, results_dir=None):
-    """Writes results/<name>.json (`common.write_result`) and, from the JSON as written, its Markdown page
-    <name>.md beside it; returns both paths."""
-    path = common.write_result(name, payload, quick=False, results_dir=results_dir, duration_s=duration_s)
-    markdown = os.path.splitext(path)[0] + ".md"
-    with open(path) as f:
-        write_markdown(markdown, name, json.load(f))
-    return path, markdown
-
-
-def dropped_results(name, payload):
-    """The results in results/<name>.json scored over more images (a result: a dict with an integer `n`) than
-    in `payload`, which lacks them or has fewer: ["path: n images, now m"]."""
-    path = common.result_path(name)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        previous = dict(_counted(json.load(f)["results"]))
-    now = dict(_counted(payload["results"]))
-    return [f"{'/'.join(key)}: {n} images, now {now.get(key, 0)}" for key, n in previous.items() if now.get(key, 0) < n]
-
-
-def _counted(tree, path=()):
-    if isinstance(tree, dict):
-        if isinstance(tree.get("n"), int):
-            yield path, tree["n"]
-            return
-        for key, value in tree.items():
-            yield from _counted(value, (*path, str(key)))
-
-
-def write_keeping_results(name, payload, duration_s, source):
-    """`write_result_and_page` for a benchmark tabulated from what `source` holds (its cache or records), unless
-    that would drop results (`dropped_results`): then raises RuntimeError and writes nothing."""
-    dropped = dropped_results(name, payload)
-    if dropped:
-        more = f"; and {len(dropped) - 1} more" if len(dropped) > 1 else ""
-        raise RuntimeError(
-            f"{source} lacks what results/{name}.json was made from ({dropped[0]}{more}); "
-            f"not rewriting it: restore {source}, rerun them, or delete results/{name}.json"
-        )
-    return write_result_and_page(name, payload, duration_s)
 
 
 def main():

@@ -21,10 +21,8 @@ import time
 from absl import flags
 import numpy as np
 
-from experiments import common
-from experiments.report import tables
+from experiments import cells, common, runtime
 from experiments.studies import regimes
-from tff_programs import launch
 
 NAME = "ablations"
 
@@ -97,13 +95,16 @@ flags.register_validator(
 
 
 def run_ablation(ablation, store, data_dir=None, log=print):
-    """Runs each pending (variant, seed) in its own process; raises RuntimeError naming one that fails."""
+    """Runs each pending (variant, seed) in its own process, in the engine's pool; raises RuntimeError naming
+    the first that fails, once the others are done."""
+    jobs = []
     for variant in ablation.variants:
         for seed in ablation.seeds:
-            command = [sys.executable, "-m", "experiments.studies.ablations", f"--ablation_cell={variant.name}/{seed}"]
+            command = cells.module_command("experiments.studies.ablations", f"--ablation_cell={variant.name}/{seed}")
             command += [f"--ablation_records_dir={store.records}", f"--ablation_dir={store.work}"]
             command += [f"--data_dir={data_dir}"] if data_dir else []
-            regimes.run_cell_process(command, variant, seed, "none", store, log)
+            jobs.append(regimes.cell_job(command, variant, seed, "none", store))
+    cells.run_jobs(jobs, log=log)
 
 
 def tabulate(store, data_dir=None, log=print):
@@ -171,11 +172,11 @@ def main(argv):
             for name in _ABLATIONS.value:
                 run_ablation(ABLATIONS[name], store, data_dir, log)
         payload = tabulate(store, data_dir, log)
-        path, markdown = tables.write_keeping_results(NAME, payload, time.perf_counter() - start, store.records)
+        path, markdown = cells.publish(NAME, payload, time.perf_counter() - start, store.records)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {path} and {markdown}")
 
 
 if __name__ == "__main__":
-    launch.run(main)
+    runtime.run(main)

@@ -1,4 +1,4 @@
-"""The strongest adaptive attacker (issue 12, section 1): each attack under 'none', 'oracle', the first
+"""The strongest adaptive attacker: each attack under 'none', 'oracle', the first
 adaptive attacker ('adaptive' with adaptive_strategy='joint') and the new strategies, on the images and
 victims of the stored batch-1 results (untrained LeNet, Fashion-MNIST, images 0-9, seeds 0-2).
 
@@ -18,7 +18,6 @@ never a real attacker's success rate. Restarts inside a cell are chosen by the a
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -26,7 +25,7 @@ from absl import app, flags
 import numpy as np
 import tensorflow  # noqa: F401  (before absl's main, as experiments.studies.attack_quality)
 
-from experiments import common
+from experiments import cells, common
 
 NAME = "adaptive_attacker"
 DATASET, MODEL, NUM_IMAGES = "fashion_mnist", "lenet", 10
@@ -65,6 +64,9 @@ _SEEDS = flags.DEFINE_list("aa_seeds", ["0", "1", "2"], "Seeds (victim weights, 
 _CACHE = flags.DEFINE_string("aa_cache", "runs/adaptive_attacker/cache", "Per-image cache folder.")
 _CELL = flags.DEFINE_string("aa_cell", None, "Internal: run one cell 'attack|variant|seed' in this process.")
 _TABULATE_ONLY = flags.DEFINE_bool("aa_tabulate_only", False, "Run nothing; tabulate the cache.")
+_WORKERS = flags.DEFINE_integer(
+    "aa_workers", cells.DEFAULT_WORKERS, "Cells run at a time, each in its own process.", lower_bound=1
+)
 _TABLE_VARIANTS = flags.DEFINE_list(
     "aa_table_variants", [], "Variants to tabulate (default: every variant in the cache for the chosen attacks)."
 )
@@ -78,25 +80,31 @@ def options_of(attack, variant):
     return dict(BASE_OPTIONS[attack], **VARIANTS[variant][1])
 
 
+def _layout(cell):
+    return os.path.join(cell.attack, cell.threat.replace(":", "_").replace("/", "__"), f"seed{cell.seed}")
+
+
+def records(cache):
+    """The cells' records (`experiments.cells.RecordStore`): one file per image."""
+    return cells.RecordStore(cache, _layout, "{:03d}.json", indent=2, trailing_newline=True)
+
+
+def cell(attack, variant, seed):
+    """The engine's cell: `attack` on the batch-1 LeNet victims of `seed` under `variant` (a threat and options)."""
+    return cells.Cell(NAME, MODEL, variant, attack, seed)
+
+
 def cache_path(cache, attack, variant, seed, image):
-    return os.path.join(cache, attack, variant.replace(":", "_").replace("/", "__"), f"seed{seed}", f"{image:03d}.json")
+    return records(cache).path(cell(attack, variant, seed), image)
 
 
 def cached(cache, attack, variant, seed):
     """{image index: entry} of the cached images of one cell."""
-    entries = {}
-    for image in range(NUM_IMAGES):
-        path = cache_path(cache, attack, variant, seed, image)
-        if os.path.exists(path):
-            with open(path) as f:
-                entries[image] = json.load(f)
-    return entries
+    return records(cache).load(cell(attack, variant, seed), range(NUM_IMAGES))
 
 
 def _write_entry(cache, attack, variant, seed, image, entry):
-    path = cache_path(cache, attack, variant, seed, image)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    common.write_json(path, entry)
+    records(cache).write(cell(attack, variant, seed), image, entry)
 
 
 def import_stored(cache, attack, variant, seed, results_dir=common.RESULTS_DIR):
@@ -253,10 +261,10 @@ def tabulate(cache, attacks, seeds, variants=None):
     complete = {}
     for attack in attacks:
         for variant in variants or VARIANTS:
-            cells = {s: cached(cache, attack, variant, s) for s in seeds}
-            done = [s for s in seeds if len(cells[s]) == NUM_IMAGES]
+            stored = {s: cached(cache, attack, variant, s) for s in seeds}
+            done = [s for s in seeds if len(stored[s]) == NUM_IMAGES]
             if done:
-                complete[(attack, variant)] = {s: [cells[s][i] for i in range(NUM_IMAGES)] for s in done}
+                complete[(attack, variant)] = {s: [stored[s][i] for i in range(NUM_IMAGES)] for s in done}
     results, rows = {}, []
     for (attack, variant), by_seed in complete.items():
         entries = [e for s in sorted(by_seed) for e in by_seed[s]]
@@ -270,6 +278,12 @@ def tabulate(cache, attacks, seeds, variants=None):
                 # 'oracle' on the same seeds as this variant
                 oracle = score([e for s in entry["seeds"] for e in complete[(attack, "oracle")][s]])
             rows.append(_row(attack, variant, entry["seeds"], entry, oracle))
+    bounds, bound_rows = upper_bound_rows(complete, attacks, seeds)
+    return _payload(seeds, results, rows, bounds, bound_rows)
+
+
+def upper_bound_rows(complete, attacks, seeds):
+    """({name: score}, table rows) of the upper bounds: per image the best of a group of complete cells."""
     bounds, bound_rows = {}, []
     # Upper bounds over the cells complete at every seed (single-seed ablations would shrink them to seed 0).
     everywhere = {k for k, v in complete.items() if set(v) == set(seeds)}
@@ -296,6 +310,10 @@ def tabulate(cache, attacks, seeds, variants=None):
             [f"{UPPER_BOUND_LABEL}: {name}", ", ".join(f"{a}/{v}" for a, v in keys)]
             + _row("", "", seeds_common, bounds[name])[2:-1]
         )
+    return bounds, bound_rows
+
+
+def _payload(seeds, results, rows, bounds, bound_rows):
     return {
         "settings": {
             "model": MODEL,
@@ -345,6 +363,39 @@ def tabulate(cache, attacks, seeds, variants=None):
     }
 
 
+def run_cells(cache, attacks, variants, seeds, workers=cells.DEFAULT_WORKERS, log=print):
+    """Imports the cells a stored result holds (`import_stored`) and runs the others that are not cached, each
+    in its own process (`--aa_cell`) in the engine's pool; a cell resumes per image."""
+    jobs = []
+    for attack in attacks:
+        for variant in variants:
+            for seed in seeds:
+                if len(cached(cache, attack, variant, seed)) == NUM_IMAGES:
+                    continue
+                if import_stored(cache, attack, variant, seed):
+                    log(f"== {attack}/{variant}/seed {seed}: imported from the stored result")
+                    continue
+                jobs.append(cell_job(cache, attack, variant, seed))
+    try:
+        cells.run_jobs(jobs, workers, log)
+    except RuntimeError as e:
+        raise SystemExit(f"{e}; rerun to resume") from None
+
+
+def cell_job(cache, attack, variant, seed):
+    argument = f"{attack}|{variant}|{seed}"
+    return cells.Job(
+        name=f"cell {attack}/{variant}/seed {seed}",
+        command=cells.module_command(
+            "experiments.studies.adaptive_attacker", f"--aa_cell={argument}", f"--aa_cache={cache}"
+        ),
+        log_path=os.path.join(cache, "logs", argument.replace("|", "_").replace(":", "_").replace("/", "__") + ".log"),
+        done=lambda: len(cached(cache, attack, variant, seed)) == NUM_IMAGES,
+        cell=cell(attack, variant, seed),
+        announce=f"== {attack}/{variant}/seed {seed}: running",
+    )
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -362,26 +413,11 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     start = time.perf_counter()
     if not _TABULATE_ONLY.value:
-        for attack in _ATTACKS.value:
-            for variant in _VARIANTS.value:
-                for seed in seeds:
-                    if len(cached(cache, attack, variant, seed)) == NUM_IMAGES:
-                        continue
-                    if import_stored(cache, attack, variant, seed):
-                        print(f"== {attack}/{variant}/seed {seed}: imported from the stored result", flush=True)
-                        continue
-                    print(f"== {attack}/{variant}/seed {seed}: running", flush=True)
-                    cell = f"--aa_cell={attack}|{variant}|{seed}"
-                    code = subprocess.call(
-                        [sys.executable, "-m", "experiments.studies.adaptive_attacker", cell, f"--aa_cache={cache}"]
-                    )
-                    if code:
-                        raise SystemExit(f"cell {attack}/{variant}/seed {seed} failed (exit {code}); rerun to resume")
+        run_cells(cache, _ATTACKS.value, _VARIANTS.value, seeds, _WORKERS.value)
     payload = tabulate(cache, _ATTACKS.value, seeds, _TABLE_VARIANTS.value or None)
-    from experiments.report import tables
 
     try:
-        path, markdown = tables.write_keeping_results(NAME, payload, time.perf_counter() - start, cache)
+        path, markdown = cells.publish(NAME, payload, time.perf_counter() - start, cache)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {path} and {markdown}")

@@ -27,131 +27,46 @@ ALL_THREATS = ["none", "oracle", "fixed-key", "adaptive"]
 LENET = dict(model="lenet", init="pytorch")
 
 
+# Each attack's options in the stored results (iterations, restarts and its own settings).
+ATTACK_OPTIONS = {
+    "dlg": dict(iterations=1000, restarts=1),
+    "idlg": dict(iterations=1500, restarts=2),
+    "ig": dict(iterations=1500, restarts=2, tv=1e-4, learning_rate=0.1),
+    "grnn": dict(iterations=1500, learning_rate=1e-3),
+}
+UPDATE = dict(batch_size=2, target="update", update_options=dict(batch_size=1, local_epochs=1, learning_rate=0.01))
+
+
+def _spec(attack, dataset, num_images, model=LENET, threats=ALL_THREATS, options=None, **extra):
+    """study.run's keyword arguments of one experiment."""
+    options = dict(ATTACK_OPTIONS[attack]) if options is None else options
+    return dict(model, attack=attack, threats=threats, dataset=dataset, num_images=num_images, **extra, options=options)
+
+
 def _experiments(num_images):
     """{set name: [(experiment name, run() keyword arguments)]}."""
-    default = []
-    for dataset in ("fashion_mnist", "digits"):
-        default += [
-            (
-                f"dlg_{dataset}",
-                dict(
-                    LENET,
-                    attack="dlg",
-                    threats=ALL_THREATS,
-                    dataset=dataset,
-                    num_images=num_images,
-                    options=dict(iterations=1000, restarts=1),
-                ),
-            ),
-            (
-                f"idlg_{dataset}",
-                dict(
-                    LENET,
-                    attack="idlg",
-                    threats=ALL_THREATS,
-                    dataset=dataset,
-                    num_images=num_images,
-                    options=dict(iterations=1500, restarts=2),
-                ),
-            ),
-        ]
-    default += [
-        (
-            "ig_fashion_mnist_4",
-            dict(
-                LENET,
-                attack="ig",
-                threats=ALL_THREATS,
-                dataset="fashion_mnist",
-                num_images=4,
-                options=dict(iterations=1500, restarts=2, tv=1e-4, learning_rate=0.1),
-            ),
-        ),
-        (
-            "grnn_fashion_mnist_4",
-            dict(
-                LENET,
-                attack="grnn",
-                threats=ALL_THREATS,
-                dataset="fashion_mnist",
-                num_images=4,
-                options=dict(iterations=1500, learning_rate=1e-3),
-            ),
-        ),
-        (
-            "idlg_update_fashion_mnist",
-            dict(
-                LENET,
-                attack="idlg",
-                threats=ALL_THREATS,
-                dataset="fashion_mnist",
-                num_images=4,
-                batch_size=2,
-                target="update",
-                update_options=dict(batch_size=1, local_epochs=1, learning_rate=0.01),
-                options=dict(iterations=600, restarts=2),
-            ),
-        ),
+    default = [
+        (f"{attack}_{dataset}", _spec(attack, dataset, num_images))
+        for dataset in ("fashion_mnist", "digits")
+        for attack in ("dlg", "idlg")
     ]
-    full = list(default)
-    for dataset in ("fashion_mnist", "digits"):
-        full += [
-            (
-                f"ig_{dataset}",
-                dict(
-                    LENET,
-                    attack="ig",
-                    threats=ALL_THREATS,
-                    dataset=dataset,
-                    num_images=num_images,
-                    options=dict(iterations=1500, restarts=2, tv=1e-4, learning_rate=0.1),
-                ),
-            ),
-            (
-                f"grnn_{dataset}",
-                dict(
-                    LENET,
-                    attack="grnn",
-                    threats=ALL_THREATS,
-                    dataset=dataset,
-                    num_images=num_images,
-                    options=dict(iterations=1500, learning_rate=1e-3),
-                ),
-            ),
-        ]
-    full += [
-        (
-            "ig_resnet20_trained",
-            dict(
-                model="resnet20",
-                init="pytorch",
-                attack="ig",
-                threats=ALL_THREATS,
-                dataset="fashion_mnist",
-                num_images=3,
-                train_epochs=2,
-                train_examples=5000,
-                options=dict(iterations=1000, restarts=1, tv=1e-4, learning_rate=0.1),
-            ),
-        ),
-        (
-            "idlg_batch4_fashion_mnist",
-            dict(
-                LENET,
-                attack="idlg",
-                threats=["none", "oracle"],
-                dataset="fashion_mnist",
-                num_images=8,
-                batch_size=4,
-                options=dict(iterations=1500, restarts=2),
-            ),
-        ),
+    default += [(f"{attack}_fashion_mnist_4", _spec(attack, "fashion_mnist", 4)) for attack in ("ig", "grnn")]
+    update = _spec("idlg", "fashion_mnist", 4, options=dict(iterations=600, restarts=2), **UPDATE)
+    default.append(("idlg_update_fashion_mnist", update))
+    full = default + [
+        (f"{attack}_{dataset}", _spec(attack, dataset, num_images))
+        for dataset in ("fashion_mnist", "digits")
+        for attack in ("ig", "grnn")
     ]
+    resnet = dict(model="resnet20", init="pytorch")
+    trained = dict(train_epochs=2, train_examples=5000)
+    ig_short = dict(ATTACK_OPTIONS["ig"], iterations=1000, restarts=1)
+    full.append(("ig_resnet20_trained", _spec("ig", "fashion_mnist", 3, resnet, options=ig_short, **trained)))
+    batch4 = _spec("idlg", "fashion_mnist", 8, threats=["none", "oracle"], batch_size=4)
+    full.append(("idlg_batch4_fashion_mnist", batch4))
     # Table 6: every attack under every threat on Fashion-MNIST single gradients and captured updates.
     table6 = [
-        (n, k)
-        for n, k in full
-        if n in ("dlg_fashion_mnist", "idlg_fashion_mnist", "ig_fashion_mnist", "grnn_fashion_mnist")
+        (f"{attack}_fashion_mnist", dict(full)[f"{attack}_fashion_mnist"]) for attack in ("dlg", "idlg", "ig", "grnn")
     ]
     # The adaptive attacker that knows the lock weights (round 1: the server's initial lock) and optimises the key.
     single = [(n, k) for n, k in table6 if n != "dlg_fashion_mnist"]
@@ -159,9 +74,7 @@ def _experiments(num_images):
     # The same attacker against clients that draw their lock weights privately (lock_init='private'):
     # it knows only model_fn's lock weights.
     table6 += [(f"{n}_private_lock", dict(k, threats=["adaptive-key"], lock_init="private")) for n, k in single]
-    table6.append(
-        ("idlg_update10_fashion_mnist", dict(dict(default)["idlg_update_fashion_mnist"], num_images=num_images))
-    )
+    table6.append(("idlg_update10_fashion_mnist", dict(update, num_images=num_images)))
     return {"default": default, "full": full, "table6": table6}
 
 
@@ -408,6 +321,45 @@ def _compact_rows(results):
     return rows
 
 
+def _table6_summary(by_seed):
+    """Mean, std and median of each metric over every image of every seed, and the spread of the seed means."""
+    pooled = {m: [v for per_image in by_seed.values() for v in per_image[m]] for m in TABLE6_METRICS}
+    seed_means = {m: [float(np.mean(per_image[m])) for per_image in by_seed.values()] for m in TABLE6_METRICS}
+    return dict(
+        seeds=sorted(by_seed),
+        images=len(pooled["psnr"]),
+        **{
+            m: dict(
+                mean=float(np.mean(v)),
+                std=float(np.std(v)),
+                median=float(np.median(v)),
+                seed_means=seed_means[m],
+                seed_std=float(np.std(seed_means[m])),
+            )
+            for m, v in pooled.items()
+        },
+    )
+
+
+def _table6_row(name, threat, seeds, r):
+    def cell(m, f="{:.2f}"):
+        return f"{f.format(r[m]['mean'])} ± {f.format(r[m]['std'])}"
+
+    return [
+        name,
+        threat,
+        seeds,
+        r["images"],
+        cell("psnr"),
+        cell("ssim", "{:.3f}"),
+        cell("aligned_psnr"),
+        f"{r['aligned_psnr']['seed_std']:.2f}",
+        f"{100 * r['label_accuracy']['mean']:.1f}",
+        cell("paper_rmse", "{:.1f}"),
+        cell("paper_psnr"),
+    ]
+
+
 def table6_payload(reports):
     """Per experiment and threat, over every image of every seed: mean ± std of each metric, and the
     spread of the per-seed means (the seed-to-seed variation)."""
@@ -417,39 +369,8 @@ def table6_payload(reports):
             grouped.setdefault((name, threat), {})[seed] = result["per_image"]
     rows, results = [], {}
     for (name, threat), by_seed in grouped.items():
-        pooled = {m: [v for per_image in by_seed.values() for v in per_image[m]] for m in TABLE6_METRICS}
-        seed_means = {m: [float(np.mean(per_image[m])) for per_image in by_seed.values()] for m in TABLE6_METRICS}
-        results.setdefault(name, {})[threat] = dict(
-            seeds=sorted(by_seed),
-            images=len(pooled["psnr"]),
-            **{
-                m: dict(
-                    mean=float(np.mean(v)),
-                    std=float(np.std(v)),
-                    median=float(np.median(v)),
-                    seed_means=seed_means[m],
-                    seed_std=float(np.std(seed_means[m])),
-                )
-                for m, v in pooled.items()
-            },
-        )
-        r = results[name][threat]
-        cell = lambda m, f="{:.2f}", r=r: f"{f.format(r[m]['mean'])} ± {f.format(r[m]['std'])}"  # noqa: E731
-        rows.append(
-            [
-                name,
-                threat,
-                len(by_seed),
-                r["images"],
-                cell("psnr"),
-                cell("ssim", "{:.3f}"),
-                cell("aligned_psnr"),
-                f"{r['aligned_psnr']['seed_std']:.2f}",
-                f"{100 * r['label_accuracy']['mean']:.1f}",
-                cell("paper_rmse", "{:.1f}"),
-                cell("paper_psnr"),
-            ]
-        )
+        results.setdefault(name, {})[threat] = _table6_summary(by_seed)
+        rows.append(_table6_row(name, threat, len(by_seed), results[name][threat]))
     return {
         "settings": {f"{name} seed {seed}": report["settings"] for (name, seed), report in sorted(reports.items())},
         "results": results,

@@ -1,4 +1,4 @@
-"""Key-lock candidates for claim (a) (issue 12, section 3), side by side against the strongest adaptive attacker.
+"""Key-lock candidates for claim (a), side by side against the strongest adaptive attacker.
 
   python -m experiments.studies.candidates  # every part, resumable (hours)
   python -m experiments.studies.candidates --cand_parts=attacks     # one part
@@ -25,7 +25,7 @@ lock with gaussian keys, with model_fn's and with private lock weights. Parts:
 - overhead: seconds per LeNet train step (batch 64) of each candidate's model over the control's,
   interleaved in one process.
 
-Writes results/candidates.json, .md and docs/figures/candidates_frontier.png. Ship target (issue 12): adaptive success
+Writes results/candidates.json, .md and docs/figures/candidates_frontier.png. Ship target: adaptive success
 <= 5 % with the Wilson upper bound <= 15 % for every attack in every regime where the unprotected client leaks
 >= 50 %, own-key accuracy within 1 pp of the control, random key <= chance + 10 pp.
 """
@@ -42,9 +42,8 @@ import time
 from absl import flags
 import numpy as np
 
-from experiments import common
+from experiments import cells, common, runtime
 from experiments.studies import adaptive_attacker, key_table
-from tff_programs import launch
 
 NAME = "candidates"
 DATASET, MODEL, NUM_IMAGES = "fashion_mnist", "lenet", 10
@@ -159,6 +158,9 @@ _SEEDS = flags.DEFINE_list("cand_seeds", ["0", "1", "2"], "Seeds of the LeNet ru
 _RUN_DIR = flags.DEFINE_string("cand_dir", "runs/candidates", "Runs and caches.")
 _CELL = flags.DEFINE_string("cand_cell", None, "Internal: run one attack cell 'candidate|attack|seed' here.")
 _TABULATE_ONLY = flags.DEFINE_bool("cand_tabulate_only", False, "Run nothing; tabulate the cache.")
+_WORKERS = flags.DEFINE_integer(
+    "cand_workers", cells.DEFAULT_WORKERS, "Attack cells run at a time, each in its own process.", lower_bound=1
+)
 flags.register_validator("cand_parts", lambda v: bool(v) and set(v) <= set(PARTS), f"--cand_parts: from {PARTS}")
 flags.register_validator(
     "cand_names", lambda v: bool(v) and set(v) <= set(CANDIDATES), f"--cand_names: from {list(CANDIDATES)}"
@@ -239,10 +241,24 @@ def attack_names(names):
     return [*names, *REFERENCES]
 
 
+def _layout(cell):
+    folder = f"{cell.attack}_{cell.threat.replace(':', '_')}" if cell.threat else cell.attack
+    return os.path.join("attacks", cell.regime, folder, f"seed{cell.seed}")
+
+
+def records(run_dir):
+    """The attack cells' records (`experiments.cells.RecordStore`): one file per image."""
+    return cells.RecordStore(run_dir, _layout, "{:03d}.json", indent=2, trailing_newline=True)
+
+
+def cell(name, attack, seed, threat=None):
+    """The engine's cell of configuration `name`; `threat` None is its own ('adaptive', or 'none' for references)."""
+    return cells.Cell(NAME, name, threat, attack, seed)
+
+
 def image_path(run_dir, name, attack, seed, image, threat=None):
-    """A cached image's file; `threat` None is the configuration's own ('adaptive', or 'none' for references)."""
-    cell = f"{attack}_{threat.replace(':', '_')}" if threat else attack
-    return os.path.join(run_dir, "attacks", name, cell, f"seed{seed}", f"{image:03d}.json")
+    """A cached image's record."""
+    return records(run_dir).path(cell(name, attack, seed, threat), image)
 
 
 def num_images(attack):
@@ -250,13 +266,8 @@ def num_images(attack):
 
 
 def cached_images(run_dir, name, attack, seed, threat=None):
-    entries = {}
-    for image in range(num_images(attack)):
-        path = image_path(run_dir, name, attack, seed, image, threat)
-        if os.path.exists(path):
-            with open(path) as f:
-                entries[image] = json.load(f)
-    return entries
+    """{image: record} of a cell's stored images."""
+    return records(run_dir).load(cell(name, attack, seed, threat), range(num_images(attack)))
 
 
 def victim_payload(name, seed, images, labels, input_shape, num_classes, capture_dir=None):
@@ -329,11 +340,10 @@ def run_cell(run_dir, name, attack, seed, threat=None, log=print):
     entries = adaptive_attacker.attack_entries(
         attack.split("-")[0], payload, cell_threat, secret, options, seed, images, labels, progress, per_client, given
     )
+    store = records(run_dir)
     for image, entry in zip(indices, entries):
         entry.pop("lock_estimate")  # a spatial lock's is 6,144 numbers per image
-        path = image_path(run_dir, name, attack, seed, image, threat)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        common.write_json(path, dict(entry, threat=threat or cell_threat))
+        store.write(cell(name, attack, seed, threat), image, dict(entry, threat=threat or cell_threat))
 
 
 def holding(names, seeds, run_dir):
@@ -378,31 +388,31 @@ def extra_threats(name):
     return EXTRA_THREATS + (SPATIAL_EXTRA_THREATS if spatial else ())
 
 
-def run_attacks(names, seeds, run_dir, log):
-    """Runs every missing attack cell, each in its own process (a killed run resumes per image): the batch-1
-    cells, then those that depend on which candidates hold there."""
-    env = dict(os.environ, PYTHONPATH=common.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+def run_attacks(names, seeds, run_dir, log, workers=cells.DEFAULT_WORKERS):
+    """Runs every missing attack cell, each in its own process in the engine's pool (a killed run resumes per
+    image): the batch-1 cells, then those that depend on which candidates hold there."""
+    try:
+        cells.run_jobs([attack_job(run_dir, *c) for c in batch_cells(names, seeds)], workers, log)
+        held = holding(names, seeds, run_dir)
+        cells.run_jobs([attack_job(run_dir, *c) for c in follow_up_cells(names, seeds, held)], workers, log)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
 
-    def run(cells):
-        for name, attack, seed, threat in cells:
-            if len(cached_images(run_dir, name, attack, seed, threat)) == num_images(attack):
-                continue
-            cell = f"{name}|{attack}|{seed}" + (f"|{threat}" if threat else "")
-            log(f"== attack cell {cell}")
-            argv = [
-                sys.executable,
-                "-m",
-                "experiments.studies.candidates",
-                f"--cand_cell={cell}",
-                f"--cand_dir={run_dir}",
-            ]
-            with open(os.path.join(run_dir, "attacks.log"), "a") as logfile:
-                code = subprocess.call(argv, env=env, stdout=logfile, stderr=subprocess.STDOUT)
-            if code:
-                raise SystemExit(f"error: attack cell {cell} failed (exit {code}); see {logfile.name}")
 
-    run(batch_cells(names, seeds))
-    run(follow_up_cells(names, seeds, holding(names, seeds, run_dir)))
+def attack_job(run_dir, name, attack, seed, threat):
+    """The pool's job attacking one cell (`--cand_cell`) unless all its images are stored."""
+    argument = f"{name}|{attack}|{seed}" + (f"|{threat}" if threat else "")
+    return cells.Job(
+        name=f"attack cell {argument}",
+        command=cells.module_command(
+            "experiments.studies.candidates", f"--cand_cell={argument}", f"--cand_dir={run_dir}"
+        ),
+        log_path=os.path.join(run_dir, "logs", argument.replace("|", "_").replace(":", "_") + ".log"),
+        done=lambda: len(cached_images(run_dir, name, attack, seed, threat)) == num_images(attack),
+        cell=cell(name, attack, seed, threat),
+        env=cells.child_env(),
+        announce=f"== attack cell {argument}",
+    )
 
 
 # -- overhead: train-step time over the control's, interleaved -------------------------------------
@@ -473,112 +483,155 @@ def _pct(value, signed=False):
 
 
 def tabulate(names, seeds, run_dir, training, overhead):
-    """The payload of results/candidates.json from what the parts produced (missing parts show n/a)."""
-    success, extra, held = {}, {}, holding(names, seeds, run_dir)
+    """The payload of results/candidates.json from what the parts produced (missing parts show n/a): the attack
+    cells' records (`attack_scores`), the training runs' rows and the overhead, per configuration a summary
+    (`configuration_summary`) and a table row (`table_row`)."""
+    success, extra = attack_scores(names, seeds, run_dir)
+    held = holding(names, seeds, run_dir)
+    lenet, resnet = training["lenet"], training["resnet"]
+    control = _mean([r["own"] for r in lenet.get("control", {}).values()])
+    resnet_control = _mean([r["own"] for r in resnet.get("control", {}).values()])
+    sizes = key_table.SETTING["public_sizes"]
+    rows, key_rows, summary = [], [], {}
+    for name in ["control", *attack_names(names)]:
+        runs = list(lenet.get(name, {}).values())
+        figures = None
+        if runs:
+            key_row, figures = key_table.table_row(_candidate(name).label, runs, sizes, CHANCE)
+            key_rows.append(key_row)
+        summary[name] = configuration_summary(name, seeds, training, success, extra.get(name, {}), figures, overhead)
+        rows.append(table_row(name, summary[name], lenet, held, resnet_control))
+    partial = overhead is None or any(
+        summary[name]["meets_target"] is None or summary[name]["resnet_own"] is None for name in names
+    )
+    title = "Key-lock candidates: adaptive attack success (aligned SSIM >= 0.6) and accuracy"
+    if partial:
+        title += " (PARTIAL: 'n/a' and 'incomplete' cells wait for `python -m experiments.studies.candidates`)"
+    return {
+        "settings": _settings(names, seeds),
+        "results": dict(
+            partial=partial,
+            by_configuration=summary,
+            control=control,
+            resnet_control=resnet_control,
+            best_trade_off=_best_trade_off(summary, names),
+        ),
+        "tables": [
+            {"title": title, "columns": _columns(seeds), "rows": rows},
+            {
+                "title": "The key table of each candidate (LeNet Fashion-MNIST, mean ± std over the seeds, %)",
+                "columns": key_table.table_columns(sizes),
+                "rows": key_rows,
+            },
+        ],
+        "headline": headline(summary, names),
+        "notes": _notes(),
+    }
+
+
+def attack_scores(names, seeds, run_dir):
+    """({name: {attack: score over the seeds, with 'complete'}}, {name: {threat: {attack: score at the first
+    seed}}}) of every attacked configuration's records."""
+    success, extra = {}, {}
     for name in attack_names(names):
         for attack in (*ATTACKS, *UPDATE_ATTACKS):
-            cells = [cached_images(run_dir, name, attack, s) for s in seeds]
-            entries = [e for cell in cells for e in cell.values()]
-            complete = all(len(cell) == num_images(attack) for cell in cells)
+            stored = [cached_images(run_dir, name, attack, s) for s in seeds]
+            entries = [e for images in stored for e in images.values()]
+            complete = all(len(images) == num_images(attack) for images in stored)
             if entries:
                 success.setdefault(name, {})[attack] = dict(adaptive_attacker.score(entries), complete=complete)
             for threat in EXTRA_THREATS + SPATIAL_EXTRA_THREATS if attack in ATTACKS else ():
                 threat_entries = list(cached_images(run_dir, name, attack, seeds[0], threat).values())
                 if threat_entries:
                     extra.setdefault(name, {}).setdefault(threat, {})[attack] = adaptive_attacker.score(threat_entries)
-    lenet, resnet = training["lenet"], training["resnet"]
+    return success, extra
+
+
+def configuration_summary(name, seeds, training, success, extra, key_figures, overhead):
+    """results.by_configuration[name]: attack success, accuracy against the control (paired by seed), the key
+    table's figures (`key_figures`, None without runs), the overhead and the ship target's checks."""
+    candidate, lenet, resnet = _candidate(name), training["lenet"], training["resnet"]
     control_runs = lenet.get("control", {})
-    control = _mean([r["own"] for r in control_runs.values()])
+    runs = list(lenet.get(name, {}).values())
+    # Paired with the control's run of the same seed: seeds differ more than configurations do.
+    paired = [r["own"] - control_runs[s]["own"] for s, r in lenet.get(name, {}).items() if s in control_runs]
+    minus_control = _mean(paired)
+    all_seeds = len(runs) == len(seeds)
+    random_key, gain = (key_figures["random_key"], key_figures["gain"]) if key_figures else (None, None)
+    resnet_own = _mean([r["own"] for r in resnet.get(name, {}).values()])
     resnet_control = _mean([r["own"] for r in resnet.get("control", {}).values()])
-    sizes = key_table.SETTING["public_sizes"]
-    rows, key_rows, summary = [], [], {}
-    for name in ["control", *attack_names(names)]:
-        candidate = _candidate(name)
-        runs = list(lenet.get(name, {}).values())
-        own = _mean([r["own"] for r in runs])
-        # Paired with the control's run of the same seed: seeds differ more than configurations do.
-        paired = [r["own"] - control_runs[s]["own"] for s, r in lenet.get(name, {}).items() if s in control_runs]
-        minus_control = _mean(paired)
-        all_seeds = len(runs) == len(seeds)
-        random_key = gain = None
-        if runs:
-            key_row, figures = key_table.table_row(candidate.label, runs, sizes, CHANCE)
-            key_rows.append(key_row)
-            random_key, gain = (figures["random_key"], figures["gain"]) if figures else (None, None)
-        resnet_own = _mean([r["own"] for r in resnet.get(name, {}).values()])
-        by_attack = success.get(name, {})
-        checks = dict(
-            privacy=privacy_check(by_attack, success.get("none", {})),
-            accuracy=None if minus_control is None or not all_seeds else -100 * minus_control <= TARGET_ACCURACY_PP,
-            random_key=None
-            if random_key is None or not all_seeds
-            else 100 * (random_key - CHANCE) <= TARGET_RANDOM_KEY_PP,
-        )
-        meets = False if False in checks.values() else (None if None in checks.values() else True)
-        summary[name] = dict(
-            label=candidate.label,
-            flags=list(candidate.train_flags),
-            success=by_attack,
-            first_seed_threats=extra.get(name, {}),
-            lenet_own=own,
-            lenet_minus_control=minus_control,
-            lenet_seeds=len(runs),
-            random_key=random_key,
-            recovery_minus_scratch_100=gain,
-            resnet_own=resnet_own,
-            resnet_minus_control=None if resnet_own is None or resnet_control is None else resnet_own - resnet_control,
-            step_time_ratio=(overhead or {}).get("ratio_to_control", {}).get(name),
-            round_seconds=_mean([r.get("round_seconds") for r in runs]),
-            checks=checks,
-            meets_target=meets,
-        )
-        attack_cells = [
-            "–"
-            if attack in UPDATE_ATTACKS and name in CANDIDATES and name not in update_names(attack, [name], held)
-            else "n/a"
-            if attack not in by_attack
-            else (
-                f"{by_attack[attack]['ssim']['recovered']}/{by_attack[attack]['n']} = "
-                f"{100 * by_attack[attack]['ssim']['rate']:.0f} % [{100 * by_attack[attack]['ssim']['low']:.0f}, "
-                f"{100 * by_attack[attack]['ssim']['high']:.0f}]"
-                + ("" if by_attack[attack]["complete"] else " (partial)")
-            )
-            for attack in (*ATTACKS, *UPDATE_ATTACKS)
-        ]
-        extra_cells = [
-            ", ".join(
-                f"{a.upper()} {e['ssim']['recovered']}/{e['n']}" for a, e in extra.get(name, {}).get(t, {}).items()
-            )
-            or "–"
-            for t in EXTRA_THREATS + SPATIAL_EXTRA_THREATS
-        ]
-        own_cell = "n/a"
-        if own is not None:
-            spread = f" ± {100 * np.std([r['own'] for r in runs]):.1f}" if len(runs) > 1 else ""
-            own_cell = f"{100 * own:.1f}{spread} (seeds {', '.join(str(s) for s in sorted(lenet[name]))})"
-        resnet_cell = _pct(resnet_own)
-        if resnet_own is not None and name != "control" and resnet_control is not None:
-            resnet_cell += f" ({100 * (resnet_own - resnet_control):+.1f})"
-        ratio = summary[name]["step_time_ratio"]
-        rows.append(
-            [candidate.label, *attack_cells, *extra_cells]
-            + [
-                own_cell,
-                _pct(summary[name]["lenet_minus_control"], True),
-                _pct(random_key),
-                _pct(gain, True),
-                resnet_cell,
-                "n/a" if ratio is None else f"{ratio:.2f}x",
-                "–"
-                if name in REFERENCES or name == "control"
-                else {None: "incomplete", True: "MEETS", False: "no"}[meets],
-            ]
-        )
-    best = _best_trade_off(summary, names)
-    partial = overhead is None or any(
-        summary[name]["meets_target"] is None or summary[name]["resnet_own"] is None for name in names
+    by_attack = success.get(name, {})
+    checks = dict(
+        privacy=privacy_check(by_attack, success.get("none", {})),
+        accuracy=None if minus_control is None or not all_seeds else -100 * minus_control <= TARGET_ACCURACY_PP,
+        random_key=None if random_key is None or not all_seeds else 100 * (random_key - CHANCE) <= TARGET_RANDOM_KEY_PP,
     )
-    columns = [
+    return dict(
+        label=candidate.label,
+        flags=list(candidate.train_flags),
+        success=by_attack,
+        first_seed_threats=extra,
+        lenet_own=_mean([r["own"] for r in runs]),
+        lenet_minus_control=minus_control,
+        lenet_seeds=len(runs),
+        random_key=random_key,
+        recovery_minus_scratch_100=gain,
+        resnet_own=resnet_own,
+        resnet_minus_control=None if resnet_own is None or resnet_control is None else resnet_own - resnet_control,
+        step_time_ratio=(overhead or {}).get("ratio_to_control", {}).get(name),
+        round_seconds=_mean([r.get("round_seconds") for r in runs]),
+        checks=checks,
+        meets_target=False if False in checks.values() else (None if None in checks.values() else True),
+    )
+
+
+def _attack_cell(name, attack, by_attack, held):
+    if attack in UPDATE_ATTACKS and name in CANDIDATES and name not in update_names(attack, [name], held):
+        return "–"
+    if attack not in by_attack:
+        return "n/a"
+    score = by_attack[attack]
+    return (
+        f"{score['ssim']['recovered']}/{score['n']} = "
+        f"{100 * score['ssim']['rate']:.0f} % [{100 * score['ssim']['low']:.0f}, "
+        f"{100 * score['ssim']['high']:.0f}]" + ("" if score["complete"] else " (partial)")
+    )
+
+
+def table_row(name, entry, lenet, held, resnet_control):
+    """The candidates table's row of configuration `name` from its summary `entry`."""
+    attack_cells = [_attack_cell(name, attack, entry["success"], held) for attack in (*ATTACKS, *UPDATE_ATTACKS)]
+    extra_cells = [
+        ", ".join(
+            f"{a.upper()} {e['ssim']['recovered']}/{e['n']}" for a, e in entry["first_seed_threats"].get(t, {}).items()
+        )
+        or "–"
+        for t in EXTRA_THREATS + SPATIAL_EXTRA_THREATS
+    ]
+    own, runs = entry["lenet_own"], list(lenet.get(name, {}).values())
+    own_cell = "n/a"
+    if own is not None:
+        spread = f" ± {100 * np.std([r['own'] for r in runs]):.1f}" if len(runs) > 1 else ""
+        own_cell = f"{100 * own:.1f}{spread} (seeds {', '.join(str(s) for s in sorted(lenet[name]))})"
+    resnet_own = entry["resnet_own"]
+    resnet_cell = _pct(resnet_own)
+    if resnet_own is not None and name != "control" and resnet_control is not None:
+        resnet_cell += f" ({100 * (resnet_own - resnet_control):+.1f})"
+    ratio = entry["step_time_ratio"]
+    verdict = {None: "incomplete", True: "MEETS", False: "no"}[entry["meets_target"]]
+    return [_candidate(name).label, *attack_cells, *extra_cells] + [
+        own_cell,
+        _pct(entry["lenet_minus_control"], True),
+        _pct(entry["random_key"]),
+        _pct(entry["recovery_minus_scratch_100"], True),
+        resnet_cell,
+        "n/a" if ratio is None else f"{ratio:.2f}x",
+        "–" if name in REFERENCES or name == "control" else verdict,
+    ]
+
+
+def _columns(seeds):
+    return [
         "configuration",
         *[f"{a.upper()} adaptive: recovered, n, [95 % CI]" for a in ATTACKS],
         *[
@@ -597,84 +650,63 @@ def tabulate(names, seeds, run_dir, training, overhead):
         "train step / control",
         "ship target",
     ]
-    return {
-        "settings": dict(
-            attacks={a: adaptive_attacker.BASE_OPTIONS[a] for a in ATTACKS},
-            attack_images=f"Fashion-MNIST training images 0-{NUM_IMAGES - 1}, batch 1, untrained LeNet",
-            update_attacks=dict(
-                options=UPDATE_ATTACKS,
-                client_training=UPDATE_TRAINING,
-                images=f"Fashion-MNIST training images 0-{num_images(next(iter(UPDATE_ATTACKS))) - 1}",
-                **UPDATE,
-            ),
-            seeds=[int(s) for s in seeds],
-            lenet=dict(
-                key_table.SETTING, public_sizes=list(key_table.SETTING["public_sizes"]), clients=key_table.NUM_CLIENTS
-            ),
-            resnet=RESNET,
-            candidates={n: list(_candidate(n).train_flags) for n in ["control", *attack_names(names)]},
-            targets=dict(
-                adaptive_success=TARGET_SUCCESS,
-                wilson_upper=TARGET_UPPER,
-                accuracy_pp=TARGET_ACCURACY_PP,
-                random_key_pp_over_chance=TARGET_RANDOM_KEY_PP,
-            ),
+
+
+def _settings(names, seeds):
+    return dict(
+        attacks={a: adaptive_attacker.BASE_OPTIONS[a] for a in ATTACKS},
+        attack_images=f"Fashion-MNIST training images 0-{NUM_IMAGES - 1}, batch 1, untrained LeNet",
+        update_attacks=dict(
+            options=UPDATE_ATTACKS,
+            client_training=UPDATE_TRAINING,
+            images=f"Fashion-MNIST training images 0-{num_images(next(iter(UPDATE_ATTACKS))) - 1}",
+            **UPDATE,
         ),
-        "results": dict(
-            partial=partial,
-            by_configuration=summary,
-            control=control,
-            resnet_control=resnet_control,
-            best_trade_off=best,
+        seeds=[int(s) for s in seeds],
+        lenet=dict(
+            key_table.SETTING, public_sizes=list(key_table.SETTING["public_sizes"]), clients=key_table.NUM_CLIENTS
         ),
-        "tables": [
-            {
-                "title": "Key-lock candidates: adaptive attack success (aligned SSIM >= 0.6) and accuracy"
-                + (
-                    " (PARTIAL: 'n/a' and 'incomplete' cells wait for `python -m experiments.studies.candidates`)"
-                    if partial
-                    else ""
-                ),
-                "columns": columns,
-                "rows": rows,
-            },
-            {
-                "title": "The key table of each candidate (LeNet Fashion-MNIST, mean ± std over the seeds, %)",
-                "columns": key_table.table_columns(sizes),
-                "rows": key_rows,
-            },
-        ],
-        "headline": headline(summary, names),
-        "notes": [
-            "Attacks: batch-1 single-step gradients of the untrained LeNet (PyTorch init; seeds set the victim's "
-            "weights, its key is seed + 1's), the same 10 images for every seed, so n = 10 images x seeds counts "
-            "attacks. 'adaptive': gamma/beta unknown and optimised with the image, each attack's strongest strategy "
-            "(attacks.base: 'relearn'); restarts are chosen by the attack's own loss. The references are attacked "
-            "under 'none' (no lock). Pruned targets are matched on their kept entries only.",
-            f"U8 updates: each client trains one local epoch over {UPDATE['images_per_client']} images in steps of "
-            f"{UPDATE_TRAINING['batch_size']} (SGD lr {UPDATE_TRAINING['learning_rate']}, "
-            f"experiments.studies.regimes' U8) on the same victims, {UPDATE['clients']} clients per seed; the attack "
-            "simulates the steps and is given each step's labels (an oracle on the order; these cells came before the "
-            "step search with which experiments.studies.regimes' U8 attacks find the labels themselves); "
-            "reconstructions are Hungarian-matched to the client's images. IG attacks every configuration, GRNN the "
-            "references and the candidates that hold at batch 1 ('–': not run). The ship target applies to a regime "
-            "(batch 1, U8) only where the "
-            f"unprotected client leaks at least {100 * NONE_SUCCEEDS:.0f} % to some attack, and then to every attack.",
-            "Accuracy: mean over the LeNet seeds of each client's own key and lock (entry a of "
-            "tff_programs.evaluate); the control is `--algorithm=fedavg-norm` (the lock blocks replaced by a learned "
-            f"affine, no key). ResNet-20 digits: {RESNET['rounds']} rounds, seed {RESNET['seed']}, local statistics "
-            "for FedKL, averaged for the control, the whole test split.",
-            "Train step / control: median seconds per LeNet train step (batch 64) over the control's, measured in "
-            "turns in one process (experiments.studies.candidates' overhead part); the spatial lock's kernels are "
-            "1024 x 3072 each.",
-            "Key table: tff_programs.evaluate's entries as in results/key_table.md (the paper's, gaussian and "
-            "control rows are that table's runs).",
-            "A configuration ships only if it meets every target; the privacy target is checked per attack. The best "
-            "trade-off (results.best_trade_off) is the candidate with the lowest worst-attack success among those "
-            "within 1 pp of the control, else the lowest overall.",
-            common.SHARED_MACHINE_NOTE,
-        ],
-    }
+        resnet=RESNET,
+        candidates={n: list(_candidate(n).train_flags) for n in ["control", *attack_names(names)]},
+        targets=dict(
+            adaptive_success=TARGET_SUCCESS,
+            wilson_upper=TARGET_UPPER,
+            accuracy_pp=TARGET_ACCURACY_PP,
+            random_key_pp_over_chance=TARGET_RANDOM_KEY_PP,
+        ),
+    )
+
+
+def _notes():
+    return [
+        "Attacks: batch-1 single-step gradients of the untrained LeNet (PyTorch init; seeds set the victim's "
+        "weights, its key is seed + 1's), the same 10 images for every seed, so n = 10 images x seeds counts "
+        "attacks. 'adaptive': gamma/beta unknown and optimised with the image, each attack's strongest strategy "
+        "(attacks.base: 'relearn'); restarts are chosen by the attack's own loss. The references are attacked "
+        "under 'none' (no lock). Pruned targets are matched on their kept entries only.",
+        f"U8 updates: each client trains one local epoch over {UPDATE['images_per_client']} images in steps of "
+        f"{UPDATE_TRAINING['batch_size']} (SGD lr {UPDATE_TRAINING['learning_rate']}, "
+        f"experiments.studies.regimes' U8) on the same victims, {UPDATE['clients']} clients per seed; the attack "
+        "simulates the steps and is given each step's labels (an oracle on the order; these cells came before the "
+        "step search with which experiments.studies.regimes' U8 attacks find the labels themselves); "
+        "reconstructions are Hungarian-matched to the client's images. IG attacks every configuration, GRNN the "
+        "references and the candidates that hold at batch 1 ('–': not run). The ship target applies to a regime "
+        "(batch 1, U8) only where the "
+        f"unprotected client leaks at least {100 * NONE_SUCCEEDS:.0f} % to some attack, and then to every attack.",
+        "Accuracy: mean over the LeNet seeds of each client's own key and lock (entry a of "
+        "tff_programs.evaluate); the control is `--algorithm=fedavg-norm` (the lock blocks replaced by a learned "
+        f"affine, no key). ResNet-20 digits: {RESNET['rounds']} rounds, seed {RESNET['seed']}, local statistics "
+        "for FedKL, averaged for the control, the whole test split.",
+        "Train step / control: median seconds per LeNet train step (batch 64) over the control's, measured in "
+        "turns in one process (experiments.studies.candidates' overhead part); the spatial lock's kernels are "
+        "1024 x 3072 each.",
+        "Key table: tff_programs.evaluate's entries as in results/key_table.md (the paper's, gaussian and "
+        "control rows are that table's runs).",
+        "A configuration ships only if it meets every target; the privacy target is checked per attack. The best "
+        "trade-off (results.best_trade_off) is the candidate with the lowest worst-attack success among those "
+        "within 1 pp of the control, else the lowest overall.",
+        common.SHARED_MACHINE_NOTE,
+    ]
 
 
 def privacy_check(by_attack, reference):
@@ -813,7 +845,7 @@ def main(argv):
         if not _TABULATE_ONLY.value:
             run_training(names, seeds, run_dir, [p for p in parts if p in ("lenet", "resnet")], log)
             if "attacks" in parts:
-                run_attacks(names, seeds, run_dir, log)
+                run_attacks(names, seeds, run_dir, log, _WORKERS.value)
             if "overhead" in parts:
                 measure_overhead(names, run_dir, log=log)
         training = run_training(names, seeds, run_dir, ("lenet", "resnet"), log, run=False)
@@ -824,10 +856,9 @@ def main(argv):
         with open(overhead_path) as f:
             overhead = json.load(f)
     payload = tabulate(names, seeds, run_dir, training, overhead)
-    from experiments.report import tables
 
     try:
-        path, markdown = tables.write_keeping_results(NAME, payload, time.perf_counter() - start, run_dir)
+        path, markdown = cells.publish(NAME, payload, time.perf_counter() - start, run_dir)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     figure = os.path.join(common.FIGURES_DIR, f"{NAME}_frontier.png")
@@ -837,4 +868,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    launch.run(main)
+    runtime.run(main)

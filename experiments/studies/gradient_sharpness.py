@@ -47,7 +47,7 @@ def distances(model, training, images, labels, seed=0):
 
 def run(quick):
     regime = regimes.REGIMES["R"]
-    _, images, labels = regimes._seed_images(regime, 0)
+    _, images, labels = regimes.seed_images(regime, 0)
     images, labels = (images[:2], labels[:2]) if quick else (images, labels)
     results = {}
     for name, model, training in VICTIMS:

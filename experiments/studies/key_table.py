@@ -1,4 +1,4 @@
-"""The key table (issue 12, section 2, "a key that matters"): does the shared model need the client's key?
+"""The key table ("a key that matters"): does the shared model need the client's key?
 
   python -m experiments.studies.key_table                            # seed 0 of every configuration (resumable)
   python -m experiments.studies.key_table --key_table_seeds=0,1,2    # three seeds
@@ -27,8 +27,7 @@ import time
 from absl import flags
 import numpy as np
 
-from experiments import common
-from tff_programs import launch
+from experiments import cells, common, runtime
 
 # name: (label, tff_programs.train flags beyond the common ones)
 CONFIGS = {
@@ -103,35 +102,23 @@ def commands(name, seed, setting, run_dir, config_flags=None):
 
 
 def run_cached(argvs, out, log=print):
-    """Runs `argvs` (module argument lists) in order, each in its own process, unless `out` exists and
-    was made by the same commands; returns `out`'s JSON. A training command rerun after a kill
-    resumes its run. Output goes to out + '.log' (a file: TFF's worker can outlive a pipe's reader)."""
-    doc = cached_doc(argvs, out)
-    if doc is not None:
-        return doc
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=common.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    start = time.perf_counter()
-    with open(out + ".log", "a") as logfile:
-        for argv in argvs:
-            log(" ".join(argv))
-            subprocess.run(
-                [sys.executable, "-m", *argv],
-                cwd=common.REPO_ROOT,
-                env=env,
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                check=True,
-            )
+    """Runs `argvs` (module argument lists) in order, each in its own process (`experiments.cells.run_cached`),
+    unless `out` exists and was made by the same commands; returns `out`'s JSON. A training command rerun after
+    a kill resumes its run. Output goes to out + '.log' (a file: TFF's worker can outlive a pipe's reader)."""
+    seconds = cells.run_cached([[sys.executable, "-m", *argv] for argv in argvs], out, _stamp(argvs), log, _shown)
+    if seconds is None:
+        return cached_doc(argvs, out)
     with open(out, "r+") as f:  # the evaluation JSON gets the wall time of its commands (this call's)
         doc = json.load(f)
-        doc.setdefault("seconds", round(time.perf_counter() - start, 1))
+        doc.setdefault("seconds", round(seconds, 1))
         f.seek(0)
         json.dump(doc, f, indent=1)
         f.truncate()
-    with open(out + ".commands", "w") as f:
-        f.write(_stamp(argvs))
     return doc
+
+
+def _shown(argv):
+    return " ".join(argv[2:])  # without the interpreter
 
 
 def _stamp(argvs):
@@ -140,12 +127,8 @@ def _stamp(argvs):
 
 def cached_doc(argvs, out):
     """`out`'s JSON if the same commands made it (see `run_cached`), else None."""
-    stamp = out + ".commands"
-    if not (os.path.exists(out) and os.path.exists(stamp)):
+    if not cells.is_cached(out, _stamp(argvs)):
         return None
-    with open(stamp) as f:
-        if f.read() != _stamp(argvs):
-            return None
     with open(out) as f:
         return json.load(f)
 
@@ -223,6 +206,72 @@ def table_row(label, values, sizes, chance=0.1):
     return [label, len(values)] + cells, dict(random_key=random_key, gain=gain, key_met=key_met, gain_met=gain_met)
 
 
+def _headline(name, figures, sizes, chance):
+    """A configuration's headline items: random key + own lock, and lock recovery against from scratch."""
+    items = [
+        dict(
+            metric=f"{name}: random key + own lock",
+            value=round(100 * figures["random_key"], 1),
+            unit="%",
+            target=f"<= chance + {TARGET_RANDOM_KEY_PP} pp ({100 * chance + TARGET_RANDOM_KEY_PP:.0f} %)",
+            met=figures["key_met"],
+        )
+    ]
+    if figures["gain"] is not None:
+        items.append(
+            dict(
+                metric=f"{name}: lock recovery - from scratch, {sizes[0]} public examples",
+                value=round(100 * figures["gain"], 1),
+                unit="pp",
+                target=f"<= {TARGET_RECOVERY_PP} pp",
+                met=figures["gain_met"],
+            )
+        )
+    return items
+
+
+def _notes(setting, seeds, missing, sizes, chance):
+    notes = [
+        "Entries: (a) global shared weights + each client's own key and lock, mean over the 3 clients; (b) each "
+        "client's own lock under a fresh random key of the run's own key distribution; (c) the next client's "
+        "key and lock in this client's model; (d) the global model as the server holds it, lock weights zero; lock "
+        "recovery: the global model with a fresh lock and a random key, the lock layers fine-tuned on N public "
+        "labelled test examples (from that fresh lock, and from zero kernels with gamma/beta fitted directly "
+        "as the lock biases; Adam 0.01, "
+        f"{setting['recovery_steps']} steps each; the best of the four with server or re-estimated statistics); from "
+        "scratch: the same locked model from model_fn's initial weights with a random key, every weight trained on "
+        "the same N examples alone (Adam 1e-3, batch 32, max(300 steps, 30 epochs), fixed before any run). "
+        "FedAvg rows have no key: their 'own key' column is the global model's accuracy.",
+        f"Chance is {100 * chance:.0f} % (10 classes). Targets: random key <= chance + "
+        f"{TARGET_RANDOM_KEY_PP} pp; recovery - from scratch <= {TARGET_RECOVERY_PP} pp at {sizes[0]} examples, "
+        "both on the mean over seeds.",
+        f"The accuracies are on the test split minus the {max(sizes)}-example public cut (evaluate's seed 0).",
+    ]
+    if missing:
+        notes.append(
+            "PARTIAL: not finished yet: "
+            + ", ".join(missing)
+            + ". The same command resumes them: python -m experiments.studies.key_table --key_table_seeds="
+            + ",".join(str(s) for s in seeds)
+        )
+    return notes
+
+
+def _comparisons(by_config, seconds):
+    """The random-key penalty's cost and each FedKL key distribution against the control."""
+    cost = {}
+    if "fedkl_uniform" in by_config and "fedkl_uniform_penalty" in by_config:
+        cost["accuracy_pp"] = 100 * (by_config["fedkl_uniform_penalty"]["own"] - by_config["fedkl_uniform"]["own"])
+        plain, penalized = seconds.get("fedkl_uniform"), seconds.get("fedkl_uniform_penalty")
+        if plain and penalized:
+            cost["round_time_ratio"] = penalized / plain
+    if "fedavg_norm" in by_config:
+        for name in ("fedkl_uniform", "fedkl_gaussian", "fedkl_rademacher"):
+            if name in by_config:
+                cost[f"{name}_minus_control_pp"] = 100 * (by_config[name]["own"] - by_config["fedavg_norm"]["own"])
+    return cost
+
+
 def payload(setting, seeds, names, rows, seconds, missing, quick):
     """The benchmark payload from the finished runs' rows: {name: {seed: row}}."""
     sizes = setting["public_sizes"]
@@ -237,61 +286,11 @@ def payload(setting, seeds, names, rows, seconds, missing, quick):
         row, figures = table_row(CONFIGS[name][0], values, sizes, chance)
         table_rows.append(row)
         by_config[name] = dict(own=float(np.mean([v["own"] for v in values])))
-        if figures is None:
-            continue
-        by_config[name].update(random_key=figures["random_key"], gain=figures["gain"])
-        headline.append(
-            dict(
-                metric=f"{name}: random key + own lock",
-                value=round(100 * figures["random_key"], 1),
-                unit="%",
-                target=f"<= chance + {TARGET_RANDOM_KEY_PP} pp ({100 * chance + TARGET_RANDOM_KEY_PP:.0f} %)",
-                met=figures["key_met"],
-            )
-        )
-        if figures["gain"] is not None:
-            headline.append(
-                dict(
-                    metric=f"{name}: lock recovery - from scratch, {sizes[0]} public examples",
-                    value=round(100 * figures["gain"], 1),
-                    unit="pp",
-                    target=f"<= {TARGET_RECOVERY_PP} pp",
-                    met=figures["gain_met"],
-                )
-            )
-    notes = [
-        "Entries: (a) global shared weights + each client's own key and lock, mean over the 3 clients; (b) each "
-        "client's own lock under a fresh random key of the run's own key distribution; (c) the next client's "
-        "key and lock in this client's model; (d) the global model as the server holds it, lock weights zero; lock "
-        "recovery: the global model with a fresh lock and a random key, the lock layers fine-tuned on N public "
-        "labelled test examples (from that fresh lock, and from zero kernels with gamma/beta fitted directly "
-        "as the lock biases; Adam 0.01, "
-        f"{setting['recovery_steps']} steps each; the best of the four with server or re-estimated statistics); from "
-        "scratch: the same locked model from model_fn's initial weights with a random key, every weight trained on "
-        "the same N examples alone (Adam 1e-3, batch 32, max(300 steps, 30 epochs), fixed before any run). "
-        "FedAvg rows have no key: their 'own key' column is the global model's accuracy.",
-        f"Chance is {100 * chance:.0f} % (10 classes). Targets (issue 12): random key <= chance + "
-        f"{TARGET_RANDOM_KEY_PP} pp; recovery - from scratch <= {TARGET_RECOVERY_PP} pp at {sizes[0]} examples, "
-        "both on the mean over seeds.",
-        f"The accuracies are on the test split minus the {max(sizes)}-example public cut (evaluate's seed 0).",
-    ]
-    if missing:
-        notes.append(
-            "PARTIAL: not finished yet: "
-            + ", ".join(missing)
-            + ". The same command resumes them: python -m experiments.studies.key_table --key_table_seeds="
-            + ",".join(str(s) for s in seeds)
-        )
-    cost = {}
-    if "fedkl_uniform" in by_config and "fedkl_uniform_penalty" in by_config:
-        cost["accuracy_pp"] = 100 * (by_config["fedkl_uniform_penalty"]["own"] - by_config["fedkl_uniform"]["own"])
-        plain, penalized = seconds.get("fedkl_uniform"), seconds.get("fedkl_uniform_penalty")
-        if plain and penalized:
-            cost["round_time_ratio"] = penalized / plain
-    if "fedavg_norm" in by_config:
-        for name in ("fedkl_uniform", "fedkl_gaussian", "fedkl_rademacher"):
-            if name in by_config:
-                cost[f"{name}_minus_control_pp"] = 100 * (by_config[name]["own"] - by_config["fedavg_norm"]["own"])
+        if figures is not None:
+            by_config[name].update(random_key=figures["random_key"], gain=figures["gain"])
+            headline += _headline(name, figures, sizes, chance)
+    notes = _notes(setting, seeds, missing, sizes, chance)
+    cost = _comparisons(by_config, seconds)
     return {
         "settings": dict(
             setting,
@@ -373,7 +372,7 @@ def run_table(quick=False, seeds=(0,), names=tuple(CONFIGS), run_dir=None, out=N
 
 
 def main(argv):
-    del argv  # launch.parse_flags refused positional arguments
+    del argv  # runtime.run's flag parsing refused positional arguments
     names = [name for name in CONFIGS if name in _CONFIGS.value]
     seeds = [int(s) for s in _SEEDS.value]
     log = functools.partial(print, flush=True)
@@ -386,4 +385,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.DEFINE_bool("quick", False, "Smoke size (digits, 2 rounds, key_dim 16) into runs/key_table_quick.")
-    launch.run(main)
+    runtime.run(main)

@@ -28,7 +28,7 @@ import os
 import numpy as np
 import tensorflow  # noqa: F401  (imported before TFF, as the other benchmarks do)
 
-from experiments import common
+from experiments import cells, common
 
 CACHE_DIRS = {
     False: os.path.join(common.REPO_ROOT, "runs", "privacy_utility"),
@@ -134,6 +134,14 @@ def _read_json(path):
 
 def _write_json(path, value):
     common.write_json(path, value)
+
+
+def records(cache_dir):
+    """The attack cells' records (`experiments.cells.RecordStore`): one per cell, under attacks/<target>/, named
+    <attack>_<threat>.json, its reconstructions beside it (.npy)."""
+    return cells.RecordStore(
+        cache_dir, lambda c: os.path.join("attacks", c.regime), "{}.json", indent=2, trailing_newline=True
+    )
 
 
 # -- utility ------------------------------------------------------------------------------------
@@ -250,13 +258,14 @@ def attack_defence(setting, defence, data, images, labels, cache_dir, log):
     indices = list(range(setting["num_images"]))
     captured = None
     result = {}
+    store = records(cache_dir)
     for view_name in defence.views:
         target_id = _target_id(defence, view_name, config)
         entries = {}
         for attack, options in setting["attacks"].items():
             for threat in threats:
-                stem = os.path.join(cache_dir, "attacks", target_id, f"{attack}_{threat}")
-                entry = _read_json(stem + ".json")
+                cell, unit = cells.Cell("privacy_utility", target_id, threat, attack, 0), f"{attack}_{threat}"
+                entry = store.read(cell, unit) if store.has(cell, unit) else None
                 if entry is None or entry["options"] != options:
                     if captured is None:
                         captured = captured_updates(config, data, indices)
@@ -280,9 +289,10 @@ def attack_defence(setting, defence, data, images, labels, cache_dir, log):
                         seconds=outcome["seconds"],
                         recovered_labels=outcome["recovered_labels"],
                     )
-                    os.makedirs(os.path.dirname(stem), exist_ok=True)
-                    np.save(stem + ".npy", np.concatenate([r.images for r in outcome["reconstructions"]]))
-                    _write_json(stem + ".json", entry)
+                    os.makedirs(store.cell_dir(cell), exist_ok=True)
+                    reconstructions = np.concatenate([r.images for r in outcome["reconstructions"]])
+                    np.save(os.path.join(store.cell_dir(cell), unit + ".npy"), reconstructions)
+                    store.write(cell, unit, entry)  # last: the cell is done
                 entries[f"{attack}/{threat}"] = entry
         candidates = {k: e for k, e in entries.items() if not k.endswith("/oracle")}
         strongest = max(candidates, key=lambda k: candidates[k]["summary"]["aligned_psnr"]["mean"])
@@ -371,7 +381,7 @@ def save_grid(path, images, results, all_defences, cache_dir):
 
 def run(quick):
     from attacks import study
-    from tff_programs import contexts
+    from experiments import runtime
     from tfkl import data as data_lib
 
     setting = QUICK if quick else FULL
@@ -385,7 +395,7 @@ def run(quick):
     _, _, images, labels = study.load_images(BASE["dataset"], BASE["model"], setting["num_images"])
     all_defences = defences(setting)
     results, rows, attack_rows = {}, [], []
-    contexts.install_context()
+    runtime.install_context()
     try:
         for defence in all_defences:
             utility = train_and_evaluate(setting, defence, data, cache_dir, log)
@@ -395,7 +405,7 @@ def run(quick):
             )
             rows += _rows(defence, utility, privacy)
     finally:
-        contexts.shutdown()
+        runtime.shutdown()
     seen = set()
     for defence in all_defences:
         for view in results[defence.name]["privacy"].values():

@@ -31,11 +31,9 @@ the true labels of each local step given: an oracle, labelled so. Restarts are c
 loss, never by the truth.
 """
 
-import concurrent.futures
 import dataclasses
 import functools
 import glob
-import json
 import os
 import re
 import resource
@@ -46,10 +44,7 @@ import time
 from absl import flags
 import numpy as np
 
-from experiments import common
-from experiments.report import tables
-from tff_programs import launch
-from tfkl.files import atomic_write
+from experiments import cells, common, runtime
 
 NAME = "regimes"
 DATASET = "fashion_mnist"
@@ -239,7 +234,10 @@ _OUT_DIR = flags.DEFINE_string(
 )
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data sets are (default: tfkl.data's).")
 _PARALLEL = flags.DEFINE_integer(
-    "parallel_cells", 1, "Cells run at a time, each in its own process (of one threat; see run_cells).", lower_bound=1
+    "parallel_cells",
+    cells.DEFAULT_WORKERS,
+    "Cells run at a time, each in its own process (of one threat; see run_cells).",
+    lower_bound=1,
 )
 _TABULATE_ONLY = flags.DEFINE_bool("tabulate_only", False, "Run nothing: tabulate what is stored.")
 _RESULTS_NAME = flags.DEFINE_string(
@@ -264,21 +262,39 @@ flags.register_validator(
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Store:
-    """Where cells go: `records` the clients' result records (the tables' only input), `work` the rest."""
-
-    records: str
-    work: str
-
-
 def cell_dir(root, regime, seed, threat):
     return os.path.join(root, regime, f"seed{seed}", threat)
 
 
+def _layout(cell):
+    return cell_dir("", cell.regime, cell.seed, cell.threat)
+
+
+@dataclasses.dataclass(frozen=True)
+class Store:
+    """Where cells go: `records` the clients' result records (the tables' only input: `cells`, a
+    `experiments.cells.RecordStore`, one record per client), `work` the rest."""
+
+    records: str
+    work: str
+
+    @property
+    def cells(self):
+        return cells.RecordStore(self.records, _layout, "client_{:02d}.json", indent=1)
+
+
+def cell(regime, seed, threat):
+    """The engine's cell of `regime` at `seed` under `threat`."""
+    return cells.Cell(NAME, regime.name, threat, regime.attack, seed)
+
+
+def _named_cell(name, seed, threat):
+    return cells.Cell(NAME, name, threat, "", seed)
+
+
 def client_path(store, regime, seed, threat, client):
-    """A client's result record; written last, it marks the client as done."""
-    return os.path.join(cell_dir(store.records, regime, seed, threat), f"client_{client:02d}.json")
+    """A client's result record (`regime` its name); written last, it marks the client as done."""
+    return store.cells.path(_named_cell(regime, seed, threat), client)
 
 
 def reconstruction_path(store, regime, seed, threat, client):
@@ -286,7 +302,7 @@ def reconstruction_path(store, regime, seed, threat, client):
 
 
 def pending_clients(store, regime, seed, threat):
-    return [c for c in range(regime.clients) if not os.path.exists(client_path(store, regime.name, seed, threat, c))]
+    return store.cells.pending(_named_cell(regime.name, seed, threat), range(regime.clients))
 
 
 # An evaluation says something about the lock only where the attack recovers images without it and, knowing
@@ -445,7 +461,7 @@ def _dataset(data_dir=None):
     return study.load_data(DATASET, data_dir)
 
 
-def _seed_images(regime, seed, data_dir=None):
+def seed_images(regime, seed, data_dir=None):
     """(input shape, images, labels) of a seed: its own `images_per_seed` training images."""
     from attacks import study
 
@@ -457,7 +473,7 @@ def _case(regime, seed, threat, store, capture_dir, data_dir=None):
     """(payload, true data, secret) of a seed's clients under `threat`; updates are written to `capture_dir`."""
     from attacks import cases
 
-    input_shape, images, labels = _seed_images(regime, seed, data_dir)
+    input_shape, images, labels = seed_images(regime, seed, data_dir)
     victim, secret = _victim(regime, seed, threat, input_shape, store)
     kind, n = regime.kind, regime.images_per_client
     payload, truth = cases.simulate_clients(
@@ -527,17 +543,14 @@ def step_labels(store, regime, seed, threat, attacker, target, client):
     ends; the search runs only where neither has them."""
     from attacks import labels as labels_lib
 
-    directory = os.path.join(store.work, "step_labels", regime.case, f"seed{seed}", threat)
-    path = os.path.join(directory, f"client_{client:02d}.json")
+    searched = cells.RecordStore(os.path.join(store.work, "step_labels"), _layout, "client_{:02d}.json", indent=None)
     siblings = [r.name for r in REGIMES.values() if r.case == regime.case and r.name != regime.name]
-    for stored in [client_path(store, name, seed, threat, client) for name in siblings] + [path]:
-        if os.path.exists(stored):
-            with open(stored) as f:
-                return np.asarray(json.load(f)["step_labels"], np.int64)
+    places = [(store.cells, _named_cell(name, seed, threat)) for name in siblings]
+    for records, stored in places + [(searched, _named_cell(regime.case, seed, threat))]:
+        if records.has(stored, client):
+            return np.asarray(records.read(stored, client)["step_labels"], np.int64)
     labels = labels_lib.infer_labels(attacker, target)
-    os.makedirs(directory, exist_ok=True)
-    with atomic_write(path, binary=False) as f:
-        json.dump(dict(step_labels=labels.tolist()), f)  # as in a record
+    searched.write(_named_cell(regime.case, seed, threat), client, dict(step_labels=labels.tolist()))  # as a record
     return labels
 
 
@@ -592,8 +605,7 @@ def _store(store, regime, seed, threat, client, rec, truth, seconds, chunk_size,
         peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the cell's process so far
     )
     np.save(reconstruction_path(store, regime.name, seed, threat, client), rec.raw_images[order])
-    with atomic_write(client_path(store, regime.name, seed, threat, client), binary=False) as f:
-        json.dump(result, f, indent=1)  # written last: it marks the client as done
+    store.cells.write(_named_cell(regime.name, seed, threat), client, result)  # written last: the client is done
     ssim = ", ".join(f"{v:.2f}" for v in per_image["aligned_ssim"])
     log(f"{regime.name} seed {seed} {threat} client {client}: aligned SSIM {ssim} ({seconds:.0f} s)")
 
@@ -610,13 +622,7 @@ def _progress(log, regime, seed, threat, clients):
 
 def load_cell(store, regime, seed, threat):
     """The stored client results of a cell, in client order."""
-    paths = [client_path(store, regime.name, seed, threat, c) for c in range(regime.clients)]
-    results = []
-    for path in paths:
-        if os.path.exists(path):
-            with open(path) as f:
-                results.append(json.load(f))
-    return results
+    return list(store.cells.load(_named_cell(regime.name, seed, threat), range(regime.clients)).values())
 
 
 def _cell_row(regime, threat, seeds, results):
@@ -716,7 +722,7 @@ def _floor_per_image(regime, seed, data_dir):
     from attacks import study
     from experiments.studies import success_rates
 
-    input_shape, images, labels = _seed_images(regime, seed, data_dir)
+    input_shape, images, labels = seed_images(regime, seed, data_dir)
     scores = study.label_floor(_test_class_means(input_shape, data_dir), images, labels)
     return {k: scores[k] for k in success_rates.SCORES}
 
@@ -800,46 +806,14 @@ def _cost_rows(store, regimes, seeds, threats, data_dir=None):
 
 
 def tabulate(store, regimes, seeds, threats, data_dir=None, log=print):
-    """The results payload over what is stored, and one labelled grid per regime and seed."""
-    from attacks import grids
-    from experiments.studies import success_rates
-
-    rows, curve_rows, count_rows, size_rows, results = [], [], [], [], {}
-    regimes_by_name = {r.name: r for r in regimes}
+    """The results payload over what is stored (`regime_results` per regime), and one labelled grid per regime
+    and seed whose reconstructions are under store.work (`draw_grid`)."""
+    results, rows = {}, dict(detail=[], curves=[], counts=[], sizes=[])
     for regime in regimes:
-        counted = [s for s in seeds if load_cell(store, regime, s, "none")]
-        if counted:
-            results.setdefault(regime.name, {})[LABEL_FLOOR_KEY] = label_floor(regime, counted, data_dir)
-            size_rows.append(_sizes_row(regime, data_dir))
-        if regime.images_per_client > 1 and counted:
-            stored = [r for s in counted for r in load_cell(store, regime, s, "none")]
-            count_rows.append(_count_rule_row(regime, [(r["count_rule_labels"], r["true_labels"]) for r in stored]))
-        for threat in [t for t in regime.threats if t in threats]:
-            stored = {seed: load_cell(store, regime, seed, threat) for seed in seeds}
-            stored = {seed: r for seed, r in stored.items() if r}
-            if not stored:
-                continue
-            cells, summary = _cell_row(regime, threat, sorted(stored), [r for rs in stored.values() for r in rs])
-            summary["success"][BEYOND_FLOOR] = beyond_floor(regime, stored, data_dir)
-            rows.append(cells)
-            curve = ", ".join(f"{point}: {100 * rate:.0f} %" for point, rate in summary["budget_curve"].items())
-            curve_rows.append([regime.name, THREAT_LABELS.get(threat, threat), summary["n"], curve])
-            results.setdefault(regime.name, {})[threat] = summary
+        regime_results(store, regime, seeds, threats, data_dir, results, rows)
         for seed in seeds:
-            grid_rows = []
-            for threat in [t for t in regime.threats if t in threats]:
-                cell = load_cell(store, regime, seed, threat)
-                paths = [reconstruction_path(store, regime.name, seed, threat, c) for c in range(regime.clients)]
-                if len(cell) != regime.clients or not all(os.path.exists(p) for p in paths):
-                    continue  # a grid shows the cells whose reconstructions are here (records alone have none)
-                images = np.concatenate([np.load(p) for p in paths])
-                per_image = {k: [v for r in cell for v in r["per_image"][k]] for k in ("aligned_psnr", "aligned_ssim")}
-                grid_rows.append((THREAT_LABELS.get(threat, threat), images, per_image))
-            if grid_rows:
-                _, truth, labels = _seed_images(regime, seed, data_dir)
-                path = os.path.join(store.work, regime.name, f"grid_seed{seed}.png")
-                grids.save_labelled_grid(path, truth, grid_rows, truth_labels=labels)
-                log(f"grid: {path}")
+            draw_grid(store, regime, seed, threats, data_dir, log)
+    regimes_by_name = {r.name: r for r in regimes}
     threat_order = [t for t in threats if any(t in by_threat for by_threat in results.values())]
     missing = {
         (name, t): _missing_cell(regimes_by_name[name], t, store, seeds, data_dir)
@@ -851,73 +825,21 @@ def tabulate(store, regimes, seeds, threats, data_dir=None, log=print):
     def threat_cells(name, by_threat, criterion):
         return [_compact_cell(by_threat[t], criterion) if t in by_threat else missing[name, t] for t in threat_order]
 
-    compact = [
+    rows["compact"] = [
         [name, regimes_by_name[name].description]
         + [_compact_cell(by_threat[LABEL_FLOOR_KEY]) if LABEL_FLOOR_KEY in by_threat else "does not apply"]
         + threat_cells(name, by_threat, "ssim")
         for name, by_threat in results.items()
     ]
-    beyond = [[name] + threat_cells(name, by_threat, BEYOND_FLOOR) for name, by_threat in results.items()]
+    rows["beyond"] = [[name] + threat_cells(name, by_threat, BEYOND_FLOOR) for name, by_threat in results.items()]
+    rows["cost"] = _cost_rows(store, regimes, seeds, threats, data_dir)
     return dict(
         settings={
             r.name: dict(dataclasses.asdict(r), update_options=r.update_options(), attack_options=r.attack_options())
             for r in regimes
         },
         results=results,
-        tables=[
-            dict(
-                title="images recovered (aligned SSIM >= 0.6): share [Wilson 95 % interval] (count); first what "
-                "the labels alone give (each image's class mean: a floor, not an attack)",
-                columns=["regime", "client", LABEL_FLOOR] + [THREAT_LABELS.get(t, t) for t in threat_order],
-                rows=compact,
-            ),
-            dict(
-                title="images recovered beyond their labels: aligned SSIM >= 0.6 and above that of the image's class "
-                "mean (the floor), per image: share [Wilson 95 % interval] (count)",
-                columns=["regime"] + [THREAT_LABELS.get(t, t) for t in threat_order],
-                rows=beyond,
-            ),
-            dict(
-                title="attack success by regime and threat (LeNet/ResNet-20, Fashion-MNIST; Hungarian-matched batches)",
-                columns=["regime"] + success_rates.COLUMNS[1:] + RUN_COLUMNS,
-                rows=rows,
-            ),
-            dict(
-                title="cost: cells done (regime x seed x threat), their time (the clients' wall seconds: label "
-                "search, compilation and the attack's optimiser, whose share is given), and the time all cells "
-                "would take (a missing cell at its regime's mean); by regime, by threat, in all",
-                columns=[
-                    "cells",
-                    "cells done",
-                    "minutes done",
-                    "minutes per cell",
-                    "optimiser's share",
-                    "projected minutes, all cells",
-                ],
-                rows=_cost_rows(store, regimes, seeds, threats, data_dir),
-            ),
-            dict(
-                title="label counts from the last layer by the counting rule alone, under 'none' (batch attacks try "
-                "the rule's and the nearest other count vectors as restarts, their loss picks; update attacks use "
-                "the step search instead, see the labels column above)",
-                columns=["regime", "clients", "count vector exact", "labels right (multiset overlap)"],
-                rows=count_rows,
-            ),
-            dict(
-                title="what an update can determine: a client's unknown pixel values against the numbers its update "
-                "has (the plain model's trainable weights). Where the pixel values are more, by counting a family "
-                "of image sets of at least the difference in dimensions sends the same update: the attack's prior, "
-                "not the update, chooses among them",
-                columns=["regime", "pixel values per client", "numbers in the update", "pixel values per number"],
-                rows=size_rows,
-            ),
-            dict(
-                title="budget curves: images recovered (aligned SSIM >= 0.6) after so many iterations, at the "
-                "restart the attack's loss prefers at that point",
-                columns=["regime", "threat", "n", "iterations: recovered"],
-                rows=curve_rows,
-            ),
-        ],
+        tables=_tables(rows, threat_order),
         headline=[
             dict(
                 metric=f"{name} {THREAT_LABELS.get(threat, threat)}: recovered (aligned SSIM >= 0.6)",
@@ -929,6 +851,112 @@ def tabulate(store, regimes, seeds, threats, data_dir=None, log=print):
         ],
         notes=NOTES,
     )
+
+
+def regime_results(store, regime, seeds, threats, data_dir, results, rows):
+    """Adds `regime`'s summaries to `results` ({regime: {threat or LABEL_FLOOR_KEY: summary}}) and its rows to
+    `rows`' detail, curves, counts and sizes tables, from its stored cells."""
+    counted = [s for s in seeds if load_cell(store, regime, s, "none")]
+    if counted:
+        results.setdefault(regime.name, {})[LABEL_FLOOR_KEY] = label_floor(regime, counted, data_dir)
+        rows["sizes"].append(_sizes_row(regime, data_dir))
+    if regime.images_per_client > 1 and counted:
+        stored = [r for s in counted for r in load_cell(store, regime, s, "none")]
+        rows["counts"].append(_count_rule_row(regime, [(r["count_rule_labels"], r["true_labels"]) for r in stored]))
+    for threat in [t for t in regime.threats if t in threats]:
+        stored = {seed: load_cell(store, regime, seed, threat) for seed in seeds}
+        stored = {seed: r for seed, r in stored.items() if r}
+        if not stored:
+            continue
+        detail, summary = _cell_row(regime, threat, sorted(stored), [r for rs in stored.values() for r in rs])
+        summary["success"][BEYOND_FLOOR] = beyond_floor(regime, stored, data_dir)
+        rows["detail"].append(detail)
+        curve = ", ".join(f"{point}: {100 * rate:.0f} %" for point, rate in summary["budget_curve"].items())
+        rows["curves"].append([regime.name, THREAT_LABELS.get(threat, threat), summary["n"], curve])
+        results.setdefault(regime.name, {})[threat] = summary
+
+
+def draw_grid(store, regime, seed, threats, data_dir=None, log=print):
+    """A labelled grid of a seed's images and, per threat, their reconstructions, for the cells whose
+    reconstructions are under store.work (records alone have none: nothing is drawn)."""
+    from attacks import grids
+
+    grid_rows = []
+    for threat in [t for t in regime.threats if t in threats]:
+        stored = load_cell(store, regime, seed, threat)
+        paths = [reconstruction_path(store, regime.name, seed, threat, c) for c in range(regime.clients)]
+        if len(stored) != regime.clients or not all(os.path.exists(p) for p in paths):
+            continue
+        images = np.concatenate([np.load(p) for p in paths])
+        per_image = {k: [v for r in stored for v in r["per_image"][k]] for k in ("aligned_psnr", "aligned_ssim")}
+        grid_rows.append((THREAT_LABELS.get(threat, threat), images, per_image))
+    if grid_rows:
+        _, truth, labels = seed_images(regime, seed, data_dir)
+        path = os.path.join(store.work, regime.name, f"grid_seed{seed}.png")
+        grids.save_labelled_grid(path, truth, grid_rows, truth_labels=labels)
+        log(f"grid: {path}")
+
+
+def _tables(rows, threat_order):
+    """The payload's tables from `tabulate`'s rows."""
+    from experiments.studies import success_rates
+
+    compact, beyond, detail = rows["compact"], rows["beyond"], rows["detail"]
+    cost_rows, count_rows, size_rows, curve_rows = rows["cost"], rows["counts"], rows["sizes"], rows["curves"]
+    return [
+        dict(
+            title="images recovered (aligned SSIM >= 0.6): share [Wilson 95 % interval] (count); first what "
+            "the labels alone give (each image's class mean: a floor, not an attack)",
+            columns=["regime", "client", LABEL_FLOOR] + [THREAT_LABELS.get(t, t) for t in threat_order],
+            rows=compact,
+        ),
+        dict(
+            title="images recovered beyond their labels: aligned SSIM >= 0.6 and above that of the image's class "
+            "mean (the floor), per image: share [Wilson 95 % interval] (count)",
+            columns=["regime"] + [THREAT_LABELS.get(t, t) for t in threat_order],
+            rows=beyond,
+        ),
+        dict(
+            title="attack success by regime and threat (LeNet/ResNet-20, Fashion-MNIST; Hungarian-matched batches)",
+            columns=["regime"] + success_rates.COLUMNS[1:] + RUN_COLUMNS,
+            rows=detail,
+        ),
+        dict(
+            title="cost: cells done (regime x seed x threat), their time (the clients' wall seconds: label "
+            "search, compilation and the attack's optimiser, whose share is given), and the time all cells "
+            "would take (a missing cell at its regime's mean); by regime, by threat, in all",
+            columns=[
+                "cells",
+                "cells done",
+                "minutes done",
+                "minutes per cell",
+                "optimiser's share",
+                "projected minutes, all cells",
+            ],
+            rows=cost_rows,
+        ),
+        dict(
+            title="label counts from the last layer by the counting rule alone, under 'none' (batch attacks try "
+            "the rule's and the nearest other count vectors as restarts, their loss picks; update attacks use "
+            "the step search instead, see the labels column above)",
+            columns=["regime", "clients", "count vector exact", "labels right (multiset overlap)"],
+            rows=count_rows,
+        ),
+        dict(
+            title="what an update can determine: a client's unknown pixel values against the numbers its update "
+            "has (the plain model's trainable weights). Where the pixel values are more, by counting a family "
+            "of image sets of at least the difference in dimensions sends the same update: the attack's prior, "
+            "not the update, chooses among them",
+            columns=["regime", "pixel values per client", "numbers in the update", "pixel values per number"],
+            rows=size_rows,
+        ),
+        dict(
+            title="budget curves: images recovered (aligned SSIM >= 0.6) after so many iterations, at the "
+            "restart the attack's loss prefers at that point",
+            columns=["regime", "threat", "n", "iterations: recovered"],
+            rows=curve_rows,
+        ),
+    ]
 
 
 def _missing_cell(regime, threat, store, seeds, data_dir=None):
@@ -978,37 +1006,35 @@ def _cell_command(regime, seed, threat, store, data_dir):
     return command + ([f"--data_dir={data_dir}"] if data_dir else [])
 
 
-def run_cells(regimes, seeds, threats, store, data_dir=None, parallel=1, log=print):
-    """Runs every pending cell in its own process (memory stays that of one cell), `parallel` at a time,
-    threat by threat in the order of `threats` (all regimes under 'none' first: the targets; a threat's cells
-    start once the threats before it are done), except where a threat would measure nothing
-    (`nothing_to_measure`). Raises RuntimeError naming the first cell that fails, once the others are done."""
+def run_cells(regimes, seeds, threats, store, data_dir=None, parallel=cells.DEFAULT_WORKERS, log=print):
+    """Runs every pending cell in its own process (memory stays that of one cell) in the engine's pool,
+    `parallel` at a time, threat by threat in the order of `threats` (all regimes under 'none' first: the
+    targets; a threat's cells start once the threats before it are done), except where a threat would measure
+    nothing (`nothing_to_measure`). Raises RuntimeError naming the first cell that fails, once the others are
+    done."""
     for threat in threats:
-        cells = []
+        jobs = []
         for regime in [r for r in regimes if threat in r.threats]:
             needed = nothing_to_measure(store, regime, seeds, threat, data_dir)
             if needed and any(pending_clients(store, regime, s, threat) for s in seeds):
                 log(f"== {regime.name} {threat}: not run, {needed} recovers no more images than the labels alone")
                 continue
-            cells += [(_cell_command(regime.name, seed, threat, store, data_dir), regime, seed) for seed in seeds]
-        with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-            runs = [pool.submit(run_cell_process, command, r, seed, threat, store, log) for command, r, seed in cells]
-        for run in runs:
-            run.result()
+            commands = [(_cell_command(regime.name, seed, threat, store, data_dir), seed) for seed in seeds]
+            jobs += [cell_job(command, regime, seed, threat, store) for command, seed in commands]
+        cells.run_jobs(jobs, parallel, log)
 
 
-def run_cell_process(command, regime, seed, threat, store, log=print):
-    """Runs `command`, which attacks one cell, in its own process unless the cell is done, its output in the
-    cell's log.txt; raises RuntimeError naming the cell if it fails."""
-    if not pending_clients(store, regime, seed, threat):
-        return
-    directory = cell_dir(store.work, regime.name, seed, threat)
-    os.makedirs(directory, exist_ok=True)
-    log(f"== {regime.name} seed {seed} {threat}")
-    with open(os.path.join(directory, "log.txt"), "a") as log_file:
-        code = subprocess.call(command, stdout=log_file, stderr=subprocess.STDOUT)
-    if code:
-        raise RuntimeError(f"cell {regime.name}/{seed}/{threat} failed (exit {code}); see {directory}/log.txt")
+def cell_job(command, regime, seed, threat, store):
+    """The pool's job running `command`, which attacks one cell, unless the cell is done; its output goes to
+    the cell's log.txt under store.work."""
+    return cells.Job(
+        name=f"cell {regime.name}/{seed}/{threat}",
+        command=command,
+        log_path=os.path.join(cell_dir(store.work, regime.name, seed, threat), "log.txt"),
+        done=lambda: not pending_clients(store, regime, seed, threat),
+        cell=cell(regime, seed, threat),
+        announce=f"== {regime.name} seed {seed} {threat}",
+    )
 
 
 def main(argv):
@@ -1030,13 +1056,11 @@ def main(argv):
             run_cells(regimes, seeds, _THREATS.value, store, _DATA_DIR.value, _PARALLEL.value)
         # Every regime and threat stored for these seeds: a run on a few cells does not drop the others' rows.
         payload = tabulate(store, list(REGIMES.values()), seeds, THREAT_ORDER, _DATA_DIR.value)
-        path, markdown = tables.write_keeping_results(
-            _RESULTS_NAME.value, payload, time.perf_counter() - start, store.records
-        )
+        path, markdown = cells.publish(_RESULTS_NAME.value, payload, time.perf_counter() - start, store.records)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {path} and {markdown}")
 
 
 if __name__ == "__main__":
-    launch.run(main)
+    runtime.run(main)

@@ -17,8 +17,7 @@ from absl import app, flags
 import numpy as np
 
 from attacks import metrics
-from experiments import common
-from experiments.report import tables
+from experiments import cells, common
 
 NAME = "success_rates"
 _RESULTS_DIR = flags.DEFINE_string(
@@ -256,13 +255,65 @@ def privacy_utility(doc):
 
 def tabulate(results_dir):
     """The benchmark payload: success-rate tables of every attacks_*.json (and privacy_utility.json) in
-    `results_dir`."""
+    `results_dir`: per setting, its seed files pooled (`pooled_rows`), per file, the upper bounds."""
     docs = common.load_results(results_dir)
     runs = load_runs(docs)
     pooled, notes = group_settings(runs)
-    by_setting, setting_rows, file_rows, headline, shared = {}, [], [], [], []
     floors, floor_notes = label_floors(runs, pooled)
     notes += floor_notes
+    by_setting, setting_rows, headline, shared = pooled_rows(runs, pooled, floors)
+    by_file, file_rows = {}, []
+    for stem, run in sorted(runs.items()):
+        for threat, per_image in run["per_threat"].items():
+            by_file.setdefault(stem, {})[threat] = score([per_image])
+            file_rows.append(row(stem, threat, [run["seed"]], by_file[stem][threat]))
+    if shared:
+        notes.append(
+            "The seed files of " + ", ".join(shared) + " attack the same images under different victim "
+            "weights, key and attacker start: n counts attacks, and the interval treats them as "
+            "independent trials."
+        )
+    bounds = upper_bounds(runs, pooled)
+    bound_rows = [
+        row(f"upper bound: {rest} ({', '.join(e['attacks'])})", threat, e["seeds"], e)
+        for rest, by_threat in sorted(bounds.items())
+        for threat, e in by_threat.items()
+    ]
+    privacy, privacy_rows = privacy_utility(docs.get("privacy_utility", {}))
+    if not runs:
+        notes.append(f"no attacks_*.json with per-image metrics in {results_dir}")
+    privacy_title = (
+        "privacy_utility.json: attack success per defence and server view (round 1, one image "
+        "per client update); upper bound rows: " + UPPER_BOUND
+    )
+    return {
+        "settings": {
+            "criteria": {c: {"metric": m, "at_least": t} for c, (m, t) in metrics.CRITERIA.items()},
+            "interval": "Wilson score, 95 %",
+            "files": len(runs),
+        },
+        "results": {
+            "by_setting": by_setting,
+            "by_file": by_file,
+            "upper_bound": bounds,
+            "label_floor": floors,
+            "privacy_utility": privacy,
+        },
+        "tables": [
+            {"title": "Attack success by setting (seed files pooled)", "columns": COLUMNS, "rows": setting_rows},
+            {"title": UPPER_BOUND + ", seeds pooled", "columns": COLUMNS, "rows": bound_rows},
+            {"title": "Attack success per file", "columns": COLUMNS, "rows": file_rows},
+        ]
+        + ([{"title": privacy_title, "columns": COLUMNS, "rows": privacy_rows}] if privacy_rows else []),
+        "headline": headline,
+        "notes": NOTES + notes,
+    }
+
+
+def pooled_rows(runs, pooled, floors):
+    """(by setting {threat: entry}, table rows, headline items, settings whose seed files share their images)
+    of every setting, its seed files pooled, the label floor's row first."""
+    by_setting, setting_rows, headline, shared = {}, [], [], []
     for setting, stems in sorted(pooled.items()):
         seeds = [runs[s]["seed"] for s in stems]
         if setting in floors:
@@ -286,59 +337,7 @@ def tabulate(results_dir):
                 )
         if shares_images(stems, runs):
             shared.append(f"{setting} ({runs[stems[0]]['settings'].get('num_images')} images x {len(stems)} seeds)")
-    by_file = {}
-    for stem, run in sorted(runs.items()):
-        for threat, per_image in run["per_threat"].items():
-            by_file.setdefault(stem, {})[threat] = score([per_image])
-            file_rows.append(row(stem, threat, [run["seed"]], by_file[stem][threat]))
-    if shared:
-        notes.append(
-            "The seed files of " + ", ".join(shared) + " attack the same images under different victim "
-            "weights, key and attacker start: n counts attacks, and the interval treats them as "
-            "independent trials."
-        )
-    bounds = upper_bounds(runs, pooled)
-    bound_rows = [
-        row(f"upper bound: {rest} ({', '.join(e['attacks'])})", threat, e["seeds"], e)
-        for rest, by_threat in sorted(bounds.items())
-        for threat, e in by_threat.items()
-    ]
-    privacy, privacy_rows = privacy_utility(docs.get("privacy_utility", {}))
-    if not runs:
-        notes.append(f"no attacks_*.json with per-image metrics in {results_dir}")
-    return {
-        "settings": {
-            "criteria": {c: {"metric": m, "at_least": t} for c, (m, t) in metrics.CRITERIA.items()},
-            "interval": "Wilson score, 95 %",
-            "files": len(runs),
-        },
-        "results": {
-            "by_setting": by_setting,
-            "by_file": by_file,
-            "upper_bound": bounds,
-            "label_floor": floors,
-            "privacy_utility": privacy,
-        },
-        "tables": [
-            {"title": "Attack success by setting (seed files pooled)", "columns": COLUMNS, "rows": setting_rows},
-            {"title": UPPER_BOUND + ", seeds pooled", "columns": COLUMNS, "rows": bound_rows},
-            {"title": "Attack success per file", "columns": COLUMNS, "rows": file_rows},
-        ]
-        + (
-            [
-                {
-                    "title": "privacy_utility.json: attack success per defence and server view (round 1, one image "
-                    "per client update); upper bound rows: " + UPPER_BOUND,
-                    "columns": COLUMNS,
-                    "rows": privacy_rows,
-                }
-            ]
-            if privacy_rows
-            else []
-        ),
-        "headline": headline,
-        "notes": NOTES + notes,
-    }
+    return by_setting, setting_rows, headline, shared
 
 
 def run(quick):
@@ -352,7 +351,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     start = time.perf_counter()
     results_dir = _RESULTS_DIR.value
-    path, markdown = tables.write_result_and_page(NAME, tabulate(results_dir), time.perf_counter() - start, results_dir)
+    payload = tabulate(results_dir)
+    path, markdown = cells.publish(NAME, payload, time.perf_counter() - start, results_dir, results_dir)
     print(f"wrote {path} and {markdown}")
 
 

@@ -15,14 +15,13 @@ the command that made it: a rerun skips finished runs, and a killed federated ru
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 from absl import app, flags
 import numpy as np
 
-from experiments import common
+from experiments import cells, common
 
 SETTINGS = {
     "lenet_digits": dict(model="lenet", dataset="digits", epochs=50, seeds=(0, 1, 2)),
@@ -108,28 +107,17 @@ def _commands(setting, seed, run_dir):
 
 
 def _run_cached(argvs, out, log, cached_only=False):
-    """Runs `argvs` in order unless `out` exists and was made by the same commands; returns its JSON
-    (None when `cached_only` and it has not been made yet) and the wall time the commands took (None
-    if unknown), which is kept next to it."""
-    stamp = out + ".commands"
-    recorded = json.dumps([argv[2:] for argv in argvs])  # without the interpreter path
-    if os.path.exists(out) and os.path.exists(stamp):
-        with open(stamp) as f:
-            if f.read() == recorded:
-                return _load(out)
+    """Runs `argvs` in order unless `out` exists and was made by the same commands (`experiments.cells.run_cached`);
+    returns its JSON (None when `cached_only` and it has not been made yet) and the wall time the commands took
+    (None if unknown), which is kept next to it."""
+    stamp = json.dumps([argv[2:] for argv in argvs])  # without the interpreter path
+    if cells.is_cached(out, stamp):
+        return _load(out)
     if cached_only:
         return None, None
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=common.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    start = time.perf_counter()
-    with open(out + ".log", "a") as logfile:  # never a pipe: TFF's worker can keep one open
-        for argv in argvs:
-            log(" ".join(argv[2:]))
-            subprocess.run(argv, cwd=common.REPO_ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT, check=True)
+    seconds = cells.run_cached(argvs, out, stamp, log, shown=lambda argv: " ".join(argv[2:]))
     with open(out + ".seconds", "w") as f:
-        f.write(f"{time.perf_counter() - start:.3f}")
-    with open(stamp, "w") as f:
-        f.write(recorded)
+        f.write(f"{seconds:.3f}")
     return _load(out)
 
 
@@ -192,44 +180,49 @@ def _mean_std(values):
     return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
+def _setting_rows(name, result, setting):
+    """(the Table 1 row, the key table's rows, the headline item) of one setting's result."""
+    seeds = list(result["per_seed"])
+    accuracies = {c: [result["per_seed"][s][c]["accuracy"] for s in seeds] for c in COLUMNS}
+    gap = np.asarray(accuracies["fedkl"]) - np.asarray(accuracies["fedavg"])
+    seconds = [run["seconds"] for s in seeds for run in result["per_seed"][s].values()]
+    minutes = round(sum(seconds) / 60 / len(seeds), 1) if None not in seconds else "n/a"
+    variants = [
+        _mean_std([result["per_seed"][s][v]["accuracy"] for s in seeds])
+        if v in setting.get("variants", ())
+        else "not run"
+        for v in VARIANTS
+    ]
+    row = (
+        [name, setting["epochs"], len(seeds)]
+        + [_mean_std(accuracies[c]) for c in COLUMNS]
+        + [_mean_std(gap)]
+        + variants
+        + [minutes]
+    )
+    entries = list(next(iter(result["key_matrix"].values())))
+    matrices = {name: result["key_matrix"]}
+    matrices.update({f"{name}, {variant}": matrix for variant, matrix in result.get("variant_key_matrix", {}).items()})
+    key_rows = [
+        [label] + [_mean_std([matrix[s][e] for s in seeds]) for e in entries] for label, matrix in matrices.items()
+    ]
+    headline = {
+        "metric": f"{name}: FedKL - FedAvg accuracy",
+        "value": round(float(gap.mean() * 100), 2),
+        "unit": "pp",
+        "target": "within 1 pp",
+        "met": bool(abs(gap.mean()) <= 0.01),
+    }
+    return row, key_rows, headline
+
+
 def _payload(settings, results, quick):
     rows, key_rows, headline = [], [], []
     for name, result in results.items():
-        seeds = list(result["per_seed"])
-        accuracies = {c: [result["per_seed"][s][c]["accuracy"] for s in seeds] for c in COLUMNS}
-        gap = np.asarray(accuracies["fedkl"]) - np.asarray(accuracies["fedavg"])
-        seconds = [run["seconds"] for s in seeds for run in result["per_seed"][s].values()]
-        minutes = round(sum(seconds) / 60 / len(seeds), 1) if None not in seconds else "n/a"
-        variants = [
-            _mean_std([result["per_seed"][s][v]["accuracy"] for s in seeds])
-            if v in settings[name].get("variants", ())
-            else "not run"
-            for v in VARIANTS
-        ]
-        rows.append(
-            [name, settings[name]["epochs"], len(seeds)]
-            + [_mean_std(accuracies[c]) for c in COLUMNS]
-            + [_mean_std(gap)]
-            + variants
-            + [minutes]
-        )
-        entries = list(next(iter(result["key_matrix"].values())))
-        matrices = {name: result["key_matrix"]}
-        matrices.update(
-            {f"{name}, {variant}": matrix for variant, matrix in result.get("variant_key_matrix", {}).items()}
-        )
-        key_rows += [
-            [label] + [_mean_std([matrix[s][e] for s in seeds]) for e in entries] for label, matrix in matrices.items()
-        ]
-        headline.append(
-            {
-                "metric": f"{name}: FedKL - FedAvg accuracy",
-                "value": round(float(gap.mean() * 100), 2),
-                "unit": "pp",
-                "target": "within 1 pp",
-                "met": bool(abs(gap.mean()) <= 0.01),
-            }
-        )
+        row, setting_key_rows, item = _setting_rows(name, result, settings[name])
+        rows.append(row)
+        key_rows += setting_key_rows
+        headline.append(item)
     key_columns = ["setting"] + list(
         next(iter(results.values()))["key_matrix"][next(iter(next(iter(results.values()))["key_matrix"]))]
     )
