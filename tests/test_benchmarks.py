@@ -148,26 +148,50 @@ def test_fmt():
     assert tables.fmt({"a": 1, "b": [1, 2]}) == "{a: 1, b: 1, 2}"
 
 
-def test_report_sections_follow_the_files_present(tmp_path):
+def test_the_report_answers_each_question_from_the_files_present(tmp_path):
     common.write_result("keylock_overhead", _payload(1.02), quick=False, results_dir=str(tmp_path), command="ko")
-    _write(str(tmp_path), "central_lenet_lock_true", {"model": "lenet", "lock": True, "test_accuracy": 0.9})
-    _write(str(tmp_path), "central_lenet_lock_false", {"model": "lenet", "lock": False, "test_accuracy": 0.91})
+    common.write_result(
+        "torch_compare", _payload(0.8), quick=False, results_dir=str(tmp_path), command="python -m benchmarks.run"
+    )
     _write(str(tmp_path), "mystery", {"value": 7})
+    (tmp_path / "keylock_overhead.md").write_text("page")
     out = report.write_report(str(tmp_path), os.path.join(str(tmp_path), "REPORT.md"))
     text = open(out).read()
-    assert text.index("## Headline figures") < text.index("## Cost of the key-lock block") < text.index("## Other")
-    assert "Command: `ko`" in text and "**T**" in text and "- a note" in text and "Settings: repeats=3." in text
-    assert "Command: `bash scripts/central_baselines.sh`" in text
-    assert "| central_lenet_lock_false | lenet | no | 0.91 |" in text
-    assert "No results yet (`federated_round.json`" in text and "| mystery | 7 |" in text
+    titles = [line for line in text.splitlines() if line.startswith("## ")]
+    assert titles == [
+        "## 1. Does the paper's lock hold?",
+        "## 2. Where do attacks work?",
+        "## 3. What does the key protect?",
+        "## 4. What does each candidate cost?",
+        "## 5. Speed and scale",
+        "## Sources",
+    ]
+    assert "No results yet (`results/regimes.json`)." in text
+    assert "Source: `results/keylock_overhead.json` (every table: `results/keylock_overhead.md`); `ko`." in text
+    assert "| x | 1.02 |" in text  # keylock_overhead's table 0, as it is
+    assert "| torch_compare | speed ratio | 0.8 | x | >= 1.0x (not met) |" in text  # the speed headlines
+    assert "| torch_compare | `python -m experiments.run` |" in text  # a moved module by its name today
+    assert "mystery" not in text and "- a note" not in text  # no data dumps: notes and loose files stay in results/
 
 
-def test_report_assign_claims_each_file_once():
-    docs = {"central_a": {}, "keylock_overhead": {}, "zzz": {}}
-    assigned = report.assign(docs)
-    flat = [name for names in assigned.values() for name in names]
-    assert sorted(flat) == sorted(docs)
-    assert list(assigned)[-1].title == "Other results" and assigned[list(assigned)[-1]] == ["zzz"]
+def test_the_attack_pivot_pools_each_settings_seeds_per_threat():
+    entry = lambda k, n: {"n": n, "ssim": {"recovered": k, "n": n, "rate": k / n}}  # noqa: E731
+    doc = {
+        "results": {
+            "by_setting": {
+                "ig_fashion_mnist": {"none": entry(23, 30), "adaptive": entry(19, 30)},
+                "ig_digits": {"none": entry(9, 10)},
+                "grnn_fashion_mnist_private_lock": {"adaptive-key": entry(0, 30)},
+            },
+            "label_floor": {"ig_fashion_mnist": entry(3, 30)},
+        }
+    }
+    columns, rows = report.attack_pivot(doc)
+    assert columns == ["setting", "labels alone (class mean)", *report.THREATS]
+    assert rows == [
+        ["ig_fashion_mnist", "10 % (3/30)", "77 % (23/30)", "–", "–", "63 % (19/30)", "–"],
+        ["grnn_fashion_mnist_private_lock", "–", "–", "–", "–", "–", "0 % (0/30)"],
+    ]
 
 
 def test_compare_with_reference():

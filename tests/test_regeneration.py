@@ -11,7 +11,7 @@ import pytest
 
 from experiments import cells
 from experiments.perf import dlg_speed, keylock_overhead
-from experiments.report import tables
+from experiments.report import document, tables
 from experiments.studies import key_table, regimes, table1
 from tfkl import data
 
@@ -116,3 +116,9 @@ def test_keylock_overhead_regenerates_from_its_committed_measurements():
     payload = keylock_overhead.payload(doc["settings"], doc["results"])
     for key in ("settings", "results", "tables", "headline", "notes"):
         assert json.loads(json.dumps(payload[key])) == doc[key], key
+
+
+def test_the_report_is_the_one_its_generator_writes_from_the_committed_results():
+    docs = os.path.join(ROOT, "docs")
+    with open(os.path.join(docs, "REPORT.md")) as f:
+        assert document.render_report(RESULTS, docs) == f.read(), "rerun `make report`"

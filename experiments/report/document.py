@@ -1,15 +1,13 @@
-"""Regenerates docs/REPORT.md from results/*.json (`make report`).
+"""Regenerates docs/REPORT.md from results/*.json (`make report`): the findings, one section per question.
 
   python -m experiments.report.document [--results_dir=results] [--report_path=docs/REPORT.md]
 
-The report has one section per topic in SECTIONS, each listing the result files present for it
-(a benchmark's JSON with its tables, or the plain JSONs a script writes); topics without results
-say so, and files no topic claims land in "Other results". Every table names its command.
-To add a section, add a topic here; its content comes from the JSON files alone.
+Each question is a few tables, each drawn from one result file and naming it; the raw numbers (every seed, file,
+setting and note) stay in results/ (its JSON files and their .md pages). A table whose file is missing says so.
+To add a table, add a `Part` to a `Question` in QUESTIONS; its content comes from the JSON files alone.
 """
 
-import collections
-import fnmatch
+import dataclasses
 import os
 
 from absl import app, flags
@@ -24,206 +22,246 @@ _OUT = flags.DEFINE_string(
     "report_path", common.REPORT_PATH, "The report to write; it shows the PNGs of the figures/ folder next to it."
 )
 
-Topic = collections.namedtuple("Topic", "title patterns intro command")
+THREATS = ("none", "oracle", "fixed-key", "adaptive", "adaptive-key")
 
-SECTIONS = (
-    Topic(
-        "Attacks",
-        ("success_rates", "table6", "torch_dlg_reference", "dlg_speed", "attack_quality", "attacks_*"),
-        "Gradient inversion against plain and locked models, and the PyTorch DLG reference.",
-        None,
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One table of the report: `render(doc)` -> (columns, rows) from result file `source`."""
+
+    caption: str
+    source: str
+    render: object
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    title: str
+    intro: str
+    parts: tuple
+
+
+def table(index):
+    """A part showing the result file's table `index` as it is."""
+
+    def render(doc):
+        found = doc["tables"][index]
+        return found["columns"], found["rows"]
+
+    return render
+
+
+def headline(doc):
+    return ["metric", "value", "unit", "target"], [
+        [h["metric"], h["value"], h.get("unit", ""), tables.target_cell(h)] for h in doc.get("headline", [])
+    ]
+
+
+def _rate(entry):
+    rate = entry["ssim"]
+    return f"{100 * rate['rate']:.0f} % ({rate['recovered']}/{rate['n']})"
+
+
+def attack_pivot(doc):
+    """success_rates.json: per batch-1 Fashion-MNIST setting, its seeds pooled, the share recovered per threat."""
+    by_setting, floors = doc["results"]["by_setting"], doc["results"].get("label_floor", {})
+    settings = [s for s in by_setting if s.endswith(("fashion_mnist", "_adaptive_key", "_private_lock"))]
+    settings = [s for s in settings if by_setting[s][next(iter(by_setting[s]))]["n"] >= 30]
+    rows = [
+        [setting, _rate(floors[setting]) if setting in floors else "–"]
+        + [_rate(by_setting[setting][t]) if t in by_setting[setting] else "–" for t in THREATS]
+        for setting in settings
+    ]
+    return ["setting", "labels alone (class mean)", *THREATS], rows
+
+
+def adaptive_pivot(doc):
+    """adaptive_attacker.json: per attack, the share recovered under each threat and adaptive strategy."""
+    by_attack = doc["results"]["by_attack"]
+    variants = list(dict.fromkeys(v for by_variant in by_attack.values() for v in by_variant))
+    rows = [[attack] + [_rate(e[v]) if v in e else "–" for v in variants] for attack, e in by_attack.items()]
+    return ["attack", *variants], rows
+
+
+def ablation_tables(doc):
+    """ablations.json: the compact table of each ablation (its first, 'images recovered', table)."""
+    compact = [t for t in doc["tables"] if "images recovered" in t["title"]]
+    columns = ["ablation", *compact[0]["columns"][:1], *compact[0]["columns"][2:]]
+    rows = [[t["title"].split(":")[0], *row[:1], *row[2:]] for t in compact for row in t["rows"]]
+    return columns, rows
+
+
+def speed_headlines(docs):
+    """One table of every speed and scale benchmark's headline figures."""
+    rows = []
+    for name in SPEED:
+        doc = docs.get(name)
+        if doc and tables.is_envelope(doc):
+            rows += [[name, h["metric"], h["value"], h.get("unit", ""), tables.target_cell(h)] for h in doc["headline"]]
+    return ["benchmark", "metric", "value", "unit", "target"], rows
+
+
+SPEED = (
+    "keylock_overhead",
+    "torch_compare",
+    "federated_round",
+    "scale",
+    "workers",
+    "torch_dlg_reference",
+    "dlg_speed",
+    "attack_startup",
+    "startup",
+)
+
+QUESTIONS = (
+    Question(
+        "Does the paper's lock hold?",
+        "Batch-1 gradients of the untrained LeNet on Fashion-MNIST (10 images x 3 seeds), each attack under each "
+        "threat: share of images recovered (aligned SSIM >= 0.6). 'labels alone' scores each image's class mean: "
+        "what knowing the labels gives without the gradient.",
+        (
+            Part("Success by attack and threat, seeds pooled", "success_rates", attack_pivot),
+            Part("Table 6 analogue: aligned PSNR by attack and threat", "table6", table(0)),
+            Part("The strongest adaptive attacker: each strategy", "adaptive_attacker", adaptive_pivot),
+        ),
     ),
-    Topic(
-        "The strongest adaptive attacker (issue 12, section 1)",
-        ("adaptive_attacker",),
-        "Each attack under 'none', 'oracle', the first adaptive attacker ('joint') and the new adaptive strategies "
-        "(attacks/README.md), batch 1, untrained LeNet, Fashion-MNIST, the stored results' images and seeds. Success "
-        "rates first; rows marked UPPER BOUND pick the best per image by the truth and are no attacker's rate.",
-        "python -m experiments.studies.adaptive_attacker",
+    Question(
+        "Where do attacks work?",
+        "Clients that really train: batches of 8, multi-step FedAvg updates, a real run's global model over "
+        "its rounds, ResNet-20; every threat that can measure something (a threat facing the lock runs only where "
+        "the attack beats the labels alone without it).",
+        (
+            Part("Realistic regimes: images recovered", "regimes", table(0)),
+            Part("Realistic regimes: recovered beyond their labels", "regimes", table(1)),
+            Part("Held-out seeds behind R-inference-latent", "regimes_heldout", table(0)),
+            Part("Ablations: one attack setting changed at a time", "ablations", ablation_tables),
+            Part("How sharply a victim's gradient depends on its image", "gradient_sharpness", table(0)),
+        ),
     ),
-    Topic(
-        "Attacks in realistic regimes",
-        ("regimes", "regimes_stored", "regimes_heldout", "gradient_sharpness", "ablations"),
-        "Batches of 8, multi-step FedAvg updates, a real run's global model over its rounds and ResNet-20, under "
-        "every threat: where the attacks succeed without a defence, and what the lock changes there; then how "
-        "sharply each victim's gradient depends on its image (what limits the attacks on ResNet-20; "
-        "`python -m experiments.run --only=gradient_sharpness`), and R-inference and U16 with one attack setting "
-        "changed at a time (`python -m experiments.studies.ablations`). `regimes` is tabulated from the records in "
-        "results/regimes_cells/; `regimes_stored` is the first measurement (its records lost), kept for comparison; "
-        "`regimes_heldout` the pilot seeds 5-6 behind R-inference-latent.",
-        "python -m experiments.studies.regimes",
+    Question(
+        "What does the key protect?",
+        "Does the shared model need the client's key? Accuracy of each entry of the key table, and the Table 1 "
+        "analogue (central, central + lock, FedAvg, FedKL on identical backbones).",
+        (
+            Part("The key table", "key_table", table(0)),
+            Part("Table 1 analogue: test accuracy", "table1", table(0)),
+            Part("Table 1's FedKL runs: their evaluation matrix", "table1", table(1)),
+        ),
     ),
-    Topic(
-        "Accuracy: Table 1 analogue and the key table",
-        ("table1",),
-        "Central, central + lock, FedAvg and FedKL on identical backbones, and the FedKL run's evaluation matrix.",
-        None,
+    Question(
+        "What does each candidate cost?",
+        "Key-lock candidates against the strongest adaptive attacks, their accuracy against the FedAvg control, "
+        "their key tables and train-step cost; then each defence's accuracy against the strongest attack on a "
+        "client's update, and the lock's cost per step.",
+        (
+            Part("Key-lock candidates", "candidates", table(0)),
+            Part("The key table of each candidate", "candidates", table(1)),
+            Part("Privacy against utility per defence", "privacy_utility", table(0)),
+            Part("Cost of the key-lock block", "keylock_overhead", table(0)),
+        ),
     ),
-    Topic(
-        "A key that matters (issue 12, section 2)",
-        ("key_table",),
-        "Does the shared model need the client's key? FedKL with the paper's uniform keys, zero-mean gaussian and "
-        "rademacher keys, and uniform keys with the random-key penalty, against the FedAvg control (the lock "
-        "blocks replaced by a learned affine); each run's key table, lock recovery beside the same model trained "
-        "from scratch on the same public examples.",
-        "python -m experiments.studies.key_table",
-    ),
-    Topic(
-        "Key-lock candidates: a configuration that holds? (issue 12, section 3)",
-        ("candidates",),
-        "Each candidate configuration against the strongest adaptive attacker (GRNN and IG, batch 1), its accuracy "
-        "against the FedAvg control (LeNet Fashion-MNIST, ResNet-20 digits), its key table and its train-step "
-        "cost; the frontier figure is candidates_frontier.png.",
-        "python -m experiments.studies.candidates",
-    ),
-    Topic(
-        "Cost of the key-lock block",
-        ("keylock_overhead",),
-        "Training step and forward pass of the same backbone with and without the lock.",
-        None,
-    ),
-    Topic(
-        "tf.keras vs PyTorch",
-        ("torch_compare",),
-        "Training throughput of our locked models against our PyTorch port of the official ones.",
-        None,
-    ),
-    Topic(
-        "Central baselines",
-        ("central_*",),
-        "Centralised training with and without the lock; the locked runs also report a random key's accuracy.",
-        "bash scripts/central_baselines.sh",
-    ),
-    Topic("Federated round", ("federated_round",), "One FedKL round in TFF against plain Keras training.", None),
-    Topic("Scale", ("scale",), "Round time and peak memory as the client population grows.", None),
-    Topic(
-        "Privacy vs utility",
-        ("privacy_utility",),
-        "Each defence's accuracy after federated training against the strongest attack on a client's update.",
-        None,
-    ),
-    Topic("TFF workers", ("workers",), "The simulation on remote TFF workers.", None),
 )
 
 
-def assign(docs, sections=SECTIONS):
-    """Maps each topic to its result files (in its patterns' order, then file order); unclaimed files go to
-    'Other results'."""
-    claimed, by_topic = set(), collections.OrderedDict()
-    for topic in sections:
-        names = []
-        for pattern in topic.patterns:
-            names += [n for n in docs if n not in claimed and n not in names and fnmatch.fnmatch(n, pattern)]
-        claimed.update(names)
-        by_topic[topic] = names
-    other = [n for n in docs if n not in claimed]
-    if other:
-        other_topic = Topic(
-            "Other results", (), "Result files no section of experiments/report/document.py claims yet.", None
-        )
-        by_topic[other_topic] = other
-    return by_topic
+def part_markdown(part, docs, pages=()):
+    """A part's table under its caption, naming its source (and the source's page in results/, if it has one)."""
+    doc = docs.get(part.source)
+    lines = [f"### {part.caption}", ""]
+    if not (doc and tables.is_envelope(doc)):
+        return lines + [f"No results yet (`results/{part.source}.json`).", ""]
+    columns, rows = part.render(doc)
+    source = f"Source: `results/{part.source}.json`" + (
+        f" (every table: `results/{part.source}.md`)" if part.source in pages else ""
+    )
+    command = common.current_command(str(doc.get("command", "?")))
+    return lines + [f"{source}; `{command}`.", "", tables.markdown_table(columns, rows), ""]
 
 
-def section_markdown(topic, names, docs):
-    lines = [f"## {topic.title}", "", topic.intro, ""]
-    if not names:
-        wanted = ", ".join(f"`{p}.json`" for p in topic.patterns)
-        return "\n".join(lines + [f"No results yet ({wanted} in results/).", ""])
-    envelopes = [n for n in names if tables.is_envelope(docs[n])]
-    loose = {n: docs[n] for n in names if n not in envelopes}
-    for name in envelopes:
-        lines += [tables.benchmark_section(name, docs[name])]
-    if loose:
-        commands = sorted({str(d["command"]) for d in loose.values() if isinstance(d, dict) and "command" in d})
-        command = ", ".join(f"`{c}`" for c in commands) or (
-            f"`{topic.command}`" if topic.command else "not recorded in the JSON files"
-        )
-        lines += [
-            f"Command: {command}. Files: " + ", ".join(f"`{n}.json`" for n in loose) + ".",
-            "",
-            tables.loose_table(loose),
-            "",
-        ]
-    return "\n".join(lines)
+def question_markdown(number, question, docs, pages=()):
+    lines = [f"## {number}. {question.title}", "", question.intro, ""]
+    for part in question.parts:
+        lines += part_markdown(part, docs, pages)
+    return lines
+
+
+def speed_markdown(number, docs):
+    columns, rows = speed_headlines(docs)
+    lines = [f"## {number}. Speed and scale", ""]
+    lines += ["The headline figure of each speed and scale benchmark (ratios measured within one run, interleaved)."]
+    lines += ["Each benchmark's tables: `results/<benchmark>.json`.", ""]
+    return lines + ([tables.markdown_table(columns, rows), ""] if rows else ["No results yet.", ""])
 
 
 def figures_markdown(figures_dir, report_dir):
-    """Image links to the PNGs of experiments/report/figures.py, relative to the report's directory."""
+    """The figures drawn from results/ as images; the reconstruction grids as one line of links."""
     if not os.path.isdir(figures_dir):
         return []
     names = sorted(n for n in os.listdir(figures_dir) if n.endswith(".png"))
     if not names:
         return []
-    lines = [
-        "## Figures",
-        "",
-        "Drawn by `python -m experiments.report.figures` from the JSON files below "
-        "(reconstruction grids: truth on top, then one row per threat as in the experiment's table).",
-        "",
-    ]
-    for name in names:
-        link = os.path.relpath(os.path.join(figures_dir, name), report_dir)
-        lines += [f"### {name[:-4]}", "", f"![{name[:-4]}]({link})", ""]
+    link = lambda name: os.path.relpath(os.path.join(figures_dir, name), report_dir)  # noqa: E731
+    lines = ["## Figures", "", "Drawn by `python -m experiments.report.figures` from results/.", ""]
+    for name in [n for n in names if not n.startswith("grid_")]:
+        lines += [f"![{name[:-4]}]({link(name)})", ""]
+    grids = [n for n in names if n.startswith("grid_")]
+    if grids:
+        lines += ["Reconstruction grids (truth on top, one row per threat): "]
+        lines += [", ".join(f"[{n[5:-4]}]({link(n)})" for n in grids) + ".", ""]
     return lines
 
 
-def run_times_markdown(docs):
-    """How long each result took to make on this machine (the envelope's duration_s), longest first."""
-    rows = sorted(
-        (
-            [name, f"`{doc['command']}`", round(doc["duration_s"] / 60, 1), doc["date"][:10]]
-            for name, doc in docs.items()
-            if tables.is_envelope(doc) and doc.get("duration_s") and not doc.get("quick")
-        ),
-        key=lambda row: -row[2],
-    )
-    if not rows:
-        return []
-    return [
-        "## Run times",
-        "",
-        "Wall time of each result's command on this 2-core machine (shared with other "
-        "jobs: treat as an upper bound); a command that reuses cached runs shows the time of its last call.",
-        "",
-        tables.markdown_table(["result", "command", "minutes", "date"], rows),
-        "",
+def sources_markdown(docs):
+    """Where each result came from: its command, commit, date and wall time."""
+    envelopes = {n: d for n, d in docs.items() if tables.is_envelope(d)}
+    rows = [
+        [
+            name,
+            f"`{common.current_command(str(doc.get('command', '?')))}`",
+            str(doc.get("git_commit", "?"))[:12],
+            str(doc.get("date", "?"))[:10],
+            None if not doc.get("duration_s") else round(doc["duration_s"] / 60, 1),
+        ]
+        for name, doc in envelopes.items()
+        if not name.startswith("attacks_")
     ]
+    attacks = [n for n in envelopes if n.startswith("attacks_")]
+    lines = ["## Sources", "", "The command that wrote each result file, by its module's name today (rerun it, then "]
+    lines[-1] += "`make report`); the commit and date of that run."
+    if attacks:
+        lines += [
+            f"The {len(attacks)} `results/attacks_*.json` files (per-image metrics of each attack setting) come "
+            "from `python -m experiments.studies.attack_quality` (`--attack_set`, `--attack_seeds`)."
+        ]
+    return lines + ["", tables.markdown_table(["result", "command", "commit", "date", "minutes"], rows), ""]
 
 
-def report_markdown(docs, sections=SECTIONS, figures=()):
+def report_markdown(docs, questions=QUESTIONS, figures=(), pages=()):
     lines = [
         "# tfkl report",
         "",
-        "Generated by `make report` (`python -m experiments.report.document`) from results/*.json; do not edit "
-        "by hand: rerun the command named above a table to refresh it, then `make report`. "
-        + common.SHARED_MACHINE_NOTE,
+        "Generated by `make report` (`python -m experiments.report.document`) from results/*.json; do not edit by "
+        "hand. The findings by question; every table names the result file it comes from, whose Markdown page "
+        "(results/<name>.md) has all its tables and notes. " + common.SHARED_MACHINE_NOTE,
         "",
     ]
-    topics = assign(docs, sections)
-    # In the sections' order: the attack success rates first.
-    summary_rows = [
-        row for names in topics.values() for name in names for row in tables.headline_rows(name, docs[name])
-    ]
-    if summary_rows:
-        lines += [
-            "## Headline figures",
-            "",
-            tables.markdown_table(["benchmark", "metric", "value", "unit", "target", "run"], summary_rows),
-            "",
-        ]
+    for number, question in enumerate(questions, 1):
+        lines += question_markdown(number, question, docs, pages)
+    lines += speed_markdown(len(questions) + 1, docs)
     lines += list(figures)
-    for topic, names in topics.items():
-        lines += [section_markdown(topic, names, docs)]
-    lines += run_times_markdown(docs)
+    lines += sources_markdown(docs)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def render_report(results_dir, report_dir):
+    """The report of `results_dir`, showing the figures in report_dir/figures/."""
+    figures = figures_markdown(os.path.join(report_dir, "figures"), report_dir)
+    pages = {n[:-3] for n in os.listdir(results_dir) if n.endswith(".md")} if os.path.isdir(results_dir) else ()
+    return report_markdown(common.load_results(results_dir), figures=figures, pages=pages)
 
 
 def write_report(results_dir, out):
     """Writes the report of `results_dir` to `out`, with the figures in the figures/ folder next to `out`."""
-    report_dir = os.path.dirname(os.path.abspath(out))
-    figures = figures_markdown(os.path.join(report_dir, "figures"), report_dir)
-    text = report_markdown(common.load_results(results_dir), figures=figures)
+    text = render_report(results_dir, os.path.dirname(os.path.abspath(out)))
     with open(out, "w") as f:
         f.write(text)
     return out
