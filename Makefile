@@ -71,12 +71,12 @@ torch-venv: $(TORCH_STAMP)
 
 # All benchmarks -> results/*.json + results/README.md; BENCH_FLAGS="--quick" or "--only=a,b".
 bench: venv data torch-venv
-	$(PY) -m benchmarks.run $(BENCH_FLAGS)
+	$(PY) -m experiments.run $(BENCH_FLAGS)
 
 # Generated documents, redrawn from results/*.json: docs/figures/*.png, then docs/REPORT.md.
 report: venv
-	$(PY) -m benchmarks.figures
-	$(PY) -m benchmarks.report
+	$(PY) -m experiments.report.figures
+	$(PY) -m experiments.report.document
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) runs .pytest_cache *.egg-info build
@@ -116,7 +116,7 @@ stop-workers:
 
 # Round time on the local context vs 1 and 2 workers -> results/workers.json.
 bench-workers: venv data
-	$(PY) -m benchmarks.run --only=workers $(BENCH_FLAGS)
+	$(PY) -m experiments.run --only=workers $(BENCH_FLAGS)
 
 # Bazel 4.2.3 from Debian's bazel-bootstrap, offline (WORKSPACE, third_party/README.md).
 BAZEL ?= bazel

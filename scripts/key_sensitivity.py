@@ -2,7 +2,7 @@
 
   PYTHONPATH=. python scripts/key_sensitivity.py
 
-Untrained locked LeNet (PyTorch init, seed 0, key seed 1, as benchmarks.attack_quality), Fashion-MNIST
+Untrained locked LeNet (PyTorch init, seed 0, key seed 1, as experiments.studies.attack_quality), Fashion-MNIST
 training image 0, batch 1: the relative L2 difference between the victim's gradient and the gradient of
 the same image under (1) the victim's lock weights with a random key, (2) random lock weights and key.
 """

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from attacks import base, cases, experiment
 from attacks import model as model_lib
-from benchmarks import adaptive_attacker
+from experiments.studies import adaptive_attacker
 from tfkl import models, private
 from tfkl.keylock import lock_affine
 

@@ -318,34 +318,56 @@ CASES = [
     Case("train-central-positional-argument", "train_central", ("lenet",), "unexpected arguments: lenet"),
     Case("train-central-cifar10-offline", "train_central", ("--dataset=cifar10",), "on a connected machine download"),
     # the realistic-regime benchmark
-    Case("regimes-unknown-regime", "benchmarks.regimes", ("--regimes=G8,G9",), "--regimes takes a comma-separated"),
-    Case("regimes-unknown-threat", "benchmarks.regimes", ("--threats=none,foo",), "--threats takes a comma-separated"),
-    Case("regimes-seeds", "benchmarks.regimes", ("--seeds=0,a",), "--seeds takes comma-separated non-negative"),
-    Case("regimes-parallel-cells", "benchmarks.regimes", ("--parallel_cells=0",), "--parallel_cells"),
-    Case("regimes-results-name", "benchmarks.regimes", ("--results_name=../x",), "--results_name takes [a-z0-9_]+"),
+    Case(
+        "regimes-unknown-regime",
+        "experiments.studies.regimes",
+        ("--regimes=G8,G9",),
+        "--regimes takes a comma-separated",
+    ),
+    Case(
+        "regimes-unknown-threat",
+        "experiments.studies.regimes",
+        ("--threats=none,foo",),
+        "--threats takes a comma-separated",
+    ),
+    Case(
+        "regimes-seeds", "experiments.studies.regimes", ("--seeds=0,a",), "--seeds takes comma-separated non-negative"
+    ),
+    Case("regimes-parallel-cells", "experiments.studies.regimes", ("--parallel_cells=0",), "--parallel_cells"),
+    Case(
+        "regimes-results-name",
+        "experiments.studies.regimes",
+        ("--results_name=../x",),
+        "--results_name takes [a-z0-9_]+",
+    ),
     Case(
         "regimes-tables-from-missing-records",
-        "benchmarks.regimes",
+        "experiments.studies.regimes",
         ("--tabulate_only", "--records_dir={tmp}/records", "--out_dir={tmp}/work"),
         "lacks what",
     ),
     Case(
         "adaptive-attacker-tables-from-missing-cache",
-        "benchmarks.adaptive_attacker",
+        "experiments.studies.adaptive_attacker",
         ("--aa_tabulate_only", "--aa_cache={tmp}/cache"),
         "lacks what",
     ),
     Case(
         "candidates-tables-from-missing-runs",
-        "benchmarks.candidates",
+        "experiments.studies.candidates",
         ("--cand_tabulate_only", "--cand_dir={tmp}/runs"),
         "lacks what",
     ),
     # the key table benchmark
-    Case("key-table-configs", "benchmarks.key_table", ("--key_table_configs=fedkl,foo",), "--key_table_configs takes"),
-    Case("key-table-seeds", "benchmarks.key_table", ("--key_table_seeds=0,-1",), "--key_table_seeds takes"),
-    Case("candidates-names", "benchmarks.candidates", ("--cand_names=paper,best",), "--cand_names: from"),
-    Case("candidates-parts", "benchmarks.candidates", ("--cand_parts=lenet,cifar",), "--cand_parts: from"),
+    Case(
+        "key-table-configs",
+        "experiments.studies.key_table",
+        ("--key_table_configs=fedkl,foo",),
+        "--key_table_configs takes",
+    ),
+    Case("key-table-seeds", "experiments.studies.key_table", ("--key_table_seeds=0,-1",), "--key_table_seeds takes"),
+    Case("candidates-names", "experiments.studies.candidates", ("--cand_names=paper,best",), "--cand_names: from"),
+    Case("candidates-parts", "experiments.studies.candidates", ("--cand_parts=lenet,cifar",), "--cand_parts: from"),
     # demo
     Case("demo-rounds-zero", "demo", ("--rounds=0",), "--rounds"),
     Case("demo-positional-argument", "demo", ("now",), "unexpected arguments: now"),

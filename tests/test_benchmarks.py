@@ -9,7 +9,10 @@ from absl import flags
 import numpy as np
 import pytest
 
-from benchmarks import common, report, run, tables, torch_dlg_reference
+from experiments import cells, common, run
+from experiments.perf import torch_dlg_reference
+from experiments.report import document as report
+from experiments.report import tables
 
 
 def _payload(value=1.5):
@@ -74,7 +77,7 @@ def test_interleaved_timings_warm_up_then_time_every_variant_each_repeat():
 def test_run_in_process_uses_run_and_writes_json(tmp_path, monkeypatch):
     module = types.SimpleNamespace(run=lambda quick: _payload(2.0 if quick else 3.0))
     monkeypatch.setattr(run.importlib, "import_module", lambda name: module)
-    path = run.run_in_process("fake", True, str(tmp_path), "python -m benchmarks.run --only=fake --quick")
+    path = run.run_in_process("fake", True, str(tmp_path), "python -m experiments.run --only=fake --quick")
     doc = json.load(open(path))
     assert doc["results"] == {"ratio": 2.0} and doc["command"].endswith("--quick") and doc["duration_s"] is not None
 
@@ -99,8 +102,8 @@ def test_main_style_module_must_write_its_json(tmp_path, monkeypatch):
     assert run.run_in_process("selfwriting", False, str(tmp_path), "cmd").endswith("selfwriting.json")
     with pytest.raises(RuntimeError, match="did not write"):
         run.run_in_process("selfwriting", True, str(tmp_path), "cmd")
-    assert calls[0][1:] == ["-m", "benchmarks.selfwriting"]
-    assert calls[1][1:] == ["-m", "benchmarks.selfwriting", "--quick"]
+    assert calls[0][1:] == ["-m", "experiments.perf.selfwriting"]
+    assert calls[1][1:] == ["-m", "experiments.perf.selfwriting", "--quick"]
 
 
 def test_runner_skips_absent_modules_and_writes_the_summary(tmp_path, monkeypatch, capsys):
@@ -111,7 +114,7 @@ def test_runner_skips_absent_modules_and_writes_the_summary(tmp_path, monkeypatc
     finally:
         flags.FLAGS.unparse_flags()
     out = capsys.readouterr().out
-    assert "| workers | skipped | benchmarks/workers.py is not in the tree yet |" in out
+    assert "| workers | skipped | experiments/perf/workers.py is not in the tree yet |" in out
     summary = open(os.path.join(str(tmp_path), tables.SUMMARY_FILE)).read()
     assert "No benchmark has written a result yet." in summary and "`workers`" in summary
 
@@ -145,26 +148,50 @@ def test_fmt():
     assert tables.fmt({"a": 1, "b": [1, 2]}) == "{a: 1, b: 1, 2}"
 
 
-def test_report_sections_follow_the_files_present(tmp_path):
+def test_the_report_answers_each_question_from_the_files_present(tmp_path):
     common.write_result("keylock_overhead", _payload(1.02), quick=False, results_dir=str(tmp_path), command="ko")
-    _write(str(tmp_path), "central_lenet_lock_true", {"model": "lenet", "lock": True, "test_accuracy": 0.9})
-    _write(str(tmp_path), "central_lenet_lock_false", {"model": "lenet", "lock": False, "test_accuracy": 0.91})
+    common.write_result(
+        "torch_compare", _payload(0.8), quick=False, results_dir=str(tmp_path), command="python -m benchmarks.run"
+    )
     _write(str(tmp_path), "mystery", {"value": 7})
+    (tmp_path / "keylock_overhead.md").write_text("page")
     out = report.write_report(str(tmp_path), os.path.join(str(tmp_path), "REPORT.md"))
     text = open(out).read()
-    assert text.index("## Headline figures") < text.index("## Cost of the key-lock block") < text.index("## Other")
-    assert "Command: `ko`" in text and "**T**" in text and "- a note" in text and "Settings: repeats=3." in text
-    assert "Command: `bash scripts/central_baselines.sh`" in text
-    assert "| central_lenet_lock_false | lenet | no | 0.91 |" in text
-    assert "No results yet (`federated_round.json`" in text and "| mystery | 7 |" in text
+    titles = [line for line in text.splitlines() if line.startswith("## ")]
+    assert titles == [
+        "## 1. Does the paper's lock hold?",
+        "## 2. Where do attacks work?",
+        "## 3. What does the key protect?",
+        "## 4. What does each candidate cost?",
+        "## 5. Speed and scale",
+        "## Sources",
+    ]
+    assert "No results yet (`results/regimes.json`)." in text
+    assert "Source: `results/keylock_overhead.json` (every table: `results/keylock_overhead.md`); `ko`." in text
+    assert "| x | 1.02 |" in text  # keylock_overhead's table 0, as it is
+    assert "| torch_compare | speed ratio | 0.8 | x | >= 1.0x (not met) |" in text  # the speed headlines
+    assert "| torch_compare | `python -m experiments.run` |" in text  # a moved module by its name today
+    assert "mystery" not in text and "- a note" not in text  # no data dumps: notes and loose files stay in results/
 
 
-def test_report_assign_claims_each_file_once():
-    docs = {"central_a": {}, "keylock_overhead": {}, "zzz": {}}
-    assigned = report.assign(docs)
-    flat = [name for names in assigned.values() for name in names]
-    assert sorted(flat) == sorted(docs)
-    assert list(assigned)[-1].title == "Other results" and assigned[list(assigned)[-1]] == ["zzz"]
+def test_the_attack_pivot_pools_each_settings_seeds_per_threat():
+    entry = lambda k, n: {"n": n, "ssim": {"recovered": k, "n": n, "rate": k / n}}  # noqa: E731
+    doc = {
+        "results": {
+            "by_setting": {
+                "ig_fashion_mnist": {"none": entry(23, 30), "adaptive": entry(19, 30)},
+                "ig_digits": {"none": entry(9, 10)},
+                "grnn_fashion_mnist_private_lock": {"adaptive-key": entry(0, 30)},
+            },
+            "label_floor": {"ig_fashion_mnist": entry(3, 30)},
+        }
+    }
+    columns, rows = report.attack_pivot(doc)
+    assert columns == ["setting", "labels alone (class mean)", *report.THREATS]
+    assert rows == [
+        ["ig_fashion_mnist", "10 % (3/30)", "77 % (23/30)", "–", "–", "63 % (19/30)", "–"],
+        ["grnn_fashion_mnist_private_lock", "–", "–", "–", "–", "–", "0 % (0/30)"],
+    ]
 
 
 def test_compare_with_reference():
@@ -194,7 +221,7 @@ _TORCH_MISSING = not os.path.exists(torch_dlg_reference.TORCH_PYTHON)
 def test_torch_port_has_the_same_parameters_as_ours():
     import numpy as np
 
-    from benchmarks import torch_compare
+    from experiments.perf import torch_compare
     from tfkl import models
 
     worker = torch_compare.torch_worker(1, 1)
@@ -214,7 +241,7 @@ def test_torch_dlg_script_writes_per_image_records():
 
     rng = np.random.default_rng(0)
     images, labels = rng.random((2, 28, 28, 1), dtype=np.float32), np.array([3, 7])
-    settings = dict(torch_dlg_reference._settings(quick=True), lbfgs_steps=2)
+    settings = dict(torch_dlg_reference.reference_settings(quick=True), lbfgs_steps=2)
     doc = torch_dlg_reference.run_torch_dlg(images, labels, settings)
     assert [r["position"] for r in doc["records"]] == [0, 1] and doc["image_shape"] == [1, 28, 28]
     for record in doc["records"]:
@@ -225,7 +252,7 @@ def test_torch_dlg_script_writes_per_image_records():
 def test_table1_runs_each_command_once_and_reruns_when_it_changes(tmp_path):
     import sys
 
-    from benchmarks import table1
+    from experiments.studies import table1
 
     out, counter = str(tmp_path / "out.json"), tmp_path / "count"
     code = (
@@ -242,7 +269,7 @@ def test_table1_runs_each_command_once_and_reruns_when_it_changes(tmp_path):
 
 
 def test_table1_payload_aggregates_seeds_and_variants():
-    from benchmarks import table1
+    from experiments.studies import table1
 
     keys = {entry: 0.5 for entry in table1.KEY_ENTRIES}
     keys["e_lock_recovery_100"] = 0.4
@@ -274,7 +301,7 @@ def test_table1_payload_aggregates_seeds_and_variants():
 
 
 def test_table1_variant_is_fedkl_with_its_own_flags_and_directory():
-    from benchmarks import table1
+    from experiments.studies import table1
 
     setting = dict(model="resnet20", dataset="digits", epochs=2, seeds=(0,), variants=("fedkl_local_statistics",))
     commands = table1._commands(setting, 0, "d")
@@ -284,7 +311,7 @@ def test_table1_variant_is_fedkl_with_its_own_flags_and_directory():
 
 
 def test_figures_are_drawn_from_the_results_only(tmp_path):
-    from benchmarks import figures
+    from experiments.report import figures
 
     results, grids = tmp_path / "results", tmp_path / "grids"
     results.mkdir()
@@ -310,7 +337,7 @@ def test_figures_are_drawn_from_the_results_only(tmp_path):
 
 
 def test_privacy_over_rounds_and_regime_grids_come_from_regimes_json(tmp_path):
-    from benchmarks import figures
+    from experiments.report import figures
 
     results, grids = tmp_path / "results", tmp_path / "regimes"
     results.mkdir()
@@ -329,7 +356,7 @@ def test_privacy_over_rounds_and_regime_grids_come_from_regimes_json(tmp_path):
 
 
 def test_privacy_over_rounds_gives_a_threat_one_colour_and_label_in_both_panels(tmp_path, monkeypatch):
-    from benchmarks import figures
+    from experiments.report import figures
 
     rate = {"success": {"ssim": {"rate": 0.5, "low": 0.3, "high": 0.7}}}
     doc = {
@@ -352,7 +379,7 @@ def test_privacy_over_rounds_gives_a_threat_one_colour_and_label_in_both_panels(
 
 
 def test_table6_payload_pools_seeds_and_merges_the_threat_experiments():
-    from benchmarks import attack_quality
+    from experiments.studies import attack_quality
 
     def report(psnr, aligned, threats):
         per_image = {m: [0.5, 0.5] for m in attack_quality.TABLE6_METRICS}
@@ -376,7 +403,7 @@ def test_table6_payload_pools_seeds_and_merges_the_threat_experiments():
 
 
 def _key_table_row(own, random_key, recovery, scratch):
-    from benchmarks import key_table
+    from experiments.studies import key_table
 
     row = {key: own for _, key in key_table.ENTRIES}
     row.update(b_own_lock_random_key=random_key, own=own)
@@ -386,7 +413,7 @@ def _key_table_row(own, random_key, recovery, scratch):
 
 
 def test_key_table_payload_marks_targets_and_partial_runs():
-    from benchmarks import key_table
+    from experiments.studies import key_table
 
     rows = {
         "fedkl_uniform": {0: _key_table_row(0.81, 0.82, 0.79, 0.66)},
@@ -417,12 +444,12 @@ def test_key_table_payload_marks_targets_and_partial_runs():
 @pytest.mark.slow
 def test_key_table_command_on_a_tiny_setting(tmp_path):
     """The command end to end (digits, 2 rounds, key_dim 16): two configurations, then a rerun from the cache."""
-    from benchmarks import key_table
+    from experiments.studies import key_table
 
     out = tmp_path / "key_table.json"
     argv = [
         "-m",
-        "benchmarks.key_table",
+        "experiments.studies.key_table",
         "--quick",
         "--key_table_configs=fedkl_gaussian,fedavg_norm",
         f"--key_table_dir={tmp_path / 'runs'}",
@@ -448,7 +475,7 @@ def test_key_table_command_on_a_tiny_setting(tmp_path):
 def test_gradient_sharpness_measures_distances_from_the_true_image():
     import tensorflow as tf
 
-    from benchmarks import gradient_sharpness
+    from experiments.studies import gradient_sharpness
 
     smooth = np.random.default_rng(0).uniform(0, 1, (2, 4, 4, 1)).astype(np.float32)
     images, labels = tf.image.resize(smooth, (32, 32)).numpy(), np.array([1, 3])
@@ -463,19 +490,19 @@ def test_tables_are_not_rewritten_from_fewer_results_than_they_hold(tmp_path, mo
     monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
     summary = dict(n=8, seeds=[0])
     payload = dict(results={"U8": {"none": summary, "oracle": summary}}, tables=[], headline=[], notes=[])
-    tables.write_keeping_results("bench", payload, 1.0, "records")
+    cells.publish("bench", payload, 1.0, "records")
     with open(tmp_path / "bench.json", "rb") as f:
         before = f.read()
     fewer = dict(payload, results={"U8": {"none": summary, "oracle": dict(n=4, seeds=[0])}})
     with pytest.raises(
         RuntimeError, match=r"records lacks what results/bench.json was made from \(U8/oracle: 8 images, now 4\);"
     ):
-        tables.write_keeping_results("bench", fewer, 1.0, "records")
+        cells.publish("bench", fewer, 1.0, "records")
     with pytest.raises(RuntimeError, match=r"U8/oracle: 8 images, now 0"):
-        tables.write_keeping_results("bench", dict(payload, results={"U8": {"none": summary}}), 1.0, "records")
+        cells.publish("bench", dict(payload, results={"U8": {"none": summary}}), 1.0, "records")
     with open(tmp_path / "bench.json", "rb") as f:
         assert f.read() == before  # nothing lost
     more = dict(payload, results={"U8": {"none": dict(n=16, seeds=[0, 1]), "oracle": summary}})
-    tables.write_keeping_results("bench", more, 1.0, "records")  # more images, or the same: written
+    cells.publish("bench", more, 1.0, "records")  # more images, or the same: written
     with open(tmp_path / "bench.json") as f:
         assert json.load(f)["results"]["U8"]["none"]["n"] == 16

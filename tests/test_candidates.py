@@ -1,4 +1,4 @@
-"""The key-lock candidates (benchmarks.candidates): their layers, the attacker's view of them, the table."""
+"""The key-lock candidates (experiments.studies.candidates): their layers, the attacker's view of them, the table."""
 
 import dataclasses
 import json
@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from attacks import base, cases, experiment, targets
 from attacks import model as attacks_model
-from benchmarks import adaptive_attacker, candidates, regimes
+from experiments.studies import adaptive_attacker, candidates, regimes
 import tfkl
 from tfkl.federated.config import Config
 

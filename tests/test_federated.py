@@ -709,9 +709,9 @@ def test_interrupted_initialisation_keeps_the_saved_keys(digits, tmp_path):
 
 
 def test_regimes_t_victim_is_the_runs_captured_client(digits, tmp_path):
-    """benchmarks.regimes' T victims: the global model a run sent in the captured round and, for FedKL, the
+    """experiments.studies.regimes' T victims: the global model a run sent in the captured round and, for FedKL, the
     captured client's key and lock from before it. Replaying that client's steps gives its captured update."""
-    from benchmarks import regimes
+    from experiments.studies import regimes
 
     # Fresh momentum each round, as the attacker's replay assumes (a client that keeps it is not replayable).
     config = make_config(algorithm="fedkl", local_epochs=1, batch_size=12, key_dim=1024, persist_optimizer_state=False)

@@ -7,7 +7,7 @@ from attacks import lbfgs
 
 # The points torch 2.13's LBFGS(lr=1, max_iter=4, history_size=2) evaluates in 12 steps of the problem
 # below (history drops, full steps and steps ended by the tolerances, re-evaluating their last point):
-#   .venv-torch/bin/python -m benchmarks.torch_side.lbfgs_trajectory
+#   .venv-torch/bin/python -m experiments.perf.torch_side.lbfgs_trajectory
 TORCH_EVALUATED = [
     [1.5, -2.0, 0.7, 3.0],
     [1.29568, -1.80913, 0.295413, 2.799778],

@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from attacks import cases, experiment, labels, targets
 from attacks import model as model_lib
-from benchmarks import common, regimes
+from experiments import cells, common
+from experiments.studies import regimes
 from tests.helpers import write_idx
 from tfkl import data, models
 
@@ -205,7 +206,7 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
 
 
 def test_each_ablation_changes_one_setting_per_variant_off_the_tables_seeds(fashion_dir, tmp_path, monkeypatch):
-    from benchmarks import ablations
+    from experiments.studies import ablations
 
     for ablation in ablations.ABLATIONS.values():
         assert not set(ablation.seeds) & {0, 1, 2}  # victims outside the table's seeds
@@ -238,7 +239,7 @@ def test_each_ablation_changes_one_setting_per_variant_off_the_tables_seeds(fash
 
 def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_without_it(tmp_path, monkeypatch):
     out, launched, lines = _store(tmp_path), [], []
-    monkeypatch.setattr(regimes, "run_cell_process", lambda command, regime, seed, threat, *_: launched.append(threat))
+    monkeypatch.setattr(cells, "launch", lambda job: launched.append(job.cell.threat) or 0)
     monkeypatch.setattr(regimes, "_floor_recovered", lambda regime, seeds, data_dir: 1)  # the labels alone: 1 image
 
     def store(threat, ssim):
@@ -260,10 +261,11 @@ def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_wit
         launched.clear()
         lines.clear()
         regimes.run_cells([TINY], [0], ["none", "oracle", regimes.ORDER_ORACLE, "adaptive"], out, log=lines.append)
-        return launched
+        lines[:] = [line for line in lines if "not run" in line]
+        return launched  # the cells launched: those that would measure something and are not stored (resume)
 
     store("none", 0.59)  # below the threshold: nothing recovered, fewer than the labels alone
-    assert run() == ["none", regimes.ORDER_ORACLE]
+    assert run() == [regimes.ORDER_ORACLE]
     assert lines == [
         "== U8 oracle: not run, none recovers no more images than the labels alone",
         "== U8 adaptive: not run, none recovers no more images than the labels alone",
@@ -274,9 +276,9 @@ def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_wit
     assert regimes._cost_rows(out, [TINY], [0], ("none", "oracle", "adaptive"))[0] == ["U8", "1/1", 2, 2.0, "25 %", 2]
 
     store("none", 0.6)  # 2 images recovered, 1 by the labels alone: 'oracle' runs, 'adaptive' until 'oracle' is known
-    assert run() == ["none", "oracle", regimes.ORDER_ORACLE, "adaptive"]
+    assert run() == ["oracle", regimes.ORDER_ORACLE, "adaptive"]
     store("oracle", 0.2)
-    assert run() == ["none", "oracle", regimes.ORDER_ORACLE] and lines == [
+    assert run() == [regimes.ORDER_ORACLE] and lines == [
         "== U8 adaptive: not run, oracle recovers no more images than the labels alone"
     ]
     store("adaptive", 0.2)  # stored cells are tabulated and counted whatever the rule says now
@@ -286,22 +288,34 @@ def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_wit
 def test_cells_run_parallel_at_a_time_and_a_failure_is_raised_once_the_others_are_done(tmp_path, monkeypatch):
     running, most, finished, lock = set(), [0], [], threading.Lock()
 
-    def run_cell_process(command, regime, seed, threat, *_):
+    def launch(job):
+        key = (job.cell.regime, job.cell.seed, job.cell.threat)
         with lock:
-            running.add((regime.name, seed, threat))
+            running.add(key)
             most[0] = max(most[0], len(running))
         time.sleep(0.2)
         with lock:
-            running.discard((regime.name, seed, threat))
-            finished.append((regime.name, seed, threat))
-        if (regime.name, seed) == ("U8", 0):
-            raise RuntimeError("cell U8/0/none failed")
+            running.discard(key)
+            finished.append(key)
+        assert job.command[1:3] == ["-m", "experiments.studies.regimes"] and job.log_path.endswith("log.txt")
+        return 1 if key[:2] == ("U8", 0) else 0
 
-    monkeypatch.setattr(regimes, "run_cell_process", run_cell_process)
+    monkeypatch.setattr(cells, "launch", launch)
     other = dataclasses.replace(TINY, name="G8")
-    with pytest.raises(RuntimeError, match="cell U8/0/none failed"):
+    with pytest.raises(RuntimeError, match=r"cell U8/0/none failed \(exit 1\); see .*U8/seed0/none/log.txt"):
         regimes.run_cells([TINY, other], [0, 1, 2], ["none"], _store(tmp_path), parallel=2, log=lambda line: None)
     assert most[0] == 2 and len(finished) == 6  # the others ran to their end
+
+
+def test_a_cells_records_are_the_engines(tmp_path):
+    out = _store(tmp_path)
+    record = out.cells.write(regimes.cell(TINY, 0, "none"), 1, {"client": 1})
+    assert (
+        record == regimes.client_path(out, "U8", 0, "none", 1) == str(tmp_path / "records/U8/seed0/none/client_01.json")
+    )
+    assert regimes.pending_clients(out, TINY, 0, "none") == [0] and regimes.load_cell(out, TINY, 0, "none") == [
+        {"client": 1}
+    ]
 
 
 def test_an_image_is_recovered_beyond_its_label_only_above_its_class_means_score(monkeypatch):

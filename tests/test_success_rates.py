@@ -1,5 +1,5 @@
 """Attack success: the recovered criteria, Wilson intervals, Hungarian matching, the re-tabulation of
-stored results (benchmarks.success_rates) and the labelled grids (attacks.grids), on known inputs."""
+stored results (experiments.studies.success_rates) and the labelled grids (attacks.grids), on known inputs."""
 
 import json
 import os
@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 from attacks import grids, metrics
-from benchmarks import common, success_rates
+from experiments import common
+from experiments.studies import success_rates
 
 
 def test_recovered_at_and_around_both_thresholds():
@@ -93,7 +94,7 @@ SETTINGS = {
 def _attack_file(directory, name, attack, seed, per_threat, **settings):
     doc = {
         "benchmark": name,
-        "command": "python -m benchmarks.attack_quality",
+        "command": "python -m experiments.studies.attack_quality",
         "results": {
             threat: {"per_image": {"aligned_ssim": ssim, "aligned_psnr": psnr}, "summary": {}}
             for threat, (ssim, psnr) in per_threat.items()

@@ -272,7 +272,8 @@ def test_fedkl_rounds_on_two_workers_match_local(two_workers):
 
 @pytest.mark.slow
 def test_workers_benchmark_runs_and_agrees_with_local(tmp_path):
-    from benchmarks import common, workers
+    from experiments import common
+    from experiments.perf import workers
 
     payload = common.validate_payload("workers", workers.run(quick=True, log_dir=str(tmp_path)))
     results = payload["results"]

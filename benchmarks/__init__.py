@@ -1,1 +1,0 @@
-"""Benchmarks: measured speed, scale and privacy figures written as JSON (see README.md here)."""

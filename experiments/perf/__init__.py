@@ -1,0 +1,1 @@
+"""Speed and scale: step cost, DLG speed, the PyTorch comparison, start-up, population scale, workers."""

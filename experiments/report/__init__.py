@@ -1,0 +1,1 @@
+"""The generated documents: results/README.md and the .md pages, docs/figures/*.png, docs/REPORT.md."""
