@@ -89,7 +89,7 @@ class AttackConfig:
     seed: seeds the starting points.
     adaptive_strategy: under threat 'adaptive', how the unknown gamma/beta are searched (a key of
       ADAPTIVE_STRATEGIES; see attacks/README.md); None: the attack's `default_adaptive_strategy`, the strongest
-      measured for it (benchmarks.adaptive_attacker). The restart kept is always the one with the lowest
+      measured for it (experiments.studies.adaptive_attacker). The restart kept is always the one with the lowest
       objective. Ignored under the other threats.
     """
 

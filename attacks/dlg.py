@@ -56,7 +56,7 @@ class DLG(base.Attack):
 
     name = "dlg"
     Config = DLGConfig
-    # Measured (benchmarks.adaptive_attacker, 30 images): the L-BFGS attacks do best from 'joint''s starts
+    # Measured (experiments.studies.adaptive_attacker, 30 images): the L-BFGS attacks do best from 'joint''s starts
     # (iDLG 9/30, DLG 3/30) and worse with the relearn strategies (iDLG 3/30, DLG 2/30).
     default_adaptive_strategy = "joint"
     takes_turns = False  # L-BFGS moves every coordinate at once

@@ -1,6 +1,6 @@
 """Attack studies: load images, build (and optionally train) victims, attack them under several
 threat models, and write the grid, per-image metrics and the table. Used by tff_programs.attack and
-benchmarks.attack_quality (no flags here)."""
+experiments.studies.attack_quality (no flags here)."""
 
 import dataclasses
 import json
