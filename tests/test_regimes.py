@@ -140,7 +140,7 @@ def test_a_prior_cell_trains_its_decoder_once_on_the_test_split_and_attacks_thro
     class Recorded(prior.GenerativePrior):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            settings.append((self.distance, self.latent_iterations))
+            settings.append((self.config.distance, self.config.latent_iterations))
 
     monkeypatch.setattr(prior, "train_decoder", quick)
     monkeypatch.setattr(prior, "GenerativePrior", Recorded)

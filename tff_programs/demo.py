@@ -191,7 +191,8 @@ def key_table_lines(evaluation):
         "what the secret protects (tff_programs.evaluate's key table):",
         f"  a random key with the client's own lock weights scores {_percent(random_key)}, {verdict[0]} "
         f"({_percent(own)}): {verdict[1]}",
-        f"  the global model as the server holds it (lock weights zero): {_percent(evaluation['d_global_zero_lock'])}",
+        f"  the global model as the server holds it (lock weights zero): {_percent(evaluation['d_global_zero_lock'])}"
+        ": what the server lacks is the clients' lock weights",
     ]
     for size, recovery in evaluation["e_lock_recovery"].items():
         scratch = evaluation["e_from_scratch"][size]
