@@ -73,7 +73,7 @@ def quickstart_code():
 
 
 def test_quickstart_runs_and_prints_the_attack_result(tmp_path):
-    """The quickstart as a user pastes it: 3 FedKL rounds on digits in TFF, a capture, iDLG on it."""
+    """The quickstart as a user pastes it: 3 FedKL rounds on digits in TFF, a capture, GRNN's adaptive attack on it."""
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
     process = subprocess.Popen(
         [sys.executable, "-c", quickstart_code()],
@@ -93,5 +93,7 @@ def test_quickstart_runs_and_prints_the_attack_result(tmp_path):
             pass
     assert process.returncode == 0, output[-3000:]
     assert "round 3: loss" in output
-    assert re.search(r"^fedkl/adaptive: \d/4 images recovered; labels", output, re.M), output[-3000:]
+    assert re.search(r"^fedkl/adaptive: \d/4 = \d+ % \[\d+, \d+\] % images recovered; labels", output, re.M), output[
+        -3000:
+    ]
     assert (tmp_path / "runs" / "quickstart" / "attack" / "captures_grid.png").exists()
