@@ -74,6 +74,14 @@ def lock_affine(key, scale_kernel, scale_bias, shift_kernel, shift_bias, activat
     return gamma, beta
 
 
+def _compact_projection(overlap, base, gain, delta, bias):
+    """A compact lock's `key @ kernel + bias` from `base = key @ W0` and `overlap = key . lock_key`: the
+    value `gain * base + overlap * delta + bias`, the gradient in delta the projection's and in gain zero
+    (not None: the optimizer still decays it)."""
+    fixed_gain, fixed_delta = tf.stop_gradient(gain), tf.stop_gradient(delta)
+    return fixed_gain * base + 0.0 * gain + overlap * fixed_delta + (delta - fixed_delta) + bias
+
+
 def resolve_groups(channels, groups=None):
     """The group count of normalization='group': `groups`, which must divide `channels`, or by
     default the largest divisor of `channels` that is at most 32."""
@@ -369,7 +377,7 @@ class KeyLock(_AffineNormalization):
         self.shift_bias = weight("shift_bias", size, self._lock_init(3))
         self.projected_seed = weight("projected_seed", (SEED_SIZE,), tf.constant_initializer(-1.0), False)
         self.projected_key = weight("projected_key", (self.key_dim,), "zeros", False)
-        self.key_projection = weight("key_projection", (2 * self.affine_size,), "zeros", False)
+        self.key_projection = weight("key_projection", (2, self.affine_size), "zeros", False)
 
     def _initial_seed(self):
         """A fresh CSPRNG seed of the initial kernels, or one derived from a seeded lock initialiser."""
@@ -456,24 +464,19 @@ class KeyLock(_AffineNormalization):
         return self.lock_parameters()
 
     def _compact_affine(self, training):
-        """A compact lock's (gamma, beta): act(gain * (key @ W0) + (key . lock_key) * delta + bias),
-        differentiable in delta (gradient: the projection's) and gain (gradient zero) only."""
+        """A compact lock's (gamma, beta): act(gain * (key @ W0) + (key . lock_key) * delta + bias)."""
         key = tf.convert_to_tensor(self.key)
         lock_key = self._training_lock_key(key) if training else tf.convert_to_tensor(self.lock_key)
-        gain = tf.repeat(tf.stack([self.scale_gain, self.shift_gain]), self.affine_size)
-        delta = tf.concat([self.scale_delta, self.shift_delta], 0)
-        bias = tf.concat([self.scale_bias, self.shift_bias], 0)
-        fixed_gain, fixed_delta = tf.stop_gradient(gain), tf.stop_gradient(delta)
-        projection = (
-            fixed_gain * self._key_projection(key)
-            + 0.0 * gain
-            + tf.reduce_sum(key * lock_key) * fixed_delta
-            + (delta - fixed_delta)
-            + bias
-        )
+        overlap = tf.reduce_sum(key * lock_key)
         act = tf.nn.relu if self.activation == "relu" else tf.sigmoid
-        gamma, beta = tf.split(act(projection), 2)
-        return tf.reshape(gamma, self.affine_shape), tf.reshape(beta, self.affine_shape)
+        parts = zip(
+            tf.unstack(self._key_projection(key)),
+            (self.scale_gain, self.shift_gain),
+            (self.scale_delta, self.shift_delta),
+            (self.scale_bias, self.shift_bias),
+        )
+        gamma, beta = [tf.reshape(act(_compact_projection(overlap, *part)), self.affine_shape) for part in parts]
+        return gamma, beta
 
     def _training_lock_key(self, key):
         """The lock key of a training step: the running key, which an untrained lock (zero deltas)
@@ -488,13 +491,13 @@ class KeyLock(_AffineNormalization):
             return tf.identity(lock_key)
 
     def _key_projection(self, key):
-        """`key @ W0` of both kernels, [2 * affine_size]: computed when the key or the seed changes."""
+        """`key @ W0` of both kernels, [2, affine_size]: computed when the key or the seed changes."""
         cached = tf.reduce_all(tf.equal(self.projected_key, key)) & tf.reduce_all(
             tf.equal(self.projected_seed, self.lock_seed)
         )
 
         def compute():
-            value = tf.reshape(tf.einsum("k,ikn->in", key, self.initial_kernels()), [-1])
+            value = tf.einsum("k,ikn->in", key, self.initial_kernels())
             assigned = [
                 self.key_projection.assign(value),
                 self.projected_key.assign(key),
