@@ -134,8 +134,8 @@ def test_gain_gets_a_zero_gradient_and_delta_the_projections():
     images, labels = _batches(1)[0]
     with tf.GradientTape() as tape:
         loss = tfkl.training.classification_loss()(labels, model(images, training=True))
-    gain, delta = tape.gradient(loss, [lock.scale_gain, lock.scale_delta])
-    assert gain is not None and float(gain) == 0.0 and np.abs(delta.numpy()).max() > 0
+    gains, deltas = tape.gradient(loss, [lock.gains, lock.deltas])
+    assert gains is not None and not np.any(gains.numpy()) and np.abs(deltas.numpy()).max(axis=1).min() > 0
 
 
 def _lenet(kernel, seed=0):
@@ -260,3 +260,44 @@ def test_client_update_with_a_compact_lock_equals_the_full_one():
     for variable, value in zip(compact_lock.lock_weights, outputs["compact"].client_state["lock"]):
         variable.assign(value)
     assert _max_difference(outputs["full"].client_state["lock"], compact_lock.materialized_kernels()) < TOLERANCE
+
+
+@pytest.fixture
+def tff_context():
+    from tff_programs import contexts
+
+    contexts.install_context()
+    yield
+    contexts.shutdown()
+
+
+def test_fedkl_round_with_a_compact_spatial_lock_equals_the_full_one(tff_context):
+    """A TFF FedKL round: the same server state and client lock (materialised) from both kernels."""
+    from tfkl import data
+    from tfkl.federated import algorithms
+
+    shape, key_dim = (16, 16, 1), 16
+    model_fns = {
+        kernel: lambda kernel=kernel: models.build(
+            "lenet", shape, 10, seed=3, key_dim=key_dim, affine="spatial", kernel=kernel
+        )
+        for kernel in ("full", "compact")
+    }
+    compact_model = model_fns["compact"]()
+    initial_lock = [w.numpy() for w in private.lock_layers(compact_model)[0].materialized_kernels()]
+    key = tfkl.generate_key(key_dim, seed=5)
+    digits = data.load("digits")
+    dataset = data.make_dataset(digits.x_train[:40], digits.y_train[:40], shape, 16)
+    results = {}
+    for kernel, model_fn in model_fns.items():
+        process = algorithms.build_fedkl_process(model_fn, optimizers.TorchSGD(0.05))
+        state = process.initial_client_state(key, initial_lock if kernel == "full" else None)
+        results[kernel] = process.next(process.initialize(), np.float32(0.05), [dataset], [state])
+    (full_server, full_states, _, _), (compact_server, compact_states, _, _) = results["full"], results["compact"]
+    for part in ("trainable", "non_trainable"):
+        assert _max_difference(full_server[part], compact_server[part]) < TOLERANCE
+    lock = private.lock_layers(compact_model)[0]
+    for variable, value in zip(lock.lock_weights, compact_states[0]["lock"]):
+        variable.assign(value)
+    np.testing.assert_array_equal(lock.lock_key.numpy(), key)
+    assert _max_difference(full_states[0]["lock"], lock.materialized_kernels()) < TOLERANCE

@@ -11,17 +11,9 @@ from tfkl.names import LOCK_KERNELS, NORMALIZATIONS
 ACTIVATIONS = ("relu", "sigmoid")
 AFFINES = ("channel", "spatial")
 FULL_LOCK_WEIGHT_NAMES = ("scale_kernel", "scale_bias", "shift_kernel", "shift_bias")
-# A compact lock's kernels are gain * W0 + outer(lock_key, delta), W0 drawn from lock_seed (see KeyLock).
-COMPACT_LOCK_WEIGHT_NAMES = (
-    "lock_seed",
-    "lock_key",
-    "scale_gain",
-    "scale_delta",
-    "scale_bias",
-    "shift_gain",
-    "shift_delta",
-    "shift_bias",
-)
+# A compact lock's kernels are gains[i] * W0[i] + outer(lock_key, deltas[i]), W0 drawn from lock_seed, and
+# its biases[i] the full form's biases; i = 0 the scale, 1 the shift (see KeyLock).
+COMPACT_LOCK_WEIGHT_NAMES = ("lock_seed", "lock_key", "gains", "deltas", "biases")
 PRIVATE_WEIGHT_NAMES = ("key",) + FULL_LOCK_WEIGHT_NAMES
 SEED_SIZE = 4  # a compact lock's seed: four float32 integers of 24 bits (96 bits)
 _SEED_BASE = 2**24
@@ -74,12 +66,13 @@ def lock_affine(key, scale_kernel, scale_bias, shift_kernel, shift_bias, activat
     return gamma, beta
 
 
-def _compact_projection(overlap, base, gain, delta, bias):
-    """A compact lock's `key @ kernel + bias` from `base = key @ W0` and `overlap = key . lock_key`: the
-    value `gain * base + overlap * delta + bias`, the gradient in delta the projection's and in gain zero
-    (not None: the optimizer still decays it)."""
-    fixed_gain, fixed_delta = tf.stop_gradient(gain), tf.stop_gradient(delta)
-    return fixed_gain * base + 0.0 * gain + overlap * fixed_delta + (delta - fixed_delta) + bias
+def _compact_projection(overlap, base, gains, deltas, biases):
+    """A compact lock's `key @ kernel + bias` of both kernels, [2, affine size], from `base = key @ W0`
+    and `overlap = key . lock_key`: the value `gains * base + overlap * deltas + biases`, the gradient
+    in the deltas the projection's and in the gains zero (not None: the optimizer still decays them)."""
+    gains = gains[:, None]
+    fixed_gains, fixed_deltas = tf.stop_gradient(gains), tf.stop_gradient(deltas)
+    return fixed_gains * base + 0.0 * gains + overlap * fixed_deltas + (deltas - fixed_deltas) + biases
 
 
 def resolve_groups(channels, groups=None):
@@ -366,15 +359,13 @@ class KeyLock(_AffineNormalization):
                 name=name, shape=shape, initializer=initializer, trainable=trainable, experimental_autocast=False
             )
 
-        size = (self.affine_size,)
+        bias_inits = [self._lock_init(i) for i in (1, 3)]  # those of the full form's scale and shift biases
+        size = (2, self.affine_size)
         self.lock_seed = weight("lock_seed", (SEED_SIZE,), tf.constant_initializer(self._initial_seed()), False)
         self.lock_key = weight("lock_key", (self.key_dim,), tf.constant_initializer(initial_key), False)
-        self.scale_gain = weight("scale_gain", (), "ones")
-        self.scale_delta = weight("scale_delta", size, "zeros")
-        self.scale_bias = weight("scale_bias", size, self._lock_init(1))
-        self.shift_gain = weight("shift_gain", (), "ones")
-        self.shift_delta = weight("shift_delta", size, "zeros")
-        self.shift_bias = weight("shift_bias", size, self._lock_init(3))
+        self.gains = weight("gains", (2,), "ones")
+        self.deltas = weight("deltas", size, "zeros")
+        self.biases = weight("biases", size, lambda shape, dtype: tf.stack([i(shape[1:], dtype) for i in bias_inits]))
         self.projected_seed = weight("projected_seed", (SEED_SIZE,), tf.constant_initializer(-1.0), False)
         self.projected_key = weight("projected_key", (self.key_dim,), "zeros", False)
         self.key_projection = weight("key_projection", (2, self.affine_size), "zeros", False)
@@ -440,12 +431,10 @@ class KeyLock(_AffineNormalization):
         """(scale_kernel, scale_bias, shift_kernel, shift_bias) as tensors, a compact lock's included."""
         if self.kernel == "full":
             return tuple(tf.convert_to_tensor(v) for v in self.lock_weights)
-        gains, deltas = (self.scale_gain, self.shift_gain), (self.scale_delta, self.shift_delta)
-        scale, shift = [
-            gain * w0 + tf.tensordot(self.lock_key, delta, axes=0)
-            for gain, w0, delta in zip(gains, tf.unstack(self.initial_kernels()), deltas)
-        ]
-        return scale, tf.convert_to_tensor(self.scale_bias), shift, tf.convert_to_tensor(self.shift_bias)
+        outer = tf.einsum("k,in->ikn", self.lock_key, self.deltas)
+        kernels = self.gains[:, None, None] * self.initial_kernels() + outer
+        scale_bias, shift_bias = tf.unstack(self.biases)
+        return kernels[0], scale_bias, kernels[1], shift_bias
 
     def lock_parameters(self, key=None):
         """Returns (gamma, beta), each of shape `affine_shape`, for `key` (default the layer's own)."""
@@ -469,19 +458,15 @@ class KeyLock(_AffineNormalization):
         lock_key = self._training_lock_key(key) if training else tf.convert_to_tensor(self.lock_key)
         overlap = tf.reduce_sum(key * lock_key)
         act = tf.nn.relu if self.activation == "relu" else tf.sigmoid
-        parts = zip(
-            tf.unstack(self._key_projection(key)),
-            (self.scale_gain, self.shift_gain),
-            (self.scale_delta, self.shift_delta),
-            (self.scale_bias, self.shift_bias),
-        )
-        gamma, beta = [tf.reshape(act(_compact_projection(overlap, *part)), self.affine_shape) for part in parts]
+        projection = _compact_projection(overlap, self._key_projection(key), self.gains, self.deltas, self.biases)
+        gamma, beta = tf.unstack(tf.reshape(act(projection), (2,) + self.affine_shape))
         return gamma, beta
 
     def _training_lock_key(self, key):
         """The lock key of a training step: the running key, which an untrained lock (zero deltas)
         takes as its lock key and a trained one must already have."""
-        untrained = tf.logical_not(tf.reduce_any(self.scale_delta != 0) | tf.reduce_any(self.shift_delta != 0))
+        # tf.not_equal, not `!=`: in TFF's graphs `!=` on a variable compares identities.
+        untrained = tf.logical_not(tf.reduce_any(tf.not_equal(self.deltas, 0.0)))
         lock_key = tf.where(untrained, key, self.lock_key)
         same = tf.debugging.Assert(
             tf.reduce_all(tf.equal(key, lock_key)),

@@ -26,8 +26,8 @@ def draw_lock_weights(model: tf.keras.Model | KeyLock, seed=None) -> list[np.nda
     Drawn from each lock's uniform lock initialiser's distribution with the CSPRNG
     (`tfkl.keys.secret_uniform`; a seed only for experiments). Flat in `lock_layers` order, each
     lock's `lock_weights`, float32 numpy arrays: (scale kernel, scale bias, shift kernel, shift
-    bias), or for a compact lock a fresh seed of its initial kernels, gains 1, zero deltas (its lock
-    key then does not matter: zeros) and fresh biases.
+    bias), or for a compact lock a fresh seed of its initial kernels, its lock key (zeros: with zero
+    deltas it does not matter), gains 1, zero deltas and fresh biases.
     """
     weights = []
     for index, lock in enumerate(lock_layers(model)):
@@ -41,10 +41,9 @@ def draw_lock_weights(model: tf.keras.Model | KeyLock, seed=None) -> list[np.nda
             weights += [uniform(v.shape, i) for i, v in enumerate(lock.lock_weights)]
             continue
         lock_seed = draw_lock_seed(None if seed is None else list(seed) + [index, 0])
-        size, one = (lock.affine_size,), np.ones((), np.float32)
-        zeros = np.zeros(size, np.float32)
-        bias_s, bias_t = uniform(size, 1), uniform(size, 3)
-        weights += [lock_seed, np.zeros(lock.key_dim, np.float32), one, zeros, bias_s, one, zeros.copy(), bias_t]
+        size = (2, lock.affine_size)
+        key = np.zeros(lock.key_dim, np.float32)
+        weights += [lock_seed, key, np.ones(2, np.float32), np.zeros(size, np.float32), uniform(size, 1)]
     return weights
 
 
