@@ -1,6 +1,6 @@
 """Cost of a spatial lock, full and compact kernels, against the FedAvg control: train step and private bytes.
 
-  python -m experiments.perf.lock_cost --repeats=20 --output=results/lock_cost.json
+  python -m experiments.perf.lock_cost --repeats=40 --resnet_repeats=20
 
 Per model (LeNet, ResNet-20; digits at 32x32, batch 32) three variants take the clients' train step
 (TorchSGD: momentum 0.9, Nesterov, weight decay 5e-4): the control ('fedavg-norm': the lock block
@@ -8,7 +8,8 @@ replaced by the same normalisation with a learned affine), the spatial lock with
 (kernel='full') and the same lock held compact (kernel='compact'). Each repeat times a block of
 steps of each variant in turn (A B C A B C ...); a repeat's ratio is the variant's time over the
 control's in that repeat, reported as the median and quartiles of those ratios (and the ratio of the
-variants' fastest blocks, the least disturbed on a shared machine). Private bytes: a
+variants' fastest blocks), by the wall clock and by this process's CPU time (less sensitive to other
+processes on a shared machine). Private bytes: a
 client's key and lock weights, and its whole stored state (with the momentum buffers it keeps).
 """
 
@@ -82,19 +83,23 @@ def private_bytes(model):
     return secret, stored
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's threads only
+
+
 def interleaved(steps, repeats, steps_per_block, warmup):
-    """{variant: seconds per step of each repeat}, the variants timed in turn within each repeat."""
+    """{clock: {variant: seconds per step of each repeat}}, the variants timed in turn within each repeat."""
     for step in steps.values():
         for _ in range(warmup):
             step().numpy()
-    times = {name: [] for name in steps}
+    times = {clock: {name: [] for name in steps} for clock in CLOCKS}
     for _ in range(repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start = {clock: read() for clock, read in CLOCKS.items()}
             for _ in range(steps_per_block):
                 out = step()
             out.numpy()
-            times[name].append((time.perf_counter() - start) / steps_per_block)
+            for clock, read in CLOCKS.items():
+                times[clock][name].append((read() - start[clock]) / steps_per_block)
     return times
 
 
@@ -103,8 +108,19 @@ def quartiles(values):
     return {"median": float(median), "q1": float(q1), "q3": float(q3), "n": len(values)}
 
 
+def summary(times):
+    """Per-step seconds, paired ratios to the control and the ratio of the fastest blocks, of one clock."""
+    control = np.asarray(times["control"])
+    variants = [v for v in VARIANTS if v != "control"]
+    return {
+        "seconds_per_step": {v: quartiles(t) for v, t in times.items()},
+        "ratio_to_control": {v: quartiles(np.asarray(times[v]) / control) for v in variants},
+        "ratio_of_fastest_blocks": {v: float(np.min(times[v]) / control.min()) for v in variants},
+    }
+
+
 def measure(name, args):
-    """Timings, ratios to the control and private bytes of the variants of model `name`."""
+    """Timings (wall and CPU clocks), ratios to the control and private bytes of the variants of model `name`."""
     from tfkl import data, models
 
     digits = data.load("digits")
@@ -112,33 +128,30 @@ def measure(name, args):
     labels = digits.y_train[: args.batch_size].astype(np.int64)
     built = {v: models.build(name, INPUT_SHAPE, 10, seed=0, **options) for v, options in VARIANTS.items()}
     steps = {v: train_step(model, images, labels) for v, model in built.items()}
-    block = args.lenet_steps if name == "lenet" else args.resnet_steps
-    times = interleaved(steps, args.repeats, block, args.warmup)
-    control = np.asarray(times["control"])
+    block, repeats = (args.lenet_steps, args.repeats) if name == "lenet" else (args.resnet_steps, args.resnet_repeats)
+    times = interleaved(steps, repeats, block, args.warmup)
     return {
         "steps_per_block": block,
-        "seconds_per_step": {v: quartiles(t) for v, t in times.items()},
-        "ratio_to_control": {v: quartiles(np.asarray(times[v]) / control) for v in VARIANTS if v != "control"},
-        "ratio_of_fastest_blocks": {v: float(np.min(times[v]) / control.min()) for v in VARIANTS if v != "control"},
+        "repeats": repeats,
+        "clocks": {clock: summary(t) for clock, t in times.items()},
         "private_bytes": {v: dict(zip(("key_and_lock", "client_state"), private_bytes(m))) for v, m in built.items()},
     }
 
 
 def table(results):
     lines = [
-        "| model | variant | ms/step (median) | / control (median, IQR) | fastest / fastest | key + lock (bytes) "
-        "| client state (bytes) |",
-        "|---|---|---:|---|---:|---:|---:|",
+        "| model | variant | wall ms/step | / control, wall (median, IQR) | / control, CPU (median, IQR) "
+        "| key + lock (bytes) | client state (bytes) |",
+        "|---|---|---:|---|---|---:|---:|",
     ]
     for name, result in results.items():
         for variant in VARIANTS:
-            seconds = result["seconds_per_step"][variant]["median"]
-            ratio = result["ratio_to_control"].get(variant)
-            shown = "1" if ratio is None else f"{ratio['median']:.2f}x ({ratio['q1']:.2f}-{ratio['q3']:.2f})"
-            fastest = result["ratio_of_fastest_blocks"].get(variant, 1.0)
+            seconds = result["clocks"]["wall"]["seconds_per_step"][variant]["median"]
+            ratios = [result["clocks"][clock]["ratio_to_control"].get(variant) for clock in CLOCKS]
+            shown = ["1" if r is None else f"{r['median']:.2f}x ({r['q1']:.2f}-{r['q3']:.2f})" for r in ratios]
             size = result["private_bytes"][variant]
             lines.append(
-                f"| {name} | {variant} | {1e3 * seconds:.1f} | {shown} | {fastest:.2f}x | {size['key_and_lock']:,} | "
+                f"| {name} | {variant} | {1e3 * seconds:.1f} | {' | '.join(shown)} | {size['key_and_lock']:,} | "
                 f"{size['client_state']:,} |"
             )
     return "\n".join(lines)
@@ -147,7 +160,8 @@ def table(results):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: lenet, resnet20")
-    parser.add_argument("--repeats", type=int, default=20, help="timed blocks per variant")
+    parser.add_argument("--repeats", type=int, default=40, help="timed LeNet blocks per variant")
+    parser.add_argument("--resnet_repeats", type=int, default=20, help="timed ResNet-20 blocks per variant")
     parser.add_argument("--lenet_steps", type=int, default=10, help="train steps per LeNet block")
     parser.add_argument("--resnet_steps", type=int, default=3, help="train steps per ResNet-20 block")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
@@ -156,7 +170,7 @@ def main():
     args = parser.parse_args()
     names = [n for n in args.models.split(",") if n]
     unknown = sorted(set(names) - set(MODELS))
-    if unknown or args.repeats < 1 or args.batch_size < 1:
+    if unknown or min(args.repeats, args.resnet_repeats, args.batch_size) < 1:
         parser.error(f"models must be among {MODELS} (got {unknown}); repeats and batch_size positive")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tfkl  # noqa: F401  (tf.keras is Keras 2 from here)
@@ -167,7 +181,7 @@ def main():
         "git_commit": git_commit(),
         "settings": {k: v for k, v in vars(args).items() if k != "output"} | {"input_shape": list(INPUT_SHAPE)},
         "targets": {"ratio_to_control": TARGET_RATIO, "compact_lenet_private_bytes": TARGET_PRIVATE_BYTES},
-        "note": "timings on a shared 2-core machine under load: ratios within one interleaved run only",
+        "note": "timed on a shared 2-core machine under load (other processes): ratios within one interleaved run only",
         "minutes": (time.time() - started) / 60,
         "results": results,
     }
