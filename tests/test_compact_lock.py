@@ -301,3 +301,22 @@ def test_fedkl_round_with_a_compact_spatial_lock_equals_the_full_one(tff_context
         variable.assign(value)
     np.testing.assert_array_equal(lock.lock_key.numpy(), key)
     assert _max_difference(full_states[0]["lock"], lock.materialized_kernels()) < TOLERANCE
+
+
+def test_attacks_see_the_materialised_lock():
+    """The oracle attacker, given a trained compact lock's secret, reproduces the client's gradient."""
+    from attacks import cases, targets
+    from attacks import model as attack_model
+
+    victim = models.build("lenet", (8, 8, 1), 4, seed=3, key_dim=KEY_DIM, affine="spatial", kernel="compact")
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 1, (2, 8, 8, 1)).astype(np.float32), rng.integers(0, 4, 2)
+    _train(victim, optimizers.TorchSGD(0.1), [(x, y)])
+    lock = private.lock_layers(victim)[0]
+    secret = attack_model.extract_secret(victim)[lock.name]
+    assert len(secret) == 5 and _max_difference(secret[1:], lock.materialized_kernels()) == 0
+    target = cases.client_gradient(victim, x, y)
+    view = attack_model.ServerView.from_model(victim)
+    attacker = attack_model.AttackerModel(view, "oracle", secret=attack_model.extract_secret(victim))
+    predicted = targets.simulate(attacker, target, tf.constant(x), tf.constant(y), tf.zeros([0]))
+    assert _max_difference(predicted, target.values) < TOLERANCE

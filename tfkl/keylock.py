@@ -257,7 +257,8 @@ class KeyLock(_AffineNormalization):
     kernel='compact' holds each kernel as `gain * W0 + outer(lock_key, delta)`: W0 is drawn from
     the private `lock_seed` (Philox, uniform over the lock initialiser's range) and never stored,
     `lock_key` is the key the lock was trained with (private), `gain` a trainable scalar and `delta`
-    a trainable vector of the affine size. SGD on a kernel moves it by `outer(key, g)` (g the
+    a trainable vector of the affine size (`gains`, `deltas` and `biases` hold the scale kernel's
+    and the shift kernel's, in that order). SGD on a kernel moves it by `outer(key, g)` (g the
     projection's gradient) plus weight decay and momentum, so it stays of that form while the key
     is the lock key: the layer gives delta the gradient g and gain a zero gradient, and an
     optimizer that adds weight decay and momentum to the gradient (`tfkl.optimizers.TorchSGD`)
