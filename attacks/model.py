@@ -70,13 +70,14 @@ class ServerView:
 
 def extract_secret(model: tf.keras.Model) -> dict[str, tuple[np.ndarray, ...]]:
     """The victim's secret per lock layer (key and lock weights): for the `oracle` threat only."""
-    return {lock.name: tuple(v.numpy() for v in lock.private_weights) for lock in private.lock_layers(model)}
+    weights = extract_lock_weights(model)
+    return {lock.name: (lock.key.numpy(),) + weights[lock.name] for lock in private.lock_layers(model)}
 
 
 def extract_lock_weights(model: tf.keras.Model) -> dict[str, tuple[np.ndarray, ...]]:
     """The victim's lock weights without the key, per lock layer: for the `adaptive-key` threat, whose
     attacker knows them (in round 1 every client trains from the server's initial lock weights)."""
-    return {lock.name: tuple(v.numpy() for v in lock.private_weights[1:]) for lock in private.lock_layers(model)}
+    return {lock.name: tuple(w.numpy() for w in lock.materialized_kernels()) for lock in private.lock_layers(model)}
 
 
 def _inverse_softplus(y):

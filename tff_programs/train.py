@@ -82,6 +82,13 @@ _LOCK_AFFINE = flags.DEFINE_enum(
     names.LOCK_AFFINES,
     "FedKL: the lock's gamma/beta per channel (the paper's) or per position and channel (spatial).",
 )
+_LOCK_KERNEL = flags.DEFINE_enum(
+    "lock_kernel",
+    "full",
+    names.LOCK_KERNELS,
+    "FedKL: the lock kernels as variables (key_dim x affine size each), or compact: gain * W0 + "
+    "outer(key, delta) with W0 drawn from a private seed (the same training, a fraction of the private state).",
+)
 _LOCK_INIT = flags.DEFINE_enum(
     "lock_init",
     "shared",
@@ -199,6 +206,7 @@ def config_from_flags(dataset):
         lock_where=_LOCK_WHERE.value,
         lock_init=_LOCK_INIT.value,
         lock_affine=_LOCK_AFFINE.value,
+        lock_kernel=_LOCK_KERNEL.value,
         dp_clip=_DP_CLIP.value,
         dp_noise_multiplier=_DP_NOISE.value,
         prune_fraction=_PRUNE.value,

@@ -6,12 +6,24 @@ import numpy as np
 import tensorflow as tf
 
 from tfkl import keys as keys_lib
-from tfkl.names import NORMALIZATIONS
+from tfkl.names import LOCK_KERNELS, NORMALIZATIONS
 
 ACTIVATIONS = ("relu", "sigmoid")
 AFFINES = ("channel", "spatial")
-PRIVATE_WEIGHT_NAMES = ("key", "scale_kernel", "scale_bias", "shift_kernel", "shift_bias")
+FULL_LOCK_WEIGHT_NAMES = ("scale_kernel", "scale_bias", "shift_kernel", "shift_bias")
+# A compact lock's kernels are gains[i] * W0[i] + outer(lock_key, deltas[i]), W0 drawn from lock_seed, and
+# its biases[i] the full form's biases; i = 0 the scale, 1 the shift (see KeyLock).
+COMPACT_LOCK_WEIGHT_NAMES = ("lock_seed", "lock_key", "gains", "deltas", "biases")
+PRIVATE_WEIGHT_NAMES = ("key",) + FULL_LOCK_WEIGHT_NAMES
+SEED_SIZE = 4  # a compact lock's seed: four float32 integers of 24 bits (96 bits)
+_SEED_BASE = 2**24
 _HALF_PRECISION = (tf.float16, tf.bfloat16)
+
+
+def draw_lock_seed(seed=None) -> np.ndarray:
+    """A compact lock's seed of its initial kernels from the CSPRNG (`tfkl.keys.secret_uniform`; a seed
+    only for experiments): SEED_SIZE float32 integers in [0, 2**24), exact in float32 like any weight."""
+    return keys_lib.secret_uniform((SEED_SIZE,), seed) * np.float32(_SEED_BASE)
 
 
 @tf.keras.utils.register_keras_serializable(package="tfkl")
@@ -52,6 +64,15 @@ def lock_affine(key, scale_kernel, scale_bias, shift_kernel, shift_bias, activat
     if shape is not None:
         gamma, beta = tf.reshape(gamma, shape), tf.reshape(beta, shape)
     return gamma, beta
+
+
+def _compact_projection(overlap, base, gains, deltas, biases):
+    """A compact lock's `key @ kernel + bias` of both kernels, [2, affine size], from `base = key @ W0`
+    and `overlap = key . lock_key`: the value `gains * base + overlap * deltas + biases`, the gradient
+    in the deltas the projection's and in the gains zero (not None: the optimizer still decays them)."""
+    gains = gains[:, None]
+    fixed_gains, fixed_deltas = tf.stop_gradient(gains), tf.stop_gradient(deltas)
+    return fixed_gains * base + 0.0 * gains + overlap * fixed_deltas + (deltas - fixed_deltas) + biases
 
 
 def resolve_groups(channels, groups=None):
@@ -188,8 +209,8 @@ class _AffineNormalization(tf.keras.layers.Layer):
         """Creates the weights gamma and beta come from (before the moving statistics)."""
         raise NotImplementedError
 
-    def affine_parameters(self):
-        """(gamma, beta) as the layer applies them."""
+    def affine_parameters(self, training=False):
+        """(gamma, beta) as the layer applies them in a training step (`training`) or not."""
         raise NotImplementedError
 
     def call(self, inputs, training=None):
@@ -197,7 +218,7 @@ class _AffineNormalization(tf.keras.layers.Layer):
         statistics = (self.moving_mean, self.moving_variance) if self.normalization == "batch" else None
         outputs, moved = keylock_apply(
             inputs,
-            *self.affine_parameters(),
+            *self.affine_parameters(training),
             statistics,
             normalization=self.normalization,
             training=training,
@@ -227,11 +248,25 @@ class KeyLock(_AffineNormalization):
 
     `gamma = act(key @ scale_kernel + scale_bias)` and `beta = act(key @ shift_kernel + shift_bias)`,
     with one secret `key` for both, broadcast over the batch and spatial axes of channels-last `x`.
-    The key (non-trainable) and the four lock weights are private to the client; the
+    The key (non-trainable) and the lock weights are private to the client; the
     normalisation's moving statistics (normalization='batch') are shared like any BatchNorm's.
     As in Keras' BatchNormalization, a frozen layer (`trainable=False`) runs in inference mode,
     and under a mixed-precision policy the variables stay float32 while the layer computes in
     the policy's compute dtype (the normalisation itself in float32).
+
+    kernel='compact' holds each kernel as `gain * W0 + outer(lock_key, delta)`: W0 is drawn from
+    the private `lock_seed` (Philox, uniform over the lock initialiser's range) and never stored,
+    `lock_key` is the key the lock was trained with (private), `gain` a trainable scalar and `delta`
+    a trainable vector of the affine size (`gains`, `deltas` and `biases` hold the scale kernel's
+    and the shift kernel's, in that order). SGD on a kernel moves it by `outer(key, g)` (g the
+    projection's gradient) plus weight decay and momentum, so it stays of that form while the key
+    is the lock key: the layer gives delta the gradient g and gain a zero gradient, and an
+    optimizer that adds weight decay and momentum to the gradient (`tfkl.optimizers.TorchSGD`)
+    trains (gain, delta) exactly as it would train the full kernels. A training step from zero
+    deltas (an untrained lock) takes the running key as the lock key; from nonzero ones it needs the
+    running key to be the lock key (it fails otherwise). Any key evaluates:
+    `key @ kernel = gain * (key @ W0) + (key . lock_key) * delta`, with `key @ W0` cached while the
+    key and the seed stay. `materialized_kernels` gives the full form's weights.
 
     Args:
       key_dim: length of the secret key (the paper uses 1024).
@@ -241,11 +276,14 @@ class KeyLock(_AffineNormalization):
         channel count that is at most 32.
       momentum, epsilon: moving-statistics momentum (Keras convention; 0.9 == PyTorch's 0.1) and
         variance epsilon.
-      lock_initializer: initialiser of the lock kernels and biases; default PyTorch's Linear default.
+      lock_initializer: initialiser of the lock kernels and biases; default PyTorch's Linear default
+        (kernel='compact' needs a uniform one).
       key: optional initial key (array-like of shape (key_dim,)); default a fresh CSPRNG key.
       affine: 'channel' (the paper's: one gamma and beta per channel) or 'spatial' (one per position
         and channel: the lock's unknowns then outnumber the input image's pixels; needs inputs of a
         fixed spatial size, and the kernels grow to key_dim x height x width x channels).
+      kernel: 'full' (the kernels as variables) or 'compact' (see above: the same arithmetic, with
+        private variables of the affine size instead of key_dim x affine size).
 
     Call arguments:
       inputs: channels-last features of rank >= 2.
@@ -264,19 +302,25 @@ class KeyLock(_AffineNormalization):
         lock_initializer=None,
         key=None,
         affine="channel",
+        kernel="full",
         **kwargs,
     ):
         super().__init__(normalization, groups, momentum, epsilon, **kwargs)
         if affine not in AFFINES:
             raise ValueError(f"affine must be one of {AFFINES}, got {affine!r}")
+        if kernel not in LOCK_KERNELS:
+            raise ValueError(f"kernel must be one of {LOCK_KERNELS}, got {kernel!r}")
         if int(key_dim) < 1:
             raise ValueError(f"key_dim must be a positive integer, got {key_dim}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.key_dim = int(key_dim)
         self.affine = affine
+        self.kernel = kernel
         self.activation = activation
         self.lock_initializer = tf.keras.initializers.get(lock_initializer) if lock_initializer else None
+        if kernel == "compact":
+            self.uniform_range()  # raises for an initialiser that is not uniform
         self._initial_key = None if key is None else keys_lib.validate_key(key, self.key_dim)
 
     def _build_affine(self, input_shape):
@@ -289,14 +333,48 @@ class KeyLock(_AffineNormalization):
         if initial_key is None:
             initial_key = keys_lib.generate_key(self.key_dim)
         self.key = self.add_weight(
-            name="key", shape=(self.key_dim,), initializer=tf.constant_initializer(initial_key), trainable=False
+            name="key",
+            shape=(self.key_dim,),
+            initializer=tf.constant_initializer(initial_key),
+            trainable=False,
+            experimental_autocast=self.kernel == "full",
         )
+        if self.kernel == "full":
+            self._build_full_lock()
+        else:
+            self._build_compact_lock(initial_key)
+
+    def _build_full_lock(self):
         lock_shape = (self.key_dim, self.affine_size)
         bias_shape = (self.affine_size,)
         self.scale_kernel = self.add_weight(name="scale_kernel", shape=lock_shape, initializer=self._lock_init(0))
         self.scale_bias = self.add_weight(name="scale_bias", shape=bias_shape, initializer=self._lock_init(1))
         self.shift_kernel = self.add_weight(name="shift_kernel", shape=lock_shape, initializer=self._lock_init(2))
         self.shift_bias = self.add_weight(name="shift_bias", shape=bias_shape, initializer=self._lock_init(3))
+
+    def _build_compact_lock(self, initial_key):
+        """The compact lock's variables (float32 under any policy) and its cached key projection."""
+
+        def weight(name, shape, initializer, trainable=True):
+            return self.add_weight(
+                name=name, shape=shape, initializer=initializer, trainable=trainable, experimental_autocast=False
+            )
+
+        bias_inits = [self._lock_init(i) for i in (1, 3)]  # those of the full form's scale and shift biases
+        size = (2, self.affine_size)
+        self.lock_seed = weight("lock_seed", (SEED_SIZE,), tf.constant_initializer(self._initial_seed()), False)
+        self.lock_key = weight("lock_key", (self.key_dim,), tf.constant_initializer(initial_key), False)
+        self.gains = weight("gains", (2,), "ones")
+        self.deltas = weight("deltas", size, "zeros")
+        self.biases = weight("biases", size, lambda shape, dtype: tf.stack([i(shape[1:], dtype) for i in bias_inits]))
+        self.projected_seed = weight("projected_seed", (SEED_SIZE,), tf.constant_initializer(-1.0), False)
+        self.projected_key = weight("projected_key", (self.key_dim,), "zeros", False)
+        self.key_projection = weight("key_projection", (2, self.affine_size), "zeros", False)
+
+    def _initial_seed(self):
+        """A fresh CSPRNG seed of the initial kernels, or one derived from a seeded lock initialiser."""
+        seed = self.lock_initializer.get_config().get("seed") if self.lock_initializer else None
+        return draw_lock_seed(None if seed is None else [seed, 0x5EED])
 
     def _lock_init(self, index):
         """The lock weights' initialiser; a seeded one is re-seeded per weight so they differ."""
@@ -307,31 +385,114 @@ class KeyLock(_AffineNormalization):
             config["seed"] += index
         return self.lock_initializer.__class__.from_config(config)
 
+    def uniform_range(self):
+        """(low, high) of the lock initialiser's uniform distribution (ValueError if it is not uniform)."""
+        initializer = self.lock_initializer or TorchLinearUniform(self.key_dim)
+        if isinstance(initializer, TorchLinearUniform):
+            return -initializer.bound, initializer.bound
+        if isinstance(initializer, tf.keras.initializers.RandomUniform):
+            return float(initializer.minval), float(initializer.maxval)
+        raise ValueError(
+            "private lock weights and kernel='compact' need a uniform lock initialiser, "
+            f"got {type(initializer).__name__}"
+        )
+
     @property
     def affine_size(self):
         """The number of gamma values (and of beta values): channels, or positions x channels."""
         return int(np.prod(self.affine_shape))
 
     @property
+    def lock_weights(self):
+        """The lock's variables, which a client trains and keeps: FULL_LOCK_WEIGHT_NAMES or, for
+        kernel='compact', COMPACT_LOCK_WEIGHT_NAMES."""
+        names = FULL_LOCK_WEIGHT_NAMES if self.kernel == "full" else COMPACT_LOCK_WEIGHT_NAMES
+        return [getattr(self, name) for name in names]
+
+    @property
     def private_weights(self):
         """The client's secret: the key and the lock weights."""
-        return [getattr(self, name) for name in PRIVATE_WEIGHT_NAMES]
+        return [self.key] + self.lock_weights
+
+    @property
+    def cache_weights(self):
+        """What derives from the secret and is not kept: a compact lock's cached key projection."""
+        return [] if self.kernel == "full" else [self.projected_seed, self.projected_key, self.key_projection]
+
+    def initial_kernels(self):
+        """A compact lock's W0 of both kernels, [2, key_dim, affine_size] (scale, shift): uniform over
+        the lock initialiser's range, drawn by Philox from `lock_seed`."""
+        parts = tf.cast(self.lock_seed, tf.int64)
+        seed = parts[0::2] + parts[1::2] * _SEED_BASE
+        low, high = self.uniform_range()
+        unit = tf.random.stateless_uniform([2, self.key_dim, self.affine_size], seed, alg="philox")
+        return low + (high - low) * unit
+
+    def materialized_kernels(self):
+        """(scale_kernel, scale_bias, shift_kernel, shift_bias) as tensors, a compact lock's included."""
+        if self.kernel == "full":
+            return tuple(tf.convert_to_tensor(v) for v in self.lock_weights)
+        outer = tf.einsum("k,in->ikn", self.lock_key, self.deltas)
+        kernels = self.gains[:, None, None] * self.initial_kernels() + outer
+        scale_bias, shift_bias = tf.unstack(self.biases)
+        return kernels[0], scale_bias, kernels[1], shift_bias
 
     def lock_parameters(self, key=None):
         """Returns (gamma, beta), each of shape `affine_shape`, for `key` (default the layer's own)."""
+        if key is None and self.kernel == "compact":
+            return self._compact_affine(training=False)
+        if self.kernel == "compact":
+            return lock_affine(
+                tf.convert_to_tensor(key, tf.float32), *self.materialized_kernels(), self.activation, self.affine_shape
+            )
         key = self.key if key is None else tf.convert_to_tensor(key, self.compute_dtype)
-        return lock_affine(
-            key,
-            self.scale_kernel,
-            self.scale_bias,
-            self.shift_kernel,
-            self.shift_bias,
-            self.activation,
-            self.affine_shape,
+        return lock_affine(key, *self.lock_weights, self.activation, self.affine_shape)
+
+    def affine_parameters(self, training=False):
+        if self.kernel == "compact":
+            return self._compact_affine(training)
+        return self.lock_parameters()
+
+    def _compact_affine(self, training):
+        """A compact lock's (gamma, beta): act(gain * (key @ W0) + (key . lock_key) * delta + bias)."""
+        key = tf.convert_to_tensor(self.key)
+        lock_key = self._training_lock_key(key) if training else tf.convert_to_tensor(self.lock_key)
+        overlap = tf.reduce_sum(key * lock_key)
+        act = tf.nn.relu if self.activation == "relu" else tf.sigmoid
+        projection = _compact_projection(overlap, self._key_projection(key), self.gains, self.deltas, self.biases)
+        gamma, beta = tf.unstack(tf.reshape(act(projection), (2,) + self.affine_shape))
+        return gamma, beta
+
+    def _training_lock_key(self, key):
+        """The lock key of a training step: the running key, which an untrained lock (zero deltas)
+        takes as its lock key and a trained one must already have."""
+        # tf.not_equal, not `!=`: in TFF's graphs `!=` on a variable compares identities.
+        untrained = tf.logical_not(tf.reduce_any(tf.not_equal(self.deltas, 0.0)))
+        lock_key = tf.where(untrained, key, self.lock_key)
+        same = tf.debugging.Assert(
+            tf.reduce_all(tf.equal(key, lock_key)),
+            ["a compact KeyLock trains only under the key its lock was trained with (its lock_key)"],
+        )
+        with tf.control_dependencies([same, self.lock_key.assign(lock_key)]):
+            return tf.identity(lock_key)
+
+    def _key_projection(self, key):
+        """`key @ W0` of both kernels, [2, affine_size]: computed when the key or the seed changes."""
+        cached = tf.reduce_all(tf.equal(self.projected_key, key)) & tf.reduce_all(
+            tf.equal(self.projected_seed, self.lock_seed)
         )
 
-    def affine_parameters(self):
-        return self.lock_parameters()
+        def compute():
+            value = tf.einsum("k,ikn->in", key, self.initial_kernels())
+            assigned = [
+                self.key_projection.assign(value),
+                self.projected_key.assign(key),
+                self.projected_seed.assign(self.lock_seed),
+            ]
+            with tf.control_dependencies(assigned):
+                return tf.identity(value)
+
+        return tf.cond(cached, self.key_projection.read_value, compute)
 
     def get_config(self):
         # The key is a secret: it travels with the weights (client checkpoints), never in the config.
@@ -341,6 +502,7 @@ class KeyLock(_AffineNormalization):
             activation=self.activation,
             lock_initializer=self._serialized_lock_initializer(),
             affine=self.affine,
+            kernel=self.kernel,
         )
         return config
 
@@ -374,5 +536,5 @@ class AffineNorm(_AffineNormalization):
         self.gamma = self.add_weight(name="gamma", shape=(self.channels,), initializer="ones")
         self.beta = self.add_weight(name="beta", shape=(self.channels,), initializer="zeros")
 
-    def affine_parameters(self):
+    def affine_parameters(self, training=False):
         return self.gamma, self.beta

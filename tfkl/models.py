@@ -169,6 +169,7 @@ def build(
     where: str | int | Sequence[str] = "first",
     control: bool = False,
     affine: str = "channel",
+    kernel: str = "full",
 ) -> tf.keras.Model:
     """Builds a zoo model; with `lock=True` its first conv layer (or those `where` names) carries a KeyLock block.
 
@@ -180,7 +181,7 @@ def build(
       init: 'pytorch' (PyTorch's default initialisers, the paper's), 'dlg' (U(-0.5, 0.5) on every
         weight and bias, as DLG attacks use) or 'keras' (Keras defaults).
       seed: seeds every initialiser (distinct per layer) for reproducible experiments.
-      key_dim, activation, normalization, key, affine: the KeyLock's options (see `tfkl.KeyLock`).
+      key_dim, activation, normalization, key, affine, kernel: the KeyLock's options (see `tfkl.KeyLock`).
       where: the layers to lock, as `tfkl.secure` takes it: 'first' (the paper's), 'all', a number
         of layers or names.
       control: with `lock=False`, the FedAvg control instead of the plain backbone: a
@@ -217,4 +218,5 @@ def build(
         lock_initializer=lock_initializer,
         name=f"{name}_locked",
         affine=affine,
+        kernel=kernel,
     )

@@ -11,6 +11,7 @@ ALGORITHMS = ("fedkl", "fedavg", "fedavg-norm")  # tfkl.federated.config
 KEY_DISTRIBUTIONS = ("uniform", "gaussian", "rademacher")  # tfkl.keys
 LOCK_WHERES = ("first", "first-two", "all")  # tfkl.federated.config
 LOCK_AFFINES = ("channel", "spatial")  # tfkl.keylock
+LOCK_KERNELS = ("full", "compact")  # tfkl.keylock
 LOCK_INITS = ("shared", "private")  # tfkl.federated.config
 STATISTICS = ("average", "local")  # tfkl.federated.algorithms
 CLIENT_WEIGHTINGS = ("num_examples", "uniform")  # tfkl.federated.algorithms

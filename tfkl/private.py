@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfkl import keys as keys_lib
-from tfkl.keylock import KeyLock, TorchLinearUniform
+from tfkl.keylock import KeyLock, draw_lock_seed
 
 
 def lock_layers(model: tf.keras.Model | KeyLock) -> list[KeyLock]:
@@ -19,30 +19,31 @@ def lock_layers(model: tf.keras.Model | KeyLock) -> list[KeyLock]:
     return [layer for layer in model.submodules if isinstance(layer, KeyLock)]
 
 
-def _uniform_range(lock):
-    """(low, high) of the uniform distribution of `lock`'s lock initialiser."""
-    initializer = lock.lock_initializer or TorchLinearUniform(lock.key_dim)
-    if isinstance(initializer, TorchLinearUniform):
-        return -initializer.bound, initializer.bound
-    if isinstance(initializer, tf.keras.initializers.RandomUniform):
-        return float(initializer.minval), float(initializer.maxval)
-    raise ValueError(f"private lock weights need a uniform lock initialiser, got {type(initializer).__name__}")
-
-
 def draw_lock_weights(model: tf.keras.Model | KeyLock, seed=None) -> list[np.ndarray]:
     """Fresh lock weights for every lock of `model` (a model or one KeyLock): a client's private
     starting lock, which no server can rebuild.
 
     Drawn from each lock's uniform lock initialiser's distribution with the CSPRNG
     (`tfkl.keys.secret_uniform`; a seed only for experiments). Flat in `lock_layers` order, each
-    lock's (scale kernel, scale bias, shift kernel, shift bias), float32 numpy arrays.
+    lock's `lock_weights`, float32 numpy arrays: (scale kernel, scale bias, shift kernel, shift
+    bias), or for a compact lock a fresh seed of its initial kernels, its lock key (zeros: with zero
+    deltas it does not matter), gains 1, zero deltas and fresh biases.
     """
     weights = []
     for index, lock in enumerate(lock_layers(model)):
-        low, high = _uniform_range(lock)
-        for weight_index, variable in enumerate(lock.private_weights[1:]):
-            unit = keys_lib.secret_uniform(variable.shape, None if seed is None else list(seed) + [index, weight_index])
-            weights.append((low + (high - low) * unit).astype(np.float32))
+        low, high = lock.uniform_range()
+
+        def uniform(shape, weight_index, index=index, low=low, high=high):
+            unit = keys_lib.secret_uniform(shape, None if seed is None else list(seed) + [index, weight_index])
+            return (low + (high - low) * unit).astype(np.float32)
+
+        if lock.kernel == "full":
+            weights += [uniform(v.shape, i) for i, v in enumerate(lock.lock_weights)]
+            continue
+        lock_seed = draw_lock_seed(None if seed is None else list(seed) + [index, 0])
+        size = (2, lock.affine_size)
+        key = np.zeros(lock.key_dim, np.float32)
+        weights += [lock_seed, key, np.ones(2, np.float32), np.zeros(size, np.float32), uniform(size, 1)]
     return weights
 
 
@@ -56,8 +57,9 @@ def _require_locks(model):
 
 
 def private_variables(model: tf.keras.Model) -> list[tf.Variable]:
-    """The client's secret variables: every lock's key and lock weights."""
-    return [v for lock in lock_layers(model) if lock.built for v in lock.private_weights]
+    """The client's secret variables: every lock's key and lock weights, and a compact lock's cache
+    of its key projection (derived from them: never shared, never stored)."""
+    return [v for lock in lock_layers(model) if lock.built for v in lock.private_weights + lock.cache_weights]
 
 
 def shared_variables(model: tf.keras.Model) -> list[tf.Variable]:

@@ -115,6 +115,7 @@ def secure(
     lock_initializer: tf.keras.initializers.Initializer | None = None,
     name: str | None = None,
     affine: str = "channel",
+    kernel: str = "full",
 ) -> tf.keras.Model:
     """Returns a copy of `model` with a KeyLock block after each chosen conv/dense layer.
 
@@ -126,7 +127,7 @@ def secure(
       model: a built Sequential or functional Keras model.
       where: 'first', 'all' (every conv/dense layer but the outputs), a number n (the first n of
         them), or a list of layer names.
-      key_dim, activation, normalization, lock_initializer, affine: passed to each `tfkl.KeyLock`.
+      key_dim, activation, normalization, lock_initializer, affine, kernel: passed to each `tfkl.KeyLock`.
       key: the client key (shape (key_dim,)); default a fresh CSPRNG key, shared by all locks.
       name: name of the new model (default: the original's name + '_locked').
     """
@@ -141,6 +142,7 @@ def secure(
             lock_initializer=_per_lock(lock_initializer, len(locks)),
             key=key,
             affine=affine,
+            kernel=kernel,
             name=f"{name}_keylock",
             **options,
         )

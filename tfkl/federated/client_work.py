@@ -35,7 +35,7 @@ class ModelParts:
         """(shared trainable, shared non-trainable, keys, lock weights) variables of `model`.
 
         Keys: every lock's key variable (a client sets the same key in all of them); lock weights:
-        (scale kernel, scale bias, shift kernel, shift bias) of each lock in turn."""
+        each lock's `lock_weights` in turn."""
         trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
         shared_t = [trainable[i] for i in self.trainable]
         shared_n = [non_trainable[i] for i in self.non_trainable]
@@ -44,7 +44,7 @@ class ModelParts:
             shared_t,
             shared_n,
             [lock.key for lock in locks],
-            [w for lock in locks for w in (lock.scale_kernel, lock.scale_bias, lock.shift_kernel, lock.shift_bias)],
+            [w for lock in locks for w in lock.lock_weights],
         )
 
 

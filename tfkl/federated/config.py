@@ -57,6 +57,7 @@ class Config:
     seeded_keys: bool = False
     lock_where: str = "first"  # FedKL: the layers to lock ('first', 'first-two', 'all'; see tfkl.secure)
     lock_affine: str = "channel"  # FedKL: a gamma/beta per channel (the paper's) or per position and channel
+    lock_kernel: str = "full"  # FedKL: the lock kernels as variables or compact (tfkl.KeyLock's kernel)
     lock_init: str = "shared"  # FedKL: clients start from model_fn's lock weights (the paper) or
     # 'private' ones each draws from the CSPRNG (the server cannot know them)
     dp_clip: float = None  # DP-FedAvg (TFF's gaussian_fixed): clip of each client's update
@@ -79,6 +80,7 @@ class Config:
             ("lock_where", names.LOCK_WHERES),
             ("lock_init", names.LOCK_INITS),
             ("lock_affine", names.LOCK_AFFINES),
+            ("lock_kernel", names.LOCK_KERNELS),
         ):
             _check(getattr(self, name) in choices, f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("num_clients", "clients_per_round", "local_epochs", "batch_size", "key_dim"):
@@ -95,6 +97,14 @@ class Config:
         _check(
             self.random_key_penalty == 0 or self.locked,
             f"random_key_penalty needs algorithm=fedkl (a model with a key), got algorithm={self.algorithm!r}",
+        )
+        _check(
+            self.lock_kernel == "full" or self.locked,
+            f"lock_kernel={self.lock_kernel!r} needs algorithm=fedkl (a model with a lock), got {self.algorithm!r}",
+        )
+        _check(
+            self.lock_kernel == "full" or self.random_key_penalty == 0,
+            "random_key_penalty needs lock_kernel=full: a compact lock trains under its own key only",
         )
         if self.dp_clip is not None:
             _check(self.dp_clip > 0, f"dp_clip must be positive, got {self.dp_clip}")
@@ -125,7 +135,7 @@ class Config:
             where = {"first-two": 2}.get(self.lock_where, self.lock_where)
             options.update(normalization=self.normalization, where=where, control=self.control)
         if self.locked:
-            options.update(key_dim=self.key_dim, affine=self.lock_affine)
+            options.update(key_dim=self.key_dim, affine=self.lock_affine, kernel=self.lock_kernel)
         return lambda: models.build(self.model, shape, classes, lock=self.locked, **options)
 
     def client_optimizer(self):
