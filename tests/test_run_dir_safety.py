@@ -71,6 +71,11 @@ def unbind_and_swap_key(run, tmp):
     shutil.copy(os.path.join(run, "clients", "1", "key"), os.path.join(run, "clients", "0", "key"))
 
 
+def metrics_directory(run, tmp):
+    os.remove(os.path.join(run, "metrics.csv"))
+    os.makedirs(os.path.join(run, "metrics.csv", "old"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     id: str
@@ -150,7 +155,11 @@ RESUME = ("--root_dir={run}", "--rounds=3", *RUN_FLAGS)
 RUN_CASES = [
     Case("train-config-a-list", "train", RESUME, "not a JSON object", config_holds([])),
     Case("train-config-null", "train", RESUME, "not a JSON object", config_holds(None)),
+    Case("train-config-a-string", "train", RESUME, "not a JSON object", config_holds("fedkl")),
+    Case("train-config-a-number", "train", RESUME, "not a JSON object", config_holds(3)),
     Case("evaluate-config-a-list", "evaluate", ("--root_dir={run}",), "config.json", config_holds([])),
+    Case("evaluate-config-null", "evaluate", ("--root_dir={run}",), "config.json", config_holds(None)),
+    Case("train-metrics-a-directory", "train", RESUME, "metrics.csv is a directory", metrics_directory),
     Case("train-clients-a-file", "train", RESUME, "clients is not a directory", replace_by_file("clients")),
     Case("train-server-a-file", "train", RESUME, "server is not a directory", replace_by_file("server")),
     Case(
@@ -295,3 +304,29 @@ def test_sigint_ends_with_one_line_and_the_run_resumes(tmp_path):
     assert finish(start_train(run, log, *flags[:2], "--rounds=" + str(done + 1), *flags[3:])) == 0
     assert lines_of(log)[0].startswith(f"resuming {run} after round")
     assert metrics_rounds(run) == list(range(1, done + 2))
+
+
+def truncate(path, keep):
+    """Keeps the first keep(data) bytes of the file at `path`."""
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: keep(data)])
+
+
+@pytest.mark.slow
+def test_damaged_metrics_and_client_data_are_rewritten_and_the_run_resumes(trained_run, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(trained_run, run)
+    truncate(os.path.join(run, "metrics.csv"), lambda data: data.rindex(b"\n2,") + 6)  # round 2's row cut short
+    truncate(os.path.join(run, "client_data", "client_0.tfrecord"), lambda data: len(data) // 2)
+    log = str(tmp_path / "log")
+    assert run_binary("train", [f"--root_dir={run}", "--rounds=3", *RUN_FLAGS], log) == 0, lines_of(log)
+    lines = lines_of(log)
+    assert (
+        f"warning: {run}/metrics.csv was damaged (a row cut short, or rounds out of order): rewritten with the "
+        "rows of rounds 1..1; rounds 2..2 have no metrics row"
+    ) in lines
+    assert any(f"client data cache {run}/client_data/client_0.tfrecord is damaged" in line for line in lines)
+    assert metrics_rounds(run) == [1, 3]
+    assert not any("Traceback" in line or line.startswith("error:") for line in lines), lines

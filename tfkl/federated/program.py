@@ -70,6 +70,10 @@ def _train_owned(root_dir, config, options, dataset, partition, metrics_manager)
         state_manager.check_clients(config, process, start, next_clients)
         if options.progress:
             print(f"resuming {root_dir} after round {start}{_resume_reason(root_dir, rerun)}")
+    if metrics_manager is None:
+        repaired = run_dir.repair_metrics(root_dir, 0 if restored is None else restored[2])
+        if repaired and options.progress:
+            print(repaired)
     return train_rounds(
         root_dir,
         process,

@@ -19,6 +19,7 @@ not grow with --num_clients.
 import asyncio
 import collections
 import contextlib
+import csv
 import dataclasses
 import fcntl
 import json
@@ -39,6 +40,7 @@ from tfkl.files import atomic_write
 CONFIG_FILE = "config.json"
 RUN_ID = "run_id"
 LOCK_FILE = "lock"
+METRICS_FILE = "metrics.csv"
 _OWNED = {}  # (device, inode) of a lock file -> its descriptor, for the run dirs this process owns
 
 
@@ -180,11 +182,46 @@ def load_config(root_dir):
         raise ProgramError(f"{root_dir} is not a training run's root dir ({CONFIG_FILE}: {e})") from None
 
 
+def repair_metrics(root_dir, last_round):
+    """Rewrites a damaged metrics.csv (a truncated row or header, a row of no round, rounds out of order) with
+    its sound rows up to `last_round`, the run's last complete round (the rows after it are released again);
+    returns a line saying what was lost, or None when the file is sound (or missing)."""
+    path = os.path.join(root_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields, rows = list(reader.fieldnames or ()), list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        fields, rows = [], [str(e)]
+    sound = 0  # the rows 1, 2, ... that are whole, in order
+    while "round" in fields and sound < len(rows) and _sound_row(rows[sound], sound + 1):
+        sound += 1
+    if sound == len(rows) and sound >= last_round:
+        return None
+    kept = rows[: min(sound, last_round)]
+    with atomic_write(path, binary=False) as f:
+        writer = csv.DictWriter(f, fieldnames=fields if kept else ["round"])
+        writer.writeheader()
+        writer.writerows(kept)
+    lost = "" if len(kept) == last_round else f"; rounds {len(kept) + 1}..{last_round} have no metrics row"
+    return (
+        f"warning: {path} was damaged (a row cut short, or rounds out of order): rewritten with "
+        f"{f'the rows of rounds 1..{len(kept)}' if kept else 'no row'}{lost}"
+    )
+
+
+def _sound_row(row, round_num):
+    """Whether a metrics row has every field (no more: csv leaves None for the missing ones) and is `round_num`'s."""
+    return None not in row and None not in row.values() and row["round"] == str(round_num)
+
+
 def metrics_manager(root_dir):
     """The release manager of the per-round metrics: metrics.csv and TensorBoard."""
     return tff.program.GroupingReleaseManager(
         [
-            tff.program.CSVFileReleaseManager(os.path.join(root_dir, "metrics.csv"), key_fieldname="round"),
+            tff.program.CSVFileReleaseManager(os.path.join(root_dir, METRICS_FILE), key_fieldname="round"),
             tff.program.TensorBoardReleaseManager(os.path.join(root_dir, "tensorboard")),
         ]
     )
@@ -198,11 +235,15 @@ _DIRECTORIES = ("server", "clients", "captures", "client_data", "tensorboard")
 
 
 def _check_layout(root_dir):
-    """Refuses a run whose directories (server/, clients/, ...) were replaced by files."""
+    """Refuses a run whose directories (server/, clients/, ...) were replaced by files, or its files by
+    directories."""
     for name in _DIRECTORIES:
         path = os.path.join(root_dir, name)
         if os.path.lexists(path) and not os.path.isdir(path):
             raise ProgramError(f"{path} is not a directory; restore the run's {name}/ from a backup")
+    for name in (CONFIG_FILE, METRICS_FILE, LOCK_FILE):
+        if os.path.isdir(os.path.join(root_dir, name)):
+            raise ProgramError(f"{os.path.join(root_dir, name)} is a directory; a run's {name} is a file")
 
 
 def _bound_run_id(root_dir):
