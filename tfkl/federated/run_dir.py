@@ -22,6 +22,7 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
+import glob
 import json
 import os
 import secrets
@@ -201,15 +202,44 @@ def repair_metrics(root_dir, last_round):
     if sound == len(rows) and sound >= last_round:
         return None
     kept = rows[: min(sound, last_round)]
+    fields, rebuilt = _rebuilt_rows(root_dir, fields if kept else [], len(kept) + 1, last_round)
     with atomic_write(path, binary=False) as f:
-        writer = csv.DictWriter(f, fieldnames=fields if kept else ["round"])
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(kept)
-    lost = "" if len(kept) == last_round else f"; rounds {len(kept) + 1}..{last_round} have no metrics row"
+        writer.writerows(kept + rebuilt)
+    done = len(kept) + len(rebuilt)
     return (
         f"warning: {path} was damaged (a row cut short, or rounds out of order): rewritten with "
-        f"{f'the rows of rounds 1..{len(kept)}' if kept else 'no row'}{lost}"
+        f"{f'the rows of rounds 1..{len(kept)}' if kept else 'no row'}"
+        + (f", rounds {len(kept) + 1}..{done} rebuilt from tensorboard/ (float32)" if rebuilt else "")
+        + ("" if done == last_round else f"; rounds {done + 1}..{last_round} have no metrics row")
     )
+
+
+def _rebuilt_rows(root_dir, fields, first, last):
+    """(fields, rows of rounds `first`..`last`) from the run's TensorBoard events (the same metrics, as float32),
+    up to the first round they lack; `fields`: metrics.csv's header ([]: the events' tags)."""
+    steps = collections.defaultdict(dict)
+    for path in sorted(glob.glob(os.path.join(root_dir, "tensorboard", "events.out.tfevents.*"))):
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                for value in event.summary.value:
+                    steps[event.step][value.tag] = float(tf.make_ndarray(value.tensor))
+        except (tf.errors.OpError, ValueError, TypeError):
+            continue  # an events file cut short: the events read so far count
+    if not fields:
+        fields = ["round", *sorted({tag for step in steps.values() for tag in step})]
+    rows = []
+    for round_num in range(first, last + 1):
+        if not set(fields[1:]) <= set(steps.get(round_num, {})):
+            break
+        rows.append({"round": round_num, **{k: _metric_text(steps[round_num][k]) for k in fields[1:]}})
+    return fields, rows
+
+
+def _metric_text(value):
+    return str(int(value)) if value.is_integer() else str(np.float32(value))
 
 
 def _sound_row(row, round_num):
