@@ -288,20 +288,30 @@ def test_two_writers_one_is_refused_naming_the_other(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigint_ends_with_one_line_and_the_run_resumes(tmp_path):
+def test_evaluate_reads_a_complete_round_while_training_and_sigint_ends_with_one_line(tmp_path):
     run = str(tmp_path / "run")
     log = str(tmp_path / "train.log")
-    flags = ("--dataset=digits", "--num_clients=2", "--rounds=30", "--key_dim=16", "--batch_size=32")
+    flags = ("--dataset=digits", "--num_clients=2", "--rounds=200", "--key_dim=16", "--batch_size=32")
     process = start_train(run, log, *flags)
     deadline = time.time() + 300
     while time.time() < deadline and not os.path.exists(os.path.join(run, "clients", "manifest_00001.json")):
         time.sleep(0.5)
+    evaluation_log = str(tmp_path / "evaluate.log")
+    rc = run_binary("evaluate", [f"--root_dir={run}", "--public_sizes=50", "--recovery_steps=5"], evaluation_log)
+    lines = lines_of(evaluation_log)
+    assert not any("Traceback" in line for line in lines), lines
+    if rc == 0:  # the round it read was complete when it started
+        assert any(line.startswith(f"evaluating {run}: round ") for line in lines), lines
+    else:  # the trainer pruned it meanwhile: the error line says so
+        errors = [line for line in lines if line.startswith("error:")]
+        assert rc == 1 and len(errors) == 1 and f"process {process.pid} is training this run" in errors[0], lines
+    assert process.poll() is None, lines_of(log)
     os.kill(process.pid, signal.SIGINT)
     assert finish(process) == 130
     lines = [line for line in lines_of(log) if "error:" in line or "Traceback" in line or "Error" in line]
     assert len(lines) == 1 and "interrupted (SIGINT)" in lines[0], lines_of(log)
     done = metrics_rounds(run)[-1]
-    assert finish(start_train(run, log, *flags[:2], "--rounds=" + str(done + 1), *flags[3:])) == 0
+    assert finish(start_train(run, log, *flags[:2], f"--rounds={done + 1}", *flags[3:])) == 0
     assert lines_of(log)[0].startswith(f"resuming {run} after round")
     assert metrics_rounds(run) == list(range(1, done + 2))
 
