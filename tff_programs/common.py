@@ -1,7 +1,11 @@
 """Helpers shared by the tfkl binaries (their flag choices come from tfkl.names, which loads without
 TensorFlow)."""
 
+import os
 import sys
+import tempfile
+
+from absl import flags
 
 
 def fail(message):
@@ -17,3 +21,33 @@ def load_dataset(name, data_dir=None):
         return data.load(name, data_dir)
     except (data.DataUnavailableError, OSError, ValueError) as e:
         fail(str(e))
+
+
+def unwritable(directory):
+    """Why files cannot be written in `directory` (created later if missing), or None: its nearest existing
+    ancestor is a file, or refuses a new file. Writes nothing that stays."""
+    directory = os.path.abspath(directory)
+    existing = directory
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a directory"
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        return f"cannot write in {existing} ({e.strerror or e})" + (
+            "" if existing == directory else f", so cannot create {directory}"
+        )
+    return None
+
+
+def writable_dir_validator(flag):
+    """A flag checker: the flag's directory (if given) can be written (see `unwritable`)."""
+
+    def check(directory):
+        problem = directory and unwritable(directory)
+        if problem:
+            raise flags.ValidationError(f"--{flag}: {problem}")
+        return True
+
+    return check

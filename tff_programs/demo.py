@@ -25,6 +25,12 @@ from absl import flags, logging
 from tff_programs import common, contexts, launch
 
 _ROOT_DIR = flags.DEFINE_string("root_dir", "runs/demo", "Directory of the demo's runs.")
+flags.register_validator(
+    "root_dir",
+    lambda v: not os.path.exists(os.path.join(v, "config.json")),
+    "--root_dir holds a training run; use another",
+)
+flags.register_validator("root_dir", common.writable_dir_validator("root_dir"))
 _ROUNDS = flags.DEFINE_integer("rounds", 20, "Federated rounds of each run.", lower_bound=1)
 _BASELINE = flags.DEFINE_bool(
     "baseline", True, "Also train the FedAvg control (same normalisation, learned affine, no key) for comparison."

@@ -37,6 +37,17 @@ _BY_ROUND = flags.DEFINE_bool(
 _OUT = flags.DEFINE_string("out", None, "JSON output (default root_dir/evaluation.json).")
 
 flags.mark_flag_as_required("root_dir")
+
+
+def _check_out(values):
+    """--out (default root_dir/evaluation.json) is a file path that can be written."""
+    out = values["out"] or os.path.join(values["root_dir"] or "", "evaluation.json")
+    if os.path.isdir(out):
+        raise flags.ValidationError(f"--out {out} is a directory; give a file path")
+    return common.writable_dir_validator("out")(os.path.dirname(os.path.abspath(out)))
+
+
+flags.register_multi_flags_validator(["root_dir", "out"], _check_out)
 flags.register_validator(
     "public_sizes", lambda v: all(s.isdigit() and int(s) > 0 for s in v), "--public_sizes must be positive integers"
 )
@@ -44,14 +55,16 @@ flags.register_validator(
 
 def main(argv):
     from attacks import lock_recovery
-    from tfkl.federated import evaluation
+    from tfkl.federated import evaluation, run_dir
     from tfkl.federated.config import ProgramError
+    from tfkl.files import atomic_write
 
     del argv  # launch.parse_flags refused positional arguments
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     if not os.path.isdir(_ROOT_DIR.value):
         common.fail(f"--root_dir {_ROOT_DIR.value} does not exist")
+    out = _OUT.value or os.path.join(_ROOT_DIR.value, "evaluation.json")
     contexts.install_context()
     try:
         result = evaluation.evaluate(
@@ -73,13 +86,12 @@ def main(argv):
                 progress=True,
             )
     except ProgramError as e:
-        common.fail(str(e))
+        writer = run_dir.writer_pid(_ROOT_DIR.value)
+        common.fail(f"{e} (process {writer} is training this run: evaluate again when it ends)" if writer else e)
     finally:
         contexts.shutdown()
     print(evaluation.format_matrix(result))
-    out = _OUT.value or os.path.join(_ROOT_DIR.value, "evaluation.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
+    with atomic_write(out, binary=False) as f:
         json.dump(result, f, indent=1)
     print(f"wrote {out}")
 

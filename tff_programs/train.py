@@ -8,6 +8,8 @@ Per-client private state (key, lock, optimizer buffers) is kept under root_dir/c
 the server state (root_dir/server); metrics go to root_dir/metrics.csv and root_dir/tensorboard.
 """
 
+import math
+
 from absl import flags, logging
 
 from tff_programs import common, contexts, launch
@@ -135,7 +137,7 @@ flags.mark_flag_as_required("root_dir")
 
 
 def _parse_int_list(values):
-    return all(v.strip().lstrip("-").isdigit() for v in values)
+    return all(v.strip().isdigit() and int(v) >= 1 for v in values)
 
 
 def _parse_pairs(values):
@@ -156,16 +158,48 @@ def _valid_pairs(values):
         return False
 
 
-# The flags' own syntax only: every rule on the run's configuration is checked by config_lib.Config.
+def _number_rule(name, holds, rule):
+    """Registers a checker of flag `name`: None or a finite number for which `holds`."""
+
+    def check(value):
+        if value is not None and not (math.isfinite(value) and holds(value)):
+            raise flags.ValidationError(f"--{name} must {rule}, got {value}")
+        return True
+
+    flags.register_validator(name, check)
+
+
+def _check_fault_clients(values):
+    """The fault injection's clients exist (ids below --num_clients)."""
+    for name in ("inject_nan", "inject_failure"):
+        for round_num, client in _parse_pairs(values[name]):
+            if int(client) >= values["num_clients"] or round_num < 1:
+                raise flags.ValidationError(
+                    f"--{name}={round_num}:{client} names no round and client of this run (rounds from 1, "
+                    f"clients 0..{values['num_clients'] - 1})"
+                )
+    return True
+
+
+# The flags' own syntax and ranges, before TensorFlow loads: the rules between fields of the run's
+# configuration are checked by config_lib.Config.
 flags.register_validator("root_dir", lambda v: bool(v), "--root_dir must not be empty")
-flags.register_validator("lr_milestones", _parse_int_list, "--lr_milestones must be a list of round numbers")
+flags.register_validator("root_dir", common.writable_dir_validator("root_dir"))
+for _name in ("num_clients", "clients_per_round", "local_epochs", "batch_size"):
+    _number_rule(_name, lambda v: v >= 1, "be at least 1")
+for _name in ("learning_rate", "server_learning_rate", "lr_gamma", "alpha", "dp_clip"):
+    _number_rule(_name, lambda v: v > 0, "be positive and finite")
+for _name in ("momentum", "weight_decay", "dp_noise_multiplier", "random_key_penalty", "prune_fraction"):
+    _number_rule(_name, lambda v: v >= 0, "not be negative, and be finite")
+flags.register_validator("lr_milestones", _parse_int_list, "--lr_milestones must be a list of round numbers (>= 1)")
 flags.register_validator(
     "capture_rounds",
     lambda v: v == ["all"] or _parse_int_list(v),
-    "--capture_rounds must be 'all' or a list of round numbers",
+    "--capture_rounds must be 'all' or a list of round numbers (>= 1)",
 )
 flags.register_validator("inject_nan", _valid_pairs, "--inject_nan takes ROUND:CLIENT pairs, e.g. 2:0,3:1")
 flags.register_validator("inject_failure", _valid_pairs, "--inject_failure takes ROUND:CLIENT pairs, e.g. 2:0")
+flags.register_multi_flags_validator(["inject_nan", "inject_failure", "num_clients"], _check_fault_clients)
 
 
 def config_from_flags(dataset):

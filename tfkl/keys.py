@@ -117,6 +117,16 @@ def save_key(path: str, key, owner: str = "") -> None:
         f.write(data)
 
 
+def key_file_owner(path: str) -> str | None:
+    """The owner a key file names ('' for none; None for a format 1 file, or a file that is no key file)."""
+    with open(path, "rb") as f:
+        data = f.read(_HEADER.size + 65536)
+    if data[: len(_MAGIC)] != _MAGIC or len(data) < _HEADER.size:
+        return None
+    owner_length = _HEADER.unpack(data[: _HEADER.size])[2]
+    return data[_HEADER.size : _HEADER.size + owner_length].decode(errors="replace")
+
+
 def load_key(path: str, dim: int | None = None, owner: str | None = None) -> np.ndarray:
     """Reads a key file written by `save_key`; a corrupt or mismatched file raises KeyFormatError.
 

@@ -1,6 +1,7 @@
 """Each client's local data: its share of the training set, its per-round pipeline, and fault injection."""
 
 import functools
+import logging
 import os
 
 import numpy as np
@@ -25,7 +26,7 @@ def client_dataset(config, dataset, indices, shuffle_seed, cache_dir=None, clien
         examples = tf.data.Dataset.from_tensor_slices((dataset.x_train[indices], dataset.y_train[indices]))
     else:
         path = os.path.join(cache_dir, f"client_{client_id}.tfrecord")
-        if not os.path.exists(path):
+        if not _cache_is_sound(path, len(indices)):
             _write_examples(path, dataset.x_train[indices], dataset.y_train[indices])
         x, y = dataset.x_train, dataset.y_train
         examples = _examples_reader(x.shape[1:], x.dtype.name, y.dtype.name)(tf.constant(path))
@@ -53,6 +54,28 @@ def _write_examples(path, images, labels):
 
 
 _CHUNK = 1024  # examples per record pair: a large client's file is read as it goes, not parsed whole first
+_SOUND = set()  # (path, inode, size, mtime) of the cache files this process has read through once
+
+
+def _cache_is_sound(path, num_examples):
+    """Whether a client's cache file exists whole: read through once per process and version of the file (the
+    records' checksums and their count); a damaged one (truncated, say) is logged, then written again."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return False
+    version = (path, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if version in _SOUND:
+        return True
+    try:
+        records = sum(1 for _ in tf.data.TFRecordDataset(path))
+    except tf.errors.OpError:
+        records = -1
+    if records == 2 * -(-num_examples // _CHUNK):
+        _SOUND.add(version)
+        return True
+    logging.getLogger(__name__).warning("client data cache %s is damaged: writing it again", path)
+    return False
 
 
 @functools.lru_cache(maxsize=8)

@@ -35,6 +35,8 @@ from tfkl.files import atomic_write
 _FIELDS = ("lock", "optimizer", "statistics")
 _FORMAT = 2
 _MANIFEST = re.compile(r"^manifest_(\d{5})\.json$")
+_STATE_FILE = re.compile(r"^state_\d{5}\.npz(\.tmp)?$")
+_CLIENT_ID = re.compile(r"^(0|[1-9]\d*)$")
 
 
 class ClientStateError(ValueError):
@@ -263,11 +265,12 @@ class ClientStore:
                 os.remove(os.path.join(self.directory, name))
 
     def _state_files(self):
-        """Every state file under the store, as 'client_id/name' (one directory listing per client)."""
+        """Every state file the store wrote, as 'client_id/name' (one directory listing per client; only
+        client directories and state file names: other files are not the store's to delete)."""
         for cid in os.listdir(self.directory):
             client_dir = os.path.join(self.directory, cid)
-            if os.path.isdir(client_dir):
-                yield from (f"{cid}/{name}" for name in os.listdir(client_dir) if name.startswith("state_"))
+            if _CLIENT_ID.match(cid) and os.path.isdir(client_dir):
+                yield from (f"{cid}/{name}" for name in os.listdir(client_dir) if _STATE_FILE.match(name))
 
 
 def _neighbours(kept, round_num):

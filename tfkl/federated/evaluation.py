@@ -219,6 +219,11 @@ def evaluate(
         root_dir, config, process, round_num, max_clients
     )
     report(f"evaluating {root_dir}: round {round_num} restored; {len(held_out)} evaluation examples")
+    for size in sorted({int(s) for s in public_sizes if int(s) > len(public)}):
+        report(
+            f"warning: public size {size} exceeds half the test split: the lock-recovery attacker gets "
+            f"{len(public)} examples"
+        )
     result = dict(
         root_dir=root_dir,
         round=round_num,

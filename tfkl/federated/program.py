@@ -48,6 +48,13 @@ def train(root_dir, config, options, dataset=None, partition=None, metrics_manag
             partition = client_partition(config, dataset)
         except ValueError as e:
             raise ProgramError(f"cannot split the data among the clients: {e}") from None
+    run_dir.check_root_dir(root_dir)
+    with run_dir.ownership(root_dir):
+        return _train_owned(root_dir, config, options, dataset, partition, metrics_manager)
+
+
+def _train_owned(root_dir, config, options, dataset, partition, metrics_manager):
+    """`train` once this process owns `root_dir` (run_dir.ownership)."""
     run_dir.check_config(root_dir, config)
     process = build_process(config, return_client_updates=bool(options.capture_rounds))
     state_manager = run_dir.RunStateManager(root_dir, options.keep_rounds)
@@ -63,6 +70,10 @@ def train(root_dir, config, options, dataset=None, partition=None, metrics_manag
         state_manager.check_clients(config, process, start, next_clients)
         if options.progress:
             print(f"resuming {root_dir} after round {start}{_resume_reason(root_dir, rerun)}")
+    if metrics_manager is None:
+        repaired = run_dir.repair_metrics(root_dir, 0 if restored is None else restored[2])
+        if repaired and options.progress:
+            print(repaired)
     return train_rounds(
         root_dir,
         process,

@@ -8,6 +8,8 @@ Under `root_dir`:
   metrics.csv, tensorboard/   per-round metrics (CSV and TensorBoard release managers)
   captures/            optional: what a curious server received (tfkl.capture format)
   client_data/         each client's examples in a file (the round ships its path)
+  lock                 the PID of the process that writes the run (`ownership`: an flock held while it
+                       trains; empty when none does)
 Client states are saved before the server state, so a round is complete when both exist; a resumed
 run starts from the last complete round and gives the same result as an uninterrupted one. A client's
 state is created on its first sampling and read only when it is sampled: the driver's memory does
@@ -16,22 +18,104 @@ not grow with --num_clients.
 
 import asyncio
 import collections
+import contextlib
+import csv
 import dataclasses
+import fcntl
+import glob
 import json
 import os
 import secrets
 import tempfile
+import time
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tfkl import keys as keys_lib
 from tfkl.federated.client_store import ClientStateError, ClientStore
 from tfkl.federated.config import Config, ProgramError
 from tfkl.files import atomic_write
 
 CONFIG_FILE = "config.json"
 RUN_ID = "run_id"
+LOCK_FILE = "lock"
+METRICS_FILE = "metrics.csv"
+_OWNED = {}  # (device, inode) of a lock file -> its descriptor, for the run dirs this process owns
+
+
+def check_root_dir(root_dir):
+    """Refuses a root dir that is a file, or that holds other files and no CONFIG_FILE (without writing)."""
+    if os.path.exists(root_dir) and not os.path.isdir(root_dir):
+        raise ProgramError(f"--root_dir {root_dir} is a file, not a directory; use a new --root_dir")
+    if os.path.isdir(root_dir) and not os.path.exists(os.path.join(root_dir, CONFIG_FILE)):
+        if set(os.listdir(root_dir)) - {LOCK_FILE}:
+            raise ProgramError(f"{root_dir} is not empty and holds no {CONFIG_FILE}; use a new --root_dir")
+
+
+@contextlib.contextmanager
+def ownership(root_dir):
+    """Makes this process the run's one writer while the context lasts: an exclusive flock on
+    root_dir/lock (the OS drops it when the process dies, even by kill -9), which holds its PID. Another
+    holder's run is refused (ProgramError naming its PID). Re-entrant within a process."""
+    try:
+        os.makedirs(root_dir, exist_ok=True)
+    except OSError as e:
+        raise ProgramError(f"cannot create --root_dir {root_dir}: {e.strerror}") from None
+    path = os.path.join(root_dir, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ProgramError(f"cannot write in --root_dir {root_dir}: {e.strerror}") from None
+    identity = os.fstat(fd)[1:3]
+    if identity in _OWNED:
+        os.close(fd)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder_pid(fd)
+        os.close(fd)
+        raise ProgramError(
+            f"{root_dir} is in use by process {holder} (it holds {path}); wait for it to end, or stop it "
+            "and run the same command again"
+        ) from None
+    _OWNED[identity] = fd
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        del _OWNED[identity]
+        os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+def _holder_pid(fd):
+    """The PID in a lock file another process holds (it writes it right after taking the lock)."""
+    for _ in range(20):
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        time.sleep(0.05)
+    return "(unknown)"
+
+
+def writer_pid(root_dir):
+    """The PID of the process training the run in `root_dir` now, or None (none holds its lock)."""
+    try:
+        fd = os.open(os.path.join(root_dir, LOCK_FILE), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder_pid(fd)
+    finally:
+        os.close(fd)
+    return None
 
 
 def check_config(root_dir, config):
@@ -47,6 +131,8 @@ def check_config(root_dir, config):
                 stored = json.load(f)
         except (OSError, ValueError) as e:
             raise ProgramError(f"{path} is unreadable ({e}); not touching this root dir") from None
+        if not isinstance(stored, dict):
+            raise ProgramError(f"{path} is unreadable (not a JSON object); not touching this root dir")
         # A field added since the run started counts as its default there.
         stored = {**Config().to_json(), **stored}
         stored.pop(RUN_ID, None)
@@ -59,7 +145,7 @@ def check_config(root_dir, config):
             )
         _check_writable(root_dir)
         return
-    if os.path.isdir(root_dir) and os.listdir(root_dir):
+    if os.path.isdir(root_dir) and set(os.listdir(root_dir)) - {LOCK_FILE}:
         raise ProgramError(f"{root_dir} is not empty and holds no {CONFIG_FILE}; use a new --root_dir")
     try:
         os.makedirs(root_dir, exist_ok=True)
@@ -93,15 +179,79 @@ def load_config(root_dir):
             stored = json.load(f)
         fields = {f.name for f in dataclasses.fields(Config)}
         return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields})
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         raise ProgramError(f"{root_dir} is not a training run's root dir ({CONFIG_FILE}: {e})") from None
+
+
+def repair_metrics(root_dir, last_round):
+    """Rewrites a damaged metrics.csv (a truncated row or header, a row of no round, rounds out of order) with
+    its sound rows up to `last_round`, the run's last complete round (the rows after it are released again);
+    returns a line saying what was lost, or None when the file is sound (or missing)."""
+    path = os.path.join(root_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields, rows = list(reader.fieldnames or ()), list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        fields, rows = [], [str(e)]
+    sound = 0  # the rows 1, 2, ... that are whole, in order
+    while "round" in fields and sound < len(rows) and _sound_row(rows[sound], sound + 1):
+        sound += 1
+    if sound == len(rows) and sound >= last_round:
+        return None
+    kept = rows[: min(sound, last_round)]
+    fields, rebuilt = _rebuilt_rows(root_dir, fields if kept else [], len(kept) + 1, last_round)
+    with atomic_write(path, binary=False) as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept + rebuilt)
+    done = len(kept) + len(rebuilt)
+    return (
+        f"warning: {path} was damaged (a row cut short, or rounds out of order): rewritten with "
+        f"{f'the rows of rounds 1..{len(kept)}' if kept else 'no row'}"
+        + (f", rounds {len(kept) + 1}..{done} rebuilt from tensorboard/ (float32)" if rebuilt else "")
+        + ("" if done == last_round else f"; rounds {done + 1}..{last_round} have no metrics row")
+    )
+
+
+def _rebuilt_rows(root_dir, fields, first, last):
+    """(fields, rows of rounds `first`..`last`) from the run's TensorBoard events (the same metrics, as float32),
+    up to the first round they lack; `fields`: metrics.csv's header ([]: the events' tags)."""
+    steps = collections.defaultdict(dict)
+    for path in sorted(glob.glob(os.path.join(root_dir, "tensorboard", "events.out.tfevents.*"))):
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                for value in event.summary.value:
+                    steps[event.step][value.tag] = float(tf.make_ndarray(value.tensor))
+        except (tf.errors.OpError, ValueError, TypeError):
+            continue  # an events file cut short: the events read so far count
+    if not fields:
+        fields = ["round", *sorted({tag for step in steps.values() for tag in step})]
+    rows = []
+    for round_num in range(first, last + 1):
+        if not set(fields[1:]) <= set(steps.get(round_num, {})):
+            break
+        rows.append({"round": round_num, **{k: _metric_text(steps[round_num][k]) for k in fields[1:]}})
+    return fields, rows
+
+
+def _metric_text(value):
+    return str(int(value)) if value.is_integer() else str(np.float32(value))
+
+
+def _sound_row(row, round_num):
+    """Whether a metrics row has every field (no more: csv leaves None for the missing ones) and is `round_num`'s."""
+    return None not in row and None not in row.values() and row["round"] == str(round_num)
 
 
 def metrics_manager(root_dir):
     """The release manager of the per-round metrics: metrics.csv and TensorBoard."""
     return tff.program.GroupingReleaseManager(
         [
-            tff.program.CSVFileReleaseManager(os.path.join(root_dir, "metrics.csv"), key_fieldname="round"),
+            tff.program.CSVFileReleaseManager(os.path.join(root_dir, METRICS_FILE), key_fieldname="round"),
             tff.program.TensorBoardReleaseManager(os.path.join(root_dir, "tensorboard")),
         ]
     )
@@ -109,6 +259,38 @@ def metrics_manager(root_dir):
 
 def client_data_dir(root_dir):
     return os.path.join(os.path.abspath(root_dir), "client_data")
+
+
+_DIRECTORIES = ("server", "clients", "captures", "client_data", "tensorboard")
+
+
+def _check_layout(root_dir):
+    """Refuses a run whose directories (server/, clients/, ...) were replaced by files, or its files by
+    directories."""
+    for name in _DIRECTORIES:
+        path = os.path.join(root_dir, name)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise ProgramError(f"{path} is not a directory; restore the run's {name}/ from a backup")
+    for name in (CONFIG_FILE, METRICS_FILE, LOCK_FILE):
+        if os.path.isdir(os.path.join(root_dir, name)):
+            raise ProgramError(f"{os.path.join(root_dir, name)} is a directory; a run's {name} is a file")
+
+
+def _bound_run_id(root_dir):
+    """The run's id; refuses a run whose config.json lost its id while its key files name one (a key
+    copied from another client would pass unchecked)."""
+    found = run_id(root_dir)
+    clients = os.path.join(root_dir, "clients")
+    if found is not None or not os.path.isdir(clients):
+        return found
+    for cid in os.listdir(clients):
+        key = os.path.join(clients, cid, "key")
+        if os.path.isfile(key) and keys_lib.key_file_owner(key):
+            raise ProgramError(
+                f"{root_dir}/{CONFIG_FILE} lacks its {RUN_ID}, but key file {key} names an owner: "
+                f"refusing keys whose owner cannot be checked; restore {CONFIG_FILE} from a backup"
+            )
+    return None
 
 
 class RunStateManager:
@@ -122,7 +304,8 @@ class RunStateManager:
         self.server = tff.program.FileProgramStateManager(
             os.path.join(root_dir, "server"), keep_total=0 if keep_rounds is None else keep_rounds + 1, keep_first=True
         )
-        self.clients = ClientStore(os.path.join(root_dir, "clients"), run_id(root_dir))
+        _check_layout(root_dir)
+        self.clients = ClientStore(os.path.join(root_dir, "clients"), _bound_run_id(root_dir))
 
     def _server_rounds(self):
         return sorted(asyncio.run(self.server.get_versions()) or [])

@@ -1,0 +1,342 @@
+"""A run directory has one writer at a time, and nonsense is refused before any work: one `error:` line, exit
+code 1, no traceback, every file of the run unchanged.
+
+The flag cases run without TensorFlow (validated before it loads); the cases on a run copy one small trained
+run (digits, 2 clients, 2 rounds) prepared once per module, and are marked slow with the writers' race and
+the SIGINT test.
+"""
+
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_bad_inputs import ROOT, RUN_FLAGS, file_hashes, run_binary, set_immutable
+
+JOBS = int(os.environ.get("TFKL_TEST_JOBS", "2"))
+NEW = "--root_dir={tmp}/new"
+THREE = "--num_clients=3"
+
+
+def make_file(run, tmp):
+    with open(os.path.join(tmp, "file"), "w") as f:
+        f.write("not a directory")
+
+
+def make_training_run(run, tmp):
+    os.makedirs(run)
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump({"algorithm": "fedkl"}, f)
+
+
+def read_only_dir(run, tmp):
+    os.makedirs(os.path.join(tmp, "ro"))
+    set_immutable(os.path.join(tmp, "ro"), True)
+    return lambda: set_immutable(os.path.join(tmp, "ro"), False)
+
+
+def config_holds(value):
+    def setup(run, tmp):
+        with open(os.path.join(run, "config.json"), "w") as f:
+            json.dump(value, f)
+
+    return setup
+
+
+def replace_by_file(name):
+    def setup(run, tmp):
+        shutil.rmtree(os.path.join(run, name))
+        with open(os.path.join(run, name), "w") as f:
+            f.write("not a directory")
+
+    return setup
+
+
+def unbind_and_swap_key(run, tmp):
+    """config.json without its run_id, client 1's key copied over client 0's."""
+    path = os.path.join(run, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    del config["run_id"]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    shutil.copy(os.path.join(run, "clients", "1", "key"), os.path.join(run, "clients", "0", "key"))
+
+
+def metrics_directory(run, tmp):
+    os.remove(os.path.join(run, "metrics.csv"))
+    os.makedirs(os.path.join(run, "metrics.csv", "old"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    binary: str
+    args: tuple  # {run}: the case's run dir (a copy of the trained run if it needs one), {tmp}: its scratch dir
+    expect: str  # a part of the error line
+    setup: object = None  # makes the case's files; returns an undo callable or None
+
+    @property
+    def needs_run(self):
+        return any("{run}" in a for a in self.args) and self.setup is not make_training_run
+
+
+def flag_case(flag, expect, *extra):
+    name = flag.lstrip("-").replace("=", "-").replace("_", "-").replace(":", "-").replace(",", "-")
+    return Case(f"train-{name}", "train", (NEW, *extra, flag), expect)
+
+
+FLAG_CASES = [
+    flag_case("--learning_rate=inf", "learning_rate must be positive and finite"),
+    flag_case("--learning_rate=nan", "learning_rate must be positive and finite"),
+    flag_case("--learning_rate=-inf", "learning_rate must be positive and finite"),
+    flag_case("--learning_rate=0", "learning_rate must be positive and finite"),
+    flag_case("--server_learning_rate=0", "server_learning_rate must be positive"),
+    flag_case("--server_learning_rate=inf", "server_learning_rate must be positive and finite"),
+    flag_case("--lr_gamma=0", "lr_gamma must be positive"),
+    flag_case("--lr_gamma=nan", "lr_gamma must be positive"),
+    flag_case("--alpha=nan", "alpha must be positive"),
+    flag_case("--alpha=-1", "alpha must be positive"),
+    flag_case("--momentum=inf", "momentum must not be negative, and be finite"),
+    flag_case("--weight_decay=-1", "weight_decay must not be negative"),
+    flag_case("--weight_decay=nan", "weight_decay must not be negative"),
+    flag_case("--dp_noise_multiplier=nan", "dp_noise_multiplier must not be negative"),
+    flag_case("--random_key_penalty=inf", "random_key_penalty must not be negative, and be finite"),
+    flag_case("--dp_clip=0", "dp_clip must be positive"),
+    flag_case("--dp_clip=inf", "dp_clip must be positive and finite"),
+    flag_case("--prune_fraction=nan", "prune_fraction must not be negative"),
+    flag_case("--clients_per_round=0", "clients_per_round must be at least 1"),
+    flag_case("--clients_per_round=-2", "clients_per_round must be at least 1"),
+    flag_case("--local_epochs=0", "local_epochs must be at least 1"),
+    flag_case("--num_clients=-1", "num_clients must be at least 1"),
+    flag_case("--lr_milestones=-5", "--lr_milestones must be a list of round numbers (>= 1)"),
+    flag_case("--lr_milestones=0", "--lr_milestones must be a list of round numbers (>= 1)"),
+    flag_case("--lr_milestones=10,-20", "--lr_milestones must be a list of round numbers (>= 1)"),
+    flag_case("--capture_rounds=-1", "--capture_rounds must be 'all' or a list of round numbers (>= 1)"),
+    flag_case("--capture_rounds=0", "--capture_rounds must be 'all' or a list of round numbers (>= 1)"),
+    flag_case("--inject_nan=1:9", "--inject_nan=1:9 names no round and client of this run", THREE),
+    flag_case("--inject_nan=1:3", "clients 0..2", THREE),
+    flag_case("--inject_failure=2:5", "--inject_failure=2:5 names no round and client", THREE),
+    flag_case("--inject_nan=0:0", "--inject_nan=0:0 names no round and client", THREE),
+    flag_case("--rounds=-3", "--rounds"),
+    flag_case("--keep_rounds=-1", "--keep_rounds"),
+    Case("train-root-dir-under-a-file", "train", ("--root_dir={tmp}/file/run",), "is a file", make_file),
+    Case("train-root-dir-in-proc", "train", ("--root_dir=/proc/tfkl-run",), "cannot write in /proc"),
+    Case("train-root-dir-read-only", "train", ("--root_dir={tmp}/ro/run",), "cannot create", read_only_dir),
+    Case("evaluate-out-is-a-directory", "evaluate", ("--root_dir={tmp}", "--out={tmp}"), "is a directory"),
+    Case(
+        "evaluate-out-under-a-file", "evaluate", ("--root_dir={tmp}", "--out={tmp}/file/e.json"), "is a file", make_file
+    ),
+    Case("evaluate-out-in-proc", "evaluate", ("--root_dir={tmp}", "--out=/proc/e.json"), "cannot write in /proc"),
+    Case(
+        "evaluate-out-read-only",
+        "evaluate",
+        ("--root_dir={tmp}", "--out={tmp}/ro/e.json"),
+        "cannot write",
+        read_only_dir,
+    ),
+    Case("evaluate-public-sizes-negative", "evaluate", ("--root_dir={tmp}", "--public_sizes=-5"), "positive integers"),
+    Case("evaluate-round-negative", "evaluate", ("--root_dir={tmp}", "--round=-1"), "--round"),
+    Case("evaluate-recovery-steps-zero", "evaluate", ("--root_dir={tmp}", "--recovery_steps=0"), "--recovery_steps"),
+    Case("demo-root-dir-in-proc", "demo", ("--root_dir=/proc/tfkl-demo",), "cannot write in /proc"),
+    Case("demo-root-dir-a-file", "demo", ("--root_dir={tmp}/file",), "is a file", make_file),
+    Case("demo-on-a-training-run", "demo", ("--root_dir={run}",), "holds a training run", make_training_run),
+    Case("demo-rounds-negative", "demo", ("--rounds=-1",), "--rounds"),
+]
+RESUME = ("--root_dir={run}", "--rounds=3", *RUN_FLAGS)
+RUN_CASES = [
+    Case("train-config-a-list", "train", RESUME, "not a JSON object", config_holds([])),
+    Case("train-config-null", "train", RESUME, "not a JSON object", config_holds(None)),
+    Case("train-config-a-string", "train", RESUME, "not a JSON object", config_holds("fedkl")),
+    Case("train-config-a-number", "train", RESUME, "not a JSON object", config_holds(3)),
+    Case("evaluate-config-a-list", "evaluate", ("--root_dir={run}",), "config.json", config_holds([])),
+    Case("evaluate-config-null", "evaluate", ("--root_dir={run}",), "config.json", config_holds(None)),
+    Case("train-metrics-a-directory", "train", RESUME, "metrics.csv is a directory", metrics_directory),
+    Case("train-clients-a-file", "train", RESUME, "clients is not a directory", replace_by_file("clients")),
+    Case("train-server-a-file", "train", RESUME, "server is not a directory", replace_by_file("server")),
+    Case(
+        "evaluate-clients-a-file", "evaluate", ("--root_dir={run}",), "is not a directory", replace_by_file("clients")
+    ),
+    Case("train-key-unbound-and-swapped", "train", RESUME, "lacks its run_id", unbind_and_swap_key),
+    Case(
+        "evaluate-key-unbound-and-swapped", "evaluate", ("--root_dir={run}",), "lacks its run_id", unbind_and_swap_key
+    ),
+]
+CASES = FLAG_CASES + RUN_CASES
+assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One small trained FedKL run (digits, 2 clients, 2 rounds), for copies only."""
+    root = str(tmp_path_factory.mktemp("trained") / "run")
+    rc = run_binary("train", [f"--root_dir={root}", "--rounds=2", *RUN_FLAGS], root + ".log")
+    with open(root + ".log") as f:
+        assert rc == 0, f.read()[-2000:]
+    return root
+
+
+def run_case(case, trained, base):
+    """Runs `case` in `base`/tmp; (exit code, output lines, the files under `base`/tmp before and after)."""
+    tmp, log = os.path.join(base, "tmp"), os.path.join(base, "log")
+    run = os.path.join(tmp, "run")
+    os.makedirs(tmp)
+    if case.needs_run:
+        shutil.copytree(trained, run)
+    undo = case.setup(run, tmp) if case.setup else None
+    try:
+        before = file_hashes(tmp)
+        rc = run_binary(case.binary, [a.format(run=run, tmp=tmp) for a in case.args], log)
+        after = file_hashes(tmp)
+    finally:
+        if undo:
+            undo()
+    return rc, lines_of(log), before, after
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, tmp_path_factory):
+    """The outcome of every selected case, `JOBS` at a time (the trained run first, if a case needs it)."""
+    selected = [item.callspec.params["case"] for item in request.session.items if item.originalname == "test_refused"]
+    trained = request.getfixturevalue("trained_run") if any(c.needs_run for c in selected) else None
+    base = tmp_path_factory.mktemp("cases")
+    with concurrent.futures.ThreadPoolExecutor(JOBS) as pool:
+        return {c.id: pool.submit(run_case, c, trained, str(base / c.id)) for c in selected}
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c.needs_run else c for c in CASES], ids=[c.id for c in CASES]
+)
+def test_refused(case, outcomes):
+    rc, lines, before, after = outcomes[case.id].result()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert rc == 1, lines
+    assert len(errors) == 1 and case.expect in errors[0], lines
+    assert not any("Traceback" in line or "FATAL" in line for line in lines), lines
+    assert before == after, lines
+
+
+def test_there_are_at_least_50_cases():
+    assert len(CASES) >= 50
+
+
+def metrics_rounds(run):
+    with open(os.path.join(run, "metrics.csv")) as f:
+        return [int(row["round"]) for row in csv.DictReader(f)]
+
+
+def start_train(run, log, *extra):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tff_programs.train", f"--root_dir={run}", *extra],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def finish(process, timeout=600):
+    try:
+        return process.wait(timeout)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def lines_of(log):
+    with open(log) as f:
+        return [line for line in f.read().splitlines() if line.strip()]
+
+
+RACE_FLAGS = ("--dataset=digits", "--num_clients=3", "--model=lenet", "--rounds=4", "--key_dim=16")
+
+
+@pytest.mark.slow
+def test_two_writers_one_is_refused_naming_the_other(tmp_path):
+    run = str(tmp_path / "run")
+    logs = [str(tmp_path / f"train{i}.log") for i in range(2)]
+    processes = [start_train(run, log, *RACE_FLAGS) for log in logs]
+    codes = [finish(p) for p in processes]
+    assert sorted(codes) == [0, 1], [lines_of(log) for log in logs]
+    winner, loser = (processes[0], logs[1]) if codes[0] == 0 else (processes[1], logs[0])
+    lines = lines_of(loser)
+    assert len(lines) == 1 and lines[0].startswith("error:") and f"in use by process {winner.pid}" in lines[0], lines
+    assert metrics_rounds(run) == [1, 2, 3, 4]
+    # A user's backup next to the clients' directories is not the run's to clean.
+    backup = os.path.join(run, "clients", "0.bak")
+    shutil.copytree(os.path.join(run, "clients", "0"), backup)
+    kept = file_hashes(backup)
+    log = str(tmp_path / "rerun.log")
+    assert finish(start_train(run, log, *RACE_FLAGS[:-2], "--rounds=5", "--key_dim=16", "--keep_rounds=1")) == 0
+    assert metrics_rounds(run) == [1, 2, 3, 4, 5]
+    assert file_hashes(backup) == kept
+    assert run_binary("evaluate", [f"--root_dir={run}", "--public_sizes=1000", "--recovery_steps=5"], log) == 0
+    assert any(line.startswith("warning: public size 1000 exceeds") for line in lines_of(log)), lines_of(log)
+
+
+@pytest.mark.slow
+def test_evaluate_reads_a_complete_round_while_training_and_sigint_ends_with_one_line(tmp_path):
+    run = str(tmp_path / "run")
+    log = str(tmp_path / "train.log")
+    flags = ("--dataset=digits", "--num_clients=2", "--rounds=200", "--key_dim=16", "--batch_size=32")
+    process = start_train(run, log, *flags)
+    deadline = time.time() + 300
+    while time.time() < deadline and not os.path.exists(os.path.join(run, "clients", "manifest_00001.json")):
+        time.sleep(0.5)
+    evaluation_log = str(tmp_path / "evaluate.log")
+    rc = run_binary("evaluate", [f"--root_dir={run}", "--public_sizes=50", "--recovery_steps=5"], evaluation_log)
+    lines = lines_of(evaluation_log)
+    assert not any("Traceback" in line for line in lines), lines
+    if rc == 0:  # the round it read was complete when it started
+        assert any(line.startswith(f"evaluating {run}: round ") for line in lines), lines
+    else:  # the trainer pruned it meanwhile: the error line says so
+        errors = [line for line in lines if line.startswith("error:")]
+        assert rc == 1 and len(errors) == 1 and f"process {process.pid} is training this run" in errors[0], lines
+    assert process.poll() is None, lines_of(log)
+    os.kill(process.pid, signal.SIGINT)
+    assert finish(process) == 130
+    lines = [line for line in lines_of(log) if "error:" in line or "Traceback" in line or "Error" in line]
+    assert len(lines) == 1 and "interrupted (SIGINT)" in lines[0], lines_of(log)
+    done = metrics_rounds(run)[-1]
+    assert finish(start_train(run, log, *flags[:2], f"--rounds={done + 1}", *flags[3:])) == 0
+    assert lines_of(log)[0].startswith(f"resuming {run} after round")
+    assert metrics_rounds(run) == list(range(1, done + 2))
+
+
+def truncate(path, keep):
+    """Keeps the first keep(data) bytes of the file at `path`."""
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: keep(data)])
+
+
+@pytest.mark.slow
+def test_damaged_metrics_and_client_data_are_rewritten_and_the_run_resumes(trained_run, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(trained_run, run)
+    truncate(os.path.join(run, "metrics.csv"), lambda data: data.rindex(b"\n2,") + 6)  # round 2's row cut short
+    truncate(os.path.join(run, "client_data", "client_0.tfrecord"), lambda data: len(data) // 2)
+    log = str(tmp_path / "log")
+    assert run_binary("train", [f"--root_dir={run}", "--rounds=3", *RUN_FLAGS], log) == 0, lines_of(log)
+    lines = lines_of(log)
+    assert (
+        f"warning: {run}/metrics.csv was damaged (a row cut short, or rounds out of order): rewritten with the "
+        "rows of rounds 1..1, rounds 2..2 rebuilt from tensorboard/ (float32)"
+    ) in lines
+    assert any(f"client data cache {run}/client_data/client_0.tfrecord is damaged" in line for line in lines)
+    assert metrics_rounds(run) == [1, 2, 3]
+    assert not any("Traceback" in line or line.startswith("error:") for line in lines), lines
