@@ -254,29 +254,49 @@ def evaluate(
     fresh_lock = [v.numpy() for v in process.parts.split(config.model_fn()())[3]]
     evaluator.set_secret(random_key, fresh_lock)
     result["d_global_fresh_lock_random_key"] = evaluator.accuracy(eval_ds)
-    if lock_recovery is not None and config.lock_kernel == "compact":
-        # A thief fits whatever lock it likes; fine-tuning the compact form's few variables would understate it.
-        result["e_lock_recovery_skipped"] = "a compact lock: recovery with a full lock is not built yet"
-        report(f"(e) lock recovery: not measured ({result['e_lock_recovery_skipped']})")
-    elif lock_recovery is not None:
-        publics = [(str(int(size)), public[: min(int(size), len(public))]) for size in public_sizes]
-        recovery = {}
-        for size, usable in publics:
-            found = lock_recovery(
-                evaluator,
-                dataset.x_test[usable],
-                dataset.y_test[usable],
-                eval_ds,
-                steps=recovery_steps,
-                seed=seed,
-                random_key=random_key,
-                fresh_lock=fresh_lock,
-                report=report,
-            )
-            recovery[size] = dict(examples=int(len(usable)), steps=int(recovery_steps), **found)
-        result["e_lock_recovery"] = recovery
-        result["e_from_scratch"] = _from_scratch_entries(config, dataset, publics, recovery, eval_ds, seed, report)
+    if lock_recovery is not None:
+        recovery = (lock_recovery, evaluator, config, dataset, public, public_sizes, eval_ds, recovery_steps)
+        result.update(_lock_recovery_entries(*recovery, seed, random_key, fresh_lock, report))
     return result
+
+
+def _lock_recovery_entries(
+    lock_recovery,
+    evaluator,
+    config,
+    dataset,
+    public,
+    public_sizes,
+    eval_ds,
+    steps,
+    seed,
+    random_key,
+    fresh_lock,
+    report,
+):
+    """Entry (e) and its from-scratch yardstick, or why they are not measured."""
+    if config.lock_kernel == "compact":
+        # A thief fits whatever lock it likes; fine-tuning the compact form's few variables would understate it.
+        reason = "a compact lock: recovery with a full lock is not built yet"
+        report(f"(e) lock recovery: not measured ({reason})")
+        return {"e_lock_recovery_skipped": reason}
+    publics = [(str(int(size)), public[: min(int(size), len(public))]) for size in public_sizes]
+    recovery = {}
+    for size, usable in publics:
+        found = lock_recovery(
+            evaluator,
+            dataset.x_test[usable],
+            dataset.y_test[usable],
+            eval_ds,
+            steps=steps,
+            seed=seed,
+            random_key=random_key,
+            fresh_lock=fresh_lock,
+            report=report,
+        )
+        recovery[size] = dict(examples=int(len(usable)), steps=int(steps), **found)
+    scratch = _from_scratch_entries(config, dataset, publics, recovery, eval_ds, seed, report)
+    return {"e_lock_recovery": recovery, "e_from_scratch": scratch}
 
 
 def _client_rows(evaluator, config, dataset, client_states, client_ids, eval_ds, seed, report):
