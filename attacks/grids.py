@@ -83,7 +83,8 @@ def save_labelled_grid(path, truth, rows, truth_labels=None, scale=4, align=True
 
     def label(row, text):
         top = PAD + row * cell_height + height * scale / 2
-        text = textwrap.fill(text, LABEL_CHARACTERS, break_on_hyphens=False)  # inside the label column
+        # inside the label column, broken after a '/' (attack/threat, run/threat) before inside a word
+        text = textwrap.fill(text.replace("/", "/ "), LABEL_CHARACTERS, break_on_hyphens=False).replace("/ ", "/")
         figure.text(
             PAD / grid_width, 1 - top / grid_height, text, ha="left", va="center", fontsize=FONT_SIZE + 1, weight="bold"
         )
