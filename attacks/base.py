@@ -66,6 +66,13 @@ def check_lock_learning_rate(value):
     return float(value)
 
 
+def check_adam_rates(config):
+    """An Adam attack's config: a positive `learning_rate` and a valid `lock_learning_rate` (ValueError)."""
+    check_lock_learning_rate(config.lock_learning_rate)
+    if not config.learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {config.learning_rate}")
+
+
 def check_distance(value):
     """`value` (one of DISTANCES) or one clear ValueError."""
     if value not in DISTANCES:

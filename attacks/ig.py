@@ -92,9 +92,7 @@ class IGConfig(base.AttackConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        base.check_lock_learning_rate(self.lock_learning_rate)
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        base.check_adam_rates(self)
 
 
 class InvertingGradients(base.Attack):
