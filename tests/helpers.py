@@ -21,6 +21,30 @@ def kill_group(process):
     process.wait()
 
 
+def start_binary(module, *args, log=None, **kwargs):
+    """Starts `python -m module` in its own process group, output to the file `log` (TFF workers may hold pipes
+    open)."""
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **kwargs,
+        )
+
+
+def finish(process, timeout=300):
+    """The binary's exit code within `timeout` seconds; its process group is killed either way."""
+    try:
+        return process.wait(timeout)
+    finally:
+        kill_group(process)
+
+
 def write_idx(path, array):
     """Writes `array` as a gzipped IDX file of unsigned bytes (the format of MNIST and Fashion-MNIST)."""
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)

@@ -2,9 +2,6 @@
 private state of the affine size."""
 
 import collections
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +16,6 @@ from tfkl.keylock import COMPACT_LOCK_WEIGHT_NAMES, KeyLock
 SHAPE = (6, 6, 2)
 KEY_DIM = 16
 TOLERANCE = 1e-5
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _locked_model(kernel, affine="spatial", activation="relu", normalization="batch", seed=0):
@@ -329,24 +325,17 @@ def test_attacks_see_the_materialised_lock():
 def test_train_and_evaluate_a_compact_run_end_to_end(tmp_path):
     """`tff_programs.train --lock_kernel=compact` then `tff_programs.evaluate`: the key table's entries (a)-(d),
     and entry (e) said to be not measured rather than measured on the compact form's few variables."""
-    from tests.helpers import kill_group
+    from tests.helpers import finish, start_binary
 
-    root, env = str(tmp_path / "run"), dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    root = str(tmp_path / "run")
     train = ["--dataset=digits", "--num_clients=2", "--model=lenet", "--rounds=1", "--key_dim=16"]
     commands = [
         ["tff_programs.train", f"--root_dir={root}", "--lock_kernel=compact", "--lock_affine=spatial", *train],
         ["tff_programs.evaluate", f"--root_dir={root}", "--public_sizes=20", "--recovery_steps=2"],
     ]
     for index, command in enumerate(commands):
-        with open(tmp_path / f"log{index}", "w") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", *command], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-            try:
-                assert process.wait(600) == 0, (tmp_path / f"log{index}").read_text()[-2000:]
-            finally:
-                kill_group(process)
+        log = tmp_path / f"log{index}"
+        assert finish(start_binary(*command, log=str(log)), 600) == 0, log.read_text()[-2000:]
     output = (tmp_path / "log1").read_text()
     assert "a_own_key_and_lock" in output and "d_global_zero_lock" in output
     assert "e_lock_recovery                  not measured: a compact lock" in output

@@ -2,43 +2,19 @@
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import kill_group
+from tests.helpers import finish, kill_group, start_binary
 from tff_programs import contexts
 from tfkl.federated import run_dir
 from tfkl.federated.config import build_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--dataset=digits", "--num_clients=3", "--batch_size=32", "--learning_rate=0.05", "--seeded_keys", "--seed=2"]
-
-
-def run(module, *args, log=None, **kwargs):
-    """Starts a binary in its own process group, output to a file (TFF workers may hold pipes open)."""
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    out = open(log, "w")
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        **kwargs,
-    )
-
-
-def finish(process, timeout=300):
-    try:
-        return process.wait(timeout)
-    finally:
-        kill_group(process)
 
 
 def error_lines(log):
@@ -58,7 +34,7 @@ def error_lines(log):
 )
 def test_bad_flags_give_one_error_line(tmp_path, args, message):
     log = str(tmp_path / "log")
-    assert finish(run("tff_programs.train", f"--root_dir={tmp_path / 'run'}", *args, log=log)) != 0
+    assert finish(start_binary("tff_programs.train", f"--root_dir={tmp_path / 'run'}", *args, log=log)) != 0
     lines = error_lines(log)
     assert any(message in line for line in lines) and not any("Traceback" in line for line in lines)
     assert len([line for line in lines if "rror" in line]) == 1
@@ -68,11 +44,17 @@ def test_bad_flags_give_one_error_line(tmp_path, args, message):
 @pytest.mark.slow
 def test_binaries_refuse_other_runs_root_dir_and_corrupt_state(tmp_path):
     root = str(tmp_path / "run")
-    assert finish(run("tff_programs.train", f"--root_dir={root}", "--rounds=1", *TRAIN, log=str(tmp_path / "a"))) == 0
+    assert (
+        finish(start_binary("tff_programs.train", f"--root_dir={root}", "--rounds=1", *TRAIN, log=str(tmp_path / "a")))
+        == 0
+    )
     before = sorted(os.listdir(root))
     log = str(tmp_path / "b")
     assert (
-        finish(run("tff_programs.train", f"--root_dir={root}", "--rounds=2", "--model=resnet20", *TRAIN, log=log)) == 1
+        finish(
+            start_binary("tff_programs.train", f"--root_dir={root}", "--rounds=2", "--model=resnet20", *TRAIN, log=log)
+        )
+        == 1
     )
     assert error_lines(log) == [
         f"error: {root} holds another run (model: 'lenet' there, 'resnet20' here); use a new --root_dir"
@@ -82,7 +64,7 @@ def test_binaries_refuse_other_runs_root_dir_and_corrupt_state(tmp_path):
         f.seek(20)
         f.write(b"\x00\x01")
     log = str(tmp_path / "c")
-    assert finish(run("tff_programs.evaluate", f"--root_dir={root}", log=log)) == 1
+    assert finish(start_binary("tff_programs.evaluate", f"--root_dir={root}", log=log)) == 1
     assert len(error_lines(log)) == 1 and "corrupt" in error_lines(log)[0]
 
 
@@ -99,14 +81,14 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path, tff_context):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     assert (
         finish(
-            run(
+            start_binary(
                 "tff_programs.train", f"--root_dir={full}", f"--rounds={rounds}", *TRAIN, log=str(tmp_path / "full.log")
             )
         )
         == 0
     )
     for attempt, wait_rows in enumerate((2, 4)):
-        process = run(
+        process = start_binary(
             "tff_programs.train",
             f"--root_dir={killed}",
             f"--rounds={rounds}",
@@ -124,7 +106,7 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path, tff_context):
         kill_group(process)
     assert (
         finish(
-            run(
+            start_binary(
                 "tff_programs.train",
                 f"--root_dir={killed}",
                 f"--rounds={rounds}",
@@ -152,7 +134,7 @@ def test_demo_trains_evaluates_and_captures(tmp_path):
     root = tmp_path / "demo"
     assert (
         finish(
-            run(
+            start_binary(
                 "tff_programs.demo",
                 f"--root_dir={root}",
                 "--rounds=2",

@@ -13,13 +13,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.test_bad_inputs import ROOT, RUN_FLAGS, file_hashes, run_binary, set_immutable
+from tests.helpers import finish, start_binary
+from tests.test_bad_inputs import RUN_FLAGS, file_hashes, run_binary, set_immutable
 
 JOBS = int(os.environ.get("TFKL_TEST_JOBS", "2"))
 NEW = "--root_dir={tmp}/new"
@@ -234,26 +233,7 @@ def metrics_rounds(run):
 
 
 def start_train(run, log, *extra):
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tff_programs.train", f"--root_dir={run}", *extra],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def finish(process, timeout=600):
-    try:
-        return process.wait(timeout)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    return start_binary("tff_programs.train", f"--root_dir={run}", *extra, log=log)
 
 
 def lines_of(log):
@@ -269,7 +249,7 @@ def test_two_writers_one_is_refused_naming_the_other(tmp_path):
     run = str(tmp_path / "run")
     logs = [str(tmp_path / f"train{i}.log") for i in range(2)]
     processes = [start_train(run, log, *RACE_FLAGS) for log in logs]
-    codes = [finish(p) for p in processes]
+    codes = [finish(p, 600) for p in processes]
     assert sorted(codes) == [0, 1], [lines_of(log) for log in logs]
     winner, loser = (processes[0], logs[1]) if codes[0] == 0 else (processes[1], logs[0])
     lines = lines_of(loser)
@@ -280,7 +260,7 @@ def test_two_writers_one_is_refused_naming_the_other(tmp_path):
     shutil.copytree(os.path.join(run, "clients", "0"), backup)
     kept = file_hashes(backup)
     log = str(tmp_path / "rerun.log")
-    assert finish(start_train(run, log, *RACE_FLAGS[:-2], "--rounds=5", "--key_dim=16", "--keep_rounds=1")) == 0
+    assert finish(start_train(run, log, *RACE_FLAGS[:-2], "--rounds=5", "--key_dim=16", "--keep_rounds=1"), 600) == 0
     assert metrics_rounds(run) == [1, 2, 3, 4, 5]
     assert file_hashes(backup) == kept
     assert run_binary("evaluate", [f"--root_dir={run}", "--public_sizes=1000", "--recovery_steps=5"], log) == 0
@@ -307,11 +287,11 @@ def test_evaluate_reads_a_complete_round_while_training_and_sigint_ends_with_one
         assert rc == 1 and len(errors) == 1 and f"process {process.pid} is training this run" in errors[0], lines
     assert process.poll() is None, lines_of(log)
     os.kill(process.pid, signal.SIGINT)
-    assert finish(process) == 130
+    assert finish(process, 600) == 130
     lines = [line for line in lines_of(log) if "error:" in line or "Traceback" in line or "Error" in line]
     assert len(lines) == 1 and "interrupted (SIGINT)" in lines[0], lines_of(log)
     done = metrics_rounds(run)[-1]
-    assert finish(start_train(run, log, *flags[:2], f"--rounds={done + 1}", *flags[3:])) == 0
+    assert finish(start_train(run, log, *flags[:2], f"--rounds={done + 1}", *flags[3:]), 600) == 0
     assert lines_of(log)[0].startswith(f"resuming {run} after round")
     assert metrics_rounds(run) == list(range(1, done + 2))
 
