@@ -57,7 +57,9 @@ def file_hashes(directory):
 def set_immutable(path, immutable):
     """Makes `path` read-only even for root (chattr +i), or writable again."""
     if os.geteuid() == 0:
-        subprocess.run(["chattr", "+i" if immutable else "-i", path], check=True, capture_output=True)
+        done = subprocess.run(["chattr", "+i" if immutable else "-i", path], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"root cannot make {path} read-only here (chattr: {done.stderr.strip()}), e.g. in a sandbox")
     else:
         os.chmod(path, 0o555 if immutable else 0o755)
 
