@@ -218,7 +218,12 @@ class Attack:
         return [schemes[(p % self.config.restarts) % len(schemes)] for p in range(problems)]
 
     def _fixes_dead_channels(self, target):
-        return self.attacker.threat == "adaptive" and self.strategy.fixes_dead_channels and target.kind == "gradient"
+        return (
+            self.attacker.threat == "adaptive"
+            and self.strategy.fixes_dead_channels
+            and isinstance(target, targets_lib.Target)
+            and target.kind == "gradient"
+        )
 
     def _lock_latent(self, latent, target_values, target):
         """The lock latents as the model uses them: under the 'relearn' strategies (single gradients) the
@@ -249,7 +254,24 @@ class Attack:
         n = target.num_examples
         image_size = n * int(np.prod(self.attacker.input_shape))
         label_size = n * self.attacker.num_classes if self.config.label_mode == "joint" else 0
-        return image_size, label_size, self.attacker.lock_latent_size()
+        return image_size, label_size, self._lock_size(target)
+
+    def _lock_size(self, target):
+        """The lock latents' length: the attacker's, and under a drifting pool one offset of it per member."""
+        drifts = target.count if isinstance(target, targets_lib.Pooled) and target.drift else 0
+        return self.attacker.lock_latent_size() * (1 + drifts)
+
+    def _initial_lock(self, target, problems, seed):
+        """[problems, lock size] start values of the lock latents (a drifting pool's offsets start at 0)."""
+        shared = self.attacker.initial_lock_latent(problems, seed, self._lock_schemes(problems)).numpy()
+        return np.concatenate([shared, np.zeros((problems, self._lock_size(target) - shared.shape[1]))], 1)
+
+    def _model_tensors(self, target):
+        """The attacker's tensors a compiled attack on `target` takes (`AttackerModel.tensors`, stacked per
+        member for a pool)."""
+        if isinstance(target, targets_lib.Pooled):
+            return targets_lib.pooled_tensors(self.attacker, target)
+        return self.attacker.tensors()
 
     def _split(self, position, target):
         image_size, label_size, _ = self._layout(target)
@@ -263,7 +285,7 @@ class Attack:
         parts = [self._initial_images(rng, problems, image_size)]
         if label_size:
             parts.append(rng.standard_normal((problems, label_size)))
-        parts.append(self.attacker.initial_lock_latent(problems, seed, self._lock_schemes(problems)).numpy())
+        parts.append(self._initial_lock(target, problems, seed))
         return tf.constant(np.concatenate(parts, axis=1), tf.float32)
 
     def _initial_images(self, rng, problems, size):
@@ -274,10 +296,31 @@ class Attack:
         """The scalar loss of one problem: the gradient distance (`self.config.distance`), plus `self.config.tv` times
         the candidate images' total variation."""
         images, predicted = self._candidate(position, target_values, fixed_labels, target)
-        loss = gradient_distance(predicted, target_values, self.config.distance)
+        loss = self._distance(predicted, target_values, target)
         if self.config.tv:
             loss += self.config.tv * total_variation(images)
-        return loss
+        return loss + self._drift_penalty(position, target)
+
+    def _distance(self, predicted, target_values, target, held_out=False):
+        """The gradient distance; for a pool the mean of its members' distances, each on the entries it fits
+        (or, `held_out`, on those it leaves out)."""
+        if not isinstance(target, targets_lib.Pooled):
+            return gradient_distance(predicted, target_values, self.config.distance)
+        size, distances = len(target_values) // target.count, []
+        for k in range(target.count):
+            pairs = list(zip(predicted[k * size : (k + 1) * size], target_values[k * size : (k + 1) * size]))
+            if target.holdout:
+                masks = [target.held_out(k * size + i, t.shape) == held_out for i, (_, t) in enumerate(pairs)]
+                pairs = [(tf.where(m, p, 0.0), tf.where(m, t, 0.0)) for m, (p, t) in zip(masks, pairs)]
+            distances.append(gradient_distance(*zip(*pairs), self.config.distance))
+        return tf.add_n(distances) / target.count
+
+    def _drift_penalty(self, position, target):
+        """`drift` times the mean square of a drifting pool's per-member lock offsets (0 otherwise)."""
+        if not (isinstance(target, targets_lib.Pooled) and target.drift):
+            return 0.0
+        offsets = position[position.shape[0] - self._lock_size(target) + self.attacker.lock_latent_size() :]
+        return target.drift * tf.reduce_mean(tf.square(offsets))
 
     def _candidate(self, position, target_values, fixed_labels, target, transform=None):
         images, label_logits, latent = self._split(position, target)
@@ -324,8 +367,7 @@ class Attack:
 
     def _structure(self, target):
         """Everything a compiled search of this attack depends on besides the tensors it takes as arguments."""
-        settings = tuple((f.name, getattr(target, f.name)) for f in dataclasses.fields(target) if f.name != "values")
-        return type(self), self.config, self.adaptive_strategy, self.attacker.structure(), settings
+        return type(self), self.config, self.adaptive_strategy, self.attacker.structure(), target.settings()
 
     def _shared_function(self, target, role, build):
         """The compiled function `build()` makes for `role`, shared by every attack of the same structure
@@ -343,18 +385,18 @@ class Attack:
     # -- driver ----------------------------------------------------------------------------
     def reconstruct(
         self,
-        targets: "targets_lib.Target | list[targets_lib.Target]",
+        targets: "targets_lib.Target | targets_lib.Pooled | list",
         labels: np.ndarray | None = None,
         progress: Callable | None = None,
         monitor: Callable | None = None,
     ) -> "list[Reconstruction]":
-        """Attacks each target (a `Target` or a list of them, all of one kind and size).
+        """Attacks each target (a `Target`, a `Pooled` one, or a list of them, all of one kind and size).
 
         Returns one `Reconstruction` per target. `labels` ([targets, N] ints) only with
         label_mode='given'; `progress(done, total, best_losses)` is called between chunks, then
         `monitor(Snapshot)`, which stops the search by returning True (e.g. a benchmark that holds
         the truth and stops at a target PSNR; the attack never sees what it compares with)."""
-        single = isinstance(targets, targets_lib.Target)
+        single = isinstance(targets, (targets_lib.Target, targets_lib.Pooled))
         targets = [targets] if single else list(targets)
         template = targets[0]
         if any((t.kind, t.num_examples) != (template.kind, template.num_examples) for t in targets):
@@ -371,7 +413,7 @@ class Attack:
         ]
         if self.config.label_mode == "infer":  # restart r assumes the (r mod hypotheses)-th most plausible labels
             hypotheses = min(self.config.label_hypotheses, self.config.restarts)
-            labelings = [labels_lib.label_hypotheses(self.attacker, t, hypotheses) for t in targets]
+            labelings = [self._label_hypotheses(t, hypotheses) for t in targets]
             fixed_labels = np.stack([h[r % len(h)] for h in labelings for r in range(self.config.restarts)])
         else:
             labels = np.asarray(labels, np.int64).reshape(len(targets), template.num_examples)
@@ -405,6 +447,25 @@ class Attack:
             )
         return results[0] if single else results
 
+    def _label_hypotheses(self, target, count):
+        """`labels.label_hypotheses` of a target; of a pool, member by member on its own round's weights, the
+        i-th hypothesis being each member's i-th (its last if it has fewer)."""
+        if not isinstance(target, targets_lib.Pooled):
+            return labels_lib.label_hypotheses(self.attacker, target, count)
+        per_member = []
+        for member, weights in zip(target.members, target.weights):
+            with self.attacker.bound(([tf.constant(w, tf.float32) for w in weights], self.attacker.lock_weights)):
+                per_member.append(labels_lib.label_hypotheses(self.attacker, member, count))
+        total = max(len(h) for h in per_member)
+        return [np.concatenate([h[min(i, len(h) - 1)] for h in per_member]) for i in range(total)]
+
+    def held_out_loss(self, position, target, labels):
+        """The distance of one problem's `position` on the entries a pool leaves out of the fit (`Pooled.holdout`)."""
+        values = [tf.constant(v * _scale(target), tf.float32) for v in target.values]
+        with self.attacker.bound(self._model_tensors(target)):
+            predicted = self._candidate(tf.constant(position), values, tf.constant(labels), target)[1]
+            return float(self._distance(predicted, values, target, held_out=True))
+
     def _result(self, target, position, fixed_labels, losses, best, history, stats):
         images, label_logits, latent = self._split(tf.constant(position), target)
         images = self._output_images(images, position, target)
@@ -420,6 +481,10 @@ class Attack:
             best_restart=best,
             label_mode=self.config.label_mode,
         )
+        if isinstance(target, targets_lib.Pooled):
+            info.update(pooled=target.count, drift=target.drift)
+            if target.holdout:
+                info["held_out_loss"] = self.held_out_loss(position, target, fixed_labels)
         if self.attacker.threat == "adaptive":
             info["adaptive_strategy"] = self.adaptive_strategy
             if self._fixes_dead_channels(target):

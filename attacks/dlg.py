@@ -63,7 +63,7 @@ class DLG(base.Attack):
 
     def _optimize(self, target, initial, target_values, fixed_labels, progress, monitor):
         batched = self._batched_value_and_gradients(target)
-        arguments = (target_values, fixed_labels, self.attacker.tensors())
+        arguments = (target_values, fixed_labels, self._model_tensors(target))
         if self.config.optimizer == "tfp":
             return self._run_chunks(target, self._tfp_chunks(target, batched, initial, arguments), progress, monitor)
         positions, _, history, stats = self._run_chunks(

@@ -77,7 +77,7 @@ class GRNN(base.Attack):
 
     def _layout(self, target):
         generator = sum(int(np.prod(s)) for s in self._shapes())
-        return generator, 0, self.attacker.lock_latent_size()
+        return generator, 0, self._lock_size(target)
 
     def _initial(self, target, problems, seed):
         rng = np.random.default_rng(seed)
@@ -86,7 +86,7 @@ class GRNN(base.Attack):
             fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
             bound = math.sqrt(6.0 / fan_in) if len(shape) > 1 else 0.0
             parts.append(rng.uniform(-bound, bound, (problems, int(np.prod(shape)))))
-        parts.append(self.attacker.initial_lock_latent(problems, seed, self._lock_schemes(problems)).numpy())
+        parts.append(self._initial_lock(target, problems, seed))
         self._codes = tf.constant(
             np.random.default_rng(seed + 1).standard_normal((target.num_examples, self.config.code_dim)), tf.float32
         )

@@ -35,7 +35,7 @@ def run_adam(
     (`base.Attack._run_chunks`), its moments started again after step `fresh_at` if given; returns what
     `base.Attack._optimize` returns."""
     batched = attack._batched_value_and_gradients(target)
-    arguments = (target_values, fixed_labels, attack.attacker.tensors())
+    arguments = (target_values, fixed_labels, attack._model_tensors(target))
 
     def build():
         @tf.function

@@ -153,13 +153,7 @@ class AttackerModel:
         """Per lock: (key, scale_kernel, scale_bias, shift_kernel, shift_bias) for 'fixed-key',
         'adaptive-key' (whose key comes from the latent: a zero placeholder here) and 'oracle'; None otherwise."""
         if self.threat in ("oracle", "adaptive-key"):
-            if set(secret) != {lock.name for lock in self.locks}:
-                raise ValueError(
-                    f"the secret names locks {sorted(secret)}, the model has {[lock.name for lock in self.locks]}"
-                )
-            if self.threat == "adaptive-key":
-                secret = {lock.name: (np.zeros(lock.key_dim),) + tuple(secret[lock.name]) for lock in self.locks}
-            return {name: tuple(tf.constant(v, tf.float32) for v in values) for name, values in secret.items()}
+            return self.lock_weights_from(secret)
         if self.threat != "fixed-key":
             return None
         rng = np.random.default_rng(seed)
@@ -176,6 +170,17 @@ class AttackerModel:
                 draw(lock.affine_size),
             )
         return weights
+
+    def lock_weights_from(self, secret):
+        """{lock name: (key, scale_kernel, scale_bias, shift_kernel, shift_bias)} as this threat ('oracle' or
+        'adaptive-key', whose key is a zero placeholder) computes with them, from a secret as it takes one."""
+        if set(secret) != {lock.name for lock in self.locks}:
+            raise ValueError(
+                f"the secret names locks {sorted(secret)}, the model has {[lock.name for lock in self.locks]}"
+            )
+        if self.threat == "adaptive-key":
+            secret = {lock.name: (np.zeros(lock.key_dim),) + tuple(secret[lock.name]) for lock in self.locks}
+        return {name: tuple(tf.constant(v, tf.float32) for v in values) for name, values in secret.items()}
 
     # -- what a compiled attack takes ------------------------------------------------------
     def tensors(self):

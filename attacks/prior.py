@@ -131,12 +131,12 @@ class GenerativePrior(base.Attack):
 
     def _layout(self, target):
         n = target.num_examples
-        return n * self.latent_dim + n * int(np.prod(self.attacker.input_shape)), 0, self.attacker.lock_latent_size()
+        return n * self.latent_dim + n * int(np.prod(self.attacker.input_shape)), 0, self._lock_size(target)
 
     def _initial(self, target, problems, seed):
         n, pixels = target.num_examples, int(np.prod(self.attacker.input_shape))
         codes = np.random.default_rng(seed).standard_normal((problems, n * self.latent_dim))
-        lock = self.attacker.initial_lock_latent(problems, seed, self._lock_schemes(problems)).numpy()
+        lock = self._initial_lock(target, problems, seed)
         return tf.constant(np.concatenate([codes, np.zeros((problems, n * pixels)), lock], axis=1), tf.float32)
 
     def _codes_and_corrections(self, position, target):

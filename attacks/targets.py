@@ -48,6 +48,77 @@ class Target:
     def num_steps(self):
         return self.steps_per_epoch * self.local_epochs
 
+    def settings(self):
+        """Everything but the values: what a compiled attack on this target depends on."""
+        return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "values")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pooled:
+    """K captures of one client attacked together (a server that watches a client over rounds).
+
+    Each member's images (and labels) are unknowns of their own, in member order; the lock's unknowns (the
+    adaptive threats' latents) are shared. With `drift` > 0 each member also gets its own offset of those
+    latents, penalised by `drift` times its mean square (the lock moves as the client trains).
+
+    members: the K `Target`s (one kind, size and set of client hyperparameters).
+    weights: per member, the global shared weights (every view variable, in view order) it was computed on.
+    lock_weights: per member, the secret 'oracle' or 'adaptive-key' takes (`cases.threat_secret`: the client
+      trains its lock weights between rounds); None: the attacker's own for every member.
+    holdout, seed: the share of each member's entries left out of the fit (drawn from `seed`); the attack
+      reports its distance on them as `held_out_loss`, which compares drift strengths without the truth.
+    """
+
+    members: tuple
+    weights: tuple
+    lock_weights: tuple | None = None
+    drift: float = 0.0
+    holdout: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.members or len(self.weights) != len(self.members):
+            raise ValueError("a pool needs at least one member and one set of global weights per member")
+        if self.lock_weights is not None and len(self.lock_weights) != len(self.members):
+            raise ValueError("lock_weights: one entry per member, or None")
+        if len({member.settings() for member in self.members}) != 1:
+            raise ValueError("the pooled targets differ in kind, size or client hyperparameters")
+        if not (self.drift >= 0 and 0 <= self.holdout < 1):
+            raise ValueError(f"drift must be >= 0 and holdout in [0, 1), got {self.drift}, {self.holdout}")
+
+    @property
+    def count(self):
+        return len(self.members)
+
+    @property
+    def member(self):
+        return self.members[0]
+
+    kind = property(lambda self: self.member.kind)
+    batch_size = property(lambda self: self.member.batch_size)
+    learning_rate = property(lambda self: self.member.learning_rate)
+    pruned = property(lambda self: self.member.pruned)
+    training = property(lambda self: self.member.training)
+
+    @property
+    def num_examples(self):
+        return self.count * self.member.num_examples
+
+    @property
+    def values(self):
+        """The members' values, member after member."""
+        return tuple(value for member in self.members for value in member.values)
+
+    def settings(self):
+        return ("pooled", self.count, self.drift, self.holdout, self.seed, self.lock_weights is not None) + (
+            self.member.settings()
+        )
+
+    def held_out(self, index, shape):
+        """[shape] bools: the entries of value `index` (of `values`) left out of the fit."""
+        rng = np.random.default_rng([self.seed, index])
+        return rng.random(shape) < self.holdout
+
 
 def from_capture(capture):
     """The update `Target` of a capture file (its trainable entries) with the meta's hyperparameters."""
@@ -77,7 +148,10 @@ def simulate(attacker, target, images, labels, latent):
     """The attacker's prediction of `target` for candidate data (one problem), differentiable.
 
     `labels` are integer labels [N] or label logits [N, classes] (soft labels, softmax'd);
-    `latent` holds the adaptive attacker's lock parameters (empty otherwise)."""
+    `latent` holds the adaptive attacker's lock parameters (empty otherwise). A `Pooled` target: see
+    `simulate_pooled`."""
+    if isinstance(target, Pooled):
+        return simulate_pooled(attacker, target, images, labels, latent)
     index = [i for i, t in enumerate(attacker.trainable) if t]
     weights = [tf.identity(attacker.weights[i]) for i in index]
     lock_weights = list(attacker.trainable_lock_weights())
@@ -109,6 +183,40 @@ def simulate(attacker, target, images, labels, latent):
             state, params = optimizer.next(state, params, grads)
             params = list(params)
     return [p - s for p, s in zip(params[: len(weights)], start)]
+
+
+def simulate_pooled(attacker, pooled, images, labels, latent):
+    """The prediction of each member of `pooled`, member after member, while the attacker is bound to the
+    pool's stacked tensors (`pooled_tensors`): member k from its images and labels, its round's global
+    weights, its lock weights and the shared lock latents (plus its drift offset)."""
+    n, size = pooled.member.num_examples, attacker.lock_latent_size()
+    stacked_weights, stacked_locks = attacker.weights, attacker.lock_weights
+    predicted = []
+    for k, member in enumerate(pooled.members):
+        member_latent = latent[:size]
+        if pooled.drift:
+            member_latent = member_latent + latent[size * (k + 1) : size * (k + 2)]
+        lock_weights = stacked_locks
+        if pooled.lock_weights is not None:
+            lock_weights = {name: tuple(v[k] for v in values) for name, values in stacked_locks.items()}
+        with attacker.bound(([w[k] for w in stacked_weights], lock_weights)):
+            predicted += simulate(
+                attacker, member, images[k * n : (k + 1) * n], labels[k * n : (k + 1) * n], member_latent
+            )
+    return predicted
+
+
+def pooled_tensors(attacker, pooled):
+    """The attacker's tensors for a compiled attack on `pooled`: each shared weight and (if the pool has
+    them) each known lock weight stacked over the members, [K, ...]."""
+    weights = [tf.constant(np.stack([w[i] for w in pooled.weights]), tf.float32) for i in range(len(attacker.weights))]
+    lock_weights = attacker.lock_weights
+    if pooled.lock_weights is not None:
+        members = [attacker.lock_weights_from(secret) for secret in pooled.lock_weights]
+        lock_weights = {
+            name: tuple(tf.stack(parts) for parts in zip(*(m[name] for m in members))) for name in members[0]
+        }
+    return weights, lock_weights
 
 
 def client_loss(labels, logits):

@@ -1,0 +1,77 @@
+"""A server that watches one client over rounds: several captures of that client attacked together.
+
+The client's secret (its key and lock) persists between rounds, moving only as its local training moves it,
+while its images are new unknowns in every capture. `pool_captures` checks that the captures are one client's
+on one model and makes a `targets.Pooled` of them; any optimisation attack then searches each capture's images
+and one shared set of lock unknowns (`base.Attack` with a pooled target). `attack_pool` tries drift strengths
+(a per-capture offset of the lock unknowns under a penalty) and keeps the one whose reconstruction explains
+the entries it left out of the fit best: the attack's own loss decides, never the truth.
+"""
+
+import dataclasses
+
+from attacks import model as model_lib
+from attacks import targets as targets_lib
+
+MATCHING_META = (
+    "architecture",
+    "variable_names",
+    "trainable",
+    "num_examples",
+    "batch_size",
+    "local_epochs",
+    "learning_rate",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "loss",
+)
+DEFAULT_HOLDOUT = 0.1  # the share of each capture's entries `attack_pool` leaves out to compare drift strengths
+
+
+class PoolError(ValueError):
+    """Captures that are not one client's on one model (one line, naming the capture that differs)."""
+
+
+def check_pool(metas, names=None):
+    """Raises PoolError unless every meta is of the first one's client, model and client hyperparameters."""
+    names = names or [f"capture {i}" for i in range(len(metas))]
+    if not metas:
+        raise PoolError("a pool needs at least one capture")
+    first = metas[0]
+    for name, meta in zip(names[1:], metas[1:]):
+        if str(meta["client_id"]) != str(first["client_id"]):
+            raise PoolError(
+                f"{name} is of client {meta['client_id']}, {names[0]} of client {first['client_id']}: "
+                "a pool holds one client's captures"
+            )
+        differing = [key for key in MATCHING_META if meta[key] != first[key]]
+        if differing:
+            raise PoolError(
+                f"{name} differs from {names[0]} in {', '.join(differing)}: a pool holds one model's captures"
+            )
+
+
+def pool_captures(captures, names=None, lock_weights=None, drift=0.0, holdout=0.0, seed=0):
+    """(the server's view, a `targets.Pooled`) of `captures` (`tfkl.capture.Capture`s of one client, in round
+    order); `lock_weights`, `drift`, `holdout`, `seed`: see `targets.Pooled`. The view is the first capture's."""
+    check_pool([capture.meta for capture in captures], names)
+    members = tuple(targets_lib.from_capture(capture) for capture in captures)
+    weights = tuple(tuple(capture.global_weights) for capture in captures)
+    pooled = targets_lib.Pooled(members, weights, lock_weights, float(drift), float(holdout), seed)
+    return model_lib.ServerView.from_capture(captures[0]), pooled
+
+
+def attack_pool(attack, pooled, drifts=(0.0,), holdout=DEFAULT_HOLDOUT, labels=None, progress=None):
+    """Reconstructs `pooled` with `attack` (a `base.Attack` on the pool's view) at each drift strength and keeps
+    the reconstruction with the lowest held-out loss (`Pooled.holdout`); with one strength, no entry is left
+    out. Returns (the reconstruction kept, {drift: held-out loss}), its info naming the drift chosen."""
+    if len(drifts) == 1:
+        return attack.reconstruct(dataclasses.replace(pooled, drift=float(drifts[0])), labels, progress), {}
+    tried = {}
+    for drift in drifts:
+        trial = dataclasses.replace(pooled, drift=float(drift), holdout=holdout)
+        tried[float(drift)] = attack.reconstruct(trial, labels, progress)
+    scores = {drift: rec.info["held_out_loss"] for drift, rec in tried.items()}
+    chosen = min(scores, key=scores.get)
+    return tried[chosen], scores
