@@ -180,7 +180,8 @@ def simulate_clients(
 
 def capture_user_data(meta, dataset=None, data_dir=None):
     """The true data of a federated capture's client, rebuilt from its meta's `ground_truth` section
-    (None without one): its examples in the partition's order, and the batches it trained on."""
+    (None without one): its examples of the capture's round in the partition's order (its subset of
+    the partition with `examples_per_client`), and the batches it trained on."""
     # The trainer's own pipeline; imported here, as it loads TFF, which attacks otherwise never need.
     from tfkl.federated import client_data
     from tfkl.federated.config import Config
@@ -199,9 +200,14 @@ def capture_user_data(meta, dataset=None, data_dir=None):
         seed=int(truth["split_seed"]),
         batch_size=int(meta["batch_size"]),
         local_epochs=int(meta["local_epochs"]),
+        examples_per_client=truth.get("examples_per_client"),
+        fresh_examples=bool(truth.get("fresh_examples", False)),
     )
     dataset = dataset or data.load(config.dataset, data_dir or config.data_dir)
-    indices = client_data.client_partition(config, dataset)[int(truth["client_index"])]
+    client = int(truth["client_index"])
+    indices = client_data.round_examples(
+        config, client_data.client_partition(config, dataset)[client], client, int(meta["round"])
+    )
     images = data.preprocess(dataset.x_train[indices], config.input_shape).numpy()
     batches = client_data.client_dataset(config, dataset, indices, int(truth["shuffle_seed"])).as_numpy_iterator()
     return UserData(images, dataset.y_train[indices], list(batches))

@@ -30,6 +30,8 @@ def error_lines(log):
         pytest.param(["--inject_nan=x"], "ROUND:CLIENT", marks=pytest.mark.slow),
         pytest.param(["--learning_rate=-1"], "positive", marks=pytest.mark.slow),
         (["--dp_clip=1.0", "--algorithm=fedavg"], "client_weighting=uniform"),
+        (["--examples_per_client=0"], "--examples_per_client must be at least 1"),
+        pytest.param(["--fresh_examples"], "fresh_examples needs examples_per_client", marks=pytest.mark.slow),
     ],
 )
 def test_bad_flags_give_one_error_line(tmp_path, args, message):

@@ -31,6 +31,15 @@ _CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", None, "Clients sa
 _ROUNDS = flags.DEFINE_integer("rounds", 20, "Total rounds (a resumed run continues to this).", lower_bound=1)
 _LOCAL_EPOCHS = flags.DEFINE_integer("local_epochs", 1, "Local epochs per round.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Client batch size.")
+_EXAMPLES_PER_CLIENT = flags.DEFINE_integer(
+    "examples_per_client",
+    None,
+    "Each client trains on at most this many examples of its partition, drawn from --seed "
+    "(default: all of them); the same every round unless --fresh_examples.",
+)
+_FRESH_EXAMPLES = flags.DEFINE_bool(
+    "fresh_examples", False, "Each round each client draws a new subset of --examples_per_client examples."
+)
 _SPLIT = flags.DEFINE_enum("split", "iid", names.SPLITS, "How the training set is split among clients.")
 _ALPHA = flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration for --split=dirichlet.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.01, "Client SGD learning rate.")
@@ -185,7 +194,7 @@ def _check_fault_clients(values):
 # configuration are checked by config_lib.Config.
 flags.register_validator("root_dir", lambda v: bool(v), "--root_dir must not be empty")
 flags.register_validator("root_dir", common.writable_dir_validator("root_dir"))
-for _name in ("num_clients", "clients_per_round", "local_epochs", "batch_size"):
+for _name in ("num_clients", "clients_per_round", "local_epochs", "batch_size", "examples_per_client"):
     _number_rule(_name, lambda v: v >= 1, "be at least 1")
 for _name in ("learning_rate", "server_learning_rate", "lr_gamma", "alpha", "dp_clip"):
     _number_rule(_name, lambda v: v > 0, "be positive and finite")
@@ -218,6 +227,8 @@ def config_from_flags(dataset):
         clients_per_round=_CLIENTS_PER_ROUND.value or _NUM_CLIENTS.value,
         local_epochs=_LOCAL_EPOCHS.value,
         batch_size=_BATCH_SIZE.value,
+        examples_per_client=_EXAMPLES_PER_CLIENT.value,
+        fresh_examples=_FRESH_EXAMPLES.value,
         split=_SPLIT.value,
         alpha=_ALPHA.value,
         learning_rate=_LEARNING_RATE.value,

@@ -201,13 +201,14 @@ def captures_round(capture_rounds, round_num):
     return "all" in capture_rounds or round_num in capture_rounds
 
 
-def run_meta_fn(config, dataset_name, learning_rate, data_seeds, partition):
+def run_meta_fn(config, dataset_name, learning_rate, data_seeds, examples):
     """client id -> the `build_meta` fields a federated run gives one client's capture in one round:
-    the client's data size, the hyperparameters, the run's facts and a separate ground-truth section."""
+    the client's data size (`examples[client_id]`: the indices it trained on), the hyperparameters, the
+    run's facts and a separate ground-truth section."""
 
     def meta(client_id):
         return dict(
-            num_examples=int(len(partition[int(client_id)])),
+            num_examples=int(len(examples[client_id])),
             batch_size=config.batch_size,
             local_epochs=config.local_epochs,
             learning_rate=float(learning_rate),
@@ -229,6 +230,8 @@ def run_meta_fn(config, dataset_name, learning_rate, data_seeds, partition):
                 split_seed=config.seed,
                 num_clients=config.num_clients,
                 client_index=int(client_id),
+                examples_per_client=config.examples_per_client,
+                fresh_examples=config.fresh_examples,
                 shuffle_seed=data_seeds[client_id],
                 input_pipeline="tfkl.federated.client_data.client_dataset",
             ),

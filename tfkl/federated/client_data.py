@@ -1,6 +1,7 @@
 """Each client's local data: its share of the training set, its per-round pipeline, and fault injection."""
 
 import functools
+import hashlib
 import logging
 import os
 
@@ -15,17 +16,31 @@ def client_partition(config, dataset):
     return data_lib.split(dataset.y_train, config.num_clients, config.split, seed=config.seed, alpha=config.alpha)
 
 
+def round_examples(config, indices, client_id, round_num):
+    """The examples client `client_id` trains on in `round_num`: its partition `indices`, or with
+    `examples_per_client` at most that many of them (kept in the partition's order), drawn from the
+    seed once, or each round anew with `fresh_examples`."""
+    indices = np.asarray(indices)
+    size = config.examples_per_client
+    if size is None or size >= len(indices):
+        return indices
+    seed = [int(config.seed), int(client_id), 0x5B5E7] + ([int(round_num)] if config.fresh_examples else [])
+    return indices[np.sort(np.random.default_rng(seed).choice(len(indices), size, replace=False))]
+
+
 def client_dataset(config, dataset, indices, shuffle_seed, cache_dir=None, client_id=None, poison=False, fail=False):
     """One client's local data for one round: shuffled, batched per epoch, repeated `local_epochs`.
 
     With `cache_dir` the client's examples are read from a file there (written on its first use): the
-    round then ships a file path to the TFF worker instead of the examples. `poison` turns the images
-    into NaN and `fail` makes the local training raise mid-epoch (fault injection).
+    round then ships a file path to the TFF worker instead of the examples. A subset of the partition
+    (`examples_per_client`) has a file named by its indices; a fresh one each round (`fresh_examples`)
+    is used once, so it is not cached. `poison` turns the images into NaN and `fail` makes the local
+    training raise mid-epoch (fault injection).
     """
-    if cache_dir is None:
+    if cache_dir is None or config.fresh_examples:
         examples = tf.data.Dataset.from_tensor_slices((dataset.x_train[indices], dataset.y_train[indices]))
     else:
-        path = os.path.join(cache_dir, f"client_{client_id}.tfrecord")
+        path = _cache_path(config, cache_dir, client_id, indices)
         if not _cache_is_sound(path, len(indices)):
             _write_examples(path, dataset.x_train[indices], dataset.y_train[indices])
         x, y = dataset.x_train, dataset.y_train
@@ -37,6 +52,15 @@ def client_dataset(config, dataset, indices, shuffle_seed, cache_dir=None, clien
     if fail:
         batches = _fail_after(batches, config.local_epochs * -(-len(indices) // config.batch_size) // 2)
     return batches.with_options(_CLIENT_DATA_OPTIONS)
+
+
+def _cache_path(config, cache_dir, client_id, indices):
+    """A client's cache file: its whole partition's, or with `examples_per_client` one named by the
+    subset's indices (never taken for the partition's, nor for another subset's)."""
+    name = f"client_{client_id}"
+    if config.examples_per_client is not None:
+        name += "_" + hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{name}.tfrecord")
 
 
 def _write_examples(path, images, labels):

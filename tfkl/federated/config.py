@@ -36,6 +36,8 @@ class Config:
     clients_per_round: int = None  # None: every client takes part in every round
     local_epochs: int = 1
     batch_size: int = 64
+    examples_per_client: int = None  # None: each client trains on its whole partition; N: on at most N of it
+    fresh_examples: bool = False  # with examples_per_client: a new subset of the partition each round
     split: str = "iid"
     alpha: float = 0.5
     learning_rate: float = 0.01
@@ -85,6 +87,14 @@ class Config:
             _check(getattr(self, name) in choices, f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("num_clients", "clients_per_round", "local_epochs", "batch_size", "key_dim"):
             _check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        _check(
+            self.examples_per_client is None or self.examples_per_client >= 1,
+            f"examples_per_client must be at least 1, got {self.examples_per_client}",
+        )
+        _check(
+            not self.fresh_examples or self.examples_per_client is not None,
+            "fresh_examples needs examples_per_client (the size of each round's subset)",
+        )
         for name in ("alpha", "learning_rate", "lr_gamma", "server_learning_rate"):
             _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("momentum", "weight_decay", "dp_noise_multiplier", "random_key_penalty"):
@@ -191,6 +201,8 @@ _DRIVER_FIELDS = dict(
     clients_per_round=1,
     local_epochs=1,
     batch_size=1,
+    examples_per_client=None,
+    fresh_examples=False,
     split="iid",
     alpha=1.0,
     learning_rate=1.0,

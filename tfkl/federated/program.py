@@ -16,7 +16,7 @@ import tensorflow as tf
 from tfkl import capture as capture_lib
 from tfkl import data as data_lib
 from tfkl.federated import run_dir, simulation
-from tfkl.federated.client_data import client_dataset, client_partition
+from tfkl.federated.client_data import client_dataset, client_partition, round_examples
 from tfkl.federated.config import ProgramError, build_process
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def train_rounds(root_dir, process, config, options, dataset, partition, restore
         logger.info("resuming %s after round %d", root_dir, start)
     create_client = state_manager.initial_state_fn(config, process)
     layout = capture_lib.SharedLayout(config.model_fn()(), process.parts)
-    client_data_fn = _client_data_fn(root_dir, config, options, dataset, partition)
+    client_data_fn = _client_data_fn(root_dir, config, options, dataset)
     progress = _progress_bar(options, start)
     metrics = None
     try:
@@ -124,17 +124,23 @@ def train_rounds(root_dir, process, config, options, dataset, partition, restore
             sampled = simulation.sample_clients(config.num_clients, config.clients_per_round, config.seed, round_num)
             client_states, _ = state_manager.client_states(config, process, round_num - 1, sampled, create_client)
             seeds = {c: simulation.data_seed(config.seed, round_num, c) for c in sampled}
+            examples = {c: round_examples(config, partition[int(c)], c, round_num) for c in sampled}
             learning_rate = config.round_learning_rate(round_num)
             global_t, global_n = process.global_weights(server_state)
             try:
                 server_state, new_client_states, metrics, reports = simulation.run_round(
-                    process, server_state, client_states, sampled, client_data_fn(round_num, seeds), learning_rate
+                    process,
+                    server_state,
+                    client_states,
+                    sampled,
+                    client_data_fn(round_num, seeds, examples),
+                    learning_rate,
                 )
             except simulation.RoundFailed as e:
                 raise ProgramError(f"round {round_num}: {e}; fix the cause and run the same command again") from None
             client_states.update(new_client_states)
             if options.capture_rounds and capture_lib.captures_round(options.capture_rounds, round_num):
-                run_meta = capture_lib.run_meta_fn(config, dataset.name, learning_rate, seeds, partition)
+                run_meta = capture_lib.run_meta_fn(config, dataset.name, learning_rate, seeds, examples)
                 capture_lib.save_round_captures(root_dir, round_num, layout, global_t, global_n, reports, run_meta)
             metrics = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in metrics.items()}
             metrics.update(learning_rate=float(learning_rate), seconds=time.time() - started)
@@ -149,18 +155,19 @@ def train_rounds(root_dir, process, config, options, dataset, partition, restore
     return metrics
 
 
-def _client_data_fn(root_dir, config, options, dataset, partition):
-    """`client_data_fn(round_num, seeds)`: the round's `client_data(client_id)`, the client's batches
-    (shuffled by `seeds[client_id]`; NaN or failing where `options` inject it)."""
+def _client_data_fn(root_dir, config, options, dataset):
+    """`client_data_fn(round_num, seeds, examples)`: the round's `client_data(client_id)`, the client's
+    batches of `examples[client_id]` (shuffled by `seeds[client_id]`; NaN or failing where `options`
+    inject it)."""
     cache_dir = run_dir.client_data_dir(root_dir) if options.cache_client_data else None
     nan_at, fail_at = set(options.inject_nan), set(options.inject_failure)
 
-    def client_data_fn(round_num, seeds):
+    def client_data_fn(round_num, seeds, examples):
         def client_data(client_id):
             return client_dataset(
                 config,
                 dataset,
-                partition[int(client_id)],
+                examples[client_id],
                 seeds[client_id],
                 cache_dir,
                 client_id,
