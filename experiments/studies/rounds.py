@@ -1,0 +1,284 @@
+"""Regime M: a curious server watches one client over rounds and attacks its captures together.
+
+  python -m experiments.studies.rounds                                  # every row, seeds 0-2, K = 1, 2, 4, 8
+  python -m experiments.studies.rounds --rows=spatial --seeds=0 --counts=1,8
+  python -m experiments.studies.rounds --tabulate_only                  # results/rounds.json and .md only
+
+Per (regime, row, seed): one real `tff_programs.train` run (LeNet, Fashion-MNIST, CLIENTS clients, every
+client in every round, its update captured each round, momentum buffers fresh each round as the attacker
+assumes); the row's flags choose the defence. Then per watched client and K in --counts, the pooled attack
+(`attacks.pooled`: GRNN, each capture's images its own unknowns, the lock's unknowns shared) on its captures of
+rounds 1..K, each with the global weights the server sent that round. Scored per capture against the images the
+client trained on (the captures' ground truth, which the attack never reads); success = aligned SSIM >= 0.6,
+with Wilson intervals over every image of every watched client and seed. Each (regime, row, seed) is one
+process; each (client, K) one record: a killed run resumes where it stopped.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import time
+
+from absl import flags
+import numpy as np
+
+from experiments import cells, runtime
+
+REGIMES = {  # name: (what the watched client holds, tff_programs.train flags)
+    "M1": (
+        "a new image each round, one step of batch 1",
+        ["--examples_per_client=1", "--fresh_examples", "--batch_size=1"],
+    ),
+    "M8": ("the same 8 images each round, 4 steps of 2", ["--examples_per_client=8", "--batch_size=2"]),
+}
+ROWS = {  # name: (label, tff_programs.train flags, the threat the pooled attack runs under)
+    "none": ("no defence (the FedAvg control)", ["--algorithm=fedavg-norm"], "none"),
+    "paper": ("the paper's lock", ["--algorithm=fedkl"], "adaptive"),
+    "spatial": ("the spatial lock", ["--algorithm=fedkl", "--lock_affine=spatial"], "adaptive"),
+    "compact": (
+        "the spatial lock, compact kernels",
+        ["--algorithm=fedkl", "--lock_affine=spatial", "--lock_kernel=compact"],
+        "adaptive",
+    ),
+}
+CLIENTS = 4
+WATCHED = (0, 1)
+ATTACKS = {  # name: its settings, those of experiments.studies.candidates at batch 1
+    "grnn": dict(iterations=1500, learning_rate=1e-3, restarts=2),
+    "ig": dict(iterations=1500, restarts=2, tv=1e-4, learning_rate=0.1),
+}
+
+_REGIMES = flags.DEFINE_list("regimes", ["M1"], f"Regimes: {list(REGIMES)}.")
+_ROWS = flags.DEFINE_list("rows", list(ROWS), f"Rows (defences): {list(ROWS)}.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the training run (weights, keys, data, attack).")
+_ATTACKS = flags.DEFINE_list("attacks", list(ATTACKS), f"Attacks: {list(ATTACKS)}.")
+_COUNTS = flags.DEFINE_list("counts", ["1", "2", "4", "8"], "Numbers of captures pooled (K).")
+_DRIFTS = flags.DEFINE_list("drifts", ["0"], "Drift strengths the pooled attack tries (chosen by held-out loss).")
+_OUT_DIR = flags.DEFINE_string("out_dir", "runs/rounds", "Where the training runs (and their captures) go.")
+_RECORDS_DIR = flags.DEFINE_string("records_dir", "results/rounds_cells", "Where the per-unit records go.")
+_WORKERS = flags.DEFINE_integer("workers", cells.DEFAULT_WORKERS, "Cells run at once.", lower_bound=1)
+_TABULATE_ONLY = flags.DEFINE_bool("tabulate_only", False, "Run nothing: tabulate what is stored.")
+_CELL = flags.DEFINE_string("cell", None, "Internal: run one cell 'regime/row/seed' in this process.")
+flags.register_validator("regimes", lambda v: set(v) <= set(REGIMES), f"--regimes must be among {list(REGIMES)}")
+flags.register_validator("rows", lambda v: set(v) <= set(ROWS), f"--rows must be among {list(ROWS)}")
+flags.register_validator("attacks", lambda v: set(v) <= set(ATTACKS), f"--attacks must be among {list(ATTACKS)}")
+flags.register_validator(
+    "counts", lambda v: all(c.isdigit() and int(c) >= 1 for c in v), "--counts must be positive integers"
+)
+
+
+def store(out_dir):
+    return cells.RecordStore(
+        out_dir, lambda cell: f"{cell.regime}/{cell.attack}/seed{cell.seed}", record_name="{}.json"
+    )
+
+
+def cell_of(regime, row, seed, attack):
+    return cells.Cell("rounds", f"{regime}-{row}", ROWS[row][2], attack, int(seed))
+
+
+def run_root(out_dir, regime, row, seed):
+    """The training run every attack of (regime, row, seed) reads."""
+    return os.path.join(out_dir, f"{regime}-{row}", f"seed{seed}", "run")
+
+
+def unit(client, count):
+    return f"client{client}_k{count:02d}"
+
+
+def train_argv(regime, row, seed, root, rounds):
+    """The training run of a cell: `rounds` rounds, every client's update captured in each."""
+    return [
+        "tff_programs.train",
+        f"--root_dir={root}",
+        "--dataset=fashion_mnist",
+        "--model=lenet",
+        f"--num_clients={CLIENTS}",
+        f"--rounds={rounds}",
+        "--capture_rounds=all",
+        "--persist_optimizer_state=false",
+        f"--keep_rounds={rounds}",
+        f"--seed={seed}",
+        *REGIMES[regime][1],
+        *ROWS[row][1],
+    ]
+
+
+def watched_captures(root, client, count):
+    """The capture files of `client` in rounds 1..`count` of the run in `root`."""
+    paths = [os.path.join(root, "captures", f"round_{r:05d}_client_{client}.npz") for r in range(1, count + 1)]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"the run in {root} has no capture {missing[0]}")
+    return paths
+
+
+def attack_unit(root, attack_name, threat, client, count, drifts, seed, dataset):
+    """The record of one watched client's first `count` captures attacked together (see the module doc)."""
+    from attacks import cases, experiment, pooled
+    from attacks import model as model_lib
+    from tfkl import capture as capture_lib
+
+    paths = watched_captures(root, client, count)
+    captures = [capture_lib.load_capture(path) for path in paths]
+    view, pool = pooled.pool_captures(captures, names=[os.path.basename(p) for p in paths], seed=seed)
+    attacker = model_lib.AttackerModel(view, threat, seed=seed + 7)
+    attack = experiment.build_attack(attack_name, attacker, seed=seed, **ATTACKS[attack_name])
+    start = time.perf_counter()
+    reconstruction, held_out = pooled.attack_pool(attack, pool, drifts)
+    seconds = time.perf_counter() - start
+    truths = [cases.capture_user_data(capture.meta, dataset) for capture in captures]
+    n = pool.member.num_examples
+    parts = [
+        dataclasses.replace(
+            reconstruction,
+            images=reconstruction.images[k * n : (k + 1) * n],
+            raw_images=reconstruction.raw_images[k * n : (k + 1) * n],
+            labels=reconstruction.labels[k * n : (k + 1) * n],
+        )
+        for k in range(count)
+    ]
+    images = np.concatenate([truth.images for truth in truths])
+    labels = np.concatenate([truth.labels for truth in truths])
+    per_image = experiment.evaluate(parts, images, labels, n)
+    return {
+        "attack": attack_name,
+        "client": client,
+        "seed": seed,
+        "count": count,
+        "threat": threat,
+        "per_image": per_image,
+        "success": experiment.success(per_image),
+        "seconds": round(seconds, 1),
+        "drift": reconstruction.info["drift"],
+        "held_out_losses": held_out,
+        "loss": reconstruction.loss,
+        "labels": reconstruction.labels.tolist(),
+        "true_labels": labels.tolist(),
+    }
+
+
+def train_cached(out_dir, regime, row, seed, rounds, log=print):
+    """Trains the run of (regime, row, seed) unless done by the same command (a killed run resumes); its root."""
+    root = run_root(out_dir, regime, row, seed)
+    argv = cells.module_command(*train_argv(regime, row, seed, root, rounds))
+    done = root + ".trained"
+    if cells.run_cached([argv], done, json.dumps(argv[2:]), log) is not None:
+        with open(done, "w") as f:
+            json.dump(argv[2:], f)
+    return root
+
+
+def run_cell(regime, row, seed, attack_names, dirs, counts, drifts, log=print):
+    """Trains the run of (regime, row, seed) under dirs[0], then attacks each pending (client, K) unit with each
+    attack, its records under dirs[1]."""
+    from tfkl import data
+
+    root = train_cached(dirs[0], regime, row, seed, max(counts), log)
+    records, dataset = store(dirs[1]), data.load("fashion_mnist")
+    for attack_name in attack_names:
+        cell = cell_of(regime, row, seed, attack_name)
+        for client in WATCHED:
+            for count in counts:
+                if not records.has(cell, unit(client, count)):
+                    log(f"{cell}: client {client}, {count} captures pooled")
+                    record = attack_unit(root, attack_name, ROWS[row][2], client, count, drifts, seed, dataset)
+                    records.write(cell, unit(client, count), record)
+
+
+def units(counts):
+    return [unit(client, count) for client in WATCHED for count in counts]
+
+
+def cell_jobs(dirs, regimes, rows, seeds, attack_names, counts, drifts):
+    """One job per (regime, row, seed), every attack in it: this module in `--cell` mode, skipped when the
+    records of all its attacks are stored (dirs: the runs' and the records' directories)."""
+    (out_dir, records_dir), jobs = dirs, []
+    records = store(records_dir)
+    for regime in regimes:
+        for seed in seeds:
+            for row in rows:
+                argv = cells.module_command(
+                    "experiments.studies.rounds",
+                    f"--cell={regime}/{row}/{seed}",
+                    f"--out_dir={out_dir}",
+                    f"--records_dir={records_dir}",
+                    "--attacks=" + ",".join(attack_names),
+                    "--counts=" + ",".join(str(c) for c in counts),
+                    "--drifts=" + ",".join(str(d) for d in drifts),
+                )
+                attack_cells = [cell_of(regime, row, seed, name) for name in attack_names]
+                done = lambda cs=attack_cells: all(records.complete(c, units(counts)) for c in cs)  # noqa: E731
+                log_path = os.path.join(os.path.dirname(run_root(out_dir, regime, row, seed)), "cell.log")
+                jobs.append(cells.Job(f"{regime}-{row}/seed{seed}", argv, log_path, done, env=cells.child_env()))
+    return jobs
+
+
+def stored(out_dir):
+    """{(regime, row, attack): {K: [records]}} of every record under `out_dir`, K ascending."""
+    found = {}
+    for regime in REGIMES:
+        for row in ROWS:
+            for attack in ATTACKS:
+                pattern = os.path.join(out_dir, f"{regime}-{row}", attack, "seed*", "client*_k*.json")
+                for path in sorted(glob.glob(pattern)):
+                    with open(path) as f:
+                        record = json.load(f)
+                    found.setdefault((regime, row, attack), {}).setdefault(record["count"], []).append(record)
+    return {key: dict(sorted(by_count.items())) for key, by_count in found.items()}
+
+
+def pooled_success(records):
+    """The success dict over every image of `records`, with the mean aligned SSIM and seconds per attack."""
+    from attacks import metrics
+
+    flags_ = np.concatenate([metrics.recovered(r["per_image"], "ssim") for r in records])
+    rate = metrics.success_rate(flags_)
+    ssim = np.concatenate([r["per_image"]["aligned_ssim"] for r in records])
+    seeds = sorted({r["seed"] for r in records})
+    return dict(
+        rate, mean_ssim=float(np.mean(ssim)), seconds=float(np.mean([r["seconds"] for r in records])), seeds=seeds
+    )
+
+
+def tabulate(out_dir, counts):
+    """The payload of results/rounds.json: per regime, row and K the images recovered, and one table."""
+    from attacks import experiment
+
+    results, rows = {}, []
+    for (regime, row, attack), by_count in stored(out_dir).items():
+        entry = {str(count): pooled_success(records) for count, records in by_count.items()}
+        results.setdefault(regime, {}).setdefault(row, {})[attack] = entry
+        cells_ = [experiment.format_success(entry[str(c)]) if str(c) in entry else "not run" for c in counts]
+        seeds = sorted({s for e in entry.values() for s in e["seeds"]})
+        rows.append([regime, ROWS[row][0], f"{attack}, {ROWS[row][2]}", ", ".join(map(str, seeds)), *cells_])
+    columns = ["regime", "defence", "attack, threat", "seeds"] + [f"K = {c}: recovered, 95 % interval" for c in counts]
+    table = {
+        "title": "images recovered (aligned SSIM >= 0.6) by pooling K captures of one client",
+        "columns": columns,
+        "rows": rows,
+    }
+    notes = [f"{name}: {text}" for name, (text, _) in REGIMES.items()]
+    settings = dict(clients=CLIENTS, watched=list(WATCHED), attacks=ATTACKS, dataset="fashion_mnist")
+    return {"results": results, "tables": [table], "notes": notes, "settings": settings}
+
+
+def main(argv):
+    del argv
+    counts, drifts = sorted(int(c) for c in _COUNTS.value), [float(d) for d in _DRIFTS.value]
+    dirs = (_OUT_DIR.value, _RECORDS_DIR.value)
+    if _CELL.value:
+        regime, row, seed = _CELL.value.split("/")
+        return run_cell(regime, row, int(seed), _ATTACKS.value, dirs, counts, drifts)
+    start = time.perf_counter()
+    if not _TABULATE_ONLY.value:
+        jobs = cell_jobs(dirs, _REGIMES.value, _ROWS.value, _SEEDS.value, _ATTACKS.value, counts, drifts)
+        cells.run_jobs(jobs, _WORKERS.value)
+    payload = tabulate(_RECORDS_DIR.value, counts)
+    for path in cells.publish("rounds", payload, time.perf_counter() - start, _RECORDS_DIR.value):
+        print(path)
+
+
+if __name__ == "__main__":
+    runtime.run(main)
