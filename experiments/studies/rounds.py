@@ -1,13 +1,13 @@
 """Regime M: a curious server watches one client over rounds and attacks its captures together.
 
   python -m experiments.studies.rounds                                  # every row, seeds 0-2, K = 1, 2, 4, 8
-  python -m experiments.studies.rounds --rows=spatial --seeds=0 --counts=1,8
-  python -m experiments.studies.rounds --tabulate_only                  # results/rounds.json and .md only
+  python -m experiments.studies.rounds --rounds_rows=spatial --rounds_seeds=0 --rounds_counts=1,8
+  python -m experiments.studies.rounds --rounds_tabulate_only    # results/rounds.json and .md only
 
 Per (regime, row, seed): one real `tff_programs.train` run (LeNet, Fashion-MNIST, CLIENTS clients, every
 client in every round, its update captured each round, momentum buffers fresh each round as the attacker
-assumes); the row's flags choose the defence. Then per watched client and K in --counts, the pooled attack
-(`attacks.pooled`: GRNN, each capture's images its own unknowns, the lock's unknowns shared) on its captures of
+assumes); the row's flags choose the defence. Then per watched client and K in --rounds_counts, the pooled attack
+(`attacks.pooled`: GRNN and IG, each capture's images its own unknowns, the lock's unknowns shared) on its captures of
 rounds 1..K, each with the global weights the server sent that round. Scored per capture against the images the
 client trained on (the captures' ground truth, which the attack never reads); success = aligned SSIM >= 0.6,
 with Wilson intervals over every image of every watched client and seed. Each (regime, row, seed) is one
@@ -42,6 +42,17 @@ ROWS = {  # name: (label, tff_programs.train flags, the threat the pooled attack
         "adaptive",
     ),
 }
+DP_CLIP = 0.25  # DP-FedAvg's clip: about the median norm of the control's captured updates (0.26, seed 0)
+DP_NOISE = {"dp-1": 1.0, "dp-3": 3.0}  # row: noise multiplier (stddev on the sum, in units of the clip)
+DP_DELTA = 1e-5
+
+
+def _dp_row(noise):
+    flags_ = [f"--dp_clip={DP_CLIP}", f"--dp_noise_multiplier={noise}", "--client_weighting=uniform"]
+    return f"DP-FedAvg, noise {noise:g} x clip", ["--algorithm=fedavg-norm", *flags_], "none"
+
+
+ROWS.update({row: _dp_row(noise) for row, noise in DP_NOISE.items()})
 CLIENTS = 4
 WATCHED = (0, 1)
 ATTACKS = {  # name: its settings, those of experiments.studies.candidates at batch 1
@@ -49,22 +60,28 @@ ATTACKS = {  # name: its settings, those of experiments.studies.candidates at ba
     "ig": dict(iterations=1500, restarts=2, tv=1e-4, learning_rate=0.1),
 }
 
-_REGIMES = flags.DEFINE_list("regimes", ["M1"], f"Regimes: {list(REGIMES)}.")
-_ROWS = flags.DEFINE_list("rows", list(ROWS), f"Rows (defences): {list(ROWS)}.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the training run (weights, keys, data, attack).")
-_ATTACKS = flags.DEFINE_list("attacks", list(ATTACKS), f"Attacks: {list(ATTACKS)}.")
-_COUNTS = flags.DEFINE_list("counts", ["1", "2", "4", "8"], "Numbers of captures pooled (K).")
-_DRIFTS = flags.DEFINE_list("drifts", ["0"], "Drift strengths the pooled attack tries (chosen by held-out loss).")
-_OUT_DIR = flags.DEFINE_string("out_dir", "runs/rounds", "Where the training runs (and their captures) go.")
-_RECORDS_DIR = flags.DEFINE_string("records_dir", "results/rounds_cells", "Where the per-unit records go.")
-_WORKERS = flags.DEFINE_integer("workers", cells.DEFAULT_WORKERS, "Cells run at once.", lower_bound=1)
-_TABULATE_ONLY = flags.DEFINE_bool("tabulate_only", False, "Run nothing: tabulate what is stored.")
-_CELL = flags.DEFINE_string("cell", None, "Internal: run one cell 'regime/row/seed' in this process.")
-flags.register_validator("regimes", lambda v: set(v) <= set(REGIMES), f"--regimes must be among {list(REGIMES)}")
-flags.register_validator("rows", lambda v: set(v) <= set(ROWS), f"--rows must be among {list(ROWS)}")
-flags.register_validator("attacks", lambda v: set(v) <= set(ATTACKS), f"--attacks must be among {list(ATTACKS)}")
+_REGIMES = flags.DEFINE_list("rounds_regimes", ["M1"], f"Regimes: {list(REGIMES)}.")
+_ROWS = flags.DEFINE_list("rounds_rows", list(ROWS), f"Rows (defences): {list(ROWS)}.")
+_SEEDS = flags.DEFINE_list("rounds_seeds", ["0", "1", "2"], "Seeds of the training run (weights, keys, data, attack).")
+_ATTACKS = flags.DEFINE_list("rounds_attacks", list(ATTACKS), f"Attacks: {list(ATTACKS)}.")
+_COUNTS = flags.DEFINE_list("rounds_counts", ["1", "2", "4", "8"], "Numbers of captures pooled (K).")
+_DRIFTS = flags.DEFINE_list(
+    "rounds_drifts", ["0"], "Drift strengths the pooled attack tries (chosen by held-out loss)."
+)
+_OUT_DIR = flags.DEFINE_string("rounds_out_dir", "runs/rounds", "Where the training runs (and their captures) go.")
+_RECORDS_DIR = flags.DEFINE_string("rounds_records_dir", "results/rounds_cells", "Where the per-unit records go.")
+_WORKERS = flags.DEFINE_integer("rounds_workers", cells.DEFAULT_WORKERS, "Cells run at once.", lower_bound=1)
+_TABULATE_ONLY = flags.DEFINE_bool("rounds_tabulate_only", False, "Run nothing: tabulate what is stored.")
+_CELL = flags.DEFINE_string("rounds_cell", None, "Internal: run one cell 'regime/row/seed' in this process.")
 flags.register_validator(
-    "counts", lambda v: all(c.isdigit() and int(c) >= 1 for c in v), "--counts must be positive integers"
+    "rounds_regimes", lambda v: set(v) <= set(REGIMES), f"--rounds_regimes must be among {list(REGIMES)}"
+)
+flags.register_validator("rounds_rows", lambda v: set(v) <= set(ROWS), f"--rounds_rows must be among {list(ROWS)}")
+flags.register_validator(
+    "rounds_attacks", lambda v: set(v) <= set(ATTACKS), f"--rounds_attacks must be among {list(ATTACKS)}"
+)
+flags.register_validator(
+    "rounds_counts", lambda v: all(c.isdigit() and int(c) >= 1 for c in v), "--rounds_counts must be positive integers"
 )
 
 
@@ -114,15 +131,37 @@ def watched_captures(root, client, count):
     return paths
 
 
-def attack_unit(root, attack_name, threat, client, count, drifts, seed, dataset):
+def server_sees(capture, row):
+    """What the server receives of a captured update: under DP-FedAvg (TFF's central DP) the update clipped to
+    DP_CLIP in L2 norm over its trainable entries; the noise goes on the sum, after the server has each update."""
+    if row not in DP_NOISE:
+        return capture
+    norm = np.sqrt(
+        sum(np.sum(np.square(u, dtype=np.float64)) for u, t in zip(capture.update, capture.meta["trainable"]) if t)
+    )
+    scale = min(1.0, DP_CLIP / max(norm, 1e-30))
+    return capture._replace(update=[np.asarray(u * scale, u.dtype) for u in capture.update])
+
+
+def epsilon(noise, rounds, delta=DP_DELTA):
+    """DP-FedAvg's (epsilon, delta) after `rounds` rounds of every client (RDP accounting, dp_accounting)."""
+    import dp_accounting
+
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(noise), rounds)
+    return accountant.get_epsilon(delta)
+
+
+def attack_unit(root, row, attack_name, client, count, drifts, seed, dataset):
     """The record of one watched client's first `count` captures attacked together (see the module doc)."""
     from attacks import cases, experiment, pooled
     from attacks import model as model_lib
     from tfkl import capture as capture_lib
 
     paths = watched_captures(root, client, count)
-    captures = [capture_lib.load_capture(path) for path in paths]
+    captures = [server_sees(capture_lib.load_capture(path), row) for path in paths]
     view, pool = pooled.pool_captures(captures, names=[os.path.basename(p) for p in paths], seed=seed)
+    threat = ROWS[row][2]
     attacker = model_lib.AttackerModel(view, threat, seed=seed + 7)
     attack = experiment.build_attack(attack_name, attacker, seed=seed, **ATTACKS[attack_name])
     start = time.perf_counter()
@@ -183,7 +222,7 @@ def run_cell(regime, row, seed, attack_names, dirs, counts, drifts, log=print):
             for count in counts:
                 if not records.has(cell, unit(client, count)):
                     log(f"{cell}: client {client}, {count} captures pooled")
-                    record = attack_unit(root, attack_name, ROWS[row][2], client, count, drifts, seed, dataset)
+                    record = attack_unit(root, row, attack_name, client, count, drifts, seed, dataset)
                     records.write(cell, unit(client, count), record)
 
 
@@ -192,7 +231,7 @@ def units(counts):
 
 
 def cell_jobs(dirs, regimes, rows, seeds, attack_names, counts, drifts):
-    """One job per (regime, row, seed), every attack in it: this module in `--cell` mode, skipped when the
+    """One job per (regime, row, seed), every attack in it: this module in `--rounds_cell` mode, skipped when the
     records of all its attacks are stored (dirs: the runs' and the records' directories)."""
     (out_dir, records_dir), jobs = dirs, []
     records = store(records_dir)
@@ -201,12 +240,12 @@ def cell_jobs(dirs, regimes, rows, seeds, attack_names, counts, drifts):
             for row in rows:
                 argv = cells.module_command(
                     "experiments.studies.rounds",
-                    f"--cell={regime}/{row}/{seed}",
-                    f"--out_dir={out_dir}",
-                    f"--records_dir={records_dir}",
-                    "--attacks=" + ",".join(attack_names),
-                    "--counts=" + ",".join(str(c) for c in counts),
-                    "--drifts=" + ",".join(str(d) for d in drifts),
+                    f"--rounds_cell={regime}/{row}/{seed}",
+                    f"--rounds_out_dir={out_dir}",
+                    f"--rounds_records_dir={records_dir}",
+                    "--rounds_attacks=" + ",".join(attack_names),
+                    "--rounds_counts=" + ",".join(str(c) for c in counts),
+                    "--rounds_drifts=" + ",".join(str(d) for d in drifts),
                 )
                 attack_cells = [cell_of(regime, row, seed, name) for name in attack_names]
                 done = lambda cs=attack_cells: all(records.complete(c, units(counts)) for c in cs)  # noqa: E731
@@ -252,7 +291,11 @@ def tabulate(out_dir, counts):
         results.setdefault(regime, {}).setdefault(row, {})[attack] = entry
         cells_ = [experiment.format_success(entry[str(c)]) if str(c) in entry else "not run" for c in counts]
         seeds = sorted({s for e in entry.values() for s in e["seeds"]})
-        rows.append([regime, ROWS[row][0], f"{attack}, {ROWS[row][2]}", ", ".join(map(str, seeds)), *cells_])
+        label = ROWS[row][0]
+        if row in DP_NOISE:
+            rounds = max(int(c) for c in entry)
+            label += f" (epsilon {epsilon(DP_NOISE[row], rounds):.1f} at delta {DP_DELTA:g} after {rounds} rounds)"
+        rows.append([regime, label, f"{attack}, {ROWS[row][2]}", ", ".join(map(str, seeds)), *cells_])
     columns = ["regime", "defence", "attack, threat", "seeds"] + [f"K = {c}: recovered, 95 % interval" for c in counts]
     table = {
         "title": "images recovered (aligned SSIM >= 0.6) by pooling K captures of one client",

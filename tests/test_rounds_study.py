@@ -1,0 +1,80 @@
+"""The rounds study (regime M): its training runs, what the server sees under DP-FedAvg, resume and tabulation."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import cells
+from experiments.studies import rounds
+from tfkl import capture as capture_lib
+
+
+def _record(out, regime, row, attack, seed, client, count, ssims):
+    cell = rounds.cell_of(regime, row, seed, attack)
+    per_image = {"aligned_ssim": list(ssims), "ssim": list(ssims)}
+    record = dict(attack=attack, client=client, seed=seed, count=count, per_image=per_image, seconds=2.0)
+    rounds.store(out).write(cell, rounds.unit(client, count), record)
+
+
+def test_the_training_run_captures_every_round_without_persistent_momentum():
+    argv = rounds.train_argv("M1", "spatial", 2, "/r", 8)
+    assert argv[0] == "tff_programs.train"
+    for flag in ("--rounds=8", "--capture_rounds=all", "--persist_optimizer_state=false", "--seed=2"):
+        assert flag in argv
+    assert {"--examples_per_client=1", "--fresh_examples", "--lock_affine=spatial"} <= set(argv)
+    assert "--client_weighting=uniform" in rounds.train_argv("M8", "dp-3", 0, "/r", 4)
+
+
+def test_under_dp_fedavg_the_server_sees_each_update_clipped_and_without_noise():
+    update = [np.full((3,), 1.0, np.float32), np.full((4,), 9.0, np.float32)]
+    meta = {"trainable": [True, False]}
+    capture = capture_lib.Capture(meta, [np.zeros(3), np.zeros(4)], update)
+    assert rounds.server_sees(capture, "spatial") is capture
+    clipped = rounds.server_sees(capture, "dp-1")
+    np.testing.assert_allclose(np.linalg.norm(clipped.update[0]), rounds.DP_CLIP, rtol=1e-6)  # trainable norm
+    np.testing.assert_allclose(clipped.update[1] / update[1], clipped.update[0][0] / update[0][0])  # one scale
+    small = capture._replace(update=[u * 0.01 for u in update])
+    np.testing.assert_array_equal(rounds.server_sees(small, "dp-3").update[0], small.update[0])
+
+
+def test_more_noise_and_fewer_rounds_give_a_smaller_epsilon():
+    assert rounds.epsilon(3.0, 8) < rounds.epsilon(1.0, 8) < rounds.epsilon(1.0, 16)
+    assert rounds.epsilon(1.0, 8) == pytest.approx(16.5, rel=0.01)
+
+
+def test_a_cell_is_done_only_when_every_attack_has_every_unit(tmp_path):
+    dirs = (str(tmp_path / "runs"), str(tmp_path / "records"))
+    (job,) = rounds.cell_jobs(dirs, ["M1"], ["paper"], [0], ["grnn", "ig"], [1, 2], [0.0])
+    assert "--rounds_cell=M1/paper/0" in job.command and "--rounds_attacks=grnn,ig" in job.command
+    for attack in ("grnn", "ig"):
+        for client in rounds.WATCHED:
+            for count in (1, 2):
+                assert not job.done()
+                _record(dirs[1], "M1", "paper", attack, 0, client, count, [0.2] * count)
+    assert job.done()
+
+
+def test_tabulation_pools_every_image_of_every_watched_client_and_seed(tmp_path):
+    out = str(tmp_path)
+    for seed in (0, 1):
+        _record(out, "M1", "spatial", "grnn", seed, 0, 1, [0.7])
+        _record(out, "M1", "spatial", "grnn", seed, 1, 1, [0.1])
+        _record(out, "M1", "spatial", "grnn", seed, 0, 2, [0.7, 0.65])
+    _record(out, "M1", "dp-1", "ig", 0, 0, 2, [0.9, 0.2])
+    payload = rounds.tabulate(out, [1, 2])
+    one, two = payload["results"]["M1"]["spatial"]["grnn"]["1"], payload["results"]["M1"]["spatial"]["grnn"]["2"]
+    assert (one["recovered"], one["n"], two["recovered"], two["n"]) == (2, 4, 4, 4)
+    assert one["seeds"] == [0, 1] and one["mean_ssim"] == pytest.approx(0.4)
+    (spatial,) = [row for row in payload["tables"][0]["rows"] if row[1] == rounds.ROWS["spatial"][0]]
+    assert spatial[2:] == ["grnn, adaptive", "0, 1", "2/4 = 50 % [15, 85] %", "4/4 = 100 % [51, 100] %"]
+    (dp,) = [row for row in payload["tables"][0]["rows"] if row[1].startswith("DP-FedAvg")]
+    assert "epsilon" in dp[1] and dp[4] == "not run" and dp[5].startswith("1/2")
+    path, page = cells.publish("rounds", payload, 1.0, out, results_dir=str(tmp_path / "results"))
+    assert json.load(open(path))["results"]["M1"]["dp-1"]["ig"]["2"]["n"] == 2 and os.path.exists(page)
+
+
+def test_missing_captures_are_named():
+    with pytest.raises(FileNotFoundError, match="round_00001_client_0.npz"):
+        rounds.watched_captures("/nonexistent", 0, 2)
