@@ -83,6 +83,15 @@ def make_demo_run(run, tmp):
         json.dump({"algorithm": "fedkl"}, f)
 
 
+def rebind_run_id(run, tmp):
+    """config.json with another run_id (which its keys name: a run's keys rebound to another)."""
+    path = os.path.join(run, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, "run_id": "0" * 16}, f, indent=1)
+
+
 def append_byte(name):
     def setup(run, tmp):
         with open(os.path.join(run, name), "ab") as f:
@@ -262,7 +271,7 @@ RUN_CASES = [
         "client_data/client_0.tfrecord does not match the manifest of round 2",
         cut_to_half("client_data/client_0.tfrecord"),
     ),
-    Case("train-config-tampered", "train", RESUME, "config.json does not match the manifest", flip_byte("config.json")),
+    Case("train-config-tampered", "train", RESUME, "config.json does not match the manifest", rebind_run_id),
     Case(
         "train-metrics-truncated",
         "train",
