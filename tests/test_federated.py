@@ -492,15 +492,15 @@ def test_other_runs_root_dir_and_corrupt_state_refused(digits, tmp_path):
         )
     state_file = tmp_path / "clients" / "1" / "state_00001.npz"
     state_file.write_bytes(state_file.read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(ProgramError, match="corrupt"):
+    with pytest.raises(ProgramError, match="state_00001.npz does not match the manifest of round 1"):
         program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
     (tmp_path / "clients" / "1" / "key").write_bytes(b"garbage")
     state_file.write_bytes(snapshot[str(state_file)])
-    with pytest.raises(ProgramError, match="key file"):
+    with pytest.raises(ProgramError, match="1/key does not match the manifest of round 1"):
         program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
     (tmp_path / "clients" / "1" / "key").write_bytes(snapshot[str(tmp_path / "clients" / "1" / "key")])
     os.remove(state_file)
-    with pytest.raises(ProgramError, match="missing"):
+    with pytest.raises(ProgramError, match="state_00001.npz does not match .*: missing; restore it"):
         program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
     state_file.write_bytes(snapshot[str(state_file)])
     server_data = glob.glob(str(tmp_path / "server" / "program_state_1" / "variables" / "variables.data-*"))[0]
@@ -508,7 +508,7 @@ def test_other_runs_root_dir_and_corrupt_state_refused(digits, tmp_path):
     blob[len(blob) // 2] ^= 0xFF
     with open(server_data, "wb") as f:
         f.write(blob)
-    with pytest.raises(ProgramError, match="server state of round 1"):
+    with pytest.raises(ProgramError, match="variables.data-.* does not match .*: changed"):
         program.train(str(tmp_path), config, program.RunOptions(rounds=2, progress=False), dataset=digits)
     with open(server_data, "wb") as f:
         f.write(snapshot[server_data])

@@ -15,6 +15,7 @@ import shutil
 import signal
 import time
 
+import numpy as np
 import pytest
 
 from tests.helpers import finish, start_binary
@@ -73,6 +74,51 @@ def unbind_and_swap_key(run, tmp):
 def metrics_directory(run, tmp):
     os.remove(os.path.join(run, "metrics.csv"))
     os.makedirs(os.path.join(run, "metrics.csv", "old"))
+
+
+def make_demo_run(run, tmp):
+    """What tff_programs.demo leaves under its --root_dir: a training run per algorithm."""
+    os.makedirs(os.path.join(tmp, "demo", "fedkl"))
+    with open(os.path.join(tmp, "demo", "fedkl", "config.json"), "w") as f:
+        json.dump({"algorithm": "fedkl"}, f)
+
+
+def rebind_run_id(run, tmp):
+    """config.json with another run_id (which its keys name: a run's keys rebound to another)."""
+    path = os.path.join(run, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, "run_id": "0" * 16}, f, indent=1)
+
+
+def append_byte(name):
+    def setup(run, tmp):
+        with open(os.path.join(run, name), "ab") as f:
+            f.write(b"x")
+
+    return setup
+
+
+def flip_byte(name):
+    """The byte in the middle of the file flipped: the same size, other content."""
+
+    def setup(run, tmp):
+        with open(os.path.join(run, name), "r+b") as f:
+            f.seek(os.path.getsize(os.path.join(run, name)) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+    return setup
+
+
+def delete(name):
+    return lambda run, tmp: os.remove(os.path.join(run, name))
+
+
+def cut_to_half(name):
+    return lambda run, tmp: truncate(os.path.join(run, name), lambda data: len(data) // 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +195,13 @@ FLAG_CASES = [
     Case("demo-root-dir-a-file", "demo", ("--root_dir={tmp}/file",), "is a file", make_file),
     Case("demo-on-a-training-run", "demo", ("--root_dir={run}",), "holds a training run", make_training_run),
     Case("demo-rounds-negative", "demo", ("--rounds=-1",), "--rounds"),
+    Case(
+        "train-on-a-demo-run", "train", ("--root_dir={tmp}/demo",), "holds the runs of tff_programs.demo", make_demo_run
+    ),
+    Case("attack-out-dir-in-proc", "attack", ("--out_dir=/proc/tfkl-attack",), "cannot write in /proc"),
+    Case("attack-out-dir-a-file", "attack", ("--out_dir={tmp}/file",), "is a file", make_file),
+    Case("attack-out-dir-under-a-file", "attack", ("--out_dir={tmp}/file/out",), "is a file", make_file),
+    Case("attack-out-dir-read-only", "attack", ("--out_dir={tmp}/ro/out",), "cannot create", read_only_dir),
 ]
 RESUME = ("--root_dir={run}", "--rounds=3", *RUN_FLAGS)
 RUN_CASES = [
@@ -167,6 +220,71 @@ RUN_CASES = [
     Case("train-key-unbound-and-swapped", "train", RESUME, "lacks its run_id", unbind_and_swap_key),
     Case(
         "evaluate-key-unbound-and-swapped", "evaluate", ("--root_dir={run}",), "lacks its run_id", unbind_and_swap_key
+    ),
+    # Files that do not match the manifest of the round a run resumes from (round 2).
+    Case(
+        "train-client-state-tampered",
+        "train",
+        RESUME,
+        "clients/0/state_00002.npz does not match the manifest of round 2",
+        flip_byte("clients/0/state_00002.npz"),
+    ),
+    Case(
+        "train-client-state-grown",
+        "train",
+        RESUME,
+        "clients/1/state_00002.npz does not match the manifest of round 2",
+        append_byte("clients/1/state_00002.npz"),
+    ),
+    Case(
+        "train-client-state-deleted",
+        "train",
+        RESUME,
+        "clients/0/state_00002.npz does not match the manifest of round 2",
+        delete("clients/0/state_00002.npz"),
+    ),
+    Case(
+        "train-key-tampered",
+        "train",
+        RESUME,
+        "clients/1/key does not match the manifest of round 2",
+        flip_byte("clients/1/key"),
+    ),
+    Case(
+        "train-server-file-deleted",
+        "train",
+        RESUME,
+        "program_state_2/variables/variables.index does not match the manifest of round 2",
+        delete("server/program_state_2/variables/variables.index"),
+    ),
+    Case(
+        "train-server-file-tampered",
+        "train",
+        RESUME,
+        "or resume from round 1 (its files are intact): delete program_state_2 in",
+        flip_byte("server/program_state_2/saved_model.pb"),
+    ),
+    Case(
+        "train-client-cache-truncated",
+        "train",
+        RESUME,
+        "client_data/client_0.tfrecord does not match the manifest of round 2",
+        cut_to_half("client_data/client_0.tfrecord"),
+    ),
+    Case("train-config-tampered", "train", RESUME, "config.json does not match the manifest", rebind_run_id),
+    Case(
+        "train-metrics-truncated",
+        "train",
+        RESUME,
+        "metrics.csv does not match the manifest of round 2",
+        cut_to_half("metrics.csv"),
+    ),
+    Case(
+        "train-manifest-unreadable",
+        "train",
+        RESUME,
+        "manifest_00002.json is unreadable",
+        cut_to_half("manifests/manifest_00002.json"),
     ),
 ]
 CASES = FLAG_CASES + RUN_CASES
@@ -305,14 +423,23 @@ def truncate(path, keep):
 
 
 @pytest.mark.slow
-def test_damaged_metrics_and_client_data_are_rewritten_and_the_run_resumes(trained_run, tmp_path):
+def test_a_run_without_manifests_resumes_with_a_note_and_its_damaged_metrics_and_client_data_are_rewritten(
+    trained_run, tmp_path
+):
     run = str(tmp_path / "run")
     shutil.copytree(trained_run, run)
+    shutil.rmtree(os.path.join(run, "manifests"))  # as a run saved before runs had manifests
     truncate(os.path.join(run, "metrics.csv"), lambda data: data.rindex(b"\n2,") + 6)  # round 2's row cut short
     truncate(os.path.join(run, "client_data", "client_0.tfrecord"), lambda data: len(data) // 2)
     log = str(tmp_path / "log")
     assert run_binary("train", [f"--root_dir={run}", "--rounds=3", *RUN_FLAGS], log) == 0, lines_of(log)
     lines = lines_of(log)
+    notes = [line for line in lines if line.startswith("note:")]
+    assert notes == [
+        f"note: {run} has no manifest of round 2 (saved before runs had them): its files are not checked this time; "
+        "every round from now on gets one"
+    ], lines
+    assert os.listdir(os.path.join(run, "manifests")) == ["manifest_00003.json"]
     assert (
         f"warning: {run}/metrics.csv was damaged (a row cut short, or rounds out of order): rewritten with the "
         "rows of rounds 1..1, rounds 2..2 rebuilt from tensorboard/ (float32)"
@@ -320,3 +447,71 @@ def test_damaged_metrics_and_client_data_are_rewritten_and_the_run_resumes(train
     assert any(f"client data cache {run}/client_data/client_0.tfrecord is damaged" in line for line in lines)
     assert metrics_rounds(run) == [1, 2, 3]
     assert not any("Traceback" in line or line.startswith("error:") for line in lines), lines
+
+
+@pytest.mark.slow
+def test_a_damaged_round_resumes_from_the_intact_round_its_error_names(trained_run, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(trained_run, run)
+    truncate(os.path.join(run, "metrics.csv"), lambda data: data.rindex(b"\n2,") + 6)  # round 2's row cut short
+    log = str(tmp_path / "log")
+    before = file_hashes(run)
+    assert run_binary("train", [f"--root_dir={run}", "--rounds=3", *RUN_FLAGS], log) == 1
+    (error,) = [line for line in lines_of(log) if line.startswith("error:")]
+    assert error == (
+        f"error: {run}/metrics.csv does not match the manifest of round 2 ({run}/manifests/manifest_00002.json): "
+        f"truncated: {os.path.getsize(os.path.join(run, 'metrics.csv'))} bytes, "
+        f"{os.path.getsize(os.path.join(trained_run, 'metrics.csv'))} when the round was saved; restore it from a "
+        f"backup, or resume from round 1 (its files are intact): delete program_state_2 in {run}/server"
+    )
+    assert file_hashes(run) == before
+    shutil.rmtree(os.path.join(run, "server", "program_state_2"))
+    assert run_binary("train", [f"--root_dir={run}", "--rounds=3", *RUN_FLAGS], log) == 0, lines_of(log)
+    lines = lines_of(log)
+    assert lines[0].startswith(f"resuming {run} after round 1: {run}/server lacks program_state_2"), lines
+    assert any(line.startswith(f"warning: {run}/metrics.csv was damaged") for line in lines), lines
+    assert metrics_rounds(run) == [1, 2, 3]
+    with open(os.path.join(trained_run, "metrics.csv")) as f, open(os.path.join(run, "metrics.csv")) as g:
+        assert g.read().startswith(f.read().split("\n2,")[0])
+    assert sorted(os.listdir(os.path.join(run, "manifests"))) == [f"manifest_0000{r}.json" for r in range(4)]
+
+
+@pytest.mark.slow
+def test_a_round_whose_manifest_is_missing_trains_again_and_ends_the_same(trained_run, tmp_path):
+    """A save interrupted between the server state and the manifest: the round trains again, from the last one
+    with a manifest, to the same files."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained_run, run)
+    os.remove(os.path.join(run, "manifests", "manifest_00002.json"))
+    log = str(tmp_path / "log")
+    assert run_binary("train", [f"--root_dir={run}", "--rounds=2", *RUN_FLAGS], log) == 0, lines_of(log)
+    assert lines_of(log)[0] == (
+        f"resuming {run} after round 1: {run}/manifests lacks manifest_00002.json (an interrupted save, or "
+        "deleted), so round 2 trains again"
+    )
+    assert file_hashes(os.path.join(run, "client_data")) == file_hashes(os.path.join(trained_run, "client_data"))
+    for cid in ("0", "1"):
+        name = os.path.join("clients", cid, "state_00002.npz")
+        with np.load(os.path.join(run, name)) as got, np.load(os.path.join(trained_run, name)) as want:
+            assert sorted(got.files) == sorted(want.files)
+            for array in want.files:
+                np.testing.assert_array_equal(got[array], want[array], err_msg=f"{name}: {array}")
+
+
+@pytest.mark.slow
+def test_manifests_and_keys_are_owner_only_and_a_manifest_holds_no_key(trained_run):
+    for name in ("manifests/manifest_00002.json", "clients/0/key"):
+        assert os.stat(os.path.join(trained_run, name)).st_mode & 0o077 == 0, name
+    with open(os.path.join(trained_run, "clients", "0", "key"), "rb") as f:
+        key = f.read()
+    with open(os.path.join(trained_run, "manifests", "manifest_00002.json"), "rb") as f:
+        assert key not in f.read()
+
+
+@pytest.mark.parametrize("field", ["learning_rate", "alpha", "momentum", "dp_clip", "random_key_penalty", "lr_gamma"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), float("-inf")])
+def test_config_refuses_non_finite_numbers(field, value):
+    from tfkl.federated.config import Config
+
+    with pytest.raises(ValueError, match=f"^{field} must be a finite number, got {value}$"):
+        Config(algorithm="fedavg", client_weighting="uniform", **{field: value})

@@ -80,6 +80,7 @@ flags.register_validator(
     lambda v: bool(v) and all(t in attack_names.THREATS for t in v),
     f"--threat takes a comma-separated list from {attack_names.THREATS}",
 )
+flags.register_validator("out_dir", common.writable_dir_validator("out_dir"))
 flags.register_validator("client_learning_rate", lambda v: v > 0, "--client_learning_rate must be positive")
 flags.register_validator("learning_rate", lambda v: v is None or v > 0, "--learning_rate must be positive")
 flags.register_validator("tv", lambda v: v is None or v >= 0, "--tv must be non-negative")

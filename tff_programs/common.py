@@ -7,6 +7,14 @@ import tempfile
 
 from absl import flags
 
+# The runs tff_programs.demo trains under its --root_dir, each a training run's root dir.
+DEMO_RUNS = ("fedkl", "fedavg-norm", "victim_fedkl", "victim_fedavg-norm")
+
+
+def holds_demo_run(directory):
+    """Whether `directory` holds the demo's runs (a training run's config.json in one of `DEMO_RUNS`)."""
+    return any(os.path.isfile(os.path.join(directory, run, "config.json")) for run in DEMO_RUNS)
+
 
 def fail(message):
     """Ends the program with one clear error line (exit code 1)."""

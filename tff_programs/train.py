@@ -194,6 +194,11 @@ def _check_fault_clients(values):
 # configuration are checked by config_lib.Config.
 flags.register_validator("root_dir", lambda v: bool(v), "--root_dir must not be empty")
 flags.register_validator("root_dir", common.writable_dir_validator("root_dir"))
+flags.register_validator(
+    "root_dir",
+    lambda v: not common.holds_demo_run(v),
+    "--root_dir holds the runs of tff_programs.demo; use another",
+)
 for _name in ("num_clients", "clients_per_round", "local_epochs", "batch_size", "examples_per_client"):
     _number_rule(_name, lambda v: v >= 1, "be at least 1")
 for _name in ("learning_rate", "server_learning_rate", "lr_gamma", "alpha", "dp_clip"):

@@ -35,8 +35,6 @@ from tfkl.files import atomic_write
 _FIELDS = ("lock", "optimizer", "statistics")
 _FORMAT = 2
 _MANIFEST = re.compile(r"^manifest_(\d{5})\.json$")
-_STATE_FILE = re.compile(r"^state_\d{5}\.npz(\.tmp)?$")
-_CLIENT_ID = re.compile(r"^(0|[1-9]\d*)$")
 
 
 class ClientStateError(ValueError):
@@ -61,7 +59,6 @@ class ClientStore:
         before key files named their owner; its key files are read without that check)."""
         self.directory = directory
         self.run_id = run_id
-        self._swept = False  # whether `prune` has looked for stray state files in every client directory yet
         os.makedirs(directory, mode=0o700, exist_ok=True)
 
     def key_owner(self, client_id):
@@ -190,6 +187,16 @@ class ClientStore:
         """The state files `round_num`'s manifest lists, as 'client_id/state_RRRRR.npz'."""
         return {_file(cid, entry) for cid, entry in self._read_manifest(round_num).items()}
 
+    def listed_files(self, round_num):
+        """The files `round_num`'s manifest lists, as 'client_id/name' -> SHA-256 (None for a key file: its
+        checksum is inside it)."""
+        listed = {}
+        for cid, entry in self._read_manifest(round_num).items():
+            listed[_file(cid, entry)] = _fields(entry)[1]
+            if _fields(entry)[3]:
+                listed[f"{cid}/key"] = None
+        return listed
+
     def client_ids(self, round_num):
         """The ids of the clients listed in `round_num`'s manifest (those that existed after it)."""
         return list(self._read_manifest(round_num))
@@ -236,12 +243,13 @@ class ClientStore:
         return {cid: _fields(entry)[0] for cid, entry in self._read_manifest(round_num).items()}
 
     def prune(self, keep_rounds):
-        """Deletes manifests not in `keep_rounds` and state files no kept manifest refers to.
+        """Deletes manifests not in `keep_rounds` and the state files they list that no kept manifest does
+        (never a file no manifest lists: a stray one of an interrupted save is written again when its
+        round trains again).
 
         A manifest lists the previous one's files but for the clients that changed, so a file of a
         dropped manifest that a kept one lists is in the kept one just before or after it: only
-        those manifests and manifest 0 are read, not every client's directory (that is done once per
-        store, for stray files of an interrupted save).
+        those manifests and manifest 0 are read, not every client's directory.
         """
         rounds = self.rounds()
         kept = sorted(set(rounds) & {int(r) for r in keep_rounds})
@@ -253,24 +261,11 @@ class ClientStore:
         for neighbour in {0} | {k for d in dropped for k in _neighbours(kept, d)}:
             if neighbour in kept:
                 referenced.update(self.files(neighbour))
-        if not self._swept:
-            for round_num in kept:
-                referenced.update(self.files(round_num))
-            candidates.update(self._state_files())
-            self._swept = True
-        for round_num in dropped:
-            os.remove(self.manifest_path(round_num))
-        for name in candidates - referenced:
+        for name in candidates - referenced:  # before the manifests: an interrupted prune leaves no file unlisted
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.directory, name))
-
-    def _state_files(self):
-        """Every state file the store wrote, as 'client_id/name' (one directory listing per client; only
-        client directories and state file names: other files are not the store's to delete)."""
-        for cid in os.listdir(self.directory):
-            client_dir = os.path.join(self.directory, cid)
-            if _CLIENT_ID.match(cid) and os.path.isdir(client_dir):
-                yield from (f"{cid}/{name}" for name in os.listdir(client_dir) if _STATE_FILE.match(name))
+        for round_num in dropped:
+            os.remove(self.manifest_path(round_num))
 
 
 def _neighbours(kept, round_num):

@@ -6,6 +6,7 @@ on its fields (`ConfigError`, one line). The flag layer (tff_programs/train.py) 
 
 import dataclasses
 import functools
+import math
 
 import tensorflow_federated as tff
 
@@ -85,6 +86,9 @@ class Config:
             ("lock_kernel", names.LOCK_KERNELS),
         ):
             _check(getattr(self, name) in choices, f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in _REAL_FIELDS:
+            value = getattr(self, name)
+            _check(value is None or math.isfinite(value), f"{name} must be a finite number, got {value}")
         for name in ("num_clients", "clients_per_round", "local_epochs", "batch_size", "key_dim"):
             _check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         _check(
@@ -185,6 +189,21 @@ class Config:
         return lambda client_id: private.draw_lock_weights(
             model, [self.seed, int(client_id), 0x6C6F636B] if self.seeded_keys else None
         )
+
+
+# The fields that hold real numbers (None: unset, where allowed): inf and nan are refused in every one.
+_REAL_FIELDS = (
+    "alpha",
+    "learning_rate",
+    "momentum",
+    "weight_decay",
+    "lr_gamma",
+    "server_learning_rate",
+    "random_key_penalty",
+    "dp_clip",
+    "dp_noise_multiplier",
+    "prune_fraction",
+)
 
 
 def _check(rule_holds, message):

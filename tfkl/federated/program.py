@@ -58,7 +58,9 @@ def _train_owned(root_dir, config, options, dataset, partition, metrics_manager)
     run_dir.check_config(root_dir, config)
     process = build_process(config, return_client_updates=bool(options.capture_rounds))
     state_manager = run_dir.RunStateManager(root_dir, options.keep_rounds)
-    rerun = state_manager.check_states()
+    rerun, unsealed = state_manager.check_states(), state_manager.unsealed_rounds()
+    complete = state_manager.complete_rounds()
+    checked = bool(complete) and state_manager.check_manifest(complete[-1])  # before TensorFlow reads its files
     restored = state_manager.load(config, process, client_ids=())  # before a release manager writes into root_dir
     if restored is not None:
         start = restored[2]
@@ -69,7 +71,13 @@ def _train_owned(root_dir, config, options, dataset, partition, metrics_manager)
         next_clients = simulation.sample_clients(config.num_clients, config.clients_per_round, config.seed, start + 1)
         state_manager.check_clients(config, process, start, next_clients)
         if options.progress:
-            print(f"resuming {root_dir} after round {start}{_resume_reason(root_dir, rerun)}")
+            print(f"resuming {root_dir} after round {start}{_resume_reason(root_dir, rerun, unsealed)}")
+            if not checked:
+                print(
+                    f"note: {root_dir} has no manifest of round {start} (saved before runs had them): its files are "
+                    "not checked this time; every round from now on gets one"
+                )
+    state_manager.drop_unsealed()
     if metrics_manager is None:
         repaired = run_dir.repair_metrics(root_dir, 0 if restored is None else restored[2])
         if repaired and options.progress:
@@ -87,12 +95,20 @@ def _train_owned(root_dir, config, options, dataset, partition, metrics_manager)
     )
 
 
-def _resume_reason(root_dir, rerun):
+def _resume_reason(root_dir, rerun, unsealed):
+    """Why a resumed run starts where it does: the rounds after it lack their server state or manifest."""
     if not rerun:
         return " (the last complete one)"
-    names = ", ".join(f"program_state_{r}" for r in rerun)
+    lacking = [
+        f"{root_dir}/{directory} lacks {', '.join(name.format(r) for r in rounds)}"
+        for directory, name, rounds in (
+            ("server", "program_state_{}", [r for r in rerun if r not in unsealed]),
+            ("manifests", "manifest_{:05d}.json", [r for r in rerun if r in unsealed]),
+        )
+        if rounds
+    ]
     return (
-        f": {root_dir}/server lacks {names} (an interrupted save, or deleted), so round"
+        f": {' and '.join(lacking)} (an interrupted save, or deleted), so round"
         f"{'s' if len(rerun) > 1 else ''} {', '.join(map(str, rerun))} train{'' if len(rerun) > 1 else 's'} again"
     )
 

@@ -8,10 +8,13 @@ Under `root_dir`:
   metrics.csv, tensorboard/   per-round metrics (CSV and TensorBoard release managers)
   captures/            optional: what a curious server received (tfkl.capture format)
   client_data/         each client's examples in a file (the round ships its path)
+  manifests/           tfkl.federated.manifest: per complete round, the size and SHA-256 of each file the
+                       run owns for it; a resumed run checks its round's files against it before any work
   lock                 the PID of the process that writes the run (`ownership`: an flock held while it
                        trains; empty when none does)
-Client states are saved before the server state, so a round is complete when both exist; a resumed
-run starts from the last complete round and gives the same result as an uninterrupted one. A client's
+Client states are saved before the server state, then the round's manifest, so a round is complete when
+the three exist (a round saved before runs had manifests: the first two); a resumed run starts from the last
+complete round and gives the same result as an uninterrupted one. A client's
 state is created on its first sampling and read only when it is sampled: the driver's memory does
 not grow with --num_clients.
 """
@@ -26,6 +29,7 @@ import glob
 import json
 import os
 import secrets
+import shutil
 import tempfile
 import time
 
@@ -36,6 +40,7 @@ import tensorflow_federated as tff
 from tfkl import keys as keys_lib
 from tfkl.federated.client_store import ClientStateError, ClientStore
 from tfkl.federated.config import Config, ProgramError
+from tfkl.federated.manifest import ManifestError, RunManifests
 from tfkl.files import atomic_write
 
 CONFIG_FILE = "config.json"
@@ -261,7 +266,7 @@ def client_data_dir(root_dir):
     return os.path.join(os.path.abspath(root_dir), "client_data")
 
 
-_DIRECTORIES = ("server", "clients", "captures", "client_data", "tensorboard")
+_DIRECTORIES = ("server", "clients", "captures", "client_data", "tensorboard", "manifests")
 
 
 def _check_layout(root_dir):
@@ -306,13 +311,74 @@ class RunStateManager:
         )
         _check_layout(root_dir)
         self.clients = ClientStore(os.path.join(root_dir, "clients"), _bound_run_id(root_dir))
+        self.manifests = RunManifests(root_dir)
 
     def _server_rounds(self):
         return sorted(asyncio.run(self.server.get_versions()) or [])
 
     def complete_rounds(self):
-        """The rounds whose server and client states are both on disk, in order."""
-        return sorted(set(self._server_rounds()) & set(self.clients.rounds()))
+        """The rounds whose server and client states are both on disk, and their manifest once the run has
+        manifests (a round saved before it had any counts without one), in order."""
+        rounds = sorted(set(self._server_rounds()) & set(self.clients.rounds()))
+        sealed = self.manifests.rounds()
+        return [r for r in rounds if not sealed or r in sealed or r < sealed[0]]
+
+    def unsealed_rounds(self):
+        """The rounds after the last complete one that have a server state: their manifest is missing (a save
+        interrupted just before it, or deleted), so a resumed run trains them again (`drop_unsealed`)."""
+        complete = self.complete_rounds()
+        return [r for r in self._server_rounds() if r > (complete[-1] if complete else -1)]
+
+    def drop_unsealed(self):
+        """Deletes the server states of `unsealed_rounds`, which a resumed run saves again."""
+        for round_num in self.unsealed_rounds():
+            shutil.rmtree(os.path.join(self.root_dir, "server", f"program_state_{round_num}"))
+
+    def check_manifest(self, round_num):
+        """Raises ProgramError naming the first file of `round_num` that does not match its manifest and what
+        to do. Returns False when the round has no manifest (saved before runs had them), else True."""
+        if round_num not in self.manifests.rounds():
+            return False
+        verified = {}
+        try:
+            self.manifests.check(round_num, self._client_files(round_num), verified)
+        except ManifestError as e:
+            raise ProgramError(self._mismatch(round_num, e, verified)) from None
+        return True
+
+    def _client_files(self, round_num):
+        try:
+            return self.clients.listed_files(round_num)
+        except ClientStateError as e:
+            raise ProgramError(str(e)) from None
+
+    def _mismatch(self, round_num, error, verified):
+        """The error line of a file that does not match `round_num`'s manifest."""
+        path, manifest = os.path.join(self.root_dir, error.path), self.manifests.path(round_num)
+        if path == manifest:
+            return f"{path} is {error.problem}; restore it from a backup, or delete it: round {round_num} trains again"
+        if error.path.startswith("client_data/"):
+            advice = "delete it: train writes it again from the data set"
+        else:
+            advice = "restore it from a backup"
+            earlier = self._intact_round(round_num, verified)
+            if earlier is not None:
+                later = ", ".join(f"program_state_{r}" for r in self._server_rounds() if r > earlier)
+                advice += (
+                    f", or resume from round {earlier} (its files are intact): delete {later} in {self.root_dir}/server"
+                )
+        return f"{path} does not match the manifest of round {round_num} ({manifest}): {error.problem}; {advice}"
+
+    def _intact_round(self, round_num, verified):
+        """The last complete round before `round_num` whose files match its manifest, or None."""
+        sealed = self.manifests.rounds()
+        for earlier in reversed([r for r in self.complete_rounds() if r < round_num and r in sealed]):
+            try:
+                self.manifests.check(earlier, self.clients.listed_files(earlier), verified)
+                return earlier
+            except (ManifestError, ClientStateError):
+                continue
+        return None
 
     def check_states(self):
         """Raises ProgramError when the server state names a round whose client states are gone (never
@@ -331,7 +397,7 @@ class RunStateManager:
                 f"{missing}, but the server has trained to round {server[-1]}: the clients' keys and locks "
                 f"cannot be regenerated; restore {clients_dir} from a backup or use a new --root_dir"
             )
-        complete = sorted(set(server) & set(clients))
+        complete = self.complete_rounds()
         return [r for r in clients if complete and r > complete[-1]]
 
     def initial_key(self, config, client_id):
@@ -360,12 +426,15 @@ class RunStateManager:
 
     def save(self, round_num, server_state, client_states, changed):
         """Saves a round: the `changed` clients' states (the others in `client_states` that the last
-        round does not list yet as well), then the server state; prunes old rounds."""
+        round does not list yet as well), then the server state, then the round's manifest; prunes old rounds."""
         self.clients.save(round_num, client_states, changed=changed)
         asyncio.run(self.server.save(server_state, round_num))
+        self.manifests.write(round_num, self.clients.listed_files(round_num))
         if self.keep_rounds is not None:
             rounds = self.clients.rounds()
-            self.clients.prune(set(rounds[-self.keep_rounds :]) | {0})  # the rounds the server manager keeps
+            kept = set(rounds[-self.keep_rounds :]) | {0}  # the rounds the server manager keeps
+            self.clients.prune(kept)
+            self.manifests.prune(kept)
 
     def load(self, config, process, round_num=None, client_ids=None):
         """(server_state, client_states, round) of the last complete round (or `round_num`); None if none.
