@@ -10,6 +10,8 @@ the entries it left out of the fit best: the attack's own loss decides, never th
 
 import dataclasses
 
+import numpy as np
+
 from attacks import model as model_lib
 from attacks import targets as targets_lib
 
@@ -75,3 +77,23 @@ def attack_pool(attack, pooled, drifts=(0.0,), holdout=DEFAULT_HOLDOUT, labels=N
     scores = {drift: rec.info["held_out_loss"] for drift, rec in tried.items()}
     chosen = min(scores, key=scores.get)
     return tried[chosen], scores
+
+
+def score(reconstruction, truths):
+    """Per-image metrics of a pooled reconstruction against each capture's true data (`cases.UserData`, in pool
+    order), each capture's images matched one-to-one with its own truth (`experiment.evaluate`)."""
+    from attacks import experiment
+
+    n = len(truths[0].images)
+    parts = [
+        dataclasses.replace(
+            reconstruction,
+            images=reconstruction.images[k * n : (k + 1) * n],
+            raw_images=reconstruction.raw_images[k * n : (k + 1) * n],
+            labels=reconstruction.labels[k * n : (k + 1) * n],
+        )
+        for k in range(len(truths))
+    ]
+    images = np.concatenate([truth.images for truth in truths])
+    labels = np.concatenate([truth.labels for truth in truths])
+    return experiment.evaluate(parts, images, labels, n)

@@ -1,5 +1,6 @@
 """The attack binary: flag validation gives one clear line."""
 
+import json
 import subprocess
 import sys
 
@@ -52,3 +53,39 @@ def test_capture_naming_another_input_shape_is_one_clear_error(tmp_path):
         and last.startswith("error: the capture's architecture does not fit")
         and "input_shape" in last
     )
+
+
+def _captures(tmp_path, client_ids):
+    """Captures of an 8x8 locked LeNet's clients, one per id (a local step on two images each)."""
+    import numpy as np
+
+    from attacks import cases
+    from tfkl import models
+
+    model = models.build("lenet", (8, 8, 1), 4, lock=True, seed=1)
+    paths = []
+    for index, client_id in enumerate(client_ids):
+        images = np.random.default_rng(index).uniform(0, 1, (2, 8, 8, 1)).astype(np.float32)
+        path = str(tmp_path / f"round_{index + 1}_client_{client_id}.npz")
+        cases.client_update_capture(model, images, np.array([0, 1]), path, batch_size=1, client_id=client_id)
+        paths.append(path)
+    return paths
+
+
+def test_a_pool_of_one_clients_captures_is_attacked_together(tmp_path):
+    paths = _captures(tmp_path, ["3", "3"])
+    out = tmp_path / "out"
+    args = ("--attack=ig", "--threat=adaptive", "--iterations=4", "--restarts=1", "--noscore", "--pool_drifts=0,1")
+    result = _run("--pool=" + ",".join(paths), *args, f"--out_dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "pool_metrics.json").read_text())
+    assert set(metrics) == {"adaptive"} and len(metrics["adaptive"]["labels"]) == 4
+    assert set(metrics["adaptive"]["held_out"]) == {"0.0", "1.0"}
+
+
+def test_a_pool_mixing_clients_is_one_clear_error(tmp_path):
+    paths = _captures(tmp_path, ["0", "1"])
+    result = _run("--pool=" + ",".join(paths), "--threat=adaptive", "--noscore", f"--out_dir={tmp_path / 'out'}")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and lines[-1].startswith("error: ") and "one client's captures" in lines[-1]
+    assert not any("Traceback" in line for line in lines)

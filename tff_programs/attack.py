@@ -8,7 +8,8 @@ other threats); each client group of --batch_size images gives one single-step g
 (--target=gradient) or one multi-step FedAvg update of local SGD (--target=update). With
 --capture=FILE the binary attacks a captured update from the federated trainer instead (threats
 'none' for an unlocked capture, 'fixed-key'/'adaptive' for a locked one; no ground truth, so only
-reconstructions and labels are written).
+reconstructions and labels are written). With --pool=FILE,FILE,... it attacks several captures of one
+client together (a server that watches it over rounds; pool_metrics.json).
 
 Writes grid.png (truth above one row of reconstructions per threat), metrics.json (per threat: images
 recovered with the Wilson interval, per image metrics, summary mean/std, timing; settings) and table.txt,
@@ -47,6 +48,15 @@ _LOCAL_BATCH_SIZE = flags.DEFINE_integer("local_batch_size", 1, "Client batch si
 _LOCAL_EPOCHS = flags.DEFINE_integer("local_epochs", 1, "Client epochs (--target=update).", lower_bound=1)
 _CLIENT_LR = flags.DEFINE_float("client_learning_rate", 0.01, "Client SGD learning rate (--target=update).")
 _CAPTURE = flags.DEFINE_string("capture", None, "Attack this capture file (tfkl.capture format) instead.")
+_POOL = flags.DEFINE_list(
+    "pool",
+    [],
+    "Attack these capture files of one client (rounds in order) together instead: each capture's images are "
+    "unknowns of their own, the lock's unknowns shared (attacks.pooled).",
+)
+_POOL_DRIFTS = flags.DEFINE_list(
+    "pool_drifts", ["0"], "With --pool: drift strengths of the lock across captures, chosen by held-out entries."
+)
 _SCORE = flags.DEFINE_bool(
     "score",
     True,
@@ -81,6 +91,14 @@ flags.register_validator(
     f"--threat takes a comma-separated list from {attack_names.THREATS}",
 )
 flags.register_validator("out_dir", common.writable_dir_validator("out_dir"))
+flags.register_validator(
+    "pool_drifts",
+    lambda v: bool(v) and all(_is_non_negative(d) for d in v),
+    "--pool_drifts takes non-negative numbers, e.g. 0,0.1,1",
+)
+flags.register_multi_flags_validator(
+    ["capture", "pool"], lambda v: not (v["capture"] and v["pool"]), "--capture and --pool exclude each other"
+)
 flags.register_validator("client_learning_rate", lambda v: v > 0, "--client_learning_rate must be positive")
 flags.register_validator("learning_rate", lambda v: v is None or v > 0, "--learning_rate must be positive")
 flags.register_validator("tv", lambda v: v is None or v >= 0, "--tv must be non-negative")
@@ -90,6 +108,63 @@ flags.register_multi_flags_validator(
     lambda v: v["num_images"] % v["batch_size"] == 0,
     "--num_images must be a multiple of --batch_size (each client holds --batch_size images)",
 )
+
+
+def _is_non_negative(text):
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
+
+
+def _load_captures(paths):
+    """The capture files, or one `error:` line naming the one that is missing or unreadable."""
+    from tfkl import capture as capture_lib
+
+    captures = []
+    for path in paths:
+        if not os.path.exists(path):
+            common.fail(f"capture {path} does not exist")
+        try:
+            captures.append(capture_lib.load_capture(path))
+        except capture_lib.CaptureFormatError as e:
+            common.fail(str(e))
+    return captures
+
+
+def attack_pool(options):
+    """Attacks the --pool captures of one client together under each threat that applies to them."""
+    import json
+
+    from attacks import cases, experiment, pooled
+    from attacks import model as model_lib
+
+    captures = _load_captures(_POOL.value)
+    try:
+        view, pool = pooled.pool_captures(captures, names=_POOL.value, seed=_SEED.value)
+    except pooled.PoolError as e:
+        common.fail(str(e))
+    locked = bool(captures[0].meta["lock"])
+    threats = [t for t in _THREAT.value if t not in ("oracle", "adaptive-key") and (t == "none") != locked]
+    if not threats:
+        common.fail(f"none of --threat={','.join(_THREAT.value)} applies to {'locked' if locked else 'plain'} captures")
+    truths = [cases.capture_user_data(c.meta, data_dir=_DATA_DIR.value) for c in captures] if _SCORE.value else None
+    results = {}
+    for threat in threats:
+        attacker = model_lib.AttackerModel(view, threat, seed=_SEED.value + 7)
+        attack = experiment.build_attack(_ATTACK.value, attacker, options, seed=_SEED.value)
+        rec, held_out = pooled.attack_pool(attack, pool, [float(d) for d in _POOL_DRIFTS.value])
+        entry = {"labels": rec.labels.tolist(), "loss": rec.loss, "drift": rec.info["drift"], "held_out": held_out}
+        if truths and all(truths):
+            entry["per_image"] = pooled.score(rec, truths)
+            entry["success"] = experiment.success(entry["per_image"])
+            recovered = experiment.format_success(entry["success"])
+            print(f"pooled {len(captures)} captures, {threat}: {recovered} images recovered")
+        results[threat] = entry
+    os.makedirs(_OUT_DIR.value, exist_ok=True)
+    with open(os.path.join(_OUT_DIR.value, "pool_metrics.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {_OUT_DIR.value}/pool_metrics.json")
 
 
 def attack_capture(options):
@@ -180,6 +255,9 @@ def main(argv):
     tf.get_logger().setLevel("ERROR")
     if _CAPTURE.value:
         attack_capture(options)
+        return
+    if _POOL.value:
+        attack_pool(options)
         return
     try:
         dataset = study.load_data(_DATASET.value, _DATA_DIR.value)

@@ -14,7 +14,6 @@ with Wilson intervals over every image of every watched client and seed. Each (r
 process; each (client, K) one record: a killed run resumes where it stopped.
 """
 
-import dataclasses
 import glob
 import json
 import os
@@ -168,19 +167,8 @@ def attack_unit(root, row, attack_name, client, count, drifts, seed, dataset):
     reconstruction, held_out = pooled.attack_pool(attack, pool, drifts)
     seconds = time.perf_counter() - start
     truths = [cases.capture_user_data(capture.meta, dataset) for capture in captures]
-    n = pool.member.num_examples
-    parts = [
-        dataclasses.replace(
-            reconstruction,
-            images=reconstruction.images[k * n : (k + 1) * n],
-            raw_images=reconstruction.raw_images[k * n : (k + 1) * n],
-            labels=reconstruction.labels[k * n : (k + 1) * n],
-        )
-        for k in range(count)
-    ]
-    images = np.concatenate([truth.images for truth in truths])
+    per_image = pooled.score(reconstruction, truths)
     labels = np.concatenate([truth.labels for truth in truths])
-    per_image = experiment.evaluate(parts, images, labels, n)
     return {
         "attack": attack_name,
         "client": client,
