@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(*args):
     return subprocess.run(
@@ -72,6 +74,7 @@ def _captures(tmp_path, client_ids):
     return paths
 
 
+@pytest.mark.slow
 def test_a_pool_of_one_clients_captures_is_attacked_together(tmp_path):
     paths = _captures(tmp_path, ["3", "3"])
     out = tmp_path / "out"

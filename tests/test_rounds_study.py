@@ -63,7 +63,7 @@ def test_tabulation_pools_every_image_of_every_watched_client_and_seed(tmp_path)
         _record(out, "M1", "spatial", "grnn", seed, 1, 1, [0.1])
         _record(out, "M1", "spatial", "grnn", seed, 0, 2, [0.7, 0.65])
     _record(out, "M1", "dp-1", "ig", 0, 0, 2, [0.9, 0.2])
-    payload = rounds.tabulate(out, [1, 2])
+    payload = rounds.tabulate(out)
     one, two = payload["results"]["M1"]["spatial"]["grnn"]["1"], payload["results"]["M1"]["spatial"]["grnn"]["2"]
     assert (one["recovered"], one["n"], two["recovered"], two["n"]) == (2, 4, 4, 4)
     assert one["seeds"] == [0, 1] and one["mean_ssim"] == pytest.approx(0.4)

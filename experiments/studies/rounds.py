@@ -269,12 +269,14 @@ def pooled_success(records):
     )
 
 
-def tabulate(out_dir, counts):
-    """The payload of results/rounds.json: per regime, row and K the images recovered, and one table."""
+def tabulate(out_dir):
+    """The payload of results/rounds.json: per regime, row and K (every K stored) the images recovered, and one
+    table."""
     from attacks import experiment
 
-    results, rows = {}, []
-    for (regime, row, attack), by_count in stored(out_dir).items():
+    results, rows, found = {}, [], stored(out_dir)
+    counts = sorted({count for by_count in found.values() for count in by_count})
+    for (regime, row, attack), by_count in found.items():
         entry = {str(count): pooled_success(records) for count, records in by_count.items()}
         results.setdefault(regime, {}).setdefault(row, {})[attack] = entry
         cells_ = [experiment.format_success(entry[str(c)]) if str(c) in entry else "not run" for c in counts]
@@ -306,7 +308,7 @@ def main(argv):
     if not _TABULATE_ONLY.value:
         jobs = cell_jobs(dirs, _REGIMES.value, _ROWS.value, _SEEDS.value, _ATTACKS.value, counts, drifts)
         cells.run_jobs(jobs, _WORKERS.value)
-    payload = tabulate(_RECORDS_DIR.value, counts)
+    payload = tabulate(_RECORDS_DIR.value)
     for path in cells.publish("rounds", payload, time.perf_counter() - start, _RECORDS_DIR.value):
         print(path)
 
