@@ -12,7 +12,7 @@ import pytest
 from experiments import cells
 from experiments.perf import dlg_speed, keylock_overhead
 from experiments.report import document, tables
-from experiments.studies import key_table, regimes, table1
+from experiments.studies import key_table, regimes, rounds, table1
 from tfkl import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,6 +75,15 @@ def test_a_studys_page_regenerates_from_its_committed_json(name, tmp_path):
     page = tmp_path / f"{name}.md"
     tables.write_markdown(str(page), name, json.loads(_committed(name, "json")))
     assert page.read_text() == _committed(name, "md")
+
+
+def test_the_rounds_study_regenerates_from_its_committed_records(tmp_path):
+    payload = rounds.tabulate(os.path.join(RESULTS, "rounds_cells"))
+    path, page = cells.publish("rounds", payload, 0.0, "results/rounds_cells", results_dir=str(tmp_path))
+    assert _lines(open(page).read()) == _lines(_committed("rounds", "md"))
+    committed, regenerated = json.loads(_committed("rounds", "json")), json.load(open(path))
+    for key in ("settings", "results", "tables", "headline", "notes"):
+        _close(regenerated[key], committed[key], key)
 
 
 def test_the_key_table_page_regenerates_from_its_committed_json():

@@ -52,6 +52,12 @@ def _dp_row(noise):
 
 
 ROWS.update({row: _dp_row(noise) for row, noise in DP_NOISE.items()})
+NOTES = [
+    "Under DP-FedAvg the server attacks each update clipped (the noise goes on the sum): GRNN matches squared L2 "
+    "distances, which the clip's unknown scale misleads, while IG's cosine distance is scale-free; read the IG rows.",
+    "'adaptive': the attacker optimises the lock's gamma/beta (one scale and shift per channel, or per position and "
+    "channel for the spatial lock) shared by the K captures, with each capture's image; it never holds the key.",
+]
 CLIENTS = 4
 WATCHED = (0, 1)
 ATTACKS = {  # name: its settings, those of experiments.studies.candidates at batch 1
@@ -292,7 +298,7 @@ def tabulate(out_dir):
         "columns": columns,
         "rows": rows,
     }
-    notes = [f"{name}: {text}" for name, (text, _) in REGIMES.items()]
+    notes = [f"{name}: {text}" for name, (text, _) in REGIMES.items()] + NOTES
     settings = dict(clients=CLIENTS, watched=list(WATCHED), attacks=ATTACKS, dataset="fashion_mnist")
     return {"results": results, "tables": [table], "notes": notes, "settings": settings}
 
