@@ -331,6 +331,7 @@ def test_figures_are_drawn_from_the_results_only(tmp_path):
         "skipped privacy_utility.png: no privacy_utility.json",
         "skipped privacy_over_rounds.png: no regimes.json",
         "skipped candidates_frontier.png: no candidates.json",
+        "skipped privacy_pooled_rounds.png: no rounds.json",
     ]
     lines = report.figures_markdown(str(results / "figures"), str(tmp_path))
     assert "![accuracy_curves](results/figures/accuracy_curves.png)" in lines

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import cells
+from experiments.report import figures
 from experiments.studies import rounds
 from tfkl import capture as capture_lib
 
@@ -73,6 +74,8 @@ def test_tabulation_pools_every_image_of_every_watched_client_and_seed(tmp_path)
     assert "epsilon" in dp[1] and dp[4] == "not run" and dp[5].startswith("1/2")
     path, page = cells.publish("rounds", payload, 1.0, out, results_dir=str(tmp_path / "results"))
     assert json.load(open(path))["results"]["M1"]["dp-1"]["ig"]["2"]["n"] == 2 and os.path.exists(page)
+    figures.pooled_rounds(json.load(open(path)), str(tmp_path / "pooled.png"))
+    assert (tmp_path / "pooled.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_missing_captures_are_named():
