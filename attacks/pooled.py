@@ -14,20 +14,10 @@ import numpy as np
 
 from attacks import model as model_lib
 from attacks import targets as targets_lib
+from tfkl import capture as capture_lib
 
-MATCHING_META = (
-    "architecture",
-    "variable_names",
-    "trainable",
-    "num_examples",
-    "batch_size",
-    "local_epochs",
-    "learning_rate",
-    "momentum",
-    "nesterov",
-    "weight_decay",
-    "loss",
-)
+PER_CAPTURE_META = ("format", "round", "client_id")  # the rest of a capture's meta is the same for one client
+MATCHING_META = tuple(key for key in capture_lib.REQUIRED_META if key not in PER_CAPTURE_META)
 DEFAULT_HOLDOUT = 0.1  # the share of each capture's entries `attack_pool` leaves out to compare drift strengths
 
 

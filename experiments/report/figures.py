@@ -95,6 +95,23 @@ def _threat_rank(threat):
     return regimes.THREAT_ORDER.index(threat) if threat in regimes.THREAT_ORDER else len(regimes.THREAT_ORDER)
 
 
+def _success_line(ax, xs, rates, **style):
+    """Success rates (`metrics.success_rate` dicts) against `xs`, in %, with their Wilson intervals as error bars."""
+    errors = [  # the Wilson bounds can sit a rounding error inside the rate at 0 or 100 %
+        [max(0.0, 100 * (r["rate"] - r["low"])) for r in rates],
+        [max(0.0, 100 * (r["high"] - r["rate"])) for r in rates],
+    ]
+    ax.errorbar(xs, [100 * r["rate"] for r in rates], yerr=errors, marker="o", capsize=3, **style)
+
+
+def _success_axes(ax, xlabel):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("images recovered (%)")
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def privacy_over_rounds(doc, path):
     """Attack success (aligned SSIM >= 0.6, Wilson 95 % interval) against the round whose global model the
     client trains, FedAvg's run ('none') and FedKL's (the locked threats), and what the labels alone give (a
@@ -113,25 +130,22 @@ def privacy_over_rounds(doc, path):
         for threat, points in sorted(by_threat.items(), key=lambda item: _threat_rank(item[0])):
             points.sort(key=lambda point: point[0])
             rounds = [r for r, _ in points]
-            rates = [100 * p["rate"] for _, p in points]
-            errors = [  # the Wilson bounds can sit a rounding error inside the rate at 0 or 100 %
-                [max(0.0, 100 * (p["rate"] - p["low"])) for _, p in points],
-                [max(0.0, 100 * (p["high"] - p["rate"])) for _, p in points],
-            ]
             if threat == regimes.LABEL_FLOOR_KEY:  # the same images as their class means: no model, no attack
-                ax.plot(rounds, rates, linestyle="--", color="grey", label=regimes.LABEL_FLOOR)
+                ax.plot(
+                    rounds,
+                    [100 * p["rate"] for _, p in points],
+                    linestyle="--",
+                    color="grey",
+                    label=regimes.LABEL_FLOOR,
+                )
                 continue
             # 'none' and the known-order oracle attack FedAvg's run, the other threats FedKL's.
             run = "FedAvg" if threat in ("none", regimes.ORDER_ORACLE) else "FedKL"
             label = f"{run}, {regimes.THREAT_LABELS.get(threat, threat)}"
             color = f"C{_threat_rank(threat)}"  # a threat keeps its colour in both panels
-            ax.errorbar(rounds, rates, yerr=errors, marker="o", capsize=3, color=color, label=label)
+            _success_line(ax, rounds, [p for _, p in points], color=color, label=label)
         ax.set_title(title)
-        ax.set_xlabel("round of the captured global model")
-        ax.set_ylabel("images recovered (%)")
-        ax.set_ylim(-5, 105)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _success_axes(ax, "round of the captured global model")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -151,21 +165,12 @@ def pooled_rounds(doc, path):
                 continue
             points = sorted((int(k), entry) for k, entry in by_attack[attack].items())
             counts = [k for k, _ in points]
-            rates = [100 * e["rate"] for _, e in points]
-            errors = [
-                [max(0.0, 100 * (e["rate"] - e["low"])) for _, e in points],
-                [max(0.0, 100 * (e["high"] - e["rate"])) for _, e in points],
-            ]
             label = f"{rounds.ROWS[row][0]} ({rounds.ROWS[row][2]})"
-            ax.errorbar(counts, rates, yerr=errors, marker="o", capsize=3, color=f"C{index}", label=label)
+            _success_line(ax, counts, [e for _, e in points], color=f"C{index}", label=label)
         ax.set_title(f"{regime}: {rounds.REGIMES[regime][0]}; {attack}", fontsize=9)
         ax.set_xscale("log", base=2)
         ax.set_xticks(counts, [str(k) for k in counts])
-        ax.set_xlabel("captures of one client pooled (K)")
-        ax.set_ylabel("images recovered (%)")
-        ax.set_ylim(-5, 105)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _success_axes(ax, "captures of one client pooled (K)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
