@@ -17,13 +17,14 @@ KEY_DIM = 6
 LEARNING_RATE = 0.1
 
 
-def tiny_model(locked=True):
+def tiny_model(locked=True, round_noise=0.0):
     """Conv -> KeyLock (or BatchNorm) -> dense, with seeded weights: equal on every call."""
     seeded = lambda s: tf.keras.initializers.GlorotUniform(seed=s)  # noqa: E731
     inputs = tf.keras.Input(SHAPE)
     x = tf.keras.layers.Conv2D(3, 3, kernel_initializer=seeded(1), bias_initializer=seeded(2))(inputs)
     if locked:
-        x = tfkl.KeyLock(KEY_DIM, lock_initializer=seeded(3), key=tfkl.generate_key(KEY_DIM, seed=0))(x)
+        key = tfkl.generate_key(KEY_DIM, seed=0)
+        x = tfkl.KeyLock(KEY_DIM, lock_initializer=seeded(3), key=key, round_noise=round_noise)(x)
     else:
         x = tf.keras.layers.BatchNormalization()(x)
     x = tf.keras.layers.Flatten()(x)
@@ -285,6 +286,55 @@ def test_random_key_penalty_changes_the_update_only_when_positive():
             weight_by_examples=True,
             random_key_penalty=1.0,
         )
+
+
+def noisy_round(global_weights, key, images, labels, round_noise=0.5):
+    """(ClientOutput, the trained model) of one plain SGD step of a client whose lock has `round_noise`."""
+    trained = tiny_model(round_noise=round_noise)
+    state = client_work.initial_client_state(trained, key, persist_optimizer_state=False, keep_statistics=False)
+    output = client_work.client_update(
+        trained, plain_sgd(), global_weights, LEARNING_RATE, dataset_of(images, labels), state, weight_by_examples=True
+    )
+    return output, trained
+
+
+def test_round_noise_is_drawn_per_key_and_round_trains_the_step_and_never_leaves_the_client():
+    global_weights, images, labels = shared_weights(tiny_model()), *batch()
+    key = tfkl.generate_key(KEY_DIM, seed=7)
+    output, trained = noisy_round(global_weights, key, images, labels)
+    lock = tfkl.private.lock_layers(trained)[0]
+    noise = lock.noise.numpy()
+    assert noise.shape == (2, 3) and np.all(noise != 0)  # (scale, shift) x channels
+    again, again_model = noisy_round(global_weights, key, images, labels)
+    np.testing.assert_array_equal(tfkl.private.lock_layers(again_model)[0].noise.numpy(), noise)
+    for a, b in zip(tf.nest.flatten(output), tf.nest.flatten(again)):
+        np.testing.assert_array_equal(a, b)
+    next_round = collections.OrderedDict(
+        trainable=[w + 0.01 for w in global_weights["trainable"]], non_trainable=global_weights["non_trainable"]
+    )
+    other_round = tfkl.private.lock_layers(noisy_round(next_round, key, images, labels)[1])[0].noise.numpy()
+    other_key = tfkl.private.lock_layers(noisy_round(global_weights, 1 - key, images, labels)[1])[0].noise.numpy()
+    assert not np.allclose(other_round, noise) and not np.allclose(other_key, noise)
+    # The step is SGD on the noisy lock: gamma * (1 + noise[0]), beta + gamma * noise[1].
+    manual = tiny_model(round_noise=0.5)
+    manual_lock = tfkl.private.lock_layers(manual)[0]
+    manual_lock.noise.assign(noise)
+    manual_lock.key.assign(key)
+    with tf.GradientTape() as tape:
+        loss = training.classification_loss()(labels, manual(images, training=True))
+    shared = client_work.ModelParts(manual).split(manual)[0]
+    for delta, gradient in zip(output.update["trainable"], tape.gradient(loss, shared)):
+        np.testing.assert_allclose(delta, -LEARNING_RATE * gradient.numpy(), rtol=1e-4, atol=1e-6)
+    noiseless, _ = noisy_round(global_weights, key, images, labels, round_noise=0.0)
+    assert not np.allclose(noiseless.update["trainable"][0], output.update["trainable"][0])
+    # Inference never applies it, and the noise is in neither the state nor the update.
+    with_noise = manual(images, training=False)
+    manual_lock.noise.assign(tf.zeros_like(manual_lock.noise))
+    np.testing.assert_array_equal(with_noise, manual(images, training=False))
+    assert [a.shape for a in tf.nest.flatten(output.client_state)] == [
+        a.shape for a in tf.nest.flatten(noiseless.client_state)
+    ]
+    assert [a.shape for a in tf.nest.flatten(output.update)] == [a.shape for a in tf.nest.flatten(noiseless.update)]
 
 
 def test_reject_non_finite_passes_a_finite_client_and_zeroes_a_diverged_one():

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from attacks import targets
 from experiments import cells
 from experiments.report import figures
 from experiments.studies import rounds
@@ -26,6 +27,17 @@ def test_the_training_run_captures_every_round_without_persistent_momentum():
         assert flag in argv
     assert {"--examples_per_client=1", "--fresh_examples", "--lock_affine=spatial"} <= set(argv)
     assert "--client_weighting=uniform" in rounds.train_argv("M8", "dp-3", 0, "/r", 4)
+
+
+def test_the_noise_and_pruning_rows_train_their_protocol_and_the_attacker_knows_pruning():
+    assert "--lock_noise=0.5" in rounds.train_argv("M1", "compact-noise", 0, "/r", 8)
+    assert {"--prune_fraction=0.9", "--lock_kernel=compact"} <= set(
+        rounds.train_argv("M1", "compact-pruned", 0, "/r", 8)
+    )
+    member = targets.Target("update", (np.ones(3, np.float32),), 1, batch_size=1, learning_rate=0.01)
+    pool = targets.Pooled((member, member), ((), ()))
+    assert all(m.pruned for m in rounds.with_protocol(pool, "compact-pruned").members)
+    assert rounds.with_protocol(pool, "compact-noise") is pool
 
 
 def test_under_dp_fedavg_the_server_sees_each_update_clipped_and_without_noise():

@@ -100,6 +100,13 @@ _LOCK_KERNEL = flags.DEFINE_enum(
     "FedKL: the lock kernels as variables (key_dim x affine size each), or compact: gain * W0 + "
     "outer(key, delta) with W0 drawn from a private seed (the same training, a fraction of the private state).",
 )
+_LOCK_NOISE = flags.DEFINE_float(
+    "lock_noise",
+    0.0,
+    "FedKL: strength s of a secret noise on the lock in training: each round a client scales its gamma by "
+    "(1 + s * e1) and shifts its beta by gamma * s * e2 (e1, e2 standard normal per entry, drawn from its key "
+    "and the round), which a server that pools its captures cannot model. 0: none (the paper's).",
+)
 _LOCK_INIT = flags.DEFINE_enum(
     "lock_init",
     "shared",
@@ -203,7 +210,7 @@ for _name in ("num_clients", "clients_per_round", "local_epochs", "batch_size", 
     _number_rule(_name, lambda v: v >= 1, "be at least 1")
 for _name in ("learning_rate", "server_learning_rate", "lr_gamma", "alpha", "dp_clip"):
     _number_rule(_name, lambda v: v > 0, "be positive and finite")
-for _name in ("momentum", "weight_decay", "dp_noise_multiplier", "random_key_penalty", "prune_fraction"):
+for _name in ("momentum", "weight_decay", "dp_noise_multiplier", "random_key_penalty", "prune_fraction", "lock_noise"):
     _number_rule(_name, lambda v: v >= 0, "not be negative, and be finite")
 flags.register_validator("lr_milestones", _parse_int_list, "--lr_milestones must be a list of round numbers (>= 1)")
 flags.register_validator(
@@ -257,6 +264,7 @@ def config_from_flags(dataset):
         lock_init=_LOCK_INIT.value,
         lock_affine=_LOCK_AFFINE.value,
         lock_kernel=_LOCK_KERNEL.value,
+        lock_noise=_LOCK_NOISE.value,
         dp_clip=_DP_CLIP.value,
         dp_noise_multiplier=_DP_NOISE.value,
         prune_fraction=_PRUNE.value,

@@ -284,6 +284,10 @@ class KeyLock(_AffineNormalization):
         fixed spatial size, and the kernels grow to key_dim x height x width x channels).
       kernel: 'full' (the kernels as variables) or 'compact' (see above: the same arithmetic, with
         private variables of the affine size instead of key_dim x affine size).
+      round_noise: 0 (the paper's) or the strength s of a secret random affine of the normalised
+        input in training steps: `gamma * (1 + s * e1)` and `beta + gamma * s * e2` with e1, e2
+        standard normal per entry of gamma, drawn by `draw_round_noise` (a federated client draws
+        them once per round from its key and the round's weights). Inference never applies it.
 
     Call arguments:
       inputs: channels-last features of rank >= 2.
@@ -303,6 +307,7 @@ class KeyLock(_AffineNormalization):
         key=None,
         affine="channel",
         kernel="full",
+        round_noise=0.0,
         **kwargs,
     ):
         super().__init__(normalization, groups, momentum, epsilon, **kwargs)
@@ -314,6 +319,9 @@ class KeyLock(_AffineNormalization):
             raise ValueError(f"key_dim must be a positive integer, got {key_dim}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if not (np.isfinite(round_noise) and round_noise >= 0):
+            raise ValueError(f"round_noise must be a finite number >= 0, got {round_noise}")
+        self.round_noise = float(round_noise)
         self.key_dim = int(key_dim)
         self.affine = affine
         self.kernel = kernel
@@ -343,6 +351,14 @@ class KeyLock(_AffineNormalization):
             self._build_full_lock()
         else:
             self._build_compact_lock(initial_key)
+        if self.round_noise > 0:
+            self.noise = self.add_weight(
+                name="round_noise",
+                shape=(2,) + self.affine_shape,
+                initializer="zeros",
+                trainable=False,
+                experimental_autocast=False,
+            )
 
     def _build_full_lock(self):
         lock_shape = (self.key_dim, self.affine_size)
@@ -416,8 +432,16 @@ class KeyLock(_AffineNormalization):
 
     @property
     def cache_weights(self):
-        """What derives from the secret and is not kept: a compact lock's cached key projection."""
-        return [] if self.kernel == "full" else [self.projected_seed, self.projected_key, self.key_projection]
+        """What derives from the secret and is not kept: a compact lock's cached key projection and the
+        round's noise (round_noise > 0)."""
+        cache = [] if self.kernel == "full" else [self.projected_seed, self.projected_key, self.key_projection]
+        return cache + ([self.noise] if self.round_noise > 0 else [])
+
+    def draw_round_noise(self, seed):
+        """Draws the noise of the training steps to come (e1, e2 of `round_noise`) from a stateless
+        `seed` ([2] int64); returns the assignment."""
+        noise = tf.random.stateless_normal((2,) + self.affine_shape, seed, dtype=tf.float32)
+        return self.noise.assign(self.round_noise * noise)
 
     def initial_kernels(self):
         """A compact lock's W0 of both kernels, [2, key_dim, affine_size] (scale, shift): uniform over
@@ -449,9 +473,11 @@ class KeyLock(_AffineNormalization):
         return lock_affine(key, *self.lock_weights, self.activation, self.affine_shape)
 
     def affine_parameters(self, training=False):
-        if self.kernel == "compact":
-            return self._compact_affine(training)
-        return self.lock_parameters()
+        gamma, beta = self._compact_affine(training) if self.kernel == "compact" else self.lock_parameters()
+        if not (training and self.round_noise > 0):
+            return gamma, beta
+        noise = tf.cast(self.noise, gamma.dtype)
+        return gamma * (1 + noise[0]), beta + gamma * noise[1]
 
     def _compact_affine(self, training):
         """A compact lock's (gamma, beta): act(gain * (key @ W0) + (key . lock_key) * delta + bias)."""
@@ -503,6 +529,7 @@ class KeyLock(_AffineNormalization):
             lock_initializer=self._serialized_lock_initializer(),
             affine=self.affine,
             kernel=self.kernel,
+            round_noise=self.round_noise,
         )
         return config
 

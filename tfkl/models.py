@@ -170,6 +170,7 @@ def build(
     control: bool = False,
     affine: str = "channel",
     kernel: str = "full",
+    round_noise: float = 0.0,
 ) -> tf.keras.Model:
     """Builds a zoo model; with `lock=True` its first conv layer (or those `where` names) carries a KeyLock block.
 
@@ -181,7 +182,8 @@ def build(
       init: 'pytorch' (PyTorch's default initialisers, the paper's), 'dlg' (U(-0.5, 0.5) on every
         weight and bias, as DLG attacks use) or 'keras' (Keras defaults).
       seed: seeds every initialiser (distinct per layer) for reproducible experiments.
-      key_dim, activation, normalization, key, affine, kernel: the KeyLock's options (see `tfkl.KeyLock`).
+      key_dim, activation, normalization, key, affine, kernel, round_noise: the KeyLock's options (see
+        `tfkl.KeyLock`).
       where: the layers to lock, as `tfkl.secure` takes it: 'first' (the paper's), 'all', a number
         of layers or names.
       control: with `lock=False`, the FedAvg control instead of the plain backbone: a
@@ -219,4 +221,5 @@ def build(
         name=f"{name}_locked",
         affine=affine,
         kernel=kernel,
+        round_noise=round_noise,
     )

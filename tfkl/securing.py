@@ -116,6 +116,7 @@ def secure(
     name: str | None = None,
     affine: str = "channel",
     kernel: str = "full",
+    round_noise: float = 0.0,
 ) -> tf.keras.Model:
     """Returns a copy of `model` with a KeyLock block after each chosen conv/dense layer.
 
@@ -127,7 +128,8 @@ def secure(
       model: a built Sequential or functional Keras model.
       where: 'first', 'all' (every conv/dense layer but the outputs), a number n (the first n of
         them), or a list of layer names.
-      key_dim, activation, normalization, lock_initializer, affine, kernel: passed to each `tfkl.KeyLock`.
+      key_dim, activation, normalization, lock_initializer, affine, kernel, round_noise: passed to each
+        `tfkl.KeyLock`.
       key: the client key (shape (key_dim,)); default a fresh CSPRNG key, shared by all locks.
       name: name of the new model (default: the original's name + '_locked').
     """
@@ -143,6 +145,7 @@ def secure(
             key=key,
             affine=affine,
             kernel=kernel,
+            round_noise=round_noise,
             name=f"{name}_keylock",
             **options,
         )

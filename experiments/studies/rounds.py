@@ -14,6 +14,7 @@ with Wilson intervals over every image of every watched client and seed. Each (r
 process; each (client, K) one record: a killed run resumes where it stopped.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -31,13 +32,22 @@ REGIMES = {  # name: (what the watched client holds, tff_programs.train flags)
     ),
     "M8": ("the same 8 images each round, 4 steps of 2", ["--examples_per_client=8", "--batch_size=2"]),
 }
+COMPACT_SPATIAL = ("--algorithm=fedkl", "--lock_affine=spatial", "--lock_kernel=compact")
+LOCK_NOISE = 0.5  # the lock noise's strength: each round gamma * (1 + 0.5 e1), beta + gamma * 0.5 e2
+PRUNE = 0.9  # the share of each update's entries a pruning client zeroes (the candidates' pruning)
 ROWS = {  # name: (label, tff_programs.train flags, the threat the pooled attack runs under)
     "none": ("no defence (the FedAvg control)", ["--algorithm=fedavg-norm"], "none"),
     "paper": ("the paper's lock", ["--algorithm=fedkl"], "adaptive"),
     "spatial": ("the spatial lock", ["--algorithm=fedkl", "--lock_affine=spatial"], "adaptive"),
-    "compact": (
-        "the spatial lock, compact kernels",
-        ["--algorithm=fedkl", "--lock_affine=spatial", "--lock_kernel=compact"],
+    "compact": ("the spatial lock, compact kernels", [*COMPACT_SPATIAL], "adaptive"),
+    "compact-noise": (
+        f"the compact spatial lock, lock noise {LOCK_NOISE:g}",
+        [*COMPACT_SPATIAL, f"--lock_noise={LOCK_NOISE}"],
+        "adaptive",
+    ),
+    "compact-pruned": (
+        f"the compact spatial lock, {PRUNE:.0%} update pruning",
+        [*COMPACT_SPATIAL, f"--prune_fraction={PRUNE}"],
         "adaptive",
     ),
 }
@@ -55,6 +65,11 @@ ROWS.update({row: _dp_row(noise) for row, noise in DP_NOISE.items()})
 NOTES = [
     "Under DP-FedAvg the server attacks each update clipped (the noise goes on the sum): GRNN matches squared L2 "
     "distances, which the clip's unknown scale misleads, while IG's cosine distance is scale-free; read the IG rows.",
+    "Lock noise: each round the client trains with gamma * (1 + s e1) and beta + gamma * s e2 (e1, e2 standard "
+    "normal per entry, drawn from its key and the round); the pooled attack may give each capture its own offset of "
+    "the lock's unknowns under a penalty whose strength (drift) it picks by its loss on held-out entries: the "
+    "strengths tried are each record's held_out_losses.",
+    "Pruning: the client zeroes the smallest 90 % of its update's entries; the attacker compares the kept ones.",
     "'adaptive': the attacker optimises the lock's gamma/beta (one scale and shift per channel, or per position and "
     "channel for the spatial lock) shared by the K captures, with each capture's image; it never holds the key.",
 ]
@@ -157,6 +172,13 @@ def epsilon(noise, rounds, delta=DP_DELTA):
     return accountant.get_epsilon(delta)
 
 
+def with_protocol(pool, row):
+    """`pool` as the attacker knows the row's protocol: a pruning row's members compare their kept entries only."""
+    if not any(flag.startswith("--prune_fraction") for flag in ROWS[row][1]):
+        return pool
+    return dataclasses.replace(pool, members=tuple(dataclasses.replace(m, pruned=True) for m in pool.members))
+
+
 def attack_unit(root, row, attack_name, client, count, drifts, seed, dataset):
     """The record of one watched client's first `count` captures attacked together (see the module doc)."""
     from attacks import cases, experiment, pooled
@@ -166,6 +188,7 @@ def attack_unit(root, row, attack_name, client, count, drifts, seed, dataset):
     paths = watched_captures(root, client, count)
     captures = [server_sees(capture_lib.load_capture(path), row) for path in paths]
     view, pool = pooled.pool_captures(captures, names=[os.path.basename(p) for p in paths], seed=seed)
+    pool = with_protocol(pool, row)
     threat = ROWS[row][2]
     attacker = model_lib.AttackerModel(view, threat, seed=seed + 7)
     attack = experiment.build_attack(attack_name, attacker, seed=seed, **ATTACKS[attack_name])

@@ -107,6 +107,9 @@ def uniform_divergence(logits):
     return -tf.reduce_mean(log_probs) - tf.math.log(classes)
 
 
+_NOISE_STREAM = 0x6E6F6973  # folded into the round's seed for the lock's noise (the penalty folds in step numbers)
+
+
 def _penalty_seed(key, global_weights):
     """The stateless seed of a client's round: distinct per client (its key) and round (the broadcast
     shared weights), reproducible with seeded keys; steps fold their index in."""
@@ -174,6 +177,7 @@ def client_update(
     if random_key_penalty > 0 and not key_vars:
         raise ValueError("random_key_penalty needs a model with a key (FedKL)")
     _load_client_model(trainable, non_trainable, key_vars, lock_vars, global_weights, state)
+    _draw_round_noise(model, state["key"][0] if key_vars else None, global_weights)
     if persist_optimizer_state:
         buffers = list(state["optimizer"])
     else:
@@ -214,6 +218,17 @@ def _load_client_model(trainable, non_trainable, key_vars, lock_vars, global_wei
         non_trainable + key_vars + lock_vars, list(own_statistics) + own_keys + list(state["lock"])
     ):
         variable.assign(value)
+
+
+def _draw_round_noise(model, own_key, global_weights):
+    """Draws each noisy lock's noise of the round (`tfkl.KeyLock`'s round_noise) from the stateless seed of the
+    client's key and the round's shared weights: reproducible by the client, not by a server without the key."""
+    noisy = [lock for lock in private.lock_layers(model) if lock.round_noise > 0]
+    if not noisy:
+        return
+    seed = tf.random.experimental.stateless_fold_in(_penalty_seed(own_key, global_weights), _NOISE_STREAM)
+    for index, lock in enumerate(noisy):
+        lock.draw_round_noise(tf.random.experimental.stateless_fold_in(seed, index))
 
 
 class TrainingSums(NamedTuple):

@@ -61,6 +61,7 @@ class Config:
     lock_where: str = "first"  # FedKL: the layers to lock ('first', 'first-two', 'all'; see tfkl.secure)
     lock_affine: str = "channel"  # FedKL: a gamma/beta per channel (the paper's) or per position and channel
     lock_kernel: str = "full"  # FedKL: the lock kernels as variables or compact (tfkl.KeyLock's kernel)
+    lock_noise: float = 0.0  # FedKL: strength of the secret per-round noise on the lock (tfkl.KeyLock's round_noise)
     lock_init: str = "shared"  # FedKL: clients start from model_fn's lock weights (the paper) or
     # 'private' ones each draws from the CSPRNG (the server cannot know them)
     dp_clip: float = None  # DP-FedAvg (TFF's gaussian_fixed): clip of each client's update
@@ -101,7 +102,7 @@ class Config:
         )
         for name in ("alpha", "learning_rate", "lr_gamma", "server_learning_rate"):
             _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("momentum", "weight_decay", "dp_noise_multiplier", "random_key_penalty"):
+        for name in ("momentum", "weight_decay", "dp_noise_multiplier", "random_key_penalty", "lock_noise"):
             _check(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
         _check(
             self.clients_per_round <= self.num_clients,
@@ -115,6 +116,10 @@ class Config:
         _check(
             self.lock_kernel == "full" or self.locked,
             f"lock_kernel={self.lock_kernel!r} needs algorithm=fedkl (a model with a lock), got {self.algorithm!r}",
+        )
+        _check(
+            self.lock_noise == 0 or self.locked,
+            f"lock_noise needs algorithm=fedkl (a model with a lock), got {self.algorithm!r}",
         )
         _check(
             self.lock_kernel == "full" or self.random_key_penalty == 0,
@@ -149,7 +154,9 @@ class Config:
             where = {"first-two": 2}.get(self.lock_where, self.lock_where)
             options.update(normalization=self.normalization, where=where, control=self.control)
         if self.locked:
-            options.update(key_dim=self.key_dim, affine=self.lock_affine, kernel=self.lock_kernel)
+            options.update(
+                key_dim=self.key_dim, affine=self.lock_affine, kernel=self.lock_kernel, round_noise=self.lock_noise
+            )
         return lambda: models.build(self.model, shape, classes, lock=self.locked, **options)
 
     def client_optimizer(self):
@@ -200,6 +207,7 @@ _REAL_FIELDS = (
     "lr_gamma",
     "server_learning_rate",
     "random_key_penalty",
+    "lock_noise",
     "dp_clip",
     "dp_noise_multiplier",
     "prune_fraction",
