@@ -1,6 +1,7 @@
 """The committed tables regenerate identically from the committed records, through the engine's one tabulation path
 (`experiments.cells.publish`): regimes and regimes_heldout from results/regimes_cells/ and
-results/regimes_heldout_cells/, the candidates' page from results/candidates.json (its per-image records live
+results/regimes_heldout_cells/, rounds from results/rounds_cells/, the frontier from the published studies and
+results/frontier_cells/, the candidates' page from results/candidates.json (its per-image records live
 under runs/candidates/, not in the repository). Only the provenance line (command, commit, date, machine) may
 differ."""
 
@@ -12,7 +13,7 @@ import pytest
 from experiments import cells
 from experiments.perf import dlg_speed, keylock_overhead
 from experiments.report import document, tables
-from experiments.studies import key_table, regimes, rounds, table1
+from experiments.studies import frontier, key_table, regimes, rounds, table1
 from tfkl import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,6 +83,15 @@ def test_the_rounds_study_regenerates_from_its_committed_records(tmp_path):
     path, page = cells.publish("rounds", payload, 0.0, "results/rounds_cells", results_dir=str(tmp_path))
     assert _lines(open(page).read()) == _lines(_committed("rounds", "md"))
     committed, regenerated = json.loads(_committed("rounds", "json")), json.load(open(path))
+    for key in ("settings", "results", "tables", "headline", "notes"):
+        _close(regenerated[key], committed[key], key)
+
+
+def test_the_frontier_regenerates_from_the_committed_results_and_its_records(tmp_path):
+    payload = frontier.tabulate(os.path.join(RESULTS, "frontier_cells"))
+    path, page = cells.publish("frontier", payload, 0.0, "results/frontier_cells", results_dir=str(tmp_path))
+    assert _lines(open(page).read()) == _lines(_committed("frontier", "md"))
+    committed, regenerated = json.loads(_committed("frontier", "json")), json.load(open(path))
     for key in ("settings", "results", "tables", "headline", "notes"):
         _close(regenerated[key], committed[key], key)
 

@@ -2,10 +2,11 @@
 
   python -m experiments.perf.lock_cost --repeats=40 --resnet_repeats=20
 
-Per model (LeNet, ResNet-20; digits at 32x32, batch 32) three variants take the clients' train step
+Per model (LeNet, ResNet-20; digits at 32x32, batch 32) four variants take the clients' train step
 (TorchSGD: momentum 0.9, Nesterov, weight decay 5e-4): the control ('fedavg-norm': the lock block
 replaced by the same normalisation with a learned affine), the spatial lock with full kernels
-(kernel='full') and the same lock held compact (kernel='compact'). Each repeat times a block of
+(kernel='full'), the same lock held compact (kernel='compact') and that with the lock noise of
+experiments.studies.rounds (round_noise=0.5, its per-entry scale and shift in every step). Each repeat times a block of
 steps of each variant in turn (A B C A B C ...); a repeat's ratio is the variant's time over the
 control's in that repeat, reported as the median and quartiles of those ratios (and the ratio of the
 variants' fastest blocks), by the wall clock and by this process's CPU time (less sensitive to other
@@ -27,6 +28,7 @@ VARIANTS = {  # models.build options of each variant
     "control": dict(lock=False, control=True),
     "full": dict(lock=True, affine="spatial", kernel="full"),
     "compact": dict(lock=True, affine="spatial", kernel="compact"),
+    "compact-noise": dict(lock=True, affine="spatial", kernel="compact", round_noise=0.5),
 }
 INPUT_SHAPE = (32, 32, 1)
 TARGET_RATIO = 1.15

@@ -133,6 +133,7 @@ QUESTIONS = (
         (
             Part("Realistic regimes: images recovered", "regimes", table(0)),
             Part("Realistic regimes: recovered beyond their labels", "regimes", table(1)),
+            Part("Regime M: a client's captures pooled over rounds", "rounds", table(0)),
             Part("Held-out seeds behind R-inference-latent", "regimes_heldout", table(0)),
             Part("Ablations: one attack setting changed at a time", "ablations", ablation_tables),
             Part("How sharply a victim's gradient depends on its image", "gradient_sharpness", table(0)),
@@ -154,6 +155,7 @@ QUESTIONS = (
         "their key tables and train-step cost; then each defence's accuracy against the strongest attack on a "
         "client's update, and the lock's cost per step.",
         (
+            Part("The frontier: each configuration's worst attack, accuracy and step", "frontier", table(0)),
             Part("Key-lock candidates", "candidates", table(0)),
             Part("The key table of each candidate", "candidates", table(1)),
             Part("Privacy against utility per defence", "privacy_utility", table(0)),

@@ -160,16 +160,18 @@ def pooled_rounds(doc, path):
     panels = [(r, a) for r, a in panels if any(a in by_attack for by_attack in doc["results"][r].values())]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     for ax, (regime, attack) in zip(axes[0], panels):
+        shown = set()
         for index, (row, by_attack) in enumerate(doc["results"][regime].items()):
             if attack not in by_attack:
                 continue
             points = sorted((int(k), entry) for k, entry in by_attack[attack].items())
             counts = [k for k, _ in points]
+            shown.update(counts)
             label = f"{rounds.ROWS[row][0]} ({rounds.ROWS[row][2]})"
             _success_line(ax, counts, [e for _, e in points], color=f"C{index}", label=label)
         ax.set_title(f"{regime}: {rounds.REGIMES[regime][0]}; {attack}", fontsize=9)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(counts, [str(k) for k in counts])
+        ax.set_xticks(sorted(shown), [str(k) for k in sorted(shown)])
         _success_axes(ax, "captures of one client pooled (K)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -51,10 +51,10 @@ CONFIGS = {
         None,
         "compact-noise",
         (*rounds.COMPACT_SPATIAL, NOISE_FLAG),
-        "compact",
+        "compact-noise",
     ),
     "compact-pruned": Config(
-        f"the compact spatial lock, {rounds.PRUNE:.0%} update pruning",
+        f"the compact spatial lock, {rounds.PRUNE * 100:.0f} % update pruning",
         None,
         "compact-pruned",
         (*rounds.COMPACT_SPATIAL, PRUNE_FLAG),
@@ -177,7 +177,7 @@ def step_ratio(config, candidates, lock_cost):
     """The LeNet train step over the control's: the compact forms' from lock_cost, the others' from candidates;
     the control and DP-FedAvg (whose clients train the control) take its step."""
     if config.step:
-        return lock_cost["lenet"]["clocks"]["cpu"]["ratio_to_control"][config.step]["median"]
+        return lock_cost["lenet"]["clocks"]["cpu"]["ratio_to_control"].get(config.step, {}).get("median")
     if config.dp_noise is not None or config.candidate == "none":
         return 1.0
     return candidates["by_configuration"][config.candidate].get("step_time_ratio")
@@ -265,8 +265,8 @@ NOTES = [
     "update of 8 images in 4 steps, step labels given) and regime M1's first capture (results/rounds.json); pooled: "
     "M1's captures of one client attacked together, K > 1.",
     "The compact spatial lock computes what the spatial lock computes (tested to 1e-5): its batch-1 and U8 cells "
-    "and its accuracy are the spatial lock's; its step is results/lock_cost.json's (LeNet, CPU clock). Lock noise and "
-    "pruning add a few element-wise operations per step to it (not timed).",
+    "and its accuracy are the spatial lock's; its step is results/lock_cost.json's (LeNet, CPU clock; the lock noise's too). Pruning adds a "
+    "top-k over the update once per round (not timed).",
     "DP-FedAvg (TFF's gaussian_fixed aggregator) adds its noise to the sum: the server attacks each clipped update "
     "before it; epsilon is that of the accuracy runs (every client in every round).",
     "Target: every attack <= 5 % recovered with a Wilson upper bound <= 15 %, accuracy within 1 pp of the control, a "

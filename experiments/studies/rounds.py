@@ -46,7 +46,7 @@ ROWS = {  # name: (label, tff_programs.train flags, the threat the pooled attack
         "adaptive",
     ),
     "compact-pruned": (
-        f"the compact spatial lock, {PRUNE:.0%} update pruning",
+        f"the compact spatial lock, {PRUNE * 100:.0f} % update pruning",
         [*COMPACT_SPATIAL, f"--prune_fraction={PRUNE}"],
         "adaptive",
     ),
