@@ -243,6 +243,13 @@ CASES = [
         (NEW, "--algorithm=fedavg-norm", "--random_key_penalty=1"),
         "random_key_penalty needs algorithm=fedkl",
     ),
+    Case("train-negative-lock-noise", "train", (NEW, "--lock_noise=-0.5"), "lock_noise must not be negative"),
+    Case(
+        "train-lock-noise-without-lock",
+        "train",
+        (NEW, "--algorithm=fedavg-norm", "--lock_noise=0.5"),
+        "lock_noise needs algorithm=fedkl",
+    ),
     Case("train-more-clients-than-examples", "train", (NEW, "--num_clients=5000"), "cannot split the data"),
     # train: data and root dir
     Case("train-mnist-offline", "train", (NEW, "--dataset=mnist"), "on a connected machine download"),

@@ -265,10 +265,12 @@ NOTES = [
     "update of 8 images in 4 steps, step labels given) and regime M1's first capture (results/rounds.json); pooled: "
     "M1's captures of one client attacked together, K > 1.",
     "The compact spatial lock computes what the spatial lock computes (tested to 1e-5): its batch-1 and U8 cells "
-    "and its accuracy are the spatial lock's; its step is results/lock_cost.json's (LeNet, CPU clock; the lock noise's too). Pruning adds a "
-    "top-k over the update once per round (not timed).",
+    "and its accuracy are the spatial lock's; its step, and the lock noise's, are results/lock_cost.json's (LeNet, "
+    "CPU clock). Pruning adds a top-k over the update once per round (not timed).",
     "DP-FedAvg (TFF's gaussian_fixed aggregator) adds its noise to the sum: the server attacks each clipped update "
-    "before it; epsilon is that of the accuracy runs (every client in every round).",
+    "before it. Epsilon is that of the accuracy runs (every client in every round); with their 3 clients the noise "
+    "on the mean is noise x clip / 3 per entry, which no model trains through: DP-FedAvg needs hundreds of clients "
+    "per round.",
     "Target: every attack <= 5 % recovered with a Wilson upper bound <= 15 %, accuracy within 1 pp of the control, a "
     "random key <= chance + 10 pp. 'not measured' counts as not met.",
 ]
