@@ -121,6 +121,22 @@ def cut_to_half(name):
     return lambda run, tmp: truncate(os.path.join(run, name), lambda data: len(data) // 2)
 
 
+def drop_metrics_copies(run):
+    """The run's manifests as written before they held metrics.csv's text (nothing to rewrite it from)."""
+    for name in os.listdir(os.path.join(run, "manifests")):
+        path = os.path.join(run, "manifests", name)
+        with open(path) as f:
+            manifest = json.load(f)
+        del manifest["metrics"]
+        with open(path, "w") as f:
+            json.dump(manifest, f)
+
+
+def cut_metrics_without_copies(run, tmp):
+    drop_metrics_copies(run)
+    cut_to_half("metrics.csv")(run, tmp)
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     id: str
@@ -273,11 +289,11 @@ RUN_CASES = [
     ),
     Case("train-config-tampered", "train", RESUME, "config.json does not match the manifest", rebind_run_id),
     Case(
-        "train-metrics-truncated",
+        "train-metrics-truncated-no-copy",
         "train",
         RESUME,
         "metrics.csv does not match the manifest of round 2",
-        cut_to_half("metrics.csv"),
+        cut_metrics_without_copies,
     ),
     Case(
         "train-manifest-unreadable",
@@ -453,6 +469,7 @@ def test_a_run_without_manifests_resumes_with_a_note_and_its_damaged_metrics_and
 def test_a_damaged_round_resumes_from_the_intact_round_its_error_names(trained_run, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(trained_run, run)
+    drop_metrics_copies(run)
     truncate(os.path.join(run, "metrics.csv"), lambda data: data.rindex(b"\n2,") + 6)  # round 2's row cut short
     log = str(tmp_path / "log")
     before = file_hashes(run)
@@ -474,6 +491,51 @@ def test_a_damaged_round_resumes_from_the_intact_round_its_error_names(trained_r
     with open(os.path.join(trained_run, "metrics.csv")) as f, open(os.path.join(run, "metrics.csv")) as g:
         assert g.read().startswith(f.read().split("\n2,")[0])
     assert sorted(os.listdir(os.path.join(run, "manifests"))) == [f"manifest_0000{r}.json" for r in range(4)]
+
+
+def glue_rows(data):
+    """Round 2's row glued onto round 1's (the newline between them lost), then round 2's row again."""
+    end_of_row_1 = data.rindex(b"\n2,")
+    return data[:end_of_row_1] + data[end_of_row_1 + 1 :] + data[end_of_row_1:]
+
+
+METRICS_DAMAGE = {
+    "truncated": lambda path: truncate(path, lambda data: data.rindex(b"\n2,") + 6),
+    "glued-rows": lambda path: rewrite(path, glue_rows),
+    "deleted": os.remove,
+    "emptied": lambda path: truncate(path, lambda data: 0),
+}
+
+
+def rewrite(path, change):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(change(data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", sorted(METRICS_DAMAGE))
+def test_a_damaged_metrics_csv_is_rewritten_from_the_manifest_and_resumes_with_rounds_1_to_n(
+    damage, trained_run, tmp_path
+):
+    run = str(tmp_path / "run")
+    shutil.copytree(trained_run, run)
+    path = os.path.join(run, "metrics.csv")
+    METRICS_DAMAGE[damage](path)
+    log = str(tmp_path / "log")
+    assert run_binary("train", [f"--root_dir={run}", "--rounds=3", *RUN_FLAGS], log) == 0, lines_of(log)
+    lines = lines_of(log)
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 1, lines
+    assert warnings[0].startswith(f"warning: {path} did not match the manifest of round 2 (")
+    assert warnings[0].endswith(
+        f"): rewritten from {run}/manifests/manifest_00002.json, as it was when round 2 was saved"
+    )
+    assert not any("Traceback" in line or line.startswith("error:") for line in lines), lines
+    assert metrics_rounds(run) == [1, 2, 3]
+    with open(os.path.join(trained_run, "metrics.csv"), "rb") as f, open(path, "rb") as g:
+        assert g.read().startswith(f.read())  # rounds 1 and 2 exactly as trained
 
 
 @pytest.mark.slow

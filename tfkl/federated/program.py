@@ -79,9 +79,10 @@ def _train_owned(root_dir, config, options, dataset, partition, metrics_manager)
                 )
     state_manager.drop_unsealed()
     if metrics_manager is None:
-        repaired = run_dir.repair_metrics(root_dir, 0 if restored is None else restored[2])
-        if repaired and options.progress:
-            print(repaired)
+        last = 0 if restored is None else restored[2]
+        for warning in (state_manager.restore_metrics(last), run_dir.repair_metrics(root_dir, last)):
+            if warning and options.progress:
+                print(warning)
     return train_rounds(
         root_dir,
         process,

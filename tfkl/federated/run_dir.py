@@ -346,6 +346,22 @@ class RunStateManager:
             raise ProgramError(self._mismatch(round_num, e, verified)) from None
         return True
 
+    def restore_metrics(self, round_num):
+        """Rewrites metrics.csv from `round_num`'s manifest when it does not match it (check_manifest has
+        refused the run if the manifest holds no copy); returns a warning line saying so, or None."""
+        if round_num not in self.manifests.rounds():
+            return None
+        problem = self.manifests.metrics_problem(round_num)
+        if not problem:
+            return None
+        path, manifest = os.path.join(self.root_dir, METRICS_FILE), self.manifests.path(round_num)
+        with atomic_write(path) as f:
+            f.write(self.manifests.saved_metrics(round_num))
+        return (
+            f"warning: {path} did not match the manifest of round {round_num} ({problem}): rewritten from "
+            f"{manifest}, as it was when round {round_num} was saved"
+        )
+
     def _client_files(self, round_num):
         try:
             return self.clients.listed_files(round_num)
