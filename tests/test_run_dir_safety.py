@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import numpy as np
@@ -577,3 +578,47 @@ def test_config_refuses_non_finite_numbers(field, value):
 
     with pytest.raises(ValueError, match=f"^{field} must be a finite number, got {value}$"):
         Config(algorithm="fedavg", client_weighting="uniform", **{field: value})
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (root only; skipped where mounting is not allowed, e.g. in Bazel's sandbox), unmounted after."""
+    path = str(tmp_path / "disk")
+    os.makedirs(path)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", path], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}), e.g. without CAP_SYS_ADMIN or in a sandbox")
+    yield path
+    subprocess.run(["umount", path], check=True)
+
+
+def manifested_files(run):
+    """Path -> SHA-256 of every manifest of the run and of every file they list but metrics.csv (which grows)."""
+    listed = {os.path.join("manifests", name) for name in os.listdir(os.path.join(run, "manifests"))}
+    for name in list(listed):
+        with open(os.path.join(run, name)) as f:
+            listed |= set(json.load(f)["files"]) - {"metrics.csv"}
+    hashes = file_hashes(run)
+    return {path: hashes[path] for path in sorted(listed)}
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_with_one_line_and_the_same_command_resumes_once_there_is_space(small_disk, tmp_path):
+    run, log = os.path.join(small_disk, "run"), str(tmp_path / "log")
+    args = [f"--root_dir={run}", "--rounds=10", *RUN_FLAGS, "--keep_rounds=20"]  # every round kept: the disk fills
+    assert run_binary("train", args, log) == 1, lines_of(log)
+    lines = lines_of(log)
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot save the run in {run}: No space left on device;")
+    assert not any("Traceback" in line for line in lines), lines
+    saved = manifested_files(run)
+    assert 1 <= len(os.listdir(os.path.join(run, "manifests"))) < 11
+    subprocess.run(["mount", "-o", "remount,size=64m", small_disk], check=True)
+    assert run_binary("train", args, log) == 0, lines_of(log)
+    assert lines_of(log)[0].startswith(f"resuming {run} after round "), lines_of(log)
+    after = manifested_files(run)
+    assert {path: after[path] for path in saved} == saved  # the rounds saved before the disk filled are intact
+    assert metrics_rounds(run) == list(range(1, 11))
+    assert not [name for name in os.listdir(os.path.join(run, "server")) if "_temp" in name]

@@ -7,7 +7,9 @@ arguments, as the program logic of TFF's examples (`train_federated_model`) does
 
 import asyncio
 import dataclasses
+import errno
 import logging
+import os
 import time
 
 import numpy as np
@@ -49,8 +51,34 @@ def train(root_dir, config, options, dataset=None, partition=None, metrics_manag
         except ValueError as e:
             raise ProgramError(f"cannot split the data among the clients: {e}") from None
     run_dir.check_root_dir(root_dir)
-    with run_dir.ownership(root_dir):
-        return _train_owned(root_dir, config, options, dataset, partition, metrics_manager)
+    try:
+        with run_dir.ownership(root_dir):
+            return _train_owned(root_dir, config, options, dataset, partition, metrics_manager)
+    except Exception as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        raise ProgramError(
+            f"cannot save the run in {root_dir}: {full}; free space, or move the run to a bigger disk, and run the "
+            "same command again: it resumes from its last complete round"
+        ) from None
+
+
+_DISK_FULL = {errno.ENOSPC: os.strerror(errno.ENOSPC), errno.EDQUOT: os.strerror(errno.EDQUOT)}
+
+
+def _disk_full(error):
+    """The message "No space left on device" (or the quota's) when `error`, or an error it was raised from, says
+    so (an OSError, or TensorFlow's error of an op that writes a file); else None."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            return _DISK_FULL[error.errno]
+        if isinstance(error, tf.errors.OpError):
+            for cause in _DISK_FULL.values():
+                if cause in error.message:
+                    return cause
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _train_owned(root_dir, config, options, dataset, partition, metrics_manager):

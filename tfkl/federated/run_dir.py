@@ -28,6 +28,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ CONFIG_FILE = "config.json"
 RUN_ID = "run_id"
 LOCK_FILE = "lock"
 METRICS_FILE = "metrics.csv"
+_TFF_TEMP = re.compile(r"^(program_state_\d+|metrics\.csv)_temp\d{4}$")  # file_utils' temporary twins
 _OWNED = {}  # (device, inode) of a lock file -> its descriptor, for the run dirs this process owns
 
 
@@ -90,7 +92,10 @@ def ownership(root_dir):
     _OWNED[identity] = fd
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            raise ProgramError(f"cannot write in --root_dir {root_dir}: {e.strerror}") from None
         yield
     finally:
         del _OWNED[identity]
@@ -330,9 +335,15 @@ class RunStateManager:
         return [r for r in self._server_rounds() if r > (complete[-1] if complete else -1)]
 
     def drop_unsealed(self):
-        """Deletes the server states of `unsealed_rounds`, which a resumed run saves again."""
+        """Deletes the server states of `unsealed_rounds`, which a resumed run saves again, and what TFF's
+        managers leave of a write cut short (a full disk, kill -9): server/program_state_N_tempNNNN,
+        metrics.csv_tempNNNN."""
         for round_num in self.unsealed_rounds():
             shutil.rmtree(os.path.join(self.root_dir, "server", f"program_state_{round_num}"))
+        temporary = glob.glob(os.path.join(self.root_dir, "server", "program_state_*_temp*"))
+        for path in temporary + glob.glob(os.path.join(self.root_dir, f"{METRICS_FILE}_temp*")):
+            if _TFF_TEMP.match(os.path.basename(path)):
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
     def check_manifest(self, round_num):
         """Raises ProgramError naming the first file of `round_num` that does not match its manifest and what
