@@ -622,3 +622,16 @@ def test_a_full_disk_ends_with_one_line_and_the_same_command_resumes_once_there_
     assert {path: after[path] for path in saved} == saved  # the rounds saved before the disk filled are intact
     assert metrics_rounds(run) == list(range(1, 11))
     assert not [name for name in os.listdir(os.path.join(run, "server")) if "_temp" in name]
+
+
+@pytest.mark.slow
+def test_examples_per_client_beyond_every_client_is_said_not_clamped_silently(tmp_path):
+    run, log = str(tmp_path / "run"), str(tmp_path / "log")
+    assert (
+        run_binary("train", [f"--root_dir={run}", "--rounds=1", *RUN_FLAGS, "--examples_per_client=100000"], log) == 0
+    )
+    warnings = [line for line in lines_of(log) if line.startswith("warning:")]
+    assert warnings == [
+        "warning: examples_per_client=100000 exceeds every client's examples (at most 719): each client trains on all "
+        "of its examples"
+    ], lines_of(log)

@@ -18,6 +18,7 @@ Hungarian-matched) with the 95 % Wilson interval, then the mean metrics. Threats
 ('oracle' and 'fixed-key') share one compiled attack.
 """
 
+import math
 import os
 
 from absl import flags
@@ -99,10 +100,20 @@ flags.register_validator(
 flags.register_multi_flags_validator(
     ["capture", "pool"], lambda v: not (v["capture"] and v["pool"]), "--capture and --pool exclude each other"
 )
-flags.register_validator("client_learning_rate", lambda v: v > 0, "--client_learning_rate must be positive")
-flags.register_validator("learning_rate", lambda v: v is None or v > 0, "--learning_rate must be positive")
-flags.register_validator("tv", lambda v: v is None or v >= 0, "--tv must be non-negative")
-flags.register_validator("lock_learning_rate", lambda v: v is None or v > 0, "--lock_learning_rate must be positive")
+flags.register_validator(
+    "client_learning_rate", lambda v: math.isfinite(v) and v > 0, "--client_learning_rate must be positive and finite"
+)
+flags.register_validator(
+    "learning_rate", lambda v: v is None or (math.isfinite(v) and v > 0), "--learning_rate must be positive and finite"
+)
+flags.register_validator(
+    "tv", lambda v: v is None or (math.isfinite(v) and v >= 0), "--tv must be non-negative and finite"
+)
+flags.register_validator(
+    "lock_learning_rate",
+    lambda v: v is None or (math.isfinite(v) and v > 0),
+    "--lock_learning_rate must be positive and finite",
+)
 flags.register_multi_flags_validator(
     ["num_images", "batch_size"],
     lambda v: v["num_images"] % v["batch_size"] == 0,

@@ -50,6 +50,12 @@ def train(root_dir, config, options, dataset=None, partition=None, metrics_manag
             partition = client_partition(config, dataset)
         except ValueError as e:
             raise ProgramError(f"cannot split the data among the clients: {e}") from None
+    largest = max(len(examples) for examples in partition)
+    if options.progress and (config.examples_per_client or 0) > largest:
+        print(
+            f"warning: examples_per_client={config.examples_per_client} exceeds every client's examples (at most "
+            f"{largest}): each client trains on all of its examples"
+        )
     run_dir.check_root_dir(root_dir)
     try:
         with run_dir.ownership(root_dir):
