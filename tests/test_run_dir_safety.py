@@ -133,6 +133,16 @@ def drop_metrics_copies(run):
             json.dump(manifest, f)
 
 
+def immutable(name):
+    """The run's file or directory `name` made read-only (chattr +i as root)."""
+
+    def setup(run, tmp):
+        set_immutable(os.path.join(run, name), True)
+        return lambda: set_immutable(os.path.join(run, name), False)
+
+    return setup
+
+
 def cut_metrics_without_copies(run, tmp):
     drop_metrics_copies(run)
     cut_to_half("metrics.csv")(run, tmp)
@@ -295,6 +305,10 @@ RUN_CASES = [
         RESUME,
         "metrics.csv does not match the manifest of round 2",
         cut_metrics_without_copies,
+    ),
+    *(
+        Case(f"train-read-only-{name.replace('/', '-')}", "train", RESUME, f"run/{name}: ", immutable(name))
+        for name in ("metrics.csv", "clients", "clients/1", "server", "manifests", "tensorboard")
     ),
     Case(
         "train-manifest-unreadable",

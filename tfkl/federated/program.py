@@ -61,35 +61,45 @@ def train(root_dir, config, options, dataset=None, partition=None, metrics_manag
         with run_dir.ownership(root_dir):
             return _train_owned(root_dir, config, options, dataset, partition, metrics_manager)
     except Exception as e:
-        full = _disk_full(e)
-        if full is None:
+        failure = _write_failure(e)
+        if failure is None:
             raise
+        cause, advice = failure
         raise ProgramError(
-            f"cannot save the run in {root_dir}: {full}; free space, or move the run to a bigger disk, and run the "
-            "same command again: it resumes from its last complete round"
+            f"cannot save the run in {root_dir}: {cause}; {advice}, and run the same command again: it resumes from "
+            "its last complete round"
         ) from None
 
 
-_DISK_FULL = {errno.ENOSPC: os.strerror(errno.ENOSPC), errno.EDQUOT: os.strerror(errno.EDQUOT)}
+_FULL = "free space, or move the run to a bigger disk"
+_READ_ONLY = "make the run's files and directories writable again (chattr -i, chmod u+w, a read-write mount)"
+_WRITE_FAILURES = {
+    errno.ENOSPC: _FULL,
+    errno.EDQUOT: _FULL,
+    errno.EPERM: _READ_ONLY,
+    errno.EACCES: _READ_ONLY,
+    errno.EROFS: _READ_ONLY,
+}
 
 
-def _disk_full(error):
-    """The message "No space left on device" (or the quota's) when `error`, or an error it was raised from, says
-    so (an OSError, or TensorFlow's error of an op that writes a file); else None."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in _DISK_FULL:
-            return _DISK_FULL[error.errno]
+def _write_failure(error):
+    """(the OS's message, what to do) when `error`, or an error it was raised from, is a write the disk refused
+    (full, a quota, read-only: an OSError, or TensorFlow's error of an op that writes a file); else None."""
+    while error is not None and not isinstance(error, ProgramError):  # a ProgramError has its own line
+        if isinstance(error, OSError) and error.errno in _WRITE_FAILURES:
+            return os.strerror(error.errno), _WRITE_FAILURES[error.errno]
         if isinstance(error, tf.errors.OpError):
-            for cause in _DISK_FULL.values():
-                if cause in error.message:
-                    return cause
-        error = error.__cause__ or error.__context__
+            for number, advice in _WRITE_FAILURES.items():
+                if os.strerror(number) in error.message:
+                    return os.strerror(number), advice
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return None
 
 
 def _train_owned(root_dir, config, options, dataset, partition, metrics_manager):
     """`train` once this process owns `root_dir` (run_dir.ownership)."""
     run_dir.check_config(root_dir, config)
+    run_dir.check_writable(root_dir)
     process = build_process(config, return_client_updates=bool(options.capture_rounds))
     state_manager = run_dir.RunStateManager(root_dir, options.keep_rounds)
     rerun, unsealed = state_manager.check_states(), state_manager.unsealed_rounds()

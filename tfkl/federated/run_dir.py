@@ -166,6 +166,28 @@ def check_config(root_dir, config):
         json.dump({**wanted, RUN_ID: secrets.token_hex(8)}, f, indent=1)
 
 
+def check_writable(root_dir):
+    """Refuses a run whose directories, or metrics.csv, this process cannot write (chattr +i, a read-only mount),
+    before any work: a round would fail half-written."""
+    clients = os.path.join(root_dir, "clients")
+    names = [*_DIRECTORIES, *(f"clients/{c}" for c in (os.listdir(clients) if os.path.isdir(clients) else ()))]
+    for path in (os.path.join(root_dir, name) for name in names):
+        if os.path.isdir(path) and not os.path.islink(path):
+            try:
+                tempfile.TemporaryFile(dir=path).close()
+            except OSError as e:
+                raise ProgramError(f"cannot write in {path}: {e.strerror}; {_MAKE_WRITABLE}") from None
+    metrics = os.path.join(root_dir, METRICS_FILE)
+    if os.path.isfile(metrics):
+        try:
+            os.close(os.open(metrics, os.O_WRONLY | os.O_APPEND))
+        except OSError as e:
+            raise ProgramError(f"cannot write {metrics}: {e.strerror}; {_MAKE_WRITABLE}") from None
+
+
+_MAKE_WRITABLE = "make it writable (chattr -i, chmod u+w) and run the same command again"
+
+
 def _check_writable(root_dir):
     try:
         tempfile.TemporaryFile(dir=root_dir).close()
