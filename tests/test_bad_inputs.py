@@ -179,6 +179,10 @@ def truncate_capture(run, tmp):
         f.write(data[: len(data) // 2])
 
 
+def capture_of_an_offline_data_set(run, tmp):
+    _rewrite_capture(run, lambda meta: meta["ground_truth"].update(dataset="mnist"))
+
+
 def capture_arrays(change):
     """The capture's arrays changed by `change(name, array)` (its meta kept)."""
 
@@ -345,6 +349,13 @@ CASES = [
         ATTACK_CAPTURE,
         "array update/00000 holds NaN or infinite values",
         capture_arrays(lambda name, array: np.full_like(array, np.nan) if name == "update/00000" else array),
+    ),
+    Case(
+        "attack-capture-scored-on-an-offline-data-set",
+        "attack",
+        ("--capture={run}/" + CAPTURE, "--threat=fixed-key", "--iterations=1", "--out_dir={tmp}/out"),
+        "cannot score the attack: mnist needs",
+        capture_of_an_offline_data_set,
     ),
     Case(
         "attack-client-learning-rate-inf",
