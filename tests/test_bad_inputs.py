@@ -179,6 +179,23 @@ def truncate_capture(run, tmp):
         f.write(data[: len(data) // 2])
 
 
+def capture_of_an_offline_data_set(run, tmp):
+    _rewrite_capture(run, lambda meta: meta["ground_truth"].update(dataset="mnist"))
+
+
+def capture_arrays(change):
+    """The capture's arrays changed by `change(name, array)` (its meta kept)."""
+
+    def setup(run, tmp):
+        path = os.path.join(run, CAPTURE)
+        with np.load(path) as f:
+            arrays = {k: f[k] if k == "meta" else change(k, f[k]) for k in f.files}
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    return setup
+
+
 def empty_capture(run, tmp):
     open(os.path.join(run, CAPTURE), "w").close()
 
@@ -326,6 +343,33 @@ CASES = [
     Case("attack-truncated-capture", "attack", ATTACK_CAPTURE, "BadZipFile", truncate_capture),
     Case("attack-capture-another-model", "attack", ATTACK_CAPTURE, "architecture", capture_of_another_model),
     Case("attack-capture-input-shape", "attack", ATTACK_CAPTURE, "input_shape", capture_of_another_input_shape),
+    Case(
+        "attack-capture-float64",
+        "attack",
+        ATTACK_CAPTURE,
+        "array global/00000 is float64, a capture's arrays are float32",
+        capture_arrays(lambda name, array: array.astype(np.float64)),
+    ),
+    Case(
+        "attack-capture-nan-update",
+        "attack",
+        ATTACK_CAPTURE,
+        "array update/00000 holds NaN or infinite values",
+        capture_arrays(lambda name, array: np.full_like(array, np.nan) if name == "update/00000" else array),
+    ),
+    Case(
+        "attack-capture-scored-on-an-offline-data-set",
+        "attack",
+        ("--capture={run}/" + CAPTURE, "--threat=fixed-key", "--iterations=1", "--out_dir={tmp}/out"),
+        "cannot score the attack: mnist needs",
+        capture_of_an_offline_data_set,
+    ),
+    Case(
+        "attack-client-learning-rate-inf",
+        "attack",
+        ("--client_learning_rate=inf",),
+        "--client_learning_rate must be positive and finite",
+    ),
     Case(
         "attack-capture-threat",
         "attack",

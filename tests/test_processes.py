@@ -163,6 +163,26 @@ def test_tensorflow_import_drops_the_cuda_factory_noise_and_nothing_else(tmp_pat
     ]
 
 
+def test_sigint_while_tensorflow_loads_ends_with_its_one_line_on_the_terminal(tmp_path):
+    """A stand-in `tensorflow` that is interrupted while it loads (file descriptor 2 is the filter's pipe then)."""
+    (tmp_path / "tensorflow").mkdir()
+    (tmp_path / "tensorflow" / "__init__.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n"
+    )
+    code = textwrap.dedent(
+        """
+        import signal
+        import tff_programs
+        from tff_programs import launch
+        signal.signal(signal.SIGINT, tff_programs.interrupted)
+        launch.import_tensorflow()
+        """
+    )
+    result = _python(code, pythonpath=f"{tmp_path}{os.pathsep}{ROOT}")
+    assert result.returncode == 130
+    assert result.stderr.splitlines() == ["error: interrupted (SIGINT); run the same command again to resume"]
+
+
 def test_the_real_tensorflow_import_is_quiet():
     result = _python(
         "from tff_programs import launch\nlaunch.import_tensorflow()\nimport tensorflow as tf\nprint(tf.__version__)"

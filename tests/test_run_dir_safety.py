@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import numpy as np
@@ -119,6 +120,32 @@ def delete(name):
 
 def cut_to_half(name):
     return lambda run, tmp: truncate(os.path.join(run, name), lambda data: len(data) // 2)
+
+
+def drop_metrics_copies(run):
+    """The run's manifests as written before they held metrics.csv's text (nothing to rewrite it from)."""
+    for name in os.listdir(os.path.join(run, "manifests")):
+        path = os.path.join(run, "manifests", name)
+        with open(path) as f:
+            manifest = json.load(f)
+        del manifest["metrics"]
+        with open(path, "w") as f:
+            json.dump(manifest, f)
+
+
+def immutable(name):
+    """The run's file or directory `name` made read-only (chattr +i as root)."""
+
+    def setup(run, tmp):
+        set_immutable(os.path.join(run, name), True)
+        return lambda: set_immutable(os.path.join(run, name), False)
+
+    return setup
+
+
+def cut_metrics_without_copies(run, tmp):
+    drop_metrics_copies(run)
+    cut_to_half("metrics.csv")(run, tmp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,11 +300,15 @@ RUN_CASES = [
     ),
     Case("train-config-tampered", "train", RESUME, "config.json does not match the manifest", rebind_run_id),
     Case(
-        "train-metrics-truncated",
+        "train-metrics-truncated-no-copy",
         "train",
         RESUME,
         "metrics.csv does not match the manifest of round 2",
-        cut_to_half("metrics.csv"),
+        cut_metrics_without_copies,
+    ),
+    *(
+        Case(f"train-read-only-{name.replace('/', '-')}", "train", RESUME, f"run/{name}: ", immutable(name))
+        for name in ("metrics.csv", "clients", "clients/1", "server", "manifests", "tensorboard")
     ),
     Case(
         "train-manifest-unreadable",
@@ -453,6 +484,7 @@ def test_a_run_without_manifests_resumes_with_a_note_and_its_damaged_metrics_and
 def test_a_damaged_round_resumes_from_the_intact_round_its_error_names(trained_run, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(trained_run, run)
+    drop_metrics_copies(run)
     truncate(os.path.join(run, "metrics.csv"), lambda data: data.rindex(b"\n2,") + 6)  # round 2's row cut short
     log = str(tmp_path / "log")
     before = file_hashes(run)
@@ -474,6 +506,51 @@ def test_a_damaged_round_resumes_from_the_intact_round_its_error_names(trained_r
     with open(os.path.join(trained_run, "metrics.csv")) as f, open(os.path.join(run, "metrics.csv")) as g:
         assert g.read().startswith(f.read().split("\n2,")[0])
     assert sorted(os.listdir(os.path.join(run, "manifests"))) == [f"manifest_0000{r}.json" for r in range(4)]
+
+
+def glue_rows(data):
+    """Round 2's row glued onto round 1's (the newline between them lost), then round 2's row again."""
+    end_of_row_1 = data.rindex(b"\n2,")
+    return data[:end_of_row_1] + data[end_of_row_1 + 1 :] + data[end_of_row_1:]
+
+
+METRICS_DAMAGE = {
+    "truncated": lambda path: truncate(path, lambda data: data.rindex(b"\n2,") + 6),
+    "glued-rows": lambda path: rewrite(path, glue_rows),
+    "deleted": os.remove,
+    "emptied": lambda path: truncate(path, lambda data: 0),
+}
+
+
+def rewrite(path, change):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(change(data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", sorted(METRICS_DAMAGE))
+def test_a_damaged_metrics_csv_is_rewritten_from_the_manifest_and_resumes_with_rounds_1_to_n(
+    damage, trained_run, tmp_path
+):
+    run = str(tmp_path / "run")
+    shutil.copytree(trained_run, run)
+    path = os.path.join(run, "metrics.csv")
+    METRICS_DAMAGE[damage](path)
+    log = str(tmp_path / "log")
+    assert run_binary("train", [f"--root_dir={run}", "--rounds=3", *RUN_FLAGS], log) == 0, lines_of(log)
+    lines = lines_of(log)
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 1, lines
+    assert warnings[0].startswith(f"warning: {path} did not match the manifest of round 2 (")
+    assert warnings[0].endswith(
+        f"): rewritten from {run}/manifests/manifest_00002.json, as it was when round 2 was saved"
+    )
+    assert not any("Traceback" in line or line.startswith("error:") for line in lines), lines
+    assert metrics_rounds(run) == [1, 2, 3]
+    with open(os.path.join(trained_run, "metrics.csv"), "rb") as f, open(path, "rb") as g:
+        assert g.read().startswith(f.read())  # rounds 1 and 2 exactly as trained
 
 
 @pytest.mark.slow
@@ -515,3 +592,60 @@ def test_config_refuses_non_finite_numbers(field, value):
 
     with pytest.raises(ValueError, match=f"^{field} must be a finite number, got {value}$"):
         Config(algorithm="fedavg", client_weighting="uniform", **{field: value})
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (root only; skipped where mounting is not allowed, e.g. in Bazel's sandbox), unmounted after."""
+    path = str(tmp_path / "disk")
+    os.makedirs(path)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", path], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}), e.g. without CAP_SYS_ADMIN or in a sandbox")
+    yield path
+    subprocess.run(["umount", path], check=True)
+
+
+def manifested_files(run):
+    """Path -> SHA-256 of every manifest of the run and of every file they list but metrics.csv (which grows)."""
+    listed = {os.path.join("manifests", name) for name in os.listdir(os.path.join(run, "manifests"))}
+    for name in list(listed):
+        with open(os.path.join(run, name)) as f:
+            listed |= set(json.load(f)["files"]) - {"metrics.csv"}
+    hashes = file_hashes(run)
+    return {path: hashes[path] for path in sorted(listed)}
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_with_one_line_and_the_same_command_resumes_once_there_is_space(small_disk, tmp_path):
+    run, log = os.path.join(small_disk, "run"), str(tmp_path / "log")
+    args = [f"--root_dir={run}", "--rounds=10", *RUN_FLAGS, "--keep_rounds=20"]  # every round kept: the disk fills
+    assert run_binary("train", args, log) == 1, lines_of(log)
+    lines = lines_of(log)
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot save the run in {run}: No space left on device;")
+    assert not any("Traceback" in line for line in lines), lines
+    saved = manifested_files(run)
+    assert 1 <= len(os.listdir(os.path.join(run, "manifests"))) < 11
+    subprocess.run(["mount", "-o", "remount,size=64m", small_disk], check=True)
+    assert run_binary("train", args, log) == 0, lines_of(log)
+    assert lines_of(log)[0].startswith(f"resuming {run} after round "), lines_of(log)
+    after = manifested_files(run)
+    assert {path: after[path] for path in saved} == saved  # the rounds saved before the disk filled are intact
+    assert metrics_rounds(run) == list(range(1, 11))
+    assert not [name for name in os.listdir(os.path.join(run, "server")) if "_temp" in name]
+
+
+@pytest.mark.slow
+def test_examples_per_client_beyond_every_client_is_said_not_clamped_silently(tmp_path):
+    run, log = str(tmp_path / "run"), str(tmp_path / "log")
+    assert (
+        run_binary("train", [f"--root_dir={run}", "--rounds=1", *RUN_FLAGS, "--examples_per_client=100000"], log) == 0
+    )
+    warnings = [line for line in lines_of(log) if line.startswith("warning:")]
+    assert warnings == [
+        "warning: examples_per_client=100000 exceeds every client's examples (at most 719): each client trains on all "
+        "of its examples"
+    ], lines_of(log)

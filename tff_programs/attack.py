@@ -18,6 +18,7 @@ Hungarian-matched) with the 95 % Wilson interval, then the mean metrics. Threats
 ('oracle' and 'fixed-key') share one compiled attack.
 """
 
+import math
 import os
 
 from absl import flags
@@ -99,10 +100,20 @@ flags.register_validator(
 flags.register_multi_flags_validator(
     ["capture", "pool"], lambda v: not (v["capture"] and v["pool"]), "--capture and --pool exclude each other"
 )
-flags.register_validator("client_learning_rate", lambda v: v > 0, "--client_learning_rate must be positive")
-flags.register_validator("learning_rate", lambda v: v is None or v > 0, "--learning_rate must be positive")
-flags.register_validator("tv", lambda v: v is None or v >= 0, "--tv must be non-negative")
-flags.register_validator("lock_learning_rate", lambda v: v is None or v > 0, "--lock_learning_rate must be positive")
+flags.register_validator(
+    "client_learning_rate", lambda v: math.isfinite(v) and v > 0, "--client_learning_rate must be positive and finite"
+)
+flags.register_validator(
+    "learning_rate", lambda v: v is None or (math.isfinite(v) and v > 0), "--learning_rate must be positive and finite"
+)
+flags.register_validator(
+    "tv", lambda v: v is None or (math.isfinite(v) and v >= 0), "--tv must be non-negative and finite"
+)
+flags.register_validator(
+    "lock_learning_rate",
+    lambda v: v is None or (math.isfinite(v) and v > 0),
+    "--lock_learning_rate must be positive and finite",
+)
 flags.register_multi_flags_validator(
     ["num_images", "batch_size"],
     lambda v: v["num_images"] % v["batch_size"] == 0,
@@ -136,7 +147,7 @@ def attack_pool(options):
     """Attacks the --pool captures of one client together under each threat that applies to them."""
     import json
 
-    from attacks import cases, experiment, pooled
+    from attacks import experiment, pooled
     from attacks import model as model_lib
 
     captures = _load_captures(_POOL.value)
@@ -148,7 +159,7 @@ def attack_pool(options):
     threats = [t for t in _THREAT.value if t not in ("oracle", "adaptive-key") and (t == "none") != locked]
     if not threats:
         common.fail(f"none of --threat={','.join(_THREAT.value)} applies to {'locked' if locked else 'plain'} captures")
-    truths = [cases.capture_user_data(c.meta, data_dir=_DATA_DIR.value) for c in captures] if _SCORE.value else None
+    truths = [_user_data(c.meta) for c in captures] if _SCORE.value else None
     results = {}
     for threat in threats:
         attacker = model_lib.AttackerModel(view, threat, seed=_SEED.value + 7)
@@ -167,9 +178,20 @@ def attack_pool(options):
     print(f"wrote {_OUT_DIR.value}/pool_metrics.json")
 
 
+def _user_data(meta):
+    """The capture's true images and labels (its ground_truth's data set), or one error line if unavailable."""
+    from attacks import cases
+    from tfkl import data
+
+    try:
+        return cases.capture_user_data(meta, data_dir=_DATA_DIR.value)
+    except data.DataUnavailableError as e:
+        common.fail(f"cannot score the attack: {e} (--noscore attacks without scoring)")
+
+
 def attack_capture(options):
     """Attacks the --capture file under the threats that apply to it."""
-    from attacks import cases, experiment
+    from attacks import experiment
     from tfkl import capture as capture_lib
 
     if not os.path.exists(_CAPTURE.value):
@@ -186,7 +208,7 @@ def attack_capture(options):
             f"none of --threat={','.join(_THREAT.value)} applies to a "
             f"{'locked' if locked else 'plain'} capture (use none, or fixed-key/adaptive)"
         )
-    truth = cases.capture_user_data(capture.meta, data_dir=_DATA_DIR.value) if _SCORE.value else None
+    truth = _user_data(capture.meta) if _SCORE.value else None
     try:
         experiment.attack_captures(
             {os.path.basename(_CAPTURE.value): _CAPTURE.value},

@@ -7,6 +7,7 @@ not; everything else TensorFlow writes to stderr passes through. The binaries im
 library's TensorFlow modules inside main().
 """
 
+import functools
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import threading
 
 from absl import app, flags
 
+import tff_programs
 from tff_programs import common
 
 # XLA's CUDA plug-ins registering a second time when TensorFlow loads (TensorFlow 2.14, also without a GPU).
@@ -27,16 +29,8 @@ CUDA_FACTORY_NOISE = re.compile(
 def run(main):
     """Runs an absl binary's `main` after `parse_flags`, with TensorFlow imported by `import_tensorflow`;
     SIGINT (Ctrl-C) ends it as SIGTERM does, with one line."""
-    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGINT, tff_programs.interrupted)
     app.run(main, flags_parser=_parse_flags_then_import_tensorflow)
-
-
-def _interrupted(signum, frame):
-    """Ends the process at once, as SIGTERM or kill -9 would (every file a run writes is written atomically,
-    so the same command resumes it from its last complete round), instead of unwinding TFF's threads."""
-    del signum, frame
-    print("error: interrupted (SIGINT); run the same command again to resume", file=sys.stderr, flush=True)
-    os._exit(130)
 
 
 def _parse_flags_then_import_tensorflow(argv):
@@ -72,9 +66,11 @@ def import_tensorflow():
     forwarder.start()
     os.dup2(write_fd, 2)
     os.close(write_fd)
+    handler = signal.signal(signal.SIGINT, functools.partial(tff_programs.interrupted, stderr_fd=stderr_fd))
     try:
         import tensorflow  # noqa: F401
     finally:
+        signal.signal(signal.SIGINT, handler)
         sys.stderr.flush()
         os.dup2(stderr_fd, 2)  # closes the pipe's last write end: the forwarder reads to its end and stops
         os.close(stderr_fd)

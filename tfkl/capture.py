@@ -140,6 +140,11 @@ def load_capture(path):
     names = [f"{part}/{i:05d}" for part in ("global", "update") for i in range(count)]
     if sorted(arrays) != sorted(names):
         raise CaptureFormatError(f"{path}: holds {len(arrays)} arrays, the meta names {count} variables")
+    for name in names:
+        if arrays[name].dtype != np.float32:
+            raise CaptureFormatError(f"{path}: array {name} is {arrays[name].dtype}, a capture's arrays are float32")
+        if not np.isfinite(arrays[name]).all():
+            raise CaptureFormatError(f"{path}: array {name} holds NaN or infinite values")
     global_weights, update = [arrays[n] for n in names[:count]], [arrays[n] for n in names[count:]]
     if any(np.shape(g) != np.shape(u) for g, u in zip(global_weights, update)):
         raise CaptureFormatError(f"{path}: the update's shapes differ from the global weights'")

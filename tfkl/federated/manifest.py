@@ -4,7 +4,8 @@ root_dir/manifests/manifest_RRRRR.json, written (atomically, owner-only) once ro
 {"format": 1, "round": R, "files": {path under root_dir: "SIZE SHA256"}} for config.json, the server
 state of round R, every client's state file and key file (a key's hash, never its content), the client
 data caches and metrics.csv as of round R (a resumed run may have released the next round's row since:
-its first SIZE bytes are checked). A resumed run checks the files of its round before any work.
+its first SIZE bytes are checked), and that metrics.csv's text ("metrics", rounds 1..R): a metrics.csv that does
+not match is rewritten from it. A resumed run checks the files of its round before any work.
 
 A manifest is built from the last one this process wrote or checked: only the files the round wrote
 or changed are hashed (a client's state file not even then: its store hashed it when writing it).
@@ -70,19 +71,41 @@ class RunManifests:
 
     def read(self, round_num):
         """Path under the root dir -> "SIZE SHA256" of `round_num`'s manifest; ManifestError if unreadable."""
+        return self._read(round_num)[0]
+
+    def _read(self, round_num):
+        """(entries as `read` returns them, metrics.csv's text as of the round or None); ManifestError if
+        unreadable."""
         path = self.path(round_num)
         try:
             with open(path) as f:
                 manifest = json.load(f)
             if manifest.get("format") != _FORMAT or manifest.get("round") != int(round_num):
                 raise ValueError(f"not a format {_FORMAT} manifest of round {int(round_num)}")
-            entries = manifest["files"]
+            entries, metrics = manifest["files"], manifest.get("metrics")
             for entry in entries.values():
                 size, sha256 = entry.split(" ")
                 int(size), bytes.fromhex(sha256)
+            if metrics is not None and not isinstance(metrics, str):
+                raise ValueError("its metrics are not a text")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ManifestError(os.path.relpath(path, self.root_dir), f"unreadable ({e})") from None
-        return entries
+        return entries, metrics
+
+    def saved_metrics(self, round_num):
+        """metrics.csv's bytes when `round_num` was saved, if its manifest holds them and they match its
+        entry; else None (a manifest written before manifests held them: metrics.csv cannot be rewritten)."""
+        entries, metrics = self._read(round_num)
+        if metrics is None or METRICS_FILE not in entries:
+            return None
+        data = metrics.encode(errors="surrogateescape")
+        size, sha256 = entries[METRICS_FILE].split(" ")
+        return data if len(data) == int(size) and hashlib.sha256(data).hexdigest() == sha256 else None
+
+    def metrics_problem(self, round_num):
+        """What is wrong with metrics.csv against `round_num`'s manifest, or None."""
+        entry = self.read(round_num).get(METRICS_FILE)
+        return entry and self._problem(METRICS_FILE, entry)
 
     def write(self, round_num, client_files):
         """Writes `round_num`'s manifest (its server state saved). `client_files`: the client store's files
@@ -107,10 +130,14 @@ class RunManifests:
             rel = f"{CLIENT_DATA}/{name}"
             if _CACHE_FILE.match(name):
                 entries[rel] = previous.get(rel) or self._entry(rel)
+        manifest = {"format": _FORMAT, "round": int(round_num), "files": entries}
         if os.path.isfile(os.path.join(self.root_dir, METRICS_FILE)):
-            entries[METRICS_FILE] = self._entry(METRICS_FILE)
+            with open(os.path.join(self.root_dir, METRICS_FILE), "rb") as f:
+                metrics = f.read()
+            entries[METRICS_FILE] = f"{len(metrics)} {hashlib.sha256(metrics).hexdigest()}"
+            manifest["metrics"] = metrics.decode(errors="surrogateescape")
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        text = json.dumps({"format": _FORMAT, "round": int(round_num), "files": entries}, separators=(",", ":"))
+        text = json.dumps(manifest, separators=(",", ":"))
         with atomic_write(self.path(round_num), mode=0o600) as f:
             f.write(text.encode())
         self._last = (int(round_num), entries)
@@ -121,12 +148,16 @@ class RunManifests:
 
     def check(self, round_num, client_files, verified=None):
         """Raises ManifestError for the first file of `round_num`'s manifest that is missing or differs (a
-        missing client data cache is written again from the data set: not an error), or for a client the
-        client store's manifest of the round (`client_files`, as for `write`) gives another state file.
-        `verified`: a dict of the (path, entry) pairs found sound, shared between calls."""
+        missing client data cache is written again from the data set, metrics.csv from the manifest's copy:
+        not errors), or for a client the client store's manifest of the round (`client_files`, as for `write`)
+        gives another state file. `verified`: a dict of the (path, entry) pairs found sound, shared between
+        calls."""
         entries = self.read(round_num)
         verified = {} if verified is None else verified
+        restorable = self.saved_metrics(round_num) is not None
         for rel, entry in sorted(entries.items()):
+            if rel == METRICS_FILE and restorable:
+                continue
             if (rel, entry) not in verified:
                 verified[rel, entry] = self._problem(rel, entry)
             if verified[rel, entry]:

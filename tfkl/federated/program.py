@@ -7,7 +7,9 @@ arguments, as the program logic of TFF's examples (`train_federated_model`) does
 
 import asyncio
 import dataclasses
+import errno
 import logging
+import os
 import time
 
 import numpy as np
@@ -48,14 +50,56 @@ def train(root_dir, config, options, dataset=None, partition=None, metrics_manag
             partition = client_partition(config, dataset)
         except ValueError as e:
             raise ProgramError(f"cannot split the data among the clients: {e}") from None
+    largest = max(len(examples) for examples in partition)
+    if options.progress and (config.examples_per_client or 0) > largest:
+        print(
+            f"warning: examples_per_client={config.examples_per_client} exceeds every client's examples (at most "
+            f"{largest}): each client trains on all of its examples"
+        )
     run_dir.check_root_dir(root_dir)
-    with run_dir.ownership(root_dir):
-        return _train_owned(root_dir, config, options, dataset, partition, metrics_manager)
+    try:
+        with run_dir.ownership(root_dir):
+            return _train_owned(root_dir, config, options, dataset, partition, metrics_manager)
+    except Exception as e:
+        failure = _write_failure(e)
+        if failure is None:
+            raise
+        cause, advice = failure
+        raise ProgramError(
+            f"cannot save the run in {root_dir}: {cause}; {advice}, and run the same command again: it resumes from "
+            "its last complete round"
+        ) from None
+
+
+_FULL = "free space, or move the run to a bigger disk"
+_READ_ONLY = "make the run's files and directories writable again (chattr -i, chmod u+w, a read-write mount)"
+_WRITE_FAILURES = {
+    errno.ENOSPC: _FULL,
+    errno.EDQUOT: _FULL,
+    errno.EPERM: _READ_ONLY,
+    errno.EACCES: _READ_ONLY,
+    errno.EROFS: _READ_ONLY,
+}
+
+
+def _write_failure(error):
+    """(the OS's message, what to do) when `error`, or an error it was raised from, is a write the disk refused
+    (full, a quota, read-only: an OSError, or TensorFlow's error of an op that writes a file); else None."""
+    while error is not None and not isinstance(error, ProgramError):  # a ProgramError has its own line
+        if isinstance(error, OSError) and error.errno in _WRITE_FAILURES:
+            return os.strerror(error.errno), _WRITE_FAILURES[error.errno]
+        if isinstance(error, tf.errors.OpError):
+            for number, advice in _WRITE_FAILURES.items():
+                if os.strerror(number) in error.message:
+                    return os.strerror(number), advice
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return None
 
 
 def _train_owned(root_dir, config, options, dataset, partition, metrics_manager):
     """`train` once this process owns `root_dir` (run_dir.ownership)."""
     run_dir.check_config(root_dir, config)
+    run_dir.check_writable(root_dir)
     process = build_process(config, return_client_updates=bool(options.capture_rounds))
     state_manager = run_dir.RunStateManager(root_dir, options.keep_rounds)
     rerun, unsealed = state_manager.check_states(), state_manager.unsealed_rounds()
@@ -79,9 +123,10 @@ def _train_owned(root_dir, config, options, dataset, partition, metrics_manager)
                 )
     state_manager.drop_unsealed()
     if metrics_manager is None:
-        repaired = run_dir.repair_metrics(root_dir, 0 if restored is None else restored[2])
-        if repaired and options.progress:
-            print(repaired)
+        last = 0 if restored is None else restored[2]
+        for warning in (state_manager.restore_metrics(last), run_dir.repair_metrics(root_dir, last)):
+            if warning and options.progress:
+                print(warning)
     return train_rounds(
         root_dir,
         process,

@@ -28,6 +28,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ CONFIG_FILE = "config.json"
 RUN_ID = "run_id"
 LOCK_FILE = "lock"
 METRICS_FILE = "metrics.csv"
+_TFF_TEMP = re.compile(r"^(program_state_\d+|metrics\.csv)_temp\d{4}$")  # file_utils' temporary twins
 _OWNED = {}  # (device, inode) of a lock file -> its descriptor, for the run dirs this process owns
 
 
@@ -90,7 +92,10 @@ def ownership(root_dir):
     _OWNED[identity] = fd
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            raise ProgramError(f"cannot write in --root_dir {root_dir}: {e.strerror}") from None
         yield
     finally:
         del _OWNED[identity]
@@ -159,6 +164,28 @@ def check_config(root_dir, config):
     _check_writable(root_dir)
     with atomic_write(path, binary=False) as f:
         json.dump({**wanted, RUN_ID: secrets.token_hex(8)}, f, indent=1)
+
+
+def check_writable(root_dir):
+    """Refuses a run whose directories, or metrics.csv, this process cannot write (chattr +i, a read-only mount),
+    before any work: a round would fail half-written."""
+    clients = os.path.join(root_dir, "clients")
+    names = [*_DIRECTORIES, *(f"clients/{c}" for c in (os.listdir(clients) if os.path.isdir(clients) else ()))]
+    for path in (os.path.join(root_dir, name) for name in names):
+        if os.path.isdir(path) and not os.path.islink(path):
+            try:
+                tempfile.TemporaryFile(dir=path).close()
+            except OSError as e:
+                raise ProgramError(f"cannot write in {path}: {e.strerror}; {_MAKE_WRITABLE}") from None
+    metrics = os.path.join(root_dir, METRICS_FILE)
+    if os.path.isfile(metrics):
+        try:
+            os.close(os.open(metrics, os.O_WRONLY | os.O_APPEND))
+        except OSError as e:
+            raise ProgramError(f"cannot write {metrics}: {e.strerror}; {_MAKE_WRITABLE}") from None
+
+
+_MAKE_WRITABLE = "make it writable (chattr -i, chmod u+w) and run the same command again"
 
 
 def _check_writable(root_dir):
@@ -330,9 +357,15 @@ class RunStateManager:
         return [r for r in self._server_rounds() if r > (complete[-1] if complete else -1)]
 
     def drop_unsealed(self):
-        """Deletes the server states of `unsealed_rounds`, which a resumed run saves again."""
+        """Deletes the server states of `unsealed_rounds`, which a resumed run saves again, and what TFF's
+        managers leave of a write cut short (a full disk, kill -9): server/program_state_N_tempNNNN,
+        metrics.csv_tempNNNN."""
         for round_num in self.unsealed_rounds():
             shutil.rmtree(os.path.join(self.root_dir, "server", f"program_state_{round_num}"))
+        temporary = glob.glob(os.path.join(self.root_dir, "server", "program_state_*_temp*"))
+        for path in temporary + glob.glob(os.path.join(self.root_dir, f"{METRICS_FILE}_temp*")):
+            if _TFF_TEMP.match(os.path.basename(path)):
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
     def check_manifest(self, round_num):
         """Raises ProgramError naming the first file of `round_num` that does not match its manifest and what
@@ -345,6 +378,22 @@ class RunStateManager:
         except ManifestError as e:
             raise ProgramError(self._mismatch(round_num, e, verified)) from None
         return True
+
+    def restore_metrics(self, round_num):
+        """Rewrites metrics.csv from `round_num`'s manifest when it does not match it (check_manifest has
+        refused the run if the manifest holds no copy); returns a warning line saying so, or None."""
+        if round_num not in self.manifests.rounds():
+            return None
+        problem = self.manifests.metrics_problem(round_num)
+        if not problem:
+            return None
+        path, manifest = os.path.join(self.root_dir, METRICS_FILE), self.manifests.path(round_num)
+        with atomic_write(path) as f:
+            f.write(self.manifests.saved_metrics(round_num))
+        return (
+            f"warning: {path} did not match the manifest of round {round_num} ({problem}): rewritten from "
+            f"{manifest}, as it was when round {round_num} was saved"
+        )
 
     def _client_files(self, round_num):
         try:
