@@ -7,7 +7,8 @@ threats) as a fresh process at COMMIT (a detached git worktree in a temporary di
 this checkout, alternating which goes first (before/after, after/before, ...) so that other load falls on
 both. Each run records its wall and CPU seconds (the child's user + system time, less sensitive to other load
 than the wall time), the 1-minute load average around it and its per-image metrics. Then the IG and GRNN
-binaries run once per tree (20 iterations): every run of one attack must give the same per-image metrics.
+binaries run once per tree (20 iterations, threats 'none' and 'adaptive', one restart): every run of one attack
+must give the same per-image metrics.
 Writes results/attack_compile.json.
 """
 
@@ -25,17 +26,19 @@ from experiments import common
 
 _BEFORE = flags.DEFINE_string("attack_compile_before", "ea45c14", "The commit to compare this checkout with.")
 _REPEATS = flags.DEFINE_integer("attack_compile_repeats", 3, "Timed runs per tree.", lower_bound=1)
-_QUICK = flags.DEFINE_bool("quick", False, "One timed run per tree, no IG/GRNN check.")
+_CHECKED = flags.DEFINE_list("attack_compile_checked", ["ig", "grnn"], "Attacks run once per tree for their metrics.")
+_QUICK = flags.DEFINE_bool("quick", False, "One timed run per tree, no other attack checked.")
 
 COMMON_ARGS = ["--dataset=digits", "--num_images=2", "--iterations=20"]
 TIMED_ATTACK = "idlg"
-CHECKED_ATTACKS = ("ig", "grnn")
+CHECK_ARGS = ["--threat=none,adaptive", "--restarts=1"]  # the checked attacks: both kinds of structure, cheaper
 
 
 def run_binary(tree, attack, out_dir):
     """One run of the attack binary from `tree`: wall and CPU seconds, load before/after, per-image metrics."""
     env = dict(os.environ, PYTHONPATH=tree, TF_CPP_MIN_LOG_LEVEL="2")
-    command = [sys.executable, "-m", "tff_programs.attack", f"--attack={attack}", *COMMON_ARGS, f"--out_dir={out_dir}"]
+    args = [f"--attack={attack}", *COMMON_ARGS, *([] if attack == TIMED_ATTACK else CHECK_ARGS)]
+    command = [sys.executable, "-m", "tff_programs.attack", *args, f"--out_dir={out_dir}"]
     load_before, start = os.getloadavg()[0], time.monotonic()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
@@ -65,7 +68,11 @@ def measure(trees, scratch, repeats, checked):
         for name in order:
             record = run_binary(trees[name], attack, os.path.join(scratch, f"{number}_{attack}_{name}"))
             runs[attack][name].append(record)
-            print(f"[attack_compile] {attack} {name}: {record['seconds']:.1f} s, {record['cpu_seconds']:.1f} s CPU")
+            print(
+                f"[attack_compile] {attack} {name}: {record['seconds']:.1f} s, {record['cpu_seconds']:.1f} s CPU, "
+                f"load {record['load_before']:.1f} -> {record['load_after']:.1f}",
+                flush=True,
+            )
     return runs
 
 
@@ -97,7 +104,13 @@ def payload(runs, before, repeats):
         for name in ("before", "after")
     ]
     return {
-        "settings": {"command": command, "before": before, "after": common.git_commit(), "repeats": repeats},
+        "settings": {
+            "command": command,
+            "checked": {attack: CHECK_ARGS for attack in runs if attack != TIMED_ATTACK},
+            "before": before,
+            "after": common.git_commit(),
+            "repeats": repeats,
+        },
         "results": results,
         "tables": [
             {
@@ -134,7 +147,7 @@ def main(argv):
         )
         try:
             trees = {"before": before_tree, "after": common.REPO_ROOT}
-            runs = measure(trees, scratch, repeats, () if _QUICK.value else CHECKED_ATTACKS)
+            runs = measure(trees, scratch, repeats, () if _QUICK.value else tuple(_CHECKED.value))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", before_tree], cwd=common.REPO_ROOT, check=False)
     result = payload(runs, _BEFORE.value, repeats)
