@@ -340,7 +340,8 @@ class Attack:
         A `tf.function` kept out of line: the optimisers call it from several places (tfp's line search
         has about ten), and each call site would otherwise vectorise the second-order gradient again and
         have its copy optimised apart; traced and optimised once, every call site runs the same graph. Shared
-        by the attacks of one structure (`_shared_function`)."""
+        by the attacks of one structure (`_shared_function`). Traced without autograph, as the optimisers' own
+        functions: their Python branches are on static values, and converting the code only costs tracing time."""
 
         def one(args):
             position, target_values, fixed_labels = args
@@ -362,7 +363,9 @@ class Attack:
                 )
 
         return self._shared_function(
-            target, "value_and_gradients", lambda: tf.function(batched, experimental_attributes={"_noinline": True})
+            target,
+            "value_and_gradients",
+            lambda: tf.function(batched, autograph=False, experimental_attributes={"_noinline": True}),
         )
 
     def _structure(self, target):

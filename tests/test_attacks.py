@@ -434,3 +434,35 @@ def test_threats_of_one_structure_share_one_compiled_attack(attack, options):
         np.testing.assert_array_equal(a.raw_images, b.raw_images)
         assert a.loss == b.loss
     assert not np.array_equal(oracle[0].raw_images, shared[0].raw_images)  # its own weights, not the oracle's
+
+
+def test_traces_do_not_grow_with_the_threats_and_reused_attacks_find_what_fresh_ones_find():
+    """The binary's four threats, twice over, trace each compiled function once: three structures (the plain
+    model, known lock weights, adaptive), each an objective and an L-BFGS. The second pass, all reused, finds bit
+    for bit what the first found, where 'none', 'oracle' and 'adaptive' compiled afresh; and 'fixed-key', which
+    reused the oracle's functions, finds what an attack compiled for it alone finds."""
+    victims = {"plain": _victim(False), "locked": _victim(True)}
+    x, y = _images(2)
+    payloads = {name: cases.simulate_clients(victim, x, y, 1)[0] for name, victim in victims.items()}
+    threats = ("none", "oracle", "fixed-key", "adaptive")
+
+    def attack_under(threat):
+        victim = "plain" if threat == "none" else "locked"
+        secret = cases.threat_secret(threat, victims[victim])
+        options = dict(iterations=4, chunk=2)
+        return experiment.run_attack("idlg", payloads[victim], threat, secret, attack_options=options)[0]
+
+    def assert_same(a, b):
+        for first, second in zip(a, b):
+            np.testing.assert_array_equal(first.raw_images, second.raw_images)
+            assert first.loss == second.loss
+
+    base._shared_functions.clear()
+    first, second = ({threat: attack_under(threat) for threat in threats} for _ in range(2))
+    traces = [f.experimental_get_tracing_count() for f in base._shared_functions.values()]
+    assert traces == [1] * 6  # 3 structures x (objective, L-BFGS), whatever the number of threats run
+    for threat in threats:
+        assert_same(first[threat], second[threat])
+    base._shared_functions.clear()
+    assert_same(attack_under("fixed-key"), first["fixed-key"])
+    base._shared_functions.clear()
