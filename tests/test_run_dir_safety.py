@@ -438,7 +438,7 @@ def test_evaluate_reads_a_complete_round_while_training_and_sigint_ends_with_one
     os.kill(process.pid, signal.SIGINT)
     assert finish(process, 600) == 130
     lines = [line for line in lines_of(log) if "error:" in line or "Traceback" in line or "Error" in line]
-    assert len(lines) == 1 and "interrupted (SIGINT)" in lines[0], lines_of(log)
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted (SIGINT)"), lines_of(log)  # on its own line
     done = metrics_rounds(run)[-1]
     assert finish(start_train(run, log, *flags[:2], f"--rounds={done + 1}", *flags[3:]), 600) == 0
     assert lines_of(log)[0].startswith(f"resuming {run} after round")

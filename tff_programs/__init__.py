@@ -14,7 +14,9 @@ def interrupted(signum, frame, stderr_fd=2):
     so the same command resumes it from its last complete round), instead of unwinding TFF's threads. The line
     goes to `stderr_fd` (the terminal's, while launch.import_tensorflow filters file descriptor 2)."""
     del signum, frame
+    sys.stdout.flush()
     sys.stderr.flush()
+    os.write(1, b"\n")  # ends a progress bar's line (stdout), so that the error line stands on its own
     os.write(stderr_fd, b"error: interrupted (SIGINT); run the same command again to resume\n")
     os._exit(130)
 
