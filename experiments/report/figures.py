@@ -158,7 +158,7 @@ def pooled_rounds(doc, path):
 
     panels = [(regime, attack) for regime, by_row in doc["results"].items() for attack in rounds.ATTACKS]
     panels = [(r, a) for r, a in panels if any(a in by_attack for by_attack in doc["results"][r].values())]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5.2), squeeze=False)
     for ax, (regime, attack) in zip(axes[0], panels):
         shown = set()
         for index, (row, by_attack) in enumerate(doc["results"][regime].items()):
@@ -173,7 +173,12 @@ def pooled_rounds(doc, path):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(shown), [str(k) for k in sorted(shown)])
         _success_axes(ax, "captures of one client pooled (K)")
-    fig.tight_layout()
+    legend = {}  # one legend under the panels: every defence once, in row order
+    for ax in axes[0]:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+        ax.get_legend().remove()
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.05 * (len(legend) + 1) / 2, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
