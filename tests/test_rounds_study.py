@@ -81,7 +81,7 @@ def test_tabulation_pools_every_image_of_every_watched_client_and_seed(tmp_path)
     assert (one["recovered"], one["n"], two["recovered"], two["n"]) == (2, 4, 4, 4)
     assert one["seeds"] == [0, 1] and one["mean_ssim"] == pytest.approx(0.4)
     (spatial,) = [row for row in payload["tables"][0]["rows"] if row[1] == rounds.ROWS["spatial"][0]]
-    assert spatial[2:] == ["grnn, adaptive", "0, 1", "2/4 = 50 % [15, 85] %", "4/4 = 100 % [51, 100] %"]
+    assert spatial[2:] == ["grnn, adaptive", "0, 1", "2/4 = 50 % [15, 85] %", "4/4 = 100 % [51, 100] %", "2 s at K = 2"]
     (dp,) = [row for row in payload["tables"][0]["rows"] if row[1].startswith("DP-FedAvg")]
     assert "epsilon" in dp[1] and dp[4] == "not run" and dp[5].startswith("1/2")
     path, page = cells.publish("rounds", payload, 1.0, out, results_dir=str(tmp_path / "results"))
