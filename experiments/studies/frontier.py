@@ -16,8 +16,10 @@ after the 20 rounds of the accuracy runs, every client in every round.
 """
 
 import dataclasses
+import glob
 import json
 import os
+import statistics
 import time
 
 from absl import flags
@@ -110,7 +112,6 @@ def run_accuracy(name, seed, run_dir, records_dir, log=print):
         commands=[" ".join(train), " ".join(evaluate)],
         seconds=doc.get("seconds"),
     )
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     common.write_json(path, record)
 
 
@@ -161,16 +162,17 @@ def accuracy(name, config, candidates, records_dir):
         entry = candidates["by_configuration"][config.candidate]
         return entry["lenet_minus_control"], entry["lenet_seeds"], entry["random_key"]
     records = []
-    for seed in range(10):
-        path = record_path(records_dir, name, seed)
-        if os.path.exists(path):
-            with open(path) as f:
-                records.append(json.load(f))
+    for path in sorted(glob.glob(record_path(records_dir, name, "*"))):
+        with open(path) as f:
+            records.append(json.load(f))
     if not records:
         return None, 0, None
     keys = [r["random_key"] for r in records if r["random_key"] is not None]
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
-    return mean([r["own"] for r in records]) - control, len(records), (mean(keys) if keys else None)
+    return (
+        statistics.fmean(r["own"] for r in records) - control,
+        len(records),
+        (statistics.fmean(keys) if keys else None),
+    )
 
 
 def step_ratio(config, candidates, lock_cost):
