@@ -166,7 +166,11 @@ def run_case(case, tree, base, work, timeout):
     run = os.path.join(scratch, "run")
     if case.needs_run:
         shutil.copytree(base, run, symlinks=True)
-    undo = case.setup(run, scratch) if case.setup else None
+    try:
+        undo = case.setup(run, scratch) if case.setup else None
+    except (OSError, RuntimeError) as e:  # the damage does not apply to this tree's runs: said, not fatal
+        shutil.rmtree(scratch, ignore_errors=True)
+        return {"id": case.id, "class": case.cls, "outcome": "other", "why": f"set-up failed: {e}"[:400]}
     started = time.time()
     try:
         before = file_hashes(scratch)
