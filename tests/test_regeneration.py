@@ -47,6 +47,15 @@ def _committed(name, suffix):
         return f.read()
 
 
+def _assert_regenerates(name, payload, records, tmp_path):
+    """`payload` published through the engine's path equals results/<name>.json and .md (but the provenance)."""
+    path, page = cells.publish(name, payload, 0.0, records, results_dir=str(tmp_path))
+    assert _lines(open(page).read()) == _lines(_committed(name, "md"))
+    committed, regenerated = json.loads(_committed(name, "json")), json.load(open(path))
+    for key in ("settings", "results", "tables", "headline", "notes"):
+        _close(regenerated[key], committed[key], key)
+
+
 @pytest.fixture(scope="module")
 def fashion_mnist():
     try:
@@ -63,11 +72,7 @@ def test_regimes_tables_regenerate_from_the_committed_records(name, records, see
     store = regimes.Store(os.path.join(RESULTS, records), str(tmp_path / "work"))
     lines = []
     payload = regimes.tabulate(store, list(regimes.REGIMES.values()), seeds, regimes.THREAT_ORDER, log=lines.append)
-    path, page = cells.publish(name, payload, 0.0, store.records, results_dir=str(tmp_path))
-    assert _lines(open(page).read()) == _lines(_committed(name, "md"))
-    committed, regenerated = json.loads(_committed(name, "json")), json.load(open(path))
-    for key in ("settings", "results", "tables", "headline", "notes"):
-        _close(regenerated[key], committed[key], key)
+    _assert_regenerates(name, payload, store.records, tmp_path)
     assert lines == [] and not os.path.exists(store.work)  # records alone: no grid, nothing written beside them
 
 
@@ -80,20 +85,12 @@ def test_a_studys_page_regenerates_from_its_committed_json(name, tmp_path):
 
 def test_the_rounds_study_regenerates_from_its_committed_records(tmp_path):
     payload = rounds.tabulate(os.path.join(RESULTS, "rounds_cells"))
-    path, page = cells.publish("rounds", payload, 0.0, "results/rounds_cells", results_dir=str(tmp_path))
-    assert _lines(open(page).read()) == _lines(_committed("rounds", "md"))
-    committed, regenerated = json.loads(_committed("rounds", "json")), json.load(open(path))
-    for key in ("settings", "results", "tables", "headline", "notes"):
-        _close(regenerated[key], committed[key], key)
+    _assert_regenerates("rounds", payload, "results/rounds_cells", tmp_path)
 
 
 def test_the_frontier_regenerates_from_the_committed_results_and_its_records(tmp_path):
     payload = frontier.tabulate(os.path.join(RESULTS, "frontier_cells"))
-    path, page = cells.publish("frontier", payload, 0.0, "results/frontier_cells", results_dir=str(tmp_path))
-    assert _lines(open(page).read()) == _lines(_committed("frontier", "md"))
-    committed, regenerated = json.loads(_committed("frontier", "json")), json.load(open(path))
-    for key in ("settings", "results", "tables", "headline", "notes"):
-        _close(regenerated[key], committed[key], key)
+    _assert_regenerates("frontier", payload, "results/frontier_cells", tmp_path)
 
 
 def test_the_key_table_page_regenerates_from_its_committed_json():
