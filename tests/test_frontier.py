@@ -28,8 +28,11 @@ def _sources():
         },
     }
     pooled_rows = {
-        "spatial": {"ig": {"1": _success(0, 6, 0.0, 0.39), "16": _success(39, 96, 0.31, 0.51)}},
-        "compact-noise": {"ig": {"1": _success(0, 40, 0.0, 0.09), "8": _success(0, 40, 0.0, 0.09)}},
+        "M1": {
+            "spatial": {"ig": {"1": _success(0, 6, 0.0, 0.39), "16": _success(39, 96, 0.31, 0.51)}},
+            "compact-noise": {"ig": {"1": _success(0, 40, 0.0, 0.09), "8": _success(0, 40, 0.0, 0.09)}},
+        },
+        "M8": {"compact-noise": {"ig": {"8": _success(0, 40, 0.0, 0.09)}}},
     }
     lock_cost = {"lenet": {"clocks": {"cpu": {"ratio_to_control": {"compact": {"median": 1.05}}}}}}
     return candidates, pooled_rows, lock_cost
@@ -65,6 +68,10 @@ def test_a_configuration_meets_the_target_only_with_every_figure_measured_and_wi
     row = frontier.row_of(name, frontier.CONFIGS[name], sources, str(tmp_path))
     assert row["accuracy_minus_control"] == pytest.approx(-0.006) and row["accuracy_seeds"] == 2
     assert row["meets_target"]
+    assert [where for where, _ in frontier.pooled_captures(frontier.CONFIGS[name], sources[1])] == [
+        "IG, M1 K = 8",
+        "IG, M8 K = 8",
+    ]
     assert not frontier.meets_target([("x", _success(0, 10, 0.0, 0.28))], [("y", _success(0, 40, 0.0, 0.09))], 0, None)
     assert not frontier.meets_target([("x", _success(0, 40, 0.0, 0.09))], [("y", _success(0, 40, 0.0, 0.09))], 0, 0.3)
 

@@ -71,7 +71,10 @@ def fashion_mnist():
 def test_regimes_tables_regenerate_from_the_committed_records(name, records, seeds, fashion_mnist, tmp_path):
     store = regimes.Store(os.path.join(RESULTS, records), str(tmp_path / "work"))
     lines = []
-    payload = regimes.tabulate(store, list(regimes.REGIMES.values()), seeds, regimes.THREAT_ORDER, log=lines.append)
+    pooled = regimes.published_pooled(RESULTS) if name == "regimes" else None
+    payload = regimes.tabulate(
+        store, list(regimes.REGIMES.values()), seeds, regimes.THREAT_ORDER, log=lines.append, pooled=pooled
+    )
     _assert_regenerates(name, payload, store.records, tmp_path)
     assert lines == [] and not os.path.exists(store.work)  # records alone: no grid, nothing written beside them
 

@@ -330,3 +330,28 @@ def test_an_image_is_recovered_beyond_its_label_only_above_its_class_means_score
     assert (rate["recovered"], rate["n"]) == (3, 4)  # 0.6 > 0.5, 0.95 > 0.9, 0.61 > 0.1; 0.59 is not recovered
     floor[0][3] = 0.95  # as good as the class mean: not beyond it
     assert regimes.beyond_floor(regime, stored)["recovered"] == 2
+
+
+def test_regime_m_closes_the_first_table_with_the_attack_that_recovers_most():
+    def rate(recovered, n):
+        return {"recovered": recovered, "n": n, "rate": recovered / n, "low": 0.1, "high": 0.9}
+
+    results = {
+        "M1": {
+            "none": {"grnn": {"1": rate(2, 2)}, "ig": {"1": rate(1, 2), "8": rate(16, 16)}},
+            "paper": {"ig": {"8": rate(11, 16)}},
+            "spatial": {"ig": {"8": rate(0, 16)}},  # beyond the paper's lock: results/rounds.md only
+        }
+    }
+    pooled = {"results": results, "settings": {"regimes": {"M1": "a new image each round"}}}
+    threats = ["none", "oracle", regimes.ORDER_ORACLE, "adaptive"]
+    rows = regimes.pooled_rows(pooled, threats)
+    assert [row[0] for row in rows] == ["M1, K = 1", "M1, K = 8"]
+    assert "one capture" in rows[0][1] and "8 captures pooled" in rows[1][1]
+    assert rows[0][3:] == ["**100 %** [10, 90] (2/2), GRNN", "not run", "does not apply", "not run"]
+    assert rows[1][3:] == [
+        "**100 %** [10, 90] (16/16), IG",
+        "not run",
+        "does not apply",
+        "**69 %** [10, 90] (11/16), IG",
+    ]

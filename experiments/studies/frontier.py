@@ -40,7 +40,6 @@ class Config:
     dp_noise: float = None
 
 
-NOISE_FLAG = f"--lock_noise={rounds.LOCK_NOISE}"
 PRUNE_FLAG = f"--prune_fraction={rounds.PRUNE}"
 DP_FLAGS = (f"--dp_clip={rounds.DP_CLIP}", "--client_weighting=uniform", "--algorithm=fedavg-norm")
 CONFIGS = {
@@ -48,13 +47,16 @@ CONFIGS = {
     "paper": Config("the paper's lock", "paper", "paper"),
     "spatial": Config("the spatial lock", "spatial", "spatial"),
     "compact": Config("the spatial lock, compact kernels", "spatial", "compact", step="compact"),
-    "compact-noise": Config(
-        f"the compact spatial lock, lock noise {rounds.LOCK_NOISE:g}",
-        None,
-        "compact-noise",
-        (*rounds.COMPACT_SPATIAL, NOISE_FLAG),
-        "compact-noise",
-    ),
+    **{
+        row: Config(
+            f"the compact spatial lock, lock noise {noise:g}",
+            None,
+            row,
+            (*rounds.COMPACT_SPATIAL, f"--lock_noise={noise}"),
+            "compact-noise",
+        )
+        for row, noise in rounds.LOCK_NOISES.items()
+    },
     "compact-pruned": Config(
         f"the compact spatial lock, {rounds.PRUNE * 100:.0f} % update pruning",
         None,
@@ -132,19 +134,30 @@ def single_capture(config, candidates, pooled_rows):
     if config.candidate:
         success = by_configuration[config.candidate]["success"]
         found += [(where, success[cell]["ssim"]) for cell, where in SINGLE_CELLS.items() if cell in success]
-    for attack, by_count in pooled_rows.get(config.rounds_row, {}).items():
-        if "1" in by_count:
-            found.append((f"{attack.upper()}, M1 one capture", by_count["1"]))
+    found += [
+        (f"{attack}, {regime} one capture", success)
+        for regime, attack, count, success in _rounds_cells(config, pooled_rows)
+        if count == 1
+    ]
     return found
+
+
+def _rounds_cells(config, pooled_rows):
+    """(regime, attack, K, success) of every cell of results/rounds.json measured on `config`."""
+    return [
+        (regime, attack.upper(), int(count), success)
+        for regime, rows in pooled_rows.items()
+        for attack, by_count in rows.get(config.rounds_row, {}).items()
+        for count, success in by_count.items()
+    ]
 
 
 def pooled_captures(config, pooled_rows):
     """[(where, success)] of every pooled attack (K > 1) measured on `config`."""
     return [
-        (f"{attack.upper()}, M1 K = {count}", success)
-        for attack, by_count in pooled_rows.get(config.rounds_row, {}).items()
-        for count, success in by_count.items()
-        if int(count) > 1
+        (f"{attack}, {regime} K = {count}", success)
+        for regime, attack, count, success in _rounds_cells(config, pooled_rows)
+        if count > 1
     ]
 
 
@@ -279,7 +292,7 @@ NOTES = [
 
 
 def tabulate(records_dir):
-    sources = (published("candidates"), published("rounds").get("M1", {}), published("lock_cost"))
+    sources = (published("candidates"), published("rounds"), published("lock_cost"))
     rows = {name: row_of(name, config, sources, records_dir) for name, config in CONFIGS.items()}
     control = sources[0]["control"]
     headline = [{"metric": "configurations meeting the target", "value": sum(r["meets_target"] for r in rows.values())}]

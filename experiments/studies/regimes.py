@@ -34,6 +34,7 @@ loss, never by the truth.
 import dataclasses
 import functools
 import glob
+import json
 import os
 import re
 import resource
@@ -805,9 +806,10 @@ def _cost_rows(store, regimes, seeds, threats, data_dir=None):
     )
 
 
-def tabulate(store, regimes, seeds, threats, data_dir=None, log=print):
+def tabulate(store, regimes, seeds, threats, data_dir=None, log=print, pooled=None):
     """The results payload over what is stored (`regime_results` per regime), and one labelled grid per regime
-    and seed whose reconstructions are under store.work (`draw_grid`)."""
+    and seed whose reconstructions are under store.work (`draw_grid`); with `pooled` (results/rounds.json's
+    results), the rows of regime M (`pooled_rows`) close the first table."""
     results, rows = {}, dict(detail=[], curves=[], counts=[], sizes=[])
     for regime in regimes:
         regime_results(store, regime, seeds, threats, data_dir, results, rows)
@@ -831,6 +833,7 @@ def tabulate(store, regimes, seeds, threats, data_dir=None, log=print):
         + threat_cells(name, by_threat, "ssim")
         for name, by_threat in results.items()
     ]
+    rows["compact"] += pooled_rows(pooled, threat_order) if pooled else []
     rows["beyond"] = [[name] + threat_cells(name, by_threat, BEYOND_FLOOR) for name, by_threat in results.items()]
     rows["cost"] = _cost_rows(store, regimes, seeds, threats, data_dir)
     return dict(
@@ -849,8 +852,39 @@ def tabulate(store, regimes, seeds, threats, data_dir=None, log=print):
             for name, by_threat in results.items()
             for threat, s in by_threat.items()
         ],
-        notes=NOTES,
+        notes=NOTES[:-1] + [POOLED_NOTE] + NOTES[-1:] if pooled else NOTES,
     )
+
+
+POOLED_THREATS = {"none": "none", "adaptive": "paper"}  # a threat's column: the row of results/rounds.json in it
+
+
+def pooled_rows(pooled, threat_order):
+    """The first table's rows of regime M (`pooled`: results/rounds.json of experiments.studies.rounds, K captures
+    of one client attacked together), one per regime and K: under 'none' the unprotected client, under 'adaptive'
+    the paper's lock, each cell the attack that recovers most (named)."""
+    table = []
+    for regime, by_row in pooled["results"].items():
+        counts = sorted({int(k) for row in POOLED_THREATS.values() for a in by_row.get(row, {}).values() for k in a})
+        for count in counts:
+            cells_ = [_pooled_cell(by_row, threat, count) for threat in threat_order]
+            pooling = "one capture" if count == 1 else f"{count} captures pooled"
+            description = f"{pooled['settings']['regimes'][regime]}; {pooling} (results/rounds.md)"
+            table.append([f"{regime}, K = {count}", description, "not measured", *cells_])
+    return table
+
+
+def _pooled_cell(by_row, threat, count):
+    """The cell of `threat`'s row at K = `count`: its attack that recovers most, or why there is none."""
+    row = POOLED_THREATS.get(threat)
+    if row is None:
+        return "does not apply" if threat == ORDER_ORACLE else "not run"
+    found = [(a, by_k[str(count)]) for a, by_k in by_row.get(row, {}).items() if str(count) in by_k]
+    if not found:
+        return "not run"
+    attack, rate = max(found, key=lambda item: (item[1]["rate"], item[1]["n"]))
+    interval = f"[{100 * rate['low']:.0f}, {100 * rate['high']:.0f}]"
+    return f"**{100 * rate['rate']:.0f} %** {interval} ({rate['recovered']}/{rate['n']}), {attack.upper()}"
 
 
 def regime_results(store, regime, seeds, threats, data_dir, results, rows):
@@ -998,6 +1032,12 @@ NOTES = [
     "there ('does not apply').",
     common.SHARED_MACHINE_NOTE,
 ]
+POOLED_NOTE = (
+    "M1, M8 (regime M, experiments.studies.rounds): one client of a real training run watched over rounds, its "
+    "first K captures attacked together (each capture's images their own unknowns, the lock's shared); 'none' is "
+    "the FedAvg control's client, 'adaptive' the paper's lock's, each cell the attack (GRNN or IG) that recovers "
+    "most; the other threats and the defences beyond the paper's lock are in results/rounds.md."
+)
 
 
 def _cell_command(regime, seed, threat, store, data_dir):
@@ -1037,6 +1077,25 @@ def cell_job(command, regime, seed, threat, store):
     )
 
 
+def published_pooled(results_dir=common.RESULTS_DIR):
+    """results/rounds.json (regime M), or None before that study has published."""
+    path = os.path.join(results_dir, "rounds.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def publish_main_table(start, log=print):
+    """Tabulates every stored regime of the default seeds with regime M's rows and publishes results/regimes.json
+    and .md (what `main` does after its cells; experiments.studies.rounds calls it when its results change)."""
+    store = Store(_RECORDS_DIR.value, _OUT_DIR.value)
+    seeds = [int(s) for s in _SEEDS.value]
+    pooled = published_pooled() if _RESULTS_NAME.value == NAME else None
+    payload = tabulate(store, list(REGIMES.values()), seeds, THREAT_ORDER, _DATA_DIR.value, log, pooled)
+    return cells.publish(_RESULTS_NAME.value, payload, time.perf_counter() - start, store.records)
+
+
 def main(argv):
     del argv
     store = Store(_RECORDS_DIR.value, _OUT_DIR.value)
@@ -1055,8 +1114,7 @@ def main(argv):
                 prior_decoder(store, model_name, _DATA_DIR.value)
             run_cells(regimes, seeds, _THREATS.value, store, _DATA_DIR.value, _PARALLEL.value)
         # Every regime and threat stored for these seeds: a run on a few cells does not drop the others' rows.
-        payload = tabulate(store, list(REGIMES.values()), seeds, THREAT_ORDER, _DATA_DIR.value)
-        path, markdown = cells.publish(_RESULTS_NAME.value, payload, time.perf_counter() - start, store.records)
+        path, markdown = publish_main_table(start)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {path} and {markdown}")

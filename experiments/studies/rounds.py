@@ -33,18 +33,26 @@ REGIMES = {  # name: (what the watched client holds, tff_programs.train flags)
     "M8": ("the same 8 images each round, 4 steps of 2", ["--examples_per_client=8", "--batch_size=2"]),
 }
 COMPACT_SPATIAL = ("--algorithm=fedkl", "--lock_affine=spatial", "--lock_kernel=compact")
-LOCK_NOISE = 0.5  # the lock noise's strength: each round gamma * (1 + 0.5 e1), beta + gamma * 0.5 e2
+LOCK_NOISES = {  # row: the lock noise's strength s (each round gamma * (1 + s e1), beta + gamma * s e2)
+    "compact-noise": 0.5,
+    "compact-noise-0.25": 0.25,
+    "compact-noise-0.1": 0.1,
+}
+LOCK_NOISE = LOCK_NOISES["compact-noise"]
 PRUNE = 0.9  # the share of each update's entries a pruning client zeroes (the candidates' pruning)
 ROWS = {  # name: (label, tff_programs.train flags, the threat the pooled attack runs under)
     "none": ("no defence (the FedAvg control)", ["--algorithm=fedavg-norm"], "none"),
     "paper": ("the paper's lock", ["--algorithm=fedkl"], "adaptive"),
     "spatial": ("the spatial lock", ["--algorithm=fedkl", "--lock_affine=spatial"], "adaptive"),
     "compact": ("the spatial lock, compact kernels", [*COMPACT_SPATIAL], "adaptive"),
-    "compact-noise": (
-        f"the compact spatial lock, lock noise {LOCK_NOISE:g}",
-        [*COMPACT_SPATIAL, f"--lock_noise={LOCK_NOISE}"],
-        "adaptive",
-    ),
+    **{
+        row: (
+            f"the compact spatial lock, lock noise {noise:g}",
+            [*COMPACT_SPATIAL, f"--lock_noise={noise}"],
+            "adaptive",
+        )
+        for row, noise in LOCK_NOISES.items()
+    },
     "compact-pruned": (
         f"the compact spatial lock, {PRUNE * 100:.0f} % update pruning",
         [*COMPACT_SPATIAL, f"--prune_fraction={PRUNE}"],
@@ -325,7 +333,13 @@ def tabulate(out_dir):
         "rows": rows,
     }
     notes = [f"{name}: {text}" for name, (text, _) in REGIMES.items()] + NOTES
-    settings = dict(clients=CLIENTS, watched=list(WATCHED), attacks=ATTACKS, dataset="fashion_mnist")
+    settings = dict(
+        clients=CLIENTS,
+        watched=list(WATCHED),
+        attacks=ATTACKS,
+        dataset="fashion_mnist",
+        regimes={name: text for name, (text, _) in REGIMES.items()},
+    )
     return {"results": results, "tables": [table], "notes": notes, "settings": settings}
 
 
@@ -343,6 +357,11 @@ def main(argv):
     payload = tabulate(_RECORDS_DIR.value)
     for path in cells.publish("rounds", payload, time.perf_counter() - start, _RECORDS_DIR.value):
         print(path)
+    if os.path.abspath(_RECORDS_DIR.value) == os.path.abspath(_RECORDS_DIR.default):  # the published records
+        from experiments.studies import regimes  # here: as __main__, regimes must not import this module again
+
+        for path in regimes.publish_main_table(start):  # its table has regime M's rows
+            print(path)
 
 
 if __name__ == "__main__":
