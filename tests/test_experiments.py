@@ -125,7 +125,11 @@ def test_no_tracker_issue_numbers_in_code_or_docs():
     docs = [
         os.path.join("docs", name) for name in sorted(os.listdir(os.path.join(ROOT, "docs"))) if name.endswith(".md")
     ]
-    paths += [os.path.join(ROOT, name) for name in ["README.md", "CHANGELOG.md", "experiments/README.md", *docs]]
+    pages = [os.path.join("results", name) for name in sorted(os.listdir(os.path.join(ROOT, "results")))]
+    pages = [page for page in pages if page.endswith(".md")]  # the results' pages, which users read too
+    paths += [
+        os.path.join(ROOT, name) for name in ["README.md", "CHANGELOG.md", "experiments/README.md", *docs, *pages]
+    ]
     found = []
     for path in paths:
         for number, line in enumerate(open(path), 1):
