@@ -67,6 +67,43 @@ def test_the_product_never_imports_the_experiments():
     assert offenders == []
 
 
+def _product_modules():
+    """{module name: its file} of the product's packages."""
+    modules = {}
+    for package in PRODUCT:
+        for path in _python_files(package):
+            name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+            modules[name.removesuffix(".__init__")] = path
+    return modules
+
+
+def test_the_product_imports_downward_only_and_without_cycles():
+    """tfkl below attacks below tff_programs; tfkl's core never imports tfkl.federated; no module cycle (imports
+    inside functions included)."""
+    modules = _product_modules()
+    edges = {  # a module's own packages aside: Python runs their __init__ before it whatever it imports
+        m: {n for n in _imports(path) if n in modules and not (m == n or m.startswith(n + "."))}
+        for m, path in modules.items()
+    }
+    rank = {"tfkl": 0, "attacks": 1, "tff_programs": 2}
+    upward = [(m, n) for m, ns in edges.items() for n in ns if rank[n.split(".")[0]] > rank[m.split(".")[0]]]
+    core = [(m, n) for m, ns in edges.items() for n in ns if n.startswith("tfkl.federated") and m.startswith("tfkl")]
+    assert upward == [] and [(m, n) for m, n in core if not m.startswith("tfkl.federated")] == []
+    done, cycles = set(), []
+
+    def visit(module, stack):
+        if module in stack:
+            cycles.append(stack[stack.index(module) :] + [module])
+        elif module not in done:
+            for n in sorted(edges[module]):
+                visit(n, stack + [module])
+            done.add(module)
+
+    for module in sorted(modules):
+        visit(module, [])
+    assert cycles == []
+
+
 def _module_aliases(tree):
     """{local name: module} of `import a.b as c` / `from a import b [as c]` naming experiments' modules."""
     aliases = {}
