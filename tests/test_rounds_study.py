@@ -15,7 +15,7 @@ from tfkl import capture as capture_lib
 
 def _record(out, regime, row, attack, seed, client, count, ssims):
     cell = rounds.cell_of(regime, row, seed, attack)
-    per_image = {"aligned_ssim": list(ssims), "ssim": list(ssims)}
+    per_image = {"aligned_ssim": list(ssims), "ssim": list(ssims), "aligned_psnr": [30.0] * len(ssims)}
     record = dict(attack=attack, client=client, seed=seed, count=count, per_image=per_image, seconds=2.0)
     rounds.store(out).write(cell, rounds.unit(client, count), record)
 
@@ -93,3 +93,33 @@ def test_tabulation_pools_every_image_of_every_watched_client_and_seed(tmp_path)
 def test_missing_captures_are_named():
     with pytest.raises(FileNotFoundError, match="round_00001_client_0.npz"):
         rounds.watched_captures("/nonexistent", 0, 2)
+
+
+def test_a_grid_shows_client_0s_largest_pool_each_capture_matched_to_its_own_images(tmp_path):
+    runs, records = str(tmp_path / "runs"), str(tmp_path / "records")
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(size=(4, 8, 8, 1)).astype(np.float32)  # 2 captures of 2 images
+    swapped = truth[[1, 0, 3, 2]]  # each capture's images in the other order
+    rebuilt = type("Reconstruction", (), dict(images=swapped, raw_images=swapped))
+    root = rounds.run_root(runs, "M1", "paper", 0)
+    for count in (1, 2):
+        rounds.save_reconstruction(root, "ig", rounds.unit(0, count), rebuilt, truth, np.arange(4), 2)
+        _record(records, "M1", "paper", "ig", 0, 0, count, [0.9] * 2 * count)
+    _record(records, "M1", "paper", "ig", 0, 1, 2, [0.9] * 4)  # client 1: no reconstruction, no grid
+    with np.load(rounds.reconstruction_path(root, "ig", rounds.unit(0, 2))) as saved:
+        np.testing.assert_array_equal(saved["reconstruction"], truth)
+    lines = []
+    (grid,) = rounds.draw_grids(runs, records, lines.append)
+    assert grid == os.path.join(os.path.dirname(root), "grid_ig_client0.png") and lines == [f"grid: {grid}"]
+    assert open(grid, "rb").read(4) == b"\x89PNG"
+
+
+def test_the_report_takes_seed_0s_grid_of_each_row_and_attack(tmp_path):
+    source, figures_dir = tmp_path / "rounds", tmp_path / "figures"
+    (source / "M8-compact" / "seed0").mkdir(parents=True)
+    (source / "M8-compact" / "seed0" / "grid_ig_client0.png").write_bytes(b"\x89PNG")
+    figures_dir.mkdir()
+    docs = {"rounds": {"results": {"M8": {"compact": {"ig": {}, "grnn": {}}, "none": {"ig": {}}}}}}
+    written = figures.rounds_grids(docs, str(figures_dir), str(source))
+    assert written == [str(figures_dir / "grid_rounds_M8-compact_ig.png")]
+    assert open(written[0], "rb").read() == b"\x89PNG"

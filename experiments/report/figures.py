@@ -10,6 +10,8 @@
 - privacy_over_rounds.png: attack success against the round of a real run's global model, FedAvg vs
   FedKL (regimes.json, the T regimes);
 - grid_regime_<regime>.png: seed 0's labelled grid of each realistic regime (runs/regimes/<regime>/);
+- grid_rounds_<regime>-<row>_<attack>.png: seed 0's labelled grid of each regime M row's largest pool
+  (runs/rounds/<regime>-<row>/seed0/);
 - grid_<experiment>.png: reconstruction grids (truth, then one row per threat) of the attack
   experiments whose runs are on this machine (runs/attack_quality/<experiment>/grid.png), seed 0 and
   the seeds in SEED_GRIDS.
@@ -32,6 +34,7 @@ _RESULTS_DIR = flags.DEFINE_string(
 )  # as in experiments.run and experiments.report.document
 GRID_SOURCES = os.path.join(common.REPO_ROOT, "runs", "attack_quality")
 REGIME_GRIDS = os.path.join(common.REPO_ROOT, "runs", "regimes")  # experiments.studies.regimes' --out_dir
+ROUNDS_GRIDS = os.path.join(common.REPO_ROOT, "runs", "rounds")  # experiments.studies.rounds' --rounds_out_dir
 CURVE_LABELS = {
     "central": "central",
     "central_lock": "central + lock",
@@ -238,6 +241,20 @@ def draw_all(
                 target = os.path.join(figures_dir, f"grid_regime_{regime}.png")
                 shutil.copyfile(source, target)
                 written.append(target)
+    return written + rounds_grids(docs, figures_dir)
+
+
+def rounds_grids(docs, figures_dir, source=ROUNDS_GRIDS):
+    """Copies seed 0's grid of each regime M row and attack (experiments.studies.rounds.draw_grids) as
+    grid_rounds_<regime>-<row>_<attack>.png; returns the paths written."""
+    written = []
+    for regime, by_row in docs.get("rounds", {}).get("results", {}).items():
+        for row, by_attack in by_row.items():
+            for attack in by_attack:
+                grid = os.path.join(source, f"{regime}-{row}", "seed0", f"grid_{attack}_client0.png")
+                if os.path.exists(grid):
+                    written.append(os.path.join(figures_dir, f"grid_rounds_{regime}-{row}_{attack}.png"))
+                    shutil.copyfile(grid, written[-1])
     return written
 
 

@@ -206,6 +206,8 @@ def attack_unit(root, row, attack_name, client, count, drifts, seed, dataset):
     truths = [cases.capture_user_data(capture.meta, dataset) for capture in captures]
     per_image = pooled.score(reconstruction, truths)
     labels = np.concatenate([truth.labels for truth in truths])
+    images = np.concatenate([truth.images for truth in truths])
+    save_reconstruction(root, attack_name, unit(client, count), reconstruction, images, labels, len(truths))
     return {
         "attack": attack_name,
         "client": client,
@@ -221,6 +223,56 @@ def attack_unit(root, row, attack_name, client, count, drifts, seed, dataset):
         "labels": reconstruction.labels.tolist(),
         "true_labels": labels.tolist(),
     }
+
+
+def reconstruction_path(root, attack_name, unit_name):
+    """Where a unit's reconstruction goes, beside its run (the records hold metrics only)."""
+    return os.path.join(os.path.dirname(root), "reconstructions", f"{attack_name}_{unit_name}.npz")
+
+
+def save_reconstruction(root, attack_name, unit_name, reconstruction, images, labels, count):
+    """Stores a unit's reconstruction (unclipped), in each capture's order matched to its true images, with them."""
+    from attacks import metrics
+
+    n = len(images) // count
+    order = np.concatenate(
+        [
+            k * n + metrics.match_order(reconstruction.images[k * n : (k + 1) * n], images[k * n : (k + 1) * n])
+            for k in range(count)
+        ]
+    )
+    path = reconstruction_path(root, attack_name, unit_name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path, reconstruction=reconstruction.raw_images[order], truth=images, labels=labels)
+
+
+GRID_IMAGES = 16  # a grid shows a pool's first images, capture after capture
+
+
+def draw_grids(out_dir, records_dir, log=print):
+    """A labelled grid per (regime, row, seed, attack) whose reconstructions are under `out_dir`: watched client
+    0's largest pool, its first GRID_IMAGES true images over their reconstruction, aligned SSIM and PSNR under
+    each; returns the paths written."""
+    from attacks import grids
+
+    written = []
+    for (regime, row, attack), by_count in stored(records_dir).items():
+        drawn = set()  # seeds
+        for count in sorted(by_count, reverse=True):
+            for record in [r for r in by_count[count] if r["client"] == WATCHED[0] and r["seed"] not in drawn]:
+                root = run_root(out_dir, regime, row, record["seed"])
+                path = reconstruction_path(root, attack, unit(record["client"], count))
+                if not os.path.exists(path):
+                    continue
+                drawn.add(record["seed"])
+                with np.load(path) as saved:
+                    truth, rebuilt, labels = (saved[k][:GRID_IMAGES] for k in ("truth", "reconstruction", "labels"))
+                metrics = {k: record["per_image"][k][:GRID_IMAGES] for k in ("aligned_psnr", "aligned_ssim")}
+                label = f"{attack.upper()}, {ROWS[row][2]}: {count} captures pooled"
+                grid = os.path.join(os.path.dirname(root), f"grid_{attack}_client{record['client']}.png")
+                written.append(grids.save_labelled_grid(grid, truth, [(label, rebuilt, metrics)], labels))
+                log(f"grid: {grid}")
+    return written
 
 
 def train_cached(out_dir, regime, row, seed, rounds, log=print):
@@ -357,6 +409,7 @@ def main(argv):
     payload = tabulate(_RECORDS_DIR.value)
     for path in cells.publish("rounds", payload, time.perf_counter() - start, _RECORDS_DIR.value):
         print(path)
+    draw_grids(_OUT_DIR.value, _RECORDS_DIR.value)
     if os.path.abspath(_RECORDS_DIR.value) == os.path.abspath(_RECORDS_DIR.default):  # the published records
         from experiments.studies import regimes  # here: as __main__, regimes must not import this module again
 
