@@ -322,9 +322,32 @@ def test_attacks_see_the_materialised_lock():
     assert _max_difference(predicted, target.values) < TOLERANCE
 
 
+def test_the_lock_thief_of_a_compact_run_holds_a_full_lock_on_the_same_shared_weights():
+    """Entry (e) of a compact run: the thief's full-kernel model, given the client's lock materialised, computes
+    what the client's model computes; its own fresh lock is a full one."""
+    from tfkl.federated import evaluation
+
+    config = Config(model="lenet", dataset="digits", lock_affine="spatial", lock_kernel="compact", lock_noise=0.5)
+    model = config.model_fn()()
+    shared_t, shared_n, _, _ = client_work.ModelParts(model).split(model)
+    rng = np.random.default_rng(1)  # shared weights that are not model_fn's: the thief must take the server's
+    trainable = [v.numpy() + rng.normal(0, 0.05, v.shape).astype(np.float32) for v in shared_t]
+    state = dict(trainable=trainable, non_trainable=[v.numpy() + 0.1 for v in shared_n])
+    evaluator = evaluation.Evaluator(config, state)
+    key = tfkl.generate_key(config.key_dim, seed=3)
+    client_lock = private.draw_lock_weights(evaluator.model, seed=[5])
+    evaluator.set_secret(key, client_lock)
+    thief, fresh_lock = evaluation.full_lock_thief(evaluator, config)
+    assert [v.shape for v in fresh_lock] == [v.shape for v in thief.lock_vars] and len(fresh_lock) == 4
+    (lock,) = private.lock_layers(evaluator.model)
+    thief.set_secret(key, [k.numpy() for k in lock.materialized_kernels()])
+    x = np.random.default_rng(0).uniform(size=(4, *config.input_shape)).astype(np.float32)
+    assert _max_difference(thief.model(x, training=False), evaluator.model(x, training=False)) < TOLERANCE
+
+
 def test_train_and_evaluate_a_compact_run_end_to_end(tmp_path):
-    """`tff_programs.train --lock_kernel=compact` then `tff_programs.evaluate`: the key table's entries (a)-(d),
-    and entry (e) said to be not measured rather than measured on the compact form's few variables."""
+    """`tff_programs.train --lock_kernel=compact` then `tff_programs.evaluate`: the key table's entries (a)-(e),
+    entry (e) by a thief that fits a full lock."""
     from tests.helpers import finish, start_binary
 
     root = str(tmp_path / "run")
@@ -338,4 +361,4 @@ def test_train_and_evaluate_a_compact_run_end_to_end(tmp_path):
         assert finish(start_binary(*command, log=str(log)), 600) == 0, log.read_text()[-2000:]
     output = (tmp_path / "log1").read_text()
     assert "a_own_key_and_lock" in output and "d_global_zero_lock" in output
-    assert "e_lock_recovery                  not measured: a compact lock" in output
+    assert "e_lock_recovery_20" in output and "e_from_scratch_20" in output

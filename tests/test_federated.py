@@ -589,7 +589,7 @@ def test_evaluation_matrix(digits, tmp_path):
     # Only the 'public' recovery re-estimates the moving statistics (on the public examples).
     process = build_process(config)
     server_state, _, _ = run_dir.restore(str(tmp_path), config, process)
-    evaluator = evaluation.Evaluator(config, process, server_state)
+    evaluator = evaluation.Evaluator(config, server_state)
     for statistics, moves in (("server", False), ("public", True)):
         evaluator.set_statistics(evaluator.global_statistics)
         lock_recovery.recover_lock(evaluator, digits.x_test[:20], digits.y_test[:20], SHAPE, 3, 0, statistics)
