@@ -277,8 +277,11 @@ NOTES = [
     "Recovered: aligned SSIM >= 0.6, recovered/n with the Wilson 95 % interval; each attack under the "
     "configuration's strongest threat without the key ('adaptive' for locks: the lock's unknowns optimised with the "
     "images; none for the others). One capture: results/candidates.json (batch 1: 10 images x 3 seeds; U8: an "
-    "update of 8 images in 4 steps, step labels given) and regime M1's first capture (results/rounds.json); pooled: "
-    "M1's captures of one client attacked together, K > 1.",
+    "update of 8 images in 4 steps, step labels given) and regime M's first capture (results/rounds.json: M1 a new "
+    "image each round, M8 the same 8 images each round in 4 steps); pooled: one client's first K captures of M1 or "
+    "M8 attacked together, K > 1.",
+    "Lock noise 0.1 has its accuracy runs only (not attacked): at 0.25 the pooled attack already rebuilds half of "
+    "the images at K = 16.",
     "The compact spatial lock computes what the spatial lock computes (tested to 1e-5): its batch-1 and U8 cells "
     "and its accuracy are the spatial lock's; its step, and the lock noise's, are results/lock_cost.json's (LeNet, "
     "CPU clock). Pruning adds a top-k over the update once per round (not timed).",
