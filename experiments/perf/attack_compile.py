@@ -23,6 +23,7 @@ import time
 from absl import app, flags
 
 from experiments import common
+from experiments.perf import attack_startup
 
 _BEFORE = flags.DEFINE_string("attack_compile_before", "ea45c14", "The commit to compare this checkout with.")
 _REPEATS = flags.DEFINE_integer("attack_compile_repeats", 3, "Timed runs per tree.", lower_bound=1)
@@ -46,15 +47,13 @@ def run_binary(tree, attack, out_dir):
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if process.returncode:
         raise RuntimeError(f"{' '.join(command)} failed in {tree}:\n{process.stderr[-3000:]}")
-    with open(os.path.join(out_dir, "metrics.json")) as f:
-        per_image = {threat: result["per_image"] for threat, result in json.load(f)["results"].items()}
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     return {
         "seconds": seconds,
         "cpu_seconds": cpu,
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
-        "per_image": per_image,
+        "per_image": attack_startup.per_image_metrics(out_dir),
     }
 
 

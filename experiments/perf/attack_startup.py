@@ -44,15 +44,19 @@ def run_attack(tree, out_dir):
     seconds = time.monotonic() - start
     if process.returncode:
         raise RuntimeError(f"{' '.join(command)} failed in {tree}:\n{''.join(output[-20:])}")
-    with open(os.path.join(out_dir, "metrics.json")) as f:
-        per_image = {threat: result["per_image"] for threat, result in json.load(f)["results"].items()}
     return {
         "seconds": seconds,
         "seconds_to_first_progress_line": first_line,
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
-        "per_image": per_image,
+        "per_image": per_image_metrics(out_dir),
     }
+
+
+def per_image_metrics(out_dir):
+    """{threat: per-image metrics} of the attack binary's metrics.json in `out_dir`."""
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        return {threat: result["per_image"] for threat, result in json.load(f)["results"].items()}
 
 
 def run(quick):

@@ -883,8 +883,7 @@ def _pooled_cell(by_row, threat, count):
     if not found:
         return "not run"
     attack, rate = max(found, key=lambda item: (item[1]["rate"], item[1]["n"]))
-    interval = f"[{100 * rate['low']:.0f}, {100 * rate['high']:.0f}]"
-    return f"**{100 * rate['rate']:.0f} %** {interval} ({rate['recovered']}/{rate['n']}), {attack.upper()}"
+    return f"{_rate_cell(rate)}, {attack.upper()}"
 
 
 def regime_results(store, regime, seeds, threats, data_dir, results, rows):
@@ -1003,7 +1002,11 @@ def _missing_cell(regime, threat, store, seeds, data_dir=None):
 
 def _compact_cell(summary, criterion="ssim"):
     """A table cell: the success rate of `summary` (a cell's, or `label_floor`'s) under `criterion`."""
-    rate = summary["success"][criterion]
+    return _rate_cell(summary["success"][criterion])
+
+
+def _rate_cell(rate):
+    """A success rate (recovered, n, rate, Wilson low/high) as a table cell."""
     interval = f"[{100 * rate['low']:.0f}, {100 * rate['high']:.0f}]"
     return f"**{100 * rate['rate']:.0f} %** {interval} ({rate['recovered']}/{rate['n']})"
 

@@ -275,7 +275,7 @@ def _lock_recovery_entries(
     fresh_lock,
     report,
 ):
-    """Entry (e) and its from-scratch yardstick, or why they are not measured."""
+    """Entry (e) and its from-scratch yardstick (a compact lock's by `full_lock_thief`)."""
     if config.lock_kernel == "compact":
         evaluator, fresh_lock = full_lock_thief(evaluator, config)
     publics = [(str(int(size)), public[: min(int(size), len(public))]) for size in public_sizes]
