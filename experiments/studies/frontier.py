@@ -274,7 +274,8 @@ def table_of(rows):
 
 
 NOTES = [
-    "Recovered: aligned SSIM >= 0.6, recovered/n with the Wilson 95 % interval; each attack under the "
+    "Recovered: aligned SSIM >= 0.6, recovered/n with the Wilson 95 % interval; the worst attack is picked by the "
+    "measured success (the highest Wilson lower bound): an upper bound on any one attack's; each attack under the "
     "configuration's strongest threat without the key ('adaptive' for locks: the lock's unknowns optimised with the "
     "images; none for the others). One capture: results/candidates.json (batch 1: 10 images x 3 seeds; U8: an "
     "update of 8 images in 4 steps, step labels given) and regime M's first capture (results/rounds.json: M1 a new "
