@@ -1039,7 +1039,8 @@ POOLED_NOTE = (
     "M1, M8 (regime M, experiments.studies.rounds): one client of a real training run watched over rounds, its "
     "first K captures attacked together (each capture's images their own unknowns, the lock's shared); 'none' is "
     "the FedAvg control's client, 'adaptive' the paper's lock's, each cell the attack (GRNN or IG) that recovers "
-    "most (picked by the measured success: an upper bound on either attack's); the other threats and the defences beyond the paper's lock are in results/rounds.md."
+    "most (picked by the measured success: an upper bound on either attack's); the other threats and the "
+    "defences beyond the paper's lock are in results/rounds.md."
 )
 
 
