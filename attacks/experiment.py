@@ -40,18 +40,19 @@ def build_attack(name, attacker, config=None, **options):
     return ATTACKS[name](attacker, attack_config(name, config, **options))
 
 
-def evaluate(reconstructions, images, labels, batch_size):
-    """Per-image metrics of a list of reconstructions (one per client batch, order matched)."""
-    per_image = {name: [] for name in metrics.NAMES}
+def evaluate(reconstructions, images, labels, batch_size, with_order=False):
+    """Per-image metrics of a list of reconstructions (one per client batch, order matched); `with_order`: also
+    each batch's matching (rec.images[order] lines up with its true images)."""
+    per_image, orders = {name: [] for name in metrics.NAMES}, []
     for index, rec in enumerate(reconstructions):
         truth = np.asarray(images[index * batch_size : (index + 1) * batch_size])
-        order = metrics.match_order(rec.images, truth) if len(truth) > 1 else np.arange(1)
-        values = metrics.image_metrics(rec.images[order], truth, rec.raw_images[order])
+        order, values = metrics.match_and_score(rec.images, truth, rec.raw_images)
+        orders.append(order)
         for name, array in values.items():
             per_image[name] += [float(v) for v in array]
         accuracy = metrics.label_accuracy(rec.labels, labels[index * batch_size : (index + 1) * batch_size])
         per_image["label_accuracy"] += [accuracy] * len(truth)
-    return per_image
+    return (per_image, orders) if with_order else per_image
 
 
 def run_threats(

@@ -70,8 +70,9 @@ def attack_pool(attack, pooled, drifts=(0.0,), holdout=DEFAULT_HOLDOUT, labels=N
 
 
 def score(reconstruction, truths):
-    """Per-image metrics of a pooled reconstruction against each capture's true data (`cases.UserData`, in pool
-    order), each capture's images matched one-to-one with its own truth (`experiment.evaluate`)."""
+    """(per-image metrics, order) of a pooled reconstruction against each capture's true data (`cases.UserData`,
+    in pool order): each capture's images matched one-to-one with its own truth (`experiment.evaluate`);
+    reconstruction.images[order] lines up with the captures' true images, concatenated."""
     from attacks import experiment
 
     n = len(truths[0].images)
@@ -86,4 +87,5 @@ def score(reconstruction, truths):
     ]
     images = np.concatenate([truth.images for truth in truths])
     labels = np.concatenate([truth.labels for truth in truths])
-    return experiment.evaluate(parts, images, labels, n)
+    per_image, orders = experiment.evaluate(parts, images, labels, n, with_order=True)
+    return per_image, np.concatenate([k * n + order for k, order in enumerate(orders)])

@@ -107,6 +107,34 @@ class Job:
     announce: str | None = None  # logged when it starts (default "== <name>")
 
 
+def cell_job(store, cell, units, command, log_path, name=None, also=(), announce=None):
+    """The pool's job running `command` (an argv: one study's cell mode) for `cell`, done once `store` holds a
+    record of every unit in `units` for it and for each cell in `also` (a job that attacks several cells)."""
+    return Job(
+        name=name or str(cell),
+        command=command,
+        log_path=log_path,
+        done=lambda: all(store.complete(c, units) for c in (cell, *also)),
+        cell=cell,
+        env=child_env(),
+        announce=announce,
+    )
+
+
+def run_pending(store, cell, units, attack, chunk_size=None, log=print):
+    """Attacks the units of `cell` that have no record in `store`, `chunk_size` at a time (default: all at once):
+    `attack(units)` yields (unit, record) pairs, each written as soon as it comes, so a killed run loses only the
+    units being attacked. Returns the units it attacked."""
+    pending = store.pending(cell, units)
+    step = chunk_size or max(1, len(pending))
+    for start in range(0, len(pending), step):
+        for unit, record in attack(pending[start : start + step]):
+            store.write(cell, unit, record)
+    if pending:
+        log(f"{cell}: {len(pending)} units attacked")
+    return pending
+
+
 def launch(job):
     """Runs one job's process to its end; returns its exit code (the pool's only contact with processes)."""
     os.makedirs(os.path.dirname(os.path.abspath(job.log_path)), exist_ok=True)

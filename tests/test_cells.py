@@ -42,6 +42,38 @@ def test_the_record_format_is_the_stores(tmp_path):
     assert os.path.basename(path) == "007.json" and open(path).read() == '{\n  "a": 1\n}\n'
 
 
+def test_pending_units_are_attacked_in_chunks_and_each_record_kept_as_it_comes(tmp_path):
+    store, calls = _store(tmp_path), []
+    store.write(CELL, 1, {"done": "before"})
+
+    def attack(units):
+        calls.append(list(units))
+        for unit in units:
+            if unit == 4:
+                raise KeyboardInterrupt  # killed while attacking unit 4
+            yield unit, {"unit": unit}
+
+    with pytest.raises(KeyboardInterrupt):
+        cells.run_pending(store, CELL, range(6), attack, chunk_size=2, log=lambda line: None)
+    assert calls == [[0, 2], [3, 4]] and store.pending(CELL, range(6)) == [4, 5]
+    assert store.read(CELL, 1) == {"done": "before"} and store.read(CELL, 3) == {"unit": 3}
+    calls.clear()
+    attacked = cells.run_pending(store, CELL, range(6), lambda us: ((u, {"u": u}) for u in us), log=lambda line: None)
+    assert attacked == [4, 5] and store.complete(CELL, range(6))
+    assert cells.run_pending(store, CELL, range(6), attack) == [] and calls == []
+
+
+def test_a_cell_job_is_done_once_every_cell_it_attacks_holds_every_unit(tmp_path):
+    store, other = _store(tmp_path), cells.Cell("study", "G8", "none", "grnn", 1)
+    job = cells.cell_job(store, CELL, [0, 1], ["true"], str(tmp_path / "log"), also=[other])
+    assert job.name == str(CELL) and job.cell == CELL and job.env["PYTHONPATH"] == common.REPO_ROOT
+    for cell, unit in [(CELL, 0), (CELL, 1), (other, 0)]:
+        store.write(cell, unit, {})
+        assert not job.done()
+    store.write(other, 1, {})
+    assert job.done()
+
+
 def _job(tmp_path, name, code=0, done=lambda: False):
     command = [sys.executable, "-c", f"import time, sys; time.sleep(0.3); print('{name}'); sys.exit({code})"]
     return cells.Job(name, command, str(tmp_path / f"{name}.log"), done)

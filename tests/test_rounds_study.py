@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from attacks import targets
+from attacks import base, cases, pooled, targets
 from experiments import cells
 from experiments.report import figures
 from experiments.studies import rounds
@@ -100,10 +100,15 @@ def test_a_grid_shows_client_0s_largest_pool_each_capture_matched_to_its_own_ima
     rng = np.random.default_rng(0)
     truth = rng.uniform(size=(4, 8, 8, 1)).astype(np.float32)  # 2 captures of 2 images
     swapped = truth[[1, 0, 3, 2]]  # each capture's images in the other order
-    rebuilt = type("Reconstruction", (), dict(images=swapped, raw_images=swapped))
+    labels = np.arange(4)
     root = rounds.run_root(runs, "M1", "paper", 0)
     for count in (1, 2):
-        rounds.save_reconstruction(root, "ig", rounds.unit(0, count), rebuilt, truth, np.arange(4), 2)
+        n = 2 * count
+        rebuilt = base.Reconstruction(swapped[:n], swapped[:n], labels[[1, 0, 3, 2]][:n], 0.0, [], {})
+        truths = [cases.UserData(truth[k : k + 2], labels[k : k + 2]) for k in range(0, n, 2)]
+        _, order = pooled.score(rebuilt, truths)
+        path = rounds.reconstruction_path(root, "ig", rounds.unit(0, count))
+        rounds.save_reconstruction(path, rebuilt, order, truths)
         _record(records, "M1", "paper", "ig", 0, 0, count, [0.9] * 2 * count)
     _record(records, "M1", "paper", "ig", 0, 1, 2, [0.9] * 4)  # client 1: no reconstruction, no grid
     with np.load(rounds.reconstruction_path(root, "ig", rounds.unit(0, 2))) as saved:

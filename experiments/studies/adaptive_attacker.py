@@ -145,26 +145,26 @@ def run_cell(cache, attack, variant, seed, log=print):
 
     tf.get_logger().setLevel("ERROR")  # pfor's per-op fallback warnings would flood the log
     threat, _ = VARIANTS[variant]
-    options = options_of(attack, variant)
-    missing = [i for i in range(NUM_IMAGES) if i not in cached(cache, attack, variant, seed)]
-    if not missing:
-        return
-    data_set, input_shape, images, labels = study.load_images(DATASET, MODEL, NUM_IMAGES)
-    victims = cases.build_victims(
-        MODEL, input_shape, data_set.num_classes, "pytorch", seed, "batch", key_seed=seed + 1, threats=[threat]
-    )
-    victim = victims["plain" if threat == "none" else "locked"]
-    payload, _ = cases.simulate_clients(victim, images[missing], labels[missing], 1)
-    secret = cases.threat_secret(threat, victim)
 
     def progress(done, total, losses):
         log(f"[{attack}/{variant}/seed {seed}] {done}/{total} best loss median {np.median(losses):.3g}")
 
-    entries = attack_entries(attack, payload, threat, secret, options, seed, images[missing], labels[missing], progress)
-    for image, entry in zip(missing, entries):
-        _write_entry(cache, attack, variant, seed, image, dict(entry, source="experiments.studies.adaptive_attacker"))
-    seconds = entries[0]["seconds_per_image"] * len(missing)
-    log(f"[{attack}/{variant}/seed {seed}] {len(missing)} images in {seconds:.0f} s")
+    def attack_images(missing):
+        data_set, input_shape, images, labels = study.load_images(DATASET, MODEL, NUM_IMAGES)
+        victims = cases.build_victims(
+            MODEL, input_shape, data_set.num_classes, "pytorch", seed, "batch", key_seed=seed + 1, threats=[threat]
+        )
+        victim = victims["plain" if threat == "none" else "locked"]
+        payload, _ = cases.simulate_clients(victim, images[missing], labels[missing], 1)
+        secret = cases.threat_secret(threat, victim)
+        options = options_of(attack, variant)
+        entries = attack_entries(
+            attack, payload, threat, secret, options, seed, images[missing], labels[missing], progress
+        )
+        for image, entry in zip(missing, entries):
+            yield image, dict(entry, source="experiments.studies.adaptive_attacker")
+
+    cells.run_pending(records(cache), cell(attack, variant, seed), range(NUM_IMAGES), attack_images, log=log)
 
 
 def attack_entries(
@@ -384,15 +384,13 @@ def run_cells(cache, attacks, variants, seeds, workers=cells.DEFAULT_WORKERS, lo
 
 def cell_job(cache, attack, variant, seed):
     argument = f"{attack}|{variant}|{seed}"
-    return cells.Job(
-        name=f"cell {attack}/{variant}/seed {seed}",
-        command=cells.module_command(
-            "experiments.studies.adaptive_attacker", f"--aa_cell={argument}", f"--aa_cache={cache}"
-        ),
-        log_path=os.path.join(cache, "logs", argument.replace("|", "_").replace(":", "_").replace("/", "__") + ".log"),
-        done=lambda: len(cached(cache, attack, variant, seed)) == NUM_IMAGES,
-        cell=cell(attack, variant, seed),
-        announce=f"== {attack}/{variant}/seed {seed}: running",
+    return cells.cell_job(
+        records(cache),
+        cell(attack, variant, seed),
+        range(NUM_IMAGES),
+        cells.module_command("experiments.studies.adaptive_attacker", f"--aa_cell={argument}", f"--aa_cache={cache}"),
+        os.path.join(cache, "logs", argument.replace("|", "_").replace(":", "_").replace("/", "__") + ".log"),
+        name=f"{attack}/{variant}/seed {seed}",
     )
 
 

@@ -312,15 +312,19 @@ def run_cell(run_dir, name, attack, seed, threat=None, log=print):
     from model_fn's lock). Update cells are given each local step's labels (the order oracle)."""
     import tensorflow as tf
 
+    tf.get_logger().setLevel("ERROR")
+    this = cell(name, attack, seed, threat)
+    attack_images = functools.partial(_attack_clients, name, attack, seed, threat, log)
+    cells.run_pending(records(run_dir), this, range(num_images(attack)), attack_images, log=log)
+
+
+def _attack_clients(name, attack, seed, threat, log, missing):
+    """Yields (image, record) for every image of the clients that hold a `missing` image, attacked together."""
     from attacks import cases, study
 
-    tf.get_logger().setLevel("ERROR")
-    cached = cached_images(run_dir, name, attack, seed, threat)
     update = attack in UPDATE_ATTACKS
     per_client = UPDATE["images_per_client"] if update else 1
-    clients = sorted({i // per_client for i in range(num_images(attack)) if i not in cached})
-    if not clients:
-        return
+    clients = sorted({i // per_client for i in missing})
     indices = [c * per_client + k for c in clients for k in range(per_client)]
     data_set, input_shape, images, labels = study.load_images(DATASET, MODEL, num_images(attack))
     images, labels = images[indices], labels[indices]
@@ -340,10 +344,9 @@ def run_cell(run_dir, name, attack, seed, threat=None, log=print):
     entries = adaptive_attacker.attack_entries(
         attack.split("-")[0], payload, cell_threat, secret, options, seed, images, labels, progress, per_client, given
     )
-    store = records(run_dir)
     for image, entry in zip(indices, entries):
         entry.pop("lock_estimate")  # a spatial lock's is 6,144 numbers per image
-        store.write(cell(name, attack, seed, threat), image, dict(entry, threat=threat or cell_threat))
+        yield image, dict(entry, threat=threat or cell_threat)
 
 
 def holding(names, seeds, run_dir):
@@ -402,16 +405,13 @@ def run_attacks(names, seeds, run_dir, log, workers=cells.DEFAULT_WORKERS):
 def attack_job(run_dir, name, attack, seed, threat):
     """The pool's job attacking one cell (`--cand_cell`) unless all its images are stored."""
     argument = f"{name}|{attack}|{seed}" + (f"|{threat}" if threat else "")
-    return cells.Job(
+    return cells.cell_job(
+        records(run_dir),
+        cell(name, attack, seed, threat),
+        range(num_images(attack)),
+        cells.module_command("experiments.studies.candidates", f"--cand_cell={argument}", f"--cand_dir={run_dir}"),
+        os.path.join(run_dir, "logs", argument.replace("|", "_").replace(":", "_") + ".log"),
         name=f"attack cell {argument}",
-        command=cells.module_command(
-            "experiments.studies.candidates", f"--cand_cell={argument}", f"--cand_dir={run_dir}"
-        ),
-        log_path=os.path.join(run_dir, "logs", argument.replace("|", "_").replace(":", "_") + ".log"),
-        done=lambda: len(cached_images(run_dir, name, attack, seed, threat)) == num_images(attack),
-        cell=cell(name, attack, seed, threat),
-        env=cells.child_env(),
-        announce=f"== attack cell {argument}",
     )
 
 

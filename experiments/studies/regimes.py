@@ -487,18 +487,24 @@ def run_cell(regime, seed, threat, store, data_dir=None, log=print):
     """Attacks the pending clients of one cell and stores each client's result (metrics and reconstruction)."""
     import tensorflow as tf
 
+    tf.get_logger().setLevel("ERROR")
+    this, clients = cell(regime, seed, threat), range(regime.clients)
+    if store.cells.complete(this, clients):
+        return
+    os.makedirs(cell_dir(store.work, regime.name, seed, threat), exist_ok=True)
+    attack_clients = _client_attack(regime, seed, threat, store, data_dir, log)
+    cells.run_pending(store.cells, this, clients, attack_clients, regime.clients_per_call, log)
+
+
+def _client_attack(regime, seed, threat, store, data_dir, log):
+    """The cell's case and attack, built once; returns what attacks a chunk of its clients and yields (client,
+    result) for each (`_result`)."""
     from attacks import experiment, prior
     from attacks import labels as labels_lib
     from attacks import model as model_lib
 
-    tf.get_logger().setLevel("ERROR")
-    pending = pending_clients(store, regime, seed, threat)
-    if not pending:
-        return
-    directory = cell_dir(store.work, regime.name, seed, threat)
-    os.makedirs(directory, exist_ok=True)
-    os.makedirs(cell_dir(store.records, regime.name, seed, threat), exist_ok=True)
-    payload, truth, secret = _case(regime, seed, threat, store, os.path.join(directory, "captures"), data_dir)
+    captures = os.path.join(cell_dir(store.work, regime.name, seed, threat), "captures")
+    payload, truth, secret = _case(regime, seed, threat, store, captures, data_dir)
     n = regime.images_per_client
     attacker = model_lib.AttackerModel(payload.view, threat_model(threat), secret=secret, seed=seed + 7)
     options = dict(regime.attack_options(), seed=seed)
@@ -509,15 +515,12 @@ def run_cell(regime, seed, threat, store, data_dir=None, log=print):
         attack = prior.GenerativePrior(attacker, prior_decoder(store, regime.model, data_dir, log), **options)
     else:
         attack = experiment.build_attack(regime.attack, attacker, **options)
-    counted = {}
-    if threat == "none" and n > 1:  # the counting rule alone, before any attack (see `_count_rule_row`)
-        plain = model_lib.AttackerModel(payload.view, "none")
-        counted = {c: labels_lib.count_labels(plain, payload.targets[c]).tolist() for c in pending}
-    for chunk in range(0, len(pending), regime.clients_per_call):
-        clients = pending[chunk : chunk + regime.clients_per_call]
-        targets = [payload.targets[c] for c in clients]
-        curves = {c: [] for c in clients}
-        start = time.perf_counter()
+
+    def attack_clients(clients):
+        counted = {}
+        if threat == "none" and n > 1:  # the counting rule alone, before any attack (see `_count_rule_row`)
+            plain = model_lib.AttackerModel(payload.view, "none")
+            counted = {c: labels_lib.count_labels(plain, payload.targets[c]).tolist() for c in clients}
         given = None
         if threat == ORDER_ORACLE:  # the labels of each local step, in the order the client trained
             given = np.stack([truth.labels[c * n : (c + 1) * n] for c in clients])
@@ -525,8 +528,10 @@ def run_cell(regime, seed, threat, store, data_dir=None, log=print):
             given = np.stack(
                 [step_labels(store, regime, seed, threat, attacker, payload.targets[c], c) for c in clients]
             )
+        curves = {c: [] for c in clients}
+        start = time.perf_counter()
         reconstructions = attack.reconstruct(
-            targets,
+            [payload.targets[c] for c in clients],
             labels=given,
             progress=_progress(log, regime.name, seed, threat, clients),
             monitor=_budget_curve(curves, regime, truth),
@@ -534,7 +539,9 @@ def run_cell(regime, seed, threat, store, data_dir=None, log=print):
         seconds = (time.perf_counter() - start) / len(clients)
         for client, rec in zip(clients, reconstructions):
             extra = dict(budget_curve=curves[client], count_rule_labels=counted.get(client))
-            _store(store, regime, seed, threat, client, rec, truth, seconds, len(clients), extra, log)
+            yield client, _result(store, regime, seed, threat, client, rec, truth, seconds, len(clients), extra, log)
+
+    return attack_clients
 
 
 def step_labels(store, regime, seed, threat, attacker, target, client):
@@ -568,24 +575,22 @@ def _budget_curve(curves, regime, truth):
             losses = snapshot.losses[index * restarts : (index + 1) * restarts]
             raw = snapshot.images[index * restarts + int(np.argmin(losses))]
             true_images = truth.images[client * n : (client + 1) * n]
-            order = metrics.match_order(np.clip(raw, 0, 1), true_images, raw) if n > 1 else np.arange(1)
-            scores = metrics.image_metrics(np.clip(raw[order], 0, 1), true_images, raw[order])
+            _, scores = metrics.match_and_score(np.clip(raw, 0, 1), true_images, raw)
             curves[client].append([int(snapshot.done), [float(v) for v in scores["aligned_ssim"]]])
         return False
 
     return monitor
 
 
-def _store(store, regime, seed, threat, client, rec, truth, seconds, chunk_size, extra, log):
-    """Scores one client's reconstruction (Hungarian-matched to its true images) and stores it with `extra`:
-    its budget curve ([iterations done, aligned SSIM per image] between chunks) and under 'none' the labels
-    the counting rule gives alone."""
+def _result(store, regime, seed, threat, client, rec, truth, seconds, chunk_size, extra, log):
+    """Scores one client's reconstruction (Hungarian-matched to its true images), saves it under store.work and
+    returns its record, with `extra`: its budget curve ([iterations done, aligned SSIM per image] between chunks)
+    and under 'none' the labels the counting rule gives alone."""
     from attacks import metrics
 
     n = regime.images_per_client
     true_images, true_labels = truth.images[client * n : (client + 1) * n], truth.labels[client * n : (client + 1) * n]
-    order = metrics.match_order(rec.images, true_images, rec.raw_images) if n > 1 else np.arange(1)
-    scores = metrics.image_metrics(rec.images[order], true_images, rec.raw_images[order])
+    order, scores = metrics.match_and_score(rec.images, true_images, rec.raw_images)
     per_image = {k: [float(v) for v in a] for k, a in scores.items()}
     result = dict(
         regime=regime.name,
@@ -606,9 +611,9 @@ def _store(store, regime, seed, threat, client, rec, truth, seconds, chunk_size,
         peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the cell's process so far
     )
     np.save(reconstruction_path(store, regime.name, seed, threat, client), rec.raw_images[order])
-    store.cells.write(_named_cell(regime.name, seed, threat), client, result)  # written last: the client is done
     ssim = ", ".join(f"{v:.2f}" for v in per_image["aligned_ssim"])
     log(f"{regime.name} seed {seed} {threat} client {client}: aligned SSIM {ssim} ({seconds:.0f} s)")
+    return result
 
 
 def _progress(log, regime, seed, threat, clients):
@@ -1071,12 +1076,13 @@ def run_cells(regimes, seeds, threats, store, data_dir=None, parallel=cells.DEFA
 def cell_job(command, regime, seed, threat, store):
     """The pool's job running `command`, which attacks one cell, unless the cell is done; its output goes to
     the cell's log.txt under store.work."""
-    return cells.Job(
+    return cells.cell_job(
+        store.cells,
+        cell(regime, seed, threat),
+        range(regime.clients),
+        command,
+        os.path.join(cell_dir(store.work, regime.name, seed, threat), "log.txt"),
         name=f"cell {regime.name}/{seed}/{threat}",
-        command=command,
-        log_path=os.path.join(cell_dir(store.work, regime.name, seed, threat), "log.txt"),
-        done=lambda: not pending_clients(store, regime, seed, threat),
-        cell=cell(regime, seed, threat),
         announce=f"== {regime.name} seed {seed} {threat}",
     )
 

@@ -204,10 +204,9 @@ def attack_unit(root, row, attack_name, client, count, drifts, seed, dataset):
     reconstruction, held_out = pooled.attack_pool(attack, pool, drifts)
     seconds = time.perf_counter() - start
     truths = [cases.capture_user_data(capture.meta, dataset) for capture in captures]
-    per_image = pooled.score(reconstruction, truths)
+    per_image, order = pooled.score(reconstruction, truths)
     labels = np.concatenate([truth.labels for truth in truths])
-    images = np.concatenate([truth.images for truth in truths])
-    save_reconstruction(root, attack_name, unit(client, count), reconstruction, images, labels, len(truths))
+    save_reconstruction(reconstruction_path(root, attack_name, unit(client, count)), reconstruction, order, truths)
     return {
         "attack": attack_name,
         "client": client,
@@ -230,19 +229,12 @@ def reconstruction_path(root, attack_name, unit_name):
     return os.path.join(os.path.dirname(root), "reconstructions", f"{attack_name}_{unit_name}.npz")
 
 
-def save_reconstruction(root, attack_name, unit_name, reconstruction, images, labels, count):
-    """Stores a unit's reconstruction (unclipped), in each capture's order matched to its true images, with them."""
-    from attacks import metrics
-
-    n = len(images) // count
-    order = np.concatenate(
-        [
-            k * n + metrics.match_order(reconstruction.images[k * n : (k + 1) * n], images[k * n : (k + 1) * n])
-            for k in range(count)
-        ]
-    )
-    path = reconstruction_path(root, attack_name, unit_name)
+def save_reconstruction(path, reconstruction, order, truths):
+    """Stores a unit's reconstruction (unclipped) in `order` (each capture's images matched to its true ones:
+    `attacks.pooled.score`), with the captures' true images and labels."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    images = np.concatenate([truth.images for truth in truths])
+    labels = np.concatenate([truth.labels for truth in truths])
     np.savez(path, reconstruction=reconstruction.raw_images[order], truth=images, labels=labels)
 
 
@@ -293,14 +285,17 @@ def run_cell(regime, row, seed, attack_names, dirs, counts, drifts, log=print):
 
     root = train_cached(dirs[0], regime, row, seed, max(counts), log)
     records, dataset = store(dirs[1]), data.load("fashion_mnist")
+    by_name = {unit(client, count): (client, count) for client in WATCHED for count in counts}
     for attack_name in attack_names:
         cell = cell_of(regime, row, seed, attack_name)
-        for client in WATCHED:
-            for count in counts:
-                if not records.has(cell, unit(client, count)):
-                    log(f"{cell}: client {client}, {count} captures pooled")
-                    record = attack_unit(root, row, attack_name, client, count, drifts, seed, dataset)
-                    records.write(cell, unit(client, count), record)
+
+        def attack(names, attack_name=attack_name, cell=cell):
+            for name in names:
+                client, count = by_name[name]
+                log(f"{cell}: client {client}, {count} captures pooled")
+                yield name, attack_unit(root, row, attack_name, client, count, drifts, seed, dataset)
+
+        cells.run_pending(records, cell, list(by_name), attack, chunk_size=1, log=log)
 
 
 def units(counts):
@@ -311,7 +306,6 @@ def cell_jobs(dirs, regimes, rows, seeds, attack_names, counts, drifts):
     """One job per (regime, row, seed), every attack in it: this module in `--rounds_cell` mode, skipped when the
     records of all its attacks are stored (dirs: the runs' and the records' directories)."""
     (out_dir, records_dir), jobs = dirs, []
-    records = store(records_dir)
     for regime in regimes:
         for seed in seeds:
             for row in rows:
@@ -324,10 +318,10 @@ def cell_jobs(dirs, regimes, rows, seeds, attack_names, counts, drifts):
                     "--rounds_counts=" + ",".join(str(c) for c in counts),
                     "--rounds_drifts=" + ",".join(str(d) for d in drifts),
                 )
-                attack_cells = [cell_of(regime, row, seed, name) for name in attack_names]
-                done = lambda cs=attack_cells: all(records.complete(c, units(counts)) for c in cs)  # noqa: E731
+                first, *others = [cell_of(regime, row, seed, name) for name in attack_names]
                 log_path = os.path.join(os.path.dirname(run_root(out_dir, regime, row, seed)), "cell.log")
-                jobs.append(cells.Job(f"{regime}-{row}/seed{seed}", argv, log_path, done, env=cells.child_env()))
+                name = f"{regime}-{row}/seed{seed}"
+                jobs.append(cells.cell_job(store(records_dir), first, units(counts), argv, log_path, name, others))
     return jobs
 
 
