@@ -22,6 +22,7 @@ if it were alone in the round (local DP).
 """
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -250,59 +251,54 @@ def _target_id(defence, view_name, config):
 
 
 def attack_defence(setting, defence, data, images, labels, cache_dir, log):
-    """{view name: {'target', 'attacks': {'<attack>/<threat>': summary entry}}} for one defence."""
+    """{view name: {'target', 'attacks': {'<attack>/<threat>': summary entry}}} for one defence; each attack a
+    cell of the engine with one record (attacked again when its options changed), its reconstructions beside it."""
     from attacks import cases, experiment
 
     config = _config(setting, defence)
     threats = (LOCKED_THREATS + ("oracle",)) if config.locked else ("none",)
-    indices = list(range(setting["num_images"]))
-    captured = None
-    result = {}
+    captured = functools.cache(lambda: captured_updates(config, data, list(range(setting["num_images"]))))
     store = records(cache_dir)
+
+    def attack_cell(cell, view_name, options, units):
+        (unit,) = units
+        log(f"attack {cell.regime}: {cell.attack}/{cell.threat}")
+        view, updates, victim = captured()
+        targets = [_target(server_view(u, view_name, config, seed=i), view, config) for i, u in enumerate(updates)]
+        payload, truth = cases.Payload(view, tuple(targets)), cases.UserData(images, labels)
+        secret = cases.threat_secret(cell.threat, victim)
+        outcome = experiment.attack_targets(
+            cell.attack, payload, cell.threat, truth, secret=secret, attack_options=options
+        )
+        os.makedirs(store.cell_dir(cell), exist_ok=True)
+        reconstructions = np.concatenate([r.images for r in outcome["reconstructions"]])
+        np.save(os.path.join(store.cell_dir(cell), unit + ".npy"), reconstructions)
+        kept = ("summary", "per_image", "seconds", "recovered_labels")
+        yield unit, dict(options=options, **{key: outcome[key] for key in kept})
+
+    result = {}
     for view_name in defence.views:
-        target_id = _target_id(defence, view_name, config)
-        entries = {}
+        target_id, entries = _target_id(defence, view_name, config), {}
         for attack, options in setting["attacks"].items():
             for threat in threats:
                 cell, unit = cells.Cell("privacy_utility", target_id, threat, attack, 0), f"{attack}_{threat}"
-                entry = store.read(cell, unit) if store.has(cell, unit) else None
-                if entry is None or entry["options"] != options:
-                    if captured is None:
-                        captured = captured_updates(config, data, indices)
-                    view, updates, victim = captured
-                    targets = [
-                        _target(server_view(u, view_name, config, seed=i), view, config) for i, u in enumerate(updates)
-                    ]
-                    log(f"attack {target_id}: {attack}/{threat}")
-                    outcome = experiment.attack_targets(
-                        attack,
-                        cases.Payload(view, tuple(targets)),
-                        threat,
-                        cases.UserData(images, labels),
-                        secret=cases.threat_secret(threat, victim),
-                        attack_options=options,
-                    )
-                    entry = dict(
-                        options=options,
-                        summary=outcome["summary"],
-                        per_image=outcome["per_image"],
-                        seconds=outcome["seconds"],
-                        recovered_labels=outcome["recovered_labels"],
-                    )
-                    os.makedirs(store.cell_dir(cell), exist_ok=True)
-                    reconstructions = np.concatenate([r.images for r in outcome["reconstructions"]])
-                    np.save(os.path.join(store.cell_dir(cell), unit + ".npy"), reconstructions)
-                    store.write(cell, unit, entry)  # last: the cell is done
-                entries[f"{attack}/{threat}"] = entry
-        candidates = {k: e for k, e in entries.items() if not k.endswith("/oracle")}
-        strongest = max(candidates, key=lambda k: candidates[k]["summary"]["aligned_psnr"]["mean"])
-        result[view_name] = dict(target=target_id, attacks=entries, strongest=strongest)
-        if config.locked:
-            oracle = {k: e for k, e in entries.items() if k.endswith("/oracle")}
-            result[view_name]["strongest_oracle"] = max(
-                oracle, key=lambda k: oracle[k]["summary"]["aligned_psnr"]["mean"]
-            )
+                if store.has(cell, unit) and store.read(cell, unit)["options"] != options:
+                    os.remove(store.path(cell, unit))  # made with other options: attacked again
+                attack_view = functools.partial(attack_cell, cell, view_name, options)
+                cells.run_pending(store, cell, [unit], attack_view, log=lambda line: None)
+                entries[f"{attack}/{threat}"] = store.read(cell, unit)
+        result[view_name] = dict(target=target_id, attacks=entries, **_strongest(entries, config.locked))
     return result
+
+
+def _strongest(entries, locked):
+    """{'strongest': the attack/threat with the highest mean aligned PSNR without the secret, and for a lock
+    'strongest_oracle': the same among the oracle cells}."""
+    by_psnr = lambda names: max(names, key=lambda k: entries[k]["summary"]["aligned_psnr"]["mean"])  # noqa: E731
+    chosen = dict(strongest=by_psnr([k for k in entries if not k.endswith("/oracle")]))
+    if locked:
+        chosen["strongest_oracle"] = by_psnr([k for k in entries if k.endswith("/oracle")])
+    return chosen
 
 
 # -- report -------------------------------------------------------------------------------------

@@ -38,7 +38,6 @@ import json
 import os
 import re
 import resource
-import subprocess
 import sys
 import time
 
@@ -370,19 +369,17 @@ def train_dir(work_dir, algorithm):
 
 
 def train_runs(store, data_dir=None, log=print):
-    """The FedAvg and FedKL runs whose global models the T regimes attack (tff_programs.train, resumable)."""
+    """The FedAvg and FedKL runs whose global models the T regimes attack (tff_programs.train, resumable), one
+    after the other in the engine's pool."""
+    jobs = []
     for algorithm in ("fedavg", "fedkl"):
         root = train_dir(store.work, algorithm)
-        if _round_captures(root, 20):
-            continue
-        log(f"== training {algorithm} for the T regimes ({root})")
-        os.makedirs(os.path.dirname(root), exist_ok=True)
-        command = [sys.executable, "-m", "tff_programs.train", f"--root_dir={root}", f"--algorithm={algorithm}"]
+        command = cells.module_command("tff_programs.train", f"--root_dir={root}", f"--algorithm={algorithm}")
         command += list(TRAIN_FLAGS) + ([f"--data_dir={data_dir}"] if data_dir else [])
-        log_path = f"{root}_log.txt"
-        with open(log_path, "a") as log_file:
-            if subprocess.call(command, stdout=log_file, stderr=subprocess.STDOUT):
-                raise RuntimeError(f"the {algorithm} training run failed; see {log_path}")
+        done = functools.partial(_round_captures, root, 20)
+        announce = f"== training {algorithm} for the T regimes ({root})"
+        jobs.append(cells.Job(f"the {algorithm} training run", command, f"{root}_log.txt", done, announce=announce))
+    cells.run_jobs(jobs, workers=1, log=log)
 
 
 PRIOR_LATENT_DIM = 32
