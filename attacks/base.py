@@ -178,6 +178,13 @@ def gradient_distance(predicted, target, distance):
     return squared if distance == "l2" else squared + tf.sqrt(squared + 1e-12)
 
 
+def _unordered(labels, order):
+    """The shared set's labels from one member's `labels` in its training `order` (labels[j] is image order[j]'s)."""
+    shared = np.empty_like(np.asarray(labels))
+    shared[np.asarray(order)] = labels
+    return shared
+
+
 def _scale(target):
     """Updates are matched in gradient units (divided by the learning rate) to keep L2 well scaled."""
     return 1.0 / target.learning_rate if target.kind == "update" else 1.0
@@ -452,13 +459,17 @@ class Attack:
 
     def _label_hypotheses(self, target, count):
         """`labels.label_hypotheses` of a target; of a pool, member by member on its own round's weights, the
-        i-th hypothesis being each member's i-th (its last if it has fewer)."""
+        i-th hypothesis being each member's i-th (its last if it has fewer); of a pool whose members share their
+        images (`Pooled.orders`), the first member's, placed in the shared set's order."""
         if not isinstance(target, targets_lib.Pooled):
             return labels_lib.label_hypotheses(self.attacker, target, count)
+        members = target.members[:1] if target.orders is not None else target.members
         per_member = []
-        for member, weights in zip(target.members, target.weights):
+        for member, weights in zip(members, target.weights):
             with self.attacker.bound(([tf.constant(w, tf.float32) for w in weights], self.attacker.lock_weights)):
                 per_member.append(labels_lib.label_hypotheses(self.attacker, member, count))
+        if target.orders is not None:
+            return [_unordered(labels, target.orders[0]) for labels in per_member[0]]
         total = max(len(h) for h in per_member)
         return [np.concatenate([h[min(i, len(h) - 1)] for h in per_member]) for i in range(total)]
 

@@ -54,6 +54,31 @@ def pool_captures(captures, names=None, lock_weights=None, drift=0.0, holdout=0.
     return model_lib.ServerView.from_capture(captures[0]), pooled
 
 
+def label_orders(attacker, pooled):
+    """`pooled` as a client that trains the same images every round (`targets.Pooled.orders`), each member's
+    order read from the labels: the shared set is the first member's images in its training order, and each
+    member's local steps are matched to it by their labels (`labels.label_hypotheses`' most plausible, on the
+    member's round), equal labels in turn. It reads the captures only; where a member's labels differ from the
+    first's, the positions left over are matched as well as labels allow."""
+    from scipy.optimize import linear_sum_assignment
+    import tensorflow as tf
+
+    from attacks import labels as labels_lib
+
+    per_member = []
+    for member, weights in zip(pooled.members, pooled.weights):
+        with attacker.bound(([tf.constant(w, tf.float32) for w in weights], attacker.lock_weights)):
+            per_member.append(labels_lib.label_hypotheses(attacker, member, 1)[0])
+    first = per_member[0]
+    positions = np.arange(len(first))
+    in_turn = 1e-3 * np.abs(positions[:, None] - positions[None, :]) / len(first)  # equal labels in turn
+    orders = []
+    for labels in per_member:
+        _, shared = linear_sum_assignment((labels[:, None] != first[None, :]) + in_turn)
+        orders.append(tuple(int(i) for i in shared))
+    return dataclasses.replace(pooled, orders=tuple(orders))
+
+
 def attack_pool(attack, pooled, drifts=(0.0,), holdout=DEFAULT_HOLDOUT, labels=None, progress=None):
     """Reconstructs `pooled` with `attack` (a `base.Attack` on the pool's view) at each drift strength and keeps
     the reconstruction with the lowest held-out loss (`Pooled.holdout`); with one strength, no entry is left

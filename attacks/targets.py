@@ -67,6 +67,9 @@ class Pooled:
       trains its lock weights between rounds); None: the attacker's own for every member.
     holdout, seed: the share of each member's entries left out of the fit (drawn from `seed`); the attack
       reports its distance on them as `held_out_loss`, which compares drift strengths without the truth.
+    orders: None (each member's images its own), or a client that trains the same images every round: one
+      shared set of images (and labels), member k training on them in the order orders[k] (a permutation of
+      the shared set's indices; the attacker's assumption, e.g. `attacks.pooled.label_orders`).
     """
 
     members: tuple
@@ -75,6 +78,7 @@ class Pooled:
     drift: float = 0.0
     holdout: float = 0.0
     seed: int = 0
+    orders: tuple | None = None
 
     def __post_init__(self):
         if not self.members or len(self.weights) != len(self.members):
@@ -85,6 +89,11 @@ class Pooled:
             raise ValueError("the pooled targets differ in kind, size or client hyperparameters")
         if not (self.drift >= 0 and 0 <= self.holdout < 1):
             raise ValueError(f"drift must be >= 0 and holdout in [0, 1), got {self.drift}, {self.holdout}")
+        n = self.member.num_examples
+        if self.orders is not None and (
+            len(self.orders) != len(self.members) or any(sorted(order) != list(range(n)) for order in self.orders)
+        ):
+            raise ValueError(f"orders: one permutation of range({n}) per member, or None")
 
     @property
     def count(self):
@@ -102,7 +111,15 @@ class Pooled:
 
     @property
     def num_examples(self):
-        return self.count * self.member.num_examples
+        """The images the attack searches: the members' own, or with `orders` the one shared set."""
+        return self.member.num_examples * (1 if self.orders is not None else self.count)
+
+    def member_examples(self, k, images, labels):
+        """Member k's (images, labels) in its training order, of the pool's (images, labels) unknowns."""
+        if self.orders is not None:
+            return tf.gather(images, self.orders[k]), tf.gather(labels, self.orders[k])
+        n = self.member.num_examples
+        return images[k * n : (k + 1) * n], labels[k * n : (k + 1) * n]
 
     @property
     def values(self):
@@ -110,7 +127,8 @@ class Pooled:
         return tuple(value for member in self.members for value in member.values)
 
     def settings(self):
-        return ("pooled", self.count, self.drift, self.holdout, self.seed, self.lock_weights is not None) + (
+        orders = None if self.orders is None else tuple(tuple(int(i) for i in order) for order in self.orders)
+        return ("pooled", self.count, self.drift, self.holdout, self.seed, self.lock_weights is not None, orders) + (
             self.member.settings()
         )
 
@@ -189,7 +207,7 @@ def simulate_pooled(attacker, pooled, images, labels, latent):
     """The prediction of each member of `pooled`, member after member, while the attacker is bound to the
     pool's stacked tensors (`pooled_tensors`): member k from its images and labels, its round's global
     weights, its lock weights and the shared lock latents (plus its drift offset)."""
-    n, size = pooled.member.num_examples, attacker.lock_latent_size()
+    size = attacker.lock_latent_size()
     stacked_weights, stacked_locks = attacker.weights, attacker.lock_weights
     predicted = []
     for k, member in enumerate(pooled.members):
@@ -200,9 +218,7 @@ def simulate_pooled(attacker, pooled, images, labels, latent):
         if pooled.lock_weights is not None:
             lock_weights = {name: tuple(v[k] for v in values) for name, values in stacked_locks.items()}
         with attacker.bound(([w[k] for w in stacked_weights], lock_weights)):
-            predicted += simulate(
-                attacker, member, images[k * n : (k + 1) * n], labels[k * n : (k + 1) * n], member_latent
-            )
+            predicted += simulate(attacker, member, *pooled.member_examples(k, images, labels), member_latent)
     return predicted
 
 

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 import attacks
 from attacks import cases, pooled, prior, targets
+from attacks import labels as labels_lib
 from attacks import model as model_lib
 from tfkl import capture as capture_lib
 from tfkl import models, private
@@ -151,3 +152,71 @@ def test_every_adam_attack_runs_pooled_and_estimates_one_lock(attack_name, tmp_p
     assert rec.images.shape == x.shape and rec.info["pooled"] == 2
     gamma, beta = next(iter(rec.info["lock_estimate"].values()))
     assert len(gamma) == attacker.locks[0].affine_size and np.isfinite(rec.loss)
+
+
+def _kept_images_rounds(victim, tmp_path, orders, batch_size=2):
+    """Captures of a client that trains the same 4 images every round, round k in `orders[k]`, the global weights
+    moving between rounds. Returns (captures, per-round secrets, images, labels)."""
+    rng = np.random.default_rng(11)
+    x, _ = _images(4, seed=0)
+    y = np.array([0, 1, 2, 2])
+    captures, secrets = [], []
+    for round_num, order in enumerate(orders):
+        for variable in private.shared_variables(victim):
+            variable.assign(variable + rng.normal(0, 0.02, variable.shape).astype(np.float32))
+        path = str(tmp_path / f"kept_{round_num}.npz")
+        capture = cases.client_update_capture(
+            victim, x[list(order)], y[list(order)], path, batch_size=batch_size, round_num=round_num + 1
+        )
+        captures.append(capture)
+        secrets.append(model_lib.extract_secret(victim))
+    return captures, secrets, x, y
+
+
+ORDERS = ((0, 1, 2, 3), (2, 0, 3, 1), (3, 2, 1, 0))
+
+
+@pytest.mark.parametrize("affine", ["channel", "spatial"])
+def test_a_client_that_keeps_its_images_is_one_shared_set_trained_in_each_captures_order(affine, tmp_path):
+    victim = _victim(affine)
+    captures, secrets, x, y = _kept_images_rounds(victim, tmp_path, ORDERS)
+    view, pool = pooled.pool_captures(captures, lock_weights=tuple(secrets))
+    pool = dataclasses.replace(pool, orders=ORDERS)
+    assert pool.num_examples == 4 and len(pool.values) == 3 * len(pool.member.values)
+    attacker = model_lib.AttackerModel(view, "oracle", secret=secrets[0])
+    with attacker.bound(targets.pooled_tensors(attacker, pool)):
+        predicted = targets.simulate(attacker, pool, tf.constant(x), tf.constant(y), tf.zeros([0]))
+    for p, t in zip(predicted, pool.values):
+        np.testing.assert_allclose(p.numpy(), t, atol=1e-5)
+    with pytest.raises(ValueError, match="one permutation of range"):
+        dataclasses.replace(pool, orders=ORDERS[:2])
+    with pytest.raises(ValueError, match="one permutation of range"):
+        dataclasses.replace(pool, orders=((0, 0, 1, 2),) * 3)
+
+
+def test_each_captures_order_is_read_from_its_labels_equal_labels_in_turn(tmp_path, monkeypatch):
+    victim = _victim("channel")
+    orders = ((0, 1, 2, 3), (2, 0, 3, 1), (3, 2, 1, 0))
+    captures, _, x, y = _kept_images_rounds(victim, tmp_path, orders)
+    view, pool = pooled.pool_captures(captures)
+    attacker = model_lib.AttackerModel(view, "adaptive")
+    step_labels = iter([y[list(order)] for order in orders])  # each capture's labels, as its label inference finds
+    monkeypatch.setattr(labels_lib, "label_hypotheses", lambda attacker, member, count: [next(step_labels)])
+    found = pooled.label_orders(attacker, pool).orders
+    # shared set = the first capture's images in its order; member k trains shared[found[k]] = x[orders[k]]
+    for order, assumed in zip(orders, found):
+        np.testing.assert_array_equal(y[list(orders[0])][list(assumed)], y[list(order)])
+    # images 2 and 3 share label 2: matched in turn, so the third capture (3, 2, 1, 0) is assumed (2, 3, 1, 0)
+    assert found[0] == (0, 1, 2, 3) and found[1] == (2, 0, 3, 1) and found[2] == (2, 3, 1, 0)
+
+
+def test_an_attack_on_a_kept_images_pool_rebuilds_one_set_scored_against_the_first_capture(tmp_path):
+    victim = _victim("channel")
+    captures, _, x, y = _kept_images_rounds(victim, tmp_path, ORDERS)
+    view, pool = pooled.pool_captures(captures)
+    pool = dataclasses.replace(pool, orders=ORDERS)
+    attack = attacks.InvertingGradients(model_lib.AttackerModel(view, "adaptive"), iterations=4, chunk=2, restarts=1)
+    rec = attack.reconstruct(pool)
+    assert rec.images.shape == x.shape and rec.info["pooled"] == 3 and len(rec.labels) == 4
+    per_image, order = pooled.score(rec, [cases.UserData(x, y)])
+    assert len(per_image["aligned_ssim"]) == 4 and sorted(order) == [0, 1, 2, 3]

@@ -69,6 +69,20 @@ def test_a_cell_is_done_only_when_every_attack_has_every_unit(tmp_path):
     assert job.done()
 
 
+def test_the_repeated_images_attack_runs_only_where_the_client_keeps_its_images(tmp_path):
+    assert rounds.repeats_images("M8") and not rounds.repeats_images("M1")
+    assert rounds.regime_attacks("M1", ["ig", "ig-repeated"]) == ["ig"]
+    assert rounds.regime_attacks("M8", ["ig", "ig-repeated"]) == ["ig", "ig-repeated"]
+    dirs = (str(tmp_path / "runs"), str(tmp_path / "records"))
+    jobs = rounds.cell_jobs(dirs, ["M1", "M8"], ["compact"], [0], ["ig-repeated"], [1, 8], [0.0])
+    assert [job.name for job in jobs] == ["M8-compact/seed0"]
+    for client in rounds.WATCHED:
+        for count in (1, 8):
+            assert not jobs[0].done()
+            _record(dirs[1], "M8", "compact", "ig-repeated", 0, client, count, [0.2] * 8)
+    assert jobs[0].done() and set(rounds.stored(dirs[1])) == {("M8", "compact", "ig-repeated")}
+
+
 def test_tabulation_pools_every_image_of_every_watched_client_and_seed(tmp_path):
     out = str(tmp_path)
     for seed in (0, 1):

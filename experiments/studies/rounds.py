@@ -25,7 +25,7 @@ import numpy as np
 
 from experiments import cells, runtime
 
-REGIMES = {  # name: (what the watched client holds, tff_programs.train flags)
+REGIMES = {  # name: (what the watched client holds, tff_programs.train flags); fresh examples: a new image each round
     "M1": (
         "a new image each round, one step of batch 1",
         ["--examples_per_client=1", "--fresh_examples", "--batch_size=1"],
@@ -87,11 +87,27 @@ ATTACKS = {  # name: its settings, those of experiments.studies.candidates at ba
     "grnn": dict(iterations=1500, learning_rate=1e-3, restarts=2),
     "ig": dict(iterations=1500, restarts=2, tv=1e-4, learning_rate=0.1),
 }
+# An attack named <attack>-repeated assumes what a regime whose client keeps its images (M8) does: one shared set of
+# images for all K captures, each capture's order read from its labels (`attacks.pooled.label_orders`).
+REPEATED = "-repeated"
+ATTACK_NAMES = [*ATTACKS, *(name + REPEATED for name in ATTACKS)]
+
+
+def repeats_images(regime):
+    return "--fresh_examples" not in REGIMES[regime][1]
+
+
+def regime_attacks(regime, attack_names):
+    """The attacks among `attack_names` that apply to `regime` (a -repeated one where its images repeat)."""
+    return [name for name in attack_names if repeats_images(regime) or not name.endswith(REPEATED)]
+
 
 _REGIMES = flags.DEFINE_list("rounds_regimes", ["M1"], f"Regimes: {list(REGIMES)}.")
 _ROWS = flags.DEFINE_list("rounds_rows", list(ROWS), f"Rows (defences): {list(ROWS)}.")
 _SEEDS = flags.DEFINE_list("rounds_seeds", ["0", "1", "2"], "Seeds of the training run (weights, keys, data, attack).")
-_ATTACKS = flags.DEFINE_list("rounds_attacks", list(ATTACKS), f"Attacks: {list(ATTACKS)}.")
+_ATTACKS = flags.DEFINE_list(
+    "rounds_attacks", list(ATTACKS), f"Attacks: {ATTACK_NAMES} (-repeated: on regimes whose images repeat only)."
+)
 _COUNTS = flags.DEFINE_list("rounds_counts", ["1", "2", "4", "8"], "Numbers of captures pooled (K).")
 _DRIFTS = flags.DEFINE_list(
     "rounds_drifts", ["0"], "Drift strengths the pooled attack tries (chosen by held-out loss)."
@@ -106,7 +122,7 @@ flags.register_validator(
 )
 flags.register_validator("rounds_rows", lambda v: set(v) <= set(ROWS), f"--rounds_rows must be among {list(ROWS)}")
 flags.register_validator(
-    "rounds_attacks", lambda v: set(v) <= set(ATTACKS), f"--rounds_attacks must be among {list(ATTACKS)}"
+    "rounds_attacks", lambda v: set(v) <= set(ATTACK_NAMES), f"--rounds_attacks must be among {ATTACK_NAMES}"
 )
 flags.register_validator(
     "rounds_counts", lambda v: all(c.isdigit() and int(c) >= 1 for c in v), "--rounds_counts must be positive integers"
@@ -197,13 +213,16 @@ def attack_unit(root, row, attack_name, client, count, drifts, seed, dataset):
     captures = [server_sees(capture_lib.load_capture(path), row) for path in paths]
     view, pool = pooled.pool_captures(captures, names=[os.path.basename(p) for p in paths], seed=seed)
     pool = with_protocol(pool, row)
-    threat = ROWS[row][2]
+    threat, base_attack = ROWS[row][2], attack_name.removesuffix(REPEATED)
     attacker = model_lib.AttackerModel(view, threat, seed=seed + 7)
-    attack = experiment.build_attack(attack_name, attacker, seed=seed, **ATTACKS[attack_name])
+    attack = experiment.build_attack(base_attack, attacker, seed=seed, **ATTACKS[base_attack])
     start = time.perf_counter()
+    if attack_name.endswith(REPEATED):
+        pool = pooled.label_orders(attacker, pool)
     reconstruction, held_out = pooled.attack_pool(attack, pool, drifts)
     seconds = time.perf_counter() - start
     truths = [cases.capture_user_data(capture.meta, dataset) for capture in captures]
+    truths = truths[:1] if pool.orders is not None else truths  # one set of images, the first capture's
     per_image, order = pooled.score(reconstruction, truths)
     labels = np.concatenate([truth.labels for truth in truths])
     save_reconstruction(reconstruction_path(root, attack_name, unit(client, count)), reconstruction, order, truths)
@@ -286,7 +305,7 @@ def run_cell(regime, row, seed, attack_names, dirs, counts, drifts, log=print):
     root = train_cached(dirs[0], regime, row, seed, max(counts), log)
     records, dataset = store(dirs[1]), data.load("fashion_mnist")
     by_name = {unit(client, count): (client, count) for client in WATCHED for count in counts}
-    for attack_name in attack_names:
+    for attack_name in regime_attacks(regime, attack_names):
         cell = cell_of(regime, row, seed, attack_name)
 
         def attack(names, attack_name=attack_name, cell=cell):
@@ -318,7 +337,10 @@ def cell_jobs(dirs, regimes, rows, seeds, attack_names, counts, drifts):
                     "--rounds_counts=" + ",".join(str(c) for c in counts),
                     "--rounds_drifts=" + ",".join(str(d) for d in drifts),
                 )
-                first, *others = [cell_of(regime, row, seed, name) for name in attack_names]
+                attack_cells = [cell_of(regime, row, seed, name) for name in regime_attacks(regime, attack_names)]
+                if not attack_cells:
+                    continue
+                first, *others = attack_cells
                 log_path = os.path.join(os.path.dirname(run_root(out_dir, regime, row, seed)), "cell.log")
                 name = f"{regime}-{row}/seed{seed}"
                 jobs.append(cells.cell_job(store(records_dir), first, units(counts), argv, log_path, name, others))
@@ -330,7 +352,7 @@ def stored(out_dir):
     found = {}
     for regime in REGIMES:
         for row in ROWS:
-            for attack in ATTACKS:
+            for attack in ATTACK_NAMES:
                 pattern = os.path.join(out_dir, f"{regime}-{row}", attack, "seed*", "client*_k*.json")
                 for path in sorted(glob.glob(pattern)):
                     with open(path) as f:
