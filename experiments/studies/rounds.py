@@ -8,10 +8,11 @@ Per (regime, row, seed): one real `tff_programs.train` run (LeNet, Fashion-MNIST
 client in every round, its update captured each round, momentum buffers fresh each round as the attacker
 assumes); the row's flags choose the defence. Then per watched client and K in --rounds_counts, the pooled attack
 (`attacks.pooled`: GRNN and IG, each capture's images its own unknowns, the lock's unknowns shared) on its captures of
-rounds 1..K, each with the global weights the server sent that round. Scored per capture against the images the
-client trained on (the captures' ground truth, which the attack never reads); success = aligned SSIM >= 0.6,
-with Wilson intervals over every image of every watched client and seed. Each (regime, row, seed) is one
-process; each (client, K) one record: a killed run resumes where it stopped.
+rounds 1..K, each with the global weights the server sent that round (on M8, --rounds_attacks=ig-repeated assumes
+the client trains the same images every round: one set of unknown images for all K captures). Scored per capture
+against the images the client trained on (the captures' ground truth, which the attack never reads); success =
+aligned SSIM >= 0.6, with Wilson intervals over every image of every watched client and seed. Each (regime, row,
+seed) is one process; each (client, K) one record: a killed run resumes where it stopped.
 """
 
 import dataclasses
@@ -78,6 +79,9 @@ NOTES = [
     "the lock's unknowns under a penalty whose strength (drift) it picks by its loss on held-out entries: the "
     "strengths tried are each record's held_out_losses.",
     "Pruning: the client zeroes the smallest 90 % of its update's entries; the attacker compares the kept ones.",
+    "<attack>-repeated (M8 only): the attacker assumes the client trains the same images every round: one set of "
+    "unknown images shared by the K captures, each capture's order read from its inferred labels (equal labels in "
+    "turn); its n counts each of the client's images once.",
     "'adaptive': the attacker optimises the lock's gamma/beta (one scale and shift per channel, or per position and "
     "channel for the spatial lock) shared by the K captures, with each capture's image; it never holds the key.",
 ]
