@@ -220,3 +220,6 @@ def test_an_attack_on_a_kept_images_pool_rebuilds_one_set_scored_against_the_fir
     assert rec.images.shape == x.shape and rec.info["pooled"] == 3 and len(rec.labels) == 4
     per_image, order = pooled.score(rec, [cases.UserData(x, y)])
     assert len(per_image["aligned_ssim"]) == 4 and sorted(order) == [0, 1, 2, 3]
+    _, one = pooled.pool_captures(captures[:1])  # one capture: a shared set in its own order is the plain pool
+    shared = dataclasses.replace(one, orders=ORDERS[:1])
+    np.testing.assert_allclose(attack.reconstruct(shared).images, attack.reconstruct(one).images, atol=1e-6)
