@@ -97,7 +97,11 @@ def test_tabulation_pools_every_image_of_every_watched_client_and_seed(tmp_path)
     (spatial,) = [row for row in payload["tables"][0]["rows"] if row[1] == rounds.ROWS["spatial"][0]]
     assert spatial[2:] == ["grnn, adaptive", "0, 1", "2/4 = 50 % [15, 85] %", "4/4 = 100 % [51, 100] %", "2 s at K = 2"]
     (dp,) = [row for row in payload["tables"][0]["rows"] if row[1].startswith("DP-FedAvg")]
-    assert "epsilon" in dp[1] and dp[4] == "not run" and dp[5].startswith("1/2")
+    assert "epsilon" in dp[1] and dp[4] == "not run" and dp[5].startswith("1/2") and dp[6] == "2 s at K = 2"
+    record = rounds.store(out).read(rounds.cell_of("M1", "dp-1", 0, "ig"), rounds.unit(0, 2))
+    rounds.store(out).write(rounds.cell_of("M1", "dp-1", 0, "ig"), rounds.unit(0, 2), dict(record, peak_rss_gb=1.26))
+    (dp,) = [row for row in rounds.tabulate(out)["tables"][0]["rows"] if row[1].startswith("DP-FedAvg")]
+    assert dp[6] == "2 s at K = 2, 1.3 GB"
     path, page = cells.publish("rounds", payload, 1.0, out, results_dir=str(tmp_path / "results"))
     assert json.load(open(path))["results"]["M1"]["dp-1"]["ig"]["2"]["n"] == 2 and os.path.exists(page)
     figures.pooled_rounds(json.load(open(path)), str(tmp_path / "pooled.png"))

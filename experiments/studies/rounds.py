@@ -19,6 +19,7 @@ import dataclasses
 import glob
 import json
 import os
+import resource
 import time
 
 from absl import flags
@@ -243,6 +244,7 @@ def attack_unit(root, row, attack_name, client, count, drifts, seed, dataset):
         "held_out_losses": held_out,
         "loss": reconstruction.loss,
         "labels": reconstruction.labels.tolist(),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the cell's process so far
         "true_labels": labels.tolist(),
     }
 
@@ -373,8 +375,13 @@ def pooled_success(records):
     rate = metrics.success_rate(flags_)
     ssim = np.concatenate([r["per_image"]["aligned_ssim"] for r in records])
     seeds = sorted({r["seed"] for r in records})
+    memory = [r["peak_rss_gb"] for r in records if "peak_rss_gb" in r]  # records from before it was kept lack it
     return dict(
-        rate, mean_ssim=float(np.mean(ssim)), seconds=float(np.mean([r["seconds"] for r in records])), seeds=seeds
+        rate,
+        mean_ssim=float(np.mean(ssim)),
+        seconds=float(np.mean([r["seconds"] for r in records])),
+        seeds=seeds,
+        **({"peak_rss_gb": max(memory)} if memory else {}),
     )
 
 
@@ -395,10 +402,11 @@ def tabulate(out_dir):
             rounds = max(int(c) for c in entry)
             label += f" (epsilon {epsilon(DP_NOISE[row], rounds):.1f} at delta {DP_DELTA:g} after {rounds} rounds)"
         largest = str(max(int(c) for c in entry))
-        cost = f"{entry[largest]['seconds']:.0f} s at K = {largest}"
+        memory = [e["peak_rss_gb"] for e in entry.values() if "peak_rss_gb" in e]
+        cost = f"{entry[largest]['seconds']:.0f} s at K = {largest}" + (f", {max(memory):.1f} GB" if memory else "")
         rows.append([regime, label, f"{attack}, {ROWS[row][2]}", ", ".join(map(str, seeds)), *cells_, cost])
     columns = ["regime", "defence", "attack, threat", "seeds"] + [f"K = {c}: recovered, 95 % interval" for c in counts]
-    columns.append("cost: mean seconds per pooled attack (2 CPU cores, shared)")
+    columns.append("cost: mean seconds per pooled attack (2 CPU cores, shared), peak memory of the cell's process")
     table = {
         "title": "images recovered (aligned SSIM >= 0.6) by pooling K captures of one client",
         "columns": columns,
