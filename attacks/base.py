@@ -463,11 +463,7 @@ class Attack:
         images (`Pooled.orders`), the first member's, placed in the shared set's order."""
         if not isinstance(target, targets_lib.Pooled):
             return labels_lib.label_hypotheses(self.attacker, target, count)
-        members = target.members[:1] if target.orders is not None else target.members
-        per_member = []
-        for member, weights in zip(members, target.weights):
-            with self.attacker.bound(([tf.constant(w, tf.float32) for w in weights], self.attacker.lock_weights)):
-                per_member.append(labels_lib.label_hypotheses(self.attacker, member, count))
+        per_member = labels_lib.member_hypotheses(self.attacker, target, count, None if target.orders is None else 1)
         if target.orders is not None:
             return [_unordered(labels, target.orders[0]) for labels in per_member[0]]
         total = max(len(h) for h in per_member)

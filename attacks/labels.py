@@ -85,6 +85,16 @@ def _counting_rule(signal, n):
     return np.array(sorted(c for c, k in counts.items() for _ in range(k)))
 
 
+def member_hypotheses(attacker, pooled, count, members=None):
+    """`label_hypotheses` of each of a pool's first `members` members (default: all), each on its own round's
+    global weights (`targets.Pooled.weights`)."""
+    per_member = []
+    for member, weights in list(zip(pooled.members, pooled.weights))[:members]:
+        with attacker.bound(([tf.constant(w, tf.float32) for w in weights], attacker.lock_weights)):
+            per_member.append(label_hypotheses(attacker, member, count))
+    return per_member
+
+
 def label_hypotheses(attacker, target, count):
     """Up to `count` label multisets of a batch, most plausible first: `infer_labels`' counts, then the
     count vectors one example away from them (one example moved to another class), ranked by their squared

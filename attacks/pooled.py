@@ -61,14 +61,10 @@ def label_orders(attacker, pooled):
     member's round), equal labels in turn. It reads the captures only; where a member's labels differ from the
     first's, the positions left over are matched as well as labels allow."""
     from scipy.optimize import linear_sum_assignment
-    import tensorflow as tf
 
     from attacks import labels as labels_lib
 
-    per_member = []
-    for member, weights in zip(pooled.members, pooled.weights):
-        with attacker.bound(([tf.constant(w, tf.float32) for w in weights], attacker.lock_weights)):
-            per_member.append(labels_lib.label_hypotheses(attacker, member, 1)[0])
+    per_member = [hypotheses[0] for hypotheses in labels_lib.member_hypotheses(attacker, pooled, 1)]
     first = per_member[0]
     positions = np.arange(len(first))
     in_turn = 1e-3 * np.abs(positions[:, None] - positions[None, :]) / len(first)  # equal labels in turn
