@@ -63,6 +63,12 @@ SHARED_MACHINE_NOTE = (
 _MOVED = {"run": "run", "tables": "report.tables", "figures": "report.figures", "report": "report.document"}
 
 
+def module_path(folder, name):
+    """The file (or package directory) of module `name` in experiments/`folder`, or None if there is neither."""
+    base = os.path.join(REPO_ROOT, "experiments", folder, name)
+    return next((path for path in (base + ".py", base) if os.path.exists(path)), None)
+
+
 def current_command(command):
     """`command` with a module of the former benchmarks/ package named as it is now (experiments/...)."""
 
@@ -70,10 +76,7 @@ def current_command(command):
         name = match.group(1)
         if name in _MOVED:
             return f"experiments.{_MOVED[name]}"
-        folder = (
-            "studies" if os.path.exists(os.path.join(REPO_ROOT, "experiments", "studies", f"{name}.py")) else "perf"
-        )
-        return f"experiments.{folder}.{name}"
+        return f"experiments.{'studies' if module_path('studies', name) else 'perf'}.{name}"
 
     return re.sub(r"\bbenchmarks\.(\w+)", module, command)
 

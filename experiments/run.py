@@ -51,18 +51,20 @@ def module_name(name):
     if name in common.MODULES:
         return common.MODULES[name]
     for folder in ("perf", "studies"):
-        if os.path.exists(os.path.join(common.REPO_ROOT, "experiments", folder, f"{name}.py")):
+        if common.module_path(folder, name):
             return f"experiments.{folder}.{name}"
     return f"experiments.perf.{name}"
 
 
 def module_file(name):
-    return os.path.join(common.REPO_ROOT, *module_name(name).split(".")) + ".py"
+    """Benchmark `name`'s module file, or its package's directory."""
+    _, folder, module = module_name(name).split(".")
+    return common.module_path(folder, module) or os.path.join(common.REPO_ROOT, "experiments", folder, f"{module}.py")
 
 
 def module_present(name):
-    """True if benchmark `name`'s module file exists (without importing it)."""
-    return os.path.exists(module_file(name))
+    """True if benchmark `name`'s module file (or package) exists (without importing it)."""
+    return common.module_path(*module_name(name).split(".")[1:]) is not None
 
 
 def run_in_process(name, quick, results_dir, command):

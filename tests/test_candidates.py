@@ -10,7 +10,10 @@ import tensorflow as tf
 
 from attacks import base, cases, experiment, targets
 from attacks import model as attacks_model
+from experiments import common
 from experiments.studies import adaptive_attacker, candidates, regimes
+from experiments.studies.candidates import run as candidates_run
+from experiments.studies.candidates import table as candidates_table
 import tfkl
 from tfkl.federated.config import Config
 
@@ -132,7 +135,7 @@ def test_the_table_applies_every_ship_target(tmp_path, monkeypatch):
         for attack in candidates.ATTACKS:
             for image in range(candidates.NUM_IMAGES):
                 path = candidates.image_path(str(tmp_path), name, attack, 0, image)
-                candidates.common.write_json(path, _entry(0.9 if image < count else 0.1))
+                common.write_json(path, _entry(0.9 if image < count else 0.1))
     row = lambda own, random_key: {  # noqa: E731  (key_table.row_of's fields)
         "own": own,
         "a_own_key_and_lock": own,
@@ -145,7 +148,7 @@ def test_the_table_applies_every_ship_target(tmp_path, monkeypatch):
         "lenet": {"control": {0: {"own": 0.85}}, "paper": {0: row(0.84, 0.84)}, "spatial": {0: row(0.845, 0.15)}},
         "resnet": {},
     }
-    payload = candidates.tabulate(names, [0], str(tmp_path), training, None)
+    payload = candidates_table.tabulate(names, [0], str(tmp_path), training, None)
     summary = payload["results"]["by_configuration"]
     assert summary["paper"]["meets_target"] is False and summary["paper"]["checks"]["privacy"] is False
     # 0/10 has a Wilson upper bound of 28 % > 15 %: ten images cannot show the target.
@@ -155,7 +158,7 @@ def test_the_table_applies_every_ship_target(tmp_path, monkeypatch):
     key_rows = payload["tables"][1]["rows"]
     assert [r[0] for r in key_rows] == [candidates.CONTROL.label] + [candidates.CANDIDATES[n].label for n in names]
     assert key_rows[2][3] == "15.0" and key_rows[2][-2:] == ["reached", "not reached"]  # gain 16 pp > 5 pp
-    candidates.frontier_figure(payload, str(tmp_path / "frontier.png"))
+    candidates_table.frontier_figure(payload, str(tmp_path / "frontier.png"))
     assert (tmp_path / "frontier.png").stat().st_size > 0
 
 
@@ -169,7 +172,7 @@ def test_the_ship_target_applies_only_where_the_unprotected_client_leaks():
     held = {attack: _score(0, 100) for attack in candidates.ATTACKS}  # 0/100: Wilson upper bound 3.7 %
     leaks = {attack: _score(100, 100) for attack in candidates.ATTACKS}
     rebuilt_updates = dict(held, **{ig: _score(50, 100), grnn: _score(0, 100)})
-    check = candidates.privacy_check
+    check = candidates_table.privacy_check
     assert check(rebuilt_updates, dict(leaks, **{ig: _score(8, 100), grnn: _score(40, 100)})) is True
     assert check(rebuilt_updates, dict(leaks, **{ig: _score(8, 100), grnn: _score(60, 100)})) is False
     assert check(rebuilt_updates, dict(leaks, **{ig: _score(8, 100)})) is None  # GRNN's reference is due
@@ -209,8 +212,9 @@ def test_a_candidate_holds_once_adaptive_grnn_recovers_none_of_its_images_at_eve
 
 
 def test_an_update_cell_attacks_whole_clients_caches_each_image_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setattr(candidates, "DATASET", "digits")
-    monkeypatch.setattr(candidates, "UPDATE", dict(clients=2, images_per_client=4))
+    monkeypatch.setattr(candidates_run, "DATASET", "digits")
+    for module in (candidates, candidates_run):  # read by the cells' sizes and by the attack
+        monkeypatch.setattr(module, "UPDATE", dict(clients=2, images_per_client=4))
     update = "grnn-u8"
     monkeypatch.setitem(candidates.UPDATE_ATTACKS, update, dict(candidates.UPDATE_ATTACKS[update], iterations=4))
     attacked = []
@@ -222,23 +226,23 @@ def test_an_update_cell_attacks_whole_clients_caches_each_image_and_resumes(tmp_
 
     monkeypatch.setattr(experiment, "run_attack", recording)
     run_dir = str(tmp_path)
-    candidates.run_cell(run_dir, "pruned", update, 0, log=lambda *_: None)
+    candidates_run.run_cell(run_dir, "pruned", update, 0, log=lambda *_: None)
     entries = candidates.cached_images(run_dir, "pruned", update, 0)
     assert sorted(entries) == list(range(8))
     threat, kinds, labels = attacked[0]
     assert threat == "adaptive" and kinds == ["update", "update"] and labels.shape == (2, 4)
     assert all(e["label_accuracy"] == 1.0 and e["threat"] == "adaptive" for e in entries.values())
     assert {e["aligned_ssim"] for e in entries.values()} and all(0 <= e["aligned_ssim"] <= 1 for e in entries.values())
-    candidates.run_cell(run_dir, "pruned", update, 0, log=lambda *_: None)
+    candidates_run.run_cell(run_dir, "pruned", update, 0, log=lambda *_: None)
     assert len(attacked) == 1  # everything cached: nothing runs
     os.remove(candidates.image_path(run_dir, "pruned", update, 0, 5))
-    candidates.run_cell(run_dir, "pruned", update, 0, log=lambda *_: None)
+    candidates_run.run_cell(run_dir, "pruned", update, 0, log=lambda *_: None)
     assert len(attacked[1][1]) == 1 and len(candidates.cached_images(run_dir, "pruned", update, 0)) == 8
 
 
 def test_overhead_times_each_distinct_model_against_the_control(tmp_path):
     names = ["paper", "private_init", "every_conv"]  # the first two share one model
-    result = candidates.measure_overhead(names, str(tmp_path), steps=1, repeats=2, log=lambda *_: None)
+    result = candidates_run.measure_overhead(names, str(tmp_path), steps=1, repeats=2, log=lambda *_: None)
     assert set(result["ratio_to_control"]) == set(names) and result["repeats"] == 2
     assert result["seconds_per_step"]["paper"] == result["seconds_per_step"]["private_init"]
     assert all(r > 0 for r in result["ratio_to_control"].values())

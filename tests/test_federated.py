@@ -711,14 +711,14 @@ def test_interrupted_initialisation_keeps_the_saved_keys(digits, tmp_path):
 def test_regimes_t_victim_is_the_runs_captured_client(digits, tmp_path):
     """experiments.studies.regimes' T victims: the global model a run sent in the captured round and, for FedKL, the
     captured client's key and lock from before it. Replaying that client's steps gives its captured update."""
-    from experiments.studies import regimes
+    from experiments.studies.regimes import run as regimes_run
 
     # Fresh momentum each round, as the attacker's replay assumes (a client that keeps it is not replayable).
     config = make_config(algorithm="fedkl", local_epochs=1, batch_size=12, key_dim=1024, persist_optimizer_state=False)
     options = program.RunOptions(rounds=2, capture_rounds=(2,), progress=False)
-    program.train(regimes.train_dir(str(tmp_path), "fedkl"), config, options, dataset=digits)
+    program.train(regimes_run.train_dir(str(tmp_path), "fedkl"), config, options, dataset=digits)
     victim = cases.build_victims("lenet", SHAPE, 10, "pytorch", seed=5, threats=("oracle",))["locked"]
-    server_known = regimes.load_trained(victim, str(tmp_path), 2)
+    server_known = regimes_run.load_trained(victim, str(tmp_path), 2)
     (lock,) = private.lock_layers(victim)
     initial_lock = [v.numpy() for v in private.lock_layers(config.model_fn()())[0].private_weights[1:]]
     for known, initial, current in zip(server_known[lock.name], initial_lock, lock.private_weights[1:]):

@@ -14,6 +14,7 @@ from experiments import cells
 from experiments.perf import dlg_speed, keylock_overhead
 from experiments.report import document, tables
 from experiments.studies import frontier, key_table, regimes, rounds, table1
+from experiments.studies.regimes import table as regimes_table
 from tfkl import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,8 +72,8 @@ def fashion_mnist():
 def test_regimes_tables_regenerate_from_the_committed_records(name, records, seeds, fashion_mnist, tmp_path):
     store = regimes.Store(os.path.join(RESULTS, records), str(tmp_path / "work"))
     lines = []
-    pooled = regimes.published_pooled(RESULTS) if name == "regimes" else None
-    payload = regimes.tabulate(
+    pooled = regimes_table.published_pooled(RESULTS) if name == "regimes" else None
+    payload = regimes_table.tabulate(
         store, list(regimes.REGIMES.values()), seeds, regimes.THREAT_ORDER, log=lines.append, pooled=pooled
     )
     _assert_regenerates(name, payload, store.records, tmp_path)

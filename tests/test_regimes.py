@@ -14,6 +14,8 @@ from attacks import cases, experiment, labels, targets
 from attacks import model as model_lib
 from experiments import cells, common
 from experiments.studies import regimes
+from experiments.studies.regimes import run as regimes_run
+from experiments.studies.regimes import table as regimes_table
 from tests.helpers import write_idx
 from tfkl import data, models
 
@@ -74,7 +76,7 @@ TINY = dataclasses.replace(
 @pytest.mark.parametrize("threat", ["none", regimes.ORDER_ORACLE, "adaptive-key-private"])
 def test_a_cell_stores_each_client_and_a_rerun_attacks_only_what_is_missing(threat, fashion_dir, tmp_path):
     out, lines = _store(tmp_path), []
-    regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lines.append)
+    regimes_run.run_cell(TINY, 0, threat, out, fashion_dir, log=lines.append)
     paths = [regimes.client_path(out, "U8", 0, threat, c) for c in range(2)]
     assert all(p.startswith(out.records) for p in paths)  # the records apart from the rest: kept in the repository
     assert sorted(os.listdir(os.path.dirname(paths[0]))) == ["client_00.json", "client_01.json"]
@@ -86,10 +88,10 @@ def test_a_cell_stores_each_client_and_a_rerun_attacks_only_what_is_missing(thre
     assert np.load(regimes.reconstruction_path(out, "U8", 0, threat, 1)).shape == (4, 32, 32, 1)
     before = [os.stat(p).st_mtime_ns for p in paths]
     lines.clear()
-    regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lines.append)
+    regimes_run.run_cell(TINY, 0, threat, out, fashion_dir, log=lines.append)
     assert lines == [] and [os.stat(p).st_mtime_ns for p in paths] == before  # nothing to do
     os.remove(paths[1])  # as if killed while attacking client 1
-    regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lines.append)
+    regimes_run.run_cell(TINY, 0, threat, out, fashion_dir, log=lines.append)
     assert os.stat(paths[0]).st_mtime_ns == before[0] and os.path.exists(paths[1])
     assert any("client 1:" in line for line in lines) and not any("client 0:" in line for line in lines)
 
@@ -103,13 +105,13 @@ def test_regimes_of_one_case_share_the_step_search_and_get_its_labels(fashion_di
 
     monkeypatch.setattr(labels, "step_assignments", counted)
     grnn = dataclasses.replace(TINY, name="U8-GRNN", attack="grnn")
-    monkeypatch.setattr(regimes, "REGIMES", {"U8": TINY, "U8-GRNN": grnn})
+    monkeypatch.setattr(regimes_run, "REGIMES", {"U8": TINY, "U8-GRNN": grnn})
     assert TINY.case == grnn.case != dataclasses.replace(TINY, batch_size=4).case
     shared, alone = _store(tmp_path / "shared"), _store(tmp_path / "alone")
     from_records = regimes.Store(shared.records, str(tmp_path / "other_work"))
 
     def run(regime, out):
-        regimes.run_cell(regime, 0, "oracle", out, fashion_dir, log=lambda line: None)
+        regimes_run.run_cell(regime, 0, "oracle", out, fashion_dir, log=lambda line: None)
         return [json.load(open(regimes.client_path(out, regime.name, 0, "oracle", c)))["step_labels"] for c in (0, 1)]
 
     first = run(TINY, shared)
@@ -147,7 +149,7 @@ def test_a_prior_cell_trains_its_decoder_once_on_the_test_split_and_attacks_thro
     regime = dataclasses.replace(TINY, name="U16-prior", attack="prior", distance="cosine", latent_iterations=2)
     out = _store(tmp_path)
     for threat in ("none", "oracle"):
-        regimes.run_cell(regime, 0, threat, out, fashion_dir, log=lambda line: None)
+        regimes_run.run_cell(regime, 0, threat, out, fashion_dir, log=lambda line: None)
     assert trained == [test_images]  # once, on the split no client trains on; the second cell loads it
     assert settings == [("cosine", 2), ("cosine", 2)]  # the regime's, not the attack's defaults
     record = json.load(open(regimes.client_path(out, "U16-prior", 0, "oracle", 1)))
@@ -166,8 +168,10 @@ def _store(tmp_path):
 def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir, tmp_path, monkeypatch):
     out = _store(tmp_path)
     for threat in ("none", "oracle"):
-        regimes.run_cell(TINY, 0, threat, out, fashion_dir, log=lambda line: None)
-    payload = regimes.tabulate(out, [TINY], [0, 1], ("none", "oracle", "adaptive"), fashion_dir, log=lambda line: None)
+        regimes_run.run_cell(TINY, 0, threat, out, fashion_dir, log=lambda line: None)
+    payload = regimes_table.tabulate(
+        out, [TINY], [0, 1], ("none", "oracle", "adaptive"), fashion_dir, log=lambda line: None
+    )
     common.validate_payload("regimes", payload)
     compact, beyond, detailed, cost, counts, sizes, curves = payload["tables"]
     assert [row[:2] for row in cost["rows"]] == [  # the threats asked for
@@ -198,9 +202,11 @@ def test_tabulate_leads_with_success_rates_and_draws_a_labelled_grid(fashion_dir
     assert not os.path.exists(os.path.join(out.work, "U8", "grid_seed1.png"))  # seed 1 has nothing stored
     # A fresh clone has the records alone (no training run, no update): the same tables, no grid.
     records_only = regimes.Store(out.records, str(tmp_path / "clone"))
-    monkeypatch.setattr(regimes, "_victim", lambda *_: pytest.fail("tabulating rebuilt a victim"))
+    monkeypatch.setattr(regimes_run, "_victim", lambda *_: pytest.fail("tabulating rebuilt a victim"))
     lines = []
-    again = regimes.tabulate(records_only, [TINY], [0, 1], ("none", "oracle", "adaptive"), fashion_dir, lines.append)
+    again = regimes_table.tabulate(
+        records_only, [TINY], [0, 1], ("none", "oracle", "adaptive"), fashion_dir, lines.append
+    )
     assert again["tables"] == payload["tables"] and again["results"] == payload["results"]
     assert lines == [] and not os.path.exists(records_only.work)
 
@@ -225,7 +231,7 @@ def test_each_ablation_changes_one_setting_per_variant_off_the_tables_seeds(fash
     monkeypatch.setattr(ablations, "ABLATIONS", {"R-inference": ablations.Ablation((0,), tiny)})
     out = _store(tmp_path)
     for variant in tiny:
-        regimes.run_cell(variant, 0, "none", out, fashion_dir, log=lambda line: None)
+        regimes_run.run_cell(variant, 0, "none", out, fashion_dir, log=lambda line: None)
     payload = ablations.tabulate(out, fashion_dir, log=lambda line: None)
     compact, per_victim, detailed, curves = payload["tables"]
     assert [row[0] for row in compact["rows"]] == [v.name for v in tiny]
@@ -260,7 +266,7 @@ def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_wit
     def run():
         launched.clear()
         lines.clear()
-        regimes.run_cells([TINY], [0], ["none", "oracle", regimes.ORDER_ORACLE, "adaptive"], out, log=lines.append)
+        regimes_run.run_cells([TINY], [0], ["none", "oracle", regimes.ORDER_ORACLE, "adaptive"], out, log=lines.append)
         lines[:] = [line for line in lines if "not run" in line]
         return launched  # the cells launched: those that would measure something and are not stored (resume)
 
@@ -270,10 +276,17 @@ def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_wit
         "== U8 oracle: not run, none recovers no more images than the labels alone",
         "== U8 adaptive: not run, none recovers no more images than the labels alone",
     ]
-    assert regimes._missing_cell(TINY, "adaptive", out, [0]) == "not run: none does not beat the floor"
-    assert regimes._missing_cell(TINY, "adaptive", out, [0, 1]) == "not run yet"  # seed 1 not stored
-    assert regimes._missing_cell(regimes.REGIMES["G8"], regimes.ORDER_ORACLE, out, [0]) == "does not apply"
-    assert regimes._cost_rows(out, [TINY], [0], ("none", "oracle", "adaptive"))[0] == ["U8", "1/1", 2, 2.0, "25 %", 2]
+    assert regimes_table._missing_cell(TINY, "adaptive", out, [0]) == "not run: none does not beat the floor"
+    assert regimes_table._missing_cell(TINY, "adaptive", out, [0, 1]) == "not run yet"  # seed 1 not stored
+    assert regimes_table._missing_cell(regimes.REGIMES["G8"], regimes.ORDER_ORACLE, out, [0]) == "does not apply"
+    assert regimes_table._cost_rows(out, [TINY], [0], ("none", "oracle", "adaptive"))[0] == [
+        "U8",
+        "1/1",
+        2,
+        2.0,
+        "25 %",
+        2,
+    ]
 
     store("none", 0.6)  # 2 images recovered, 1 by the labels alone: 'oracle' runs, 'adaptive' until 'oracle' is known
     assert run() == ["oracle", regimes.ORDER_ORACLE, "adaptive"]
@@ -282,7 +295,10 @@ def test_a_threat_facing_the_lock_runs_only_where_the_attack_recovers_images_wit
         "== U8 adaptive: not run, oracle recovers no more images than the labels alone"
     ]
     store("adaptive", 0.2)  # stored cells are tabulated and counted whatever the rule says now
-    assert [row[:2] for row in regimes._cost_rows(out, [TINY], [0], ("none", "oracle", "adaptive"))][0] == ["U8", "3/3"]
+    assert [row[:2] for row in regimes_table._cost_rows(out, [TINY], [0], ("none", "oracle", "adaptive"))][0] == [
+        "U8",
+        "3/3",
+    ]
 
 
 def test_cells_run_parallel_at_a_time_and_a_failure_is_raised_once_the_others_are_done(tmp_path, monkeypatch):
@@ -303,7 +319,7 @@ def test_cells_run_parallel_at_a_time_and_a_failure_is_raised_once_the_others_ar
     monkeypatch.setattr(cells, "launch", launch)
     other = dataclasses.replace(TINY, name="G8")
     with pytest.raises(RuntimeError, match=r"cell U8/0/none failed \(exit 1\); see .*U8/seed0/none/log.txt"):
-        regimes.run_cells([TINY, other], [0, 1, 2], ["none"], _store(tmp_path), parallel=2, log=lambda line: None)
+        regimes_run.run_cells([TINY, other], [0, 1, 2], ["none"], _store(tmp_path), parallel=2, log=lambda line: None)
     assert most[0] == 2 and len(finished) == 6  # the others ran to their end
 
 
@@ -345,7 +361,7 @@ def test_regime_m_closes_the_first_table_with_the_attack_that_recovers_most():
     }
     pooled = {"results": results, "settings": {"regimes": {"M1": "a new image each round"}}}
     threats = ["none", "oracle", regimes.ORDER_ORACLE, "adaptive"]
-    rows = regimes.pooled_rows(pooled, threats)
+    rows = regimes_table.pooled_rows(pooled, threats)
     assert [row[0] for row in rows] == ["M1, K = 1", "M1, K = 8"]
     assert "one capture" in rows[0][1] and "8 captures pooled" in rows[1][1]
     assert rows[0][3:] == ["**100 %** [10, 90] (2/2), GRNN", "not run", "does not apply", "not run"]

@@ -193,9 +193,9 @@ SEED_GRIDS = ("grnn_fashion_mnist_adaptive_key_seed2",)
 
 def candidates_frontier(doc, path):
     """The key-lock candidates' privacy-accuracy frontier (experiments.studies.candidates)."""
-    from experiments.studies import candidates
+    from experiments.studies.candidates import table as candidates_table
 
-    candidates.frontier_figure(doc, path)
+    candidates_table.frontier_figure(doc, path)
 
 
 def draw_all(

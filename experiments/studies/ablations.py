@@ -23,6 +23,8 @@ import numpy as np
 
 from experiments import cells, common, runtime
 from experiments.studies import regimes
+from experiments.studies.regimes import run as regimes_run
+from experiments.studies.regimes import table as regimes_table
 
 NAME = "ablations"
 
@@ -85,6 +87,7 @@ _RECORDS_DIR = flags.DEFINE_string(
 _DIR = flags.DEFINE_string(
     "ablation_dir", "runs/ablations", "Where reconstructions, captured updates, logs and grids go."
 )
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the data sets are (default: tfkl.data's).")
 _TABULATE_ONLY = flags.DEFINE_bool("ablation_tabulate_only", False, "Run nothing: tabulate what is stored.")
 _CELL = flags.DEFINE_string("ablation_cell", None, "Internal: run one 'variant/seed' in this process.")
 flags.register_validator(
@@ -103,16 +106,16 @@ def run_ablation(ablation, store, data_dir=None, log=print):
             command = cells.module_command("experiments.studies.ablations", f"--ablation_cell={variant.name}/{seed}")
             command += [f"--ablation_records_dir={store.records}", f"--ablation_dir={store.work}"]
             command += [f"--data_dir={data_dir}"] if data_dir else []
-            jobs.append(regimes.cell_job(command, variant, seed, "none", store))
+            jobs.append(regimes_run.cell_job(command, variant, seed, "none", store))
     cells.run_jobs(jobs, log=log)
 
 
 def tabulate(store, data_dir=None, log=print):
     """Per ablation with results stored, experiments.studies.regimes' success, detail and budget-curve tables over its
     variants (and at batch 1 each victim's image and final loss); grids under store.work."""
-    payload = dict(settings={}, results={}, tables=[], headline=[], notes=regimes.NOTES[:1])
+    payload = dict(settings={}, results={}, tables=[], headline=[], notes=regimes_table.NOTES[:1])
     for name, ablation in ABLATIONS.items():
-        part = regimes.tabulate(store, list(ablation.variants), list(ablation.seeds), ["none"], data_dir, log=log)
+        part = regimes_table.tabulate(store, list(ablation.variants), list(ablation.seeds), ["none"], data_dir, log=log)
         compact, _, detailed, *_, curves = part["tables"]  # cost: see the seconds per image; no label counting
         if not part["results"]:
             continue
@@ -160,11 +163,11 @@ def _ssim_and_loss(result):
 def main(argv):
     del argv
     log = lambda line: print(line, flush=True)  # noqa: E731
-    data_dir = flags.FLAGS.data_dir  # experiments.studies.regimes' flag
+    data_dir = _DATA_DIR.value
     store = regimes.Store(_RECORDS_DIR.value, _DIR.value)
     if _CELL.value:
         variant, seed = _CELL.value.split("/")
-        regimes.run_cell(_VARIANTS[variant], int(seed), "none", store, data_dir, log=log)
+        regimes_run.run_cell(_VARIANTS[variant], int(seed), "none", store, data_dir, log=log)
         return
     start = time.perf_counter()
     try:

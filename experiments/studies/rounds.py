@@ -439,9 +439,9 @@ def main(argv):
         print(path)
     draw_grids(_OUT_DIR.value, _RECORDS_DIR.value)
     if os.path.abspath(_RECORDS_DIR.value) == os.path.abspath(_RECORDS_DIR.default):  # the published records
-        from experiments.studies import regimes  # here: as __main__, regimes must not import this module again
+        from experiments.studies.regimes import table  # here: as __main__, regimes must not import this module again
 
-        for path in regimes.publish_main_table(start):  # its table has regime M's rows
+        for path in table.publish_main_table(start):  # its table has regime M's rows
             print(path)
 
 
