@@ -95,9 +95,13 @@ def test_tabulation_pools_every_image_of_every_watched_client_and_seed(tmp_path)
     assert (one["recovered"], one["n"], two["recovered"], two["n"]) == (2, 4, 4, 4)
     assert one["seeds"] == [0, 1] and one["mean_ssim"] == pytest.approx(0.4)
     (spatial,) = [row for row in payload["tables"][0]["rows"] if row[1] == rounds.ROWS["spatial"][0]]
-    assert spatial[2:] == ["grnn, adaptive", "0, 1", "2/4 = 50 % [15, 85] %", "4/4 = 100 % [51, 100] %", "2 s at K = 2"]
+    # A K that holds less than its row says what it holds: here client 0 alone at K = 2.
+    pooled_two = "4/4 = 100 % [51, 100] % (seed 0 client 0 only; seed 1 client 0 only)"
+    assert spatial[2:] == ["grnn, adaptive", "0, 1", "2/4 = 50 % [15, 85] %", pooled_two, "2 s at K = 2"]
     (dp,) = [row for row in payload["tables"][0]["rows"] if row[1].startswith("DP-FedAvg")]
     assert "epsilon" in dp[1] and dp[4] == "not run" and dp[5].startswith("1/2") and dp[6] == "2 s at K = 2"
+    assert rounds.coverage([dict(seed=0, client=0), dict(seed=0, client=1)], [0, 1]) == " (seed 0)"
+    assert rounds.coverage([dict(seed=s, client=c) for s in (0, 1) for c in rounds.WATCHED], [0, 1]) == ""
     record = rounds.store(out).read(rounds.cell_of("M1", "dp-1", 0, "ig"), rounds.unit(0, 2))
     rounds.store(out).write(rounds.cell_of("M1", "dp-1", 0, "ig"), rounds.unit(0, 2), dict(record, peak_rss_gb=1.26))
     (dp,) = [row for row in rounds.tabulate(out)["tables"][0]["rows"] if row[1].startswith("DP-FedAvg")]

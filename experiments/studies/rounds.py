@@ -385,6 +385,16 @@ def pooled_success(records):
     )
 
 
+def coverage(records, row_seeds):
+    """What a K's cell holds where it is less than its row: its seeds, each with its clients if not all watched."""
+    seeds, parts = sorted({r["seed"] for r in records}), []
+    for seed in seeds:
+        clients = sorted({r["client"] for r in records if r["seed"] == seed})
+        only = f" client {', '.join(map(str, clients))} only" if clients != list(WATCHED) else ""
+        parts.append(f"seed {seed}{only}")
+    return f" ({'; '.join(parts)})" if seeds != row_seeds or "only" in "".join(parts) else ""
+
+
 def tabulate(out_dir):
     """The payload of results/rounds.json: per regime, row and K (every K stored) the images recovered, and one
     table."""
@@ -395,8 +405,11 @@ def tabulate(out_dir):
     for (regime, row, attack), by_count in found.items():
         entry = {str(count): pooled_success(records) for count, records in by_count.items()}
         results.setdefault(regime, {}).setdefault(row, {})[attack] = entry
-        cells_ = [experiment.format_success(entry[str(c)]) if str(c) in entry else "not run" for c in counts]
         seeds = sorted({s for e in entry.values() for s in e["seeds"]})
+        cells_ = [
+            experiment.format_success(entry[str(c)]) + coverage(by_count[c], seeds) if c in by_count else "not run"
+            for c in counts
+        ]
         label = ROWS[row][0]
         if row in DP_NOISE:
             rounds = max(int(c) for c in entry)
