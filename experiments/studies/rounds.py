@@ -387,12 +387,13 @@ def pooled_success(records):
 
 def coverage(records, row_seeds):
     """What a K's cell holds where it is less than its row: its seeds, each with its clients if not all watched."""
-    seeds, parts = sorted({r["seed"] for r in records}), []
+    seeds, parts, partial = sorted({r["seed"] for r in records}), [], False
     for seed in seeds:
         clients = sorted({r["client"] for r in records if r["seed"] == seed})
+        partial |= clients != list(WATCHED)
         only = f" client {', '.join(map(str, clients))} only" if clients != list(WATCHED) else ""
         parts.append(f"seed {seed}{only}")
-    return f" ({'; '.join(parts)})" if seeds != row_seeds or "only" in "".join(parts) else ""
+    return f" ({'; '.join(parts)})" if seeds != row_seeds or partial else ""
 
 
 def tabulate(out_dir):
