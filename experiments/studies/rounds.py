@@ -390,8 +390,8 @@ def coverage(records, row_seeds):
     seeds, parts, partial = sorted({r["seed"] for r in records}), [], False
     for seed in seeds:
         clients = sorted({r["client"] for r in records if r["seed"] == seed})
-        partial |= clients != list(WATCHED)
         only = f" client {', '.join(map(str, clients))} only" if clients != list(WATCHED) else ""
+        partial |= bool(only)
         parts.append(f"seed {seed}{only}")
     return f" ({'; '.join(parts)})" if seeds != row_seeds or partial else ""
 
